@@ -1,0 +1,3 @@
+"""imcluster: a stateless instant-messaging cluster on Twisted."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,488 @@
+"""One configuration loader for every imcluster daemon and command.
+
+Every option is declared once in :data:`OPTIONS`.  A value comes from, in
+order of precedence: the command line, an ``IMCLUSTER_<NAME>`` environment
+variable, the TOML file given with ``--config``, the default.  The TOML file is
+flat (one key per option, the option's name with ``_`` for ``-``) so one file
+can hold the settings of a whole cluster: each daemon reads the keys that apply
+to it and ignores those of the others, but a key that no daemon knows, or a bad
+value, is rejected before anything starts, with a message that names the key
+and where it came from.
+
+Secrets (``jwt_secret``, ``api_key``, ``*_password``) may also be given as
+``<name>_path``: the file's content, stripped of surrounding white space.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping
+from urllib.parse import quote, urlsplit, urlunsplit
+
+from twisted.python import usage
+
+GATEWAY = "gateway"
+PROCESSOR = "processor"
+API = "api"
+MIGRATE = "migrate"
+
+ALL_DAEMONS = frozenset({GATEWAY, PROCESSOR, API})
+
+ENV_PREFIX = "IMCLUSTER_"
+
+
+class ConfigError(ValueError):
+    """A configuration value is unknown or bad; the message names key and source."""
+
+
+# --- value parsers: each takes the raw value (str from CLI/env, any from TOML)
+
+
+def _str(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected a string, got {value!r}")
+    return value
+
+
+def _int(value: Any) -> int:
+    if isinstance(value, bool):
+        raise ValueError(f"expected an integer, got {value!r}")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        try:
+            return int(value.strip(), 10)
+        except ValueError:
+            pass
+    raise ValueError(f"expected an integer, got {value!r}")
+
+
+def _float(value: Any) -> float:
+    if isinstance(value, bool):
+        raise ValueError(f"expected a number, got {value!r}")
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value.strip())
+        except ValueError:
+            pass
+    raise ValueError(f"expected a number, got {value!r}")
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+def _bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+        return value.strip().lower() in _TRUE
+    raise ValueError(f"expected true or false, got {value!r}")
+
+
+def _str_list(value: Any) -> list[str]:
+    if isinstance(value, str):
+        # environment variables: comma separated
+        return [v.strip() for v in value.split(",") if v.strip()]
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise ValueError(f"expected a list of strings, got {value!r}")
+
+
+def _positive(kind: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    def parse(value: Any) -> Any:
+        v = kind(value)
+        if v <= 0:
+            raise ValueError(f"must be greater than 0, got {v!r}")
+        return v
+
+    return parse
+
+
+def _non_negative(kind: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    def parse(value: Any) -> Any:
+        v = kind(value)
+        if v < 0:
+            raise ValueError(f"must not be negative, got {v!r}")
+        return v
+
+    return parse
+
+
+_NAMESPACE_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def _namespace(value: Any) -> str:
+    v = _str(value)
+    if not _NAMESPACE_RE.match(v):
+        raise ValueError(f"must be 1-64 characters of A-Z a-z 0-9 _ -, got {v!r}")
+    return v
+
+
+def _url(*schemes: str) -> Callable[[Any], str]:
+    def parse(value: Any) -> str:
+        v = _str(value)
+        scheme = urlsplit(v).scheme
+        if scheme not in schemes:
+            raise ValueError(f"must be a URL with scheme {' or '.join(schemes)}, got {v!r}")
+        return v
+
+    return parse
+
+
+def _postgres_dsn(value: Any) -> str:
+    v = _str(value)
+    if "://" in v and urlsplit(v).scheme not in ("postgres", "postgresql"):
+        raise ValueError(f"must be a postgresql:// URL or a libpq key=value string, got {v!r}")
+    return v
+
+
+def _identifier(value: Any) -> str:
+    v = _str(value)
+    if not re.match(r"^[a-z_][a-z0-9_]{0,62}$", v):
+        raise ValueError(f"must be a lower-case SQL identifier, got {v!r}")
+    return v
+
+
+def _endpoints(value: Any) -> list[str]:
+    v = _str_list(value)
+    if not v:
+        raise ValueError("needs at least one endpoint string, e.g. tcp:8080")
+    return v
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str
+    parse: Callable[[Any], Any]
+    default: Any
+    daemons: frozenset[str]
+    help: str
+    secret: bool = False
+    multi: bool = False  # may be repeated on the command line
+    flag: bool = False  # a command-line flag without a value
+
+    @property
+    def cli(self) -> str:
+        return self.name.replace("_", "-")
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.name.upper()
+
+
+G, P, A, M = {GATEWAY}, {PROCESSOR}, {API}, {MIGRATE}
+
+
+def _opt(name, parse, default, daemons, help, **kw) -> Option:
+    return Option(name, parse, default, frozenset(daemons), help, **kw)
+
+
+OPTIONS: list[Option] = [
+    # --- shared state
+    _opt("namespace", _namespace, "im", G | P | A,
+         "business namespace: AMQP names <ns>.exchange, <ns>.server, <ns>.processor, <ns>.wsserver.<uuid>"),
+    _opt("redis", _url("redis", "rediss"), "redis://127.0.0.1:6379/0", G | P | A, "Redis URL"),
+    _opt("redis_password", _str, None, G | P | A, "Redis password (overrides the URL's)", secret=True),
+    _opt("redis_prefix", _str, "", G | P | A, "prepended to every Redis key"),
+    _opt("redis_timeout", _positive(_float), 5.0, G | P | A, "seconds before a Redis command fails"),
+    _opt("amqp", _url("amqp", "amqps"), "amqp://guest:guest@127.0.0.1:5672/%2F", G | P | A, "RabbitMQ URL"),
+    _opt("amqp_password", _str, None, G | P | A, "RabbitMQ password (overrides the URL's)", secret=True),
+    _opt("publish_timeout", _positive(_float), 5.0, G | P | A,
+         "seconds a publish waits for the broker (connection and confirm) before it fails"),
+    _opt("postgres", _postgres_dsn, "postgresql://root@127.0.0.1:5432/root", P | A | M, "PostgreSQL DSN"),
+    _opt("postgres_password", _str, None, P | A | M, "PostgreSQL password (overrides the DSN's)", secret=True),
+    _opt("postgres_schema", _identifier, "public", P | A | M, "PostgreSQL schema holding imcluster's tables"),
+    _opt("postgres_pool_size", _positive(_int), 4, P | A, "PostgreSQL connections per daemon"),
+    _opt("postgres_timeout", _positive(_float), 10.0, P | A | M, "seconds to connect to PostgreSQL"),
+    # --- authentication
+    _opt("jwt_secret", _str, None, G | A, "HS256 secret that signs client tokens", secret=True),
+    _opt("jwt_public_key", _str, None, G | A, "PEM file of the RS256/ES256 public key that verifies client tokens"),
+    _opt("jwt_algorithms", _str_list, None, G | A,
+         "accepted JWT algorithms (default HS256 with --jwt-secret, RS256 and ES256 with --jwt-public-key)"),
+    _opt("jwt_audience", _str, None, G | A, "required 'aud' claim"),
+    _opt("jwt_issuer", _str, None, G | A, "required 'iss' claim"),
+    _opt("jwt_leeway", _non_negative(_float), 10.0, G | A, "seconds of clock skew allowed on exp/nbf/iat"),
+    # --- daemon processes
+    _opt("heartbeat", _positive(_float), 60.0, G | P,
+         "seconds between refreshes of WSSERVER_<uuid>; the reaper runs as often"),
+    _opt("server_ttl", _positive(_float), 300.0, G | P, "TTL in seconds of WSSERVER_<uuid>"),
+    _opt("shutdown_timeout", _positive(_float), 30.0, G | P | A, "seconds a daemon may take to stop on SIGTERM"),
+    _opt("metrics", _str_list, [], G | P,
+         "endpoint string(s) serving /metrics and /healthz (empty: off)", multi=True),
+    # --- gateway
+    _opt("ws", _endpoints, ["tcp:8080"], G, "WebSocket listening endpoint(s)", multi=True),
+    _opt("tcp", _endpoints, ["tcp:8081"], G, "raw TCP listening endpoint(s)", multi=True),
+    _opt("advertise", _str, None, G, "the ip written to WSSERVER_<uuid> (default: first non-loopback address)"),
+    _opt("max_frame_size", _positive(_int), 65536, G, "largest client frame in bytes of JSON"),
+    _opt("max_bad_frames", _positive(_int), 10, G, "bad frames in a row that close a connection"),
+    _opt("auth_timeout", _positive(_float), 10.0, G, "seconds a connection has to authenticate"),
+    _opt("idle_timeout", _positive(_float), 90.0, G, "seconds without any frame before a connection is closed"),
+    _opt("ws_ping_interval", _non_negative(_float), 30.0, G, "seconds between WebSocket pings (0: none)"),
+    _opt("handshake_timeout", _positive(_float), 10.0, G, "seconds a WebSocket opening handshake may take"),
+    _opt("output_buffer_limit", _positive(_int), 1048576, G,
+         "bytes of pending output after which a client that does not read is closed"),
+    _opt("rate_limit", _positive(_float), 50.0, G, "client frames per second per connection (token bucket rate)"),
+    _opt("rate_burst", _positive(_int), 100, G, "token bucket size for --rate-limit"),
+    _opt("max_connections", _positive(_int), 50000, G, "connections one gateway accepts"),
+    _opt("compression", _bool, True, G, "accept permessage-deflate"),
+    _opt("external_port", _non_negative(_int), 0, G,
+         "port clients see when behind a load balancer (0: the listening port)"),
+    _opt("trust_proxy", _bool, False, G, "take the client address from X-Forwarded-For / X-Real-IP"),
+    _opt("publish_batch", _positive(_int), 200, G, "client frames coalesced into one AMQP publish"),
+    # --- processor
+    _opt("migrate", _bool, False, P, "apply pending migrations on start", flag=True),
+    _opt("prefetch", _positive(_int), 1000, P, "unacknowledged queue messages a processor holds"),
+    _opt("batch_size", _positive(_int), 500, P, "client frames handled in one transaction"),
+    _opt("batch_wait", _non_negative(_float), 0.002, P, "seconds a batch waits to fill"),
+    _opt("max_group_size", _positive(_int), 1000, P | A, "members a session may have"),
+    _opt("sync_page_size", _positive(_int), 500, P, "undelivered messages read per sync page"),
+    _opt("retry_delay", _positive(_float), 0.5, P, "first retry delay in seconds after a failure"),
+    _opt("retry_max_delay", _positive(_float), 30.0, P, "longest retry delay in seconds"),
+    _opt("max_attempts", _positive(_int), 5, P,
+         "attempts at a message that fails deterministically before it is dead-lettered"),
+    _opt("filters", _str_list, ["keyword"], P | A,
+         "moderation filters in order: plugin names or dotted names"),
+    _opt("moderation_words", _str, None, P | A, "word list file for the keyword filter (one word a line)"),
+    # --- api
+    _opt("http", _endpoints, ["tcp:8090"], A, "HTTP API listening endpoint(s)", multi=True),
+    _opt("api_key", _str_list, [], A, "admin key(s) for the HTTP API", secret=True, multi=True),
+    _opt("max_body_size", _positive(_int), 1048576, A, "largest HTTP request body in bytes"),
+]
+
+OPTIONS_BY_NAME: dict[str, Option] = {o.name: o for o in OPTIONS}
+SECRET_PATH_KEYS: dict[str, Option] = {o.name + "_path": o for o in OPTIONS if o.secret}
+
+
+@dataclass
+class Config:
+    """Resolved settings of one daemon: attributes named as the options."""
+
+    daemon: str
+    values: dict[str, Any]
+    sources: dict[str, str] = field(default_factory=dict)
+    path: str | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self.__dict__["values"][name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def replace(self, **changes: Any) -> "Config":
+        values = dict(self.values)
+        values.update(changes)
+        return Config(self.daemon, values, dict(self.sources), self.path)
+
+
+def options_for(daemon: str) -> list[Option]:
+    return [o for o in OPTIONS if daemon in o.daemons]
+
+
+def _read_secret_file(path: str, key: str, source: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read().strip()
+    except OSError as e:
+        raise ConfigError(f"{key} ({source}): cannot read {path}: {e.strerror}") from None
+
+
+def _parse(option: Option, raw: Any, source: str) -> Any:
+    try:
+        return option.parse(raw)
+    except ValueError as e:
+        raise ConfigError(f"{option.name} ({source}): {e}") from None
+
+
+def load_config(
+    daemon: str,
+    cli: Mapping[str, Any] | None = None,
+    config_path: str | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Config:
+    """Resolve the settings of ``daemon``.
+
+    ``cli`` maps option names to raw values given on the command line (absent
+    or None: not given).  Raises :class:`ConfigError` on any unknown key or
+    bad value, naming both.
+    """
+    cli = dict(cli or {})
+    environ = os.environ if environ is None else environ
+    wanted = {o.name: o for o in options_for(daemon)}
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+
+    def put(key: str, raw: Any, source: str) -> None:
+        if key in SECRET_PATH_KEYS:
+            option = SECRET_PATH_KEYS[key]
+            if not isinstance(raw, str):
+                raise ConfigError(f"{key} ({source}): expected a file path, got {raw!r}")
+            raw = _read_secret_file(raw, key, source)
+            if option.parse is _str_list:
+                raw = [line.strip() for line in raw.splitlines() if line.strip()]
+        else:
+            option = OPTIONS_BY_NAME.get(key)
+            if option is None:
+                raise ConfigError(f"unknown option {key!r} ({source})")
+        if option.name not in wanted:
+            return  # another daemon's setting in a shared file
+        values[option.name] = _parse(option, raw, source)
+        sources[option.name] = source
+
+    # file, then environment, then command line: later wins
+    if config_path is None:
+        config_path = environ.get(ENV_PREFIX + "CONFIG") or None
+    if config_path:
+        try:
+            with open(config_path, "rb") as f:
+                data = tomllib.load(f)
+        except OSError as e:
+            raise ConfigError(f"cannot read configuration file {config_path}: {e.strerror}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"configuration file {config_path} is not valid TOML: {e}") from None
+        for key, raw in data.items():
+            if isinstance(raw, dict):
+                raise ConfigError(
+                    f"unknown section [{key}] (file {config_path}): options are top-level keys")
+            put(key, raw, f"file {config_path}")
+    for name, raw in sorted(environ.items()):
+        if not name.startswith(ENV_PREFIX) or name == ENV_PREFIX + "CONFIG":
+            continue
+        key = name[len(ENV_PREFIX):].lower()
+        if key not in OPTIONS_BY_NAME and key not in SECRET_PATH_KEYS:
+            raise ConfigError(f"unknown option {key!r} (environment variable {name})")
+        put(key, raw, f"environment variable {name}")
+    for key, raw in cli.items():
+        if raw is None or raw == []:
+            continue
+        put(key, raw, f"command line --{key.replace('_', '-')}")
+
+    for name, option in wanted.items():
+        if name not in values:
+            values[name] = option.default() if callable(option.default) else option.default
+            sources[name] = "default"
+    config = Config(daemon, values, sources, config_path)
+    _check_together(config)
+    return config
+
+
+def _check_together(config: Config) -> None:
+    """Rules that involve more than one option."""
+    v = config.values
+    if config.daemon in (GATEWAY, API):
+        if not v.get("jwt_secret") and not v.get("jwt_public_key"):
+            raise ConfigError(
+                "jwt_secret or jwt_public_key is required: give --jwt-secret, --jwt-secret-path, "
+                "--jwt-public-key, IMCLUSTER_JWT_SECRET, or jwt_secret in the configuration file")
+        if v.get("jwt_secret") and v.get("jwt_public_key"):
+            raise ConfigError("give jwt_secret or jwt_public_key, not both")
+        if v.get("jwt_public_key") and not os.path.isfile(v["jwt_public_key"]):
+            raise ConfigError(
+                f"jwt_public_key ({config.sources['jwt_public_key']}): no such file {v['jwt_public_key']}")
+    if "server_ttl" in v and "heartbeat" in v and v["server_ttl"] <= v["heartbeat"]:
+        raise ConfigError(
+            f"server_ttl ({config.sources['server_ttl']}) must be greater than heartbeat "
+            f"({v['server_ttl']} <= {v['heartbeat']}), or live gateways would expire")
+
+
+def with_password(url: str, password: str | None) -> str:
+    """``url`` with its password replaced (used for the ``*_password`` secrets)."""
+    if not password:
+        return url
+    parts = urlsplit(url)
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    netloc = f"{quote(user, safe='')}:{quote(password, safe='')}@{host}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def postgres_dsn(config: Config) -> str:
+    """The libpq DSN of ``config`` with password and schema applied."""
+    dsn = config.postgres
+    password = config.values.get("postgres_password")
+    if "://" in dsn:
+        return with_password(dsn, password)
+    if password:
+        dsn += " password='%s'" % password.replace("\\", "\\\\").replace("'", "\\'")
+    return dsn
+
+
+# --- twistd / command-line integration
+
+
+def make_options(daemon: str, synopsis: str) -> type[usage.Options]:
+    """A ``usage.Options`` class for ``daemon`` built from :data:`OPTIONS`.
+
+    ``postOptions`` resolves the whole configuration and stores it as
+    ``self.config``; any :class:`ConfigError` becomes a ``UsageError`` so that
+    twistd prints it and exits non-zero before anything starts.
+    """
+    params = [["config", "c", None, "TOML configuration file"]]
+    flags: list[list[Any]] = []
+    multi: list[Option] = []
+    opts = options_for(daemon)
+    for o in opts:
+        help_text = o.help
+        if o.default not in (None, [], ""):
+            shown = ",".join(o.default) if isinstance(o.default, list) else o.default
+            help_text += f" [default: {shown}]"
+        if o.flag:
+            flags.append([o.cli, None, help_text])
+        elif o.multi:
+            multi.append(o)
+        else:
+            params.append([o.cli, None, None, help_text])
+        if o.secret:
+            params.append([o.cli + "-path", None, None, f"file holding {o.name}"])
+
+    class DaemonOptions(usage.Options):
+        synopsis_text = synopsis
+        optParameters = params
+        optFlags = flags
+
+        def __init__(self) -> None:
+            super().__init__()
+            for o in multi:
+                self[o.name] = []
+            self.config: Config | None = None
+
+        def getSynopsis(self) -> str:
+            return synopsis
+
+        def postOptions(self) -> None:
+            cli: dict[str, Any] = {}
+            for o in opts:
+                if o.flag:
+                    if self.get(o.cli):
+                        cli[o.name] = True
+                    continue
+                value = self.get(o.name) if o.multi else self.get(o.cli)
+                if value not in (None, []):
+                    cli[o.name] = value
+                if o.secret and self.get(o.cli + "-path") is not None:
+                    cli[o.name + "_path"] = self[o.cli + "-path"]
+            try:
+                self.config = load_config(daemon, cli, self.get("config"))
+            except ConfigError as e:
+                raise usage.UsageError(str(e)) from None
+
+    for o in multi:
+        def opt(self: usage.Options, value: str, _o: Option = o) -> None:
+            self[_o.name].append(value)
+
+        opt.__doc__ = o.help + " (may be repeated)"
+        setattr(DaemonOptions, "opt_" + o.name, opt)
+    DaemonOptions.__name__ = f"{daemon.capitalize()}Options"
+    return DaemonOptions
+
+
+def describe(options: Iterable[Option] = OPTIONS) -> str:
+    """Human-readable list of options (for docs and ``--help``)."""
+    return "\n".join(f"{o.name}: {o.help}" for o in options)

@@ -1,0 +1,1 @@
+"""Fixtures of this subsystem (see tests/conftest.py)."""
