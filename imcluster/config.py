@@ -474,13 +474,17 @@ def make_options(daemon: str, synopsis: str) -> type[usage.Options]:
                 raise usage.UsageError(str(e)) from None
 
     for o in multi:
-        def opt(self: usage.Options, value: str, _o: Option = o) -> None:
-            self[_o.name].append(value)
-
-        opt.__doc__ = o.help + " (may be repeated)"
-        setattr(DaemonOptions, "opt_" + o.name, opt)
+        setattr(DaemonOptions, "opt_" + o.name, _appender(o))
     DaemonOptions.__name__ = f"{daemon.capitalize()}Options"
     return DaemonOptions
+
+
+def _appender(option: Option) -> Callable[[usage.Options, str], None]:
+    def opt(self: usage.Options, value: str) -> None:
+        self[option.name].append(value)
+
+    opt.__doc__ = option.help + " (may be repeated)"
+    return opt
 
 
 def describe(options: Iterable[Option] = OPTIONS) -> str:
