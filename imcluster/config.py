@@ -191,6 +191,8 @@ OPTIONS: list[Option] = [
     _opt("redis_password", _str, None, G | P | A, "Redis password (overrides the URL's)", secret=True),
     _opt("redis_prefix", _str, "", G | P | A, "prepended to every Redis key"),
     _opt("redis_timeout", _positive(_float), 5.0, G | P | A, "seconds before a Redis command fails"),
+    _opt("redis_batch", _positive(_int), 1000, G | P | A,
+         "connections one Redis script removes at once when a gateway unregisters or is reaped"),
     _opt("amqp", _url("amqp", "amqps"), "amqp://guest:guest@127.0.0.1:5672/%2F", G | P | A, "RabbitMQ URL"),
     _opt("amqp_password", _str, None, G | P | A, "RabbitMQ password (overrides the URL's)", secret=True),
     _opt("publish_timeout", _positive(_float), 5.0, G | P | A,
