@@ -237,6 +237,10 @@ OPTIONS: list[Option] = [
          "port clients see when behind a load balancer (0: the listening port)"),
     _opt("trust_proxy", _bool, False, G, "take the client address from X-Forwarded-For / X-Real-IP"),
     _opt("publish_batch", _positive(_int), 200, G, "client frames coalesced into one AMQP publish"),
+    _opt("close_timeout", _positive(_float), 5.0, G,
+         "seconds a closing client connection may take to flush its last frames before it is dropped"),
+    _opt("max_json_depth", _positive(_int), 64, G | P | A,
+         "deepest nesting of arrays/objects accepted in a client frame (bad_frame beyond)"),
     _opt("goodbye_timeout", _positive(_float), 5.0, G,
          "seconds a stopping gateway waits for its clients to close after 'going away'"),
     # --- processor
