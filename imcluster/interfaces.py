@@ -139,6 +139,49 @@ class IMessageFilter(Interface):
         """
 
 
+class IMessageStore(Interface):
+    """PostgreSQL, as the processors and the HTTP API use it (``imcluster.processor.store``).
+
+    Every method returns a Deferred; deterministic refusals fail with
+    :class:`imcluster.processor.store.StoreError` (``code``). Full contract:
+    the module docstring of ``imcluster.processor.store`` and the notes of
+    PROCESSOR.md.
+    """
+
+    def store_messages(batch):
+        """Store ``[Incoming]`` in one transaction: ``[Stored | Rejected]`` in batch order."""
+
+    def mark_sending(pairs):
+        """``pending`` -> ``sending`` for ``(user_id, msg_id)`` pairs; fires with the count."""
+
+    def mark_delivered(acks):
+        """``[(user_id, [msg_id, ...])]`` -> ``delivered`` (others' or unknown ids ignored); count."""
+
+    def undelivered_page(user_id, after, limit):
+        """A page of undelivered message dicts by (sessionId in byte order, seq), after ``after``."""
+
+    def history(user_id, session_id, before_seq=None, limit=None):
+        """Message dicts in ascending seq; ``no_session`` / ``not_member``."""
+
+    def read(user_id, session_id, seq):
+        """Move the read cursor (never back, clamped): ``(cursor, members)``."""
+
+    def create_session(creator, members, session_id=None, kind="group"):
+        """``(session_id, members sorted)``; ``bad_request`` / ``too_large`` / ``conflict``."""
+
+    def add_remove_members(session_id, add=(), remove=()):
+        """Members after the change, sorted; the owner check is the caller's."""
+
+    def session_members(session_ids):
+        """``{session_id: [user_id, ...]}`` for those that exist."""
+
+    def get_session(session_id):
+        """``{"sessionId","kind","members","owners","lastSeq"}``; ``no_session``."""
+
+    def user_sessions(user_id):
+        """``[{"sessionId","kind","lastSeq","unread"}]`` sorted by sessionId."""
+
+
 class IClientConnection(Interface):
     """One client connection on a gateway, whatever the transport."""
 

@@ -1,0 +1,755 @@
+"""The message store: every SQL statement of the processor (and of the HTTP API).
+
+:class:`MessageStore` sits on :class:`imcluster.db.PostgresService` and keeps
+the tables of ``imcluster/migrations`` (ARCHITECTURE.md "PostgreSQL tables").
+Every public method returns a Deferred.
+
+Batching is the design. :meth:`MessageStore.store_messages` handles a whole
+window of client messages in ONE transaction and a fixed number of round
+trips, whatever the batch size:
+
+1. de-duplication: one ``SELECT`` on the unique key ``(sender_id,
+   client_msg_id)`` for the whole batch;
+2. the 1:1 sessions ``p2p:<a>:<b>`` that the batch writes to are created
+   (``INSERT ... ON CONFLICT DO NOTHING``, in id order) with both members;
+3. the batch's sessions are locked with ``SELECT ... ORDER BY id FOR UPDATE``
+   (one stable byte order for every processor: two processors never
+   deadlock), which also reads ``last_seq`` and the members;
+4. one statement writes everything: one ``UPDATE session`` row per session
+   (``last_seq`` advanced by the number of new messages), one multi-row
+   ``INSERT`` into ``messagerecv`` and the ``messagesend`` rows of every
+   member except the sender, expanded by PostgreSQL from ``session_member``
+   (a 100-member group costs one row on the wire per message, not 99).
+
+Because the session row stays locked until commit, and membership changes
+(:meth:`MessageStore.add_remove_members`) lock it too, ``seq`` is gap-free
+and strictly increasing per session, and the recipients computed in Python are
+exactly the ``messagesend`` rows written.
+
+A message that fails on its own (``no_session``, ``not_member``,
+``too_large`` for a session above the group size cap, ``bad_frame`` for a
+body PostgreSQL cannot store) is answered with :class:`Rejected`; its
+batch-mates are stored. Two processors racing on the same ``clientMsgId``:
+the unique key lets one insert win; the other gets a unique violation, rolls
+back and runs the whole batch again (bounded, :data:`RACE_RETRIES`), which now
+finds the original and answers it as a duplicate.
+
+``msgId`` is ``messagerecv.id`` as a decimal string. ``ts`` is
+``messagerecv.created_at`` in milliseconds since the epoch; a new message's
+``created_at`` is its :attr:`Incoming.ts_ms` (the processor's clock when
+absent), so the reply, the live delivery, sync and history all show the same
+``ts``.
+
+Errors a caller must map to the client: :class:`StoreError` with ``code``
+``no_session``, ``not_member``, ``conflict``, ``too_large`` or
+``bad_request``. Anything else (PostgreSQL down, a statement timeout) is
+transient: retry.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Sequence
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from imcluster import metrics
+from imcluster.interfaces import IMessageStore
+
+try:
+    from imcluster.auth import USER_ID_RE
+except ImportError:  # the auth module is written in parallel; PROTOCOL.md's charset
+    USER_ID_RE = re.compile(r"[A-Za-z0-9_.@-]{1,128}")
+
+#: a session id: the user-id charset plus ':' (PROTOCOL.md, HTTP-API.md)
+SESSION_ID_RE = re.compile(r"[A-Za-z0-9_.@:-]{1,128}")
+#: clientMsgId: 1-64 characters (PROTOCOL.md "Sending a message")
+CLIENT_MSG_ID_MAX = 64
+
+P2P_PREFIX = "p2p:"
+
+#: history page size when the client gives none, and the cap (PROTOCOL.md "Sync")
+HISTORY_DEFAULT_LIMIT = 50
+HISTORY_MAX_LIMIT = 200
+
+#: how often a batch is run again after losing a race (unique violation on
+#: the clientMsgId key, or a deadlock / serialization failure). Each retry sees
+#: what the winner committed, so a second loss needs yet another racer; this
+#: is a safety bound, not a tuning knob.
+RACE_RETRIES = 5
+_RACE_PGCODES = frozenset({"23505", "40P01", "40001"})
+
+_BIGINT_MAX = 2**63 - 1
+_DIGITS_RE = re.compile(r"[0-9]{1,19}")
+
+#: ``created_at`` in whole milliseconds; extract() is numeric (exact) since PostgreSQL 14
+_TS_SQL = "floor(extract(epoch FROM {t}.created_at) * 1000)::bigint"
+
+
+class StoreError(Exception):
+    """A deterministic failure the caller answers to the client (never retry it)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Incoming:
+    """One client message to store.
+
+    ``ts_ms``: milliseconds since the epoch to record as the message's time
+    (None: the store's clock). ``trusted``: skip the member check (the HTTP
+    API's admin key sends as any user, ``system`` by default); the session
+    must still exist (a ``p2p:`` one is created).
+    """
+
+    sender: str
+    client_msg_id: str
+    session_id: str
+    body: Any
+    ts_ms: int | None = None
+    trusted: bool = False
+
+
+@dataclass(frozen=True)
+class Stored:
+    """A message that is in ``messagerecv`` (just now, or before: ``duplicate``).
+
+    ``recipients``: the users to deliver it to, i.e. whose ``messagesend``
+    row is undelivered: every member but the sender for a new message, and
+    those who have not acknowledged it yet for a duplicate. ``session_id``,
+    ``seq``, ``ts_ms`` and ``body`` of a duplicate are the original's.
+    """
+
+    msg_id: str
+    session_id: str
+    seq: int
+    ts_ms: int
+    sender: str
+    client_msg_id: str
+    body: Any
+    recipients: list[str] = field(default_factory=list)
+    duplicate: bool = False
+    ok = True
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """A message refused on its own: ``code`` is a PROTOCOL.md ``message_reply`` code."""
+
+    client_msg_id: str
+    code: str
+    message: str
+    ok = False
+
+
+# --- ids ---------------------------------------------------------------------
+
+
+def valid_user_id(user_id: Any) -> bool:
+    """True for a PROTOCOL.md user id: 1-128 characters of ``A-Z a-z 0-9 _ . @ -``."""
+    return isinstance(user_id, str) and USER_ID_RE.fullmatch(user_id) is not None
+
+
+def p2p_session_id(a: str, b: str) -> str:
+    """The id of the 1:1 session of two users: ``p2p:<a>:<b>`` sorted by bytes."""
+    a, b = sorted((a, b), key=lambda u: u.encode())
+    return f"{P2P_PREFIX}{a}:{b}"
+
+
+def parse_p2p(session_id: str) -> tuple[str, str] | None:
+    """``(a, b)`` of a canonical ``p2p:<a>:<b>`` id, else None.
+
+    Canonical: both valid user ids (they cannot contain ':'), ``a < b`` in
+    byte order (so ``a != b``).
+    """
+    if not session_id.startswith(P2P_PREFIX):
+        return None
+    parts = session_id[len(P2P_PREFIX):].split(":")
+    if len(parts) != 2:
+        return None
+    a, b = parts
+    if not (valid_user_id(a) and valid_user_id(b)) or not a.encode() < b.encode():
+        return None
+    return a, b
+
+
+def valid_session_id(session_id: Any) -> bool:
+    """True for an id a session may have (a ``p2p:`` id must also be canonical)."""
+    if not isinstance(session_id, str) or SESSION_ID_RE.fullmatch(session_id) is None:
+        return False
+    return not session_id.startswith(P2P_PREFIX) or parse_p2p(session_id) is not None
+
+
+def parse_msg_id(msg_id: Any) -> int | None:
+    """The ``messagerecv.id`` of a client-supplied ``msgId`` (str or int), else None."""
+    if isinstance(msg_id, bool):
+        return None
+    if isinstance(msg_id, int):
+        value = msg_id
+    elif isinstance(msg_id, str) and _DIGITS_RE.fullmatch(msg_id):
+        value = int(msg_id)
+    else:
+        return None
+    return value if 0 < value <= _BIGINT_MAX else None
+
+
+def _has_nul(value: Any) -> bool:
+    """True when a string anywhere in a JSON value holds U+0000 (jsonb refuses it)."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            if "\x00" in v:
+                return True
+        elif isinstance(v, dict):
+            for k, item in v.items():
+                if isinstance(k, str) and "\x00" in k:
+                    return True
+                stack.append(item)
+        elif isinstance(v, (list, tuple)):
+            stack.extend(v)
+    return False
+
+
+def _json(body: Any) -> str | None:
+    """``body`` as JSON text for a jsonb column, or None when it cannot be stored."""
+    if _has_nul(body):
+        return None
+    try:
+        return json.dumps(body, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    except (TypeError, ValueError):
+        return None
+
+
+def _race(failure_or_exc: Any) -> bool:
+    exc = getattr(failure_or_exc, "value", failure_or_exc)
+    return getattr(exc, "pgcode", None) in _RACE_PGCODES
+
+
+def _bytes_key(s: str) -> bytes:
+    return s.encode()
+
+
+# --- the store -----------------------------------------------------------------
+
+
+@implementer(IMessageStore)
+class MessageStore:
+    """imcluster's tables in PostgreSQL, behind one batch-oriented API.
+
+    ``db`` is an :class:`imcluster.db.PostgresService` (``run_query``,
+    ``run_operation``, ``run_interaction(fn, idempotent=...)``);
+    ``max_group_size`` caps the members of a session (config
+    ``max_group_size``); ``clock`` gives ``seconds()`` for messages without
+    ``ts_ms`` (default: the reactor).
+    """
+
+    log = Logger()
+
+    def __init__(self, db: Any, max_group_size: int, clock: Any = None) -> None:
+        self.db = db
+        self.max_group_size = max_group_size
+        if clock is None:
+            from twisted.internet import reactor as clock
+        self.clock = clock
+
+    # -- messages ----------------------------------------------------------------
+
+    def store_messages(self, batch: Sequence[Incoming]) -> defer.Deferred:
+        """Store a batch in one transaction; fires with ``[Stored | Rejected]`` in batch order.
+
+        Idempotent: a batch run again (after a crash, a retry, or by another
+        processor) answers every message already stored as a duplicate.
+        """
+        return defer.Deferred.fromCoroutine(self._store_messages(list(batch)))
+
+    async def _store_messages(self, batch: list[Incoming]) -> list[Stored | Rejected]:
+        if not batch:
+            return []
+        now_ms = int(self.clock.seconds() * 1000)
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                results = await self.db.run_interaction(
+                    lambda cursor: defer.Deferred.fromCoroutine(self._store_in(cursor, batch, now_ms)),
+                    idempotent=True)
+                break
+            except Exception as e:
+                if not _race(e) or attempt > RACE_RETRIES:
+                    raise
+                self.log.info("store batch of {n} lost a race ({code}); attempt {attempt} of {retries}",
+                              n=len(batch), code=getattr(e, "pgcode", None), attempt=attempt + 1,
+                              retries=RACE_RETRIES + 1)
+        stored = sum(1 for r in results if r.ok and not r.duplicate)
+        if stored:
+            metrics.MESSAGES_STORED.inc(stored)
+        if any(r.ok and r.duplicate for r in results):
+            metrics.DUPLICATES.inc(sum(1 for r in results if r.ok and r.duplicate))
+        return results
+
+    async def _store_in(self, cursor: Any, batch: list[Incoming], now_ms: int) -> list[Stored | Rejected]:
+        """The transaction of :meth:`store_messages` (runs again from scratch on a retry)."""
+        results: list[Stored | Rejected | None] = [None] * len(batch)
+        bodies: dict[int, str] = {}
+        candidates: list[int] = []  # indexes still to decide, in batch order
+
+        # 0. what can be decided without the database
+        for i, m in enumerate(batch):
+            if not isinstance(m.client_msg_id, str) or not 0 < len(m.client_msg_id) <= CLIENT_MSG_ID_MAX \
+                    or not isinstance(m.sender, str) or not m.sender:
+                results[i] = Rejected(str(m.client_msg_id), "bad_frame", "bad sender or clientMsgId")
+                continue
+            body = _json(m.body)
+            if body is None:
+                results[i] = Rejected(m.client_msg_id, "bad_frame",
+                                      "body is not storable JSON (U+0000 in a string, NaN or Infinity)")
+                continue
+            bodies[i] = body
+            candidates.append(i)
+
+        # 1. de-duplication on the unique key, for the whole batch at once
+        keys = sorted({(batch[i].sender, batch[i].client_msg_id) for i in candidates})
+        originals: dict[tuple[str, str], Stored] = {}
+        if keys:
+            await cursor.execute(
+                "SELECT r.sender_id, r.client_msg_id, r.id, r.session_id, r.seq, "
+                + _TS_SQL.format(t="r") + ", r.body "
+                "FROM unnest(%s::text[], %s::text[]) AS k(sender_id, client_msg_id) "
+                "JOIN messagerecv r USING (sender_id, client_msg_id)",
+                ([k[0] for k in keys], [k[1] for k in keys]))
+            found = cursor.fetchall()
+            if found:
+                pending = await self._undelivered_of(cursor, [row[2] for row in found])
+                for sender, cmid, msg_id, session_id, seq, ts, body in found:
+                    originals[(sender, cmid)] = Stored(
+                        str(msg_id), session_id, seq, ts, sender, cmid, body,
+                        pending.get(msg_id, []), duplicate=True)
+        fresh = []
+        for i in candidates:
+            m = batch[i]
+            original = originals.get((m.sender, m.client_msg_id))
+            if original is not None:
+                results[i] = original
+            else:
+                fresh.append(i)
+
+        # 2. 1:1 sessions come into being with their first message
+        session_ids = set()
+        p2p_new: set[str] = set()
+        for i in fresh:
+            m = batch[i]
+            if not valid_session_id(m.session_id):
+                results[i] = Rejected(m.client_msg_id, "no_session", "no such session")
+                continue
+            pair = parse_p2p(m.session_id)
+            if pair is not None and not m.trusted and m.sender not in pair:
+                results[i] = Rejected(m.client_msg_id, "not_member", "not a member of this session")
+                continue
+            if pair is not None:
+                p2p_new.add(m.session_id)
+            session_ids.add(m.session_id)
+        if p2p_new:
+            await self._create_p2p(cursor, sorted(p2p_new, key=_bytes_key))
+
+        # 3. lock the sessions in one stable order; read last_seq and members
+        sessions: dict[str, tuple[int, list[str]]] = {}
+        if session_ids:
+            await cursor.execute(
+                'SELECT s.id, s.last_seq, ARRAY(SELECT m.user_id FROM session_member m '
+                'WHERE m.session_id = s.id ORDER BY m.user_id COLLATE "C") '
+                'FROM session s WHERE s.id = ANY(%s) ORDER BY s.id COLLATE "C" FOR UPDATE OF s',
+                (sorted(session_ids),))
+            for sid, last_seq, members in cursor.fetchall():
+                sessions[sid] = (last_seq, members)
+
+        # 4. seq numbers, in batch order, and one write statement
+        next_seq: dict[str, int] = {}
+        new_rows: list[tuple[int, int]] = []  # (batch index, seq)
+        first_of_key: dict[tuple[str, str], int] = {}
+        for i in fresh:
+            if results[i] is not None:
+                continue
+            m = batch[i]
+            if (m.sender, m.client_msg_id) in first_of_key:
+                continue  # the same message twice in one batch: answered below
+            info = sessions.get(m.session_id)
+            if info is None:
+                results[i] = Rejected(m.client_msg_id, "no_session", "no such session")
+                continue
+            last_seq, members = info
+            if not m.trusted and m.sender not in members:
+                results[i] = Rejected(m.client_msg_id, "not_member", "not a member of this session")
+                continue
+            if len(members) > self.max_group_size:
+                results[i] = Rejected(m.client_msg_id, "too_large",
+                                      f"the session has more than {self.max_group_size} members")
+                continue
+            seq = next_seq.get(m.session_id, last_seq) + 1
+            next_seq[m.session_id] = seq
+            first_of_key[(m.sender, m.client_msg_id)] = i
+            new_rows.append((i, seq))
+
+        if new_rows:
+            ids = await self._write(cursor, batch, bodies, new_rows, next_seq, now_ms)
+            for i, seq in new_rows:
+                m = batch[i]
+                members = sessions[m.session_id][1]
+                results[i] = Stored(
+                    str(ids[(m.session_id, seq)]), m.session_id, seq,
+                    m.ts_ms if m.ts_ms is not None else now_ms, m.sender, m.client_msg_id, m.body,
+                    [u for u in members if u != m.sender])
+
+        # a message repeated within the batch answers as a duplicate of its first copy
+        for i in fresh:
+            if results[i] is None:
+                m = batch[i]
+                first = results[first_of_key[(m.sender, m.client_msg_id)]]
+                results[i] = Stored(first.msg_id, first.session_id, first.seq, first.ts_ms, first.sender,
+                                    first.client_msg_id, first.body, list(first.recipients), duplicate=True)
+        return results  # type: ignore[return-value]
+
+    async def _undelivered_of(self, cursor: Any, msg_ids: list[int]) -> dict[int, list[str]]:
+        await cursor.execute(
+            'SELECT msg_id, array_agg(user_id ORDER BY user_id COLLATE "C") FROM messagesend '
+            "WHERE msg_id = ANY(%s) AND status <> 'delivered' GROUP BY msg_id", (msg_ids,))
+        return {msg_id: users for msg_id, users in cursor.fetchall()}
+
+    async def _create_p2p(self, cursor: Any, session_ids: list[str]) -> None:
+        """Create the 1:1 sessions that do not exist yet (in id order: no deadlock between creators)."""
+        rows, members = [], []
+        for sid in session_ids:
+            a, b = parse_p2p(sid)  # type: ignore[misc]
+            rows.append(cursor.mogrify("(%s,'p2p')", (sid,)))
+            members.append(cursor.mogrify("(%s,%s)", (sid, a)))
+            members.append(cursor.mogrify("(%s,%s)", (sid, b)))
+        # members only of the sessions this statement created (an existing one keeps its own)
+        await cursor.execute(
+            b"WITH s AS (INSERT INTO session (id, kind) VALUES " + b",".join(rows)
+            + b" ON CONFLICT (id) DO NOTHING RETURNING id) "
+            b"INSERT INTO session_member (session_id, user_id, role) "
+            b"SELECT v.session_id, v.user_id, 'member' FROM (VALUES " + b",".join(members)
+            + b") AS v(session_id, user_id) JOIN s ON s.id = v.session_id")
+
+    async def _write(self, cursor: Any, batch: list[Incoming], bodies: dict[int, str],
+                     new_rows: list[tuple[int, int]], last_seqs: dict[str, int],
+                     now_ms: int) -> dict[tuple[str, int], int]:
+        """Advance last_seq, insert messagerecv and messagesend: one statement; ``{(session, seq): id}``."""
+        upd = b",".join(cursor.mogrify("(%s,%s::bigint)", (sid, seq)) for sid, seq in sorted(last_seqs.items()))
+        ins = b",".join(
+            cursor.mogrify(
+                "(%s,%s::bigint,%s,%s,%s::jsonb,timestamptz 'epoch' + %s::bigint * interval '1 millisecond')",
+                (batch[i].session_id, seq, batch[i].sender, batch[i].client_msg_id, bodies[i],
+                 batch[i].ts_ms if batch[i].ts_ms is not None else now_ms))
+            for i, seq in new_rows)
+        await cursor.execute(
+            b"WITH upd AS (UPDATE session s SET last_seq = v.last_seq FROM (VALUES " + upd
+            + b") AS v(id, last_seq) WHERE s.id = v.id RETURNING s.id), "
+            b"ins AS (INSERT INTO messagerecv (session_id, seq, sender_id, client_msg_id, body, created_at) "
+            b"VALUES " + ins + b" RETURNING id, session_id, seq, sender_id), "
+            b"snd AS (INSERT INTO messagesend (user_id, msg_id, session_id, seq) "
+            b"SELECT m.user_id, ins.id, ins.session_id, ins.seq FROM ins "
+            b"JOIN session_member m ON m.session_id = ins.session_id AND m.user_id <> ins.sender_id) "
+            b"SELECT id, session_id, seq FROM ins")
+        return {(sid, seq): msg_id for msg_id, sid, seq in cursor.fetchall()}
+
+    def mark_sending(self, pairs: Iterable[tuple[str, Any]]) -> defer.Deferred:
+        """``pending`` -> ``sending`` for ``(user_id, msg_id)`` pairs; fires with the count changed.
+
+        Never touches a ``delivered`` row. Rows locked by a concurrent update
+        (an acknowledgement being applied) are skipped: ``sending`` only tells
+        operators a delivery was attempted, sync sends both states, and not
+        waiting means this statement can never take part in a deadlock.
+        """
+        users, ids = self._pairs(pairs)
+        if not users:
+            return defer.succeed(0)
+        return self.db.run_query(
+            "WITH t AS (SELECT m.user_id, m.msg_id FROM messagesend m "
+            "JOIN unnest(%s::text[], %s::bigint[]) AS a(user_id, msg_id) USING (user_id, msg_id) "
+            "WHERE m.status = 'pending' FOR UPDATE OF m SKIP LOCKED), "
+            "u AS (UPDATE messagesend m SET status = 'sending', updated_at = now() FROM t "
+            "WHERE m.user_id = t.user_id AND m.msg_id = t.msg_id AND m.status = 'pending' RETURNING 1) "
+            "SELECT count(*) FROM u", (users, ids)).addCallback(lambda rows: rows[0][0])
+
+    def mark_delivered(self, acks: Iterable[tuple[str, Iterable[Any]]]) -> defer.Deferred:
+        """Mark acknowledged messages ``delivered``: ``acks`` is ``[(user_id, [msgId, ...]), ...]``.
+
+        One statement for the whole batch. A msgId that is not a number, not
+        a message, or not addressed to that user changes nothing. Rows are
+        locked in ``(user_id, msg_id)`` order so that two processors applying
+        overlapping acknowledgements cannot deadlock. Fires with the number of
+        rows that became delivered.
+        """
+        users, ids = self._pairs((user, msg_id) for user, msg_ids in acks for msg_id in msg_ids)
+        if not users:
+            return defer.succeed(0)
+        d = self.db.run_query(
+            "WITH t AS (SELECT m.user_id, m.msg_id FROM messagesend m "
+            "JOIN unnest(%s::text[], %s::bigint[]) AS a(user_id, msg_id) USING (user_id, msg_id) "
+            "WHERE m.status <> 'delivered' ORDER BY m.user_id COLLATE \"C\", m.msg_id FOR UPDATE OF m), "
+            "u AS (UPDATE messagesend m SET status = 'delivered', updated_at = now() FROM t "
+            "WHERE m.user_id = t.user_id AND m.msg_id = t.msg_id AND m.status <> 'delivered' RETURNING 1) "
+            "SELECT count(*) FROM u", (users, ids), idempotent=True)
+        return d.addCallback(lambda rows: rows[0][0])
+
+    @staticmethod
+    def _pairs(pairs: Iterable[tuple[str, Any]]) -> tuple[list[str], list[int]]:
+        """Distinct, valid ``(user_id, id)`` as two parallel sorted lists (for ``unnest``)."""
+        seen = set()
+        for user, msg_id in pairs:
+            n = parse_msg_id(msg_id)
+            if n is not None and isinstance(user, str):
+                seen.add((user, n))
+        ordered = sorted(seen, key=lambda p: (p[0].encode(), p[1]))
+        return [p[0] for p in ordered], [p[1] for p in ordered]
+
+    def undelivered_page(self, user_id: str, after: tuple[str, int] | None, limit: int) -> defer.Deferred:
+        """One page of a user's undelivered messages (``pending`` or ``sending``).
+
+        Ordered by ``sessionId`` in byte order, then ``seq``; ``after`` is the
+        ``(sessionId, seq)`` of the previous page's last message (None: from
+        the start). Keyset paging on the partial index
+        ``messagesend_undelivered`` (``0002``): each page costs ``limit``
+        index entries, never a sort of the whole backlog. Fires with a list of
+        ``{"msgId","sessionId","seq","from","clientMsgId","body","ts"}``.
+        """
+        where = ""
+        params: list[Any] = [user_id]
+        if after is not None:
+            where = 'AND (s.session_id COLLATE "C", s.seq) > (%s COLLATE "C", %s::bigint) '
+            params += [after[0], after[1]]
+        params.append(max(1, int(limit)))
+        d = self.db.run_query(
+            "SELECT s.msg_id, s.session_id, s.seq, r.sender_id, r.client_msg_id, r.body, "
+            + _TS_SQL.format(t="r") + " FROM messagesend s JOIN messagerecv r ON r.id = s.msg_id "
+            "WHERE s.user_id = %s AND s.status <> 'delivered' " + where
+            + 'ORDER BY s.session_id COLLATE "C", s.seq LIMIT %s', tuple(params))
+        return d.addCallback(lambda rows: [
+            {"msgId": str(msg_id), "sessionId": sid, "seq": seq, "from": sender,
+             "clientMsgId": cmid, "body": body, "ts": ts}
+            for msg_id, sid, seq, sender, cmid, body, ts in rows])
+
+    # -- sessions ------------------------------------------------------------------
+
+    def history(self, user_id: str, session_id: str, before_seq: int | None = None,
+                limit: int | None = None) -> defer.Deferred:
+        """A page of a session's messages, ascending ``seq`` (PROTOCOL.md "History").
+
+        ``before_seq`` is exclusive (None: the newest). ``limit`` None means
+        50; it is capped at 200 here (and at least 1). Fails with
+        :class:`StoreError` ``no_session`` / ``not_member``; a ``p2p:`` session
+        that has no message yet is an empty page for either of its two users.
+        Fires with ``[{"msgId","seq","from","clientMsgId","body","ts"}]``.
+        """
+        limit = HISTORY_DEFAULT_LIMIT if limit is None else max(1, min(int(limit), HISTORY_MAX_LIMIT))
+        before = _BIGINT_MAX if before_seq is None else int(before_seq)
+
+        async def run() -> list[dict]:
+            rows = await self.db.run_query(
+                "SELECT s.id, EXISTS (SELECT 1 FROM session_member m "
+                "WHERE m.session_id = s.id AND m.user_id = %s) FROM session s WHERE s.id = %s",
+                (user_id, session_id))
+            if not rows:
+                pair = parse_p2p(session_id) if isinstance(session_id, str) else None
+                if pair is not None and user_id in pair:
+                    return []
+                raise StoreError("no_session", "no such session")
+            if not rows[0][1]:
+                raise StoreError("not_member", "not a member of this session")
+            rows = await self.db.run_query(
+                "SELECT id, seq, sender_id, client_msg_id, body, ts FROM ("
+                "SELECT r.id, r.seq, r.sender_id, r.client_msg_id, r.body, " + _TS_SQL.format(t="r")
+                + " AS ts FROM messagerecv r WHERE r.session_id = %s AND r.seq < %s "
+                "ORDER BY r.seq DESC LIMIT %s) page ORDER BY seq", (session_id, before, limit))
+            return [{"msgId": str(msg_id), "seq": seq, "from": sender, "clientMsgId": cmid,
+                     "body": body, "ts": ts} for msg_id, seq, sender, cmid, body, ts in rows]
+
+        return defer.Deferred.fromCoroutine(run())
+
+    def read(self, user_id: str, session_id: str, seq: int) -> defer.Deferred:
+        """Move ``user_id``'s read cursor to ``seq``: fires with ``(cursor, members)``.
+
+        The cursor never moves back and is clamped to the session's
+        ``last_seq``; ``members`` (sorted) are whom the ``read_receipt`` goes
+        to. Fails with :class:`StoreError` ``no_session`` / ``not_member``.
+        """
+        async def run() -> tuple[int, list[str]]:
+            rows = await self.db.run_query(
+                "WITH u AS (UPDATE session_member m "
+                "SET read_seq = GREATEST(m.read_seq, LEAST(%s::bigint, s.last_seq)) FROM session s "
+                "WHERE s.id = m.session_id AND m.session_id = %s AND m.user_id = %s RETURNING m.read_seq) "
+                "SELECT (SELECT read_seq FROM u), s.id IS NOT NULL, "
+                'ARRAY(SELECT user_id FROM session_member WHERE session_id = %s ORDER BY user_id COLLATE "C") '
+                "FROM (SELECT 1) one LEFT JOIN session s ON s.id = %s",
+                (int(seq), session_id, user_id, session_id, session_id), idempotent=True)
+            cursor, exists, members = rows[0]
+            if not exists:
+                raise StoreError("no_session", "no such session")
+            if cursor is None:
+                raise StoreError("not_member", "not a member of this session")
+            return cursor, members
+
+        return defer.Deferred.fromCoroutine(run())
+
+    def create_session(self, creator: str | None, members: Iterable[str], session_id: str | None = None,
+                       kind: str = "group") -> defer.Deferred:
+        """Create a session: fires with ``(session_id, members sorted)``.
+
+        ``creator`` (None for the HTTP API's admin key) is always a member and
+        the owner. ``session_id`` None: a new random id (or, with ``kind``
+        ``p2p``, the creator's 1:1 id with the one other member). A ``p2p:``
+        id is accepted only as the canonical id of its two users, who must be
+        exactly the members. :class:`StoreError`: ``bad_request`` (bad id,
+        user id or kind), ``too_large`` (more than ``max_group_size``
+        members), ``conflict`` (the id exists).
+        """
+        try:
+            session_id, kind, everyone = self._check_new_session(creator, members, session_id, kind)
+        except StoreError as e:
+            return defer.fail(e)
+        rows = [(session_id, u, "owner" if u == creator else "member") for u in everyone]
+
+        def created(result: list) -> tuple[str, list[str]]:
+            if not result:
+                raise StoreError("conflict", f"session {session_id} exists")
+            return session_id, everyone
+
+        return self.db.run_interaction(
+            lambda cursor: defer.Deferred.fromCoroutine(self._insert_session(cursor, session_id, kind, rows)),
+            idempotent=False).addCallback(created)
+
+    async def _insert_session(self, cursor: Any, session_id: str, kind: str, rows: list[tuple]) -> list:
+        values = b",".join(cursor.mogrify("(%s,%s,%s)", r) for r in rows)
+        await cursor.execute(
+            b"WITH s AS (" + cursor.mogrify(
+                "INSERT INTO session (id, kind) VALUES (%s,%s) ON CONFLICT (id) DO NOTHING RETURNING id",
+                (session_id, kind))
+            + b") INSERT INTO session_member (session_id, user_id, role) "
+            b"SELECT v.session_id, v.user_id, v.role FROM (VALUES " + values
+            + b") AS v(session_id, user_id, role) JOIN s ON s.id = v.session_id RETURNING user_id")
+        return cursor.fetchall()
+
+    def _check_new_session(self, creator: str | None, members: Iterable[str], session_id: str | None,
+                           kind: str) -> tuple[str, str, list[str]]:
+        if isinstance(members, (str, bytes)):
+            raise StoreError("bad_request", "members must be a list of user ids")
+        members = list(members)
+        for u in members + ([creator] if creator is not None else []):
+            if not valid_user_id(u):
+                raise StoreError("bad_request", f"bad user id {u!r}")
+        everyone = sorted(set(members) | ({creator} if creator is not None else set()), key=_bytes_key)
+        if kind not in ("group", "p2p"):
+            raise StoreError("bad_request", f"kind must be group or p2p, not {kind!r}")
+        if session_id is None and kind == "p2p":
+            if len(everyone) != 2 or creator is None:
+                raise StoreError("bad_request", "a p2p session is the creator and one other member")
+            session_id = p2p_session_id(*everyone)
+        if session_id is None:
+            session_id = uuid.uuid4().hex
+        if not isinstance(session_id, str) or SESSION_ID_RE.fullmatch(session_id) is None:
+            raise StoreError("bad_request", "a session id is 1-128 characters of A-Z a-z 0-9 _ . @ - :")
+        if session_id.startswith(P2P_PREFIX):
+            pair = parse_p2p(session_id)
+            if pair is None or everyone != list(pair) or (creator is not None and creator not in pair):
+                raise StoreError("bad_request", "a p2p: id must be p2p:<a>:<b> of its two members, sorted")
+            kind = "p2p"
+        elif kind == "p2p":
+            raise StoreError("bad_request", "a p2p session has the id p2p:<a>:<b>")
+        if not everyone:
+            raise StoreError("bad_request", "a session needs at least one member")
+        if len(everyone) > self.max_group_size:
+            raise StoreError("too_large", f"a session has at most {self.max_group_size} members")
+        return session_id, kind, everyone
+
+    def add_remove_members(self, session_id: str, add: Iterable[str] = (),
+                           remove: Iterable[str] = ()) -> defer.Deferred:
+        """Change a group's members; fires with the members, sorted.
+
+        Whether the caller may (owner or admin) is the caller's check. The
+        session row is locked first, which serializes this with
+        :meth:`store_messages` (recipients never differ from ``messagesend``).
+        :class:`StoreError`: ``no_session``, ``bad_request`` (a ``p2p:``
+        session, a bad user id, a user both added and removed), ``too_large``.
+        """
+        add, remove = sorted(set(add), key=_bytes_key), sorted(set(remove), key=_bytes_key)
+        for u in add + remove:
+            if not valid_user_id(u):
+                return defer.fail(StoreError("bad_request", f"bad user id {u!r}"))
+        if set(add) & set(remove):
+            return defer.fail(StoreError("bad_request", "a user is both added and removed"))
+
+        async def change(cursor: Any) -> list[str]:
+            await cursor.execute("SELECT kind FROM session WHERE id = %s FOR UPDATE", (session_id,))
+            row = cursor.fetchone()
+            if row is None:
+                raise StoreError("no_session", "no such session")
+            if row[0] == "p2p" and (add or remove):
+                raise StoreError("bad_request", "the members of a p2p session do not change")
+            if remove:
+                await cursor.execute("DELETE FROM session_member WHERE session_id = %s AND user_id = ANY(%s)",
+                                     (session_id, remove))
+            if add:
+                await cursor.execute(
+                    "INSERT INTO session_member (session_id, user_id) SELECT %s, u FROM unnest(%s::text[]) u "
+                    "ON CONFLICT DO NOTHING", (session_id, add))
+            await cursor.execute(
+                'SELECT user_id FROM session_member WHERE session_id = %s ORDER BY user_id COLLATE "C"',
+                (session_id,))
+            everyone = [r[0] for r in cursor.fetchall()]
+            if len(everyone) > self.max_group_size:
+                raise StoreError("too_large", f"a session has at most {self.max_group_size} members")
+            return everyone
+
+        return self.db.run_interaction(lambda c: defer.Deferred.fromCoroutine(change(c)), idempotent=True)
+
+    def session_members(self, session_ids: Iterable[str]) -> defer.Deferred:
+        """``{session_id: [user_id, ...] sorted}`` for the sessions that exist."""
+        ids = sorted(set(session_ids))
+        if not ids:
+            return defer.succeed({})
+        d = self.db.run_query(
+            'SELECT s.id, ARRAY(SELECT m.user_id FROM session_member m WHERE m.session_id = s.id '
+            'ORDER BY m.user_id COLLATE "C") FROM session s WHERE s.id = ANY(%s)', (ids,))
+        return d.addCallback(lambda rows: {sid: members for sid, members in rows})
+
+    def get_session(self, session_id: str) -> defer.Deferred:
+        """``{"sessionId","kind","members","owners","lastSeq"}`` (GET /v1/sessions/{id}).
+
+        Fails with :class:`StoreError` ``no_session``.
+        """
+        def shape(rows: list) -> dict:
+            if not rows:
+                raise StoreError("no_session", "no such session")
+            sid, kind, last_seq, members, owners = rows[0]
+            return {"sessionId": sid, "kind": kind, "members": members, "owners": owners, "lastSeq": last_seq}
+
+        return self.db.run_query(
+            "SELECT s.id, s.kind, s.last_seq, "
+            'ARRAY(SELECT user_id FROM session_member WHERE session_id = s.id ORDER BY user_id COLLATE "C"), '
+            "ARRAY(SELECT user_id FROM session_member WHERE session_id = s.id AND role = 'owner' "
+            'ORDER BY user_id COLLATE "C") FROM session s WHERE s.id = %s', (session_id,)).addCallback(shape)
+
+    def user_sessions(self, user_id: str) -> defer.Deferred:
+        """A user's sessions: ``[{"sessionId","kind","lastSeq","unread"}]`` by sessionId (bytes).
+
+        ``unread``: messages above the user's read cursor that the user did
+        not send (``seq`` is gap-free, so ``last_seq - read_seq`` minus the
+        user's own, counted on ``messagerecv_session_sender_seq``).
+        """
+        d = self.db.run_query(
+            "SELECT s.id, s.kind, s.last_seq, (s.last_seq - m.read_seq) - ("
+            "SELECT count(*) FROM messagerecv r WHERE r.session_id = s.id AND r.sender_id = m.user_id "
+            "AND r.seq > m.read_seq) FROM session_member m JOIN session s ON s.id = m.session_id "
+            'WHERE m.user_id = %s ORDER BY s.id COLLATE "C"', (user_id,))
+        return d.addCallback(lambda rows: [
+            {"sessionId": sid, "kind": kind, "lastSeq": last_seq, "unread": unread}
+            for sid, kind, last_seq, unread in rows])
