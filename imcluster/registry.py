@@ -27,6 +27,7 @@ need one Redis (or Sentinel), not Redis Cluster.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import random
@@ -35,7 +36,7 @@ from urllib.parse import unquote, urlsplit
 
 import txredisapi
 from twisted.application import service
-from twisted.application.internet import ClientService, backoffPolicy
+from twisted.application.internet import ClientService
 from twisted.internet import defer, protocol
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.logger import Logger
@@ -163,6 +164,15 @@ if existed then return 1 end
 return 0
 """)
 
+#: HGETALL of every key: one command instead of a pipeline of HGETALLs
+#: (same round trip, a quarter of the client's CPU for 1000 users, and a
+#: consistent snapshot). KEYS: the UCIR keys. Returns one flat array per key.
+HGETALL_MANY_SCRIPT = Script("hgetall_many", """
+local out = {}
+for i, key in ipairs(KEYS) do out[i] = redis.call('HGETALL', key) end
+return out
+""")
+
 #: Remove up to ARGV[3] connections of a gateway, only when its WSSERVER_ key
 #: is gone (or unconditionally when ARGV[4] == '1'). Chunked so that a gateway
 #: with 100k connections does not block Redis in one script.
@@ -187,6 +197,18 @@ return {0, #members, dropped}
 
 
 # --- the connection ------------------------------------------------------------
+
+
+def _deferred(fn: Callable[..., defer.Deferred]) -> Callable[..., defer.Deferred]:
+    """A bad argument fails the returned Deferred instead of raising (nothing is sent)."""
+
+    def wrapper(*args: Any, **kw: Any) -> defer.Deferred:
+        try:
+            return fn(*args, **kw)
+        except (ValueError, TypeError) as e:
+            return defer.fail(e)
+
+    return functools.wraps(fn)(wrapper)
 
 
 class _ProtocolFactory(protocol.Factory):
@@ -297,12 +319,7 @@ class RedisService(service.Service):
             from twisted.internet.ssl import optionsForClientTLS
             endpoint = wrapClientTLS(optionsForClientTLS(self.host), endpoint)
 
-        def jitter() -> float:
-            return random.random() * self.reconnect_initial_delay / 2
-
-        policy = backoffPolicy(self.reconnect_initial_delay, self.reconnect_max_delay,
-                               self.reconnect_factor, jitter)
-        self._client = ClientService(endpoint, _ProtocolFactory(self), retryPolicy=policy)
+        self._client = ClientService(endpoint, _ProtocolFactory(self), retryPolicy=self._retry_delay)
         self._client.startService()
         self.log.info("Redis {host}:{port} prefix {prefix!r}: connecting",
                       host=self.host, port=self.port, prefix=self.prefix)
@@ -346,6 +363,12 @@ class RedisService(service.Service):
 
         d.addBoth(stopped)
         return done
+
+    def _retry_delay(self, attempt: int) -> float:
+        # Twisted's backoffPolicy starts at initial * factor: start at initial
+        delay = min(self.reconnect_initial_delay * self.reconnect_factor ** min(attempt - 1, 30),
+                    self.reconnect_max_delay)
+        return delay * (1 + random.random() / 4)  # jitter: daemons do not reconnect in lockstep
 
     def _connection_ready(self, conn: txredisapi.RedisProtocol) -> None:
         # ready inside connectionMade: let ClientService finish its own
@@ -413,12 +436,12 @@ class RedisService(service.Service):
         timeout mean a broken link or a stuck server: the connection is
         aborted so that it is re-established.
         """
-        state: dict[str, Any] = {}
+        state: dict[str, Any] = {"timed_out": False}
         result = defer.Deferred()
         waiting = self._connection()
 
         def on_conn(conn: txredisapi.RedisProtocol) -> Any:
-            if result.called:
+            if state["timed_out"]:
                 return None
             state["conn"] = conn
             sent = send(conn)
@@ -426,8 +449,8 @@ class RedisService(service.Service):
             return sent
 
         def finish(r: Any) -> None:
-            if result.called:
-                return None  # timed out already: swallow the late outcome
+            if state["timed_out"]:
+                return None  # swallow the late outcome
             if timer.active():
                 timer.cancel()
             if not isinstance(r, Failure):
@@ -440,9 +463,9 @@ class RedisService(service.Service):
             return None
 
         def timed_out() -> None:
+            # clean up first, fail the caller last: it resumes in a consistent state
+            state["timed_out"] = True
             sent, conn = state.get("sent"), state.get("conn")
-            result.errback(TimeoutError(f"Redis {what} got no reply within {self.timeout:g}s"
-                                        + ("" if sent is not None else " (not connected)")))
             if sent is None:
                 waiting.cancel()
             else:
@@ -451,6 +474,8 @@ class RedisService(service.Service):
                 sent.cancel()
                 if conn.transport is not None:
                     conn.transport.abortConnection()
+            result.errback(TimeoutError(f"Redis {what} got no reply within {self.timeout:g}s"
+                                        + ("" if sent is not None else " (not connected)")))
 
         timer = self._clock.callLater(self.timeout, timed_out)
         waiting.addCallback(on_conn).addBoth(finish)
@@ -495,6 +520,7 @@ class RedisService(service.Service):
 
     # --- IRegistry
 
+    @_deferred
     def register_server(self, uuid: str, info: dict, ttl: float) -> defer.Deferred:
         """SET ``WSSERVER_<uuid>`` (TTL ``ttl`` seconds) and SADD ``WSSERVERS``, one round trip."""
         k = self.keys
@@ -502,6 +528,7 @@ class RedisService(service.Service):
                            ("SADD", k.servers(), uuid)])
         return d.addCallback(lambda _: None)
 
+    @_deferred
     def refresh_server(self, uuid: str, info: dict, ttl: float) -> defer.Deferred:
         """Refresh ``WSSERVER_<uuid>``; fires False when it was gone (Redis lost it) and was re-created."""
         k = self.keys
@@ -520,6 +547,7 @@ class RedisService(service.Service):
             if int(state) != 1:
                 return int(state), removed, bool(int(dropped))
 
+    @_deferred
     def unregister_server(self, uuid: str) -> defer.Deferred:
         """Remove this gateway's UCIR fields, WSCONNS, WSSERVER_ key and WSSERVERS member.
 
@@ -527,6 +555,7 @@ class RedisService(service.Service):
         """
         return self._remove_server(uuid, True).addCallback(lambda r: r[1])
 
+    @_deferred
     def reap_server(self, uuid: str) -> defer.Deferred:
         """Remove a dead gateway's entries, only if ``WSSERVER_<uuid>`` is gone.
 
@@ -544,6 +573,7 @@ class RedisService(service.Service):
 
         return d.addCallback(done)
 
+    @_deferred
     def add_connections(self, uuid: str, entries: Iterable[tuple]) -> defer.Deferred:
         """HSET each ``UCIR##<user>`` field and SADD ``WSCONNS##<uuid>``, one round trip.
 
@@ -552,18 +582,16 @@ class RedisService(service.Service):
         k = self.keys
         per_user: dict[str, list[str]] = {}
         members: list[str] = []
-        try:
-            for user_id, ip, port, meta in entries:
-                members.append(k.wsconns_member(user_id, ip, port))
-                per_user.setdefault(user_id, []).extend((k.conn_field(uuid, ip, port), dumps(meta)))
-        except (ValueError, TypeError) as e:
-            return defer.fail(e)  # nothing written
+        for user_id, ip, port, meta in entries:
+            members.append(k.wsconns_member(user_id, ip, port))
+            per_user.setdefault(user_id, []).extend((k.conn_field(uuid, ip, port), dumps(meta)))
         if not members:
             return defer.succeed(None)
         commands: list[tuple] = [("HSET", k.ucir(u), *fv) for u, fv in per_user.items()]
         commands.append(("SADD", k.wsconns(uuid), *members))
         return self.pipeline(commands).addCallback(lambda _: None)
 
+    @_deferred
     def remove_connections(self, uuid: str, entries: Iterable[tuple]) -> defer.Deferred:
         """HDEL each ``UCIR##<user>`` field and SREM ``WSCONNS##<uuid>``, one round trip.
 
@@ -572,24 +600,25 @@ class RedisService(service.Service):
         k = self.keys
         per_user: dict[str, list[str]] = {}
         members: list[str] = []
-        try:
-            for user_id, ip, port, *_ in entries:
-                members.append(k.wsconns_member(user_id, ip, port))
-                per_user.setdefault(user_id, []).append(k.conn_field(uuid, ip, port))
-        except (ValueError, TypeError) as e:
-            return defer.fail(e)  # nothing written
+        for user_id, ip, port, *_ in entries:
+            members.append(k.wsconns_member(user_id, ip, port))
+            per_user.setdefault(user_id, []).append(k.conn_field(uuid, ip, port))
         if not members:
             return defer.succeed(None)
         commands: list[tuple] = [("HDEL", k.ucir(u), *f) for u, f in per_user.items()]
         commands.append(("SREM", k.wsconns(uuid), *members))
         return self.pipeline(commands).addCallback(lambda _: None)
 
+    @_deferred
     def connections_of(self, user_ids: Iterable[str]) -> defer.Deferred:
-        """``{user_id: {conn_field: meta}}`` for every user (``{}`` when offline), one round trip."""
+        """``{user_id: {conn_field: meta}}`` for every user (``{}`` when offline), one round trip.
+
+        One script runs HGETALL on every ``UCIR##<user>`` key.
+        """
         users = list(dict.fromkeys(user_ids))
         if not users:
             return defer.succeed({})
-        d = self.pipeline([("HGETALL", self.keys.ucir(u)) for u in users])
+        d = self.run_script(HGETALL_MANY_SCRIPT, [self.keys.ucir(u) for u in users], [])
 
         def decode(replies: list) -> dict:
             return {u: self._decode_hash(u, r) for u, r in zip(users, replies)}
@@ -612,6 +641,7 @@ class RedisService(service.Service):
         """The set of uuids in ``WSSERVERS``."""
         return self.execute("SMEMBERS", self.keys.servers()).addCallback(set)
 
+    @_deferred
     def alive(self, uuids: Iterable[str]) -> defer.Deferred:
         """The set of ``uuids`` whose ``WSSERVER_<uuid>`` exists (one MGET)."""
         uuids = list(dict.fromkeys(uuids))
@@ -653,13 +683,15 @@ def _bounded(d: defer.Deferred, seconds: float, clock: Any, what: str) -> defer.
     result = defer.Deferred()
 
     def timed_out() -> None:
-        result.errback(TimeoutError(f"{what} timed out after {seconds:g}s"))
-        d.cancel()
+        error = TimeoutError(f"{what} timed out after {seconds:g}s")
+        d.cancel()  # its outcome reaches done() first, which ignores it
+        if not result.called:
+            result.errback(error)
 
     timer = clock.callLater(seconds, timed_out)
 
     def done(r: Any) -> None:
-        if result.called:
+        if result.called or not timer.active():
             return None
         timer.cancel()
         if isinstance(r, Failure):

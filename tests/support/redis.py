@@ -1,1 +1,71 @@
-"""Fixtures of this subsystem (see tests/conftest.py)."""
+"""Fixtures of the registry subsystem (see tests/conftest.py).
+
+``redis_service`` is a started :class:`~imcluster.registry.RedisService` on the
+test's own ``redis_prefix``; every key under that prefix is deleted afterwards
+(SCAN is fine here, in tests only; never FLUSHALL/FLUSHDB: other runs and a
+live cluster may share this Redis).
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest_twisted
+
+from imcluster.registry import RedisService
+from tests.support.ids import REDIS_URL
+
+#: commands of these tests are all local and small
+TEST_TIMEOUT = 3.0
+
+
+def _glob_escape(text: str) -> str:
+    return re.sub(r"([\\*?\[\]])", r"\\\1", text)
+
+
+async def delete_prefix(svc, prefix: str) -> int:
+    """Delete every key under ``prefix`` through ``svc``; returns how many (tests only: SCAN)."""
+    if not prefix:
+        raise ValueError("refusing to delete every key of a shared Redis")
+    cursor, deleted = "0", 0
+    while True:
+        cursor, keys = await svc.execute("SCAN", cursor, "MATCH", _glob_escape(prefix) + "*", "COUNT", 1000)
+        if keys:
+            deleted += await svc.execute("DEL", *keys)
+        if str(cursor) == "0":
+            return deleted
+
+
+@pytest_twisted.async_yield_fixture
+async def redis_factory(redis_prefix):
+    """``await make(url=..., prefix=..., timeout=..., start=True, **kw)``: more services, all stopped afterwards."""
+    made: list[RedisService] = []
+
+    async def make(url: str = REDIS_URL, prefix: str = redis_prefix, timeout: float = TEST_TIMEOUT,
+                   start: bool = True, **kw) -> RedisService:
+        svc = RedisService(url, prefix=prefix, timeout=timeout, **kw)
+        made.append(svc)
+        if start:
+            await svc.startService()
+        return svc
+
+    yield make
+    for svc in made:
+        if svc.running:
+            await svc.stopService()
+
+
+@pytest_twisted.async_yield_fixture
+async def redis_service(redis_factory, redis_prefix):
+    """A started RedisService on this test's prefix; its keys are deleted afterwards."""
+    svc = await redis_factory()
+    yield svc
+    # a fresh connection: the test may have broken or stopped its own
+    cleaner = await redis_factory()
+    await delete_prefix(cleaner, redis_prefix)
+
+
+@pytest_twisted.async_fixture
+async def redis_peer(redis_factory, redis_service):
+    """A second started RedisService on the same prefix (another process sharing Redis)."""
+    return await redis_factory()
