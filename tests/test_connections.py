@@ -139,3 +139,17 @@ def test_gauge_follows_changes():
     assert gauge("tcp", False) == before[("tcp", False)]
     reg.clear()
     assert {(t, a): gauge(t, a) for t in ("ws", "tcp") for a in (True, False)} == before
+
+
+def test_meta_is_kept_for_re_registration():
+    """After Redis loses its data, the gateway must write the same device/exp again."""
+    reg = ConnectionRegistry()
+    a = Conn("10.0.0.1", 5000)
+    reg.add(a)
+    assert reg.meta_of(a) is None
+    reg.authenticate(a, "alice", {"device": "web", "authedAt": 1, "exp": 2})
+    assert reg.meta_of(a) == {"device": "web", "authedAt": 1, "exp": 2}
+    reg.authenticate(a, "alice", {"device": "web", "authedAt": 1, "exp": 3})
+    assert reg.meta_of(a)["exp"] == 3
+    reg.remove(a)
+    assert reg.meta_of(a) is None

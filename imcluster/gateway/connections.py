@@ -39,8 +39,9 @@ class ConnectionRegistry:
         self._unauthed: dict[str, Any] = {}
         self._authed: dict[str, dict[str, Any]] = {}
         self._by_id: dict[str, Any] = {}
-        # conn_id -> user id (authenticated connections only)
+        # conn_id -> user id, and the meta written to Redis (authenticated only)
         self._users: dict[str, str] = {}
+        self._meta: dict[str, dict] = {}
         self._counts: Counter[tuple[str, bool]] = Counter()
 
     # --- changes
@@ -61,8 +62,11 @@ class ConnectionRegistry:
         self._count(conn, False, +1)
         return True
 
-    def authenticate(self, conn: Any, user_id: str) -> str | None:
-        """Move ``conn`` to ``user_id``'s authenticated map.
+    def authenticate(self, conn: Any, user_id: str, meta: dict | None = None) -> str | None:
+        """Move ``conn`` to ``user_id``'s authenticated map, remembering ``meta``.
+
+        ``meta`` is what the gateway wrote to ``UCIR##<user>`` (device,
+        authedAt, exp): it is written again if Redis loses its data.
 
         Returns the user id it was authenticated as before (None when it was
         not), so the caller can remove a stale Redis entry. A connection that
@@ -73,6 +77,7 @@ class ConnectionRegistry:
         if self._by_id.get(cid) is not conn:
             return None
         previous = self._users.get(cid)
+        self._meta[cid] = meta if meta is not None else {}
         if previous == user_id:
             return previous
         if previous is None:
@@ -96,6 +101,7 @@ class ConnectionRegistry:
         user_id = self._users.pop(cid, None)
         if user_id is None:
             return None
+        self._meta.pop(cid, None)
         self._drop_authed(user_id, conn)
         self._unauthed[conn.peer_key] = conn
         self._count(conn, True, -1)
@@ -111,6 +117,7 @@ class ConnectionRegistry:
         if self._by_id.get(cid) is not conn:
             return None
         del self._by_id[cid]
+        self._meta.pop(cid, None)
         user_id = self._users.pop(cid, None)
         if user_id is None:
             self._unauthed.pop(conn.peer_key, None)
@@ -157,6 +164,12 @@ class ConnectionRegistry:
         if self._by_id.get(conn.conn_id) is not conn:
             return None
         return self._users.get(conn.conn_id)
+
+    def meta_of(self, conn: Any) -> dict | None:
+        """The meta recorded when ``conn`` authenticated, or None."""
+        if self._by_id.get(conn.conn_id) is not conn:
+            return None
+        return self._meta.get(conn.conn_id)
 
     def users(self) -> list[str]:
         """User ids with at least one connection here."""
