@@ -226,7 +226,19 @@ class _ProtocolFactory(protocol.Factory):
             charset="utf-8", password=o.password, dbid=o.dbid,
             convertNumbers=False, username=o.username)
         p.factory = self
-        p.whenConnected().addCallback(o._connection_ready)
+        ready = p.whenConnected()
+        ready.addCallback(o._connection_ready)
+
+        def handshake_stuck() -> None:
+            # AUTH / SELECT unanswered: txredisapi would wait forever
+            if not ready.called and p.connected and p.transport is not None:
+                o.log.warn("Redis {host}:{port} did not answer AUTH/SELECT within {t}s; reconnecting",
+                           host=o.host, port=o.port, t=o.timeout)
+                p.transport.abortConnection()
+
+        timer = o._clock.callLater(o.timeout, handshake_stuck)
+        ready.addCallback(lambda _: timer.active() and timer.cancel())
+        p.whenDisconnected().addCallback(lambda _: timer.active() and timer.cancel())
         return p
 
     # txredisapi calls these when AUTH or SELECT fails: a configuration error,

@@ -397,16 +397,18 @@ class _Silent(protocol.Protocol):
         self.factory.conns.append(self)
 
 
+@pytest.mark.parametrize("password", [None, "pw"])
 @pytest_twisted.ensureDeferred
-async def test_unanswered_command_times_out_and_drops_the_link(redis_factory):
+async def test_unanswered_command_times_out_and_drops_the_link(redis_factory, password):
     """A half-open link (Redis host gone silent) would stall every later command forever."""
     factory = protocol.Factory.forProtocol(_Silent)
     factory.conns = []
     port = reactor.listenTCP(0, factory, interface="127.0.0.1")
     try:
-        svc = await redis_factory(f"redis://127.0.0.1:{port.getHost().port}", timeout=0.3)
-        assert svc.connected
-        with pytest.raises(TimeoutError, match="PING got no reply"):
+        svc = await redis_factory(f"redis://127.0.0.1:{port.getHost().port}", timeout=0.3, password=password)
+        # without a password the link is usable at once; with one, AUTH never returns
+        assert svc.connected is (password is None)
+        with pytest.raises(TimeoutError, match="PING got no reply" if password is None else "not connected"):
             await svc.execute("PING")
         for _ in range(300):  # dropped, then a fresh connection after the backoff
             if len(factory.conns) >= 2:
@@ -414,6 +416,27 @@ async def test_unanswered_command_times_out_and_drops_the_link(redis_factory):
             await task.deferLater(reactor, 0.01, lambda: None)
         assert len(factory.conns) >= 2
         assert not factory.conns[0].transport.connected
+        await svc.stopService()
+    finally:
+        for c in factory.conns:
+            c.transport.abortConnection()
+        await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_command_in_flight_fails_at_once_when_the_link_drops(redis_factory):
+    """A caller would wait the whole timeout, or forever, for a reply that can no longer come."""
+    factory = protocol.Factory.forProtocol(_Silent)
+    factory.conns = []
+    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    try:
+        svc = await redis_factory(f"redis://127.0.0.1:{port.getHost().port}", timeout=2.0)
+        d = svc.execute("PING")
+        t0 = time.monotonic()
+        factory.conns[0].transport.abortConnection()
+        with pytest.raises(RedisConnectionError, match="PING"):
+            await d
+        assert time.monotonic() - t0 < 0.5
         await svc.stopService()
     finally:
         for c in factory.conns:
