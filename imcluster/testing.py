@@ -441,4 +441,612 @@ class FakeRegistry(_reg_service.Service):
 
 # --- store (FakeStore / processor) ---------------------------------------
 
+from twisted.internet import defer as _st_defer  # noqa: E402
+from zope.interface import implementer as _st_implementer  # noqa: E402
+
+from imcluster.interfaces import IMessageStore as _IMessageStore  # noqa: E402
+from imcluster.processor import store as _st  # noqa: E402
+
+
+class StoreUnavailable(Exception):
+    """What a :class:`FakeStore` fails with while ``available`` is False (PostgreSQL down)."""
+
+
+@_st_implementer(_IMessageStore)
+class FakeStore:
+    """:class:`imcluster.processor.store.MessageStore` in memory, same contract.
+
+    ``tests/test_store.py`` runs one suite over both. ``available = False``
+    makes every call fail with :class:`StoreUnavailable` (a transient error);
+    ``calls`` records ``(method, args)`` for assertions; ``now_ms`` is the time
+    of messages stored without ``ts_ms``.
+    """
+
+    def __init__(self, max_group_size=1000, now_ms=1764160000000):
+        self.max_group_size = max_group_size
+        self.now_ms = now_ms
+        self.available = True
+        self.calls = []
+        self.sessions = {}  # id -> {"kind", "last_seq", "members": {user: {"role", "read_seq"}}}
+        self.messages = {}  # msg_id (int) -> {"session_id","seq","sender","client_msg_id","body","ts"}
+        self.by_key = {}  # (sender, client_msg_id) -> msg_id
+        self.sends = {}  # (user_id, msg_id) -> status
+        self._next_id = 1
+
+    def _call(self, name, fn, *args):
+        self.calls.append((name, args))
+        if not self.available:
+            return _st_defer.fail(StoreUnavailable(f"{name}: PostgreSQL unavailable"))
+        return _st_defer.maybeDeferred(fn, *args)
+
+    @staticmethod
+    def _copy(body):
+        # what jsonb would give back: a fresh JSON value of the same meaning
+        return _st.json.loads(_st.json.dumps(body))
+
+    # -- messages
+    def store_messages(self, batch):
+        return self._call("store_messages", self._store, list(batch))
+
+    def _store(self, batch):
+        results, accepted = [], {}
+        for m in batch:
+            results.append(self._store_one(m, accepted))
+        return results
+
+    def _store_one(self, m, accepted):
+        if not _st.valid_client_msg_id(m.client_msg_id) or not _st.valid_user_id(m.sender):
+            return _st.Rejected(str(m.client_msg_id), "bad_frame", "bad sender or clientMsgId")
+        if _st._json(m.body) is None:
+            return _st.Rejected(m.client_msg_id, "bad_frame", "body is not storable JSON")
+        key = (m.sender, m.client_msg_id)
+        if key in self.by_key:
+            msg_id = self.by_key[key]
+            row = self.messages[msg_id]
+            pending = sorted((u for (u, i), status in self.sends.items() if i == msg_id and status != "delivered"),
+                             key=str.encode)
+            return _st.Stored(str(msg_id), row["session_id"], row["seq"], row["ts"], m.sender, m.client_msg_id,
+                              self._copy(row["body"]), pending, duplicate=True)
+        if not _st.valid_session_id(m.session_id):
+            return _st.Rejected(m.client_msg_id, "no_session", "no such session")
+        pair = _st.parse_p2p(m.session_id)
+        if pair is not None:
+            if not m.trusted and m.sender not in pair:
+                return _st.Rejected(m.client_msg_id, "not_member", "not a member of this session")
+            if m.session_id not in self.sessions:
+                self.sessions[m.session_id] = {"kind": "p2p", "last_seq": 0, "members": {
+                    u: {"role": "member", "read_seq": 0} for u in pair}}
+        session = self.sessions.get(m.session_id)
+        if session is None:
+            return _st.Rejected(m.client_msg_id, "no_session", "no such session")
+        members = sorted(session["members"], key=str.encode)
+        if not m.trusted and m.sender not in session["members"]:
+            return _st.Rejected(m.client_msg_id, "not_member", "not a member of this session")
+        if len(members) > self.max_group_size:
+            return _st.Rejected(m.client_msg_id, "too_large",
+                                f"the session has more than {self.max_group_size} members")
+        session["last_seq"] += 1
+        msg_id, self._next_id = self._next_id, self._next_id + 1
+        ts = m.ts_ms if m.ts_ms is not None else self.now_ms
+        self.messages[msg_id] = {"session_id": m.session_id, "seq": session["last_seq"], "sender": m.sender,
+                                 "client_msg_id": m.client_msg_id, "body": self._copy(m.body), "ts": ts}
+        self.by_key[key] = msg_id
+        recipients = [u for u in members if u != m.sender]
+        for u in recipients:
+            self.sends[(u, msg_id)] = "pending"
+        return _st.Stored(str(msg_id), m.session_id, session["last_seq"], ts, m.sender, m.client_msg_id,
+                          m.body, recipients)
+
+    def mark_sending(self, pairs):
+        return self._call("mark_sending", self._mark, list(pairs), "sending")
+
+    def mark_delivered(self, acks):
+        pairs = [(user, msg_id) for user, msg_ids in acks for msg_id in msg_ids]
+        return self._call("mark_delivered", self._mark, pairs, "delivered")
+
+    def _mark(self, pairs, status):
+        users, ids = _st.MessageStore._pairs(pairs)
+        changed = 0
+        for key in zip(users, ids):
+            current = self.sends.get(key)
+            if current is None or current == "delivered" or (status == "sending" and current != "pending"):
+                continue
+            self.sends[key] = status
+            changed += 1
+        return changed
+
+    def _frame(self, msg_id, with_session=True):
+        row = self.messages[msg_id]
+        frame = {"msgId": str(msg_id), "sessionId": row["session_id"], "seq": row["seq"], "from": row["sender"],
+                 "clientMsgId": row["client_msg_id"], "body": self._copy(row["body"]), "ts": row["ts"]}
+        if not with_session:
+            del frame["sessionId"]
+        return frame
+
+    def undelivered_page(self, user_id, after, limit):
+        def page():
+            keys = sorted((self.messages[i]["session_id"].encode(), self.messages[i]["seq"], i)
+                          for (u, i), status in self.sends.items() if u == user_id and status != "delivered")
+            if after is not None:
+                keys = [k for k in keys if (k[0], k[1]) > (after[0].encode(), after[1])]
+            return [self._frame(i) for _, _, i in keys[:max(1, int(limit))]]
+        return self._call("undelivered_page", page)
+
+    # -- sessions
+    def _member_of(self, user_id, session_id):
+        session = self.sessions.get(session_id)
+        if session is None:
+            raise _st.StoreError("no_session", "no such session")
+        if user_id not in session["members"]:
+            raise _st.StoreError("not_member", "not a member of this session")
+        return session
+
+    def history(self, user_id, session_id, before_seq=None, limit=None):
+        def page():
+            if session_id not in self.sessions:
+                pair = _st.parse_p2p(session_id) if isinstance(session_id, str) else None
+                if pair is not None and user_id in pair:
+                    return []
+            self._member_of(user_id, session_id)
+            n = _st.HISTORY_DEFAULT_LIMIT if limit is None else max(1, min(int(limit), _st.HISTORY_MAX_LIMIT))
+            before = _st._BIGINT_MAX if before_seq is None else int(before_seq)
+            rows = sorted((row["seq"], i) for i, row in self.messages.items()
+                          if row["session_id"] == session_id and row["seq"] < before)
+            return [self._frame(i, with_session=False) for _, i in rows[-n:]]
+        return self._call("history", page)
+
+    def read(self, user_id, session_id, seq):
+        def move():
+            session = self._member_of(user_id, session_id)
+            member = session["members"][user_id]
+            member["read_seq"] = max(member["read_seq"], min(int(seq), session["last_seq"]))
+            return member["read_seq"], sorted(session["members"], key=str.encode)
+        return self._call("read", move)
+
+    def create_session(self, creator, members, session_id=None, kind="group"):
+        def create():
+            sid, k, everyone = _st.check_new_session(creator, members, session_id, kind, self.max_group_size)
+            if sid in self.sessions:
+                raise _st.StoreError("conflict", f"session {sid} exists")
+            self.sessions[sid] = {"kind": k, "last_seq": 0, "members": {
+                u: {"role": "owner" if u == creator else "member", "read_seq": 0} for u in everyone}}
+            return sid, everyone
+        return self._call("create_session", create)
+
+    def add_remove_members(self, session_id, add=(), remove=()):
+        def change():
+            a, r = _st.check_member_change(add, remove)
+            session = self.sessions.get(session_id)
+            if session is None:
+                raise _st.StoreError("no_session", "no such session")
+            if session["kind"] == "p2p" and (a or r):
+                raise _st.StoreError("bad_request", "the members of a p2p session do not change")
+            members = dict(session["members"])
+            for u in r:
+                members.pop(u, None)
+            for u in a:
+                members.setdefault(u, {"role": "member", "read_seq": 0})
+            if len(members) > self.max_group_size:
+                raise _st.StoreError("too_large", f"a session has at most {self.max_group_size} members")
+            session["members"] = members
+            return sorted(members, key=str.encode)
+        return self._call("add_remove_members", change)
+
+    def session_members(self, session_ids):
+        return self._call("session_members", lambda: {
+            sid: sorted(self.sessions[sid]["members"], key=str.encode)
+            for sid in set(session_ids) if sid in self.sessions})
+
+    def get_session(self, session_id):
+        def get():
+            session = self.sessions.get(session_id)
+            if session is None:
+                raise _st.StoreError("no_session", "no such session")
+            members = sorted(session["members"], key=str.encode)
+            return {"sessionId": session_id, "kind": session["kind"], "members": members,
+                    "owners": [u for u in members if session["members"][u]["role"] == "owner"],
+                    "lastSeq": session["last_seq"]}
+        return self._call("get_session", get)
+
+    def user_sessions(self, user_id):
+        def listing():
+            out = []
+            for sid in sorted(self.sessions, key=str.encode):
+                session = self.sessions[sid]
+                if user_id not in session["members"]:
+                    continue
+                read_seq = session["members"][user_id]["read_seq"]
+                unread = sum(1 for row in self.messages.values()
+                             if row["session_id"] == sid and row["seq"] > read_seq and row["sender"] != user_id)
+                out.append({"sessionId": sid, "kind": session["kind"], "lastSeq": session["last_seq"],
+                            "unread": unread})
+            return out
+        return self._call("user_sessions", listing)
+
 # --- client connection (FakeConnection) ----------------------------------
+
+from twisted.internet import address as _cc_address  # noqa: E402
+from twisted.internet import defer as _cc_defer  # noqa: E402
+from twisted.internet import error as _cc_error  # noqa: E402
+from twisted.internet.task import Clock as _CcClock  # noqa: E402
+from twisted.internet.testing import StringTransport as _CcStringTransport  # noqa: E402
+from twisted.python.failure import Failure as _CcFailure  # noqa: E402
+from zope.interface import implementer as _cc_implementer  # noqa: E402
+
+from imcluster.interfaces import IClientConnection as _IClientConnection  # noqa: E402
+
+
+def gateway_config(**changes):
+    """A gateway Config with defaults, a test JWT secret and ``changes`` applied."""
+    from imcluster.config import GATEWAY, load_config
+    config = load_config(GATEWAY, {"jwt_secret": "test-secret"}, environ={})
+    return config.replace(**changes) if changes else config
+
+
+class StubIdentity:
+    """What an authenticator returns: ``user_id``, ``exp`` (seconds since the epoch), ``claims``."""
+
+    def __init__(self, user_id, exp, claims=None):
+        self.user_id = user_id
+        self.exp = exp
+        self.claims = claims or {"sub": user_id, "exp": exp}
+
+    def __repr__(self):
+        return f"StubIdentity({self.user_id!r}, {self.exp!r})"
+
+
+class StubAuthError(Exception):
+    """An authentication failure with a PROTOCOL.md ``code``."""
+
+    def __init__(self, code, message=None):
+        super().__init__(message or code)
+        self.code = code
+
+
+class TokenTableAuthenticator:
+    """IAuthenticator over a table of tokens (engine tests need no JWTs).
+
+    ``add(token, user_id, exp)`` accepts a token; ``refuse(token, code)``
+    makes it fail with ``code``; any other token is ``invalid_token``.
+    """
+
+    def __init__(self):
+        self.tokens = {}
+
+    def add(self, token, user_id, exp):
+        self.tokens[token] = StubIdentity(user_id, exp)
+        return token
+
+    def refuse(self, token, code):
+        self.tokens[token] = StubAuthError(code)
+        return token
+
+    def authenticate(self, token):
+        entry = self.tokens.get(token)
+        if entry is None:
+            raise StubAuthError("invalid_token", "unknown token")
+        if isinstance(entry, Exception):
+            raise entry
+        return entry
+
+
+class FakeHub:
+    """The hub interface of GATEWAY.md, recording what a ClientConnection asks of it.
+
+    ``refuse``: connection_made answers False. ``forward_failure`` /
+    ``auth_failure`` / ``sync_failure``: an exception the corresponding call
+    fails with (None: succeeds). ``hold_auth``: hub.authenticated returns a
+    Deferred kept in ``held`` for the test to fire.
+    """
+
+    def __init__(self, config=None, clock=None, authenticator=None, server_id="gw-0000"):
+        self.server_id = server_id
+        self.clock = clock if clock is not None else _CcClock()
+        self.config = config if config is not None else gateway_config()
+        self.authenticator = authenticator if authenticator is not None else TokenTableAuthenticator()
+        self.accepting = True
+        self.refuse = False
+        self.made = []
+        self.lost = []
+        self.auths = []
+        self.syncs = []
+        self.forwarded = []
+        self.forward_failure = None
+        self.auth_failure = None
+        self.sync_failure = None
+        self.hold_auth = False
+        self.held = []
+
+    def connection_made(self, conn):
+        if self.refuse or not self.accepting:
+            return False
+        self.made.append(conn)
+        return True
+
+    def authenticated(self, conn, identity, refresh):
+        self.auths.append((conn, identity, refresh))
+        if self.hold_auth:
+            d = _cc_defer.Deferred()
+            self.held.append(d)
+            return d
+        if self.auth_failure is not None:
+            return _cc_defer.fail(self.auth_failure)
+        return _cc_defer.succeed(None)
+
+    def request_sync(self, conn):
+        self.syncs.append(conn)
+        if self.sync_failure is not None:
+            return _cc_defer.fail(self.sync_failure)
+        return _cc_defer.succeed(None)
+
+    def forward(self, conn, frame):
+        self.forwarded.append((conn, frame))
+        if self.forward_failure is not None:
+            return _cc_defer.fail(self.forward_failure)
+        return _cc_defer.succeed(None)
+
+    def connection_lost(self, conn):
+        self.lost.append(conn)
+
+
+@_cc_implementer(_IClientConnection)
+class FakeConnection:
+    """An IClientConnection that records what the hub sends it (for hub unit tests)."""
+
+    def __init__(self, user_id=None, ip="10.0.0.1", port=40000, server_id="gw-0000",
+                 transport_name="ws", device=None, identity=None, clock=None):
+        self.transport_name = transport_name
+        self.ip = ip
+        self.port = port
+        self.peer_key = f"{ip}##{port}"
+        self.conn_id = f"{server_id}##{self.peer_key}"
+        self.user_id = user_id
+        self.device = device
+        self.identity = identity
+        self.connected_at = clock.seconds() if clock is not None else 0.0
+        self.sent = []
+        self.closed = None
+        self.went_away = False
+
+    def send_frame(self, frame):
+        if self.closed is None:
+            self.sent.append(frame)
+
+    def send_encoded(self, data):
+        import json
+        if self.closed is None:
+            self.sent.append(json.loads(data))
+
+    def close(self, code, reason):
+        if self.closed is None:
+            self.closed = (code, reason)
+
+    def going_away(self):
+        self.went_away = True
+        self.close(1001, "server going away")
+
+
+# wire helpers: what a client puts on (and reads from) the wire
+
+
+def _payload(frame):
+    import json
+    if isinstance(frame, bytes):
+        return frame
+    if isinstance(frame, str):
+        return frame.encode("utf-8")
+    return json.dumps(frame, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def tcp_encode(frame):
+    """One raw-TCP frame: 4-byte big-endian length, then the JSON (dict, str or bytes)."""
+    data = _payload(frame)
+    return len(data).to_bytes(4, "big") + data
+
+
+class TcpFrameReader:
+    """Splits what a raw-TCP server wrote into decoded JSON frames."""
+
+    def __init__(self):
+        self.buffer = b""
+
+    def feed(self, data):
+        import json
+        self.buffer += data
+        frames = []
+        while len(self.buffer) >= 4:
+            length = int.from_bytes(self.buffer[:4], "big")
+            if len(self.buffer) < 4 + length:
+                break
+            frames.append(json.loads(self.buffer[4:4 + length].decode("utf-8")))
+            self.buffer = self.buffer[4 + length:]
+        return frames
+
+
+WS_KEY = "dGhlIHNhbXBsZSBub25jZQ=="
+
+
+def ws_handshake(path="/ws", host="localhost:8080", headers=None):
+    """The opening handshake request of a WebSocket client (bytes)."""
+    lines = [f"GET {path} HTTP/1.1", f"Host: {host}", "Upgrade: websocket", "Connection: Upgrade",
+             f"Sec-WebSocket-Key: {WS_KEY}", "Sec-WebSocket-Version: 13"]
+    for name, value in (headers or {}).items():
+        lines.append(f"{name}: {value}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("ascii")
+
+
+def ws_frame(payload, opcode=1, fin=True, mask=b"\x01\x02\x03\x04"):
+    """One masked client frame (opcode 1 text, 2 binary, 8 close, 9 ping, 10 pong)."""
+    if opcode == 1 and not isinstance(payload, bytes):
+        payload = _payload(payload)
+    n = len(payload)
+    head = bytes([(0x80 if fin else 0) | opcode])
+    if n < 126:
+        head += bytes([0x80 | n])
+    elif n < 65536:
+        head += bytes([0x80 | 126]) + n.to_bytes(2, "big")
+    else:
+        head += bytes([0x80 | 127]) + n.to_bytes(8, "big")
+    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    return head + mask + masked
+
+
+def ws_close_frame(code=1000, reason=b""):
+    """A client close frame."""
+    return ws_frame(code.to_bytes(2, "big") + reason, opcode=8)
+
+
+class WsFrameReader:
+    """Parses what a WebSocket server wrote: the HTTP response, then unmasked frames.
+
+    ``feed`` returns ``(opcode, payload)`` pairs; ``status`` is the HTTP
+    status of the handshake response once it arrived.
+    """
+
+    def __init__(self):
+        self.buffer = b""
+        self.status = None
+        self.response = None
+
+    def feed(self, data):
+        self.buffer += data
+        out = []
+        if self.status is None:
+            end = self.buffer.find(b"\r\n\r\n")
+            if end < 0:
+                return out
+            self.response = self.buffer[:end].decode("latin-1")
+            self.status = int(self.response.split(" ", 2)[1])
+            self.buffer = self.buffer[end + 4:]
+            if self.status != 101:
+                return out
+        while len(self.buffer) >= 2:
+            b0, b1 = self.buffer[0], self.buffer[1]
+            n, pos = b1 & 0x7F, 2
+            if n == 126:
+                if len(self.buffer) < 4:
+                    break
+                n, pos = int.from_bytes(self.buffer[2:4], "big"), 4
+            elif n == 127:
+                if len(self.buffer) < 10:
+                    break
+                n, pos = int.from_bytes(self.buffer[2:10], "big"), 10
+            if len(self.buffer) < pos + n:
+                break
+            out.append((b0 & 0x0F, self.buffer[pos:pos + n]))
+            self.buffer = self.buffer[pos + n:]
+        return out
+
+
+class LenientStringTransport(_CcStringTransport):
+    """A StringTransport whose unregisterProducer, like a real transport's, tolerates no producer."""
+
+    def unregisterProducer(self):
+        self.producer = None
+        self.streaming = None
+
+
+class ClientHarness:
+    """Drives a gateway adapter (``'ws'`` or ``'tcp'``) over a StringTransport, as a client.
+
+    ``send(frame)`` writes one frame (dict, str or bytes payload);
+    ``frames()`` returns the JSON frames the server wrote since the last call;
+    ``closed`` tells whether the server closed, ``close_code`` the WebSocket
+    close code it sent. ``finish()`` completes a server-initiated close
+    (answering the close handshake, then delivering connectionLost);
+    ``drop()`` simulates the client vanishing.
+    """
+
+    def __init__(self, hub, kind, factory=None, ip="10.1.2.3", port=40001, path="/ws", headers=None):
+        self.kind = kind
+        if factory is None:
+            if kind == "ws":
+                from imcluster.gateway.websocket import make_websocket_factory
+                factory = make_websocket_factory(hub)
+            else:
+                from imcluster.gateway.rawsocket import make_rawsocket_factory
+                factory = make_rawsocket_factory(hub)
+        self.factory = factory
+        self.hub = hub
+        addr = _cc_address.IPv4Address("TCP", ip, port)
+        self.proto = factory.buildProtocol(addr)
+        self.transport = LenientStringTransport(peerAddress=addr)
+        self.reader = WsFrameReader() if kind == "ws" else TcpFrameReader()
+        self.close_code = None
+        self.close_reason = None
+        self.controls = []
+        self.lost = False
+        self._pending = []
+        self.proto.makeConnection(self.transport)
+        if kind == "ws":
+            self.proto.dataReceived(ws_handshake(path=path, headers=headers))
+        self._read()
+
+    @property
+    def status(self):
+        """HTTP status of the WebSocket handshake response (None for TCP)."""
+        return self.reader.status if self.kind == "ws" else None
+
+    @property
+    def conn(self):
+        return self.proto.conn
+
+    def _read(self):
+        import json
+        data = self.transport.value()
+        self.transport.clear()
+        if self.kind == "tcp":
+            self._pending.extend(self.reader.feed(data))
+            return
+        for opcode, payload in self.reader.feed(data):
+            if opcode == 1:
+                self._pending.append(json.loads(payload.decode("utf-8")))
+            elif opcode == 8:
+                self.close_code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
+                self.close_reason = payload[2:].decode("utf-8", "replace")
+            else:
+                self.controls.append((opcode, payload))
+
+    def send_raw(self, data):
+        """Bytes as they are (a partial frame, garbage...)."""
+        if not self.lost:
+            self.proto.dataReceived(data)
+        self._read()
+
+    def send(self, frame):
+        """One frame: a dict (JSON), str or bytes payload."""
+        if self.kind == "ws":
+            self.send_raw(ws_frame(_payload(frame)))
+        else:
+            self.send_raw(tcp_encode(frame))
+
+    def send_binary(self, payload=b"\x00\x01"):
+        self.send_raw(ws_frame(payload, opcode=2))
+
+    def frames(self):
+        self._read()
+        out, self._pending = self._pending, []
+        return out
+
+    @property
+    def closed(self):
+        """True once the server closed (close frame sent, or the TCP connection closing)."""
+        self._read()
+        return self.close_code is not None or self.transport.disconnecting or self.lost
+
+    def finish(self):
+        """Complete a close: answer the close handshake, then connectionLost."""
+        self._read()
+        if self.lost:
+            return
+        if self.kind == "ws" and self.close_code is not None and not self.transport.disconnecting:
+            self.proto.dataReceived(ws_close_frame(self.close_code))
+            self._read()
+        self.lost = True
+        self.proto.connectionLost(_CcFailure(_cc_error.ConnectionDone()))
+
+    def drop(self):
+        """The client vanishes (connection lost without a close)."""
+        if not self.lost:
+            self.lost = True
+            self.proto.connectionLost(_CcFailure(_cc_error.ConnectionLost()))

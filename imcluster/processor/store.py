@@ -62,14 +62,16 @@ from imcluster import metrics
 from imcluster.interfaces import IMessageStore
 
 try:
-    from imcluster.auth import USER_ID_RE
-except ImportError:  # the auth module is written in parallel; PROTOCOL.md's charset
+    from imcluster.protocol import USER_ID_RE
+except ImportError:  # protocol.py is written in parallel; PROTOCOL.md's charset
     USER_ID_RE = re.compile(r"[A-Za-z0-9_.@-]{1,128}")
 
 #: a session id: the user-id charset plus ':' (PROTOCOL.md, HTTP-API.md)
 SESSION_ID_RE = re.compile(r"[A-Za-z0-9_.@:-]{1,128}")
 #: clientMsgId: 1-64 characters (PROTOCOL.md "Sending a message")
 CLIENT_MSG_ID_MAX = 64
+#: what PostgreSQL text cannot hold (NUL) or UTF-8 cannot encode (lone surrogates)
+_BAD_CHARS = re.compile("[\x00\ud800-\udfff]")
 
 P2P_PREFIX = "p2p:"
 
@@ -77,12 +79,12 @@ P2P_PREFIX = "p2p:"
 HISTORY_DEFAULT_LIMIT = 50
 HISTORY_MAX_LIMIT = 200
 
-#: how often a batch is run again after losing a race (unique violation on
-#: the clientMsgId key, or a deadlock / serialization failure). Each retry sees
-#: what the winner committed, so a second loss needs yet another racer; this
-#: is a safety bound, not a tuning knob.
+#: how often a batch is run again after losing a race on the clientMsgId key
+#: (unique violation). Each retry sees what the winner committed, so a second
+#: loss needs yet another racer; this is a safety bound, not a tuning knob.
+#: (Deadlocks and serialization failures are re-run by PostgresService.)
 RACE_RETRIES = 5
-_RACE_PGCODES = frozenset({"23505", "40P01", "40001"})
+_RACE_PGCODES = frozenset({"23505"})
 
 _BIGINT_MAX = 2**63 - 1
 _DIGITS_RE = re.compile(r"[0-9]{1,19}")
@@ -224,9 +226,64 @@ def _json(body: Any) -> str | None:
     if _has_nul(body):
         return None
     try:
-        return json.dumps(body, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
-    except (TypeError, ValueError):
+        text = json.dumps(body, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+        text.encode("utf-8")  # a lone surrogate would fail the whole batch's statement
+    except (TypeError, ValueError, RecursionError):
         return None
+    return text
+
+
+def valid_client_msg_id(client_msg_id: Any) -> bool:
+    """True for a storable ``clientMsgId``: 1-64 characters, no NUL or lone surrogate."""
+    return (isinstance(client_msg_id, str) and 0 < len(client_msg_id) <= CLIENT_MSG_ID_MAX
+            and _BAD_CHARS.search(client_msg_id) is None)
+
+
+def check_new_session(creator: str | None, members: Iterable[str], session_id: str | None, kind: str,
+                      max_group_size: int) -> tuple[str, str, list[str]]:
+    """Validate a new session: ``(session_id, kind, members sorted)`` or :class:`StoreError`."""
+    if isinstance(members, (str, bytes)):
+        raise StoreError("bad_request", "members must be a list of user ids")
+    members = list(members)
+    for u in members + ([creator] if creator is not None else []):
+        if not valid_user_id(u):
+            raise StoreError("bad_request", f"bad user id {u!r}")
+    everyone = sorted(set(members) | ({creator} if creator is not None else set()), key=_bytes_key)
+    if kind not in ("group", "p2p"):
+        raise StoreError("bad_request", f"kind must be group or p2p, not {kind!r}")
+    if session_id is None and kind == "p2p":
+        if len(everyone) != 2 or creator is None:
+            raise StoreError("bad_request", "a p2p session is the creator and one other member")
+        session_id = p2p_session_id(*everyone)
+    if session_id is None:
+        session_id = uuid.uuid4().hex
+    if not isinstance(session_id, str) or SESSION_ID_RE.fullmatch(session_id) is None:
+        raise StoreError("bad_request", "a session id is 1-128 characters of A-Z a-z 0-9 _ . @ - :")
+    if session_id.startswith(P2P_PREFIX):
+        pair = parse_p2p(session_id)
+        if pair is None or everyone != list(pair) or (creator is not None and creator not in pair):
+            raise StoreError("bad_request", "a p2p: id must be p2p:<a>:<b> of its two members, sorted")
+        kind = "p2p"
+    elif kind == "p2p":
+        raise StoreError("bad_request", "a p2p session has the id p2p:<a>:<b>")
+    if not everyone:
+        raise StoreError("bad_request", "a session needs at least one member")
+    if len(everyone) > max_group_size:
+        raise StoreError("too_large", f"a session has at most {max_group_size} members")
+    return session_id, kind, everyone
+
+
+def check_member_change(add: Iterable[str], remove: Iterable[str]) -> tuple[list[str], list[str]]:
+    """Validate a membership change: ``(add, remove)`` de-duplicated and sorted, or :class:`StoreError`."""
+    if isinstance(add, (str, bytes)) or isinstance(remove, (str, bytes)):
+        raise StoreError("bad_request", "add and remove are lists of user ids")
+    add, remove = list(add), list(remove)
+    for u in add + remove:
+        if not valid_user_id(u):
+            raise StoreError("bad_request", f"bad user id {u!r}")
+    if set(add) & set(remove):
+        raise StoreError("bad_request", "a user is both added and removed")
+    return sorted(set(add), key=_bytes_key), sorted(set(remove), key=_bytes_key)
 
 
 def _race(failure_or_exc: Any) -> bool:
@@ -279,9 +336,7 @@ class MessageStore:
         while True:
             attempt += 1
             try:
-                results = await self.db.run_interaction(
-                    lambda cursor: defer.Deferred.fromCoroutine(self._store_in(cursor, batch, now_ms)),
-                    idempotent=True)
+                results = await self.db.run_interaction(self._store_in, batch, now_ms, idempotent=True)
                 break
             except Exception as e:
                 if not _race(e) or attempt > RACE_RETRIES:
@@ -304,8 +359,7 @@ class MessageStore:
 
         # 0. what can be decided without the database
         for i, m in enumerate(batch):
-            if not isinstance(m.client_msg_id, str) or not 0 < len(m.client_msg_id) <= CLIENT_MSG_ID_MAX \
-                    or not isinstance(m.sender, str) or not m.sender:
+            if not valid_client_msg_id(m.client_msg_id) or not valid_user_id(m.sender):
                 results[i] = Rejected(str(m.client_msg_id), "bad_frame", "bad sender or clientMsgId")
                 continue
             body = _json(m.body)
@@ -507,7 +561,7 @@ class MessageStore:
         seen = set()
         for user, msg_id in pairs:
             n = parse_msg_id(msg_id)
-            if n is not None and isinstance(user, str):
+            if n is not None and valid_user_id(user):
                 seen.add((user, n))
         ordered = sorted(seen, key=lambda p: (p[0].encode(), p[1]))
         return [p[0] for p in ordered], [p[1] for p in ordered]
@@ -522,6 +576,8 @@ class MessageStore:
         index entries, never a sort of the whole backlog. Fires with a list of
         ``{"msgId","sessionId","seq","from","clientMsgId","body","ts"}``.
         """
+        if not valid_user_id(user_id):
+            return defer.succeed([])
         where = ""
         params: list[Any] = [user_id]
         if after is not None:
@@ -554,6 +610,10 @@ class MessageStore:
         before = _BIGINT_MAX if before_seq is None else int(before_seq)
 
         async def run() -> list[dict]:
+            if not valid_session_id(session_id):
+                raise StoreError("no_session", "no such session")
+            if not valid_user_id(user_id):
+                raise StoreError("not_member", "not a member of this session")
             rows = await self.db.run_query(
                 "SELECT s.id, EXISTS (SELECT 1 FROM session_member m "
                 "WHERE m.session_id = s.id AND m.user_id = %s) FROM session s WHERE s.id = %s",
@@ -583,6 +643,10 @@ class MessageStore:
         to. Fails with :class:`StoreError` ``no_session`` / ``not_member``.
         """
         async def run() -> tuple[int, list[str]]:
+            if not valid_session_id(session_id):
+                raise StoreError("no_session", "no such session")
+            if not valid_user_id(user_id):
+                raise StoreError("not_member", "not a member of this session")
             rows = await self.db.run_query(
                 "WITH u AS (UPDATE session_member m "
                 "SET read_seq = GREATEST(m.read_seq, LEAST(%s::bigint, s.last_seq)) FROM session s "
@@ -613,7 +677,8 @@ class MessageStore:
         members), ``conflict`` (the id exists).
         """
         try:
-            session_id, kind, everyone = self._check_new_session(creator, members, session_id, kind)
+            session_id, kind, everyone = check_new_session(creator, members, session_id, kind,
+                                                             self.max_group_size)
         except StoreError as e:
             return defer.fail(e)
         rows = [(session_id, u, "owner" if u == creator else "member") for u in everyone]
@@ -623,9 +688,9 @@ class MessageStore:
                 raise StoreError("conflict", f"session {session_id} exists")
             return session_id, everyone
 
-        return self.db.run_interaction(
-            lambda cursor: defer.Deferred.fromCoroutine(self._insert_session(cursor, session_id, kind, rows)),
-            idempotent=False).addCallback(created)
+        # not idempotent: run again after a lost commit it would report a conflict with itself
+        return self.db.run_interaction(self._insert_session, session_id, kind, rows,
+                                       idempotent=False).addCallback(created)
 
     async def _insert_session(self, cursor: Any, session_id: str, kind: str, rows: list[tuple]) -> list:
         values = b",".join(cursor.mogrify("(%s,%s,%s)", r) for r in rows)
@@ -638,38 +703,6 @@ class MessageStore:
             + b") AS v(session_id, user_id, role) JOIN s ON s.id = v.session_id RETURNING user_id")
         return cursor.fetchall()
 
-    def _check_new_session(self, creator: str | None, members: Iterable[str], session_id: str | None,
-                           kind: str) -> tuple[str, str, list[str]]:
-        if isinstance(members, (str, bytes)):
-            raise StoreError("bad_request", "members must be a list of user ids")
-        members = list(members)
-        for u in members + ([creator] if creator is not None else []):
-            if not valid_user_id(u):
-                raise StoreError("bad_request", f"bad user id {u!r}")
-        everyone = sorted(set(members) | ({creator} if creator is not None else set()), key=_bytes_key)
-        if kind not in ("group", "p2p"):
-            raise StoreError("bad_request", f"kind must be group or p2p, not {kind!r}")
-        if session_id is None and kind == "p2p":
-            if len(everyone) != 2 or creator is None:
-                raise StoreError("bad_request", "a p2p session is the creator and one other member")
-            session_id = p2p_session_id(*everyone)
-        if session_id is None:
-            session_id = uuid.uuid4().hex
-        if not isinstance(session_id, str) or SESSION_ID_RE.fullmatch(session_id) is None:
-            raise StoreError("bad_request", "a session id is 1-128 characters of A-Z a-z 0-9 _ . @ - :")
-        if session_id.startswith(P2P_PREFIX):
-            pair = parse_p2p(session_id)
-            if pair is None or everyone != list(pair) or (creator is not None and creator not in pair):
-                raise StoreError("bad_request", "a p2p: id must be p2p:<a>:<b> of its two members, sorted")
-            kind = "p2p"
-        elif kind == "p2p":
-            raise StoreError("bad_request", "a p2p session has the id p2p:<a>:<b>")
-        if not everyone:
-            raise StoreError("bad_request", "a session needs at least one member")
-        if len(everyone) > self.max_group_size:
-            raise StoreError("too_large", f"a session has at most {self.max_group_size} members")
-        return session_id, kind, everyone
-
     def add_remove_members(self, session_id: str, add: Iterable[str] = (),
                            remove: Iterable[str] = ()) -> defer.Deferred:
         """Change a group's members; fires with the members, sorted.
@@ -680,14 +713,14 @@ class MessageStore:
         :class:`StoreError`: ``no_session``, ``bad_request`` (a ``p2p:``
         session, a bad user id, a user both added and removed), ``too_large``.
         """
-        add, remove = sorted(set(add), key=_bytes_key), sorted(set(remove), key=_bytes_key)
-        for u in add + remove:
-            if not valid_user_id(u):
-                return defer.fail(StoreError("bad_request", f"bad user id {u!r}"))
-        if set(add) & set(remove):
-            return defer.fail(StoreError("bad_request", "a user is both added and removed"))
+        try:
+            add, remove = check_member_change(add, remove)
+        except StoreError as e:
+            return defer.fail(e)
+        if not valid_session_id(session_id):
+            return defer.fail(StoreError("no_session", "no such session"))
 
-        async def change(cursor: Any) -> list[str]:
+        async def change_members(cursor: Any) -> list[str]:
             await cursor.execute("SELECT kind FROM session WHERE id = %s FOR UPDATE", (session_id,))
             row = cursor.fetchone()
             if row is None:
@@ -709,11 +742,11 @@ class MessageStore:
                 raise StoreError("too_large", f"a session has at most {self.max_group_size} members")
             return everyone
 
-        return self.db.run_interaction(lambda c: defer.Deferred.fromCoroutine(change(c)), idempotent=True)
+        return self.db.run_interaction(change_members, idempotent=True)
 
     def session_members(self, session_ids: Iterable[str]) -> defer.Deferred:
         """``{session_id: [user_id, ...] sorted}`` for the sessions that exist."""
-        ids = sorted(set(session_ids))
+        ids = sorted({sid for sid in session_ids if valid_session_id(sid)})
         if not ids:
             return defer.succeed({})
         d = self.db.run_query(
@@ -726,6 +759,9 @@ class MessageStore:
 
         Fails with :class:`StoreError` ``no_session``.
         """
+        if not valid_session_id(session_id):
+            return defer.fail(StoreError("no_session", "no such session"))
+
         def shape(rows: list) -> dict:
             if not rows:
                 raise StoreError("no_session", "no such session")
@@ -745,6 +781,8 @@ class MessageStore:
         not send (``seq`` is gap-free, so ``last_seq - read_seq`` minus the
         user's own, counted on ``messagerecv_session_sender_seq``).
         """
+        if not valid_user_id(user_id):
+            return defer.succeed([])
         d = self.db.run_query(
             "SELECT s.id, s.kind, s.last_seq, (s.last_seq - m.read_seq) - ("
             "SELECT count(*) FROM messagerecv r WHERE r.session_id = s.id AND r.sender_id = m.user_id "

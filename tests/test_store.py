@@ -1,0 +1,397 @@
+"""The message store: one contract, run on the real PostgreSQL and on FakeStore.
+
+Every test here runs twice: on :class:`imcluster.processor.store.MessageStore`
+over a private PostgreSQL schema (migrations applied, dropped afterwards)
+and on :class:`imcluster.testing.FakeStore`, so the fake that the processor's
+unit tests use behaves like the real thing. Concurrency, paging at volume and
+query plans are PostgreSQL-only: ``tests/test_store_postgres.py``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import pytest_twisted
+from zope.interface.verify import verifyObject
+
+from imcluster.db import PostgresService, apply_migrations
+from imcluster.interfaces import IMessageStore
+from imcluster.processor.store import Incoming, MessageStore, Rejected, Stored, StoreError
+from imcluster.testing import FakeStore
+from tests.support.ids import POSTGRES_DSN, unique
+
+TS = 1764160000123
+#: the group size cap of these tests (config max_group_size)
+GROUP_CAP = 20
+
+
+@pytest_twisted.async_yield_fixture
+async def store_db_factory():
+    """``await make()``: PostgresServices on one private schema.
+
+    The first call creates the schema and applies the migrations; the schema
+    is dropped afterwards. Nothing is created when no test calls it.
+    """
+    schema = unique("imt_store_")
+    made: list[PostgresService] = []
+
+    async def make(pool_size: int = 2) -> PostgresService:
+        db = PostgresService(POSTGRES_DSN, schema=schema, pool_size=pool_size, connect_timeout=5.0)
+        made.append(db)
+        await db.startService()
+        if len(made) == 1:
+            await apply_migrations(db)
+        return db
+
+    yield make
+    if made:
+        await made[0].run_operation(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+    for db in made:
+        await db.stopService()
+
+
+@pytest.fixture(params=["postgres", "fake"])
+def backend(request):
+    return request.param
+
+
+@pytest_twisted.async_fixture
+async def store(backend, store_db_factory):
+    """The store under test: MessageStore on a fresh schema, or FakeStore; group cap GROUP_CAP."""
+    if backend == "fake":
+        return FakeStore(max_group_size=GROUP_CAP)
+    return MessageStore(await store_db_factory(), GROUP_CAP)
+
+
+_DEFAULT = object()
+
+
+def msg(sender, cmid, session, body=_DEFAULT, ts=TS, **kw):
+    return Incoming(sender, cmid, session, {"text": cmid} if body is _DEFAULT else body, ts, **kw)
+
+
+async def group(store, creator="alice", members=("bob", "carol"), sid="g1"):
+    return await store.create_session(creator, list(members), sid)
+
+
+async def expect_error(d, code):
+    with pytest.raises(StoreError) as info:
+        await d
+    assert info.value.code == code, info.value
+    return info.value
+
+
+@pytest_twisted.ensureDeferred
+async def test_implements_interface(store):
+    """The processor could call a method the store does not have."""
+    assert verifyObject(IMessageStore, store)
+
+
+@pytest_twisted.ensureDeferred
+async def test_new_messages_get_gap_free_seq_and_recipients(store):
+    """Messages would arrive with gaps or repeated seq, or go to the sender instead of the others."""
+    await group(store)
+    out = await store.store_messages([msg("alice", "a1", "g1"), msg("bob", "b1", "g1"), msg("alice", "a2", "g1")])
+    assert [r.seq for r in out] == [1, 2, 3]
+    assert all(isinstance(r, Stored) and r.ok and not r.duplicate for r in out)
+    assert out[0].recipients == ["bob", "carol"]
+    assert out[1].recipients == ["alice", "carol"]
+    assert len({r.msg_id for r in out}) == 3 and all(r.msg_id.isdigit() for r in out)
+    assert out[0].ts_ms == TS and out[0].body == {"text": "a1"} and out[0].session_id == "g1"
+    more = await store.store_messages([msg("carol", "c1", "g1")])
+    assert more[0].seq == 4
+    assert int(more[0].msg_id) > int(out[2].msg_id)
+
+
+@pytest_twisted.ensureDeferred
+async def test_duplicate_returns_original_to_undelivered_recipients(store):
+    """A resent message would be stored twice, or re-routed to someone who already acknowledged it."""
+    await group(store)
+    [first] = await store.store_messages([msg("alice", "a1", "g1", {"text": "hi"}, ts=TS)])
+    assert await store.mark_delivered([("bob", [first.msg_id])]) == 1
+    [again] = await store.store_messages([msg("alice", "a1", "g1", {"text": "changed"}, ts=TS + 5000)])
+    assert again.duplicate and again.ok
+    assert (again.msg_id, again.seq, again.ts_ms, again.body) == (first.msg_id, 1, TS, {"text": "hi"})
+    assert again.recipients == ["carol"]
+    # the same clientMsgId from another sender is another message
+    [other] = await store.store_messages([msg("bob", "a1", "g1")])
+    assert not other.duplicate and other.seq == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_duplicate_within_one_batch(store):
+    """A message repeated in one window would get two seq numbers."""
+    await group(store)
+    out = await store.store_messages([msg("alice", "a1", "g1"), msg("bob", "b1", "g1"), msg("alice", "a1", "g1")])
+    assert [r.seq for r in out] == [1, 2, 1]
+    assert [r.duplicate for r in out] == [False, False, True]
+    assert out[2].msg_id == out[0].msg_id and out[2].recipients == ["bob", "carol"]
+    assert (await store.get_session("g1"))["lastSeq"] == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_bad_messages_do_not_fail_batch_mates(store):
+    """One bad message in a window would lose the good messages sent with it."""
+    await group(store)
+    await store.create_session("dan", [], "solo")
+    big = await store.create_session("alice", [f"u{i}" for i in range(GROUP_CAP - 1)], "big")
+    assert len(big[1]) == GROUP_CAP
+    batch = [
+        msg("alice", "ok1", "g1"),
+        msg("dan", "x1", "g1"),  # not a member
+        msg("alice", "x2", "nope"),  # no such session
+        msg("alice", "x3", "p2p:bob:alice"),  # not sorted
+        msg("alice", "x4", "p2p:alice:alice"),  # not two users
+        msg("alice", "x5", "p2p:alice:b!b"),  # not a user id
+        msg("carol", "x6", "p2p:alice:bob"),  # not one of the two
+        msg("alice", "x7", "g1", {"text": "nul\x00"}),  # jsonb cannot hold it
+        msg("alice", "x8", "g1", float("nan")),
+        msg("alice", "", "g1"),  # no clientMsgId
+        msg("alice", "x9", "has space"),
+        msg("alice", "ok2", "g1"),
+        msg("alice", "ok3", "big"),
+    ]
+    out = await store.store_messages(batch)
+    codes = [r.code if isinstance(r, Rejected) else "ok" for r in out]
+    assert codes == ["ok", "not_member", "no_session", "no_session", "no_session", "no_session", "not_member",
+                     "bad_frame", "bad_frame", "bad_frame", "no_session", "ok", "ok"]
+    assert [r.client_msg_id for r in out[1:9]] == ["x1", "x2", "x3", "x4", "x5", "x6", "x7", "x8"]
+    assert (out[0].seq, out[11].seq) == (1, 2)
+    assert len(out[12].recipients) == GROUP_CAP - 1
+    # a failed p2p message does not create its session
+    assert await store.session_members(["p2p:alice:bob", "p2p:bob:alice", "g1"]) == {
+        "g1": ["alice", "bob", "carol"]}
+    assert all(not r.ok for r in out[1:11])
+
+
+@pytest_twisted.ensureDeferred
+async def test_group_above_the_cap_refuses_messages(store):
+    """A session that grew past the configured cap would fan out without limit."""
+    await store.create_session("alice", [f"u{i}" for i in range(GROUP_CAP - 1)], "big")
+    store.max_group_size = GROUP_CAP - 1  # the operator lowered the cap
+    [r] = await store.store_messages([msg("alice", "a1", "big")])
+    assert isinstance(r, Rejected) and r.code == "too_large"
+
+
+@pytest_twisted.ensureDeferred
+async def test_p2p_session_is_created_by_its_first_message(store):
+    """Two users could not talk 1:1 without creating a session first."""
+    sid = "p2p:alice:bob"
+    assert await store.history("bob", sid) == []
+    await expect_error(store.history("carol", sid), "no_session")
+    out = await store.store_messages([msg("bob", "b1", sid), msg("alice", "a1", sid)])
+    assert [(r.seq, r.recipients) for r in out] == [(1, ["alice"]), (2, ["bob"])]
+    info = await store.get_session(sid)
+    assert (info["kind"], info["members"], info["lastSeq"], info["owners"]) == ("p2p", ["alice", "bob"], 2, [])
+    await expect_error(store.history("carol", sid), "not_member")
+    [r] = await store.store_messages([msg("carol", "c1", sid)])
+    assert r.code == "not_member"
+    assert [s["sessionId"] for s in await store.user_sessions("alice")] == [sid]
+
+
+@pytest_twisted.ensureDeferred
+async def test_trusted_sender_needs_no_membership(store):
+    """The admin's server-side publish as `system` would be refused as not_member."""
+    await group(store)
+    out = await store.store_messages([msg("system", "s1", "g1", trusted=True),
+                                      msg("system", "s2", "p2p:alice:bob", trusted=True),
+                                      msg("system", "s3", "nope", trusted=True)])
+    assert out[0].recipients == ["alice", "bob", "carol"] and out[0].seq == 1
+    assert out[1].recipients == ["alice", "bob"] and out[1].seq == 1
+    assert out[2].code == "no_session"
+
+
+@pytest_twisted.ensureDeferred
+async def test_body_comes_back_as_the_same_json(store):
+    """A body would change meaning between the live delivery and sync or history."""
+    await group(store)
+    bodies = [{"text": "héllo ✓ 😀", "n": [1, 2.5, -3, None, True], "o": {"k": {"z": "%s %(x)s '\""}}},
+              "plain", 42, None, [], {"": ""}]
+    out = await store.store_messages([msg("alice", f"a{i}", "g1", b) for i, b in enumerate(bodies)])
+    assert [r.body for r in out] == bodies
+    page = await store.undelivered_page("bob", None, 100)
+    assert [m["body"] for m in page] == bodies
+    hist = await store.history("carol", "g1")
+    assert [m["body"] for m in hist] == bodies
+
+
+@pytest_twisted.ensureDeferred
+async def test_ts_is_the_same_in_reply_sync_and_history(store):
+    """A client would see one message with different times in its reply, sync and history."""
+    await group(store)
+    [r] = await store.store_messages([msg("alice", "a1", "g1", ts=1764160000999)])
+    [live] = await store.undelivered_page("bob", None, 10)
+    [hist] = await store.history("alice", "g1")
+    assert r.ts_ms == live["ts"] == hist["ts"] == 1764160000999
+    assert live == {"msgId": r.msg_id, "sessionId": "g1", "seq": 1, "from": "alice", "clientMsgId": "a1",
+                    "body": {"text": "a1"}, "ts": 1764160000999}
+    [untimed] = await store.store_messages([msg("alice", "a2", "g1", ts=None)])
+    [h2] = await store.history("alice", "g1", before_seq=3, limit=1)
+    assert untimed.ts_ms == h2["ts"] and untimed.ts_ms > 1_600_000_000_000
+
+
+@pytest_twisted.ensureDeferred
+async def test_mark_sending_only_moves_pending(store):
+    """An acknowledged message would become undelivered again and be re-sent on every sync."""
+    await group(store)
+    [a, b] = await store.store_messages([msg("alice", "a1", "g1"), msg("alice", "a2", "g1")])
+    assert await store.mark_delivered([("bob", [a.msg_id])]) == 1
+    n = await store.mark_sending([("bob", a.msg_id), ("bob", b.msg_id), ("carol", int(a.msg_id)),
+                                  ("bob", "junk"), ("alice", a.msg_id), ("bob", b.msg_id)])
+    assert n == 2
+    assert await store.mark_sending([("bob", b.msg_id)]) == 0  # already sending
+    # sending rows are still undelivered, and sync sends them
+    assert [m["msgId"] for m in await store.undelivered_page("bob", None, 10)] == [b.msg_id]
+    assert [m["msgId"] for m in await store.undelivered_page("carol", None, 10)] == [a.msg_id, b.msg_id]
+    assert await store.mark_delivered([("carol", [a.msg_id, b.msg_id])]) == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_mark_delivered_ignores_other_users_and_junk(store):
+    """Acknowledging someone else's or a made-up msgId would hide messages from their recipient."""
+    await group(store)
+    [a] = await store.store_messages([msg("alice", "a1", "g1")])
+    junk = ["", "abc", "-1", "0", "1e3", "99999999999999999999", None, 3.5, True, [1], a.msg_id + " "]
+    n = await store.mark_delivered([("carol", junk), ("dave", [a.msg_id]), ("alice", [a.msg_id]),
+                                    ("bob\x00", [a.msg_id]), ("bob", [str(int(a.msg_id) + 1000)])])
+    assert n == 0
+    assert [m["msgId"] for m in await store.undelivered_page("bob", None, 10)] == [a.msg_id]
+    assert [m["msgId"] for m in await store.undelivered_page("carol", None, 10)] == [a.msg_id]
+    assert await store.mark_delivered([("bob", [a.msg_id, a.msg_id]), ("carol", [int(a.msg_id)])]) == 2
+    assert await store.mark_delivered([("bob", [a.msg_id])]) == 0
+    assert await store.undelivered_page("bob", None, 10) == []
+    assert await store.mark_delivered([]) == 0 and await store.mark_sending([]) == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_undelivered_pages_in_byte_order_without_duplicates(store):
+    """Sync would skip, repeat or misorder messages across pages."""
+    # byte order: upper case before lower case, "-" before "0", unlike most locales
+    sids = ["b", "B", "a-1", "a0", "A"]
+    for sid in sids:
+        await store.create_session("alice", ["bob"], sid)
+    batch = [msg("alice", f"{sid}-{k}", sid) for k in range(3) for sid in sids]
+    await store.store_messages(batch)
+    seen, after = [], None
+    while True:
+        page = await store.undelivered_page("bob", after, 4)
+        if not page:
+            break
+        seen += [(m["sessionId"], m["seq"]) for m in page]
+        after = (page[-1]["sessionId"], page[-1]["seq"])
+    assert seen == [(sid, seq) for sid in sorted(sids, key=str.encode) for seq in (1, 2, 3)]
+    assert await store.undelivered_page("alice", None, 10) == []  # the sender has no rows
+    assert await store.undelivered_page("bad user", None, 10) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_history_pages(store):
+    """History would return the wrong window, the wrong order, or other people's sessions."""
+    await group(store)
+    await store.store_messages([msg("alice", f"a{i}", "g1") for i in range(1, 251)])
+    newest = await store.history("bob", "g1")
+    assert [m["seq"] for m in newest] == list(range(201, 251))  # default 50, ascending
+    assert set(newest[0]) == {"msgId", "seq", "from", "clientMsgId", "body", "ts"}
+    page = await store.history("bob", "g1", before_seq=100, limit=50)
+    assert [m["seq"] for m in page] == list(range(50, 100))
+    assert [m["seq"] for m in await store.history("bob", "g1", before_seq=3, limit=50)] == [1, 2]
+    assert await store.history("bob", "g1", before_seq=1) == []
+    assert len(await store.history("bob", "g1", limit=1000)) == 200  # capped
+    assert len(await store.history("bob", "g1", limit=0)) == 1
+    await expect_error(store.history("dave", "g1"), "not_member")
+    await expect_error(store.history("bob", "nope"), "no_session")
+    await expect_error(store.history("bob", "bad id\x00"), "no_session")
+
+
+@pytest_twisted.ensureDeferred
+async def test_read_cursor_moves_forward_only_and_clamps(store):
+    """Read receipts would move backwards, past the last message, or reach non-members."""
+    await group(store)
+    await store.store_messages([msg("alice", f"a{i}", "g1") for i in range(5)])
+    assert await store.read("bob", "g1", 3) == (3, ["alice", "bob", "carol"])
+    assert (await store.read("bob", "g1", 2))[0] == 3
+    assert (await store.read("bob", "g1", 99))[0] == 5
+    assert (await store.read("bob", "g1", -7))[0] == 5
+    await expect_error(store.read("dave", "g1", 1), "not_member")
+    await expect_error(store.read("bob", "nope", 1), "no_session")
+    await expect_error(store.read("bob", "p2p:alice:bob", 1), "no_session")
+
+
+@pytest_twisted.ensureDeferred
+async def test_user_sessions_count_unread_except_own(store):
+    """The unread badge would count the user's own messages or ignore the read cursor."""
+    await group(store)
+    await store.create_session("carol", ["bob"], "g2")
+    await store.store_messages([msg("alice", "a1", "g1"), msg("bob", "b1", "g1"), msg("alice", "a2", "g1"),
+                                msg("carol", "c1", "g2")])
+    listing = await store.user_sessions("bob")
+    assert listing == [{"sessionId": "g1", "kind": "group", "lastSeq": 3, "unread": 2},
+                       {"sessionId": "g2", "kind": "group", "lastSeq": 1, "unread": 1}]
+    await store.read("bob", "g1", 2)
+    assert (await store.user_sessions("bob"))[0]["unread"] == 1
+    await store.read("bob", "g1", 3)
+    assert (await store.user_sessions("bob"))[0]["unread"] == 0
+    assert (await store.user_sessions("alice"))[0]["unread"] == 1  # bob's message only
+    assert await store.user_sessions("nobody") == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_create_session_rules(store):
+    """Sessions could be created with bad ids, without their creator, twice, or beyond the cap."""
+    assert await store.create_session("carol", ["bob", "alice", "bob"], "r:1") == ("r:1", ["alice", "bob", "carol"])
+    info = await store.get_session("r:1")
+    assert info["owners"] == ["carol"] and info["kind"] == "group" and info["lastSeq"] == 0
+    await expect_error(store.create_session("alice", ["dave"], "r:1"), "conflict")
+    sid, members = await store.create_session("alice", ["bob"])
+    assert sid and members == ["alice", "bob"]
+    assert (await store.get_session(sid))["owners"] == ["alice"]
+    for bad_id in ["", "x" * 129, "has space", "sémi", "a\x00"]:
+        await expect_error(store.create_session("alice", ["bob"], bad_id), "bad_request")
+    await expect_error(store.create_session("alice", ["b b"], "r2"), "bad_request")
+    await expect_error(store.create_session("alice", ["bob"], "r2", kind="channel"), "bad_request")
+    await expect_error(store.create_session("alice", ["bob"], "r2", kind="p2p"), "bad_request")
+    await expect_error(store.create_session("alice", [f"u{i}" for i in range(GROUP_CAP)], "r3"), "too_large")
+    assert (await store.create_session("alice", [f"u{i}" for i in range(GROUP_CAP - 1)], "r3"))[0] == "r3"
+    # p2p: ids only as the canonical id of the creator and one other member
+    await expect_error(store.create_session("alice", ["bob"], "p2p:bob:alice"), "bad_request")
+    await expect_error(store.create_session("alice", ["bob", "carol"], "p2p:alice:bob"), "bad_request")
+    await expect_error(store.create_session("carol", ["bob"], "p2p:alice:bob"), "bad_request")
+    await expect_error(store.create_session("alice", ["bob"], "p2p:x"), "bad_request")
+    assert await store.create_session("bob", ["alice"], "p2p:alice:bob") == ("p2p:alice:bob", ["alice", "bob"])
+    assert (await store.get_session("p2p:alice:bob"))["kind"] == "p2p"
+    await expect_error(store.create_session("alice", ["bob"], "p2p:alice:bob"), "conflict")
+    assert await store.create_session("carol", ["alice"], kind="p2p") == ("p2p:alice:carol", ["alice", "carol"])
+    # the admin creates sessions it is not in
+    assert await store.create_session(None, ["erin"], "adm") == ("adm", ["erin"])
+    assert (await store.get_session("adm"))["owners"] == []
+    await expect_error(store.create_session(None, [], "adm2"), "bad_request")
+
+
+@pytest_twisted.ensureDeferred
+async def test_add_remove_members(store):
+    """Members would not change, or a p2p session could gain a third user."""
+    await group(store)
+    assert await store.add_remove_members("g1", add=["dave", "erin"], remove=["carol"]) == [
+        "alice", "bob", "dave", "erin"]
+    [r] = await store.store_messages([msg("alice", "a1", "g1")])
+    assert r.recipients == ["bob", "dave", "erin"]
+    [r] = await store.store_messages([msg("carol", "c1", "g1")])
+    assert r.code == "not_member"
+    assert await store.add_remove_members("g1", remove=["nobody"]) == ["alice", "bob", "dave", "erin"]
+    await expect_error(store.add_remove_members("g1", add=["x"], remove=["x"]), "bad_request")
+    await expect_error(store.add_remove_members("g1", add=["x y"]), "bad_request")
+    await expect_error(store.add_remove_members("g1", add=[f"u{i}" for i in range(GROUP_CAP)]), "too_large")
+    assert len((await store.get_session("g1"))["members"]) == 4  # the refused change left nothing behind
+    await expect_error(store.add_remove_members("nope", add=["x"]), "no_session")
+    await store.store_messages([msg("alice", "p1", "p2p:alice:bob")])
+    await expect_error(store.add_remove_members("p2p:alice:bob", add=["carol"]), "bad_request")
+
+
+@pytest_twisted.ensureDeferred
+async def test_session_members_and_get_session(store):
+    """Routing would look up the wrong members."""
+    await group(store)
+    await store.create_session("dave", ["erin"], "g2")
+    assert await store.session_members(["g1", "g2", "nope", "bad id"]) == {
+        "g1": ["alice", "bob", "carol"], "g2": ["dave", "erin"]}
+    assert await store.session_members([]) == {}
+    await expect_error(store.get_session("nope"), "no_session")
