@@ -439,6 +439,70 @@ class FakeRegistry(_reg_service.Service):
 
 # --- authenticator -------------------------------------------------------
 
+from twisted.internet.task import Clock as _AuthClock  # noqa: E402
+from zope.interface import implementer as _auth_implementer  # noqa: E402
+
+from imcluster.auth import INVALID_TOKEN as _AUTH_INVALID  # noqa: E402
+from imcluster.auth import TOKEN_EXPIRED as _AUTH_EXPIRED  # noqa: E402
+from imcluster.auth import AuthError as _AuthError  # noqa: E402
+from imcluster.auth import Identity as _Identity  # noqa: E402
+from imcluster.auth import valid_user_id as _valid_user_id  # noqa: E402
+from imcluster.interfaces import IAuthenticator as _IAuthenticator  # noqa: E402
+
+
+@_auth_implementer(_IAuthenticator)
+class FakeAuthenticator:
+    """IAuthenticator without cryptography: the token names the user.
+
+    ``"user:<id>"``
+        valid; ``exp`` is ``clock.seconds() + ttl``.
+    ``"user:<id>:<exp>"``
+        valid until ``<exp>`` (seconds since the epoch, on ``clock``):
+        ``token_expired`` once ``clock.seconds() >= exp``.
+    ``"expired:<id>"``
+        ``token_expired``.
+    anything else, or an ``<id>`` outside PROTOCOL.md's charset
+        ``invalid_token``.
+
+    ``clock`` (default: a fresh ``Clock`` at 0) lets tests move time;
+    ``tokens`` lists every token seen, in order.
+    """
+
+    def __init__(self, clock=None, ttl=3600.0):
+        self.clock = clock if clock is not None else _AuthClock()
+        self.ttl = ttl
+        self.tokens: list = []
+
+    @staticmethod
+    def token(user_id, exp=None):
+        """The token string for ``user_id`` (with an explicit ``exp`` when given)."""
+        return f"user:{user_id}" if exp is None else f"user:{user_id}:{exp:g}"
+
+    def authenticate(self, token):
+        self.tokens.append(token)
+        if not isinstance(token, str):
+            raise _AuthError(_AUTH_INVALID, "token must be a non-empty string")
+        kind, _, rest = token.partition(":")
+        now = self.clock.seconds()
+        if kind == "expired" and _valid_user_id(rest):
+            raise _AuthError(_AUTH_EXPIRED, "token has expired")
+        if kind != "user":
+            raise _AuthError(_AUTH_INVALID, "token is not valid")
+        user_id, _, exp_text = rest.partition(":")
+        if not _valid_user_id(user_id):
+            raise _AuthError(_AUTH_INVALID, "token 'sub' is not a valid user id")
+        if exp_text:
+            try:
+                exp = float(exp_text)
+            except ValueError:
+                raise _AuthError(_AUTH_INVALID, "token 'exp' must be a number") from None
+            if now >= exp:
+                raise _AuthError(_AUTH_EXPIRED, "token has expired")
+        else:
+            exp = now + self.ttl
+        return _Identity(user_id, exp, {"sub": user_id, "exp": exp})
+
+
 # --- store (FakeStore / processor) ---------------------------------------
 
 from twisted.internet import defer as _st_defer  # noqa: E402

@@ -1,0 +1,243 @@
+"""Client authentication: JWTs as PROTOCOL.md "Authentication" defines them.
+
+A token's ``sub`` is the user id (1-128 characters of ``A-Z a-z 0-9 _ . @
+-``) and ``exp`` is required. Tokens are verified with an HS256 secret or an
+RS256/ES256 public key (PEM), never both: the accepted algorithms are checked
+against the kind of key when the authenticator is built, so an HMAC token
+"signed" with the public key (algorithm confusion) or ``alg: none`` can never
+verify. ``aud`` and ``iss`` are checked when configured (a token's ``aud`` is
+ignored when no audience is configured).
+
+:func:`mint_token` makes tokens for development and tests (``imcluster
+token``). :class:`imcluster.testing.FakeAuthenticator` is the test double.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import jwt
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, ed448, rsa
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from imcluster.interfaces import IAuthenticator
+
+# PyJWT warns on every decode with an HMAC secret shorter than the hash; the
+# authenticator says it once, at start-up, in the log instead
+warnings.filterwarnings("ignore", category=jwt.warnings.InsecureKeyLengthWarning)
+
+#: shortest HMAC secret (bytes) that does not draw a start-up warning (RFC 7518 3.2)
+MIN_SECRET_BYTES = 32
+
+#: PROTOCOL.md: a user id is 1-128 characters of A-Z a-z 0-9 _ . @ -
+USER_ID_RE = re.compile(r"^[A-Za-z0-9_.@-]{1,128}\Z")
+
+INVALID_TOKEN = "invalid_token"
+TOKEN_EXPIRED = "token_expired"
+
+HMAC_ALGORITHMS = ("HS256", "HS384", "HS512")
+RSA_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512")
+#: an EC key verifies only the algorithm of its curve
+EC_ALGORITHMS = {"secp256r1": "ES256", "secp384r1": "ES384", "secp521r1": "ES512", "secp256k1": "ES256K"}
+
+DEFAULT_SECRET_ALGORITHMS = ["HS256"]
+DEFAULT_PUBLIC_KEY_ALGORITHMS = ["RS256", "ES256"]
+
+
+def valid_user_id(user_id: Any) -> bool:
+    """True when ``user_id`` is a str of 1-128 characters of ``A-Z a-z 0-9 _ . @ -``."""
+    return isinstance(user_id, str) and USER_ID_RE.match(user_id) is not None
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who a verified token says the client is.
+
+    ``exp`` is the token's expiry in seconds since the epoch; ``claims`` is
+    the whole verified payload.
+    """
+
+    user_id: str
+    exp: float
+    claims: dict = field(default_factory=dict, compare=False)
+
+
+class AuthError(Exception):
+    """A token was refused: ``code`` is ``invalid_token`` or ``token_expired``,
+    ``message`` says why (never echoes the token); ``str(error)`` is the message."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def load_public_key(pem: bytes | str) -> Any:
+    """A ``cryptography`` public key from a PEM public key or X.509 certificate; ValueError otherwise."""
+    data = pem.encode("ascii") if isinstance(pem, str) else pem
+    try:
+        if b"-----BEGIN CERTIFICATE-----" in data:
+            return x509.load_pem_x509_certificate(data).public_key()
+        return serialization.load_pem_public_key(data)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"not a PEM public key or certificate: {e}") from None
+
+
+def algorithms_for_key(key: Any) -> list[str]:
+    """The JWT algorithms that ``key`` (a public key object) can verify."""
+    if isinstance(key, rsa.RSAPublicKey):
+        return list(RSA_ALGORITHMS)
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        alg = EC_ALGORITHMS.get(key.curve.name)
+        return [alg] if alg else []
+    if isinstance(key, (ed25519.Ed25519PublicKey, ed448.Ed448PublicKey)):
+        return ["EdDSA"]
+    return []
+
+
+@implementer(IAuthenticator)
+class JWTAuthenticator:
+    """Verifies client JWTs (IAuthenticator).
+
+    Give exactly one of ``secret`` (HMAC) or ``public_key`` (PEM bytes or
+    str, or a ``cryptography`` public key object). ``algorithms`` defaults
+    to HS256 with a secret and to RS256 and ES256 with a public key; those
+    that the key cannot verify are dropped, and none left, or an algorithm
+    of the other family, is a ValueError here, at start-up.
+    """
+
+    log = Logger()
+
+    def __init__(self, secret: str | bytes | None = None, public_key: Any = None,
+                 algorithms: Sequence[str] | None = None, audience: str | None = None,
+                 issuer: str | None = None, leeway: float = 10.0) -> None:
+        if (secret is None or secret == "") == (public_key is None):
+            raise ValueError("give a JWT secret or a public key (exactly one)")
+        wanted = list(algorithms) if algorithms else None
+        if wanted and any(a.lower() == "none" for a in wanted):
+            raise ValueError("the JWT algorithm 'none' is never accepted")
+        if secret is not None:
+            wanted = wanted or list(DEFAULT_SECRET_ALGORITHMS)
+            wrong = [a for a in wanted if a not in HMAC_ALGORITHMS]
+            if wrong:
+                raise ValueError(f"a JWT secret verifies only {', '.join(HMAC_ALGORITHMS)}, not {', '.join(wrong)}")
+            self._key: Any = secret
+            self.algorithms = wanted
+            size = len(secret.encode("utf-8") if isinstance(secret, str) else secret)
+            if size < MIN_SECRET_BYTES:
+                self.log.warn("the JWT secret is only {size} bytes; use at least {min} random bytes",
+                              size=size, min=MIN_SECRET_BYTES)
+        else:
+            key = public_key if not isinstance(public_key, (bytes, str)) else load_public_key(public_key)
+            usable = algorithms_for_key(key)
+            if not usable:
+                raise ValueError(f"unsupported public key type {type(key).__name__}")
+            known = set(RSA_ALGORITHMS) | set(EC_ALGORITHMS.values()) | {"EdDSA"}
+            if wanted:
+                wrong = [a for a in wanted if a not in known]
+                if wrong:
+                    raise ValueError(f"a public key verifies asymmetric algorithms only, not {', '.join(wrong)}")
+            chosen = [a for a in (wanted or DEFAULT_PUBLIC_KEY_ALGORITHMS) if a in usable]
+            if not chosen:
+                raise ValueError(
+                    f"this public key verifies {', '.join(usable)}, none of the accepted algorithms "
+                    f"{', '.join(wanted or DEFAULT_PUBLIC_KEY_ALGORITHMS)}")
+            self._key = key
+            self.algorithms = chosen
+        self.audience = audience or None
+        self.issuer = issuer or None
+        self.leeway = float(leeway)
+
+    @classmethod
+    def from_config(cls, config: Any) -> "JWTAuthenticator":
+        """Build from a Config (``jwt_secret`` or ``jwt_public_key`` (a PEM file), ``jwt_algorithms``,
+        ``jwt_audience``, ``jwt_issuer``, ``jwt_leeway``); ValueError names what is wrong."""
+        v = config.values
+        public_key = None
+        if v.get("jwt_public_key"):
+            path = v["jwt_public_key"]
+            try:
+                with open(path, "rb") as f:
+                    public_key = f.read()
+            except OSError as e:
+                raise ValueError(f"jwt_public_key: cannot read {path}: {e.strerror}") from None
+            try:
+                load_public_key(public_key)
+            except ValueError as e:
+                raise ValueError(f"jwt_public_key {path}: {e}") from None
+        return cls(secret=v.get("jwt_secret") or None, public_key=public_key,
+                   algorithms=v.get("jwt_algorithms"), audience=v.get("jwt_audience"),
+                   issuer=v.get("jwt_issuer"), leeway=v.get("jwt_leeway", 10.0))
+
+    def authenticate(self, token: Any) -> Identity:
+        """Verify ``token``; returns an :class:`Identity` or raises :class:`AuthError`."""
+        if not isinstance(token, str) or not token:
+            raise AuthError(INVALID_TOKEN, "token must be a non-empty string")
+        options: dict[str, Any] = {"require": ["exp", "sub"], "verify_aud": self.audience is not None}
+        try:
+            claims = jwt.decode(token, self._key, algorithms=self.algorithms, options=options,
+                                audience=self.audience, issuer=self.issuer, leeway=self.leeway)
+        except jwt.ExpiredSignatureError:
+            raise AuthError(TOKEN_EXPIRED, "token has expired") from None
+        except jwt.MissingRequiredClaimError as e:
+            raise AuthError(INVALID_TOKEN, f"token lacks the '{e.claim}' claim") from None
+        except jwt.InvalidAudienceError:
+            raise AuthError(INVALID_TOKEN, "token is for another audience") from None
+        except jwt.InvalidIssuerError:
+            raise AuthError(INVALID_TOKEN, "token is from another issuer") from None
+        except jwt.ImmatureSignatureError:
+            raise AuthError(INVALID_TOKEN, "token is not valid yet") from None
+        except jwt.InvalidAlgorithmError:
+            raise AuthError(INVALID_TOKEN, "token algorithm is not accepted") from None
+        except jwt.InvalidSignatureError:
+            raise AuthError(INVALID_TOKEN, "token signature does not verify") from None
+        except jwt.PyJWTError as e:
+            # InvalidKeyError (key/algorithm mismatch) is a PyJWTError, not an InvalidTokenError
+            raise AuthError(INVALID_TOKEN, f"token is not valid: {type(e).__name__}") from None
+        except (ValueError, TypeError, OverflowError) as e:
+            raise AuthError(INVALID_TOKEN, f"token is malformed: {type(e).__name__}") from None
+        sub = claims.get("sub")
+        if not valid_user_id(sub):
+            raise AuthError(INVALID_TOKEN, "token 'sub' is not a valid user id (1-128 of A-Z a-z 0-9 _ . @ -)")
+        exp = claims.get("exp")
+        if isinstance(exp, bool) or not isinstance(exp, (int, float)):
+            # PyJWT accepts any int()-able value, such as the string "9999999999"
+            raise AuthError(INVALID_TOKEN, "token 'exp' must be a number")
+        return Identity(sub, exp, claims)
+
+
+def mint_token(secret: str | bytes, user_id: str, ttl: float, algorithm: str = "HS256",
+               now: float | None = None, **claims: Any) -> str:
+    """A signed JWT for ``user_id`` valid for ``ttl`` seconds (development and tests).
+
+    ``secret`` is the HMAC secret, or the PEM private key for RS*/ES*
+    algorithms. ``claims`` are added (e.g. ``aud=``, ``iss=``); ``iat`` and
+    ``exp`` come from ``now`` (default: the current time). ValueError on an
+    empty secret, a bad user id or ``ttl <= 0``.
+    """
+    if secret is None or secret == "" or secret == b"":
+        raise ValueError("the secret must not be empty")
+    if not valid_user_id(user_id):
+        raise ValueError(f"bad user id {user_id!r}: 1-128 characters of A-Z a-z 0-9 _ . @ -")
+    if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or ttl <= 0:
+        raise ValueError(f"ttl must be a positive number of seconds, got {ttl!r}")
+    if algorithm.lower() == "none":
+        raise ValueError("refusing to mint an unsigned token (alg none)")
+    issued = int(time.time() if now is None else now)
+    payload = {"sub": user_id, "iat": issued, "exp": issued + math.ceil(ttl)}
+    payload.update({k: v for k, v in claims.items() if v is not None})
+    try:
+        return jwt.encode(payload, secret, algorithm=algorithm)
+    except (jwt.PyJWTError, ValueError, TypeError, NotImplementedError) as e:
+        raise ValueError(f"cannot sign with {algorithm}: {e}") from None
