@@ -1,0 +1,1097 @@
+"""The message bus: RabbitMQ through pika's Twisted adapter.
+
+Names (ARCHITECTURE.md), all derived from the namespace ``<ns>``:
+
+``<ns>.exchange``
+    topic exchange, durable: every publish goes here.
+``<ns>.processor``
+    durable queue bound to ``<ns>.server``, dead-lettering to ``<ns>.dlx``;
+    every processor consumes it. Every service declares it on connect, so
+    frames that gateways publish before any processor ever ran are kept.
+``<ns>.gateway.<uuid>``
+    exclusive, auto-delete queue bound to ``<ns>.wsserver.<uuid>``.
+``<ns>.dlx`` / ``<ns>.dead``
+    fanout exchange and durable queue holding dead-lettered messages.
+
+:class:`AMQPService` keeps one connection under a ``ClientService``
+(exponential backoff). pika does not reconnect by itself, so on every new
+connection the service opens a publishing channel (publisher confirms),
+declares the topology again and restarts every consumer registered with
+:meth:`AMQPService.consume`, each on its own channel so that a consumer's
+channel error never stops publishing.
+
+Publishes are pipelined: each one gets a Deferred that fires on the
+broker's confirm. While the broker is unreachable they wait (a bounded
+backlog) for the reconnect; publishes that were sent but not confirmed when
+a connection died are sent again on the next one (at-least-once). Whatever
+is not confirmed within ``publish_timeout`` seconds fails with
+:class:`Unavailable`; nothing hangs and nothing is dropped silently.
+
+pika's ``TwistedChannel`` keeps a single slot for a returned message, so a
+``mandatory`` publish that comes back while other publishes are in flight
+can be reported on the wrong Deferred; it also allocates a DeferredQueue per
+consumer. This module therefore drives pika's plain ``Channel`` (through the
+connection's ``_impl``), tracks confirms itself and identifies returned
+messages by their ``message_id``.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import os
+import random
+import socket
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import pika
+import pika.exceptions
+from pika import spec
+from pika.adapters.twisted_connection import TwistedProtocolConnection
+from twisted.application import service
+from twisted.application.internet import ClientService, backoffPolicy
+from twisted.internet import defer, protocol
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from imcluster import metrics
+from imcluster.interfaces import IBusMessage, IMessageBus
+
+
+# --- errors ------------------------------------------------------------------
+
+
+class PublishError(Exception):
+    """A publish was not confirmed by the broker."""
+
+
+class Unavailable(PublishError):
+    """No confirm arrived within ``publish_timeout`` (broker unreachable, or slow), or the service stopped."""
+
+
+class Nacked(PublishError):
+    """The broker refused the message (basic.nack)."""
+
+
+class Unroutable(PublishError):
+    """A ``mandatory`` publish reached no queue (basic.return)."""
+
+
+class ChannelError(Exception):
+    """An AMQP channel closed under an operation (the broker's reply code and text, when it said one)."""
+
+    def __init__(self, reason: Any) -> None:
+        self.reply_code = getattr(reason, "reply_code", None)
+        self.reply_text = getattr(reason, "reply_text", None)
+        super().__init__(str(reason) if self.reply_code is None
+                         else f"{self.reply_code} {self.reply_text}")
+
+    @property
+    def by_broker(self) -> bool:
+        """True when the broker closed the channel (a channel error such as 404, 405, 406)."""
+        return self.reply_code not in (None, 0, 200)
+
+
+# --- names -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class QueueSpec:
+    """A queue, how it is declared and the routing key that binds it to ``<ns>.exchange``.
+
+    ``routing_key`` None: the queue is not bound to ``<ns>.exchange`` (the
+    dead-letter queue is bound to ``<ns>.dlx`` instead).
+    """
+
+    name: str
+    routing_key: str | None
+    durable: bool = True
+    exclusive: bool = False
+    auto_delete: bool = False
+    arguments: dict = field(default_factory=dict)
+    exchange: str | None = None  # None: <ns>.exchange
+
+
+class BusNames:
+    """The AMQP names of one namespace (ARCHITECTURE.md)."""
+
+    def __init__(self, namespace: str) -> None:
+        self.namespace = namespace
+        self.exchange = f"{namespace}.exchange"
+        self.dlx = f"{namespace}.dlx"
+        self.dead = f"{namespace}.dead"
+
+    def server_key(self) -> str:
+        """``<ns>.server``: client frames for the processors."""
+        return f"{self.namespace}.server"
+
+    def gateway_key(self, uuid: str) -> str:
+        """``<ns>.wsserver.<uuid>``: deliveries to one gateway."""
+        return f"{self.namespace}.wsserver.{uuid}"
+
+    def processor_queue(self) -> QueueSpec:
+        """``<ns>.processor``: durable, bound to ``<ns>.server``, dead-letters to ``<ns>.dlx``."""
+        return QueueSpec(f"{self.namespace}.processor", self.server_key(), durable=True,
+                         arguments={"x-dead-letter-exchange": self.dlx})
+
+    def gateway_queue(self, uuid: str) -> QueueSpec:
+        """``<ns>.gateway.<uuid>``: exclusive, auto-delete, bound to ``<ns>.wsserver.<uuid>``."""
+        return QueueSpec(f"{self.namespace}.gateway.{uuid}", self.gateway_key(uuid),
+                         durable=False, exclusive=True, auto_delete=True)
+
+    def dead_queue(self) -> QueueSpec:
+        """``<ns>.dead``: durable, bound to the fanout ``<ns>.dlx``."""
+        return QueueSpec(self.dead, "", durable=True, exchange=self.dlx)
+
+
+# --- messages ------------------------------------------------------------------
+
+
+@implementer(IBusMessage)
+class BusMessage:
+    """One delivered message; :meth:`ack` or :meth:`nack` it exactly once.
+
+    Settling a message whose channel has died since (a reconnect) does
+    nothing: the broker redelivers it. Settling twice does nothing either
+    (a second ack would make the broker close the channel).
+    """
+
+    __slots__ = ("body", "redelivered", "headers", "routing_key", "delivery_tag",
+                 "settled", "_owner", "_channel")
+
+    def __init__(self, body: bytes, redelivered: bool, headers: dict, routing_key: str,
+                 delivery_tag: int, owner: Any, channel: Any = None) -> None:
+        self.body = body
+        self.redelivered = redelivered
+        self.headers = headers
+        self.routing_key = routing_key
+        self.delivery_tag = delivery_tag
+        self.settled = False
+        self._owner = owner
+        self._channel = channel
+
+    def ack(self) -> bool:
+        """Acknowledge; True when the ack went to the broker, False when ignored (stale or settled)."""
+        if self.settled:
+            return False
+        self.settled = True
+        return self._owner.settle(self, True, False)
+
+    def nack(self, requeue: bool = True) -> bool:
+        """Reject: requeued, or dead-lettered (``<ns>.dead`` for the processor queue) when ``requeue`` is False."""
+        if self.settled:
+            return False
+        self.settled = True
+        return self._owner.settle(self, False, requeue)
+
+    def __repr__(self) -> str:
+        return (f"<BusMessage {self.routing_key} tag={self.delivery_tag} "
+                f"redelivered={self.redelivered} {len(self.body)} bytes>")
+
+
+# --- pika plumbing -------------------------------------------------------------
+
+
+class _Channel:
+    """A plain pika Channel with Deferred-returning RPCs that fail when the channel closes."""
+
+    def __init__(self, raw: Any) -> None:
+        self.raw = raw
+        self.closed_reason: Any = None
+        self._pending: set[defer.Deferred] = set()
+        self._close_listeners: list[Callable[["_Channel", Any], None]] = []
+        self._closed_waiters: list[defer.Deferred] = []
+        raw.add_on_close_callback(self._on_close)
+
+    @classmethod
+    def open(cls, conn: "_Protocol") -> defer.Deferred:
+        """Open a channel on ``conn``; fires with a :class:`_Channel`."""
+        d: defer.Deferred = defer.Deferred()
+        holder: dict[str, _Channel] = {}
+
+        def opened(_raw: Any) -> None:
+            if not d.called:
+                d.callback(holder["ch"])
+
+        try:
+            raw = conn._impl.channel(on_open_callback=opened)
+        except Exception as e:  # connection closing or closed
+            return defer.fail(ChannelError(e))
+        ch = holder["ch"] = cls(raw)
+        ch.on_close(lambda _ch, reason: d.called or d.errback(ChannelError(reason)))
+        return d
+
+    @property
+    def is_open(self) -> bool:
+        return self.closed_reason is None and self.raw.is_open
+
+    def on_close(self, fn: Callable[["_Channel", Any], None]) -> None:
+        """Call ``fn(channel, reason)`` once the channel is closed (by us, the broker or a lost connection)."""
+        self._close_listeners.append(fn)
+
+    def _on_close(self, _raw: Any, reason: Any) -> None:
+        self.closed_reason = reason
+        pending, self._pending = self._pending, set()
+        for d in pending:
+            if not d.called:
+                d.errback(ChannelError(reason))
+        for fn in list(self._close_listeners):
+            fn(self, reason)
+        waiters, self._closed_waiters = self._closed_waiters, []
+        for w in waiters:
+            w.callback(None)
+
+    def rpc(self, method: str, **kw: Any) -> defer.Deferred:
+        """Call the pika Channel method ``method``; fires with the broker's reply frame."""
+        if self.closed_reason is not None:
+            return defer.fail(ChannelError(self.closed_reason))
+        d: defer.Deferred = defer.Deferred()
+        self._pending.add(d)
+
+        def reply(frame: Any) -> None:
+            self._pending.discard(d)
+            if not d.called:
+                d.callback(frame)
+
+        try:
+            getattr(self.raw, method)(callback=reply, **kw)
+        except Exception as e:  # channel closing, bad arguments
+            self._pending.discard(d)
+            return defer.fail(ChannelError(e))
+        return d
+
+    def close(self) -> defer.Deferred:
+        """Close; fires once closed (at once when it already is)."""
+        if self.closed_reason is not None:
+            return defer.succeed(None)
+        d: defer.Deferred = defer.Deferred()
+        self._closed_waiters.append(d)
+        if not self.raw.is_closing:
+            try:
+                self.raw.close()
+            except Exception:  # already closing because the connection went away
+                pass
+        return d
+
+
+class _Protocol(TwistedProtocolConnection):
+    """pika's Twisted protocol, telling its owner when the TCP connection is gone."""
+
+    def __init__(self, params: pika.ConnectionParameters, owner: "AMQPService") -> None:
+        super().__init__(params)
+        self.owner = owner
+
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:  # noqa: N802 (Twisted API)
+        try:
+            super().connectionLost(reason)
+        finally:
+            self.owner._connection_lost(self, reason)
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abortConnection()
+
+
+class _Factory(protocol.Factory):
+    noisy = False
+
+    def __init__(self, owner: "AMQPService") -> None:
+        self.owner = owner
+
+    def buildProtocol(self, addr: Any) -> _Protocol:  # noqa: N802 (Twisted API)
+        p = _Protocol(self.owner.params, self.owner)
+        p.factory = self
+        return p
+
+
+def _reason_text(reason: Any) -> str:
+    if isinstance(reason, Failure):
+        reason = reason.value
+    if isinstance(reason, pika.exceptions.ConnectionClosed):
+        return f"{reason.reply_code} {reason.reply_text}"
+    text = str(reason) or type(reason).__name__
+    return text
+
+
+# --- publishing ----------------------------------------------------------------
+
+
+class _Publish:
+    """One publish until the broker confirms it (or its deadline passes)."""
+
+    __slots__ = ("d", "routing_key", "body", "props", "mandatory", "msg_id", "deadline", "done", "sent")
+
+    def __init__(self, routing_key: str, body: bytes, props: Any, mandatory: bool,
+                 msg_id: str | None, deadline: float) -> None:
+        self.d: defer.Deferred = defer.Deferred()
+        self.routing_key = routing_key
+        self.body = body
+        self.props = props
+        self.mandatory = mandatory
+        self.msg_id = msg_id
+        self.deadline = deadline
+        self.done = False
+        self.sent = False
+
+    def finish(self, error: Exception | None = None) -> None:
+        if self.done:
+            return
+        self.done = True
+        if error is None:
+            self.d.callback(None)
+        else:
+            self.d.errback(error)
+
+
+# --- consumers -----------------------------------------------------------------
+
+
+class Consumer:
+    """A registered consumer of one queue; it survives reconnects until :meth:`cancel`."""
+
+    log = Logger()
+
+    def __init__(self, bus: "AMQPService", spec_: QueueSpec, callback: Callable[[BusMessage], Any],
+                 prefetch: int, exclusive: bool) -> None:
+        self.bus = bus
+        self.queue = spec_
+        self.callback = callback
+        self.prefetch = prefetch
+        self.exclusive = exclusive
+        self.active = False
+        self.cancelled = False
+        self.ready: defer.Deferred = defer.Deferred()
+        self._channel: _Channel | None = None
+        self._tag: str | None = None
+        self._failures = 0
+        self._retry: Any = None
+        self._starting: _Protocol | None = None
+
+    def __repr__(self) -> str:
+        return f"<Consumer {self.queue.name} active={self.active}>"
+
+    @defer.inlineCallbacks
+    def start(self, conn: "_Protocol"):
+        """Declare the queue and consume it on a new channel of ``conn``."""
+        if self.cancelled or self._starting is conn or not self.bus._is_current(conn):
+            return
+        if self._channel is not None and self._channel.is_open:
+            return  # already consuming on this connection
+        self._starting = conn
+        bus, q = self.bus, self.queue
+        ch = None
+        try:
+            ch = yield _Channel.open(conn)
+            if self.cancelled or not bus._is_current(conn):
+                ch.close()
+                return
+            self._channel = ch
+            ch.on_close(self._channel_closed)
+            ch.raw.add_on_cancel_callback(self._cancelled_by_broker)
+            yield ch.rpc("basic_qos", prefetch_count=self.prefetch)
+            yield bus._declare_queue(ch, q)
+            ok = yield ch.rpc("basic_consume", queue=q.name, on_message_callback=self._on_message,
+                              auto_ack=False, exclusive=self.exclusive)
+            self._tag = ok.method.consumer_tag
+        except Exception as e:
+            if ch is not None and ch is self._channel:
+                self._channel = None
+            if ch is not None:
+                ch.close()
+            self._start_failed(conn, e)
+            return
+        finally:
+            if self._starting is conn:
+                self._starting = None
+        if self.cancelled or ch.closed_reason is not None:
+            return
+        self.active = True
+        self._failures = 0
+        self.log.info("AMQP consuming {queue} (prefetch {prefetch})", queue=q.name, prefetch=self.prefetch)
+        if not self.ready.called:
+            self.ready.callback(self)
+
+    def _start_failed(self, conn: "_Protocol", e: Exception) -> None:
+        bus = self.bus
+        if self.cancelled or not bus.running:
+            return
+        if isinstance(e, ChannelError) and e.by_broker and not self.ready.called:
+            # the broker refused the queue (arguments differ, exclusive elsewhere, access):
+            # retrying will not cure it; tell the caller
+            self.log.error("AMQP cannot consume {queue}: {err}", queue=self.queue.name, err=str(e))
+            bus._consumers.pop(self, None)
+            self.cancelled = True
+            self.ready.errback(e)
+            return
+        if not bus._is_current(conn):
+            return  # the next connection restarts us
+        self._failures += 1
+        delay = bus.retry_policy(self._failures)
+        self.log.warn("AMQP consumer of {queue} failed to start ({err}); retrying in {delay:.1f}s",
+                      queue=self.queue.name, err=str(e), delay=delay)
+        self._schedule_restart(conn, delay)
+
+    def _schedule_restart(self, conn: "_Protocol", delay: float) -> None:
+        if self._retry is not None and self._retry.active():
+            return
+        self._retry = self.bus._clock.callLater(delay, self.start, conn)
+
+    def _channel_closed(self, ch: _Channel, reason: Any) -> None:
+        if ch is not self._channel:
+            return
+        self._channel = None
+        self._tag = None
+        was_active, self.active = self.active, False
+        conn = self.bus._conn
+        if self.cancelled or not self.bus.running or conn is None or not conn._impl.is_open:
+            return  # stopping, or the connection is gone: the next connection restarts us
+        # a channel error (e.g. the queue was deleted): re-declare on a new channel
+        self._failures += 1
+        delay = self.bus.retry_policy(self._failures)
+        self.log.warn("AMQP channel of consumer {queue} closed ({reason}); restarting in {delay:.1f}s",
+                      queue=self.queue.name, reason=_reason_text(reason), delay=delay)
+        if was_active or self.ready.called:
+            self._schedule_restart(conn, delay)
+
+    def _cancelled_by_broker(self, frame: Any) -> None:
+        # RabbitMQ cancels a consumer whose queue was deleted: start over on a new channel
+        ch = self._channel
+        self.log.warn("AMQP broker cancelled the consumer of {queue}", queue=self.queue.name)
+        if ch is not None:
+            ch.close()
+
+    def connection_lost(self) -> None:
+        self._channel = None
+        self._tag = None
+        self.active = False
+        if self._retry is not None and self._retry.active():
+            self._retry.cancel()
+
+    def _on_message(self, raw: Any, method: Any, properties: Any, body: bytes) -> None:
+        ch = self._channel
+        msg = BusMessage(body, bool(method.redelivered), properties.headers or {},
+                         method.routing_key, method.delivery_tag, self, ch)
+        try:
+            result = self.callback(msg)
+        except Exception:
+            self.log.failure("AMQP consumer callback of {queue} failed; rejecting the message",
+                             queue=self.queue.name)
+            if not msg.settled:
+                msg.nack(requeue=False)
+            return
+        if isinstance(result, defer.Deferred):
+            result.addErrback(lambda f: self.log.failure(
+                "AMQP consumer callback of {queue} failed", f, queue=self.queue.name))
+
+    def settle(self, msg: BusMessage, ack: bool, requeue: bool) -> bool:
+        """Send the ack/nack of ``msg`` if its channel is still the live one."""
+        ch = msg._channel
+        if ch is None or ch is not self._channel or not ch.is_open:
+            return False  # that channel died: the broker redelivers the message
+        try:
+            if ack:
+                ch.raw.basic_ack(msg.delivery_tag)
+            else:
+                ch.raw.basic_nack(msg.delivery_tag, requeue=requeue)
+        except (pika.exceptions.ChannelWrongStateError, pika.exceptions.ConnectionWrongStateError):
+            return False
+        return True
+
+    def cancel(self) -> defer.Deferred:
+        """Stop consuming (not after reconnects either); unacknowledged messages go back to the queue."""
+        self.cancelled = True
+        self.bus._consumers.pop(self, None)
+        if self._retry is not None and self._retry.active():
+            self._retry.cancel()
+        ch, tag = self._channel, self._tag
+        self.active = False
+        if not self.ready.called:
+            self.ready.errback(defer.CancelledError(f"consumer of {self.queue.name} cancelled"))
+            self.ready.addErrback(lambda f: None)
+        if ch is None:
+            return defer.succeed(None)
+
+        @defer.inlineCallbacks
+        def stop():
+            try:
+                if tag is not None and ch.is_open:
+                    yield ch.rpc("basic_cancel", consumer_tag=tag)
+            except ChannelError:
+                pass
+            # closing the channel hands unacknowledged messages back to the queue
+            yield ch.close()
+
+        d = stop()
+        return self.bus._bounded(d, f"cancelling the consumer of {self.queue.name}")
+
+
+# --- the service ---------------------------------------------------------------
+
+
+@implementer(IMessageBus)
+class AMQPService(service.Service):
+    """IMessageBus on RabbitMQ: one reconnecting connection, publisher confirms, consumers that survive reconnects.
+
+    ``url``: ``amqp://user:password@host:port/vhost`` (``amqps://`` for TLS;
+    pika's query arguments such as ``heartbeat=30`` apply).
+    ``publish_timeout`` bounds every publish (waiting for a connection
+    included), the AMQP handshake and the stop. ``publish_backlog`` bounds
+    the publishes that wait while the broker is unreachable; more fail at once.
+    ``connection_name`` is shown by ``rabbitmqctl list_connections client_properties``.
+    """
+
+    log = Logger()
+
+    #: reconnection backoff (seconds): first retry, growth, ceiling
+    reconnect_initial_delay = 0.5
+    reconnect_factor = 2.0
+    reconnect_max_delay = 10.0
+
+    def __init__(self, url: str, namespace: str, publish_timeout: float = 5.0,
+                 password: str | None = None, clock: Any = None, name: str = "amqp",
+                 retry_policy: Callable[[int], float] | None = None,
+                 publish_backlog: int = 10000, connection_name: str | None = None) -> None:
+        params = pika.URLParameters(url)
+        self.tls = url.startswith("amqps:")
+        self.host = params.host
+        self.port = params.port
+        if password is not None:
+            params.credentials = pika.PlainCredentials(params.credentials.username, password)
+        self.connection_name = connection_name or (
+            f"imcluster {name} {namespace} {socket.gethostname()}:{os.getpid()}")
+        params.client_properties = {"connection_name": self.connection_name, "product": "imcluster"}
+        self.params = params
+        self.namespace = namespace
+        self.names = BusNames(namespace)
+        self.exchange = self.names.exchange
+        self.publish_timeout = publish_timeout
+        self.publish_backlog = publish_backlog
+        if clock is None:
+            from twisted.internet import reactor as clock
+        self._clock = clock
+        if retry_policy is None:
+            retry_policy = backoffPolicy(self.reconnect_initial_delay, self.reconnect_max_delay,
+                                         self.reconnect_factor,
+                                         lambda: random.random() * self.reconnect_initial_delay / 2)
+        self.retry_policy = retry_policy
+        self.setName(name)
+        self.reconnects = 0
+        self._ever_connected = False
+        self._client: ClientService | None = None
+        self._conn: _Protocol | None = None  # current connection (topology declared)
+        self._pub: _Channel | None = None  # publishing channel of _conn
+        self._pub_retry: Any = None
+        self._pub_failures = 0
+        self._last_error = "not connected yet"
+        self._waiters: list[defer.Deferred] = []
+        self._consumers: dict[Consumer, None] = {}  # insertion-ordered set
+        # publishing state
+        self._ids = itertools.count(1)
+        self._waiting: collections.deque[_Publish] = collections.deque()  # not sent yet
+        self._unconfirmed: collections.OrderedDict[int, _Publish] = collections.OrderedDict()
+        self._returned: set[str] = set()
+        self._seq = 0
+        self._order: collections.deque[_Publish] = collections.deque()  # by deadline
+        self._sweep_call: Any = None
+        self._props = {True: spec.BasicProperties(delivery_mode=2),
+                       False: spec.BasicProperties(delivery_mode=1)}
+
+    @classmethod
+    def from_config(cls, config: Any, **kw: Any) -> "AMQPService":
+        """Build from a Config (``amqp``, ``amqp_password``, ``namespace``, ``publish_timeout``, ``publish_backlog``)."""
+        kw.setdefault("publish_backlog", getattr(config, "publish_backlog", 10000))
+        return cls(config.amqp, config.namespace, publish_timeout=config.publish_timeout,
+                   password=getattr(config, "amqp_password", None), **kw)
+
+    # --- IMessageBus names
+
+    def server_key(self) -> str:
+        return self.names.server_key()
+
+    def gateway_key(self, uuid: str) -> str:
+        return self.names.gateway_key(uuid)
+
+    def processor_queue(self) -> QueueSpec:
+        return self.names.processor_queue()
+
+    def gateway_queue(self, uuid: str) -> QueueSpec:
+        return self.names.gateway_queue(uuid)
+
+    def dead_queue(self) -> QueueSpec:
+        return self.names.dead_queue()
+
+    # --- state
+
+    @property
+    def connected(self) -> bool:
+        """True while a connection with its publishing channel is open."""
+        return self._pub is not None
+
+    def wait_connected(self) -> defer.Deferred:
+        """Fires (with None) when connected: at once if it is now."""
+        if self.connected:
+            return defer.succeed(None)
+
+        def cancel(d: defer.Deferred) -> None:
+            if d in self._waiters:
+                self._waiters.remove(d)
+
+        d: defer.Deferred = defer.Deferred(cancel)
+        self._waiters.append(d)
+        return d
+
+    def _is_current(self, conn: _Protocol | None) -> bool:
+        return conn is not None and conn is self._conn and self.running and conn._impl.is_open
+
+    # --- lifecycle
+
+    def startService(self):  # noqa: N802 (Twisted API)
+        """Start connecting; fires once connected, or after ``publish_timeout`` (logged) if RabbitMQ is down.
+
+        It never fails: the connection keeps being retried, publishes fail
+        within ``publish_timeout`` until it is up.
+        """
+        super().startService()
+        from twisted.internet import reactor
+        endpoint = HostnameEndpoint(reactor, self.host, self.port, timeout=self.publish_timeout)
+        if self.tls:
+            from twisted.internet.ssl import optionsForClientTLS
+            endpoint = wrapClientTLS(optionsForClientTLS(self.host), endpoint)
+        self._client = ClientService(endpoint, _Factory(self), retryPolicy=self.retry_policy,
+                                     prepareConnection=self._prepare)
+        self._client.startService()
+        self.log.info("AMQP {host}:{port} vhost {vhost} namespace {namespace}: connecting as {conn_name!r}",
+                      host=self.host, port=self.port, vhost=self.params.virtual_host,
+                      namespace=self.namespace, conn_name=self.connection_name)
+        d = self.wait_connected()
+        timer = self._clock.callLater(self.publish_timeout, d.cancel)
+
+        def done(result: Any) -> None:
+            if timer.active():
+                timer.cancel()
+            if isinstance(result, Failure):
+                self.log.warn("AMQP {host}:{port} not reachable yet ({err}); retrying in the background",
+                              host=self.host, port=self.port, err=self._last_error)
+
+        return d.addBoth(done)
+
+    def _prepare(self, proxy: Any) -> defer.Deferred:
+        """ClientService's prepareConnection: AMQP handshake, publishing channel, topology.
+
+        A failure rejects the connection (ClientService retries with backoff).
+        """
+        # Twisted's ClientService has no transition for a connection lost
+        # while it is being prepared (automat NoTransition logged as an
+        # unhandled error on every failed handshake): until prepared, the
+        # prepare Deferred's failure alone reports the loss.
+        state = {"prepared": False}
+        notify = getattr(proxy, "_lostNotification", None)
+        if notify is not None:
+            proxy._lostNotification = lambda reason: notify(reason) if state["prepared"] else None
+        conn: _Protocol = getattr(proxy, "_protocol", proxy)
+
+        def cancel(_: defer.Deferred) -> None:
+            conn.abort()
+
+        result: defer.Deferred = defer.Deferred(cancel)
+
+        @defer.inlineCallbacks
+        def run():
+            yield conn.ready
+            ch = yield self._open_publisher(conn)
+            return ch
+
+        def timed_out() -> None:
+            self._last_error = f"no AMQP handshake within {self.publish_timeout:g}s"
+            conn.abort()
+
+        timer = self._clock.callLater(self.publish_timeout, timed_out)
+
+        def finished(r: Any) -> Any:
+            if timer.active():
+                timer.cancel()
+            if result.called:
+                return None
+            if isinstance(r, Failure):
+                if not r.check(defer.CancelledError):
+                    self._last_error = _reason_text(r)
+                    self.log.warn("AMQP {host}:{port} connection failed: {err}",
+                                  host=self.host, port=self.port, err=self._last_error)
+                conn.abort()
+                result.errback(r)
+                return None
+            state["prepared"] = True
+            self._connection_ready(conn, r)
+            result.callback(conn)
+            return None
+
+        run().addBoth(finished)
+        return result
+
+    @defer.inlineCallbacks
+    def _open_publisher(self, conn: _Protocol):
+        """A channel in confirm mode on ``conn``, with the topology declared through it."""
+        ch = yield _Channel.open(conn)
+        try:
+            confirm = ch.rpc("confirm_delivery", ack_nack_callback=lambda frame: self._on_confirm(ch, frame))
+            ch.raw.add_on_return_callback(self._on_return)
+            yield confirm
+            yield self._declare_topology(ch)
+        except Exception:
+            ch.close()
+            raise
+        return ch
+
+    def _declare_topology(self, ch: _Channel) -> defer.Deferred:
+        n = self.names
+        # pika runs a channel's RPCs one at a time; issue them all, wait for the last
+        ds = [ch.rpc("exchange_declare", exchange=n.exchange, exchange_type="topic", durable=True),
+              ch.rpc("exchange_declare", exchange=n.dlx, exchange_type="fanout", durable=True),
+              self._declare_queue(ch, n.dead_queue()),
+              self._declare_queue(ch, n.processor_queue())]
+        return defer.gatherResults(ds, consumeErrors=True).addErrback(lambda f: f.value.subFailure)
+
+    def _declare_queue(self, ch: _Channel, q: QueueSpec) -> defer.Deferred:
+        d = ch.rpc("queue_declare", queue=q.name, durable=q.durable, exclusive=q.exclusive,
+                   auto_delete=q.auto_delete, arguments=dict(q.arguments) or None)
+        if q.routing_key is not None:
+            d2 = ch.rpc("queue_bind", queue=q.name, exchange=q.exchange or self.exchange,
+                        routing_key=q.routing_key)
+            d = defer.gatherResults([d, d2], consumeErrors=True).addErrback(lambda f: f.value.subFailure)
+        return d
+
+    def _connection_ready(self, conn: _Protocol, pub: _Channel) -> None:
+        if not self.running:
+            conn.abort()
+            return
+        self._conn = conn
+        self._install_publisher(pub)
+        conn._impl.add_on_connection_blocked_callback(
+            lambda _c, frame: self.log.warn("AMQP broker blocked our connection: {reason}",
+                                            reason=getattr(frame.method, "reason", "")))
+        conn._impl.add_on_connection_unblocked_callback(
+            lambda _c, frame: self.log.info("AMQP broker unblocked our connection"))
+        reconnect = self._ever_connected
+        self._ever_connected = True
+        self._last_error = "connected"
+        if reconnect:
+            self.reconnects += 1
+            metrics.RECONNECTS.labels(service=self.name).inc()
+            self.log.info("AMQP {host}:{port} reconnected ({n} reconnects); {waiting} publishes resent or waiting",
+                          host=self.host, port=self.port, n=self.reconnects, waiting=len(self._waiting))
+        else:
+            self.log.info("AMQP {host}:{port} connected", host=self.host, port=self.port)
+        waiters, self._waiters = self._waiters, []
+        for w in waiters:
+            w.callback(None)
+        for c in list(self._consumers):
+            c.start(conn)
+
+    def _install_publisher(self, pub: _Channel) -> None:
+        self._pub = pub
+        self._pub_failures = 0
+        self._seq = 0
+        self._unconfirmed.clear()
+        self._returned.clear()
+        pub.on_close(self._publisher_closed)
+        self._flush()
+
+    def _publisher_closed(self, ch: _Channel, reason: Any) -> None:
+        if ch is not self._pub:
+            return
+        self._pub = None
+        self._requeue_unconfirmed()
+        conn = self._conn
+        if not self._is_current(conn):
+            return
+        # a channel error (e.g. someone deleted the exchange): new channel, topology again
+        self._pub_failures += 1
+        delay = self.retry_policy(self._pub_failures)
+        self._last_error = f"publishing channel closed: {_reason_text(reason)}"
+        self.log.warn("AMQP publishing channel closed ({reason}); reopening in {delay:.1f}s",
+                      reason=_reason_text(reason), delay=delay)
+        self._pub_retry = self._clock.callLater(delay, self._reopen_publisher, conn)
+
+    def _reopen_publisher(self, conn: _Protocol) -> None:
+        if not self._is_current(conn) or self._pub is not None:
+            return
+
+        def opened(ch: _Channel) -> None:
+            if not self._is_current(conn):
+                ch.close()
+                return
+            self._install_publisher(ch)
+
+        def failed(f: Failure) -> None:
+            if not self._is_current(conn):
+                return
+            self._pub_failures += 1
+            delay = self.retry_policy(self._pub_failures)
+            self.log.warn("AMQP reopening the publishing channel failed ({err}); again in {delay:.1f}s",
+                          err=f.getErrorMessage(), delay=delay)
+            self._pub_retry = self._clock.callLater(delay, self._reopen_publisher, conn)
+
+        self._open_publisher(conn).addCallbacks(opened, failed)
+
+    def _connection_lost(self, conn: _Protocol, reason: Failure) -> None:
+        if conn is not self._conn:
+            return
+        self._conn = None
+        self._pub = None
+        if self._pub_retry is not None and self._pub_retry.active():
+            self._pub_retry.cancel()
+        self._requeue_unconfirmed()
+        for c in list(self._consumers):
+            c.connection_lost()
+        self._last_error = f"connection lost: {_reason_text(reason)}"
+        if self.running:
+            self.log.warn("AMQP {host}:{port} connection lost ({reason}); reconnecting",
+                          host=self.host, port=self.port, reason=_reason_text(reason))
+
+    def stopService(self):  # noqa: N802
+        """Cancel consumers, wait for in-flight confirms, close the connection; bounded by ``publish_timeout``.
+
+        Publishes still waiting for a connection fail with :class:`Unavailable`.
+        """
+        super().stopService()
+        waiters, self._waiters = self._waiters, []
+        for w in waiters:
+            w.errback(defer.CancelledError("AMQP service stopped"))
+        for rec in self._waiting:
+            rec.finish(Unavailable("RabbitMQ did not confirm: the AMQP service stopped"))
+        self._waiting.clear()
+        client, self._client = self._client, None
+        conn = self._conn
+
+        @defer.inlineCallbacks
+        def stop():
+            consumers = list(self._consumers)
+            yield defer.DeferredList([c.cancel() for c in consumers], consumeErrors=True)
+            inflight = [r.d for r in self._unconfirmed.values() if not r.done]
+            if inflight:
+                yield defer.DeferredList(inflight, consumeErrors=True)
+            if conn is not None and conn._impl.is_open:
+                closed = conn.close()
+                if closed is not None:
+                    yield closed
+            if client is not None:
+                yield client.stopService()
+
+        done: defer.Deferred = defer.Deferred()
+
+        def give_up() -> None:
+            self.log.warn("AMQP connection did not close within {t}s; aborting it", t=self.publish_timeout)
+            if conn is not None:
+                conn.abort()
+            finish(None)
+
+        timer = self._clock.callLater(self.publish_timeout, give_up)
+
+        def finish(result: Any) -> None:
+            if timer.active():
+                timer.cancel()
+            if isinstance(result, Failure):
+                self.log.failure("stopping the AMQP connection failed", result)
+            for rec in list(self._order):
+                rec.finish(Unavailable("RabbitMQ did not confirm: the AMQP service stopped"))
+            self._order.clear()
+            if self._sweep_call is not None and self._sweep_call.active():
+                self._sweep_call.cancel()
+            if not done.called:
+                self.log.info("AMQP {host}:{port} closed", host=self.host, port=self.port)
+                done.callback(None)
+
+        stop().addBoth(finish)
+        return done
+
+    def _bounded(self, d: defer.Deferred, what: str) -> defer.Deferred:
+        """``d``, given up (logged, fired with None) after ``publish_timeout``."""
+        out: defer.Deferred = defer.Deferred()
+
+        def give_up() -> None:
+            self.log.warn("AMQP {what} took over {t}s; giving up", what=what, t=self.publish_timeout)
+            out.called or out.callback(None)
+
+        timer = self._clock.callLater(self.publish_timeout, give_up)
+
+        def finished(r: Any) -> None:
+            if timer.active():
+                timer.cancel()
+            if isinstance(r, Failure):
+                self.log.warn("AMQP {what} failed: {err}", what=what, err=r.getErrorMessage())
+            out.called or out.callback(None)
+
+        d.addBoth(finished)
+        return out
+
+    # --- publishing
+
+    def publish(self, routing_key: str, body: bytes, mandatory: bool = False,
+                persistent: bool = True, headers: dict | None = None) -> defer.Deferred:
+        """Publish ``body`` to ``<ns>.exchange``; fires on the broker's confirm.
+
+        Fails with :class:`Unavailable` (no confirm within ``publish_timeout``,
+        backlog full, service stopped), :class:`Nacked` or :class:`Unroutable`
+        (``mandatory`` and no queue bound to ``routing_key``).
+        """
+        if not isinstance(body, (bytes, bytearray)):
+            return defer.fail(TypeError(f"AMQP body must be bytes, not {type(body).__name__}"))
+        if not self.running:
+            return defer.fail(Unavailable("RabbitMQ did not confirm: the AMQP service is not running"))
+        msg_id = None
+        if mandatory or headers:
+            # returns are matched to publishes by message_id
+            msg_id = str(next(self._ids)) if mandatory else None
+            props = spec.BasicProperties(delivery_mode=2 if persistent else 1, message_id=msg_id,
+                                         headers=headers or None)
+        else:
+            props = self._props[bool(persistent)]
+        rec = _Publish(routing_key, bytes(body), props, mandatory, msg_id,
+                       self._clock.seconds() + self.publish_timeout)
+        if self._pub is not None and not self._waiting:
+            if not self._send(rec):
+                self._waiting.append(rec)
+        elif len(self._waiting) >= self.publish_backlog:
+            return defer.fail(Unavailable(
+                f"RabbitMQ unreachable ({self._last_error}) and {len(self._waiting)} publishes already waiting"))
+        else:
+            self._waiting.append(rec)
+        self._order.append(rec)
+        if self._sweep_call is None or not self._sweep_call.active():
+            self._sweep_call = self._clock.callLater(self.publish_timeout, self._sweep)
+        return rec.d
+
+    def _send(self, rec: _Publish) -> bool:
+        pub = self._pub
+        try:
+            pub.raw.basic_publish(self.exchange, rec.routing_key, rec.body, rec.props, rec.mandatory)
+        except Exception as e:  # the channel is closing; its close callback requeues
+            self.log.debug("AMQP publish on a closing channel: {err}", err=e)
+            return False
+        self._seq += 1
+        rec.sent = True
+        self._unconfirmed[self._seq] = rec
+        return True
+
+    def _flush(self) -> None:
+        waiting = self._waiting
+        while waiting and self._pub is not None:
+            rec = waiting[0]
+            if not rec.done and not self._send(rec):
+                return
+            waiting.popleft()
+
+    def _requeue_unconfirmed(self) -> None:
+        # sent but never confirmed: the broker may or may not have it; send again (at-least-once)
+        pending = [r for r in self._unconfirmed.values() if not r.done]
+        self._unconfirmed.clear()
+        self._returned.clear()
+        self._waiting.extendleft(reversed(pending))
+
+    def _on_return(self, _raw: Any, method: Any, properties: Any, body: bytes) -> None:
+        if properties.message_id is not None:
+            self._returned.add(properties.message_id)
+
+    def _on_confirm(self, ch: _Channel, frame: Any) -> None:
+        if ch is not self._pub:
+            return  # a late confirm of a closed channel: its publishes were requeued
+        m = frame.method
+        nack = isinstance(m, spec.Basic.Nack)
+        tag = m.delivery_tag
+        unconfirmed = self._unconfirmed
+        if m.multiple:
+            recs = []
+            while unconfirmed:
+                first = next(iter(unconfirmed))
+                if first > tag:
+                    break
+                recs.append(unconfirmed.popitem(last=False)[1])
+        else:
+            rec = unconfirmed.pop(tag, None)
+            recs = [rec] if rec is not None else []
+        for rec in recs:
+            if rec.msg_id is not None and rec.msg_id in self._returned:
+                self._returned.discard(rec.msg_id)
+                rec.finish(Unroutable(f"no queue is bound to {rec.routing_key!r} on {self.exchange}"))
+            elif nack:
+                rec.finish(Nacked(f"RabbitMQ refused the message to {rec.routing_key!r} (basic.nack)"))
+            else:
+                rec.finish()
+        order = self._order
+        while order and order[0].done:
+            order.popleft()
+
+    def _sweep(self) -> None:
+        """Fail the publishes whose deadline has passed; re-arm for the next one."""
+        self._sweep_call = None
+        now = self._clock.seconds()
+        order = self._order
+        expired = 0
+        while order and (order[0].done or order[0].deadline <= now):
+            rec = order.popleft()
+            if rec.done:
+                continue
+            expired += 1
+            reason = "no confirm from the broker" if self.connected else self._last_error
+            rec.finish(Unavailable(f"RabbitMQ did not confirm within {self.publish_timeout:g}s: {reason}"))
+        if expired:
+            self.log.warn("AMQP {n} publishes not confirmed within {t}s ({state})", n=expired,
+                          t=self.publish_timeout, state="connected" if self.connected else self._last_error)
+            if self._waiting:
+                self._waiting = collections.deque(r for r in self._waiting if not r.done)
+        if order:
+            self._sweep_call = self._clock.callLater(max(0.0, order[0].deadline - now), self._sweep)
+
+    # --- consuming
+
+    def consume(self, queue: QueueSpec, callback: Callable[[BusMessage], Any], prefetch: int = 100,
+                exclusive: bool = False) -> defer.Deferred:
+        """Declare ``queue`` and consume it (manual acks, ``prefetch`` window), now and after every reconnect.
+
+        Fires with the :class:`Consumer` once it is active (after the first
+        connect); fails when the broker refuses the queue (e.g. declared
+        elsewhere with other arguments, or exclusive to another connection).
+        """
+        if not self.running:
+            return defer.fail(RuntimeError("AMQP service is not running"))
+        c = Consumer(self, queue, callback, prefetch, exclusive)
+        self._consumers[c] = None
+        if self._conn is not None:
+            c.start(self._conn)
+        return c.ready
+
+    @property
+    def consumers(self) -> list[Consumer]:
+        return list(self._consumers)
+
+    # --- operations
+
+    @defer.inlineCallbacks
+    def delete_topology(self, queues: Iterable[str] = ()):
+        """Delete this namespace's exchanges and queues (test clean-up, decommissioning).
+
+        Consumers of this service are cancelled first (they would declare
+        their queues again). ``queues``: more queue names to delete.
+        Gateway queues of other connections vanish with their connections.
+        """
+        for c in list(self._consumers):
+            yield c.cancel()
+        yield self.wait_connected()
+        conn = self._conn
+        n = self.names
+        names = list(dict.fromkeys([n.processor_queue().name, n.dead, *queues]))
+        ops = [("queue_delete", {"queue": q}) for q in names]
+        ops += [("exchange_delete", {"exchange": e}) for e in (n.exchange, n.dlx)]
+        ch = None
+        for method, kw in ops:
+            if ch is None or not ch.is_open:
+                ch = yield _Channel.open(conn)
+            try:
+                yield ch.rpc(method, **kw)
+            except ChannelError as e:
+                self.log.warn("AMQP {method} {kw} failed: {err}", method=method, kw=kw, err=str(e))
+        if ch is not None:
+            yield ch.close()
