@@ -728,3 +728,389 @@ class FakeStore:
         return self._call("user_sessions", listing)
 
 # --- client connection (FakeConnection) ----------------------------------
+
+from twisted.internet import address as _cc_address  # noqa: E402
+from twisted.internet import defer as _cc_defer  # noqa: E402
+from twisted.internet import error as _cc_error  # noqa: E402
+from twisted.internet.task import Clock as _CcClock  # noqa: E402
+from twisted.internet.testing import StringTransport as _CcStringTransport  # noqa: E402
+from twisted.python.failure import Failure as _CcFailure  # noqa: E402
+from zope.interface import implementer as _cc_implementer  # noqa: E402
+
+from imcluster.interfaces import IClientConnection as _IClientConnection  # noqa: E402
+
+
+def gateway_config(**changes):
+    """A gateway Config with defaults, a test JWT secret and ``changes`` applied."""
+    from imcluster.config import GATEWAY, load_config
+    config = load_config(GATEWAY, {"jwt_secret": "test-secret"}, environ={})
+    return config.replace(**changes) if changes else config
+
+
+class StubIdentity:
+    """What an authenticator returns: ``user_id``, ``exp`` (seconds since the epoch), ``claims``."""
+
+    def __init__(self, user_id, exp, claims=None):
+        self.user_id = user_id
+        self.exp = exp
+        self.claims = claims or {"sub": user_id, "exp": exp}
+
+    def __repr__(self):
+        return f"StubIdentity({self.user_id!r}, {self.exp!r})"
+
+
+class StubAuthError(Exception):
+    """An authentication failure with a PROTOCOL.md ``code``."""
+
+    def __init__(self, code, message=None):
+        super().__init__(message or code)
+        self.code = code
+
+
+class TokenTableAuthenticator:
+    """IAuthenticator over a table of tokens (engine tests need no JWTs).
+
+    ``add(token, user_id, exp)`` accepts a token; ``refuse(token, code)``
+    makes it fail with ``code``; any other token is ``invalid_token``.
+    """
+
+    def __init__(self):
+        self.tokens = {}
+
+    def add(self, token, user_id, exp):
+        self.tokens[token] = StubIdentity(user_id, exp)
+        return token
+
+    def refuse(self, token, code):
+        self.tokens[token] = StubAuthError(code)
+        return token
+
+    def authenticate(self, token):
+        entry = self.tokens.get(token)
+        if entry is None:
+            raise StubAuthError("invalid_token", "unknown token")
+        if isinstance(entry, Exception):
+            raise entry
+        return entry
+
+
+class FakeHub:
+    """The hub interface of GATEWAY.md, recording what a ClientConnection asks of it.
+
+    ``refuse``: connection_made answers False. ``forward_failure`` /
+    ``auth_failure`` / ``sync_failure``: an exception the corresponding call
+    fails with (None: succeeds). ``hold_auth``: hub.authenticated returns a
+    Deferred kept in ``held`` for the test to fire.
+    """
+
+    def __init__(self, config=None, clock=None, authenticator=None, server_id="gw-0000"):
+        self.server_id = server_id
+        self.clock = clock if clock is not None else _CcClock()
+        self.config = config if config is not None else gateway_config()
+        self.authenticator = authenticator if authenticator is not None else TokenTableAuthenticator()
+        self.accepting = True
+        self.refuse = False
+        self.made = []
+        self.lost = []
+        self.auths = []
+        self.syncs = []
+        self.forwarded = []
+        self.forward_failure = None
+        self.auth_failure = None
+        self.sync_failure = None
+        self.hold_auth = False
+        self.held = []
+
+    def connection_made(self, conn):
+        if self.refuse or not self.accepting:
+            return False
+        self.made.append(conn)
+        return True
+
+    def authenticated(self, conn, identity, refresh):
+        self.auths.append((conn, identity, refresh))
+        if self.hold_auth:
+            d = _cc_defer.Deferred()
+            self.held.append(d)
+            return d
+        if self.auth_failure is not None:
+            return _cc_defer.fail(self.auth_failure)
+        return _cc_defer.succeed(None)
+
+    def request_sync(self, conn):
+        self.syncs.append(conn)
+        if self.sync_failure is not None:
+            return _cc_defer.fail(self.sync_failure)
+        return _cc_defer.succeed(None)
+
+    def forward(self, conn, frame):
+        self.forwarded.append((conn, frame))
+        if self.forward_failure is not None:
+            return _cc_defer.fail(self.forward_failure)
+        return _cc_defer.succeed(None)
+
+    def connection_lost(self, conn):
+        self.lost.append(conn)
+
+
+@_cc_implementer(_IClientConnection)
+class FakeConnection:
+    """An IClientConnection that records what the hub sends it (for hub unit tests)."""
+
+    def __init__(self, user_id=None, ip="10.0.0.1", port=40000, server_id="gw-0000",
+                 transport_name="ws", device=None, identity=None, clock=None):
+        self.transport_name = transport_name
+        self.ip = ip
+        self.port = port
+        self.peer_key = f"{ip}##{port}"
+        self.conn_id = f"{server_id}##{self.peer_key}"
+        self.user_id = user_id
+        self.device = device
+        self.identity = identity
+        self.connected_at = clock.seconds() if clock is not None else 0.0
+        self.sent = []
+        self.closed = None
+        self.went_away = False
+
+    def send_frame(self, frame):
+        if self.closed is None:
+            self.sent.append(frame)
+
+    def send_encoded(self, data):
+        import json
+        if self.closed is None:
+            self.sent.append(json.loads(data))
+
+    def close(self, code, reason):
+        if self.closed is None:
+            self.closed = (code, reason)
+
+    def going_away(self):
+        self.went_away = True
+        self.close(1001, "server going away")
+
+
+# wire helpers: what a client puts on (and reads from) the wire
+
+
+def _payload(frame):
+    import json
+    if isinstance(frame, bytes):
+        return frame
+    if isinstance(frame, str):
+        return frame.encode("utf-8")
+    return json.dumps(frame, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def tcp_encode(frame):
+    """One raw-TCP frame: 4-byte big-endian length, then the JSON (dict, str or bytes)."""
+    data = _payload(frame)
+    return len(data).to_bytes(4, "big") + data
+
+
+class TcpFrameReader:
+    """Splits what a raw-TCP server wrote into decoded JSON frames."""
+
+    def __init__(self):
+        self.buffer = b""
+
+    def feed(self, data):
+        import json
+        self.buffer += data
+        frames = []
+        while len(self.buffer) >= 4:
+            length = int.from_bytes(self.buffer[:4], "big")
+            if len(self.buffer) < 4 + length:
+                break
+            frames.append(json.loads(self.buffer[4:4 + length].decode("utf-8")))
+            self.buffer = self.buffer[4 + length:]
+        return frames
+
+
+WS_KEY = "dGhlIHNhbXBsZSBub25jZQ=="
+
+
+def ws_handshake(path="/ws", host="localhost:8080", headers=None):
+    """The opening handshake request of a WebSocket client (bytes)."""
+    lines = [f"GET {path} HTTP/1.1", f"Host: {host}", "Upgrade: websocket", "Connection: Upgrade",
+             f"Sec-WebSocket-Key: {WS_KEY}", "Sec-WebSocket-Version: 13"]
+    for name, value in (headers or {}).items():
+        lines.append(f"{name}: {value}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("ascii")
+
+
+def ws_frame(payload, opcode=1, fin=True, mask=b"\x01\x02\x03\x04"):
+    """One masked client frame (opcode 1 text, 2 binary, 8 close, 9 ping, 10 pong)."""
+    if opcode == 1 and not isinstance(payload, bytes):
+        payload = _payload(payload)
+    n = len(payload)
+    head = bytes([(0x80 if fin else 0) | opcode])
+    if n < 126:
+        head += bytes([0x80 | n])
+    elif n < 65536:
+        head += bytes([0x80 | 126]) + n.to_bytes(2, "big")
+    else:
+        head += bytes([0x80 | 127]) + n.to_bytes(8, "big")
+    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    return head + mask + masked
+
+
+def ws_close_frame(code=1000, reason=b""):
+    """A client close frame."""
+    return ws_frame(code.to_bytes(2, "big") + reason, opcode=8)
+
+
+class WsFrameReader:
+    """Parses what a WebSocket server wrote: the HTTP response, then unmasked frames.
+
+    ``feed`` returns ``(opcode, payload)`` pairs; ``status`` is the HTTP
+    status of the handshake response once it arrived.
+    """
+
+    def __init__(self):
+        self.buffer = b""
+        self.status = None
+        self.response = None
+
+    def feed(self, data):
+        self.buffer += data
+        out = []
+        if self.status is None:
+            end = self.buffer.find(b"\r\n\r\n")
+            if end < 0:
+                return out
+            self.response = self.buffer[:end].decode("latin-1")
+            self.status = int(self.response.split(" ", 2)[1])
+            self.buffer = self.buffer[end + 4:]
+            if self.status != 101:
+                return out
+        while len(self.buffer) >= 2:
+            b0, b1 = self.buffer[0], self.buffer[1]
+            n, pos = b1 & 0x7F, 2
+            if n == 126:
+                if len(self.buffer) < 4:
+                    break
+                n, pos = int.from_bytes(self.buffer[2:4], "big"), 4
+            elif n == 127:
+                if len(self.buffer) < 10:
+                    break
+                n, pos = int.from_bytes(self.buffer[2:10], "big"), 10
+            if len(self.buffer) < pos + n:
+                break
+            out.append((b0 & 0x0F, self.buffer[pos:pos + n]))
+            self.buffer = self.buffer[pos + n:]
+        return out
+
+
+class LenientStringTransport(_CcStringTransport):
+    """A StringTransport whose unregisterProducer, like a real transport's, tolerates no producer."""
+
+    def unregisterProducer(self):
+        self.producer = None
+        self.streaming = None
+
+
+class ClientHarness:
+    """Drives a gateway adapter (``'ws'`` or ``'tcp'``) over a StringTransport, as a client.
+
+    ``send(frame)`` writes one frame (dict, str or bytes payload);
+    ``frames()`` returns the JSON frames the server wrote since the last call;
+    ``closed`` tells whether the server closed, ``close_code`` the WebSocket
+    close code it sent. ``finish()`` completes a server-initiated close
+    (answering the close handshake, then delivering connectionLost);
+    ``drop()`` simulates the client vanishing.
+    """
+
+    def __init__(self, hub, kind, factory=None, ip="10.1.2.3", port=40001, path="/ws", headers=None):
+        self.kind = kind
+        if factory is None:
+            if kind == "ws":
+                from imcluster.gateway.websocket import make_websocket_factory
+                factory = make_websocket_factory(hub)
+            else:
+                from imcluster.gateway.rawsocket import make_rawsocket_factory
+                factory = make_rawsocket_factory(hub)
+        self.factory = factory
+        self.hub = hub
+        addr = _cc_address.IPv4Address("TCP", ip, port)
+        self.proto = factory.buildProtocol(addr)
+        self.transport = LenientStringTransport(peerAddress=addr)
+        self.reader = WsFrameReader() if kind == "ws" else TcpFrameReader()
+        self.close_code = None
+        self.close_reason = None
+        self.controls = []
+        self.lost = False
+        self._pending = []
+        self.proto.makeConnection(self.transport)
+        if kind == "ws":
+            self.proto.dataReceived(ws_handshake(path=path, headers=headers))
+        self._read()
+
+    @property
+    def status(self):
+        """HTTP status of the WebSocket handshake response (None for TCP)."""
+        return self.reader.status if self.kind == "ws" else None
+
+    @property
+    def conn(self):
+        return self.proto.conn
+
+    def _read(self):
+        import json
+        data = self.transport.value()
+        self.transport.clear()
+        if self.kind == "tcp":
+            self._pending.extend(self.reader.feed(data))
+            return
+        for opcode, payload in self.reader.feed(data):
+            if opcode == 1:
+                self._pending.append(json.loads(payload.decode("utf-8")))
+            elif opcode == 8:
+                self.close_code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
+                self.close_reason = payload[2:].decode("utf-8", "replace")
+            else:
+                self.controls.append((opcode, payload))
+
+    def send_raw(self, data):
+        """Bytes as they are (a partial frame, garbage...)."""
+        if not self.lost:
+            self.proto.dataReceived(data)
+        self._read()
+
+    def send(self, frame):
+        """One frame: a dict (JSON), str or bytes payload."""
+        if self.kind == "ws":
+            self.send_raw(ws_frame(_payload(frame)))
+        else:
+            self.send_raw(tcp_encode(frame))
+
+    def send_binary(self, payload=b"\x00\x01"):
+        self.send_raw(ws_frame(payload, opcode=2))
+
+    def frames(self):
+        self._read()
+        out, self._pending = self._pending, []
+        return out
+
+    @property
+    def closed(self):
+        """True once the server closed (close frame sent, or the TCP connection closing)."""
+        self._read()
+        return self.close_code is not None or self.transport.disconnecting or self.lost
+
+    def finish(self):
+        """Complete a close: answer the close handshake, then connectionLost."""
+        self._read()
+        if self.lost:
+            return
+        if self.kind == "ws" and self.close_code is not None and not self.transport.disconnecting:
+            self.proto.dataReceived(ws_close_frame(self.close_code))
+            self._read()
+        self.lost = True
+        self.proto.connectionLost(_CcFailure(_cc_error.ConnectionDone()))
+
+    def drop(self):
+        """The client vanishes (connection lost without a close)."""
+        if not self.lost:
+            self.lost = True
+            self.proto.connectionLost(_CcFailure(_cc_error.ConnectionLost()))

@@ -1,0 +1,208 @@
+"""WebSocket clients (browsers, H5): Autobahn in front of the protocol engine.
+
+Thin on purpose: Autobahn does RFC 6455 (handshake, masking, UTF-8
+validation, ping/pong, permessage-deflate, the 1009 close for a message over
+``max_frame_size``); every text message goes to the connection's
+:class:`~imcluster.gateway.engine.ClientConnection`, which writes back
+through :meth:`GatewayWebSocketProtocol.write_message`. Any path is accepted
+(``/ws`` is the documented one).
+
+The factory takes no URL (the port comes from the endpoint string, see
+DEPENDENCIES.md) and runs Autobahn's own timers (handshake timeout,
+auto-ping, close handshake) on ``hub.clock``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import itertools
+from typing import Any
+
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.util import encode_truncate
+from autobahn.websocket.compress import PerMessageDeflateOffer, PerMessageDeflateOfferAccept
+from autobahn.websocket.types import ConnectionDeny
+
+from imcluster.gateway.engine import ClientConnection
+
+_unix_ports = itertools.count(1)
+
+
+class _ClockTimer:
+    """What Autobahn's protocols expect of ``factory._batched_timer``, on an ``IReactorTime``.
+
+    Autobahn otherwise schedules its timers on txaio's global reactor, out
+    of reach of ``hub.clock`` (and of tests driving a ``task.Clock``).
+    """
+
+    def __init__(self, clock: Any) -> None:
+        self.clock = clock
+
+    def call_later(self, delay: float, fn: Any, *args: Any, **kwargs: Any) -> "_Call":
+        return _Call(self.clock.callLater(delay, fn, *args, **kwargs))
+
+
+class _Call:
+    __slots__ = ("call",)
+
+    def __init__(self, call: Any) -> None:
+        self.call = call
+
+    def cancel(self) -> None:
+        # Autobahn may cancel a call that already ran
+        if self.call.active():
+            self.call.cancel()
+
+
+def peer_address(transport: Any) -> tuple[str, int]:
+    """``(ip, port)`` of the transport's peer (TLS included); UNIX sockets get a made-up port."""
+    peer = transport.getPeer()
+    host = getattr(peer, "host", None)
+    port = getattr(peer, "port", None)
+    if host is None or port is None:
+        return "unix", next(_unix_ports)
+    return str(host), int(port)
+
+
+def _valid_ip(value: str) -> str | None:
+    try:
+        return str(ipaddress.ip_address(value.strip().strip("[]")))
+    except ValueError:
+        return None
+
+
+def forwarded_ip(headers: dict[str, str]) -> str | None:
+    """The client address a trusted proxy reports: X-Real-IP, else the last X-Forwarded-For hop.
+
+    The last hop is the one our proxy added (earlier entries come from the
+    client and may be forged). None when neither header holds an address.
+    """
+    real = headers.get("x-real-ip")
+    if real:
+        ip = _valid_ip(real)
+        if ip:
+            return ip
+    forwarded = headers.get("x-forwarded-for")
+    if forwarded:
+        return _valid_ip(forwarded.split(",")[-1])
+    return None
+
+
+def _buffered_bytes(transport: Any) -> int | None:
+    """Output a Twisted transport holds (under TLS wrappers too), or None when unknown."""
+    t = transport
+    for _ in range(4):
+        if t is None:
+            return None
+        if hasattr(t, "_tempDataLen") and hasattr(t, "dataBuffer"):
+            return len(t.dataBuffer) - getattr(t, "offset", 0) + t._tempDataLen
+        t = getattr(t, "transport", None)
+    return None
+
+
+class GatewayWebSocketProtocol(WebSocketServerProtocol):
+    """One WebSocket client: Autobahn below, a :class:`ClientConnection` above."""
+
+    # (Autobahn's txaio ``log`` is left alone: its calls rely on it)
+    conn: ClientConnection | None = None
+
+    def onConnect(self, request: Any) -> None:  # noqa: N802 (Autobahn API)
+        hub = self.factory.hub
+        ip, port = peer_address(self.transport)
+        if hub.config.trust_proxy:
+            ip = forwarded_ip(request.headers) or ip
+        conn = ClientConnection(hub, self, "ws", ip, port)
+        if not conn.open():
+            raise ConnectionDeny(503, "try again later")
+        self.conn = conn
+        self.transport.registerProducer(conn, True)
+        return None
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:  # noqa: N802,N803
+        conn = self.conn
+        if conn is None:
+            return
+        if isBinary:
+            conn.binary_received(len(payload))
+        else:
+            conn.frame_received(payload)
+
+    def onPing(self, payload: bytes) -> None:  # noqa: N802
+        super().onPing(payload)
+        if self.conn is not None:
+            self.conn.activity()
+
+    def onPong(self, payload: bytes) -> None:  # noqa: N802
+        if self.conn is not None:
+            self.conn.activity()
+
+    def connectionLost(self, reason: Any = None) -> None:  # noqa: N802
+        try:
+            super().connectionLost(reason)
+        finally:
+            # Autobahn leaves its close-handshake timer behind when the peer goes first
+            call = getattr(self, "closeHandshakeTimeoutCall", None)
+            if call is not None:
+                self.closeHandshakeTimeoutCall = None
+                call.cancel()
+            if self.conn is not None:
+                self.conn.connection_lost()
+
+    # --- what the engine asks of its adapter
+
+    def write_message(self, data: bytes) -> None:
+        """Send one JSON frame as a text message."""
+        if self.state == self.STATE_OPEN:
+            self.sendMessage(data, False)
+
+    def close_connection(self, code: int, reason: str) -> None:
+        """Start the closing handshake with ``code`` (any code, 1009 and 1013 included)."""
+        if self.state == self.STATE_OPEN:
+            # sendClose() only allows 1000 and 3000-4999; the protocol needs 1001/1008/1009 too
+            self.sendCloseFrame(code=code, reasonUtf8=encode_truncate(reason, 123), isReply=False)
+        elif self.state != self.STATE_CLOSED:
+            self.dropConnection(abort=True)
+
+    def buffered_bytes(self) -> int | None:
+        """Output the transport holds and the kernel did not take yet."""
+        return _buffered_bytes(self.transport)
+
+
+class GatewayWebSocketFactory(WebSocketServerFactory):
+    """Autobahn server factory holding the hub; see :func:`make_websocket_factory`."""
+
+    protocol = GatewayWebSocketProtocol
+
+    def __init__(self, hub: Any) -> None:
+        config = hub.config
+        super().__init__(externalPort=config.external_port or None)
+        self.hub = hub
+        self._batched_timer = _ClockTimer(hub.clock)
+        max_size = config.max_frame_size
+
+        def accept_compression(offers: list[Any]) -> Any:
+            for offer in offers:
+                if isinstance(offer, PerMessageDeflateOffer):
+                    # bounds the inflated size as well as Autobahn's own check does
+                    return PerMessageDeflateOfferAccept(offer, max_message_size=max_size)
+            return None
+
+        options: dict[str, Any] = dict(
+            maxFramePayloadSize=max_size,
+            maxMessagePayloadSize=max_size,
+            # send the close frame (1009, 1002, ...) instead of dropping the TCP connection
+            failByDrop=False,
+            openHandshakeTimeout=config.handshake_timeout,
+            closeHandshakeTimeout=config.close_timeout,
+            autoPingInterval=config.ws_ping_interval,
+            autoPingTimeout=config.ws_ping_interval,
+            webStatus=False,
+        )
+        if config.compression:
+            options["perMessageCompressionAccept"] = accept_compression
+        self.setProtocolOptions(**options)
+
+
+def make_websocket_factory(hub: Any) -> GatewayWebSocketFactory:
+    """The factory for ``--ws`` listeners (limits from ``hub.config``)."""
+    return GatewayWebSocketFactory(hub)

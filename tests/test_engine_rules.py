@@ -1,0 +1,572 @@
+"""PROTOCOL.md's framing and auth rules, each on both transports (WebSocket and raw TCP).
+
+Unit tests: the real adapters over a StringTransport, time on a task.Clock,
+a FakeHub. Every test ends by checking that the connection left no delayed
+call behind and that the hub heard of its end exactly once.
+"""
+
+import pytest
+from prometheus_client import REGISTRY
+from twisted.internet.error import ConnectionDone
+from twisted.python.failure import Failure
+
+from imcluster.testing import ClientHarness, FakeHub, gateway_config
+
+
+class Unavailable(Exception):
+    pass
+
+
+@pytest.fixture(params=["ws", "tcp"])
+def kind(request):
+    return request.param
+
+
+@pytest.fixture
+def make_hub():
+    hubs = []
+
+    def make(**config):
+        config.setdefault("ws_ping_interval", 0)  # autobahn's pings have their own tests
+        hub = FakeHub(config=gateway_config(**config))
+        hub.authenticator.add("alice-1", "alice", 3600)
+        hub.authenticator.add("alice-2", "alice", 7200)
+        hub.authenticator.add("bob-1", "bob", 3600)
+        hub.authenticator.refuse("expired", "token_expired")
+        hub.authenticator.refuse("forged", "invalid_token")
+        hub.harnesses = []
+        hubs.append(hub)
+        return hub
+
+    yield make
+    for hub in hubs:
+        for h in hub.harnesses:
+            if not h.lost:
+                h.drop()
+        assert hub.clock.getDelayedCalls() == [], "a timer outlived its connection"
+        # connection_lost exactly once per accepted connection
+        assert sorted(map(id, hub.lost)) == sorted(map(id, hub.made))
+
+
+@pytest.fixture
+def hub(make_hub):
+    return make_hub()
+
+
+def client(hub, kind, **kw):
+    h = ClientHarness(hub, kind, **kw)
+    hub.harnesses.append(h)
+    return h
+
+
+def authed(hub, kind, token="alice-1", **kw):
+    h = client(hub, kind, **kw)
+    h.send({"type": "auth", "token": token})
+    frames = h.frames()
+    assert frames[0]["type"] == "auth_reply" and frames[0]["ok"], frames
+    return h
+
+
+def closed_with(h, ws_code, tcp_error):
+    """The close a user sees: the WebSocket code, or the TCP error frame then close."""
+    frames = h.frames()
+    assert h.closed
+    if h.kind == "ws":
+        assert h.close_code == ws_code
+    elif tcp_error is not None:
+        assert frames and frames[-1]["type"] == "error" and frames[-1]["code"] == tcp_error, frames
+    h.finish()
+    return frames
+
+
+def metric(name, **labels):
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+# --- framing
+
+
+def test_frame_over_size_limit_closes(make_hub, kind):
+    """A client sending a frame over max_frame_size is closed (1009 / too_large), not served."""
+    hub = make_hub(max_frame_size=1024)
+    h = authed(hub, kind)
+    h.send({"type": "message", "clientMsgId": "c", "sessionId": "s", "body": "x" * 2000})
+    closed_with(h, 1009, "too_large")
+    assert hub.forwarded == []
+
+
+def test_frame_at_size_limit_is_accepted(make_hub, kind):
+    """A frame of exactly max_frame_size bytes is still served."""
+    hub = make_hub(max_frame_size=1024)
+    h = authed(hub, kind)
+    frame = '{"type":"message","clientMsgId":"c","sessionId":"s","body":"%s"}'
+    frame = frame % ("x" * (1024 - len(frame % "")))
+    assert len(frame) == 1024
+    h.send(frame)
+    assert not h.closed
+    assert len(hub.forwarded) == 1
+
+
+def test_tcp_too_large_announced_length_closes_before_body(make_hub):
+    """A TCP client announcing a huge frame is closed at once, without the server buffering it."""
+    hub = make_hub(max_frame_size=1024)
+    h = authed(hub, "tcp")
+    h.send_raw((10**9).to_bytes(4, "big") + b"{")
+    closed_with(h, None, "too_large")
+
+
+def test_bad_frame_gets_error_and_stays_open(hub, kind):
+    """Malformed JSON gets bad_frame and the connection keeps working."""
+    h = authed(hub, kind)
+    h.send(b"{not json")
+    h.send({"no": "type"})
+    h.send({"type": "unknown"})
+    assert [f["code"] for f in h.frames()] == ["bad_frame"] * 3
+    h.send({"type": "ping"})
+    assert h.frames() == [{"type": "pong"}]
+    assert not h.closed
+
+
+def test_eleven_bad_frames_in_a_row_close(hub, kind):
+    """More than 10 bad frames in a row close the connection; 10 do not."""
+    h = authed(hub, kind)
+    for _ in range(10):
+        h.send(b"garbage")
+    assert len(h.frames()) == 10
+    assert not h.closed
+    h.send(b"garbage")
+    frames = closed_with(h, 1008, "bad_frame")
+    assert frames[-1]["code"] == "bad_frame"
+
+
+def test_good_frame_resets_bad_count(hub, kind):
+    """10 bad + a good one + 10 bad keeps the connection: only bad frames in a row count."""
+    h = authed(hub, kind)
+    for _ in range(10):
+        h.send(b"garbage")
+    h.send({"type": "ping"})
+    for _ in range(10):
+        h.send(b"garbage")
+    assert not h.closed
+    assert h.frames()[10] == {"type": "pong"}
+
+
+def test_bad_frames_before_auth_also_count(hub, kind):
+    """An unauthenticated client spewing garbage is closed as well."""
+    h = client(hub, kind)
+    for _ in range(11):
+        h.send(b"[")
+    closed_with(h, 1008, "bad_frame")
+
+
+def test_invalid_message_answered_on_its_client_msg_id(hub, kind):
+    """A message that fails validation gets message_reply bad_frame for its clientMsgId."""
+    h = authed(hub, kind)
+    h.send({"type": "message", "clientMsgId": "c-9", "sessionId": "s", "body": "a\u0000b"})
+    h.send({"type": "message", "clientMsgId": "", "sessionId": "s", "body": 1})
+    frames = h.frames()
+    assert frames[0]["type"] == "message_reply" and frames[0]["ok"] is False
+    assert frames[0]["clientMsgId"] == "c-9" and frames[0]["error"]["code"] == "bad_frame"
+    assert frames[1]["type"] == "error" and frames[1]["code"] == "bad_frame"
+    assert hub.forwarded == []
+
+
+def test_binary_websocket_message_is_bad_frame(hub):
+    """A binary WebSocket message gets bad_frame and counts towards the bad-frame close."""
+    h = authed(hub, "ws")
+    h.send_binary(b'{"type":"ping"}')
+    assert h.frames()[0]["code"] == "bad_frame"
+    assert not h.closed
+    for _ in range(10):
+        h.send_binary()
+    closed_with(h, 1008, None)
+
+
+def test_ping_pong(hub, kind):
+    """A client pinging with {"type":"ping"} gets {"type":"pong"}."""
+    h = authed(hub, kind)
+    h.send({"type": "ping"})
+    assert h.frames() == [{"type": "pong"}]
+
+
+def test_websocket_ping_control_frame_gets_pong(make_hub):
+    """A WebSocket ping control frame is answered by a pong with the same payload."""
+    from imcluster.testing import ws_frame
+    hub = make_hub()
+    h = authed(hub, "ws")
+    h.send_raw(ws_frame(b"hb", opcode=9))
+    h.frames()
+    assert (10, b"hb") in h.controls
+
+
+# --- timers
+
+
+def test_idle_timeout_closes(hub, kind):
+    """A client that sends nothing for idle_timeout is closed; any frame resets the clock."""
+    h = authed(hub, kind)
+    hub.clock.advance(80)
+    h.send(b"garbage")  # even a bad frame is a sign of life
+    hub.clock.advance(80)
+    assert not h.closed
+    hub.clock.advance(10)
+    closed_with(h, 1000, "idle_timeout")
+
+
+def test_websocket_pongs_keep_connection_alive(make_hub):
+    """A browser that only answers the server's pings is not closed as idle."""
+    from imcluster.testing import ws_frame
+    hub = make_hub(ws_ping_interval=30)
+    h = authed(hub, "ws")
+    for _ in range(8):  # 240 s, well past idle_timeout
+        hub.clock.advance(30)
+        h.frames()
+        pings = [payload for opcode, payload in h.controls if opcode == 9]
+        assert pings, "the server should ping"
+        h.controls.clear()
+        h.send_raw(ws_frame(pings[-1], opcode=10))
+    assert not h.closed
+
+
+def test_websocket_client_not_answering_pings_is_dropped(make_hub):
+    """A WebSocket peer that never answers pings is dropped after the ping timeout."""
+    hub = make_hub(ws_ping_interval=5)
+    h = authed(hub, "ws")
+    hub.clock.advance(5)
+    hub.clock.advance(6)
+    assert h.closed
+    h.finish()
+
+
+def test_auth_timeout_closes_4001(hub, kind):
+    """A connection that never authenticates is closed after auth_timeout (4001 / auth_timeout)."""
+    h = client(hub, kind)
+    hub.clock.advance(9.9)
+    assert not h.closed
+    hub.clock.advance(0.2)
+    closed_with(h, 4001, "auth_timeout")
+
+
+def test_auth_in_time_cancels_auth_timeout(hub, kind):
+    """Authenticating in time means no auth_timeout later."""
+    h = client(hub, kind)
+    hub.clock.advance(9)
+    h.send({"type": "auth", "token": "alice-1"})
+    hub.clock.advance(5)
+    h.send({"type": "ping"})
+    assert h.frames()[-1] == {"type": "pong"}
+    assert not h.closed
+
+
+def test_token_expiry_closes_4002(hub, kind):
+    """When the token's exp passes without refresh the server closes (4002 / token_expired)."""
+    h = authed(hub, kind)
+    for _ in range(40):  # stay active so idle_timeout does not interfere
+        hub.clock.advance(89)
+        h.send({"type": "ping"})
+    assert hub.clock.seconds() < 3600
+    assert not h.closed
+    hub.clock.advance(3600 - hub.clock.seconds())
+    closed_with(h, 4002, "token_expired")
+
+
+def test_refresh_postpones_expiry(hub, kind):
+    """A refresh with a fresh token for the same user moves the expiry close to the new exp."""
+    h = authed(hub, kind)
+    h.send({"type": "auth", "token": "alice-2"})
+    reply = h.frames()[0]
+    assert reply == {"type": "auth_reply", "ok": True, "userId": "alice",
+                     "connId": "gw-0000##10.1.2.3##40001", "serverId": "gw-0000"}
+    assert hub.auths[-1][2] is True  # refresh=True
+    assert len(hub.syncs) == 1  # a refresh does not sync again
+    while hub.clock.seconds() < 7100:
+        hub.clock.advance(80)
+        h.send({"type": "ping"})
+    assert not h.closed
+    hub.clock.advance(7200 - hub.clock.seconds())
+    closed_with(h, 4002, "token_expired")
+
+
+def test_expired_by_leeway_token_closes_at_once(make_hub, kind):
+    """A token accepted within the JWT leeway but already past exp does not buy extra time."""
+    hub = make_hub()
+    hub.clock.advance(3605)  # alice-1 expired 5 s ago (within a 10 s leeway)
+    h = authed(hub, kind)
+    hub.clock.advance(0)
+    closed_with(h, 4002, "token_expired")
+
+
+# --- authentication
+
+
+def test_auth_reply_format_and_sync(hub, kind):
+    """auth_reply ok carries exactly userId, connId and serverId, and a sync is requested after it."""
+    h = client(hub, kind)
+    h.send({"type": "auth", "token": "alice-1", "device": "iphone"})
+    assert h.frames() == [{"type": "auth_reply", "ok": True, "userId": "alice",
+                           "connId": "gw-0000##10.1.2.3##40001", "serverId": "gw-0000"}]
+    conn = h.conn
+    assert (conn.user_id, conn.device, conn.peer_key, conn.transport_name) == (
+        "alice", "iphone", "10.1.2.3##40001", kind)
+    assert hub.auths == [(conn, conn.identity, False)]
+    assert hub.syncs == [conn]
+
+
+@pytest.mark.parametrize("token,code", [("forged", "invalid_token"), ("expired", "token_expired"),
+                                        ("unknown", "invalid_token")])
+def test_auth_failure_replies_and_closes_4001(hub, kind, token, code):
+    """A bad token gets auth_reply ok:false with its code, then close 4001."""
+    before = metric("imcluster_auth_failures_total", code=code)
+    h = client(hub, kind)
+    h.send({"type": "auth", "token": token})
+    frames = closed_with(h, 4001, None)
+    assert frames[0]["type"] == "auth_reply" and frames[0]["ok"] is False
+    assert frames[0]["error"]["code"] == code
+    assert len(frames) == 1  # TCP: no error frame after the auth_reply
+    assert metric("imcluster_auth_failures_total", code=code) == before + 1
+    assert hub.auths == []
+
+
+def test_not_authenticated_before_auth(hub, kind):
+    """Frames before auth get not_authenticated (with their ref) and the connection stays open."""
+    h = client(hub, kind)
+    h.send({"type": "message", "clientMsgId": "c-1", "sessionId": "s", "body": 1})
+    h.send({"type": "history", "sessionId": "s", "id": "q-1"})
+    h.send({"type": "ping"})
+    frames = h.frames()
+    assert [(f["type"], f["code"], f.get("ref")) for f in frames] == [
+        ("error", "not_authenticated", "c-1"), ("error", "not_authenticated", "q-1"),
+        ("error", "not_authenticated", None)]
+    assert not h.closed
+    assert hub.forwarded == []
+    h.send({"type": "auth", "token": "alice-1"})
+    assert h.frames()[0]["ok"] is True
+
+
+def test_reauth_with_other_user_closes(hub, kind):
+    """A token for another user on an authenticated connection is invalid_token, then close 4001."""
+    h = authed(hub, kind)
+    h.send({"type": "auth", "token": "bob-1"})
+    frames = closed_with(h, 4001, None)
+    assert frames[0]["error"]["code"] == "invalid_token"
+    assert h.conn.user_id == "alice"
+
+
+def test_failed_refresh_closes(hub, kind):
+    """An expired token sent as a refresh is token_expired, then close 4001."""
+    h = authed(hub, kind)
+    h.send({"type": "auth", "token": "expired"})
+    frames = closed_with(h, 4001, None)
+    assert frames[0]["error"]["code"] == "token_expired"
+
+
+def test_hub_cannot_record_auth(hub, kind):
+    """When Redis is down the client gets auth_reply unavailable, stays open, and may retry."""
+    hub.auth_failure = Unavailable("redis down")
+    h = client(hub, kind)
+    h.send({"type": "auth", "token": "alice-1"})
+    h.send({"type": "ping"})
+    frames = h.frames()
+    assert frames[0] == {"type": "auth_reply", "ok": False,
+                         "error": {"code": "unavailable", "message": frames[0]["error"]["message"]}}
+    assert frames[1]["code"] == "not_authenticated"
+    assert not h.closed and h.conn.user_id is None
+    assert hub.syncs == []
+    hub.auth_failure = None
+    h.send({"type": "auth", "token": "alice-1"})
+    assert h.frames()[0]["ok"] is True
+
+
+def test_frames_after_auth_wait_for_auth_reply(hub, kind):
+    """A client that pipelines auth and its first frames gets them processed in order."""
+    hub.hold_auth = True
+    h = client(hub, kind)
+    h.send({"type": "auth", "token": "alice-1"})
+    h.send({"type": "message", "clientMsgId": "c-1", "sessionId": "s", "body": 1})
+    h.send({"type": "ping"})
+    assert h.frames() == [] and hub.forwarded == []
+    hub.held.pop().callback(None)
+    frames = h.frames()
+    assert [f["type"] for f in frames] == ["auth_reply", "pong"]
+    assert [f["clientMsgId"] for _, f in hub.forwarded] == ["c-1"]
+
+
+def test_auth_timeout_while_hub_records(hub, kind):
+    """A connection whose auth never completes is still closed by the auth timeout."""
+    hub.hold_auth = True
+    h = client(hub, kind)
+    h.send({"type": "auth", "token": "alice-1"})
+    hub.clock.advance(10)
+    closed_with(h, 4001, "auth_timeout")
+    hub.held.pop().callback(None)  # late answer: ignored
+    assert h.frames() == []
+
+
+def test_sync_request_failure_is_reported(hub, kind):
+    """If the sync cannot be requested the client is told instead of waiting for sync_done forever."""
+    hub.sync_failure = Unavailable("amqp down")
+    h = client(hub, kind)
+    h.send({"type": "auth", "token": "alice-1"})
+    frames = h.frames()
+    assert frames[0]["ok"] is True
+    assert frames[1]["type"] == "error" and frames[1]["code"] == "unavailable"
+
+
+# --- forwarding, rate limit, output
+
+
+def test_frames_forwarded_to_hub(hub, kind):
+    """Every processor-bound frame type reaches the hub validated."""
+    h = authed(hub, kind)
+    sent = [
+        {"type": "message", "clientMsgId": "c", "sessionId": "s", "body": {"t": 1}},
+        {"type": "message_send_reply", "msgIds": ["1"]},
+        {"type": "history", "sessionId": "s"},
+        {"type": "read", "sessionId": "s", "seq": 3},
+        {"type": "session_create", "id": "r", "members": ["bob"]},
+    ]
+    for f in sent:
+        h.send(f)
+    assert h.frames() == []
+    got = [f for _, f in hub.forwarded]
+    assert [f["type"] for f in got] == [f["type"] for f in sent]
+    assert got[2]["limit"] == 50
+    assert all(c is h.conn for c, _ in hub.forwarded)
+
+
+def test_forward_failure_answers_unavailable(hub, kind):
+    """When the frame cannot be queued the client gets unavailable (message_reply for a message)."""
+    hub.forward_failure = Unavailable("publish timed out")
+    h = authed(hub, kind)
+    h.send({"type": "message", "clientMsgId": "c-7", "sessionId": "s", "body": 1})
+    h.send({"type": "history", "sessionId": "s", "id": 5})
+    frames = h.frames()
+    assert frames[0]["type"] == "message_reply" and frames[0]["ok"] is False
+    assert frames[0]["clientMsgId"] == "c-7" and frames[0]["error"]["code"] == "unavailable"
+    assert frames[1] == {"type": "error", "code": "unavailable", "message": frames[1]["message"], "ref": 5}
+    assert not h.closed
+
+
+def test_rate_limit(make_hub, kind):
+    """Frames over the per-connection rate get rate_limited instead of being processed."""
+    hub = make_hub(rate_limit=2, rate_burst=3)
+    h = authed(hub, kind)  # auth took one token
+    for i in range(3):
+        h.send({"type": "message", "clientMsgId": f"c-{i}", "sessionId": "s", "body": i})
+    h.send({"type": "history", "sessionId": "s", "id": "h"})
+    frames = h.frames()
+    assert [f["clientMsgId"] for _, f in hub.forwarded] == ["c-0", "c-1"]
+    assert frames[0]["type"] == "message_reply" and frames[0]["error"]["code"] == "rate_limited"
+    assert frames[0]["clientMsgId"] == "c-2"
+    assert frames[1] == {"type": "error", "code": "rate_limited", "message": frames[1]["message"],
+                         "ref": "h"}
+    hub.clock.advance(1)  # two tokens back
+    h.send({"type": "history", "sessionId": "s"})
+    assert hub.forwarded[-1][1]["type"] == "history"
+    assert not h.closed
+
+
+def test_slow_consumer_closed_4003(make_hub, kind):
+    """A client that stops reading is closed once pending output passes the limit (4003 / slow_consumer)."""
+    hub = make_hub(output_buffer_limit=5000)
+    h = authed(hub, kind)
+    conn = h.conn
+    assert h.transport.producer is conn  # registered on the transport
+    conn.pauseProducing()  # the kernel buffer is full
+    frame = {"type": "message_send", "msgId": "1", "sessionId": "s", "seq": 1, "from": "bob",
+             "body": "x" * 900, "ts": 1}
+    for _ in range(5):
+        conn.send_frame(frame)
+    assert not h.closed
+    conn.send_frame(frame)
+    closed_with(h, 4003, "slow_consumer")
+    conn.send_frame(frame)  # after close: dropped, no error
+
+
+def test_reader_that_catches_up_is_not_closed(make_hub, kind):
+    """A client whose buffer drains (resumeProducing) starts from zero again."""
+    hub = make_hub(output_buffer_limit=5000)
+    h = authed(hub, kind)
+    conn = h.conn
+    for _ in range(3):
+        conn.pauseProducing()
+        for _ in range(4):
+            conn.send_encoded('{"type":"x","pad":"%s"}' % ("y" * 1000))
+        conn.resumeProducing()
+    assert not h.closed
+    assert len(h.frames()) == 12
+
+
+def test_send_encoded_str_and_bytes(hub, kind):
+    """A delivery serialized once by the hub reaches the client intact."""
+    h = authed(hub, kind)
+    h.conn.send_encoded('{"type":"message_send","body":"é"}')
+    h.conn.send_encoded(b'{"type":"sync_done","count":0}')
+    assert h.frames() == [{"type": "message_send", "body": "é"}, {"type": "sync_done", "count": 0}]
+
+
+def test_going_away(hub, kind):
+    """A stopping gateway tells clients to reconnect elsewhere (1001 / going_away)."""
+    h = authed(hub, kind)
+    h.conn.going_away()
+    closed_with(h, 1001, "going_away")
+
+
+def test_hub_close_maps_code_for_tcp(hub, kind):
+    """conn.close(4003) reaches a TCP client as error slow_consumer."""
+    h = authed(hub, kind)
+    h.conn.close(4003, "too slow")
+    closed_with(h, 4003, "slow_consumer")
+
+
+def test_refused_connection(hub, kind):
+    """A gateway at capacity refuses: WebSocket handshake 503, TCP error unavailable then close."""
+    hub.refuse = True
+    h = client(hub, kind)
+    if kind == "ws":
+        assert h.status == 503
+        assert h.transport.disconnecting
+    else:
+        assert h.frames()[0]["code"] == "unavailable"
+        assert h.transport.disconnecting
+    assert h.conn is None
+    hub.clock.advance(60)  # the TCP abort timer
+    h.finish()
+    assert hub.lost == [] and hub.made == []
+
+
+def test_connection_lost_once_on_client_drop(hub, kind):
+    """A vanished client is removed from the hub exactly once, timers and all."""
+    h = authed(hub, kind)
+    h.drop()
+    h.proto.connectionLost(Failure(ConnectionDone()))  # a second notification changes nothing
+    assert hub.lost == [h.conn]
+
+
+def test_tcp_close_aborts_client_that_never_reads(make_hub):
+    """A closing TCP connection whose client does not read is dropped after close_timeout."""
+    hub = make_hub(close_timeout=3)
+    h = authed(hub, "tcp")
+    h.conn.going_away()
+    assert h.transport.disconnecting and not h.transport.disconnected
+    hub.clock.advance(3)
+    assert h.transport.disconnected  # aborted
+    h.finish()
+
+
+def test_metrics_counted(hub, kind):
+    """Operators see frames, bytes, errors and closes in the metrics."""
+    errors = metric("imcluster_errors_total", code="bad_frame")
+    frames_in = metric("imcluster_frames_in_total", transport=kind, type="ping")
+    out = metric("imcluster_frames_out_total", transport=kind)
+    closes = metric("imcluster_closes_total", reason="going_away")
+    h = authed(hub, kind)
+    h.send({"type": "ping"})
+    h.send(b"nope")
+    h.conn.going_away()
+    assert metric("imcluster_errors_total", code="bad_frame") == errors + 1
+    assert metric("imcluster_frames_in_total", transport=kind, type="ping") == frames_in + 1
+    assert metric("imcluster_frames_out_total", transport=kind) >= out + 3
+    assert metric("imcluster_closes_total", reason="going_away") == closes + 1
+    assert metric("imcluster_bytes_in_total", transport=kind) > 0
+    h.finish()
