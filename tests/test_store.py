@@ -34,8 +34,9 @@ async def store_db_factory():
     schema = unique("imt_store_")
     made: list[PostgresService] = []
 
-    async def make(pool_size: int = 2) -> PostgresService:
-        db = PostgresService(POSTGRES_DSN, schema=schema, pool_size=pool_size, connect_timeout=5.0)
+    async def make(pool_size: int = 2, application_name: str = "imcluster-test") -> PostgresService:
+        db = PostgresService(POSTGRES_DSN, schema=schema, pool_size=pool_size, connect_timeout=5.0,
+                             application_name=application_name)
         made.append(db)
         await db.startService()
         if len(made) == 1:
@@ -43,10 +44,11 @@ async def store_db_factory():
         return db
 
     yield make
+    for db in made[1:]:
+        await db.stopService()  # ends (rolls back) what a failed test left open
     if made:
         await made[0].run_operation(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-    for db in made:
-        await db.stopService()
+        await made[0].stopService()
 
 
 @pytest.fixture(params=["postgres", "fake"])

@@ -14,7 +14,7 @@ trips, whatever the batch size:
    (``INSERT ... ON CONFLICT DO NOTHING``, in id order) with both members;
 3. the batch's sessions are locked with ``SELECT ... ORDER BY id FOR UPDATE``
    (one stable byte order for every processor: two processors never
-   deadlock), which also reads ``last_seq`` and the members;
+   deadlock), then ``last_seq`` and the members are read (same round trip);
 4. one statement writes everything: one ``UPDATE session`` row per session
    (``last_seq`` advanced by the number of new messages), one multi-row
    ``INSERT`` into ``messagerecv`` and the ``messagesend`` rows of every
@@ -297,6 +297,15 @@ def _bytes_key(s: str) -> bytes:
 
 # --- the store -----------------------------------------------------------------
 
+#: one page of a user's undelivered messages after (session_id, seq), byte order:
+#: an index range scan on messagesend_undelivered (0002), no sort (tests EXPLAIN it)
+UNDELIVERED_SQL = (
+    "SELECT s.msg_id, s.session_id, s.seq, r.sender_id, r.client_msg_id, r.body, "
+    + _TS_SQL.format(t="r") + " FROM messagesend s JOIN messagerecv r ON r.id = s.msg_id "
+    "WHERE s.user_id = %s AND s.status <> 'delivered' "
+    'AND (s.session_id COLLATE "C", s.seq) > (%s COLLATE "C", %s::bigint) '
+    'ORDER BY s.session_id COLLATE "C", s.seq LIMIT %s')
+
 
 @implementer(IMessageStore)
 class MessageStore:
@@ -317,6 +326,8 @@ class MessageStore:
         if clock is None:
             from twisted.internet import reactor as clock
         self.clock = clock
+        #: batches run again after losing a race on the clientMsgId key (observability, tests)
+        self.race_retries = 0
 
     # -- messages ----------------------------------------------------------------
 
@@ -341,6 +352,7 @@ class MessageStore:
             except Exception as e:
                 if not _race(e) or attempt > RACE_RETRIES:
                     raise
+                self.race_retries += 1
                 self.log.info("store batch of {n} lost a race ({code}); attempt {attempt} of {retries}",
                               n=len(batch), code=getattr(e, "pgcode", None), attempt=attempt + 1,
                               retries=RACE_RETRIES + 1)
@@ -414,14 +426,19 @@ class MessageStore:
         if p2p_new:
             await self._create_p2p(cursor, sorted(p2p_new, key=_bytes_key))
 
-        # 3. lock the sessions in one stable order; read last_seq and members
+        # 3. lock the sessions in one stable order, then read last_seq and members.
+        # Two statements in one round trip: under READ COMMITTED the second
+        # takes a new snapshot, after the locks are held, so it sees what a
+        # membership change that held the lock before us committed (a
+        # subquery of the locking SELECT itself would read its older snapshot).
         sessions: dict[str, tuple[int, list[str]]] = {}
         if session_ids:
+            ids = sorted(session_ids)
             await cursor.execute(
+                'SELECT 1 FROM session WHERE id = ANY(%s) ORDER BY id COLLATE "C" FOR UPDATE; '
                 'SELECT s.id, s.last_seq, ARRAY(SELECT m.user_id FROM session_member m '
                 'WHERE m.session_id = s.id ORDER BY m.user_id COLLATE "C") '
-                'FROM session s WHERE s.id = ANY(%s) ORDER BY s.id COLLATE "C" FOR UPDATE OF s',
-                (sorted(session_ids),))
+                'FROM session s WHERE s.id = ANY(%s)', (ids, ids))
             for sid, last_seq, members in cursor.fetchall():
                 sessions[sid] = (last_seq, members)
 
@@ -578,17 +595,9 @@ class MessageStore:
         """
         if not valid_user_id(user_id):
             return defer.succeed([])
-        where = ""
-        params: list[Any] = [user_id]
-        if after is not None:
-            where = 'AND (s.session_id COLLATE "C", s.seq) > (%s COLLATE "C", %s::bigint) '
-            params += [after[0], after[1]]
-        params.append(max(1, int(limit)))
-        d = self.db.run_query(
-            "SELECT s.msg_id, s.session_id, s.seq, r.sender_id, r.client_msg_id, r.body, "
-            + _TS_SQL.format(t="r") + " FROM messagesend s JOIN messagerecv r ON r.id = s.msg_id "
-            "WHERE s.user_id = %s AND s.status <> 'delivered' " + where
-            + 'ORDER BY s.session_id COLLATE "C", s.seq LIMIT %s', tuple(params))
+        # ('', 0) sorts before every (session id, seq): session ids are never empty
+        after_sid, after_seq = ("", 0) if after is None else (str(after[0]), int(after[1]))
+        d = self.db.run_query(UNDELIVERED_SQL, (user_id, after_sid, after_seq, max(1, int(limit))))
         return d.addCallback(lambda rows: [
             {"msgId": str(msg_id), "sessionId": sid, "seq": seq, "from": sender,
              "clientMsgId": cmid, "body": body, "ts": ts}

@@ -1,0 +1,221 @@
+"""The message store on the real PostgreSQL: concurrency, races, paging at volume, query plans."""
+
+from __future__ import annotations
+
+import json
+
+import pytest_twisted
+from twisted.internet import defer, reactor, task
+
+from imcluster.processor.store import UNDELIVERED_SQL, Incoming, MessageStore
+from tests.support.ids import unique
+from tests.test_store import store_db_factory  # noqa: F401 (fixture)
+
+CAP = 1000
+
+
+async def named_service(store_db_factory, prefix):  # noqa: F811
+    """A one-connection pool on the test's schema, recognisable in pg_stat_activity."""
+    return await store_db_factory(pool_size=1, application_name=unique(prefix))
+
+
+async def wait_until_blocked(db, application_name, timeout=5.0):
+    """Wait until a backend of ``application_name`` waits for a lock."""
+    for _ in range(int(timeout / 0.01)):
+        rows = await db.run_query(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s AND wait_event_type = 'Lock'",
+            (application_name,))
+        if rows[0][0]:
+            return
+        await task.deferLater(reactor, 0.01, lambda: None)
+    raise AssertionError(f"{application_name} never waited for a lock")
+
+
+class Gate:
+    """An interaction that does ``sql`` and then holds its transaction open until ``release()``."""
+
+    def __init__(self, db, statements):
+        self.opened = defer.Deferred()
+        self._release = defer.Deferred()
+        self.done = db.run_interaction(self._hold, idempotent=False)
+        self.statements = statements
+
+    async def _hold(self, cursor):
+        for sql, params in self.statements:
+            await cursor.execute(sql, params)
+        self.opened.callback(None)
+        await self._release
+
+    def release(self):
+        self._release.callback(None)
+        return self.done
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_processors_store_into_one_group_gap_free(store_db_factory):  # noqa: F811
+    """Two processors would give a group repeated or missing seq numbers, or store a message twice."""
+    db1, db2 = await store_db_factory(pool_size=3), await store_db_factory(pool_size=3)
+    s1, s2 = MessageStore(db1, CAP), MessageStore(db2, CAP)
+    await s1.create_session("alice", ["bob", "carol", "dave"], "g")
+    senders = ["alice", "bob", "carol"]
+    keys = [(senders[i % 3], f"m{i}") for i in range(600)]
+    batches = [keys[i:i + 40] for i in range(0, len(keys), 40)]
+
+    def run(store, order):
+        # each processor sees every message (redelivery) in its own order, 3 batches in flight
+        return [store.store_messages([Incoming(s, c, "g", {"k": c}) for s, c in batches[i]]) for i in order]
+
+    n = len(batches)
+    work = run(s1, range(n)) + run(s2, reversed(range(n))) + run(s1, range(0, n, 2))
+    results = [r for batch in await defer.gatherResults(work, consumeErrors=True) for r in batch]
+    assert all(r.ok for r in results)
+    by_key = {}
+    for r in results:
+        by_key.setdefault((r.sender, r.client_msg_id), set()).add((r.msg_id, r.seq))
+    assert all(len(v) == 1 for v in by_key.values()), "one key answered with two msgIds"
+    rows = await db1.run_query("SELECT seq, sender_id, client_msg_id FROM messagerecv WHERE session_id = 'g' "
+                               "ORDER BY seq")
+    assert [r[0] for r in rows] == list(range(1, len(keys) + 1))
+    assert sorted((r[1], r[2]) for r in rows) == sorted(keys)
+    assert (await db1.run_query("SELECT last_seq FROM session WHERE id = 'g'"))[0][0] == len(keys)
+    # every message has exactly its three recipients' rows
+    counts = await db1.run_query("SELECT count(*), count(DISTINCT msg_id) FROM messagesend")
+    assert counts[0] == (3 * len(keys), len(keys))
+
+
+@pytest_twisted.ensureDeferred
+async def test_lost_race_on_client_msg_id_answers_the_original(store_db_factory):  # noqa: F811
+    """A message racing with its own copy on another processor would fail or be stored twice."""
+    db = await store_db_factory()
+    store = MessageStore(db, CAP)
+    await store.create_session("alice", ["bob"], "g1")
+    await store.create_session("alice", ["bob"], "g2")
+    other = await named_service(store_db_factory, "imt_racer_")
+    # another processor has inserted alice's "c1" (into g2) and not committed yet
+    gate = Gate(other, [
+        ("UPDATE session SET last_seq = 1 WHERE id = 'g2'", None),
+        ("INSERT INTO messagerecv (session_id, seq, sender_id, client_msg_id, body) "
+         "VALUES ('g2', 1, 'alice', 'c1', '\"first\"')", None),
+        ("INSERT INTO messagesend (user_id, msg_id, session_id, seq) "
+         "SELECT 'bob', id, 'g2', 1 FROM messagerecv WHERE client_msg_id = 'c1'", None)])
+    await gate.opened
+    mine = await named_service(store_db_factory, "imt_loser_")
+    loser = MessageStore(mine, CAP)
+    d = loser.store_messages([Incoming("alice", "c1", "g1", "second"), Incoming("alice", "c2", "g1", "ok")])
+    await wait_until_blocked(db, mine.application_name)  # on the unique key
+    await gate.release()
+    first, second = await d
+    assert loser.race_retries == 1
+    assert first.duplicate and (first.session_id, first.seq, first.body) == ("g2", 1, "first")
+    assert first.recipients == ["bob"]
+    assert not second.duplicate and (second.session_id, second.seq) == ("g1", 1)  # no gap left behind
+    assert (await db.run_query("SELECT last_seq FROM session WHERE id = 'g1'"))[0][0] == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_member_added_while_waiting_for_the_session_lock(store_db_factory):  # noqa: F811
+    """A member added during a send would miss the message, or get it without being a recipient."""
+    db = await store_db_factory()
+    store = MessageStore(db, CAP)
+    await store.create_session("alice", ["bob"], "g")
+    other = await named_service(store_db_factory, "imt_admin_")
+    # an admin (another daemon) holds the session lock while adding carol
+    gate = Gate(other, [("SELECT 1 FROM session WHERE id = 'g' FOR UPDATE", None),
+                        ("INSERT INTO session_member (session_id, user_id) VALUES ('g', 'carol')", None)])
+    await gate.opened
+    mine = await named_service(store_db_factory, "imt_sender_")
+    d = MessageStore(mine, CAP).store_messages([Incoming("alice", "a1", "g", "hi"),
+                                                Incoming("carol", "c1", "g", "me too")])
+    await wait_until_blocked(db, mine.application_name)  # on the session lock
+    await gate.release()
+    first, second = await d
+    assert first.recipients == ["bob", "carol"]
+    assert second.ok and second.recipients == ["alice", "bob"]
+    rows = await db.run_query("SELECT user_id FROM messagesend WHERE msg_id = %s ORDER BY user_id",
+                              (int(first.msg_id),))
+    assert [r[0] for r in rows] == ["bob", "carol"]
+
+
+async def fill_backlog(store, db, sessions=40, per_session=50, others=3):
+    """``sessions`` x ``per_session`` messages to bob (and ``others`` more users), batches of 500."""
+    sids = [f"s{i:02d}" if i % 2 else f"S{i:02d}" for i in range(sessions)]
+    users = ["bob"] + [f"u{i}" for i in range(others)]
+    for sid in sids:
+        await store.create_session("alice", users, sid)
+    batch = [Incoming("alice", f"{sid}-{k}", sid, {"k": k}) for k in range(per_session) for sid in sids]
+    for i in range(0, len(batch), 500):
+        await store.store_messages(batch[i:i + 500])
+    await db.run_operation("ANALYZE")
+    return sids
+
+
+@pytest_twisted.ensureDeferred
+async def test_undelivered_paging_over_a_large_backlog(store_db_factory):  # noqa: F811
+    """A sync of a long backlog would skip, repeat or misorder messages between pages."""
+    db = await store_db_factory()
+    store = MessageStore(db, CAP)
+    sids = await fill_backlog(store, db)
+    # some already acknowledged, some being sent
+    page = await store.undelivered_page("bob", None, 2000)
+    assert len(page) == 2000
+    acked = [m["msgId"] for m in page[::7]]
+    assert await store.mark_delivered([("bob", acked)]) == len(acked)
+    assert await store.mark_sending([("bob", m["msgId"]) for m in page[1::5]]) > 0
+    expected = [(m["sessionId"], m["seq"]) for m in page if m["msgId"] not in set(acked)]
+    assert expected == sorted(expected, key=lambda k: (k[0].encode(), k[1]))
+    assert [k[0] for k in expected[:1]] == [sorted(sids, key=str.encode)[0]]
+    seen, after = [], None
+    while True:
+        chunk = await store.undelivered_page("bob", after, 300)
+        if not chunk:
+            break
+        seen += [(m["sessionId"], m["seq"]) for m in chunk]
+        after = (chunk[-1]["sessionId"], chunk[-1]["seq"])
+    assert seen == expected
+    assert len(set(seen)) == len(seen)
+
+
+def _nodes(plan):
+    yield plan
+    for child in plan.get("Plans", []):
+        yield from _nodes(child)
+
+
+@pytest_twisted.ensureDeferred
+async def test_undelivered_page_is_an_index_range_scan(store_db_factory):  # noqa: F811
+    """Every sync page would sort the user's whole backlog (slow syncs for users with many messages)."""
+    db = await store_db_factory()
+    store = MessageStore(db, CAP)
+    await fill_backlog(store, db, sessions=40, per_session=50, others=9)
+    for after in [("", 0), ("S10", 20)]:
+        rows = await db.run_query("EXPLAIN (FORMAT JSON) " + UNDELIVERED_SQL, ("bob", after[0], after[1], 500))
+        plan = rows[0][0]
+        plan = json.loads(plan) if isinstance(plan, str) else plan
+        nodes = list(_nodes(plan[0]["Plan"]))
+        assert not [n for n in nodes if n["Node Type"] in ("Sort", "Incremental Sort")], nodes
+        scans = [n for n in nodes if n.get("Relation Name") == "messagesend"]
+        assert [(n["Node Type"], n.get("Index Name")) for n in scans] == [("Index Scan", "messagesend_undelivered")]
+
+
+@pytest_twisted.ensureDeferred
+async def test_concurrent_acks_and_marks_do_not_deadlock(store_db_factory):  # noqa: F811
+    """Two processors applying overlapping acknowledgements would deadlock and stall acks."""
+    db1, db2 = await store_db_factory(pool_size=3), await store_db_factory(pool_size=3)
+    s1, s2 = MessageStore(db1, CAP), MessageStore(db2, CAP)
+    users = [f"u{i}" for i in range(20)]
+    await s1.create_session("alice", users, "g")
+    stored = await s1.store_messages([Incoming("alice", f"a{i}", "g", i) for i in range(100)])
+    ids = [r.msg_id for r in stored]
+    forward = [(u, ids) for u in users]
+    backward = [(u, list(reversed(ids))) for u in reversed(users)]
+    pairs = [(u, i) for u in users for i in ids]
+    work = []
+    for _ in range(3):
+        work += [s1.mark_delivered(forward[:15]), s2.mark_delivered(backward[:15]),
+                 s1.mark_sending(pairs), s2.mark_sending(list(reversed(pairs))),
+                 s2.mark_delivered(forward[5:]), s1.mark_delivered(backward[5:])]
+    counts = await defer.gatherResults(work, consumeErrors=True)
+    delivered = sum(c for i, c in enumerate(counts) if i % 6 not in (2, 3))
+    assert delivered == len(users) * len(ids)  # every row became delivered exactly once
+    rows = await db1.run_query("SELECT status, count(*) FROM messagesend GROUP BY status")
+    assert rows == [("delivered", len(users) * len(ids))]
