@@ -1,0 +1,679 @@
+"""The gateway hub: what ties client connections to Redis and RabbitMQ.
+
+:class:`GatewayService` implements the hub interface the connection engine
+calls (``notes``: ``connection_made``, ``authenticated``, ``request_sync``,
+``forward``, ``connection_lost``) and runs ARCHITECTURE.md's flows:
+
+1. start: a new uuid; ``WSSERVER_<uuid>`` + ``WSSERVERS``; declare and
+   consume ``<ns>.gateway.<uuid>``; then open the listening ports (and write
+   ``WSSERVER_<uuid>`` again with the ports actually bound);
+2. connect / 3. auth / 7. disconnect: the connection maps
+   (:class:`~imcluster.gateway.connections.ConnectionRegistry`) and the
+   ``UCIR##<user>`` / ``WSCONNS##<uuid>`` entries, written in pipelines that
+   gather every change of one reactor turn;
+4. client frames are coalesced into ``{"v":1,"items":[...]}`` batches
+   (docs/internals.rst), one persistent, confirmed publish per batch;
+6. deliveries from the gateway queue are written, in order, to the named
+   connections, each frame serialised once;
+8. SIGTERM: listeners stop, clients are told "going away", every Redis entry
+   of this gateway is removed, then the AMQP connection closes.
+
+A heartbeat refreshes ``WSSERVER_<uuid>``; when Redis has lost it (or after a
+Redis reconnect) the gateway writes its key and every live connection again.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import uuid as uuid_module
+from typing import Any, Callable, Iterable
+
+from twisted.application import service
+from twisted.internet import defer, endpoints
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from imcluster import metrics
+from imcluster.protocol import encode_bytes
+from imcluster.gateway.connections import ConnectionRegistry
+from imcluster.registry import conn_meta, server_info
+from imcluster.service import GuardedLoop, with_timeout
+
+
+class GatewayStopping(Exception):
+    """The gateway is shutting down and records no new authentication."""
+
+
+def advertise_address(configured: str | None = None) -> str:
+    """The ``ip`` written to ``WSSERVER_<uuid>``.
+
+    The configured address, else the first non-loopback address (the one the
+    default route leaves from), else ``127.0.0.1``.
+    """
+    if configured:
+        return configured
+    for family, probe in ((socket.AF_INET, ("192.0.2.1", 9)), (socket.AF_INET6, ("2001:db8::1", 9))):
+        try:
+            # a UDP "connect" only picks a route; nothing is sent
+            with socket.socket(family, socket.SOCK_DGRAM) as s:
+                s.connect(probe)
+                ip = s.getsockname()[0]
+        except OSError:
+            continue
+        if not _is_loopback(ip):
+            return ip
+    try:
+        for info in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET):
+            ip = info[4][0]
+            if not _is_loopback(ip):
+                return ip
+    except OSError:
+        pass
+    return "127.0.0.1"
+
+
+def _is_loopback(ip: str) -> bool:
+    return ip.startswith("127.") or ip in ("::1", "0.0.0.0", "::")
+
+
+def declared_port(description: str) -> int:
+    """The port an endpoint string names (``tcp:8080``, ``ssl:port=443:...``), 0 if none.
+
+    Used until the listener is bound; ``tcp:0`` is only known after listening.
+    """
+    kind, _, rest = description.partition(":")
+    if kind not in ("tcp", "tcp6", "ssl", "ssl6", "le", "lets"):
+        return 0
+    positional = []
+    for part in rest.split(":"):
+        if "=" in part:
+            key, _, value = part.partition("=")
+            if key == "port" and value.isdigit():
+                return int(value)
+        else:
+            positional.append(part)
+    if positional and positional[0].isdigit():
+        return int(positional[0])
+    return 0
+
+
+def _chunks(items: list, size: int) -> Iterable[list]:
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+# --- Redis writes of connection entries -----------------------------------------
+
+
+class ConnectionWriter:
+    """Gathers the ``UCIR`` / ``WSCONNS`` changes of one reactor turn into pipelines.
+
+    An ``add`` fires when Redis has the entry (or fails with Redis' error);
+    a ``remove`` is fire-and-forget: a failed one is kept and sent again by
+    :meth:`retry_failed` (the heartbeat calls it). An add and a remove of the
+    same entry in one turn cancel out. Everything queued before
+    :meth:`flush` is written before anything queued after it (one Redis
+    connection answers in order).
+    """
+
+    log = Logger()
+
+    def __init__(self, registry: Any, server_id: str, clock: Any, batch: int,
+                 still_live: Callable[[tuple], bool]) -> None:
+        self.registry = registry
+        self.server_id = server_id
+        self.clock = clock
+        self.batch = batch
+        self.still_live = still_live  # (user, ip, port) -> True while that connection is authenticated here
+        # (user, ip, port) -> (meta, [waiters])
+        self._adds: dict[tuple, tuple[dict, list[defer.Deferred]]] = {}
+        self._removes: dict[tuple, None] = {}
+        self._failed: dict[tuple, None] = {}
+        self._call: Any = None
+        self._in_flight: set[defer.Deferred] = set()
+
+    def add(self, user_id: str, ip: str, port: int, meta: dict) -> defer.Deferred:
+        """Write one connection entry (HSET + SADD) with the others of this turn."""
+        key = (user_id, ip, port)
+        self._removes.pop(key, None)
+        self._failed.pop(key, None)
+        d = defer.Deferred()
+        previous = self._adds.get(key)
+        waiters = previous[1] if previous else []
+        waiters.append(d)
+        self._adds[key] = (meta, waiters)  # the latest meta wins
+        self._schedule()
+        return d
+
+    def remove(self, user_id: str, ip: str, port: int) -> None:
+        """Remove one connection entry (HDEL + SREM) with the others of this turn."""
+        key = (user_id, ip, port)
+        pending = self._adds.pop(key, None)
+        if pending is not None:
+            # never written: nothing to remove; whoever waited for it is done
+            for d in pending[1]:
+                d.callback(None)
+            return
+        self._removes[key] = None
+        self._schedule()
+
+    def retry_failed(self) -> None:
+        """Queue again the removes that failed (Redis was down), unless the entry is live again."""
+        failed, self._failed = self._failed, {}
+        for key in failed:
+            if not self.still_live(key):
+                self.remove(*key)
+
+    def forget_failed(self) -> None:
+        """Drop failed removes (Redis was wiped: there is nothing left to remove)."""
+        self._failed.clear()
+
+    def _schedule(self) -> None:
+        if self._call is None:
+            self._call = self.clock.callLater(0, self.flush)
+
+    def flush(self) -> None:
+        """Send everything queued now: removes and adds, ``batch`` entries a pipeline."""
+        if self._call is not None:
+            if self._call.active():
+                self._call.cancel()
+            self._call = None
+        removes, self._removes = list(self._removes), {}
+        adds, self._adds = list(self._adds.items()), {}
+        for chunk in _chunks(removes, self.batch):
+            d = self.registry.remove_connections(self.server_id, chunk)
+            d.addErrback(self._remove_failed, chunk)
+            self._track(d)
+        for chunk in _chunks(adds, self.batch):
+            entries = [(u, ip, port, meta) for (u, ip, port), (meta, _) in chunk]
+            d = self.registry.add_connections(self.server_id, entries)
+            d.addBoth(self._added, [w for _, (_, ws) in chunk for w in ws])
+            self._track(d)
+
+    def _track(self, d: defer.Deferred) -> None:
+        self._in_flight.add(d)
+        d.addBoth(lambda r: (self._in_flight.discard(d), r)[1])
+
+    def _added(self, result: Any, waiters: list[defer.Deferred]) -> None:
+        for w in waiters:
+            if isinstance(result, Failure):
+                w.errback(result)
+            else:
+                w.callback(None)
+        if isinstance(result, Failure):
+            self.log.warn("writing {n} connection entries failed: {err}",
+                          n=len(waiters), err=result.getErrorMessage())
+
+    def _remove_failed(self, f: Failure, chunk: list[tuple]) -> None:
+        self.log.warn("removing {n} connection entries failed ({err}); retried on the next heartbeat",
+                      n=len(chunk), err=f.getErrorMessage())
+        for key in chunk:
+            self._failed[key] = None
+
+    def drain(self) -> defer.Deferred:
+        """Flush, then fire when every write sent so far has an answer."""
+        self.flush()
+        return defer.DeferredList(list(self._in_flight), consumeErrors=True)
+
+
+# --- coalesced publishes to the processors -----------------------------------------
+
+
+class Publisher:
+    """Coalesces items into ``{"v":1,"items":[...]}`` publishes to ``<ns>.server``.
+
+    A batch goes out at the end of the reactor turn (``callLater(0)``), or
+    at once when ``max_items`` are pending; each item's Deferred fires or
+    fails with its batch's publish (the bus fails a publish within
+    ``publish_timeout``). Each item is serialised when submitted, so a batch
+    costs one join, and one bad item fails alone.
+    """
+
+    log = Logger()
+
+    def __init__(self, bus: Any, routing_key: str, clock: Any, max_items: int) -> None:
+        self.bus = bus
+        self.routing_key = routing_key
+        self.clock = clock
+        self.max_items = max_items
+        self._items: list[bytes] = []
+        self._waiters: list[defer.Deferred] = []
+        self._call: Any = None
+        self._in_flight: set[defer.Deferred] = set()
+
+    def submit(self, item: dict) -> defer.Deferred:
+        """Publish ``item`` in the current batch; fires None on the broker's confirm."""
+        try:
+            # ASCII escapes: a lone surrogate in client text cannot break the batch's UTF-8
+            encoded = json.dumps(item, separators=(",", ":")).encode("ascii")
+        except (TypeError, ValueError) as e:
+            return defer.fail(e)
+        d = defer.Deferred()
+        self._items.append(encoded)
+        self._waiters.append(d)
+        if len(self._items) >= self.max_items:
+            self.flush()
+        elif self._call is None:
+            self._call = self.clock.callLater(0, self.flush)
+        return d
+
+    @property
+    def pending(self) -> int:
+        """Items waiting for the end of the turn."""
+        return len(self._items)
+
+    def flush(self) -> None:
+        """Publish what is pending now as one message."""
+        if self._call is not None:
+            if self._call.active():
+                self._call.cancel()
+            self._call = None
+        if not self._items:
+            return
+        items, self._items = self._items, []
+        waiters, self._waiters = self._waiters, []
+        body = b'{"v":1,"items":[' + b",".join(items) + b"]}"
+        metrics.PUBLISH_BATCH.observe(len(items))
+        d = defer.maybeDeferred(self.bus.publish, self.routing_key, body, mandatory=False, persistent=True)
+        self._in_flight.add(d)
+
+        def done(result: Any) -> None:
+            self._in_flight.discard(d)
+            if isinstance(result, Failure):
+                self.log.warn("publish of {n} items failed: {err}", n=len(waiters),
+                              err=result.getErrorMessage())
+            for w in waiters:
+                if isinstance(result, Failure):
+                    w.errback(result)
+                else:
+                    w.callback(None)
+
+        d.addBoth(done)
+
+    def drain(self) -> defer.Deferred:
+        """Flush, then fire when every publish so far is confirmed or failed."""
+        self.flush()
+        return defer.DeferredList(list(self._in_flight), consumeErrors=True)
+
+
+# --- the hub ------------------------------------------------------------------------
+
+
+class GatewayService(service.Service):
+    """One gateway: the hub of its client connections (see the module docstring).
+
+    ``registry`` provides IRegistry (``RedisService``), ``bus`` IMessageBus
+    (``AMQPService``), ``authenticator`` IAuthenticator. ``factories`` maps
+    ``"ws"`` / ``"tcp"`` to a callable building the listening factory from
+    the hub (default: the engine's ``make_websocket_factory`` and
+    ``make_rawsocket_factory``).
+    """
+
+    log = Logger()
+
+    def __init__(self, config: Any, registry: Any, bus: Any, authenticator: Any,
+                 reactor: Any = None, factories: dict[str, Callable[[Any], Any]] | None = None,
+                 name: str = "gateway") -> None:
+        if reactor is None:
+            from twisted.internet import reactor
+        self.config = config
+        self.registry = registry
+        self.bus = bus
+        self.authenticator = authenticator
+        self.reactor = reactor
+        self.clock = reactor
+        self.factories = factories
+        self.setName(name)
+        self.server_id: str | None = None
+        self.accepting = False
+        self.connections = ConnectionRegistry()
+        self.info: dict | None = None
+        self.ports: list[tuple[str, str, Any]] = []  # (kind, description, IListeningPort)
+        self._stopping = False
+        self._writer: ConnectionWriter | None = None
+        self._publisher: Publisher | None = None
+        self._heartbeat: GuardedLoop | None = None
+        self._listening_reconnects = False
+        self._resync_running = False
+        self._resync_again = False
+        self._needs_resync = False
+        self._sync_retries: dict[str, Any] = {}  # conn_id -> DelayedCall
+        self._all_closed: defer.Deferred | None = None
+
+    # --- lifecycle
+
+    @defer.inlineCallbacks
+    def startService(self):  # noqa: N802 (Twisted API)
+        """Flow 1: register in Redis, consume the gateway queue, then listen."""
+        service.Service.startService(self)
+        c = self.config
+        self._stopping = False
+        self.server_id = str(uuid_module.uuid4())
+        self._writer = ConnectionWriter(self.registry, self.server_id, self.clock, c.redis_batch,
+                                        self._entry_live)
+        self._publisher = Publisher(self.bus, self.bus.server_key(), self.clock, c.publish_batch)
+        self.info = server_info(
+            advertise_address(c.advertise),
+            declared_port(c.ws[0]) if c.ws else 0,
+            declared_port(c.tcp[0]) if c.tcp else 0,
+            int(self.clock.seconds()))
+        self.log.info("gateway {uuid} starting: registering in Redis", uuid=self.server_id)
+        yield self.registry.register_server(self.server_id, self.info, c.server_ttl)
+        if not self._listening_reconnects:
+            self._listening_reconnects = True
+            self.registry.add_reconnect_listener(self._redis_reconnected)
+        queue = self.bus.gateway_queue(self.server_id)
+        yield self.bus.consume(queue, self._on_delivery, prefetch=c.prefetch, exclusive=True)
+        self.log.info("gateway {uuid} consuming its queue; opening listeners", uuid=self.server_id)
+        self.accepting = True
+        yield self._listen()
+        # with tcp:0 the ports are only known now
+        bound = {"port": self._first_port("ws"), "tcpPort": self._first_port("tcp")}
+        if any(bound[k] != self.info[k] for k in bound):
+            self.info = dict(self.info, **bound)
+            yield self.registry.register_server(self.server_id, self.info, c.server_ttl)
+        self._heartbeat = GuardedLoop(c.heartbeat, self.heartbeat, f"gateway heartbeat {self.server_id}",
+                                      clock=self.clock, now=False)
+        self._heartbeat.startService()
+        self.log.info("gateway {uuid} up: ws {ws} tcp {tcp} advertised as {ip}",
+                      uuid=self.server_id, ws=self._bound("ws"), tcp=self._bound("tcp"), ip=self.info["ip"])
+
+    @defer.inlineCallbacks
+    def _listen(self):
+        factories = self.factories
+        if factories is None:
+            from imcluster.gateway.rawsocket import make_rawsocket_factory
+            from imcluster.gateway.websocket import make_websocket_factory
+            factories = {"ws": make_websocket_factory, "tcp": make_rawsocket_factory}
+        for kind, descriptions in (("ws", self.config.ws), ("tcp", self.config.tcp)):
+            if not descriptions:
+                continue
+            factory = factories[kind](self)
+            for description in descriptions:
+                endpoint = endpoints.serverFromString(self.reactor, description)
+                port = yield endpoint.listen(factory)
+                self.ports.append((kind, description, port))
+
+    def _first_port(self, kind: str) -> int:
+        for k, _, port in self.ports:
+            if k == kind:
+                return getattr(port.getHost(), "port", 0) or 0
+        return 0
+
+    def _bound(self, kind: str) -> list[str]:
+        return [str(p.getHost()) for k, _, p in self.ports if k == kind]
+
+    @defer.inlineCallbacks
+    def stopService(self):  # noqa: N802
+        """Flow 8: stop listening, say "going away", remove our Redis entries, drain publishes.
+
+        The AMQP and Redis services stop after this one (they are earlier
+        children of the daemon tree).
+        """
+        service.Service.stopService(self)
+        self.accepting = False
+        self._stopping = True
+        c = self.config
+        ports, self.ports = self.ports, []
+        yield defer.DeferredList([defer.maybeDeferred(p.stopListening) for _, _, p in ports],
+                                 consumeErrors=True)
+        for call in self._sync_retries.values():
+            if call.active():
+                call.cancel()
+        self._sync_retries.clear()
+        if self._heartbeat is not None and self._heartbeat.running:
+            # an in-flight refresh must land before the cleanup, not re-create the key after it
+            yield self._heartbeat.stopService()
+        conns = list(self.connections)
+        self.log.info("gateway {uuid} stopping: {n} clients going away", uuid=self.server_id, n=len(conns))
+        for conn in conns:
+            try:
+                conn.going_away()
+            except Exception:
+                self.log.failure("going_away failed on {conn}", conn=conn.conn_id)
+        closed = self._wait_all_closed()
+        if self.server_id is not None and self._writer is not None:
+            # queued writes go first, so none of them lands after the cleanup
+            self._writer.flush()
+            try:
+                removed = yield self.registry.unregister_server(self.server_id)
+                self.log.info("gateway {uuid}: removed its Redis entries ({n} connections)",
+                              uuid=self.server_id, n=removed)
+            except Exception as e:
+                self.log.error("gateway {uuid}: could not remove its Redis entries ({err}); "
+                               "the reaper removes them once WSSERVER_ expires",
+                               uuid=self.server_id, err=e)
+        try:
+            yield self._with_timeout(closed, c.goodbye_timeout, "clients closing")
+        except TimeoutError:
+            self.log.warn("{n} clients still open after {t}s; dropping them",
+                          n=len(self.connections), t=c.goodbye_timeout)
+        if self._publisher is not None:
+            yield self._publisher.drain()
+        self.connections.clear()
+
+    def _wait_all_closed(self) -> defer.Deferred:
+        if len(self.connections) == 0:
+            return defer.succeed(None)
+        self._all_closed = defer.Deferred()
+        return self._all_closed
+
+    def _with_timeout(self, d: defer.Deferred, seconds: float, what: str) -> defer.Deferred:
+        return with_timeout(d, seconds, self.clock, what)
+
+    # --- heartbeat and re-registration
+
+    def heartbeat(self) -> defer.Deferred:
+        """Refresh ``WSSERVER_<uuid>``; if Redis had lost it, write everything of ours again."""
+        d = self.registry.refresh_server(self.server_id, self.info, self.config.server_ttl)
+
+        def refreshed(existed: bool) -> Any:
+            if not existed:
+                self.log.warn("gateway {uuid}: WSSERVER_ key was gone (Redis lost its data?); "
+                              "re-registering {n} connections",
+                              uuid=self.server_id, n=self.connections.count(authenticated=True))
+                self._needs_resync = True
+                self._writer.forget_failed()
+            if self._needs_resync:
+                return self.resync()
+            self._writer.retry_failed()
+            return None
+
+        return d.addCallback(refreshed)
+
+    def _redis_reconnected(self) -> Any:
+        if not self.running or self._stopping or self.server_id is None:
+            return None
+        self.log.info("gateway {uuid}: Redis reconnected; re-registering", uuid=self.server_id)
+        self._needs_resync = True
+        return self.resync()
+
+    @defer.inlineCallbacks
+    def resync(self):
+        """Write ``WSSERVER_<uuid>``, ``WSSERVERS`` and every live connection entry again.
+
+        Batches of ``redis_batch`` connections, one pipeline each, one after
+        the other. A second call while one runs makes it run once more.
+        Until one whole pass succeeds, every heartbeat tries again.
+        """
+        if self._resync_running:
+            self._resync_again = True
+            return
+        self._resync_running = True
+        try:
+            while True:
+                self._resync_again = False
+                yield self.registry.register_server(self.server_id, self.info, self.config.server_ttl)
+                snapshot = list(self.connections.authenticated())
+                written = 0
+                for chunk in _chunks(snapshot, self.config.redis_batch):
+                    if self._stopping:
+                        return
+                    # built when sent: a connection gone meanwhile has had its
+                    # remove queued already and must not be written back
+                    entries = [(u, conn.ip, conn.port, self.connections.meta_of(conn))
+                               for u, conn in chunk if self.connections.user_of(conn) == u]
+                    if entries:
+                        yield self.registry.add_connections(self.server_id, entries)
+                        written += len(entries)
+                if not self._resync_again:
+                    self._needs_resync = False
+                    self.log.info("gateway {uuid}: re-registered with {n} connections",
+                                  uuid=self.server_id, n=written)
+                    return
+        finally:
+            self._resync_running = False
+
+    def _entry_live(self, key: tuple) -> bool:
+        user_id, ip, port = key
+        conn = self.connections.get(f"{self.server_id}##{ip}##{port}")
+        return conn is not None and self.connections.user_of(conn) == user_id
+
+    # --- the hub interface (called by the connection engine)
+
+    def connection_made(self, conn: Any) -> bool:
+        """Flow 2: enter ``conn`` in the unauthenticated map; False refuses it."""
+        if not self.accepting:
+            return False
+        if len(self.connections) >= self.config.max_connections:
+            self.log.warn("refusing {peer}: {n} connections is the limit",
+                          peer=conn.peer_key, n=self.config.max_connections)
+            return False
+        return self.connections.add(conn)
+
+    def authenticated(self, conn: Any, identity: Any, refresh: bool = False) -> defer.Deferred:
+        """Flow 3: move ``conn`` to ``identity``'s user and record it in Redis.
+
+        Fires once Redis has the entry (pipelined with the other auths of
+        this turn). When Redis fails, a first auth is undone (the connection
+        is unauthenticated again) and the Deferred fails.
+        """
+        if self._stopping:
+            return defer.fail(GatewayStopping("the gateway is stopping"))
+        if conn not in self.connections:
+            return defer.succeed(None)  # it went away meanwhile: nothing to record
+        user_id = identity.user_id
+        meta = conn_meta(getattr(conn, "device", None), int(self.clock.seconds()), identity.exp)
+        previous = self.connections.authenticate(conn, user_id, meta)
+        if previous is not None and previous != user_id:
+            self._writer.remove(previous, conn.ip, conn.port)
+        d = self._writer.add(user_id, conn.ip, conn.port, meta)
+        if refresh and previous == user_id:
+            return d
+
+        def failed(f: Failure) -> Failure:
+            if self.connections.user_of(conn) == user_id:
+                self.connections.deauthenticate(conn)
+                # the write may have landed before the timeout: take it back
+                if not self._stopping:
+                    self._writer.remove(user_id, conn.ip, conn.port)
+            return f
+
+        return d.addErrback(failed)
+
+    def request_sync(self, conn: Any) -> defer.Deferred:
+        """Ask the processors for ``conn``'s undelivered messages (a ``sync`` item).
+
+        A failed publish is retried with backoff (``retry_delay`` up to
+        ``retry_max_delay``) while the connection lives: a sync request is
+        never dropped. Fires once published (None also when the connection
+        went away first).
+        """
+        done = defer.Deferred()
+        self._publish_sync(conn, done, self.config.retry_delay)
+        return done
+
+    def _publish_sync(self, conn: Any, done: defer.Deferred, delay: float) -> None:
+        self._sync_retries.pop(conn.conn_id, None)
+        user_id = self.connections.user_of(conn)
+        if user_id is None or self._stopping:
+            done.callback(None)
+            return
+        d = self._publisher.submit(self._item("sync", user_id, conn))
+
+        def failed(f: Failure) -> None:
+            if self._stopping or self.connections.user_of(conn) is None:
+                done.callback(None)
+                return
+            self.log.warn("sync request for {conn} not published ({err}); retrying in {delay}s",
+                          conn=conn.conn_id, err=f.getErrorMessage(), delay=delay)
+            next_delay = min(delay * 2, self.config.retry_max_delay)
+            self._sync_retries[conn.conn_id] = self.clock.callLater(
+                delay, self._publish_sync, conn, done, next_delay)
+
+        d.addCallbacks(lambda _: done.callback(None), failed)
+
+    def forward(self, conn: Any, frame: dict) -> defer.Deferred:
+        """Flow 4: publish a client frame to the processors, coalesced with others.
+
+        Fires on the broker's confirm; fails with the bus' ``PublishError``
+        (``Unavailable``, ``Nacked``) within ``publish_timeout``.
+        """
+        user_id = self.connections.user_of(conn) or getattr(conn, "user_id", None)
+        return self._publisher.submit(self._item("frame", user_id, conn, frame))
+
+    def _item(self, kind: str, user_id: str, conn: Any, frame: dict | None = None) -> dict:
+        item = {"kind": kind, "userId": user_id, "serverId": self.server_id,
+                "connId": conn.conn_id, "ts": int(self.clock.seconds() * 1000)}
+        if frame is not None:
+            item["frame"] = frame
+        return item
+
+    def connection_lost(self, conn: Any) -> None:
+        """Flow 7: forget ``conn`` and remove its Redis entry (pipelined with others)."""
+        retry = self._sync_retries.pop(conn.conn_id, None)
+        if retry is not None and retry.active():
+            retry.cancel()
+        user_id = self.connections.remove(conn)
+        if user_id is not None and not self._stopping:
+            # while stopping, unregister_server removes every entry at once
+            self._writer.remove(user_id, conn.ip, conn.port)
+        if self._all_closed is not None and len(self.connections) == 0:
+            d, self._all_closed = self._all_closed, None
+            d.callback(None)
+
+    # --- flow 6: deliveries from the processors
+
+    def _on_delivery(self, message: Any) -> None:
+        """Write one AMQP message's deliveries to the named connections, in order, then ack.
+
+        Body: ``{"v":1,"items":[{"connIds":[...],"frames":[...]}, ...]}``.
+        Each frame is serialised once for all its connections. A malformed
+        message (or item) is logged and acknowledged: retrying cannot fix it.
+        """
+        try:
+            self._deliver(message.body)
+        except Exception:
+            self.log.failure("delivery failed; acknowledging it anyway")
+        finally:
+            message.ack()
+
+    def _deliver(self, body: bytes) -> None:
+        try:
+            doc = json.loads(body)
+        except (TypeError, ValueError) as e:
+            self.log.warn("malformed delivery (not JSON: {err}); dropped", err=e)
+            return
+        if not isinstance(doc, dict) or doc.get("v") != 1 or not isinstance(doc.get("items"), list):
+            self.log.warn("malformed delivery (not a v1 batch): {doc!r:.200}", doc=doc)
+            return
+        for n, item in enumerate(doc["items"]):
+            conn_ids = item.get("connIds") if isinstance(item, dict) else None
+            frames = item.get("frames") if isinstance(item, dict) else None
+            if not isinstance(conn_ids, list) or not isinstance(frames, list) \
+                    or not all(isinstance(f, dict) for f in frames):
+                self.log.warn("malformed delivery item {n}: {item!r:.200}; skipped", n=n, item=item)
+                continue
+            targets = [conn for conn in (self.connections.get(cid) for cid in conn_ids
+                                         if isinstance(cid, str)) if conn is not None]
+            if not targets:
+                continue
+            encoded = [encode_bytes(frame) for frame in frames]
+            for conn in targets:
+                try:
+                    for text in encoded:
+                        conn.send_encoded(text)
+                except Exception:
+                    # one broken connection must not cost the others their delivery
+                    self.log.failure("writing a delivery to {conn} failed", conn=conn.conn_id)
