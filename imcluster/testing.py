@@ -747,55 +747,11 @@ def gateway_config(**changes):
     return config.replace(**changes) if changes else config
 
 
-class StubIdentity:
-    """What an authenticator returns: ``user_id``, ``exp`` (seconds since the epoch), ``claims``."""
-
-    def __init__(self, user_id, exp, claims=None):
-        self.user_id = user_id
-        self.exp = exp
-        self.claims = claims or {"sub": user_id, "exp": exp}
-
-    def __repr__(self):
-        return f"StubIdentity({self.user_id!r}, {self.exp!r})"
-
-
-class StubAuthError(Exception):
-    """An authentication failure with a PROTOCOL.md ``code``."""
-
-    def __init__(self, code, message=None):
-        super().__init__(message or code)
-        self.code = code
-
-
-class TokenTableAuthenticator:
-    """IAuthenticator over a table of tokens (engine tests need no JWTs).
-
-    ``add(token, user_id, exp)`` accepts a token; ``refuse(token, code)``
-    makes it fail with ``code``; any other token is ``invalid_token``.
-    """
-
-    def __init__(self):
-        self.tokens = {}
-
-    def add(self, token, user_id, exp):
-        self.tokens[token] = StubIdentity(user_id, exp)
-        return token
-
-    def refuse(self, token, code):
-        self.tokens[token] = StubAuthError(code)
-        return token
-
-    def authenticate(self, token):
-        entry = self.tokens.get(token)
-        if entry is None:
-            raise StubAuthError("invalid_token", "unknown token")
-        if isinstance(entry, Exception):
-            raise entry
-        return entry
-
-
 class FakeHub:
     """The hub interface of GATEWAY.md, recording what a ClientConnection asks of it.
+
+    The default authenticator is a :class:`FakeAuthenticator` on the hub's
+    clock (tokens ``"user:alice"``, ``"user:alice:<exp>"``, ``"expired:alice"``).
 
     ``refuse``: connection_made answers False. ``forward_failure`` /
     ``auth_failure`` / ``sync_failure``: an exception the corresponding call
@@ -807,7 +763,8 @@ class FakeHub:
         self.server_id = server_id
         self.clock = clock if clock is not None else _CcClock()
         self.config = config if config is not None else gateway_config()
-        self.authenticator = authenticator if authenticator is not None else TokenTableAuthenticator()
+        self.authenticator = (authenticator if authenticator is not None
+                              else FakeAuthenticator(clock=self.clock))
         self.accepting = True
         self.refuse = False
         self.made = []

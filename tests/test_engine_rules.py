@@ -5,12 +5,21 @@ a FakeHub. Every test ends by checking that the connection left no delayed
 call behind and that the hub heard of its end exactly once.
 """
 
+import time
+
 import pytest
 from prometheus_client import REGISTRY
 from twisted.internet.error import ConnectionDone
 from twisted.python.failure import Failure
 
 from imcluster.testing import ClientHarness, FakeHub, gateway_config
+
+
+# FakeAuthenticator tokens (the hub's clock starts at 0)
+A1 = "user:alice:3600"
+A2 = "user:alice:7200"
+B1 = "user:bob:3600"
+EXPIRED = "expired:alice"
 
 
 class Unavailable(Exception):
@@ -29,11 +38,6 @@ def make_hub():
     def make(**config):
         config.setdefault("ws_ping_interval", 0)  # autobahn's pings have their own tests
         hub = FakeHub(config=gateway_config(**config))
-        hub.authenticator.add("alice-1", "alice", 3600)
-        hub.authenticator.add("alice-2", "alice", 7200)
-        hub.authenticator.add("bob-1", "bob", 3600)
-        hub.authenticator.refuse("expired", "token_expired")
-        hub.authenticator.refuse("forged", "invalid_token")
         hub.harnesses = []
         hubs.append(hub)
         return hub
@@ -59,7 +63,7 @@ def client(hub, kind, **kw):
     return h
 
 
-def authed(hub, kind, token="alice-1", **kw):
+def authed(hub, kind, token=A1, **kw):
     h = client(hub, kind, **kw)
     h.send({"type": "auth", "token": token})
     frames = h.frames()
@@ -251,7 +255,7 @@ def test_auth_in_time_cancels_auth_timeout(hub, kind):
     """Authenticating in time means no auth_timeout later."""
     h = client(hub, kind)
     hub.clock.advance(9)
-    h.send({"type": "auth", "token": "alice-1"})
+    h.send({"type": "auth", "token": A1})
     hub.clock.advance(5)
     h.send({"type": "ping"})
     assert h.frames()[-1] == {"type": "pong"}
@@ -273,7 +277,7 @@ def test_token_expiry_closes_4002(hub, kind):
 def test_refresh_postpones_expiry(hub, kind):
     """A refresh with a fresh token for the same user moves the expiry close to the new exp."""
     h = authed(hub, kind)
-    h.send({"type": "auth", "token": "alice-2"})
+    h.send({"type": "auth", "token": A2})
     reply = h.frames()[0]
     assert reply == {"type": "auth_reply", "ok": True, "userId": "alice",
                      "connId": "gw-0000##10.1.2.3##40001", "serverId": "gw-0000"}
@@ -289,9 +293,13 @@ def test_refresh_postpones_expiry(hub, kind):
 
 def test_expired_by_leeway_token_closes_at_once(make_hub, kind):
     """A token accepted within the JWT leeway but already past exp does not buy extra time."""
+    from imcluster.auth import JWTAuthenticator, mint_token
     hub = make_hub()
-    hub.clock.advance(3605)  # alice-1 expired 5 s ago (within a 10 s leeway)
-    h = authed(hub, kind)
+    hub.authenticator = JWTAuthenticator(secret="s" * 32, leeway=10)
+    now = time.time()
+    hub.clock.advance(now)  # the real authenticator checks exp against the wall clock
+    token = mint_token("s" * 32, "alice", 5, now=now - 10)  # expired 5 s ago
+    h = authed(hub, kind, token=token)
     hub.clock.advance(0)
     closed_with(h, 4002, "token_expired")
 
@@ -302,7 +310,7 @@ def test_expired_by_leeway_token_closes_at_once(make_hub, kind):
 def test_auth_reply_format_and_sync(hub, kind):
     """auth_reply ok carries exactly userId, connId and serverId, and a sync is requested after it."""
     h = client(hub, kind)
-    h.send({"type": "auth", "token": "alice-1", "device": "iphone"})
+    h.send({"type": "auth", "token": A1, "device": "iphone"})
     assert h.frames() == [{"type": "auth_reply", "ok": True, "userId": "alice",
                            "connId": "gw-0000##10.1.2.3##40001", "serverId": "gw-0000"}]
     conn = h.conn
@@ -312,8 +320,8 @@ def test_auth_reply_format_and_sync(hub, kind):
     assert hub.syncs == [conn]
 
 
-@pytest.mark.parametrize("token,code", [("forged", "invalid_token"), ("expired", "token_expired"),
-                                        ("unknown", "invalid_token")])
+@pytest.mark.parametrize("token,code", [("forged", "invalid_token"), (EXPIRED, "token_expired"),
+                                        ("user:not a user", "invalid_token")])
 def test_auth_failure_replies_and_closes_4001(hub, kind, token, code):
     """A bad token gets auth_reply ok:false with its code, then close 4001."""
     before = metric("imcluster_auth_failures_total", code=code)
@@ -339,14 +347,14 @@ def test_not_authenticated_before_auth(hub, kind):
         ("error", "not_authenticated", None)]
     assert not h.closed
     assert hub.forwarded == []
-    h.send({"type": "auth", "token": "alice-1"})
+    h.send({"type": "auth", "token": A1})
     assert h.frames()[0]["ok"] is True
 
 
 def test_reauth_with_other_user_closes(hub, kind):
     """A token for another user on an authenticated connection is invalid_token, then close 4001."""
     h = authed(hub, kind)
-    h.send({"type": "auth", "token": "bob-1"})
+    h.send({"type": "auth", "token": B1})
     frames = closed_with(h, 4001, None)
     assert frames[0]["error"]["code"] == "invalid_token"
     assert h.conn.user_id == "alice"
@@ -355,7 +363,7 @@ def test_reauth_with_other_user_closes(hub, kind):
 def test_failed_refresh_closes(hub, kind):
     """An expired token sent as a refresh is token_expired, then close 4001."""
     h = authed(hub, kind)
-    h.send({"type": "auth", "token": "expired"})
+    h.send({"type": "auth", "token": EXPIRED})
     frames = closed_with(h, 4001, None)
     assert frames[0]["error"]["code"] == "token_expired"
 
@@ -364,7 +372,7 @@ def test_hub_cannot_record_auth(hub, kind):
     """When Redis is down the client gets auth_reply unavailable, stays open, and may retry."""
     hub.auth_failure = Unavailable("redis down")
     h = client(hub, kind)
-    h.send({"type": "auth", "token": "alice-1"})
+    h.send({"type": "auth", "token": A1})
     h.send({"type": "ping"})
     frames = h.frames()
     assert frames[0] == {"type": "auth_reply", "ok": False,
@@ -373,7 +381,7 @@ def test_hub_cannot_record_auth(hub, kind):
     assert not h.closed and h.conn.user_id is None
     assert hub.syncs == []
     hub.auth_failure = None
-    h.send({"type": "auth", "token": "alice-1"})
+    h.send({"type": "auth", "token": A1})
     assert h.frames()[0]["ok"] is True
 
 
@@ -381,7 +389,7 @@ def test_frames_after_auth_wait_for_auth_reply(hub, kind):
     """A client that pipelines auth and its first frames gets them processed in order."""
     hub.hold_auth = True
     h = client(hub, kind)
-    h.send({"type": "auth", "token": "alice-1"})
+    h.send({"type": "auth", "token": A1})
     h.send({"type": "message", "clientMsgId": "c-1", "sessionId": "s", "body": 1})
     h.send({"type": "ping"})
     assert h.frames() == [] and hub.forwarded == []
@@ -395,7 +403,7 @@ def test_auth_timeout_while_hub_records(hub, kind):
     """A connection whose auth never completes is still closed by the auth timeout."""
     hub.hold_auth = True
     h = client(hub, kind)
-    h.send({"type": "auth", "token": "alice-1"})
+    h.send({"type": "auth", "token": A1})
     hub.clock.advance(10)
     closed_with(h, 4001, "auth_timeout")
     hub.held.pop().callback(None)  # late answer: ignored
@@ -406,7 +414,7 @@ def test_sync_request_failure_is_reported(hub, kind):
     """If the sync cannot be requested the client is told instead of waiting for sync_done forever."""
     hub.sync_failure = Unavailable("amqp down")
     h = client(hub, kind)
-    h.send({"type": "auth", "token": "alice-1"})
+    h.send({"type": "auth", "token": A1})
     frames = h.frames()
     assert frames[0]["ok"] is True
     assert frames[1]["type"] == "error" and frames[1]["code"] == "unavailable"

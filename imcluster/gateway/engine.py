@@ -44,6 +44,7 @@ from zope.interface import implementer
 
 from imcluster import metrics
 from imcluster import protocol as p
+from imcluster.auth import AuthError
 from imcluster.interfaces import IClientConnection
 
 # engine states
@@ -427,13 +428,14 @@ class ClientConnection:
     def _auth(self, frame: dict) -> None:
         try:
             identity = self.hub.authenticator.authenticate(frame["token"])
-        except Exception as e:
-            code = getattr(e, "code", None)
-            if code not in (p.INVALID_TOKEN, p.TOKEN_EXPIRED):
-                self.log.failure("authenticator failed on a token from {conn}", conn=self.conn_id)
-                self._send_error(p.auth_reply_error(p.UNAVAILABLE, "cannot check tokens now; retry"))
-                return
+        except AuthError as e:
+            code = e.code if e.code in (p.INVALID_TOKEN, p.TOKEN_EXPIRED) else p.INVALID_TOKEN
             self._auth_refused(code, str(e) or code)
+            return
+        except Exception:
+            # a bug, not the client's fault: it may retry
+            self.log.failure("authenticator failed on a token from {conn}", conn=self.conn_id)
+            self._send_error(p.auth_reply_error(p.UNAVAILABLE, "cannot check tokens now; retry"))
             return
         if self._authed and identity.user_id != self.user_id:
             self._auth_refused(p.INVALID_TOKEN, "token is for another user than this connection's")
