@@ -241,6 +241,9 @@ OPTIONS: list[Option] = [
          "seconds a closing client connection may take to flush its last frames before it is dropped"),
     _opt("max_json_depth", _positive(_int), 64, G | P | A,
          "deepest nesting of arrays/objects accepted in a client frame (bad_frame beyond)"),
+    _opt("slow_consumer_grace", _non_negative(_float), 1.0, G,
+         "seconds a client's pending output may stay above output_buffer_limit (a burst) before "
+         "it is closed as a slow consumer; 4 times the limit closes at once"),
     _opt("goodbye_timeout", _positive(_float), 5.0, G,
          "seconds a stopping gateway waits for its clients to close after 'going away'"),
     # --- processor
