@@ -286,6 +286,11 @@ def check_member_change(add: Iterable[str], remove: Iterable[str]) -> tuple[list
     return sorted(set(add), key=_bytes_key), sorted(set(remove), key=_bytes_key)
 
 
+def _clamp_bigint(value: Any) -> int:
+    """``value`` as an int within PostgreSQL's bigint (a client's seq may be any JSON number)."""
+    return max(-_BIGINT_MAX, min(int(value), _BIGINT_MAX))
+
+
 def _race(failure_or_exc: Any) -> bool:
     exc = getattr(failure_or_exc, "value", failure_or_exc)
     return getattr(exc, "pgcode", None) in _RACE_PGCODES
@@ -616,7 +621,7 @@ class MessageStore:
         Fires with ``[{"msgId","seq","from","clientMsgId","body","ts"}]``.
         """
         limit = HISTORY_DEFAULT_LIMIT if limit is None else max(1, min(int(limit), HISTORY_MAX_LIMIT))
-        before = _BIGINT_MAX if before_seq is None else int(before_seq)
+        before = _BIGINT_MAX if before_seq is None else _clamp_bigint(before_seq)
 
         async def run() -> list[dict]:
             if not valid_session_id(session_id):
@@ -663,7 +668,7 @@ class MessageStore:
                 "SELECT (SELECT read_seq FROM u), s.id IS NOT NULL, "
                 'ARRAY(SELECT user_id FROM session_member WHERE session_id = %s ORDER BY user_id COLLATE "C") '
                 "FROM (SELECT 1) one LEFT JOIN session s ON s.id = %s",
-                (int(seq), session_id, user_id, session_id, session_id), idempotent=True)
+                (_clamp_bigint(seq), session_id, user_id, session_id, session_id), idempotent=True)
             cursor, exists, members = rows[0]
             if not exists:
                 raise StoreError("no_session", "no such session")
