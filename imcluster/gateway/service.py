@@ -338,7 +338,7 @@ class GatewayService(service.Service):
         self._resync_running = False
         self._resync_again = False
         self._needs_resync = False
-        self._sync_retries: dict[str, Any] = {}  # conn_id -> DelayedCall
+        self._sync_retries: dict[str, tuple[Any, defer.Deferred]] = {}  # conn_id -> (DelayedCall, done)
         self._all_closed: defer.Deferred | None = None
 
     # --- lifecycle
@@ -418,10 +418,8 @@ class GatewayService(service.Service):
         ports, self.ports = self.ports, []
         yield defer.DeferredList([defer.maybeDeferred(p.stopListening) for _, _, p in ports],
                                  consumeErrors=True)
-        for call in self._sync_retries.values():
-            if call.active():
-                call.cancel()
-        self._sync_retries.clear()
+        for conn_id in list(self._sync_retries):
+            self._cancel_sync_retry(conn_id)
         if self._heartbeat is not None and self._heartbeat.running:
             # an in-flight refresh must land before the cleanup, not re-create the key after it
             yield self._heartbeat.stopService()
@@ -599,10 +597,19 @@ class GatewayService(service.Service):
             self.log.warn("sync request for {conn} not published ({err}); retrying in {delay}s",
                           conn=conn.conn_id, err=f.getErrorMessage(), delay=delay)
             next_delay = min(delay * 2, self.config.retry_max_delay)
-            self._sync_retries[conn.conn_id] = self.clock.callLater(
-                delay, self._publish_sync, conn, done, next_delay)
+            call = self.clock.callLater(delay, self._publish_sync, conn, done, next_delay)
+            self._sync_retries[conn.conn_id] = (call, done)
 
         d.addCallbacks(lambda _: done.callback(None), failed)
+
+    def _cancel_sync_retry(self, conn_id: str) -> None:
+        entry = self._sync_retries.pop(conn_id, None)
+        if entry is not None:
+            call, done = entry
+            if call.active():
+                call.cancel()
+            if not done.called:
+                done.callback(None)
 
     def forward(self, conn: Any, frame: dict) -> defer.Deferred:
         """Flow 4: publish a client frame to the processors, coalesced with others.
@@ -622,9 +629,7 @@ class GatewayService(service.Service):
 
     def connection_lost(self, conn: Any) -> None:
         """Flow 7: forget ``conn`` and remove its Redis entry (pipelined with others)."""
-        retry = self._sync_retries.pop(conn.conn_id, None)
-        if retry is not None and retry.active():
-            retry.cancel()
+        self._cancel_sync_retry(conn.conn_id)
         user_id = self.connections.remove(conn)
         if user_id is not None and not self._stopping:
             # while stopping, unregister_server removes every entry at once
