@@ -553,17 +553,24 @@ class FakeStore:
         return self._call("store_messages", self._store, list(batch))
 
     def _store(self, batch):
-        results, accepted = [], {}
+        results, first = [], {}  # first: key -> answer to its first valid copy in this batch
         for m in batch:
-            results.append(self._store_one(m, accepted))
+            results.append(self._store_one(m, first))
         return results
 
-    def _store_one(self, m, accepted):
+    def _store_one(self, m, first):
         if not _st.valid_client_msg_id(m.client_msg_id) or not _st.valid_user_id(m.sender):
             return _st.Rejected(str(m.client_msg_id), "bad_frame", "bad sender or clientMsgId")
         if _st._json(m.body) is None:
             return _st.Rejected(m.client_msg_id, "bad_frame", "body is not storable JSON")
         key = (m.sender, m.client_msg_id)
+        if key in first and key not in self.by_key:
+            return _st.copy_answer(first[key])
+        answer = self._decide(m, key)
+        first.setdefault(key, answer)
+        return answer
+
+    def _decide(self, m, key):
         if key in self.by_key:
             msg_id = self.by_key[key]
             row = self.messages[msg_id]

@@ -286,6 +286,14 @@ def check_member_change(add: Iterable[str], remove: Iterable[str]) -> tuple[list
     return sorted(set(add), key=_bytes_key), sorted(set(remove), key=_bytes_key)
 
 
+def copy_answer(first: Stored | Rejected) -> Stored | Rejected:
+    """The answer to a later copy of a message sent twice in one batch: like the first copy's."""
+    if isinstance(first, Stored):
+        return Stored(first.msg_id, first.session_id, first.seq, first.ts_ms, first.sender,
+                      first.client_msg_id, first.body, list(first.recipients), duplicate=True)
+    return first
+
+
 def _clamp_bigint(value: Any) -> int:
     """``value`` as an int within PostgreSQL's bigint (a client's seq may be any JSON number)."""
     return max(-_BIGINT_MAX, min(int(value), _BIGINT_MAX))
@@ -404,13 +412,21 @@ class MessageStore:
                     originals[(sender, cmid)] = Stored(
                         str(msg_id), session_id, seq, ts, sender, cmid, body,
                         pending.get(msg_id, []), duplicate=True)
-        fresh = []
+        # a message sent twice in one batch: the later copies are answered like
+        # the first one (a duplicate of it, or the same refusal), as if stored one by one
+        fresh: list[int] = []
+        first_of_key: dict[tuple[str, str], int] = {}
+        copies: list[tuple[int, int]] = []  # (later copy, first copy)
         for i in candidates:
             m = batch[i]
-            original = originals.get((m.sender, m.client_msg_id))
+            key = (m.sender, m.client_msg_id)
+            original = originals.get(key)
             if original is not None:
                 results[i] = original
+            elif key in first_of_key:
+                copies.append((i, first_of_key[key]))
             else:
+                first_of_key[key] = i
                 fresh.append(i)
 
         # 2. 1:1 sessions come into being with their first message
@@ -450,13 +466,10 @@ class MessageStore:
         # 4. seq numbers, in batch order, and one write statement
         next_seq: dict[str, int] = {}
         new_rows: list[tuple[int, int]] = []  # (batch index, seq)
-        first_of_key: dict[tuple[str, str], int] = {}
         for i in fresh:
             if results[i] is not None:
                 continue
             m = batch[i]
-            if (m.sender, m.client_msg_id) in first_of_key:
-                continue  # the same message twice in one batch: answered below
             info = sessions.get(m.session_id)
             if info is None:
                 results[i] = Rejected(m.client_msg_id, "no_session", "no such session")
@@ -471,7 +484,6 @@ class MessageStore:
                 continue
             seq = next_seq.get(m.session_id, last_seq) + 1
             next_seq[m.session_id] = seq
-            first_of_key[(m.sender, m.client_msg_id)] = i
             new_rows.append((i, seq))
 
         if new_rows:
@@ -484,13 +496,8 @@ class MessageStore:
                     m.ts_ms if m.ts_ms is not None else now_ms, m.sender, m.client_msg_id, m.body,
                     [u for u in members if u != m.sender])
 
-        # a message repeated within the batch answers as a duplicate of its first copy
-        for i in fresh:
-            if results[i] is None:
-                m = batch[i]
-                first = results[first_of_key[(m.sender, m.client_msg_id)]]
-                results[i] = Stored(first.msg_id, first.session_id, first.seq, first.ts_ms, first.sender,
-                                    first.client_msg_id, first.body, list(first.recipients), duplicate=True)
+        for i, first_i in copies:
+            results[i] = copy_answer(results[first_i])  # type: ignore[arg-type]
         return results  # type: ignore[return-value]
 
     async def _undelivered_of(self, cursor: Any, msg_ids: list[int]) -> dict[int, list[str]]:
