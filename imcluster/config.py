@@ -236,7 +236,7 @@ OPTIONS: list[Option] = [
     _opt("external_port", _non_negative(_int), 0, G,
          "port clients see when behind a load balancer (0: the listening port)"),
     _opt("trust_proxy", _bool, False, G, "take the client address from X-Forwarded-For / X-Real-IP"),
-    _opt("publish_batch", _positive(_int), 200, G, "client frames coalesced into one AMQP publish"),
+    _opt("publish_batch", _positive(_int), 200, G | A, "client frames coalesced into one AMQP publish"),
     _opt("close_timeout", _positive(_float), 5.0, G,
          "seconds a closing client connection may take to flush its last frames before it is dropped"),
     _opt("max_json_depth", _positive(_int), 64, G | P | A,
@@ -248,7 +248,8 @@ OPTIONS: list[Option] = [
          "seconds a stopping gateway waits for its clients to close after 'going away'"),
     # --- processor
     _opt("migrate", _bool, False, P, "apply pending migrations on start", flag=True),
-    _opt("prefetch", _positive(_int), 1000, G | P, "unacknowledged queue messages a processor (or gateway) holds"),
+    _opt("prefetch", _positive(_int), 1000, G | P | A,
+         "unacknowledged queue messages a processor (or gateway, or the API's reply queue) holds"),
     _opt("batch_size", _positive(_int), 500, P, "client frames handled in one transaction"),
     _opt("batch_wait", _non_negative(_float), 0.002, P, "seconds a batch waits to fill"),
     _opt("max_group_size", _positive(_int), 1000, P | A, "members a session may have"),
@@ -264,6 +265,11 @@ OPTIONS: list[Option] = [
     _opt("http", _endpoints, ["tcp:8090"], A, "HTTP API listening endpoint(s)", multi=True),
     _opt("api_key", _str_list, [], A, "admin key(s) for the HTTP API", secret=True, multi=True),
     _opt("max_body_size", _positive(_int), 1048576, A, "largest HTTP request body in bytes"),
+    _opt("request_timeout", _positive(_float), 10.0, A,
+         "seconds a message posted over HTTP waits for the processors' reply, after publish_timeout (then 503)"),
+    _opt("http_idle_timeout", _positive(_float), 60.0, A, "seconds an idle HTTP connection is kept open"),
+    _opt("health_timeout", _positive(_float), 2.0, G | P | A,
+         "seconds each dependency (Redis, RabbitMQ, PostgreSQL) has to answer a /healthz probe"),
 ]
 
 OPTIONS_BY_NAME: dict[str, Option] = {o.name: o for o in OPTIONS}
@@ -333,6 +339,9 @@ def load_config(
             option = SECRET_PATH_KEYS[key]
             if not isinstance(raw, str):
                 raise ConfigError(f"{key} ({source}): expected a file path, got {raw!r}")
+            if option.name not in wanted:
+                # another daemon's secret: its file may be readable by that daemon only
+                return
             raw = _read_secret_file(raw, key, source)
             if option.parse is _str_list:
                 raw = [line.strip() for line in raw.splitlines() if line.strip()]
@@ -340,9 +349,12 @@ def load_config(
             option = OPTIONS_BY_NAME.get(key)
             if option is None:
                 raise ConfigError(f"unknown option {key!r} ({source})")
+        parsed = _parse(option, raw, source)
         if option.name not in wanted:
-            return  # another daemon's setting in a shared file
-        values[option.name] = _parse(option, raw, source)
+            # another daemon's setting in a shared file: checked (a typo shows at the
+            # first start of any daemon), not kept
+            return
+        values[option.name] = parsed
         sources[option.name] = source
 
     # file, then environment, then command line: later wins

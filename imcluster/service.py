@@ -9,6 +9,8 @@ way Buildbot's ``util/service.py`` does.
 
 from __future__ import annotations
 
+import os
+import sys
 from typing import Any, Callable
 
 from twisted.application import service
@@ -100,6 +102,30 @@ def with_timeout(d: defer.Deferred, seconds: float, clock: Any, what: str) -> de
     return d.addTimeout(seconds, clock, onTimeoutCancel=on_timeout)
 
 
+def exit_after_failed_start(failure: Failure | None = None, reactor: Any = None) -> None:
+    """Stop the reactor (stopping what did start), then exit with status 1.
+
+    twistd itself exits 0 after ``reactor.stop()``, which systemd's
+    ``Restart=on-failure`` takes for success: the daemon would stay down.
+    """
+    if reactor is None:
+        from twisted.internet import reactor
+
+    def exit_now() -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
+
+    def stop() -> None:
+        reactor.addSystemEventTrigger("after", "shutdown", exit_now)
+        reactor.stop()
+
+    if reactor.running:
+        stop()
+    else:  # failed before twistd ran the reactor
+        reactor.callWhenRunning(stop)
+
+
 class DaemonService(AsyncMultiService):
     """The root of a daemon's tree: stopping gives up after ``shutdown_timeout``.
 
@@ -107,22 +133,22 @@ class DaemonService(AsyncMultiService):
     timeout is abandoned (logged) so that the process exits.
     """
 
-    def __init__(self, name: str, shutdown_timeout: float, clock: Any = None) -> None:
+    def __init__(self, name: str, shutdown_timeout: float, clock: Any = None,
+                 on_start_failure: Callable[[Failure], Any] | None = None) -> None:
         super().__init__(name)
         self.shutdown_timeout = shutdown_timeout
         if clock is None:
             from twisted.internet import reactor as clock
         self._clock = clock
+        self.on_start_failure = on_start_failure or exit_after_failed_start
 
     def startService(self):  # noqa: N802
         d = super().startService()
 
         def failed(f: Failure) -> None:
             # a daemon that cannot start must not linger half-started
-            self.log.failure("{name} failed to start; stopping", f, name=self.name)
-            from twisted.internet import reactor
-            if reactor.running:
-                reactor.stop()
+            self.log.failure("{name} failed to start; exiting", f, name=self.name)
+            self.on_start_failure(f)
 
         d.addErrback(failed)
         return d
