@@ -432,12 +432,18 @@ class MessageStore:
         # 2. 1:1 sessions come into being with their first message
         session_ids = set()
         p2p_new: set[str] = set()
+        checked: dict[str, tuple[bool, tuple[str, str] | None]] = {}  # per distinct session id
         for i in fresh:
             m = batch[i]
-            if not valid_session_id(m.session_id):
+            if not isinstance(m.session_id, str):
+                valid, pair = False, None
+            elif m.session_id in checked:
+                valid, pair = checked[m.session_id]
+            else:
+                valid, pair = checked[m.session_id] = (valid_session_id(m.session_id), parse_p2p(m.session_id))
+            if not valid:
                 results[i] = Rejected(m.client_msg_id, "no_session", "no such session")
                 continue
-            pair = parse_p2p(m.session_id)
             if pair is not None and not m.trusted and m.sender not in pair:
                 results[i] = Rejected(m.client_msg_id, "not_member", "not a member of this session")
                 continue
