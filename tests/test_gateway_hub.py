@@ -366,7 +366,7 @@ def test_failed_resync_is_retried_by_the_next_heartbeat():
     h.turn()
     h.registry.flush()
     h.registry.set_available(False)
-    h.registry.simulate_reconnect()  # fails: Redis down again
+    h.registry.simulate_reconnect().addErrback(lambda f: None)  # fails: Redis down again
     h.registry.set_available(True)
     # the key is re-created by the refresh, but the connections are still missing
     h.reactor.advance(10.0)

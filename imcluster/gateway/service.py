@@ -369,7 +369,7 @@ class GatewayService(service.Service):
         self.accepting = True
         yield self._listen()
         # with tcp:0 the ports are only known now
-        bound = {"port": self._first_port("ws"), "tcpPort": self._first_port("tcp")}
+        bound = {"port": self.port_of("ws"), "tcpPort": self.port_of("tcp")}
         if any(bound[k] != self.info[k] for k in bound):
             self.info = dict(self.info, **bound)
             yield self.registry.register_server(self.server_id, self.info, c.server_ttl)
@@ -395,7 +395,8 @@ class GatewayService(service.Service):
                 port = yield endpoint.listen(factory)
                 self.ports.append((kind, description, port))
 
-    def _first_port(self, kind: str) -> int:
+    def port_of(self, kind: str) -> int:
+        """The first bound port of the ``"ws"`` or ``"tcp"`` listeners (0 when none)."""
         for k, _, port in self.ports:
             if k == kind:
                 return getattr(port.getHost(), "port", 0) or 0
