@@ -985,7 +985,8 @@ class ClientHarness:
     ``drop()`` simulates the client vanishing.
     """
 
-    def __init__(self, hub, kind, factory=None, ip="10.1.2.3", port=40001, path="/ws", headers=None):
+    def __init__(self, hub, kind, factory=None, ip="10.1.2.3", port=40001, path="/ws", headers=None,
+                 host="localhost:8080", handshake=True):
         self.kind = kind
         if factory is None:
             if kind == "ws":
@@ -1006,8 +1007,8 @@ class ClientHarness:
         self.lost = False
         self._pending = []
         self.proto.makeConnection(self.transport)
-        if kind == "ws":
-            self.proto.dataReceived(ws_handshake(path=path, headers=headers))
+        if kind == "ws" and handshake:
+            self.proto.dataReceived(ws_handshake(path=path, host=host, headers=headers))
         self._read()
 
     @property
@@ -1078,3 +1079,90 @@ class ClientHarness:
         if not self.lost:
             self.lost = True
             self.proto.connectionLost(_CcFailure(_cc_error.ConnectionLost()))
+
+
+def self_signed_cert(directory, hostname="localhost"):
+    """Write a self-signed certificate for ``hostname`` (and 127.0.0.1) into ``directory``.
+
+    Returns ``(cert_path, key_path, cert_pem)``; for ``ssl:`` server endpoint
+    strings (``ssl:0:privateKey=<key>:certKey=<cert>``) and for clients that
+    trust exactly this certificate.
+    """
+    import datetime
+    import ipaddress
+    import os
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder()
+            .subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.DNSName(hostname), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_pem = cert.public_bytes(serialization.Encoding.PEM)
+    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    cert_path = os.path.join(str(directory), "cert.pem")
+    key_path = os.path.join(str(directory), "key.pem")
+    with open(cert_path, "wb") as f:
+        f.write(cert_pem)
+    with open(key_path, "wb") as f:
+        f.write(key_pem)
+    return cert_path, key_path, cert_pem
+
+
+class LoopbackGateway:
+    """A :class:`FakeHub` behind real listening adapters on the running reactor.
+
+    For loopback tests of the WebSocket and raw TCP adapters with real
+    clients: ``await listen('ws'|'tcp', endpoint)`` returns the port;
+    ``await stop()`` closes the listeners, aborts server-side connections
+    still open and waits until the hub heard of every one's end.
+    """
+
+    def __init__(self, reactor=None, **config):
+        if reactor is None:
+            from twisted.internet import reactor
+        self.reactor = reactor
+        config.setdefault("ws_ping_interval", 0)
+        self.hub = FakeHub(config=gateway_config(**config), clock=reactor)
+        self.ports = []
+
+    async def listen(self, kind, endpoint="tcp:0:interface=127.0.0.1"):
+        from twisted.internet.endpoints import serverFromString
+        if kind == "ws":
+            from imcluster.gateway.websocket import make_websocket_factory
+            factory = make_websocket_factory(self.hub)
+        else:
+            from imcluster.gateway.rawsocket import make_rawsocket_factory
+            factory = make_rawsocket_factory(self.hub)
+        port = await serverFromString(self.reactor, endpoint).listen(factory)
+        self.ports.append(port)
+        return port.getHost().port
+
+    def open_connections(self):
+        return [c for c in self.hub.made if c not in self.hub.lost]
+
+    async def stop(self, timeout=5.0):
+        from twisted.internet import task
+        for port in self.ports:
+            await port.stopListening()
+        self.ports = []
+        for conn in self.open_connections():
+            conn._adapter.transport.abortConnection()
+        deadline = self.reactor.seconds() + timeout
+        while self.open_connections():
+            if self.reactor.seconds() > deadline:
+                raise AssertionError(f"connections never ended: {self.open_connections()}")
+            await task.deferLater(self.reactor, 0.01, lambda: None)

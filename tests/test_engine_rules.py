@@ -474,35 +474,50 @@ def test_rate_limit(make_hub, kind):
     assert not h.closed
 
 
+MESSAGE_SEND = {"type": "message_send", "msgId": "1", "sessionId": "s", "seq": 1, "from": "bob",
+                "body": "x" * 900, "ts": 1}
+
+
 def test_slow_consumer_closed_4003(make_hub, kind):
-    """A client that stops reading is closed once pending output passes the limit (4003 / slow_consumer)."""
-    hub = make_hub(output_buffer_limit=5000)
+    """A client that stops reading is closed once pending output stays over the limit (4003 / slow_consumer)."""
+    hub = make_hub(output_buffer_limit=5000, slow_consumer_grace=1.0)
     h = authed(hub, kind)
     conn = h.conn
     assert h.transport.producer is conn  # registered on the transport
-    conn.pauseProducing()  # the kernel buffer is full
-    frame = {"type": "message_send", "msgId": "1", "sessionId": "s", "seq": 1, "from": "bob",
-             "body": "x" * 900, "ts": 1}
-    for _ in range(5):
-        conn.send_frame(frame)
-    assert not h.closed
-    conn.send_frame(frame)
+    conn.pauseProducing()  # the transport's buffer is full
+    for _ in range(6):
+        conn.send_frame(MESSAGE_SEND)
+    assert not h.closed  # over the limit, within the grace period
+    hub.clock.advance(1.0)
     closed_with(h, 4003, "slow_consumer")
-    conn.send_frame(frame)  # after close: dropped, no error
+    conn.send_frame(MESSAGE_SEND)  # after close: dropped, no error
 
 
-def test_reader_that_catches_up_is_not_closed(make_hub, kind):
-    """A client whose buffer drains (resumeProducing) starts from zero again."""
-    hub = make_hub(output_buffer_limit=5000)
+def test_slow_consumer_hard_limit_closes_at_once(make_hub, kind):
+    """Pending output over four times the limit closes without waiting: gateway memory stays bounded."""
+    hub = make_hub(output_buffer_limit=5000, slow_consumer_grace=1.0)
+    h = authed(hub, kind)
+    h.conn.pauseProducing()
+    for _ in range(25):
+        h.conn.send_frame(MESSAGE_SEND)
+    closed_with(h, 4003, "slow_consumer")
+
+
+def test_burst_to_reading_client_is_not_slow_consumer(make_hub, kind):
+    """A client that drains a burst within the grace period (resumeProducing) is kept."""
+    hub = make_hub(output_buffer_limit=5000, slow_consumer_grace=1.0)
     h = authed(hub, kind)
     conn = h.conn
     for _ in range(3):
         conn.pauseProducing()
-        for _ in range(4):
+        for _ in range(8):
             conn.send_encoded('{"type":"x","pad":"%s"}' % ("y" * 1000))
+        hub.clock.advance(0.5)
         conn.resumeProducing()
+    hub.clock.advance(5)
+    h.send({"type": "ping"})
     assert not h.closed
-    assert len(h.frames()) == 12
+    assert len(h.frames()) == 25
 
 
 def test_send_encoded_str_and_bytes(hub, kind):

@@ -19,9 +19,15 @@ provides:
     when it cannot tell.
 
 The engine also is the ``IPushProducer`` an adapter registers on its
-transport: ``pauseProducing`` means the kernel no longer takes the client's
-output, and from then on every write checks the pending output against
-``output_buffer_limit``.
+transport: ``pauseProducing`` means the transport holds more than its buffer
+size, and from then on (until ``resumeProducing``: the buffer drained) every
+write measures the pending output (``buffered_bytes``, or the bytes written
+since the pause when the transport cannot tell). Pending output above
+``output_buffer_limit`` for ``slow_consumer_grace`` seconds, or above four
+times the limit at any moment, closes the connection as a slow consumer
+(4003; TCP ``error`` ``slow_consumer``). The grace is for bursts: a sync
+written in one reactor turn has not met the kernel yet, and a client that
+reads is not slow. Nothing of this runs while the client keeps up.
 
 The hub (``imcluster.gateway.service.GatewayService``) is described in
 ``/work/notes/GATEWAY.md``: ``server_id``, ``authenticator``, ``clock``,
@@ -49,6 +55,9 @@ from imcluster.interfaces import IClientConnection
 
 # engine states
 NEW, OPEN, CLOSING, CLOSED = range(4)
+
+# pending output beyond this many times output_buffer_limit closes without grace
+_HARD_LIMIT_FACTOR = 4
 
 # prometheus children looked up once: labels() is too slow for every frame
 _FRAMES_IN: dict[tuple[str, str], Any] = {}
@@ -153,6 +162,7 @@ class ClientConnection:
         self._auth_timeout = config.auth_timeout
         self._idle_timeout = config.idle_timeout
         self._output_limit = config.output_buffer_limit
+        self._slow_grace = config.slow_consumer_grace
         self._queue_limit = config.rate_burst
         self._bucket = TokenBucket(config.rate_limit, config.rate_burst, self.connected_at)
         self._bytes_in, self._frames_out, self._bytes_out = _counters(transport_name)
@@ -168,6 +178,7 @@ class ClientConnection:
         self._auth_call: Any = None
         self._idle_call: Any = None
         self._expiry_call: Any = None
+        self._slow_call: Any = None
         self._accepted = False
 
     def __repr__(self) -> str:
@@ -261,7 +272,12 @@ class ClientConnection:
             self._paused_bytes = 0
 
     def resumeProducing(self) -> None:  # noqa: N802
+        # the transport's buffer is empty again: whatever was pending was read
         self._paused = False
+        if self._slow_call is not None:
+            call, self._slow_call = self._slow_call, None
+            if call.active():
+                call.cancel()
 
     def stopProducing(self) -> None:  # noqa: N802
         self._paused = False
@@ -307,14 +323,32 @@ class ClientConnection:
         self._frames_out.inc()
         self._bytes_out.inc(len(data))
         if self._paused:
-            pending = self._adapter.buffered_bytes()
-            if pending is None:
-                self._paused_bytes += len(data)
-                pending = self._paused_bytes
+            # only while the transport says the client is not keeping up
+            self._paused_bytes += len(data)
+            pending = self._pending_output()
             if pending > self._output_limit:
-                self.log.info("closing slow consumer {conn}: {pending} bytes pending",
-                              conn=self.conn_id, pending=pending)
-                self._close(p.CLOSE_SLOW_CONSUMER, "slow consumer", p.SLOW_CONSUMER, "slow_consumer")
+                if pending > self._output_limit * _HARD_LIMIT_FACTOR:
+                    self._slow_consumer(pending)
+                elif self._slow_call is None:
+                    # a burst written in one reactor turn has not met the kernel
+                    # yet: give a reading client the grace period to take it
+                    self._slow_call = self._clock.callLater(self._slow_grace, self._slow_check)
+
+    def _pending_output(self) -> int:
+        pending = self._adapter.buffered_bytes()
+        return self._paused_bytes if pending is None else pending
+
+    def _slow_check(self) -> None:
+        self._slow_call = None
+        if self._state == OPEN and self._paused:
+            pending = self._pending_output()
+            if pending > self._output_limit:
+                self._slow_consumer(pending)
+
+    def _slow_consumer(self, pending: int) -> None:
+        self.log.info("closing slow consumer {conn}: {pending} bytes pending",
+                      conn=self.conn_id, pending=pending)
+        self._close(p.CLOSE_SLOW_CONSUMER, "slow consumer", p.SLOW_CONSUMER, "slow_consumer")
 
     def _send(self, frame: dict) -> None:
         if self._state == OPEN:
@@ -349,7 +383,7 @@ class ClientConnection:
     # --- timers
 
     def _cancel_timers(self) -> None:
-        for name in ("_auth_call", "_idle_call", "_expiry_call"):
+        for name in ("_auth_call", "_idle_call", "_expiry_call", "_slow_call"):
             call = getattr(self, name)
             if call is not None:
                 setattr(self, name, None)
