@@ -593,3 +593,14 @@ def test_metrics_counted(hub, kind):
     assert metric("imcluster_closes_total", reason="going_away") == closes + 1
     assert metric("imcluster_bytes_in_total", transport=kind) > 0
     h.finish()
+
+
+def test_connection_objects_provide_the_interface(hub, kind):
+    """The hub can rely on IClientConnection, for the real connection and for the fake."""
+    from zope.interface.verify import verifyObject
+
+    from imcluster.interfaces import IClientConnection
+    from imcluster.testing import FakeConnection
+    h = authed(hub, kind)
+    assert verifyObject(IClientConnection, h.conn)
+    assert verifyObject(IClientConnection, FakeConnection())
