@@ -230,8 +230,9 @@ def mint_token(secret: str | bytes, user_id: str, ttl: float, algorithm: str = "
         raise ValueError("the secret must not be empty")
     if not valid_user_id(user_id):
         raise ValueError(f"bad user id {user_id!r}: 1-128 characters of A-Z a-z 0-9 _ . @ -")
-    if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or ttl <= 0:
-        raise ValueError(f"ttl must be a positive number of seconds, got {ttl!r}")
+    if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not ttl > 0 or math.isinf(ttl):
+        raise ValueError(f"ttl must be a positive number of seconds, got {ttl:g}"
+                         if isinstance(ttl, (int, float)) else f"ttl must be a number, got {ttl!r}")
     if algorithm.lower() == "none":
         raise ValueError("refusing to mint an unsigned token (alg none)")
     issued = int(time.time() if now is None else now)

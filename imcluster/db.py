@@ -116,13 +116,15 @@ def _is_death(failure: Failure, raw: Any) -> bool:
     if failure.check(psycopg2.InterfaceError, RollbackFailed, ierror.ConnectionDone, ierror.ConnectionLost):
         return True
     if failure.check(psycopg2.OperationalError):
-        # OperationalError also covers statement timeouts and lock timeouts,
-        # which leave the connection fine: only a closed one, a connection
-        # exception (class 08) or a shutdown (57P0x) means it is dead
+        # OperationalError also covers statement timeouts, lock timeouts,
+        # serialization failures and deadlocks, which leave the connection
+        # fine: only a closed one (psycopg2 marks it when libpq reports the
+        # link broken), a connection exception (class 08) or a shutdown
+        # (57P0x) means it is dead
         if raw is None or raw.closed:
             return True
-        code = getattr(failure.value, "pgcode", None)
-        return code is None or code.startswith("08") or code.startswith("57P")
+        code = getattr(failure.value, "pgcode", None) or ""
+        return code.startswith("08") or code.startswith("57P")
     return False
 
 
@@ -141,6 +143,16 @@ class _Detector(reconnection.DeadConnectionDetector):
         self.slot.owner._connection_died(self.slot, f)
 
 
+class _Cursor(txpostgres.Cursor):
+    """txpostgres' Cursor, minus its translation of QueryCanceledError into
+    CancelledError: we never cancel a query ourselves, so a cancelled one
+    was cancelled by the server (``statement_timeout``) and callers get
+    psycopg2's ``QueryCanceled``, like every other SQL error."""
+
+    def _handleCancellation(self, f: Failure) -> Failure:  # noqa: N802 (txpostgres API)
+        return f
+
+
 class _Connection(txpostgres.Connection):
     """txpostgres' Connection, quieter about a server that went away.
 
@@ -151,6 +163,8 @@ class _Connection(txpostgres.Connection):
     ``connectionLost`` (so the detector sees the death) without the
     traceback; the service logs one line.
     """
+
+    cursorFactory = _Cursor
 
     def doRead(self):  # noqa: N802 (Twisted API)
         try:
@@ -415,9 +429,9 @@ class PostgresService(service.Service):
             self.log.info("PostgreSQL {where} connection {index} up after {attempts} failed attempts",
                           where=self.where, index=slot.index, attempts=attempts)
         slot.ever_connected = True
+        self._hand_over(slot)
         if self._first is not None and not self._first.called:
             self._first.callback(True)
-        self._hand_over(slot)
 
     def _connection_died(self, slot: _Slot, f: Failure | None) -> None:
         """The detector saw ``slot`` die (it has set ``connectionIsDead``)."""

@@ -1,0 +1,172 @@
+"""The ``imcluster`` command: operator tools beside the twistd daemons.
+
+``imcluster migrate``
+    applies pending schema migrations (the same configuration loader as the
+    daemons: command line, then ``IMCLUSTER_*`` environment, then
+    ``--config`` file, then defaults).
+``imcluster token``
+    prints a signed JWT for development and tests.
+
+Errors are one line on standard error and a non-zero exit status, never a
+traceback: 1 for any failure (bad value, bad DSN, unreachable server, failed
+migration), 2 when the command line itself does not parse.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+import psycopg2
+
+from imcluster import __version__
+from imcluster.config import MIGRATE, ConfigError, load_config, options_for, postgres_dsn
+
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, not the whole usage
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def _add_config_options(parser: argparse.ArgumentParser, daemon: str) -> None:
+    """``--<option>`` (and ``--<secret>-path``) for every option of ``daemon``, from config.OPTIONS."""
+    parser.add_argument("--config", "-c", metavar="FILE", help="TOML configuration file")
+    for o in options_for(daemon):
+        help_text = o.help + (f" [default: {o.default}]" if o.default not in (None, [], "") else "")
+        if o.flag:
+            parser.add_argument("--" + o.cli, dest=o.name, action="store_true", default=None, help=help_text)
+        else:
+            parser.add_argument("--" + o.cli, dest=o.name, metavar=o.name.split("_")[-1].upper(),
+                                action="append" if o.multi else "store", help=help_text)
+        if o.secret:
+            parser.add_argument("--" + o.cli + "-path", dest=o.name + "_path", metavar="FILE",
+                                help=f"file holding {o.name}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse parser of ``imcluster`` and its subcommands."""
+    parser = _Parser(prog="imcluster", description="imcluster operator tools")
+    parser.add_argument("--version", action="version", version=f"imcluster {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    migrate = sub.add_parser(
+        "migrate", help="apply pending PostgreSQL schema migrations",
+        description="Apply pending migrations (imcluster/migrations/NNNN_name.sql) to the configured schema, "
+                    "each in its own transaction; safe to run twice or concurrently.")
+    _add_config_options(migrate, MIGRATE)
+    migrate.set_defaults(run=run_migrate)
+
+    token = sub.add_parser(
+        "token", help="print a signed JWT (development and tests)",
+        description="Print a JWT whose 'sub' is the user id, valid for --ttl seconds.")
+    key = token.add_mutually_exclusive_group(required=True)
+    key.add_argument("--secret", help="HMAC secret (HS256 unless --algorithm says otherwise)")
+    key.add_argument("--private-key", metavar="FILE", help="PEM private key (RS256 or ES256 per the key)")
+    token.add_argument("--user", required=True, help="the user id (token 'sub')")
+    token.add_argument("--ttl", required=True, type=float, help="seconds the token is valid")
+    token.add_argument("--audience", help="the 'aud' claim")
+    token.add_argument("--issuer", help="the 'iss' claim")
+    token.add_argument("--algorithm", help="signing algorithm (default HS256; RS256/ES256 with --private-key)")
+    token.set_defaults(run=run_token)
+    return parser
+
+
+def _fail(message: str, code: int = EXIT_FAILURE) -> int:
+    print(f"imcluster: error: {message}", file=sys.stderr)
+    return code
+
+
+def run_migrate(args: argparse.Namespace) -> int:
+    """``imcluster migrate``: apply pending migrations, print each one, exit 0."""
+    from imcluster.db import MigrationError, apply_migrations_sync, describe_dsn
+
+    cli = {o.name: getattr(args, o.name, None) for o in options_for(MIGRATE)}
+    cli.update({o.name + "_path": getattr(args, o.name + "_path", None)
+                for o in options_for(MIGRATE) if o.secret})
+    try:
+        config = load_config(MIGRATE, cli, args.config)
+    except ConfigError as e:
+        return _fail(str(e), EXIT_FAILURE)
+    dsn = postgres_dsn(config)
+    where = describe_dsn(dsn)
+
+    def applied(m) -> None:
+        print(f"applied {m} to schema {config.postgres_schema}", flush=True)
+
+    try:
+        done = apply_migrations_sync(dsn, config.postgres_schema, config.postgres_timeout, on_applied=applied)
+    except ValueError as e:
+        return _fail(str(e), EXIT_FAILURE)
+    except psycopg2.OperationalError as e:
+        return _fail(f"cannot reach PostgreSQL at {where}: {_first_line(e)}")
+    except MigrationError as e:
+        return _fail(str(e))
+    except psycopg2.Error as e:
+        return _fail(f"PostgreSQL at {where}: {_first_line(e)}")
+    if not done:
+        print(f"nothing to apply: schema {config.postgres_schema} is up to date")
+    return 0
+
+
+def run_token(args: argparse.Namespace) -> int:
+    """``imcluster token``: print a JWT on standard output."""
+    from imcluster.auth import mint_token
+
+    if args.private_key is not None:
+        try:
+            with open(args.private_key, "rb") as f:
+                key: str | bytes = f.read()
+        except OSError as e:
+            return _fail(f"cannot read --private-key {args.private_key}: {e.strerror}", EXIT_FAILURE)
+        algorithm = args.algorithm or _algorithm_of(key)
+        if algorithm is None:
+            return _fail(f"--private-key {args.private_key} is not a PEM RSA or EC P-256 private key",
+                         EXIT_FAILURE)
+    else:
+        key = args.secret
+        algorithm = args.algorithm or "HS256"
+    try:
+        token = mint_token(key, args.user, args.ttl, algorithm=algorithm,
+                           aud=args.audience, iss=args.issuer)
+    except ValueError as e:
+        return _fail(str(e), EXIT_FAILURE)
+    print(token)
+    return 0
+
+
+def _algorithm_of(pem: bytes) -> str | None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+    try:
+        key = serialization.load_pem_private_key(pem, password=None)
+    except (ValueError, TypeError):
+        return None
+    if isinstance(key, rsa.RSAPrivateKey):
+        return "RS256"
+    if isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp256r1":
+        return "ES256"
+    return None
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+    return lines[0] if lines else type(e).__name__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``imcluster`` console script; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except KeyboardInterrupt:
+        return _fail("interrupted", 130)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

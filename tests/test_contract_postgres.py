@@ -1,0 +1,229 @@
+"""PostgresService against the real PostgreSQL: queries, transactions, and surviving lost connections.
+
+Every test runs in its own schema (``pg_schema``); connections are killed
+with ``pg_terminate_backend`` on the pool's own backends only (found by the
+service's unique ``application_name``).
+"""
+
+from __future__ import annotations
+
+import psycopg2
+import psycopg2.errors
+import pytest
+import pytest_twisted
+from twisted.internet import defer, reactor, task
+
+from imcluster.db import DatabaseUnavailable, PostgresService, mogrify_rows
+from tests.support.postgres import terminate_backends
+
+
+def sleep(seconds: float) -> defer.Deferred:
+    return task.deferLater(reactor, seconds, lambda: None)
+
+
+async def eventually(check, timeout: float = 5.0, step: float = 0.02):
+    """Wait until ``check()`` is truthy (fails the test after ``timeout``)."""
+    waited = 0.0
+    while not check():
+        if waited >= timeout:
+            raise AssertionError(f"condition not met within {timeout}s")
+        await sleep(step)
+        waited += step
+
+
+@pytest_twisted.ensureDeferred
+async def test_query_runs_in_the_private_schema(pg, pg_schema):
+    """SQL lands in the configured schema, or tests and tenants would share tables."""
+    rows = await pg.run_query("SELECT current_schema(), %s::int + 1", (41,))
+    assert rows == [(pg_schema, 42)]
+    assert pg.connected
+    await eventually(lambda: pg.live_connections() == 2)
+
+
+@pytest_twisted.ensureDeferred
+async def test_operation_returns_the_row_count(pg):
+    """A bulk update must report how many rows it touched (acks count what they marked)."""
+    assert await pg.run_operation("INSERT INTO session (id) VALUES ('a'), ('b'), ('c')") == 3
+    assert await pg.run_operation("UPDATE session SET last_seq = 5 WHERE id <> %s", ("a",)) == 2
+    assert await pg.run_query("SELECT id, last_seq FROM session ORDER BY id") == [
+        ("a", 0), ("b", 5), ("c", 5)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_interaction_commits_and_returns_its_result(pg):
+    """An interaction's writes are committed together and its return value comes back."""
+    async def create(cursor, sid, members):
+        await cursor.execute("INSERT INTO session (id) VALUES (%s)", (sid,))
+        values = mogrify_rows(cursor, "(%s, %s)", [(sid, m) for m in members])
+        await cursor.execute("INSERT INTO session_member (session_id, user_id) VALUES " + values)
+        await cursor.execute("SELECT count(*) FROM session_member WHERE session_id = %s", (sid,))
+        return cursor.fetchone()[0]
+
+    assert await pg.run_interaction(create, "s-1", ["alice", "bob", "o'brien", "zoë"]) == 4
+    rows = await pg.run_query("SELECT user_id FROM session_member ORDER BY user_id")
+    assert [r[0] for r in rows] == ["alice", "bob", "o'brien", "zoë"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_failed_interaction_rolls_back_everything(pg):
+    """A transaction that fails halfway must leave no partial rows (no half-stored message)."""
+    class Boom(Exception):
+        pass
+
+    def half(cursor):
+        d = cursor.execute("INSERT INTO session (id) VALUES ('half')")
+
+        def fail(_):
+            raise Boom("after the first insert")
+
+        return d.addCallback(fail)
+
+    with pytest.raises(Boom):
+        await pg.run_interaction(half)
+    assert await pg.run_query("SELECT count(*) FROM session") == [(0,)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_sql_error_propagates_and_the_pool_stays_usable(pg):
+    """A constraint violation reaches the caller as such and does not poison the connection."""
+    await pg.run_operation("INSERT INTO session (id) VALUES ('dup')")
+
+    async def insert_twice(cursor):
+        await cursor.execute("INSERT INTO session (id) VALUES ('other')")
+        await cursor.execute("INSERT INTO session (id) VALUES ('dup')")
+
+    for _ in range(3):  # more than the pool size: every connection saw an error
+        with pytest.raises(psycopg2.errors.UniqueViolation):
+            await pg.run_interaction(insert_twice)
+    assert await pg.run_query("SELECT id FROM session") == [("dup",)]
+    assert pg.reconnects == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_statement_timeout_is_not_a_dead_connection(pg):
+    """A cancelled slow statement fails alone; the pool must not reconnect over it."""
+    async def slow(cursor):
+        await cursor.execute("SET LOCAL statement_timeout = '50ms'")
+        await cursor.execute("SELECT pg_sleep(1)")
+
+    with pytest.raises(psycopg2.errors.QueryCanceled):
+        await pg.run_interaction(slow)
+    assert await pg.run_query("SELECT 1") == [(1,)]
+    assert pg.reconnects == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_saturated_pool_queues_work(pg_factory, pg_schema):
+    """More concurrent work than connections waits its turn instead of failing."""
+    db = await pg_factory(pg_schema, pool_size=1)
+    results = await defer.gatherResults(
+        [db.run_query("SELECT %s::int, pg_sleep(0.02)", (i,)) for i in range(5)])
+    assert [r[0][0] for r in results] == [0, 1, 2, 3, 4]
+
+
+@pytest_twisted.ensureDeferred
+async def test_serialization_failure_is_run_again(pg):
+    """A transaction PostgreSQL rolled back (deadlock, serialization) is retried, not lost."""
+    runs = []
+
+    async def flaky(cursor):
+        runs.append(1)
+        await cursor.execute("INSERT INTO session (id) VALUES (%s)", (f"s{len(runs)}",))
+        if len(runs) == 1:
+            raise psycopg2.errors.SerializationFailure("could not serialize access")
+        return len(runs)
+
+    assert await pg.run_interaction(flaky, idempotent=False) == 2
+    assert await pg.run_query("SELECT id FROM session") == [("s2",)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_recovers_after_its_backends_are_terminated(pg, pg_admin):
+    """After PostgreSQL drops every pool connection, the next work succeeds without a restart."""
+    await pg.run_operation("INSERT INTO session (id) VALUES ('before')")
+    await eventually(lambda: pg.live_connections() == 2)
+    assert terminate_backends(pg_admin, pg.application_name) == 2
+    # right away: whether or not the pool noticed yet, the work goes through
+    assert await pg.run_query("SELECT id FROM session") == [("before",)]
+    await eventually(lambda: pg.reconnects >= 2 and pg.live_connections() == 2)
+    assert pg.connected
+    # and again, once the pool has noticed the deaths on its own
+    assert terminate_backends(pg_admin, pg.application_name) == 2
+    await eventually(lambda: pg.reconnects >= 4)
+    assert await pg.run_operation("INSERT INTO session (id) VALUES ('after')") == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_idempotent_work_in_flight_is_run_again(pg, pg_admin):
+    """An idempotent transaction cut off by a lost connection is re-run and succeeds."""
+    runs = []
+
+    async def work(cursor):
+        runs.append(1)
+        await cursor.execute("INSERT INTO session (id) VALUES (%s) ON CONFLICT DO NOTHING", ("idem",))
+        if len(runs) == 1:
+            await cursor.execute("SELECT pg_sleep(2)")  # killed while in here
+        return len(runs)
+
+    d = pg.run_interaction(work, idempotent=True)
+    await eventually(lambda: runs)
+    await sleep(0.1)
+    assert terminate_backends(pg_admin, pg.application_name) >= 1
+    assert await d == 2
+    assert await pg.run_query("SELECT id FROM session") == [("idem",)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_non_idempotent_work_in_flight_fails_unavailable(pg, pg_admin):
+    """Work that must not run twice fails with DatabaseUnavailable when its connection dies mid-way."""
+    runs = []
+
+    async def work(cursor):
+        runs.append(1)
+        await cursor.execute("SELECT pg_sleep(2)")
+
+    await eventually(lambda: pg.live_connections() == 2)
+    d = pg.run_query("SELECT pg_sleep(2)", idempotent=False)
+    d2 = pg.run_interaction(work, idempotent=False)
+    await eventually(lambda: runs)
+    await sleep(0.1)
+    assert terminate_backends(pg_admin, pg.application_name) == 2
+    with pytest.raises(DatabaseUnavailable, match="outcome unknown"):
+        await d
+    with pytest.raises(DatabaseUnavailable, match="outcome unknown"):
+        await d2
+    assert runs == [1]
+    assert await pg.run_query("SELECT 1") == [(1,)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_postgres_down_at_start_does_not_crash(pg_factory):
+    """A daemon starting while PostgreSQL is down keeps running; work fails fast, not forever."""
+    db = await pg_factory("public", dsn="postgresql://root@127.0.0.1:1/test", connect_timeout=0.3)
+    assert db.running and not db.connected
+    with pytest.raises(DatabaseUnavailable, match="no live connection"):
+        await db.run_query("SELECT 1")
+    await db.stopService()
+    with pytest.raises(DatabaseUnavailable, match="not running"):
+        await db.run_query("SELECT 1")
+
+
+@pytest_twisted.ensureDeferred
+async def test_stopping_fails_waiting_work(pg_factory, pg_schema):
+    """Stopping lets running work finish, fails what waits, and leaves no connection behind."""
+    db = await pg_factory(pg_schema, pool_size=1)
+    running = db.run_query("SELECT pg_sleep(0.2), 1")
+    waiting = db.run_query("SELECT 2")
+    await db.stopService()
+    assert (await running)[0][1] == 1
+    with pytest.raises(DatabaseUnavailable):
+        await waiting
+    assert not db.connected
+
+
+def test_bad_dsn_and_schema_are_refused_at_once():
+    """A malformed DSN or schema is a configuration error at start, not an endless retry."""
+    with pytest.raises(ValueError, match="invalid PostgreSQL DSN"):
+        PostgresService("not a dsn")
+    with pytest.raises(ValueError, match="schema"):
+        PostgresService("postgresql://root@127.0.0.1/test", schema='x"; DROP TABLE session; --')
