@@ -51,7 +51,7 @@ from pika import spec
 from pika.adapters.twisted_connection import TwistedProtocolConnection
 from twisted.application import service
 from twisted.application.internet import ClientService, backoffPolicy
-from twisted.internet import defer, protocol
+from twisted.internet import defer, error, protocol
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -86,13 +86,11 @@ class ChannelError(Exception):
     def __init__(self, reason: Any) -> None:
         self.reply_code = getattr(reason, "reply_code", None)
         self.reply_text = getattr(reason, "reply_text", None)
+        #: True for a channel error of the broker (404, 405, 406, 403...), not a lost connection
+        self.by_broker = isinstance(reason, pika.exceptions.ChannelClosedByBroker) or bool(
+            getattr(reason, "channel_error", False))
         super().__init__(str(reason) if self.reply_code is None
                          else f"{self.reply_code} {self.reply_text}")
-
-    @property
-    def by_broker(self) -> bool:
-        """True when the broker closed the channel (a channel error such as 404, 405, 406)."""
-        return self.reply_code not in (None, 0, 200)
 
 
 # --- names -------------------------------------------------------------------
@@ -283,6 +281,14 @@ class _Protocol(TwistedProtocolConnection):
     def __init__(self, params: pika.ConnectionParameters, owner: "AMQPService") -> None:
         super().__init__(params)
         self.owner = owner
+        self.open_error: Any = None
+        self.close_reason: str | None = None
+
+    def _on_connection_failed(self, connection: Any, error_message: Any = None) -> None:
+        # pika reports a failed handshake as AMQPConnectionError(attempts): keep the real reason
+        # (e.g. ACCESS_REFUSED for a bad password) for the logs and Unavailable messages
+        self.open_error = error_message
+        super()._on_connection_failed(connection, error_message)
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:  # noqa: N802 (Twisted API)
         try:
@@ -416,8 +422,8 @@ class Consumer:
 
     def _start_failed(self, conn: "_Protocol", e: Exception) -> None:
         bus = self.bus
-        if self.cancelled or not bus.running:
-            return
+        if self.cancelled or not bus.running or not bus._is_current(conn):
+            return  # the next connection restarts us
         if isinstance(e, ChannelError) and e.by_broker and not self.ready.called:
             # the broker refused the queue (arguments differ, exclusive elsewhere, access):
             # retrying will not cure it; tell the caller
@@ -426,8 +432,6 @@ class Consumer:
             self.cancelled = True
             self.ready.errback(e)
             return
-        if not bus._is_current(conn):
-            return  # the next connection restarts us
         self._failures += 1
         delay = bus.retry_policy(self._failures)
         self.log.warn("AMQP consumer of {queue} failed to start ({err}); retrying in {delay:.1f}s",
@@ -588,6 +592,8 @@ class AMQPService(service.Service):
         self._last_error = "not connected yet"
         self._waiters: list[defer.Deferred] = []
         self._consumers: dict[Consumer, None] = {}  # insertion-ordered set
+        #: every queue name this service declared (what delete_topology removes)
+        self.declared_queues: set[str] = set()
         # publishing state
         self._ids = itertools.count(1)
         self._waiting: collections.deque[_Publish] = collections.deque()  # not sent yet
@@ -698,14 +704,17 @@ class AMQPService(service.Service):
 
         result: defer.Deferred = defer.Deferred(cancel)
 
+        stage = {"now": "the AMQP handshake"}
+
         @defer.inlineCallbacks
         def run():
             yield conn.ready
+            stage["now"] = "declaring the topology"
             ch = yield self._open_publisher(conn)
             return ch
 
         def timed_out() -> None:
-            self._last_error = f"no AMQP handshake within {self.publish_timeout:g}s"
+            stage["timed_out"] = True
             conn.abort()
 
         timer = self._clock.callLater(self.publish_timeout, timed_out)
@@ -716,8 +725,16 @@ class AMQPService(service.Service):
             if result.called:
                 return None
             if isinstance(r, Failure):
+                if stage.get("timed_out"):
+                    self._last_error = f"{stage['now']} took over {self.publish_timeout:g}s"
+                elif stage["now"] == "the AMQP handshake" and (
+                        r.check(error.ConnectionDone) or isinstance(conn.open_error, error.ConnectionDone)):
+                    # pika loses the broker's Connection.Close reason here (ACCESS_REFUSED ...)
+                    self._last_error = ("the broker closed the connection during the AMQP handshake "
+                                        "(check the credentials, vhost and permissions)")
+                else:
+                    self._last_error = f"{stage['now']} failed: {_reason_text(conn.open_error or r)}"
                 if not r.check(defer.CancelledError):
-                    self._last_error = _reason_text(r)
                     self.log.warn("AMQP {host}:{port} connection failed: {err}",
                                   host=self.host, port=self.port, err=self._last_error)
                 conn.abort()
@@ -755,6 +772,7 @@ class AMQPService(service.Service):
         return defer.gatherResults(ds, consumeErrors=True).addErrback(lambda f: f.value.subFailure)
 
     def _declare_queue(self, ch: _Channel, q: QueueSpec) -> defer.Deferred:
+        self.declared_queues.add(q.name)
         d = ch.rpc("queue_declare", queue=q.name, durable=q.durable, exclusive=q.exclusive,
                    auto_delete=q.auto_delete, arguments=dict(q.arguments) or None)
         if q.routing_key is not None:
@@ -769,6 +787,11 @@ class AMQPService(service.Service):
             return
         self._conn = conn
         self._install_publisher(pub)
+        # pika's Twisted adapter replaces the broker's Connection.Close reason
+        # (e.g. 320 CONNECTION_FORCED on a broker restart) by "closed cleanly":
+        # note it for the disconnect log
+        conn._impl.callbacks.add(0, spec.Connection.Close, lambda frame: setattr(
+            conn, "close_reason", f"{frame.method.reply_code} {frame.method.reply_text}"), one_shot=True)
         conn._impl.add_on_connection_blocked_callback(
             lambda _c, frame: self.log.warn("AMQP broker blocked our connection: {reason}",
                                             reason=getattr(frame.method, "reason", "")))
@@ -846,10 +869,11 @@ class AMQPService(service.Service):
         self._requeue_unconfirmed()
         for c in list(self._consumers):
             c.connection_lost()
-        self._last_error = f"connection lost: {_reason_text(reason)}"
+        why = conn.close_reason or _reason_text(reason)
+        self._last_error = f"connection lost: {why}"
         if self.running:
             self.log.warn("AMQP {host}:{port} connection lost ({reason}); reconnecting",
-                          host=self.host, port=self.port, reason=_reason_text(reason))
+                          host=self.host, port=self.port, reason=why)
 
     def stopService(self):  # noqa: N802
         """Cancel consumers, wait for in-flight confirms, close the connection; bounded by ``publish_timeout``.
@@ -1074,7 +1098,8 @@ class AMQPService(service.Service):
         """Delete this namespace's exchanges and queues (test clean-up, decommissioning).
 
         Consumers of this service are cancelled first (they would declare
-        their queues again). ``queues``: more queue names to delete.
+        their queues again). Deletes every queue this service declared, and
+        ``queues``.
         Gateway queues of other connections vanish with their connections.
         """
         for c in list(self._consumers):
@@ -1082,7 +1107,7 @@ class AMQPService(service.Service):
         yield self.wait_connected()
         conn = self._conn
         n = self.names
-        names = list(dict.fromkeys([n.processor_queue().name, n.dead, *queues]))
+        names = list(dict.fromkeys([n.processor_queue().name, n.dead, *sorted(self.declared_queues), *queues]))
         ops = [("queue_delete", {"queue": q}) for q in names]
         ops += [("exchange_delete", {"exchange": e}) for e in (n.exchange, n.dlx)]
         ch = None
