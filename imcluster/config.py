@@ -197,6 +197,8 @@ OPTIONS: list[Option] = [
     _opt("amqp_password", _str, None, G | P | A, "RabbitMQ password (overrides the URL's)", secret=True),
     _opt("publish_timeout", _positive(_float), 5.0, G | P | A,
          "seconds a publish waits for the broker (connection and confirm) before it fails"),
+    _opt("publish_backlog", _positive(_int), 10000, G | P | A,
+         "publishes held while RabbitMQ is unreachable; past it a publish fails at once"),
     _opt("postgres", _postgres_dsn, "postgresql://root@127.0.0.1:5432/root", P | A | M, "PostgreSQL DSN"),
     _opt("postgres_password", _str, None, P | A | M, "PostgreSQL password (overrides the DSN's)", secret=True),
     _opt("postgres_schema", _identifier, "public", P | A | M, "PostgreSQL schema holding imcluster's tables"),
