@@ -47,6 +47,7 @@ import pytest_twisted
 from twisted.internet import defer, reactor, task, threads
 
 from imcluster.config import API, GATEWAY, PROCESSOR, options_for
+from tests.support.bus import cleanup_namespace
 from tests.support.ids import AMQP_URL, POSTGRES_DSN, REDIS_URL
 
 #: the venv under test: twistd sits beside the interpreter running pytest
@@ -108,28 +109,6 @@ def consumer_count(queue: str, amqp_url: str = AMQP_URL) -> int:
             if e.reply_code == 404:
                 return 0
             raise
-    finally:
-        if connection.is_open:
-            connection.close()
-
-
-def delete_amqp_namespace(namespace: str, amqp_url: str = AMQP_URL,
-                          queues: Iterable[str] = ()) -> None:
-    """Delete the durable queues and exchanges of ``namespace`` (docs/internals.rst names).
-
-    Gateway queues are exclusive and auto-deleted with their connection, so
-    only the shared ones are left once the daemons are gone.  Deleting a name
-    that does not exist is fine in RabbitMQ.
-    """
-    import pika
-
-    connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
-    try:
-        channel = connection.channel()
-        for queue in (f"{namespace}.processor", f"{namespace}.dead", *queues):
-            channel.queue_delete(queue)
-        for exchange in (f"{namespace}.exchange", f"{namespace}.dead", f"{namespace}.dlx"):
-            channel.exchange_delete(exchange)
     finally:
         if connection.is_open:
             connection.close()
@@ -334,6 +313,7 @@ class Cluster:
         self.postgres_dsn = POSTGRES_DSN
         self.jwt_secret = "test-" + uuid.uuid4().hex
         self.processes: list[DaemonProcess] = []
+        #: more queues to delete at teardown (the namespace's own are known to the bus)
         self.extra_queues: list[str] = []
 
     def token(self, user: str, ttl: float = 3600, **claims: Any) -> str:
@@ -471,7 +451,7 @@ async def cluster(tmp_path, namespace, redis_prefix, cluster_pg_schema):
         if c.processes:
             # captured output: pytest shows it only when the test failed
             sys.stdout.write(c.report() + "\n")
-        await threads.deferToThread(delete_amqp_namespace, namespace, c.amqp_url, c.extra_queues)
+        await cleanup_namespace(namespace, c.extra_queues, c.amqp_url)
         await _delete_redis_prefix(redis_prefix)
 
 
