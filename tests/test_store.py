@@ -13,42 +13,14 @@ import pytest
 import pytest_twisted
 from zope.interface.verify import verifyObject
 
-from imcluster.db import PostgresService, apply_migrations
+from imcluster.db import apply_migrations
 from imcluster.interfaces import IMessageStore
 from imcluster.processor.store import Incoming, MessageStore, Rejected, Stored, StoreError
 from imcluster.testing import FakeStore
-from tests.support.ids import POSTGRES_DSN, unique
 
 TS = 1764160000123
 #: the group size cap of these tests (config max_group_size)
 GROUP_CAP = 20
-
-
-@pytest_twisted.async_yield_fixture
-async def store_db_factory():
-    """``await make()``: PostgresServices on one private schema.
-
-    The first call creates the schema and applies the migrations; the schema
-    is dropped afterwards. Nothing is created when no test calls it.
-    """
-    schema = unique("imt_store_")
-    made: list[PostgresService] = []
-
-    async def make(pool_size: int = 2, application_name: str = "imcluster-test") -> PostgresService:
-        db = PostgresService(POSTGRES_DSN, schema=schema, pool_size=pool_size, connect_timeout=5.0,
-                             application_name=application_name)
-        made.append(db)
-        await db.startService()
-        if len(made) == 1:
-            await apply_migrations(db)
-        return db
-
-    yield make
-    for db in made[1:]:
-        await db.stopService()  # ends (rolls back) what a failed test left open
-    if made:
-        await made[0].run_operation(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-        await made[0].stopService()
 
 
 @pytest.fixture(params=["postgres", "fake"])
@@ -57,11 +29,13 @@ def backend(request):
 
 
 @pytest_twisted.async_fixture
-async def store(backend, store_db_factory):
-    """The store under test: MessageStore on a fresh schema, or FakeStore; group cap GROUP_CAP."""
+async def store(backend, pg_fresh_schema, pg_factory):
+    """The store under test: MessageStore on a fresh migrated schema, or FakeStore; group cap GROUP_CAP."""
     if backend == "fake":
         return FakeStore(max_group_size=GROUP_CAP)
-    return MessageStore(await store_db_factory(), GROUP_CAP)
+    db = await pg_factory(pg_fresh_schema)
+    await apply_migrations(db)
+    return MessageStore(db, GROUP_CAP)
 
 
 _DEFAULT = object()
@@ -128,6 +102,12 @@ async def test_duplicate_within_one_batch(store):
     assert [r.duplicate for r in out] == [False, False, True]
     assert out[2].msg_id == out[0].msg_id and out[2].recipients == ["bob", "carol"]
     assert (await store.get_session("g1"))["lastSeq"] == 2
+    # later copies are answered like the first, whatever session they name
+    out = await store.store_messages([msg("alice", "a2", "g1"), msg("alice", "a2", "nope"),
+                                      msg("dave", "d1", "g1"), msg("dave", "d1", "p2p:dave:erin")])
+    assert (out[0].seq, out[1].seq, out[1].duplicate, out[1].session_id) == (3, 3, True, "g1")
+    assert [r.code for r in out[2:]] == ["not_member", "not_member"]
+    assert await store.session_members(["p2p:dave:erin"]) == {}
 
 
 @pytest_twisted.ensureDeferred
@@ -149,20 +129,21 @@ async def test_bad_messages_do_not_fail_batch_mates(store):
         msg("alice", "x8", "g1", float("nan")),
         msg("alice", "", "g1"),  # no clientMsgId
         msg("alice", "x9", "has space"),
+        msg("alice", "x10", ["g1"]),
         msg("alice", "ok2", "g1"),
         msg("alice", "ok3", "big"),
     ]
     out = await store.store_messages(batch)
     codes = [r.code if isinstance(r, Rejected) else "ok" for r in out]
     assert codes == ["ok", "not_member", "no_session", "no_session", "no_session", "no_session", "not_member",
-                     "bad_frame", "bad_frame", "bad_frame", "no_session", "ok", "ok"]
+                     "bad_frame", "bad_frame", "bad_frame", "no_session", "no_session", "ok", "ok"]
     assert [r.client_msg_id for r in out[1:9]] == ["x1", "x2", "x3", "x4", "x5", "x6", "x7", "x8"]
-    assert (out[0].seq, out[11].seq) == (1, 2)
-    assert len(out[12].recipients) == GROUP_CAP - 1
+    assert (out[0].seq, out[12].seq) == (1, 2)
+    assert len(out[13].recipients) == GROUP_CAP - 1
     # a failed p2p message does not create its session
     assert await store.session_members(["p2p:alice:bob", "p2p:bob:alice", "g1"]) == {
         "g1": ["alice", "bob", "carol"]}
-    assert all(not r.ok for r in out[1:11])
+    assert all(not r.ok for r in out[1:12])
 
 
 @pytest_twisted.ensureDeferred
@@ -313,6 +294,8 @@ async def test_read_cursor_moves_forward_only_and_clamps(store):
     assert (await store.read("bob", "g1", 2))[0] == 3
     assert (await store.read("bob", "g1", 99))[0] == 5
     assert (await store.read("bob", "g1", -7))[0] == 5
+    assert (await store.read("bob", "g1", 2**70))[0] == 5
+    assert [m["seq"] for m in await store.history("bob", "g1", before_seq=2**70, limit=2)] == [4, 5]
     await expect_error(store.read("dave", "g1", 1), "not_member")
     await expect_error(store.read("bob", "nope", 1), "no_session")
     await expect_error(store.read("bob", "p2p:alice:bob", 1), "no_session")

@@ -8,15 +8,8 @@ import pytest_twisted
 from twisted.internet import defer, reactor, task
 
 from imcluster.processor.store import UNDELIVERED_SQL, Incoming, MessageStore
-from tests.support.ids import unique
-from tests.test_store import store_db_factory  # noqa: F401 (fixture)
 
 CAP = 1000
-
-
-async def named_service(store_db_factory, prefix):  # noqa: F811
-    """A one-connection pool on the test's schema, recognisable in pg_stat_activity."""
-    return await store_db_factory(pool_size=1, application_name=unique(prefix))
 
 
 async def wait_until_blocked(db, application_name, timeout=5.0):
@@ -52,9 +45,9 @@ class Gate:
 
 
 @pytest_twisted.ensureDeferred
-async def test_two_processors_store_into_one_group_gap_free(store_db_factory):  # noqa: F811
+async def test_two_processors_store_into_one_group_gap_free(pg_schema, pg_factory):
     """Two processors would give a group repeated or missing seq numbers, or store a message twice."""
-    db1, db2 = await store_db_factory(pool_size=3), await store_db_factory(pool_size=3)
+    db1, db2 = await pg_factory(pg_schema, pool_size=3), await pg_factory(pg_schema, pool_size=3)
     s1, s2 = MessageStore(db1, CAP), MessageStore(db2, CAP)
     await s1.create_session("alice", ["bob", "carol", "dave"], "g")
     senders = ["alice", "bob", "carol"]
@@ -84,13 +77,13 @@ async def test_two_processors_store_into_one_group_gap_free(store_db_factory):  
 
 
 @pytest_twisted.ensureDeferred
-async def test_lost_race_on_client_msg_id_answers_the_original(store_db_factory):  # noqa: F811
+async def test_lost_race_on_client_msg_id_answers_the_original(pg_schema, pg_factory):
     """A message racing with its own copy on another processor would fail or be stored twice."""
-    db = await store_db_factory()
+    db = await pg_factory(pg_schema)
     store = MessageStore(db, CAP)
     await store.create_session("alice", ["bob"], "g1")
     await store.create_session("alice", ["bob"], "g2")
-    other = await named_service(store_db_factory, "imt_racer_")
+    other = await pg_factory(pg_schema, pool_size=1)
     # another processor has inserted alice's "c1" (into g2) and not committed yet
     gate = Gate(other, [
         ("UPDATE session SET last_seq = 1 WHERE id = 'g2'", None),
@@ -99,7 +92,7 @@ async def test_lost_race_on_client_msg_id_answers_the_original(store_db_factory)
         ("INSERT INTO messagesend (user_id, msg_id, session_id, seq) "
          "SELECT 'bob', id, 'g2', 1 FROM messagerecv WHERE client_msg_id = 'c1'", None)])
     await gate.opened
-    mine = await named_service(store_db_factory, "imt_loser_")
+    mine = await pg_factory(pg_schema, pool_size=1)
     loser = MessageStore(mine, CAP)
     d = loser.store_messages([Incoming("alice", "c1", "g1", "second"), Incoming("alice", "c2", "g1", "ok")])
     await wait_until_blocked(db, mine.application_name)  # on the unique key
@@ -113,17 +106,17 @@ async def test_lost_race_on_client_msg_id_answers_the_original(store_db_factory)
 
 
 @pytest_twisted.ensureDeferred
-async def test_member_added_while_waiting_for_the_session_lock(store_db_factory):  # noqa: F811
+async def test_member_added_while_waiting_for_the_session_lock(pg_schema, pg_factory):
     """A member added during a send would miss the message, or get it without being a recipient."""
-    db = await store_db_factory()
+    db = await pg_factory(pg_schema)
     store = MessageStore(db, CAP)
     await store.create_session("alice", ["bob"], "g")
-    other = await named_service(store_db_factory, "imt_admin_")
+    other = await pg_factory(pg_schema, pool_size=1)
     # an admin (another daemon) holds the session lock while adding carol
     gate = Gate(other, [("SELECT 1 FROM session WHERE id = 'g' FOR UPDATE", None),
                         ("INSERT INTO session_member (session_id, user_id) VALUES ('g', 'carol')", None)])
     await gate.opened
-    mine = await named_service(store_db_factory, "imt_sender_")
+    mine = await pg_factory(pg_schema, pool_size=1)
     d = MessageStore(mine, CAP).store_messages([Incoming("alice", "a1", "g", "hi"),
                                                 Incoming("carol", "c1", "g", "me too")])
     await wait_until_blocked(db, mine.application_name)  # on the session lock
@@ -150,9 +143,9 @@ async def fill_backlog(store, db, sessions=40, per_session=50, others=3):
 
 
 @pytest_twisted.ensureDeferred
-async def test_undelivered_paging_over_a_large_backlog(store_db_factory):  # noqa: F811
+async def test_undelivered_paging_over_a_large_backlog(pg_schema, pg_factory):
     """A sync of a long backlog would skip, repeat or misorder messages between pages."""
-    db = await store_db_factory()
+    db = await pg_factory(pg_schema)
     store = MessageStore(db, CAP)
     sids = await fill_backlog(store, db)
     # some already acknowledged, some being sent
@@ -182,9 +175,9 @@ def _nodes(plan):
 
 
 @pytest_twisted.ensureDeferred
-async def test_undelivered_page_is_an_index_range_scan(store_db_factory):  # noqa: F811
+async def test_undelivered_page_is_an_index_range_scan(pg_schema, pg_factory):
     """Every sync page would sort the user's whole backlog (slow syncs for users with many messages)."""
-    db = await store_db_factory()
+    db = await pg_factory(pg_schema)
     store = MessageStore(db, CAP)
     await fill_backlog(store, db, sessions=40, per_session=50, others=9)
     for after in [("", 0), ("S10", 20)]:
@@ -198,9 +191,9 @@ async def test_undelivered_page_is_an_index_range_scan(store_db_factory):  # noq
 
 
 @pytest_twisted.ensureDeferred
-async def test_concurrent_acks_and_marks_do_not_deadlock(store_db_factory):  # noqa: F811
+async def test_concurrent_acks_and_marks_do_not_deadlock(pg_schema, pg_factory):
     """Two processors applying overlapping acknowledgements would deadlock and stall acks."""
-    db1, db2 = await store_db_factory(pool_size=3), await store_db_factory(pool_size=3)
+    db1, db2 = await pg_factory(pg_schema, pool_size=3), await pg_factory(pg_schema, pool_size=3)
     s1, s2 = MessageStore(db1, CAP), MessageStore(db2, CAP)
     users = [f"u{i}" for i in range(20)]
     await s1.create_session("alice", users, "g")
