@@ -14,7 +14,7 @@ from twisted.internet.testing import MemoryReactorClock
 
 from imcluster.auth import Identity
 from imcluster.bus import Unavailable
-from imcluster.gateway.service import GatewayService, GatewayStopping, declared_port
+from imcluster.gateway.service import GatewayService, GatewayStopping, declared_port, with_backlog
 from imcluster.testing import FakeBus, FakeConnection, FakeRegistry, gateway_config
 
 PREFIX = "hub:"
@@ -440,3 +440,11 @@ def test_stop_does_not_wait_forever_for_clients():
     assert not d.called
     h.reactor.advance(2.0)
     assert d.called
+
+
+def test_listeners_get_a_large_backlog():
+    """Twisted's default backlog of 50 makes a reconnect storm wait for SYN retransmits."""
+    h = Hub(listen_backlog=777)
+    assert [backlog for _, _, backlog, _ in h.reactor.tcpServers] == [777, 777]
+    assert with_backlog("tcp:80:backlog=5", 777) == "tcp:80:backlog=5"
+    assert with_backlog("unix:/x", 777) == "unix:/x"

@@ -98,6 +98,19 @@ def declared_port(description: str) -> int:
     return 0
 
 
+def with_backlog(description: str, backlog: int) -> str:
+    """``description`` with ``backlog=<backlog>`` added to a TCP/TLS endpoint that sets none.
+
+    Twisted listens with a backlog of 50: a reconnect storm (thousands of
+    clients of a dead gateway arriving at once) overflows it and clients
+    wait for SYN retransmits.
+    """
+    kind = description.partition(":")[0]
+    if kind not in ("tcp", "tcp6", "ssl", "ssl6") or "backlog=" in description:
+        return description
+    return f"{description}:backlog={backlog}"
+
+
 def _chunks(items: list, size: int) -> Iterable[list]:
     for i in range(0, len(items), size):
         yield items[i:i + size]
@@ -391,7 +404,8 @@ class GatewayService(service.Service):
                 continue
             factory = factories[kind](self)
             for description in descriptions:
-                endpoint = endpoints.serverFromString(self.reactor, description)
+                endpoint = endpoints.serverFromString(
+                    self.reactor, with_backlog(description, self.config.listen_backlog))
                 port = yield endpoint.listen(factory)
                 self.ports.append((kind, description, port))
 
