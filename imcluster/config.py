@@ -246,6 +246,8 @@ OPTIONS: list[Option] = [
     _opt("slow_consumer_grace", _non_negative(_float), 1.0, G,
          "seconds a client's pending output may stay above output_buffer_limit (a burst) before "
          "it is closed as a slow consumer; 4 times the limit closes at once"),
+    _opt("listen_backlog", _positive(_int), 1024, G,
+         "accept queue of --ws/--tcp listeners without an explicit backlog= (reconnect storms need room)"),
     _opt("goodbye_timeout", _positive(_float), 5.0, G,
          "seconds a stopping gateway waits for its clients to close after 'going away'"),
     # --- processor
@@ -256,8 +258,6 @@ OPTIONS: list[Option] = [
     _opt("batch_wait", _non_negative(_float), 0.002, P, "seconds a batch waits to fill"),
     _opt("max_group_size", _positive(_int), 1000, P | A, "members a session may have"),
     _opt("sync_page_size", _positive(_int), 500, P, "undelivered messages read per sync page"),
-    _opt("listen_backlog", _positive(_int), 1024, G,
-         "accept queue of --ws/--tcp listeners without an explicit backlog= (reconnect storms need room)"),
     _opt("retry_delay", _positive(_float), 0.5, G | P, "first retry delay in seconds after a failure"),
     _opt("retry_max_delay", _positive(_float), 30.0, G | P, "longest retry delay in seconds"),
     _opt("max_attempts", _positive(_int), 5, P,
