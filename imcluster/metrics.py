@@ -43,5 +43,14 @@ REAPED = Counter("imcluster_reaped_gateways_total", "Dead gateways whose entries
 DEAD_LETTERED = Counter("imcluster_dead_lettered_total", "Queue messages dead-lettered as poison")
 RETRIES = Counter("imcluster_retries_total", "Batches retried after a transient failure")
 
+# --- HTTP API (imapi); route is the path template, e.g. /v1/sessions/{id}
+HTTP_REQUESTS = Counter(
+    "imcluster_http_requests_total", "HTTP API requests answered", ["method", "route", "status"])
+HTTP_LATENCY = Histogram(
+    "imcluster_http_request_seconds", "HTTP API request durations", ["route"], buckets=_LATENCY_BUCKETS)
+API_MESSAGES = Counter(
+    "imcluster_api_messages_total", "Messages posted over the HTTP API, by outcome "
+    "(created, duplicate, or the processors' error code)", ["result"])
+
 # --- shared clients
 RECONNECTS = Counter("imcluster_reconnects_total", "Reconnections to a shared service", ["service"])

@@ -1,0 +1,85 @@
+"""``twistd imapi``: options and the HTTP API daemon's service tree.
+
+The tree (children start in order and stop in reverse)::
+
+    DaemonService "imapi"              gives up after --shutdown-timeout
+      CleanExit                        stops last: a clean stop exits 0
+      PostgresService "postgres"       shared clients first ...
+      RedisService "redis"
+      AMQPService "amqp"
+      MessagePublisher "publisher"     consumes <ns>.gateway.<api-uuid> (replies)
+      HTTP listeners (--http)          ... listeners last, so they stop first
+
+Stopping (SIGTERM): the listeners close, requests still waiting for the
+processors' reply answer 503, then AMQP, Redis and PostgreSQL close.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application import service, strports
+
+from imcluster.config import API, make_options
+from imcluster.service import DaemonService
+
+Options = make_options(API, "twistd imapi [options]")
+
+
+class CleanExit(service.Service):
+    """Makes a completed graceful stop exit with status 0.
+
+    twistd re-raises the signal that stopped it once the reactor is done; as
+    the first child this service stops last, when everything else has
+    stopped, and then forgets that signal.
+    """
+
+    def __init__(self, reactor: Any = None) -> None:
+        self.setName("clean exit")
+        self._reactor = reactor
+
+    def stopService(self):  # noqa: N802 (Twisted API)
+        super().stopService()
+        reactor = self._reactor
+        if reactor is None:
+            from twisted.internet import reactor
+        if getattr(reactor, "_exitSignal", None) is not None:
+            reactor._exitSignal = None
+
+
+def build(config: Any, reactor: Any = None) -> tuple[DaemonService, Any]:
+    """The imapi tree for ``config`` and its :class:`~imcluster.api.resources.APIResource`."""
+    from imcluster.api.publisher import MessagePublisher
+    from imcluster.api.resources import APIResource, make_site
+    from imcluster.auth import JWTAuthenticator
+    from imcluster.bus import AMQPService
+    from imcluster.db import PostgresService
+    from imcluster.processor.store import MessageStore
+    from imcluster.registry import RedisService
+    from imcluster.web import dependency_probes
+
+    root = DaemonService("imapi", config.shutdown_timeout)
+    CleanExit(reactor).setServiceParent(root)
+    db = PostgresService.from_config(config)
+    db.setServiceParent(root)
+    redis = RedisService.from_config(config)
+    redis.setServiceParent(root)
+    amqp = AMQPService.from_config(config)
+    amqp.setServiceParent(root)
+    publisher = MessagePublisher.from_config(config, amqp)
+    publisher.setServiceParent(root)
+    probes = dependency_probes(redis=redis, amqp=amqp, postgres=db)
+    api = APIResource(
+        MessageStore(db, config.max_group_size), redis, publisher, JWTAuthenticator.from_config(config),
+        config.api_key, probes, health_timeout=config.health_timeout, max_json_depth=config.max_json_depth)
+    site = make_site(api, config.max_body_size, config.http_idle_timeout)
+    for description in config.http:
+        listener = strports.service(description, site)
+        listener.setName(f"http {description}")
+        listener.setServiceParent(root)
+    return root, api
+
+
+def makeService(options: Any) -> DaemonService:  # noqa: N802 (twistd API)
+    """Assemble the API daemon from ``options.config``."""
+    return build(options.config)[0]
