@@ -230,7 +230,8 @@ class PostgresService(service.Service):
     ``schema`` becomes every connection's ``search_path``;
     ``connect_timeout`` bounds a connection attempt and how long work waits
     for a live connection; ``max_attempts`` bounds how often one piece of
-    work is re-run after a lost connection or a rolled-back transaction.
+    work runs after a rolled-back transaction, and (plus ``pool_size``, as
+    every pooled connection may have died at once) after lost connections.
     ``application_name`` is shown in ``pg_stat_activity``.
     """
 
@@ -469,6 +470,7 @@ class PostgresService(service.Service):
                 return defer.succeed(slot)
             # closed behind the detector's back: treat as dead
             slot.detector.checkForDeadConnection(Failure(ierror.ConnectionDone("connection closed")))
+            self._schedule_attempt(slot, 0)
         remaining = deadline - self._clock.seconds()
         if remaining <= 0:
             return defer.fail(self._unavailable(what))
@@ -535,7 +537,9 @@ class PostgresService(service.Service):
                         raise DatabaseUnavailable(
                             f"PostgreSQL {what}: connection lost mid-work, outcome unknown "
                             f"({_one_line(e)})") from e
-                    if attempt >= self.max_attempts:
+                    # a server restart kills every pooled connection, and the
+                    # idle ones may not have noticed yet: each may cost one try
+                    if attempt >= self.max_attempts + self.pool_size:
                         raise DatabaseUnavailable(
                             f"PostgreSQL {what}: connection lost {attempt} times ({_one_line(e)})") from e
                     self.log.info("PostgreSQL {what}: connection lost mid-work; running it again",

@@ -13,6 +13,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor, task
 
+from imcluster.config import PROCESSOR, load_config
 from imcluster.db import DatabaseUnavailable, PostgresService, mogrify_rows
 from tests.support.postgres import terminate_backends
 
@@ -138,19 +139,20 @@ async def test_serialization_failure_is_run_again(pg):
 
 
 @pytest_twisted.ensureDeferred
-async def test_recovers_after_its_backends_are_terminated(pg, pg_admin):
+async def test_recovers_after_its_backends_are_terminated(pg_factory, pg_schema, pg_admin):
     """After PostgreSQL drops every pool connection, the next work succeeds without a restart."""
-    await pg.run_operation("INSERT INTO session (id) VALUES ('before')")
-    await eventually(lambda: pg.live_connections() == 2)
-    assert terminate_backends(pg_admin, pg.application_name) == 2
-    # right away: whether or not the pool noticed yet, the work goes through
-    assert await pg.run_query("SELECT id FROM session") == [("before",)]
-    await eventually(lambda: pg.reconnects >= 2 and pg.live_connections() == 2)
-    assert pg.connected
+    db = await pg_factory(pg_schema, pool_size=4)
+    await db.run_operation("INSERT INTO session (id) VALUES ('before')")
+    await eventually(lambda: db.live_connections() == 4)
+    assert terminate_backends(pg_admin, db.application_name) == 4
+    # right away: every idle connection is dead but may not know it yet; the work still goes through
+    assert await db.run_query("SELECT id FROM session") == [("before",)]
+    await eventually(lambda: db.reconnects >= 4 and db.live_connections() == 4)
+    assert db.connected
     # and again, once the pool has noticed the deaths on its own
-    assert terminate_backends(pg_admin, pg.application_name) == 2
-    await eventually(lambda: pg.reconnects >= 4)
-    assert await pg.run_operation("INSERT INTO session (id) VALUES ('after')") == 1
+    assert terminate_backends(pg_admin, db.application_name) == 4
+    await eventually(lambda: db.reconnects >= 8)
+    assert await db.run_operation("INSERT INTO session (id) VALUES ('after')") == 1
 
 
 @pytest_twisted.ensureDeferred
@@ -227,3 +229,24 @@ def test_bad_dsn_and_schema_are_refused_at_once():
         PostgresService("not a dsn")
     with pytest.raises(ValueError, match="schema"):
         PostgresService("postgresql://root@127.0.0.1/test", schema='x"; DROP TABLE session; --')
+
+
+@pytest_twisted.ensureDeferred
+async def test_service_mogrify_builds_multi_row_values(pg):
+    """Multi-row VALUES quote every value safely (executemany does not work in async mode)."""
+    values = pg.mogrify("(%s, %s)", [("q'1", "x"), ("q2", None)])
+    assert values == "('q''1', 'x'),('q2', NULL)"
+    await pg.run_operation("INSERT INTO session_member (session_id, user_id) "
+                           "SELECT * FROM (VALUES " + values + ") v WHERE false")
+
+
+def test_from_config_uses_the_configured_dsn_password_schema_and_pool():
+    """The processor's settings (DSN, password, schema, pool size, timeout) reach the pool."""
+    config = load_config(PROCESSOR, {
+        "postgres": "postgresql://imc@db.internal:6432/im", "postgres_password": "s3cr:t",
+        "postgres_schema": "tenant_a", "postgres_pool_size": "7", "postgres_timeout": "2.5"}, environ={})
+    db = PostgresService.from_config(config)
+    assert db.dsn == "postgresql://imc:s3cr%3At@db.internal:6432/im"
+    assert (db.schema, db.pool_size, db.timeout) == ("tenant_a", 7, 2.5)
+    assert db.application_name == "imcluster-processor"
+    assert "s3cr" not in db.where and db.where == "imc@db.internal:6432/im"
