@@ -59,6 +59,7 @@ from zope.interface import implementer
 
 from imcluster import metrics
 from imcluster.interfaces import IBusMessage, IMessageBus
+from imcluster.service import with_timeout
 
 
 # --- errors ------------------------------------------------------------------
@@ -975,15 +976,13 @@ class AMQPService(service.Service):
             props = self._props[bool(persistent)]
         rec = _Publish(routing_key, bytes(body), props, mandatory, msg_id,
                        self._clock.seconds() + self.publish_timeout)
-        if self._pub is not None and not self._waiting:
-            if not self._send(rec):
-                self._waiting.append(rec)
-        elif len(self._waiting) >= self.publish_backlog:
+        if self._pub is None and len(self._waiting) >= self.publish_backlog:
             return defer.fail(Unavailable(
                 f"RabbitMQ unreachable ({self._last_error}) and {len(self._waiting)} publishes already waiting"))
-        else:
-            self._waiting.append(rec)
+        self._waiting.append(rec)
         self._order.append(rec)
+        if self._pub is not None:
+            self._flush()
         if self._sweep_call is None or not self._sweep_call.active():
             self._sweep_call = self._clock.callLater(self.publish_timeout, self._sweep)
         return rec.d
@@ -1081,6 +1080,8 @@ class AMQPService(service.Service):
         """
         if not self.running:
             return defer.fail(RuntimeError("AMQP service is not running"))
+        if not 0 < prefetch <= 65535:
+            return defer.fail(ValueError(f"prefetch must be 1..65535 (an AMQP short), got {prefetch}"))
         c = Consumer(self, queue, callback, prefetch, exclusive)
         self._consumers[c] = None
         if self._conn is not None:
@@ -1104,7 +1105,11 @@ class AMQPService(service.Service):
         """
         for c in list(self._consumers):
             yield c.cancel()
-        yield self.wait_connected()
+        if not self.connected:
+            try:
+                yield with_timeout(self.wait_connected(), self.publish_timeout, self._clock, "AMQP connection")
+            except TimeoutError as e:
+                raise Unavailable(f"cannot delete the topology: {e} ({self._last_error})") from None
         conn = self._conn
         n = self.names
         names = list(dict.fromkeys([n.processor_queue().name, n.dead, *sorted(self.declared_queues), *queues]))

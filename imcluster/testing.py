@@ -478,6 +478,12 @@ class FakeBus(_bus_service.Service):
         if not queues and mandatory:
             return _bus_defer.fail(_BusUnroutable(f"no queue is bound to {routing_key!r} on {self.exchange}"))
         for qname in queues:
+            q = b.queues[qname]
+            args = q.spec.arguments
+            if (args.get("x-overflow") == "reject-publish" and "x-max-length" in args
+                    and len(q.messages) >= int(args["x-max-length"])):
+                return _bus_defer.fail(Nacked(f"RabbitMQ refused the message to {routing_key!r} (basic.nack)"))
+        for qname in queues:
             b.enqueue(qname, body, dict(headers or {}), routing_key)
         self.published.append((routing_key, body, mandatory, headers))
         b.dispatch()

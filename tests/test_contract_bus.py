@@ -14,7 +14,7 @@ from twisted.internet import defer, task
 from twisted.internet.task import Clock
 from zope.interface.verify import verifyObject
 
-from imcluster.bus import AMQPService, QueueSpec, Unavailable, Unroutable
+from imcluster.bus import AMQPService, Nacked, QueueSpec, Unavailable, Unroutable
 from imcluster.interfaces import IBusMessage, IMessageBus
 from imcluster.testing import FakeBus
 from tests.support.bus import TEST_TIMEOUT, close_connection, connection_pids, rabbitmqctl
@@ -212,6 +212,21 @@ async def test_mandatory_publish_to_no_queue_is_unroutable(bus):
             assert not ok and value.check(Unroutable), value
     # not mandatory: the broker drops it and confirms
     await bus.publish(bus.gateway_key("nobody"), b"x")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_refused_publish_fails_nacked(bus):
+    """A message the broker refused (full queue) would be reported as delivered."""
+    key = unique("k")
+    full = QueueSpec(unique(bus.namespace + ".full"), key, durable=False, auto_delete=True,
+                     arguments={"x-max-length": 1, "x-overflow": "reject-publish"})
+    inbox = Inbox()
+    await bus.consume(full, inbox, prefetch=1)
+    await bus.publish(key, b"held unacked")
+    await inbox.wait(1)
+    await bus.publish(key, b"ready")
+    with pytest.raises(Nacked):
+        await bus.publish(key, b"one too many")
 
 
 @pytest_twisted.ensureDeferred
