@@ -163,6 +163,15 @@ async def test_frames_are_forwarded_with_identity_and_sync_follows_auth(make_gat
     item = await processor.next_of("frame", tcp_conn)
     assert item["userId"] == "bob" and item["frame"]["clientMsgId"] == "c-2"
     assert all(b["v"] == 1 for b in processor.bodies)
+
+    # a burst from one client travels in a few coalesced publishes, in order
+    before = len(processor.bodies)
+    burst = [dict(frame, clientMsgId=f"b-{i}") for i in range(50)]
+    for f in burst:
+        ws.send(f)
+    got = [(await processor.next_of("frame", ws_conn))["frame"] for _ in burst]
+    assert got == burst
+    assert len(processor.bodies) - before < 10, "frames of one burst must share publishes"
     await closed(ws)
     await closed(tcp)
 
@@ -341,3 +350,34 @@ async def test_stop_says_going_away_and_removes_every_key(make_gateway, redis, r
     assert servers == {peer.server_id}
     assert set(ucir["alice"]) == {keep_conn} and ucir["bob"] == {}
     await closed(keep)
+
+
+@pytest_twisted.ensureDeferred
+async def test_nacked_publish_gives_unavailable(make_gateway, processor, namespace):
+    """When the broker refuses a message (nack), the client must be told so it can retry."""
+    from imcluster.bus import Nacked
+    from tests.support.bus import rabbitmqctl
+
+    gw = await make_gateway()
+    ws, _ = await authed_ws(gw, "alice")
+    policy = f"{namespace}-reject"
+    await rabbitmqctl("set_policy", "--apply-to", "queues", policy, rf"^{namespace}\.processor$",
+                      '{"max-length":0,"overflow":"reject-publish"}')
+    try:
+        async def refused():
+            try:
+                await processor.bus.publish(processor.bus.server_key(), b'{"v":1,"items":[]}')
+            except Nacked:
+                return True
+            return False
+
+        await eventually(refused, what="the broker nacks publishes")
+        started = time.monotonic()
+        ws.send({"type": "message", "clientMsgId": "n-1", "sessionId": "s", "body": "hi"})
+        reply = await ws.receive_type("message_reply", skip=("sync_done",))
+        assert reply["ok"] is False and reply["clientMsgId"] == "n-1"
+        assert reply["error"]["code"] == "unavailable"
+        assert time.monotonic() - started < PUBLISH_TIMEOUT
+    finally:
+        await rabbitmqctl("clear_policy", policy)
+    await closed(ws)
