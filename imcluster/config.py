@@ -149,6 +149,16 @@ def _identifier(value: Any) -> str:
     return v
 
 
+def _choice(*choices: str) -> Callable[[Any], str]:
+    def parse(value: Any) -> str:
+        v = _str(value)
+        if v not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}, got {v!r}")
+        return v
+
+    return parse
+
+
 def _endpoints(value: Any) -> list[str]:
     v = _str_list(value)
     if not v:
@@ -262,6 +272,12 @@ OPTIONS: list[Option] = [
     _opt("retry_max_delay", _positive(_float), 30.0, G | P, "longest retry delay in seconds"),
     _opt("max_attempts", _positive(_int), 5, P,
          "attempts at a message that fails deterministically before it is dead-lettered"),
+    _opt("sync_concurrency", _positive(_int), 16, P,
+         "syncs (paged undelivered backlogs) one processor runs at once"),
+    _opt("unroutable_hold", _positive(_float), 5.0, P,
+         "seconds a processor stops routing to a gateway whose queue was unroutable"),
+    _opt("moderation_action", _choice("reject", "replace"), "reject", P | A,
+         "what the keyword filter does with a match: reject the message, or replace the words with *"),
     _opt("filters", _str_list, ["keyword"], P | A,
          "moderation filters in order: plugin names or dotted names"),
     _opt("moderation_words", _str, None, P | A, "word list file for the keyword filter (one word a line)"),

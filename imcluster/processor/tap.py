@@ -1,0 +1,103 @@
+"""``twistd improcessor``: options and the processor daemon's service tree.
+
+The tree (children start in order and stop in reverse)::
+
+    DaemonService "improcessor"        gives up after --shutdown-timeout
+      PostgresService "postgres"       shared clients first ...
+      (migrations, with --migrate)     applied before anything consumes
+      RedisService    "redis"
+      AMQPService     "amqp"
+      metrics site (--metrics)         /metrics and /healthz
+      GuardedLoop     "reaper"         every --heartbeat seconds
+      ProcessorService "processor"     ... the consumer last, so it stops first
+
+Stopping (SIGTERM) therefore runs: the consumer finishes the window in
+flight and is cancelled (unacknowledged messages go back to RabbitMQ for
+another processor), the reaper stops, then AMQP, Redis and PostgreSQL close;
+all within ``--shutdown-timeout``.
+
+The moderation filters (``--filters``) are loaded while the options are
+parsed: an unknown filter or an unreadable word list stops twistd before
+anything starts.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application import service, strports
+from twisted.python import usage
+
+from imcluster.config import PROCESSOR, ConfigError, make_options
+from imcluster.service import DaemonService
+
+
+class Options(make_options(PROCESSOR, "twistd improcessor [options]")):
+    """The processor's options (imcluster.config OPTIONS), plus the filters, checked before start."""
+
+    def postOptions(self) -> None:  # noqa: N802 (Twisted API)
+        super().postOptions()
+        from imcluster.processor.filters import load_filters
+
+        try:
+            self.filters = load_filters(self.config)
+        except ConfigError as e:
+            raise usage.UsageError(str(e)) from None
+
+
+class MigrateService(service.Service):
+    """Applies pending migrations when it starts (``--migrate``); the daemon stops if one fails."""
+
+    def __init__(self, db: Any) -> None:
+        self.db = db
+        self.setName("migrate")
+
+    def startService(self):  # noqa: N802 (Twisted API)
+        super().startService()
+        from imcluster.db import apply_migrations
+
+        return apply_migrations(self.db)
+
+
+def makeService(options: Any) -> DaemonService:  # noqa: N802 (twistd API)
+    """Assemble the processor daemon from ``options.config``."""
+    from imcluster.bus import AMQPService
+    from imcluster.db import PostgresService
+    from imcluster.processor.filters import load_filters
+    from imcluster.processor.reaper import Reaper
+    from imcluster.processor.service import ProcessorService
+    from imcluster.processor.store import MessageStore
+    from imcluster.registry import RedisService
+
+    config = options.config
+    filters = getattr(options, "filters", None)
+    if filters is None:
+        filters = load_filters(config)
+    root = DaemonService("improcessor", config.shutdown_timeout)
+    db = PostgresService.from_config(config)
+    db.setServiceParent(root)
+    if config.migrate:
+        MigrateService(db).setServiceParent(root)
+    redis = RedisService.from_config(config)
+    redis.setServiceParent(root)
+    amqp = AMQPService.from_config(config)
+    amqp.setServiceParent(root)
+    store = MessageStore(db, config.max_group_size)
+    reaper = Reaper(redis)
+    processor = ProcessorService(config, amqp, redis, store, filters, reaper=reaper)
+    if config.metrics:
+        from imcluster.gateway.tap import metrics_site
+
+        site = metrics_site({
+            "postgres": lambda: db.connected,
+            "redis": lambda: redis.connected,
+            "amqp": lambda: amqp.connected,
+            "processor": lambda: processor.healthy,
+        })
+        for description in config.metrics:
+            listener = strports.service(description, site)
+            listener.setName(f"metrics {description}")
+            listener.setServiceParent(root)
+    reaper.service(config.heartbeat).setServiceParent(root)
+    processor.setServiceParent(root)
+    return root
