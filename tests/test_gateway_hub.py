@@ -448,3 +448,65 @@ def test_listeners_get_a_large_backlog():
     assert [backlog for _, _, backlog, _ in h.reactor.tcpServers] == [777, 777]
     assert with_backlog("tcp:80:backlog=5", 777) == "tcp:80:backlog=5"
     assert with_backlog("unix:/x", 777) == "unix:/x"
+
+
+def test_advertise_address():
+    """WSSERVER_ must carry a reachable address: the configured one, else a non-loopback one if any."""
+    from imcluster.gateway.service import advertise_address
+
+    assert advertise_address("10.1.2.3") == "10.1.2.3"
+    ip = advertise_address(None)
+    assert ip == "127.0.0.1" or not ip.startswith("127.")
+
+
+def test_tap_builds_the_tree_so_that_listeners_stop_first():
+    """Stopping in the wrong order would close Redis/AMQP before the gateway cleaned up."""
+    from imcluster.gateway.tap import Options, makeService
+
+    options = Options()
+    options.parseOptions(["--jwt-secret", "x" * 32, "--ws", "tcp:0", "--tcp", "tcp:0",
+                          "--metrics", "tcp:0:interface=127.0.0.1"])
+    root = makeService(options)
+    assert [s.name for s in root] == [
+        "clean exit", "redis", "amqp", "metrics tcp:0:interface=127.0.0.1", "gateway"]
+    gateway = root.getServiceNamed("gateway")
+    assert gateway.registry is root.getServiceNamed("redis")
+    assert gateway.bus is root.getServiceNamed("amqp")
+
+
+def test_clean_exit_forgets_the_signal():
+    """After a clean stop on SIGTERM, twistd must exit 0, not die by the signal."""
+    from imcluster.gateway.tap import CleanExit
+
+    reactor = MemoryReactorClock()
+    reactor._exitSignal = 15
+    svc = CleanExit(reactor)
+    svc.startService()
+    svc.stopService()
+    assert reactor._exitSignal is None
+
+
+def test_clients_closing_after_the_goodbye_timeout_are_harmless():
+    """A late close after the stop gave up waiting must not raise (nor re-create Redis entries)."""
+    h = Hub(goodbye_timeout=1.0)
+    a = h.connect(1)
+    h.auth(a, "alice")
+    h.turn()
+    d = h.gw.stopService()
+    h.reactor.advance(1.0)
+    assert d.called
+    h.gw.connection_lost(a)
+    h.turn()
+    assert h.store.keys(PREFIX) == []
+
+
+def test_nothing_re_registers_after_the_stop():
+    """A Redis reconnect or heartbeat after SIGTERM must not leave the stopped gateway registered."""
+    h = Hub()
+    a = h.connect(1)
+    h.auth(a, "alice")
+    h.turn()
+    h.gw.stopService()
+    result(h.registry.simulate_reconnect())
+    h.reactor.advance(30)
+    assert h.store.keys(PREFIX) == []

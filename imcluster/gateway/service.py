@@ -462,6 +462,8 @@ class GatewayService(service.Service):
         except TimeoutError:
             self.log.warn("{n} clients still open after {t}s; dropping them",
                           n=len(self.connections), t=c.goodbye_timeout)
+        finally:
+            self._all_closed = None
         if self._publisher is not None:
             yield self._publisher.drain()
         self.connections.clear()
@@ -516,6 +518,8 @@ class GatewayService(service.Service):
         self._resync_running = True
         try:
             while True:
+                if self._stopping:
+                    return  # the cleanup must not be undone
                 self._resync_again = False
                 yield self.registry.register_server(self.server_id, self.info, self.config.server_ttl)
                 snapshot = list(self.connections.authenticated())
@@ -651,7 +655,8 @@ class GatewayService(service.Service):
             self._writer.remove(user_id, conn.ip, conn.port)
         if self._all_closed is not None and len(self.connections) == 0:
             d, self._all_closed = self._all_closed, None
-            d.callback(None)
+            if not d.called:
+                d.callback(None)
 
     # --- flow 6: deliveries from the processors
 
