@@ -232,9 +232,27 @@ class QuietSite(server.Site):
         pass
 
 
+class NotFound(resource.Resource):
+    """404 in the JSON error shape of HTTP-API.md."""
+
+    isLeaf = True
+
+    def render(self, request: Any) -> Any:
+        write_json(request, 404, {"error": {"code": "not_found", "message": "no such resource"}})
+        return server.NOT_DONE_YET
+
+
+class _Root(resource.Resource):
+    def getChild(self, path: bytes, request: Any) -> resource.Resource:  # noqa: N802 (Twisted API)
+        return NotFound()
+
+    def render(self, request: Any) -> Any:
+        return NotFound().render(request)
+
+
 def metrics_site(probes: Mapping[str, Probe], timeout: float, clock: Any = None) -> server.Site:
     """A site serving ``/metrics`` and ``/healthz`` (anything else: 404)."""
-    root = resource.Resource()
+    root = _Root()
     root.putChild(b"metrics", metrics_resource())
     root.putChild(b"healthz", HealthResource(probes, timeout, clock))
     site = QuietSite(root)
