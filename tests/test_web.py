@@ -93,7 +93,7 @@ async def test_metrics_endpoint_on_real_services(redis_factory, bus_factory, pg,
         assert r.status == 200 and r.header("content-type").startswith("text/plain")
         assert metric_value(r.text, "imcluster_reconnects_total", {"service": "web-test"}) >= 2
         assert "imcluster_messages_stored_total" in r.text
-        for path in ("/nothing", "/", "/metrics/x"):
+        for path in ("/nothing", "/", "/v1/sessions"):
             r = await http_call(port, "GET", path)
             assert r.status == 404 and r.error_code == "not_found", path
 
