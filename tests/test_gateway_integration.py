@@ -89,11 +89,13 @@ async def make_gateway(namespace, redis_prefix, redis_factory, bus_factory):
     made: list[GatewayService] = []
 
     async def make(amqp_url: str | None = None, **overrides) -> GatewayService:
-        config = gateway_config(
+        settings = dict(
             namespace=namespace, redis_prefix=redis_prefix, jwt_secret=SECRET,
             ws=["tcp:0:interface=127.0.0.1"], tcp=["tcp:0:interface=127.0.0.1"],
             heartbeat=HEARTBEAT, server_ttl=5.0, publish_timeout=PUBLISH_TIMEOUT,
-            advertise="127.0.0.1", goodbye_timeout=2.0, **overrides)
+            advertise="127.0.0.1", goodbye_timeout=2.0)
+        settings.update(overrides)
+        config = gateway_config(**settings)
         redis = await redis_factory(timeout=2.0)
         kw = {"url": amqp_url} if amqp_url else {}
         bus = await bus_factory(publish_timeout=config.publish_timeout, **kw)
@@ -381,3 +383,34 @@ async def test_nacked_publish_gives_unavailable(make_gateway, processor, namespa
     finally:
         await rabbitmqctl("clear_policy", policy)
     await closed(ws)
+
+
+@pytest_twisted.ensureDeferred
+async def test_tls_listeners(make_gateway, tmp_path, redis, redis_prefix):
+    """ssl: endpoint strings must give working TLS listeners whose bound ports are registered."""
+    from autobahn.twisted.websocket import WebSocketClientFactory
+    from twisted.internet import ssl
+    from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
+
+    from imcluster.testing import self_signed_cert
+    from tests.support.clients import TCPClient, WSClient
+
+    cert, key, pem = self_signed_cert(str(tmp_path))
+    desc = f"ssl:0:interface=127.0.0.1:privateKey={key}:certKey={cert}"
+    gw = await make_gateway(ws=[desc], tcp=[desc])
+    info = json.loads(await redis.execute("GET", f"{redis_prefix}WSSERVER_{gw.server_id}"))
+    assert info["port"] == gw.port_of("ws") > 0 and info["tcpPort"] == gw.port_of("tcp") > 0
+    tls = ssl.optionsForClientTLS("localhost", trustRoot=ssl.Certificate.loadPEM(pem))
+
+    def endpoint(port):
+        return wrapClientTLS(tls, TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=WAIT))
+
+    tcp = await endpoint(gw.port_of("tcp")).connect(protocol.Factory.forProtocol(TCPClient))
+    assert (await tcp.auth(token("alice")))["ok"]
+    factory = WebSocketClientFactory(f"wss://localhost:{gw.port_of('ws')}/ws")
+    factory.protocol = WSClient
+    ws = await endpoint(gw.port_of("ws")).connect(factory)
+    await ws.opened.addTimeout(WAIT, reactor)
+    assert (await ws.auth(token("bob")))["ok"]
+    await closed(ws)
+    await closed(tcp)
