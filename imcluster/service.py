@@ -126,6 +126,18 @@ def exit_after_failed_start(failure: Failure | None = None, reactor: Any = None)
         reactor.callWhenRunning(stop)
 
 
+def _forget_exit_signal(reactor: Any) -> None:
+    """Make a completed graceful stop exit with status 0.
+
+    twistd re-raises the signal that stopped the reactor once it is done, so a
+    daemon stopped by SIGTERM would die "killed by SIGTERM" even after a clean
+    shutdown. Only a stop that finished in time forgets the signal; one cut
+    short by the shutdown timeout still dies by it.
+    """
+    if getattr(reactor, "_exitSignal", None) is not None:
+        reactor._exitSignal = None
+
+
 class DaemonService(AsyncMultiService):
     """The root of a daemon's tree: stopping gives up after ``shutdown_timeout``.
 
@@ -168,6 +180,7 @@ class DaemonService(AsyncMultiService):
                 timer.cancel()
             if not done.called:
                 self.log.info("{name} stopped", name=self.name)
+                _forget_exit_signal(self._clock)
                 done.callback(None)
 
         d.addBoth(finished)

@@ -468,21 +468,21 @@ def test_tap_builds_the_tree_so_that_listeners_stop_first():
                           "--metrics", "tcp:0:interface=127.0.0.1"])
     root = makeService(options)
     assert [s.name for s in root] == [
-        "clean exit", "redis", "amqp", "metrics tcp:0:interface=127.0.0.1", "gateway"]
+        "redis", "amqp", "metrics tcp:0:interface=127.0.0.1", "gateway"]
     gateway = root.getServiceNamed("gateway")
     assert gateway.registry is root.getServiceNamed("redis")
     assert gateway.bus is root.getServiceNamed("amqp")
 
 
-def test_clean_exit_forgets_the_signal():
+def test_clean_stop_forgets_the_signal():
     """After a clean stop on SIGTERM, twistd must exit 0, not die by the signal."""
-    from imcluster.gateway.tap import CleanExit
+    from imcluster.service import DaemonService
 
     reactor = MemoryReactorClock()
     reactor._exitSignal = 15
-    svc = CleanExit(reactor)
-    svc.startService()
-    svc.stopService()
+    root = DaemonService("imgateway", 5.0, clock=reactor)
+    root.startService()
+    root.stopService()
     assert reactor._exitSignal is None
 
 

@@ -3,7 +3,6 @@
 The tree (children start in order and stop in reverse)::
 
     DaemonService "imgateway"          gives up after --shutdown-timeout
-      CleanExit                        stops last: a clean stop exits 0
       RedisService "redis"             shared clients first ...
       AMQPService  "amqp"
       metrics site (--metrics)         /metrics and /healthz
@@ -70,29 +69,6 @@ def metrics_site(checks: dict[str, Callable[[], bool]]) -> server.Site:
     return site
 
 
-class CleanExit(service.Service):
-    """Makes a completed graceful stop exit with status 0.
-
-    twistd re-raises the signal that stopped the reactor once it is done, so
-    a daemon stopped by SIGTERM dies "killed by SIGTERM" even after a clean
-    shutdown. As the first child of the tree this service stops last: only
-    when every other child has stopped (not when the shutdown timeout cut
-    it short) does it forget the signal, and the exit status is 0.
-    """
-
-    def __init__(self, reactor: Any = None) -> None:
-        self.setName("clean exit")
-        self._reactor = reactor
-
-    def stopService(self):  # noqa: N802 (Twisted API)
-        super().stopService()
-        reactor = self._reactor
-        if reactor is None:
-            from twisted.internet import reactor
-        if getattr(reactor, "_exitSignal", None) is not None:
-            reactor._exitSignal = None
-
-
 def makeService(options: Any) -> DaemonService:  # noqa: N802 (twistd API)
     """Assemble the gateway daemon from ``options.config``."""
     from imcluster.auth import JWTAuthenticator
@@ -102,7 +78,6 @@ def makeService(options: Any) -> DaemonService:  # noqa: N802 (twistd API)
 
     config = options.config
     root = DaemonService("imgateway", config.shutdown_timeout)
-    CleanExit().setServiceParent(root)
     redis = RedisService.from_config(config)
     redis.setServiceParent(root)
     amqp = AMQPService.from_config(config)
