@@ -291,6 +291,41 @@ def test_sync_retry_stops_when_connection_goes():
     assert h.items == []
 
 
+def test_acks_are_retried_until_published():
+    """An acknowledgement sent while RabbitMQ is down must not be lost (ARCHITECTURE.md failure rules)."""
+    h = Hub()
+    a = h.connect(1)
+    h.auth(a, "alice")
+    h.turn()
+    h.bus.set_available(False)
+    done = h.gw.forward(a, {"type": "message_send_reply", "msgIds": ["7"]})
+    h.turn()
+    h.reactor.advance(6.0)  # past publish_timeout: the first attempt failed
+    assert not done.called
+    h.bus.set_available(True)
+    h.reactor.advance(30.0)
+    h.turn()
+    assert done.called and done.result is None
+    acks = [i for i in h.items for i in i["items"] if i["kind"] == "frame"]
+    assert [i["frame"] for i in acks] == [{"type": "message_send_reply", "msgIds": ["7"]}]
+    assert acks[0]["userId"] == "alice"
+
+
+def test_a_message_is_not_retried_by_the_gateway():
+    """A `message` that could not be published fails (the client is told `unavailable`) instead of waiting."""
+    h = Hub()
+    a = h.connect(1)
+    h.auth(a, "alice")
+    h.turn()
+    h.bus.set_available(False)
+    d = h.gw.forward(a, {"type": "message", "clientMsgId": "c1", "sessionId": "s", "body": 1})
+    failures = []
+    d.addErrback(failures.append)
+    h.turn()
+    h.reactor.advance(6.0)
+    assert len(failures) == 1
+
+
 def test_delivery_goes_to_named_connections_in_order_then_acks():
     """Deliveries must reach every named live connection, in order, and be acked."""
     h = Hub()

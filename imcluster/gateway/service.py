@@ -351,7 +351,7 @@ class GatewayService(service.Service):
         self._resync_running = False
         self._resync_again = False
         self._needs_resync = False
-        self._sync_retries: dict[str, tuple[Any, defer.Deferred]] = {}  # conn_id -> (DelayedCall, done)
+        self._retries: dict[defer.Deferred, tuple[Any, str | None]] = {}  # done -> (DelayedCall, owner)
         self._all_closed: defer.Deferred | None = None
 
     # --- lifecycle
@@ -433,8 +433,7 @@ class GatewayService(service.Service):
         ports, self.ports = self.ports, []
         yield defer.DeferredList([defer.maybeDeferred(p.stopListening) for _, _, p in ports],
                                  consumeErrors=True)
-        for conn_id in list(self._sync_retries):
-            self._cancel_sync_retry(conn_id)
+        self._cancel_retries()
         if self._heartbeat is not None and self._heartbeat.running:
             # an in-flight refresh must land before the cleanup, not re-create the key after it
             yield self._heartbeat.stopService()
@@ -592,52 +591,75 @@ class GatewayService(service.Service):
     def request_sync(self, conn: Any) -> defer.Deferred:
         """Ask the processors for ``conn``'s undelivered messages (a ``sync`` item).
 
-        A failed publish is retried with backoff (``retry_delay`` up to
-        ``retry_max_delay``) while the connection lives: a sync request is
-        never dropped. Fires once published (None also when the connection
-        went away first).
+        Retried while the connection lives (see :meth:`_publish_retrying`):
+        a sync request is never dropped. Fires once published (None also when
+        the connection went away first).
         """
-        done = defer.Deferred()
-        self._publish_sync(conn, done, self.config.retry_delay)
-        return done
-
-    def _publish_sync(self, conn: Any, done: defer.Deferred, delay: float) -> None:
-        self._sync_retries.pop(conn.conn_id, None)
         user_id = self.connections.user_of(conn)
-        if user_id is None or self._stopping:
-            done.callback(None)
-            return
-        d = self._publisher.submit(self._item("sync", user_id, conn))
-
-        def failed(f: Failure) -> None:
-            if self._stopping or self.connections.user_of(conn) is None:
-                done.callback(None)
-                return
-            self.log.warn("sync request for {conn} not published ({err}); retrying in {delay}s",
-                          conn=conn.conn_id, err=f.getErrorMessage(), delay=delay)
-            next_delay = min(delay * 2, self.config.retry_max_delay)
-            call = self.clock.callLater(delay, self._publish_sync, conn, done, next_delay)
-            self._sync_retries[conn.conn_id] = (call, done)
-
-        d.addCallbacks(lambda _: done.callback(None), failed)
-
-    def _cancel_sync_retry(self, conn_id: str) -> None:
-        entry = self._sync_retries.pop(conn_id, None)
-        if entry is not None:
-            call, done = entry
-            if call.active():
-                call.cancel()
-            if not done.called:
-                done.callback(None)
+        if user_id is None:
+            return defer.succeed(None)
+        return self._publish_retrying(
+            self._item("sync", user_id, conn), lambda: self.connections.user_of(conn) is not None,
+            owner=conn.conn_id)
 
     def forward(self, conn: Any, frame: dict) -> defer.Deferred:
         """Flow 4: publish a client frame to the processors, coalesced with others.
 
         Fires on the broker's confirm; fails with the bus' ``PublishError``
-        (``Unavailable``, ``Nacked``) within ``publish_timeout``.
+        (``Unavailable``, ``Nacked``) within ``publish_timeout``, and the client
+        is told ``unavailable``. Acknowledgements (``message_send_reply``) are
+        the exception: ARCHITECTURE.md's failure rules say they are never
+        dropped, so they are retried until published (or the gateway stops);
+        the client sees no error for them.
         """
         user_id = self.connections.user_of(conn) or getattr(conn, "user_id", None)
-        return self._publisher.submit(self._item("frame", user_id, conn, frame))
+        item = self._item("frame", user_id, conn, frame)
+        if frame.get("type") == "message_send_reply":
+            return self._publish_retrying(item, lambda: True)
+        return self._publisher.submit(item)
+
+    def _publish_retrying(self, item: dict, wanted: Callable[[], bool],
+                          owner: str | None = None) -> defer.Deferred:
+        """Publish ``item``; after a failure, retry with backoff while ``wanted()``.
+
+        Backoff runs from ``retry_delay`` to ``retry_max_delay``. The
+        Deferred fires (None) once published, or when ``wanted()`` turns
+        false, the connection ``owner`` (a connId) goes away, or the gateway
+        stops; it never fails.
+        """
+        done: defer.Deferred = defer.Deferred()
+
+        def attempt(delay: float) -> None:
+            self._retries.pop(done, None)
+            if self._stopping or not wanted():
+                done.callback(None)
+                return
+
+            def failed(f: Failure) -> None:
+                if self._stopping or not wanted():
+                    done.callback(None)
+                    return
+                self.log.warn("{kind} for {conn} not published ({err}); retrying in {delay}s",
+                              kind=item.get("frame", {}).get("type", item["kind"]), conn=item["connId"],
+                              err=f.getErrorMessage(), delay=delay)
+                next_delay = min(delay * 2, self.config.retry_max_delay)
+                self._retries[done] = (self.clock.callLater(delay, attempt, next_delay), owner)
+
+            self._publisher.submit(item).addCallbacks(lambda _: done.callback(None), failed)
+
+        attempt(self.config.retry_delay)
+        return done
+
+    def _cancel_retries(self, owner: str | None = None) -> None:
+        """Give up retried publishes: all of them, or those of connection ``owner``."""
+        cancelled = [(done, call) for done, (call, o) in self._retries.items()
+                     if owner is None or o == owner]
+        for done, call in cancelled:
+            del self._retries[done]
+            if call.active():
+                call.cancel()
+            if not done.called:
+                done.callback(None)
 
     def _item(self, kind: str, user_id: str, conn: Any, frame: dict | None = None) -> dict:
         item = {"kind": kind, "userId": user_id, "serverId": self.server_id,
@@ -648,7 +670,7 @@ class GatewayService(service.Service):
 
     def connection_lost(self, conn: Any) -> None:
         """Flow 7: forget ``conn`` and remove its Redis entry (pipelined with others)."""
-        self._cancel_sync_retry(conn.conn_id)
+        self._cancel_retries(owner=conn.conn_id)
         user_id = self.connections.remove(conn)
         if user_id is not None and not self._stopping:
             # while stopping, unregister_server removes every entry at once
