@@ -1,0 +1,552 @@
+"""Benchmark the cluster side by side with a bare echo ceiling (a script, not a test).
+
+    .venv/bin/python bench/run.py                 # every scenario, default sizes
+    .venv/bin/python bench/run.py --tiny          # a few seconds (what CI runs)
+    .venv/bin/python bench/run.py --scenarios p2p-latency,fanout --conns 20000
+
+Starts its own cluster on the local Redis/RabbitMQ/PostgreSQL (2 gateways,
+``--processors`` processors, a private namespace, Redis prefix and PostgreSQL
+schema migrated with ``imcluster migrate``), runs the scenarios with the Node
+load generator (bench/gen.js, ``npm ci --prefix bench`` first), stops what it
+started, deletes the queues, keys and schema, prints a results table and
+writes it as JSON (``--json``, default bench/results/<run>.json).
+
+Every figure is printed with its parameters, the generator's own CPU share
+(of one core) and the CPU of the gateways, the processors and the whole
+machine over the same window.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+BIN = Path(sys.executable).parent
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+#: the targets of the performance issue (docs/benchmarks.rst)
+TARGETS = {
+    "p2p-throughput": ("delivered msgs/s >= 7000", lambda r: r["delivered_per_s"] >= 7000),
+    "p2p-latency": ("p99 <= 10 ms", lambda r: r["latency_ms"]["p99"] is not None and r["latency_ms"]["p99"] <= 10),
+    "fanout": ("max >= 50000 deliveries/s", lambda r: r["max"]["deliveries_per_s"] >= 50000),
+    "conn": ("<= 20 KB RSS/conn", lambda r: r["rss_kb_per_conn"] <= 20),
+    "sync": ("10k backlog <= 2 s", lambda r: r["seconds"] <= 2.0),
+}
+
+
+def log(msg: str) -> None:
+    print(f"bench: {msg}", file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_open(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+# --- /proc sampling ------------------------------------------------------------------
+
+def cpu_ticks(pid: int) -> int:
+    """utime + stime of ``pid`` in clock ticks (0 once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])
+    except OSError:
+        return 0
+
+
+def machine_ticks() -> tuple[int, int]:
+    """(busy, total) ticks of all cores since boot."""
+    with open("/proc/stat") as f:
+        parts = [int(x) for x in f.readline().split()[1:]]
+    idle = parts[3] + parts[4]
+    total = sum(parts[:8])
+    return total - idle, total
+
+
+def rss_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/statm") as f:
+        return int(f.read().split()[1]) * PAGE // 1024
+
+
+class CpuWindow:
+    """CPU of named process groups and of the machine between start() and stop()."""
+
+    def __init__(self, groups: dict[str, list[int]]) -> None:
+        self.groups = groups
+        self.result: dict[str, float] = {}
+
+    def start(self) -> None:
+        self.t0 = time.monotonic()
+        self.ticks0 = {g: sum(cpu_ticks(p) for p in pids) for g, pids in self.groups.items()}
+        self.machine0 = machine_ticks()
+
+    def stop(self) -> None:
+        wall = time.monotonic() - self.t0
+        for g, pids in self.groups.items():
+            used = (sum(cpu_ticks(p) for p in pids) - self.ticks0[g]) / CLK_TCK
+            self.result[g] = round(100 * used / wall, 1)  # % of one core
+        busy1, total1 = machine_ticks()
+        busy0, total0 = self.machine0
+        self.result["machine"] = round(100 * (busy1 - busy0) / max(1, total1 - total0), 1)  # % of all cores
+
+
+# --- the cluster ---------------------------------------------------------------------
+
+class Cluster:
+    """2 gateways + N processors as real twistd processes, on private names; stop() removes all."""
+
+    def __init__(self, args: argparse.Namespace, workdir: Path) -> None:
+        self.args = args
+        self.workdir = workdir
+        self.run_id = secrets.token_hex(4)
+        self.namespace = f"bench_{self.run_id}"
+        self.redis_prefix = f"bench:{self.run_id}:"
+        self.schema = f"bench_{self.run_id}"
+        self.secret = secrets.token_hex(16)
+        self.procs: list[tuple[str, subprocess.Popen]] = []
+        self.gateways: list[dict] = []
+        self.processors: list[subprocess.Popen] = []
+
+    def common(self) -> list[str]:
+        a = self.args
+        return [f"--namespace={self.namespace}", f"--redis={a.redis}", f"--redis-prefix={self.redis_prefix}",
+                f"--amqp={a.amqp}"]
+
+    def spawn(self, name: str, argv: list[str]) -> subprocess.Popen:
+        logf = open(self.workdir / f"{name}.log", "ab")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("IMCLUSTER_")}
+        env["PYTHONUNBUFFERED"] = "1"
+        p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
+                             cwd=self.workdir, env=env)
+        logf.close()
+        self.procs.append((name, p))
+        return p
+
+    def migrate(self) -> None:
+        out = subprocess.run([str(BIN / "imcluster"), "migrate", f"--postgres={self.args.postgres}",
+                              f"--postgres-schema={self.schema}"], capture_output=True, text=True)
+        if out.returncode:
+            raise SystemExit(f"bench: imcluster migrate failed: {out.stderr.strip()}")
+
+    def wait(self, name: str, proc: subprocess.Popen, ready, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not ready():
+            if proc.poll() is not None:
+                raise SystemExit(f"bench: {name} exited with {proc.returncode}; see {self.workdir}/{name}.log")
+            if time.monotonic() > deadline:
+                raise SystemExit(f"bench: {name} not ready within {timeout}s; see {self.workdir}/{name}.log")
+            time.sleep(0.1)
+
+    def start(self) -> None:
+        a = self.args
+        self.migrate()
+        twistd = [str(BIN / "twistd"), "-n", "--pidfile="]
+        queue = f"{self.namespace}.processor"
+        for i in range(a.processors):
+            before = consumer_count(a.amqp, queue)
+            p = self.spawn(f"improcessor-{i + 1}", twistd + ["improcessor", *self.common(),
+                           f"--postgres={a.postgres}", f"--postgres-schema={self.schema}",
+                           *a.processor_arg])
+            self.wait(f"improcessor-{i + 1}", p, lambda: consumer_count(a.amqp, queue) > before)
+            self.processors.append(p)
+        for i in range(2):
+            ws, tcp = free_port(), free_port()
+            p = self.spawn(f"imgateway-{i + 1}", twistd + [
+                "imgateway", *self.common(), f"--jwt-secret={self.secret}", "--advertise=127.0.0.1",
+                f"--ws=tcp:{ws}:interface=127.0.0.1", f"--tcp=tcp:{tcp}:interface=127.0.0.1",
+                # the generator's senders run above a phone's rate on purpose
+                f"--rate-limit={a.rate_limit}", f"--rate-burst={a.rate_limit}", *a.gateway_arg])
+            self.wait(f"imgateway-{i + 1}", p, lambda: port_open(ws) and port_open(tcp))
+            self.gateways.append({"proc": p, "url": f"ws://127.0.0.1:{ws}/ws"})
+        log(f"cluster up: namespace {self.namespace}, schema {self.schema}, "
+            f"gateways {[g['proc'].pid for g in self.gateways]}, processors {[p.pid for p in self.processors]}")
+
+    def stop(self) -> None:
+        for _name, p in self.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for name, p in self.procs:
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                log(f"{name} did not stop within 30s: killed")
+                p.kill()
+                p.wait(5)
+        self.procs.clear()
+        cleanup(self.args, self.namespace, self.redis_prefix, self.schema)
+
+
+def consumer_count(url: str, queue: str) -> int:
+    import pika
+    import pika.exceptions
+
+    conn = pika.BlockingConnection(pika.URLParameters(url))
+    try:
+        try:
+            return conn.channel().queue_declare(queue, passive=True).method.consumer_count
+        except pika.exceptions.ChannelClosedByBroker:
+            return 0
+    finally:
+        if conn.is_open:
+            conn.close()
+
+
+def cleanup(args: argparse.Namespace, namespace: str, prefix: str, schema: str) -> None:
+    """Delete the run's AMQP topology, Redis keys and PostgreSQL schema (each step on its own)."""
+    try:
+        import pika
+
+        conn = pika.BlockingConnection(pika.URLParameters(args.amqp))
+        ch = conn.channel()
+        for q in (f"{namespace}.processor", f"{namespace}.dead"):
+            ch.queue_delete(q)
+        for x in (f"{namespace}.exchange", f"{namespace}.dlx"):
+            ch.exchange_delete(x)
+        conn.close()
+    except Exception as e:  # noqa: BLE001 (clean-up goes on)
+        log(f"AMQP clean-up failed: {e!r}")
+    try:
+        import txredisapi  # noqa: F401 (only to be sure the URL parser matches the daemons')
+        from urllib.parse import urlparse
+
+        u = urlparse(args.redis)
+        redis_cli = ["redis-cli", "-h", u.hostname or "127.0.0.1", "-p", str(u.port or 6379),
+                     "-n", (u.path or "/0").strip("/") or "0"]
+        keys = subprocess.run(redis_cli + ["--scan", "--pattern", prefix + "*"], capture_output=True,
+                              text=True, check=True).stdout.split()
+        for i in range(0, len(keys), 500):
+            subprocess.run(redis_cli + ["DEL", *keys[i:i + 500]], capture_output=True, check=True)
+    except Exception as e:  # noqa: BLE001
+        log(f"Redis clean-up failed: {e!r}")
+    try:
+        import psycopg2
+
+        pg = psycopg2.connect(args.postgres)
+        pg.autocommit = True
+        with pg.cursor() as cur:
+            cur.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        pg.close()
+    except Exception as e:  # noqa: BLE001
+        log(f"PostgreSQL clean-up failed: {e!r}")
+
+
+# --- the generator -------------------------------------------------------------------
+
+class Generator:
+    """One `node bench/gen.js` process; marks in its output open/close CPU windows."""
+
+    def __init__(self, config: dict, window: CpuWindow | None, on_event=None) -> None:
+        self.window = window
+        self.on_event = on_event
+        self.result: dict | None = None
+        self.proc = subprocess.Popen(["node", str(BENCH / "gen.js"), json.dumps(config)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=BENCH)
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            ev = json.loads(line)
+            if ev["event"] == "mark" and self.window is not None:
+                (self.window.start if ev["name"] == "start" else self.window.stop)()
+            elif ev["event"] in ("result", "failed"):
+                self.result = ev
+            elif self.on_event:
+                self.on_event(self, ev)
+
+    def say(self, line: str) -> None:
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+
+    def wait(self, timeout: float) -> dict:
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise RuntimeError(f"generator did not finish within {timeout:g}s")
+        self.reader.join(5)
+        err = self.proc.stderr.read()
+        if not self.result or self.result["event"] != "result":
+            raise RuntimeError(f"generator failed: {(self.result or {}).get('error') or err[-2000:]}")
+        return self.result
+
+
+# --- scenarios -----------------------------------------------------------------------
+
+def scenario_params(args: argparse.Namespace) -> dict[str, dict]:
+    if args.tiny:
+        return {
+            "echo": {"conns": 4, "window": 8, "warmup": 0.3, "seconds": 0.7},
+            "conn": {"n": 40},
+            "p2p-latency": {"pairs": 5, "rate": 100, "seconds": 1, "drain": 10},
+            "p2p-throughput": {"pairs": 5, "window": 4, "warmup": 0.3, "seconds": 1, "drain": 10},
+            "fanout": {"members": 10, "senders": 2, "rate": 20, "window": 4, "warmup": 0.3, "seconds": 1,
+                       "drain": 10},
+            "sync": {"backlog": 100, "window": 50},
+        }
+    d = args.duration
+    return {
+        "echo": {"conns": 200, "window": 32, "warmup": 2, "seconds": min(d, 10)},
+        "conn": {"n": args.conns},
+        "p2p-latency": {"pairs": 200, "rate": 1000, "seconds": d, "drain": 30},
+        "p2p-throughput": {"pairs": 200, "window": 32, "warmup": 3, "seconds": d, "drain": 60},
+        "fanout": {"members": 100, "senders": 5, "rate": 50, "window": 16, "warmup": 3, "seconds": d, "drain": 60},
+        "sync": {"backlog": args.backlog, "window": 500},
+    }
+
+
+def run_echo(args, cluster, params) -> dict:
+    port = free_port()
+    pin = ["taskset", "-c", "1"] if shutil.which("taskset") and os.cpu_count() > 1 else []
+    server = subprocess.Popen(pin + [sys.executable, str(BENCH / "echo_server.py"), str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while not port_open(port):
+            if time.monotonic() > deadline or server.poll() is not None:
+                raise RuntimeError("echo server did not start")
+            time.sleep(0.05)
+        window = CpuWindow({"echo_server": [server.pid]})
+        gen = Generator({"scenario": "echo", "run": cluster.run_id, "secret": cluster.secret, "gateways": [],
+                         "echoUrl": f"ws://127.0.0.1:{port}/", "params": params}, window)
+        result = gen.wait(120)
+        result["cpu"] = window.result
+        return result
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+def run_conn(args, cluster, params) -> dict:
+    n = params["n"]
+    # one node process holds at most ~8000 sockets (the fd limit is shared with nothing else then)
+    per = 8000
+    procs = max(1, -(-n // per))
+    gw_pids = [g["proc"].pid for g in cluster.gateways]
+    time.sleep(0.5)
+    rss0 = {p: rss_kb(p) for p in gw_pids}
+    connected = threading.Event()
+    waiting = {"left": procs, "seconds": 0.0}
+    lock = threading.Lock()
+
+    def on_event(_gen, ev):
+        if ev["event"] == "connected":
+            with lock:
+                waiting["left"] -= 1
+                waiting["seconds"] = max(waiting["seconds"], ev["seconds"])
+                if waiting["left"] == 0:
+                    connected.set()
+
+    window = CpuWindow({"gateways": gw_pids, "processors": [p.pid for p in cluster.processors]})
+    window.start()
+    gens = []
+    base = n // procs
+    offset = 0
+    for i in range(procs):
+        k = base + (1 if i < n % procs else 0)
+        gens.append(Generator({"scenario": "conn", "run": cluster.run_id, "secret": cluster.secret,
+                               "gateways": [g["url"] for g in cluster.gateways],
+                               "params": {"n": k, "offset": offset}}, None, on_event))
+        offset += k
+    if not connected.wait(600):
+        for g in gens:
+            g.proc.kill()
+        raise RuntimeError("connections not established within 600s: "
+                           + " ".join(str((g.result or {}).get("error", ""))[:500] for g in gens))
+    window.stop()
+    gen_cpu = sum(cpu_ticks(g.proc.pid) for g in gens) / CLK_TCK / waiting["seconds"]
+    time.sleep(1.0)  # let the gateways settle (sync replies, Redis writes)
+    rss1 = {p: rss_kb(p) for p in gw_pids}
+    for g in gens:
+        g.say("close")
+    results = [g.wait(120) for g in gens]
+    growth = sum(rss1.values()) - sum(rss0.values())
+    return {"connected": sum(r["connected"] for r in results), "seconds": waiting["seconds"],
+            "rate": n / waiting["seconds"], "gateway_rss_kb_before": list(rss0.values()),
+            "gateway_rss_kb_after": list(rss1.values()), "rss_kb_per_conn": round(growth / n, 2),
+            "unexpected_closes": sum(r["unexpected_closes"] for r in results), "generators": procs,
+            "gen_cpu": gen_cpu, "cpu": window.result,
+            "errors": [r["errors"] for r in results]}
+
+
+def run_cluster_scenario(name, args, cluster, params) -> dict:
+    window = CpuWindow({"gateways": [g["proc"].pid for g in cluster.gateways],
+                        "processors": [p.pid for p in cluster.processors]})
+    gen = Generator({"scenario": name, "run": cluster.run_id, "secret": cluster.secret,
+                     "gateways": [g["url"] for g in cluster.gateways], "params": params}, window)
+    result = gen.wait(900)
+    result["cpu"] = window.result
+    return result
+
+
+# --- the table -----------------------------------------------------------------------
+
+def fmt_lat(lat: dict) -> str:
+    return f"p50 {lat['p50']} p90 {lat['p90']} p99 {lat['p99']} max {lat['max']} ms"
+
+
+def figures(name: str, r: dict, ceiling: float | None) -> list[str]:
+    frac = (lambda x: f" ({100 * x / ceiling:.0f}% of echo)") if ceiling else (lambda x: "")
+    if name == "echo":
+        return [f"{r['echoes_per_s']:,.0f} echoes/s", fmt_lat(r["latency_ms"])]
+    if name == "conn":
+        return [f"{r['connected']} connected in {r['seconds']:.1f}s = {r['rate']:,.0f} conn/s",
+                f"gateway RSS {r['rss_kb_per_conn']} KB/conn", f"unexpected closes {r['unexpected_closes']}"]
+    if name == "p2p-latency":
+        return [fmt_lat(r["latency_ms"]), f"reply {fmt_lat(r['reply_latency_ms'])}",
+                f"sent {r['sent']} ok {r['replied_ok']} lost {r['lost']} dup {r['duplicated']}"]
+    if name == "p2p-throughput":
+        return [f"{r['delivered_per_s']:,.0f} delivered msgs/s{frac(r['delivered_per_s'])}", fmt_lat(r["latency_ms"]),
+                f"sent {r['sent']} ok {r['replied_ok']} lost {r['lost']} dup {r['duplicated']}"]
+    if name == "fanout":
+        return [f"at {r['rate']['msgs_per_s']} msgs/s: {r['rate']['deliveries_per_s']:,.0f} deliveries/s, "
+                + fmt_lat(r["rate"]["latency_ms"]),
+                f"max: {r['max']['deliveries_per_s']:,.0f} deliveries/s{frac(r['max']['deliveries_per_s'])}, "
+                + fmt_lat(r["max"]["latency_ms"]),
+                f"sent {r['sent']} ok {r['replied_ok']} lost {r['lost']} dup {r['duplicated']}"]
+    if name == "sync":
+        return [f"{r['received']} msgs, sync_done {r['sync_done_count']} in {r['seconds']:.2f}s "
+                f"({r['msgs_per_s']:,.0f} msgs/s)", f"lost {r['lost']} dup {r['duplicated']}"]
+    return [json.dumps(r)]
+
+
+def table(results: dict, params: dict, meta: dict) -> str:
+    ceiling = results.get("echo", {}).get("echoes_per_s")
+    lines = [f"imcluster benchmark {meta['run']} on {meta['machine']}",
+             f"cluster: 2 gateways, {meta['processors']} processor(s); generator: node {meta['node']} ws "
+             f"(no compression); CPU columns: % of one core over the measured window, machine = % of all "
+             f"{os.cpu_count()} cores", ""]
+    head = f"{'scenario':<15} {'parameters':<44} {'result':<78} {'target':<28} {'gen':>5} {'gw':>5} {'proc':>5} {'mach':>5}"
+    lines += [head, "-" * len(head)]
+    for name, r in results.items():
+        if "error" in r:
+            lines.append(f"{name:<15} FAILED: {r['error'][:200]}")
+            continue
+        target, check = TARGETS.get(name, ("(ceiling)", None))
+        verdict = "" if check is None else (" OK" if check(r) else " MISSED")
+        if name in ("p2p-latency", "p2p-throughput", "fanout", "sync") and (r.get("lost") or r.get("duplicated")):
+            verdict = " LOST/DUP"
+        p = " ".join(f"{k}={v}" for k, v in params[name].items() if k != "drain")
+        cpu = r.get("cpu", {})
+        gen = f"{100 * r.get('gen_cpu', 0):.0f}%"
+        gwc = f"{cpu['gateways']:.0f}%" if "gateways" in cpu else f"{cpu.get('echo_server', 0):.0f}%"
+        prc = f"{cpu['processors']:.0f}%" if "processors" in cpu else "-"
+        mach = f"{cpu.get('machine', 0):.0f}%"
+        for i, fig in enumerate(figures(name, r, ceiling)):
+            if i == 0:
+                lines.append(f"{name:<15} {p[:44]:<44} {fig:<78} {(target + verdict):<28} {gen:>5} {gwc:>5} {prc:>5} {mach:>5}")
+            else:
+                lines.append(f"{'':<15} {p[44 * i:44 * (i + 1)]:<44} {fig:<78}")
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    model = "unknown CPU"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PHYS_PAGES") * PAGE // 2**30
+    return f"{os.cpu_count()} x {model}, {mem} GiB, Linux {os.uname().release}"
+
+
+ORDER = ["echo", "conn", "p2p-latency", "p2p-throughput", "fanout", "sync"]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scenarios", default=",".join(ORDER), help=f"comma-separated, from {','.join(ORDER)}")
+    parser.add_argument("--tiny", action="store_true", help="tiny sizes: a few seconds (CI)")
+    parser.add_argument("--conns", type=int, default=5000, help="conn: idle authenticated connections")
+    parser.add_argument("--backlog", type=int, default=10000, help="sync: undelivered messages")
+    parser.add_argument("--duration", type=float, default=15.0, help="seconds each measured phase runs")
+    parser.add_argument("--processors", type=int, default=1, help="processes running improcessor")
+    parser.add_argument("--rate-limit", type=int, default=1000000, help="gateways' --rate-limit/--rate-burst")
+    parser.add_argument("--gateway-arg", action="append", default=[], help="extra imgateway argument")
+    parser.add_argument("--processor-arg", action="append", default=[], help="extra improcessor argument")
+    parser.add_argument("--json", help="write results here (default bench/results/<run>.json)")
+    parser.add_argument("--redis", default=os.environ.get("BENCH_REDIS", "redis://127.0.0.1:6379/0"))
+    parser.add_argument("--amqp", default=os.environ.get("BENCH_AMQP", "amqp://guest:guest@127.0.0.1:5672/%2F"))
+    parser.add_argument("--postgres", default=os.environ.get("BENCH_POSTGRES",
+                                                             "postgresql://root@127.0.0.1:5432/test"))
+    args = parser.parse_args(argv)
+    wanted = [s.strip() for s in args.scenarios.split(",") if s.strip()]
+    unknown = set(wanted) - set(ORDER)
+    if unknown:
+        parser.error(f"unknown scenarios: {', '.join(sorted(unknown))}")
+    if not shutil.which("node"):
+        raise SystemExit("bench: node is not installed (Node 18+ needed for bench/gen.js)")
+    if not (BENCH / "node_modules" / "ws").is_dir():
+        raise SystemExit("bench: bench/node_modules is missing: run `npm ci --prefix bench`")
+
+    results_dir = BENCH / "results"
+    results_dir.mkdir(exist_ok=True)
+    params = scenario_params(args)
+    node_version = subprocess.run(["node", "--version"], capture_output=True, text=True).stdout.strip()
+    workdir = results_dir / "logs"
+    workdir.mkdir(exist_ok=True)
+    cluster = Cluster(args, workdir)
+    meta = {"run": cluster.run_id, "machine": machine(), "processors": args.processors, "node": node_version,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "tiny": args.tiny,
+            "argv": sys.argv[1:]}
+    results: dict[str, dict] = {}
+    interrupted = False
+    try:
+        cluster.start()
+        for name in [s for s in ORDER if s in wanted]:
+            log(f"{name}: {params[name]}")
+            started = time.monotonic()
+            try:
+                if name == "echo":
+                    results[name] = run_echo(args, cluster, params[name])
+                elif name == "conn":
+                    results[name] = run_conn(args, cluster, params[name])
+                else:
+                    results[name] = run_cluster_scenario(name, args, cluster, params[name])
+            except RuntimeError as e:
+                results[name] = {"error": str(e)}
+            results[name]["params"] = params[name]
+            results[name]["wall_seconds"] = round(time.monotonic() - started, 1)
+            log(f"{name}: done in {results[name]['wall_seconds']}s")
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        cluster.stop()
+    text = table(results, params, meta)
+    print(text)
+    out = Path(args.json) if args.json else results_dir / f"{cluster.run_id}.json"
+    out.write_text(json.dumps({"meta": meta, "results": results, "table": text}, indent=2))
+    log(f"results written to {out}")
+    failed = interrupted or any("error" in r for r in results.values())
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,34 @@
+"""The benchmark script runs end to end at a tiny size and produces its table and JSON (not a benchmark)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed: bench/gen.js needs Node 18+")
+def test_bench_tiny_run_prints_table_and_writes_json(tmp_path):
+    """A broken bench/run.py or gen.js would leave the performance docs without a way to re-measure them."""
+    assert (BENCH / "node_modules" / "ws").is_dir(), "run `npm ci --prefix bench` first (.ci/run does)"
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, str(BENCH / "run.py"), "--tiny", "--json", str(out)],
+                          capture_output=True, text=True, timeout=180, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for name in ("echo", "conn", "p2p-latency", "p2p-throughput", "fanout", "sync"):
+        assert f"\n{name} " in proc.stdout, proc.stdout
+    data = json.loads(out.read_text())
+    results = data["results"]
+    assert set(results) == {"echo", "conn", "p2p-latency", "p2p-throughput", "fanout", "sync"}
+    assert results["conn"]["connected"] == results["conn"]["params"]["n"]
+    for name in ("p2p-latency", "p2p-throughput", "fanout", "sync"):
+        assert results[name]["lost"] == 0 and results[name]["duplicated"] == 0, (name, results[name])
+    assert results["sync"]["received"] == results["sync"]["params"]["backlog"]
+    assert 0 < results["p2p-latency"]["gen_cpu"] < 4
