@@ -128,3 +128,27 @@ async def test_ws_client_frames_and_close_code():
         assert await client.closed == (4001, "bye")
     finally:
         await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_real_cluster_round_trip(cluster):
+    """The harness must bring up a usable gateway+processor pair on the test's own namespace and schema."""
+    assert cluster.pg_schema and cluster.pg_schema.startswith("imt_")
+    processor = await cluster.start_processor()
+    gateway = await cluster.start_gateway()
+    assert consumer_count(f"{cluster.namespace}.processor") == 1
+    alice = await connect_ws(gateway.ws_url)
+    bob = await connect_tcp(gateway.tcp_port)
+    assert (await alice.auth(cluster.token("alice")))["ok"]
+    assert (await bob.auth(cluster.token("bob")))["ok"]
+    await alice.receive_type("sync_done")
+    await bob.receive_type("sync_done")
+    alice.send({"type": "message", "clientMsgId": "c1", "sessionId": "p2p:alice:bob", "body": {"t": 1}})
+    reply = await alice.receive_type("message_reply")
+    assert reply["ok"] and reply["seq"] == 1
+    delivered = await bob.receive_type("message_send")
+    assert delivered["msgId"] == reply["msgId"] and delivered["body"] == {"t": 1}
+    alice.close()
+    bob.close()
+    assert await gateway.stop() in CLEAN_EXIT
+    assert await processor.stop() in CLEAN_EXIT
