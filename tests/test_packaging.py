@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-DAEMONS = ("imgateway", "improcessor")
+DAEMONS = ("imgateway", "improcessor", "imapi")
 
 pytestmark = pytest.mark.slow
 
@@ -79,7 +79,7 @@ def _readme_editable_command() -> str:
 
 
 def test_install_lists_daemons(tmp_path):
-    """After `pip install .`, `twistd --help` must list imgateway and improcessor (else operators cannot start them)."""
+    """After `pip install .`, `twistd --help` must list imgateway, improcessor and imapi (else operators cannot start them)."""
     python = _venv(tmp_path / "venv")
     _pip_install(python, str(_source_copy(tmp_path / "src")))
     help_text = _twistd_help(python, tmp_path)
