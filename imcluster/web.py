@@ -31,7 +31,7 @@ import json
 import time
 from typing import Any, Callable, Mapping
 
-from twisted.application import service, strports
+from twisted.application import service
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -261,19 +261,60 @@ def metrics_site(probes: Mapping[str, Probe], timeout: float, clock: Any = None)
     return site
 
 
+class ListenerService(service.Service):
+    """Listens on an endpoint string in ``startService`` (fires once bound; fails if it cannot bind).
+
+    twistd calls ``privilegedStartService`` on the whole tree before
+    ``startService``, and ``strports.service`` binds there: its port would
+    accept requests before the shared clients (earlier children) have
+    started. This one binds in order, as the last children of a tree should.
+    """
+
+    log = Logger()
+
+    def __init__(self, description: str, factory: Any, reactor: Any = None) -> None:
+        self.description = description
+        self.factory = factory
+        self._reactor = reactor
+        self.port: Any = None
+        self.setName(description)
+
+    def startService(self) -> defer.Deferred:  # noqa: N802 (Twisted API)
+        from twisted.internet import endpoints
+
+        super().startService()
+        reactor = self._reactor
+        if reactor is None:
+            from twisted.internet import reactor
+        d = endpoints.serverFromString(reactor, self.description).listen(self.factory)
+
+        def bound(port: Any) -> None:
+            self.port = port
+            self.log.info("listening on {where} ({description})", where=str(port.getHost()),
+                          description=self.description)
+
+        return d.addCallback(bound)
+
+    def stopService(self) -> Any:  # noqa: N802
+        super().stopService()
+        port, self.port = self.port, None
+        if port is not None:
+            return defer.maybeDeferred(port.stopListening)
+        return None
+
+
 def make_metrics_service(config: Any, probes: Mapping[str, Probe], clock: Any = None) -> service.MultiService:
     """The ``--metrics`` listeners of a daemon: one per endpoint in ``config.metrics`` (none: no child).
 
     Add it to the daemon's tree after the shared clients and before the
     client-facing listeners, so that health answers while clients drain.
     """
-    listeners = service.MultiService()
-    listeners.setName("metrics")
+    from imcluster.service import AsyncMultiService
+
+    listeners = AsyncMultiService("metrics")
     endpoints = list(getattr(config, "metrics", None) or [])
     if endpoints:
         site = metrics_site(probes, getattr(config, "health_timeout", 2.0), clock)
         for description in endpoints:
-            listener = strports.service(description, site)
-            listener.setName(f"metrics {description}")
-            listener.setServiceParent(listeners)
+            ListenerService(description, site).setServiceParent(listeners)
     return listeners

@@ -21,9 +21,9 @@ from imcluster.api.tap import build
 from imcluster.auth import mint_token
 from imcluster.bus import AMQPService
 from imcluster.config import API, load_config
-from imcluster.processor.store import Incoming, MessageStore
-from imcluster.protocol import message_reply_error
+from imcluster.processor.store import Incoming
 from imcluster.registry import RedisService, conn_meta, server_info
+from tests.support.api import BAD_WORD, StandInProcessor
 from tests.support.bus import cleanup_namespace
 from tests.support.cluster import endpoint, free_port
 from tests.support.http import http_call, metric_value
@@ -35,52 +35,10 @@ ADMIN_KEY = "admin-key-" + uuid.uuid4().hex
 SECOND_KEY = "second-key-" + uuid.uuid4().hex
 MAX_BODY = 4096
 MAX_GROUP = 6
-#: the stand-in rejects message bodies containing this (as moderation would)
-BAD_WORD = "forbidden-word"
 
 
 def token(user: str, **kw) -> str:
     return mint_token(SECRET, user, 3600, **kw)
-
-
-class StandInProcessor:
-    """Answers imapi's ``message`` items as the processors do (store, then ``message_reply``), nothing more.
-
-    Records every item so tests can check what imapi sent. ``trusted`` is
-    honoured only on API connIds, as docs/internals.rst tells processors.
-    """
-
-    def __init__(self, bus: AMQPService, store: MessageStore) -> None:
-        self.bus = bus
-        self.store = store
-        self.items: list[dict] = []
-
-    def start(self) -> defer.Deferred:
-        return self.bus.consume(self.bus.processor_queue(), self._on_message, prefetch=50)
-
-    def _on_message(self, message) -> defer.Deferred:
-        return defer.Deferred.fromCoroutine(self._handle(message))
-
-    async def _handle(self, message) -> None:
-        for item in json.loads(message.body)["items"]:
-            self.items.append(item)
-            frame = item["frame"]
-            if BAD_WORD in json.dumps(frame["body"]):
-                reply = message_reply_error(frame["clientMsgId"], "rejected", "the message contains a forbidden word")
-            else:
-                trusted = item.get("trusted") is True and is_api_conn_id(item["connId"])
-                [r] = await self.store.store_messages([Incoming(
-                    item["userId"], frame["clientMsgId"], frame["sessionId"], frame["body"],
-                    ts_ms=item["ts"], trusted=trusted)])
-                if r.ok:
-                    reply = {"type": "message_reply", "ok": True, "clientMsgId": r.client_msg_id,
-                             "msgId": r.msg_id, "sessionId": r.session_id, "seq": r.seq, "ts": r.ts_ms}
-                else:
-                    reply = message_reply_error(r.client_msg_id, r.code, r.message)
-            batch = {"v": 1, "items": [{"connIds": [item["connId"]], "frames": [reply]}]}
-            await self.bus.publish(self.bus.gateway_key(item["serverId"]), json.dumps(batch).encode(),
-                                   mandatory=True)
-        message.ack()
 
 
 class RunningAPI:
@@ -202,7 +160,7 @@ async def test_create_session(api):
     r = await api.as_user("alice", "POST", "/v1/sessions", {"sessionId": "p2p:alice:bob", "members": ["bob"]})
     assert r.status == 201 and r.json == {"sessionId": "p2p:alice:bob", "kind": "p2p", "members": ["alice", "bob"]}
     for body in ({}, {"members": "bob"}, {"members": [1]}, {"members": ["b c"]}, {"members": [], "kind": "x"},
-                 {"members": [], "sessionId": 5}, {"members": [], "sessionId": "bad id"},
+                 {"members": [], "sessionId": 5}, {"members": [], "sessionId": None}, {"members": [], "sessionId": "bad id"},
                  {"members": ["dave"], "sessionId": "p2p:bob:dave"}):
         r = await api.as_user("alice", "POST", "/v1/sessions", body)
         assert r.status == 400 and r.error_code == "bad_request", body
@@ -310,8 +268,9 @@ async def test_publish(api):
         r = await api.as_user(user, "POST", f"/v1/sessions/{sid}/messages", body)
         assert r.status == status, (user, sid, body, r.body)
     assert r.json["error"]["message"].startswith("rejected:")
-    r = await api.admin("POST", "/v1/sessions/g-4/messages", {"clientMsgId": "c-9", "body": 1, "from": "bad id"})
-    assert r.status == 400
+    for sender in ("bad id", None, 5):
+        r = await api.admin("POST", "/v1/sessions/g-4/messages", {"clientMsgId": "c-9", "body": 1, "from": sender})
+        assert r.status == 400, sender
     r = await api.admin("POST", "/v1/sessions/nope/messages", {"clientMsgId": "c-9", "body": 1})
     assert r.status == 404
     assert (await api.store.get_session("g-4"))["lastSeq"] == 4  # none of those was stored

@@ -446,7 +446,7 @@ class APIResource(resource.Resource):
         if not isinstance(members, list) or not all(isinstance(m, str) for m in members):
             raise APIError(400, "members must be a list of user ids")
         session_id = body.get("sessionId")
-        if session_id is not None and not isinstance(session_id, str):
+        if "sessionId" in body and not isinstance(session_id, str):
             raise APIError(400, "sessionId must be a string")
         kind = body.get("kind", "group")
         if kind not in ("group", "p2p"):
@@ -501,12 +501,11 @@ class APIResource(resource.Resource):
             raise APIError(400, "clientMsgId must be a string of 1-64 characters")
         if "body" not in body:
             raise APIError(400, "body is required (any JSON value)")
+        if "from" in body and not valid_user_id(body["from"]):
+            raise APIError(400, "from must be a user id (1-128 of A-Z a-z 0-9 _ . @ -)")
         sender = body.get("from")
         if principal.admin:
-            if sender is None:
-                sender = SYSTEM_USER
-            elif not valid_user_id(sender):
-                raise APIError(400, "from must be a user id (1-128 of A-Z a-z 0-9 _ . @ -)")
+            sender = sender or SYSTEM_USER
         elif sender is not None and sender != principal.user_id:
             raise APIError(403, "only the admin key may send as another user")
         else:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.application import service, strports
+from twisted.application import service
 
 from imcluster.config import API, make_options
 from imcluster.service import DaemonService
@@ -56,7 +56,7 @@ def build(config: Any, reactor: Any = None) -> tuple[DaemonService, Any]:
     from imcluster.db import PostgresService
     from imcluster.processor.store import MessageStore
     from imcluster.registry import RedisService
-    from imcluster.web import dependency_probes
+    from imcluster.web import ListenerService, dependency_probes
 
     root = DaemonService("imapi", config.shutdown_timeout)
     CleanExit(reactor).setServiceParent(root)
@@ -74,9 +74,7 @@ def build(config: Any, reactor: Any = None) -> tuple[DaemonService, Any]:
         config.api_key, probes, health_timeout=config.health_timeout, max_json_depth=config.max_json_depth)
     site = make_site(api, config.max_body_size, config.http_idle_timeout)
     for description in config.http:
-        listener = strports.service(description, site)
-        listener.setName(f"http {description}")
-        listener.setServiceParent(root)
+        ListenerService(description, site).setServiceParent(root)
     return root, api
 
 
