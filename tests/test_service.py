@@ -225,7 +225,8 @@ _TAC = textwrap.dedent("""
 
         def stopService(self):
             super().stopService()
-            return defer.Deferred()  # never stops
+            if {stuck!r}:
+                return defer.Deferred()  # never stops
 
     application = service.Application("t")
     root = DaemonService("imtest", shutdown_timeout=0.5)
@@ -234,11 +235,12 @@ _TAC = textwrap.dedent("""
 """)
 
 
-def _tac(cluster, fail_start):
-    ready = cluster.tmp_path / "ready"
-    path = cluster.tmp_path / f"t{int(fail_start)}.tac"
-    path.write_text(_TAC.format(fail_start=fail_start, ready=str(ready)))
-    return cluster.run(f"tac{int(fail_start)}", [str(TWISTD), "-n", "--pidfile=", "-y", str(path)]), ready
+def _tac(cluster, fail_start, stuck=True):
+    name = f"t{int(fail_start)}{int(stuck)}"
+    ready = cluster.tmp_path / f"{name}.ready"
+    path = cluster.tmp_path / f"{name}.tac"
+    path.write_text(_TAC.format(fail_start=fail_start, stuck=stuck, ready=str(ready)))
+    return cluster.run(name, [str(TWISTD), "-n", "--pidfile=", "-y", str(path)]), ready
 
 
 @pytest_twisted.ensureDeferred
@@ -258,3 +260,11 @@ async def test_sigterm_bounded_by_shutdown_timeout(cluster):
     rc = await proc.stop(signal.SIGTERM, timeout=10)
     assert rc == -signal.SIGTERM, proc.log_tail()
     assert "did not stop within 0.5s" in proc.log_text()
+
+
+@pytest_twisted.ensureDeferred
+async def test_clean_sigterm_exits_zero(cluster):
+    """A daemon that stopped cleanly on SIGTERM must exit 0, or supervisors report a failure."""
+    proc, ready = _tac(cluster, fail_start=False, stuck=False)
+    await proc.wait_ready(ready.exists, timeout=20)
+    assert await proc.stop(signal.SIGTERM, timeout=10) == 0, proc.log_tail()
