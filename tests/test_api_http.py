@@ -8,11 +8,9 @@ the real processors' part: tests/test_api_process.py runs those).
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 
-import pytest
 import pytest_twisted
 from twisted.internet import defer
 

@@ -55,7 +55,9 @@ def _schemathesis(base: str, report_dir: str) -> subprocess.CompletedProcess:
             "--seed", "1", "--workers", "1", "--request-timeout", "10", "--no-color",
             "--suppress-health-check", "all", "--report", "junit", "--report-dir", report_dir]
     env = {k: v for k, v in os.environ.items() if not k.startswith("IMCLUSTER_")}
-    return subprocess.run(argv, capture_output=True, text=True, timeout=240, env=env, stdin=subprocess.DEVNULL)
+    # cwd: schemathesis and hypothesis leave their caches in the working directory
+    return subprocess.run(argv, capture_output=True, text=True, timeout=240, env=env, stdin=subprocess.DEVNULL,
+                          cwd=report_dir)
 
 
 @pytest.mark.skipif(not (BIN_DIR / "st").exists(), reason="schemathesis is not installed (pip install schemathesis)")
@@ -67,7 +69,9 @@ async def test_openapi_matches_the_live_api(cluster, pg_schema, pg_factory, bus_
     await processor.start()
     api = await cluster.start_api(api_key=ADMIN_KEY, max_body_size=65536)
     base = f"http://127.0.0.1:{api.http_port}"
-    result = await threads.deferToThread(_schemathesis, base, str(tmp_path / "schemathesis"))
+    report_dir = tmp_path / "schemathesis"
+    report_dir.mkdir()
+    result = await threads.deferToThread(_schemathesis, base, str(report_dir))
     sys.stdout.write(result.stdout[-20000:] + result.stderr[-5000:])
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
     assert "9 selected" in result.stdout  # every operation of the document was exercised
