@@ -245,9 +245,17 @@ def test_poison_message_is_dead_lettered_and_does_not_block_its_batch_mates():
     r.send(message(a1, "alice", "ok1", "g"), settle=False)
     r.send(message(a1, "alice", "boom", "g"), settle=False)
     r.send(message(a1, "alice", "ok2", "g"), settle=False)
+    r.clock.advance(0.5)
+    r.clock.advance(0)
+    assert [f["clientMsgId"] for f in r.frames_to(a1)] == ["ok1", "ok2"]
+    # while the poison waits for its next attempt, new messages are not held up
+    r.send(message(a1, "alice", "ok3", "g"), settle=False)
+    r.clock.advance(0.5)
+    assert [f["clientMsgId"] for f in r.frames_to(a1)] == ["ok1", "ok2", "ok3"]
+    assert r.dead() == 0
     for _ in range(40):
         r.clock.advance(1.0)
-    assert [f["clientMsgId"] for f in r.frames_to(a1)] == ["ok1", "ok2"]
+    assert [f["clientMsgId"] for f in r.frames_to(a1)] == ["ok1", "ok2", "ok3"]
     assert r.dead() == 1 and r.unacked() == 0
     assert metrics.DEAD_LETTERED._value.get() - dead == 1
     # the poison message alone was tried max_attempts times

@@ -23,8 +23,9 @@ Transient failures
 Unexplained failures
     (a bug, or data PostgreSQL refuses): a window of several queue
     messages is split and each runs alone, so good messages are not held
-    hostage; a message that fails alone ``max_attempts`` times is rejected
-    without requeue (``<ns>.dead``) with a log line. A message that is not a
+    hostage; a message that fails alone waits (backoff) aside while the
+    windows behind it go on, and after ``max_attempts`` failures it is
+    rejected without requeue (``<ns>.dead``) with a log line. A message that is not a
     v1 batch at all is dead-lettered at once. One bad item is answered with
     ``bad_frame`` and its batch-mates go on.
 Several processors
@@ -87,6 +88,7 @@ class ProcessorService(service.Service):
         self._buffer: collections.deque[Envelope] = collections.deque()
         self._buffered = 0  # frame items in _buffer
         self._retry: collections.deque[Window] = collections.deque()  # windows to run before new ones
+        self._parked: dict[Window, Any] = {}  # windows waiting to be tried again after an unexplained failure
         self._running: defer.Deferred | None = None
         self._timer: Any = None
         self._timer_kind = ""
@@ -129,6 +131,9 @@ class ProcessorService(service.Service):
         super().stopService()
         self._stopping = True
         self._cancel_timer()
+        for call in self._parked.values():
+            if call.active():
+                call.cancel()
         running = self._running
         if running is not None:
             self.log.info("processor stopping: finishing the window in flight")
@@ -137,13 +142,14 @@ class ProcessorService(service.Service):
             yield done
         if self.consumer is not None:
             yield self.consumer.cancel()
-        left = len(self._buffer) + sum(len(w.envelopes) for w in self._retry)
+        left = len(self._buffer) + sum(len(w.envelopes) for w in [*self._retry, *self._parked])
         if left or self.syncing:
             self.log.info("processor stopped; {n} queue messages and {s} syncs left for redelivery",
                           n=left, s=self.syncing)
         self._buffer.clear()
         self._buffered = 0
         self._retry.clear()
+        self._parked.clear()
 
     # --- receiving
 
@@ -275,8 +281,14 @@ class ProcessorService(service.Service):
         delay = backoff(env.attempts, config.retry_delay, config.retry_max_delay)
         self.log.failure("queue message failed unexpectedly (attempt {n} of {max}); retrying in {delay:.2f}s",
                          failure, n=env.attempts, max=config.max_attempts, delay=delay)
-        self._retry.appendleft(window)
-        self._schedule(delay, "retry")
+        # parked, not blocking: the windows behind it go on meanwhile
+        self._parked[window] = self.clock.callLater(delay, self._unpark, window)
+        self._kick()
+
+    def _unpark(self, window: Window) -> None:
+        self._parked.pop(window, None)
+        self._retry.append(window)
+        self._kick()
 
     # --- syncs
 
