@@ -60,8 +60,8 @@ class RunningAPI:
 
     async def start_processor(self) -> StandInProcessor:
         bus = AMQPService(AMQP_URL, self.config.namespace, publish_timeout=2.0, name="stand-in")
-        bus.setServiceParent(self.root)  # stopped with the API
-        await bus.startService()
+        bus.setServiceParent(self.root)  # the running tree starts it now, and stops it with the API
+        await bus.wait_connected()
         self.processor = StandInProcessor(bus, self.store)
         await self.processor.start()
         return self.processor
