@@ -2,8 +2,7 @@
 
 The tree (children start in order and stop in reverse)::
 
-    DaemonService "imapi"              gives up after --shutdown-timeout
-      CleanExit                        stops last: a clean stop exits 0
+    DaemonService "imapi"              gives up after --shutdown-timeout; a clean stop exits 0
       PostgresService "postgres"       shared clients first ...
       RedisService "redis"
       AMQPService "amqp"
@@ -18,36 +17,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.application import service
-
 from imcluster.config import API, make_options
 from imcluster.service import DaemonService
 
 Options = make_options(API, "twistd imapi [options]")
 
 
-class CleanExit(service.Service):
-    """Makes a completed graceful stop exit with status 0.
-
-    twistd re-raises the signal that stopped it once the reactor is done; as
-    the first child this service stops last, when everything else has
-    stopped, and then forgets that signal.
-    """
-
-    def __init__(self, reactor: Any = None) -> None:
-        self.setName("clean exit")
-        self._reactor = reactor
-
-    def stopService(self):  # noqa: N802 (Twisted API)
-        super().stopService()
-        reactor = self._reactor
-        if reactor is None:
-            from twisted.internet import reactor
-        if getattr(reactor, "_exitSignal", None) is not None:
-            reactor._exitSignal = None
-
-
-def build(config: Any, reactor: Any = None) -> tuple[DaemonService, Any]:
+def build(config: Any) -> tuple[DaemonService, Any]:
     """The imapi tree for ``config`` and its :class:`~imcluster.api.resources.APIResource`."""
     from imcluster.api.publisher import MessagePublisher
     from imcluster.api.resources import APIResource, make_site
@@ -59,7 +35,6 @@ def build(config: Any, reactor: Any = None) -> tuple[DaemonService, Any]:
     from imcluster.web import ListenerService, dependency_probes
 
     root = DaemonService("imapi", config.shutdown_timeout)
-    CleanExit(reactor).setServiceParent(root)
     db = PostgresService.from_config(config)
     db.setServiceParent(root)
     redis = RedisService.from_config(config)
