@@ -165,8 +165,9 @@ async def test_messages_acks_history_reads_sessions_and_moderation(rig, pg):
     assert sent["msgId"] == replies[0]["msgId"] and sent["body"] == {"text": "hi m1"}
     assert [f["msgId"] for f in await gw.wait(a2, "message_send")] == [sent["msgId"]]
     assert gw.of_type(a1, "message_send") == []
-    assert await rows(pg, "SELECT user_id, status FROM messagesend ORDER BY user_id") == [
-        ("bob", "sending"), ("carol", "pending")]
+    # rows become sending once the publish is confirmed (the frames may arrive first)
+    await eventually(lambda: rows(pg, "SELECT user_id, status FROM messagesend ORDER BY user_id").addCallback(
+        lambda r: r == [("bob", "sending"), ("carol", "pending")]), what="bob sending, carol pending")
     # acknowledgement, history, read receipt, errors
     await gw.send(frame(b1, "bob", {"type": "message_send_reply", "msgIds": [sent["msgId"], "12345"]}),
                   frame(b1, "bob", {"type": "history", "sessionId": "team", "id": "h1"}),
@@ -230,7 +231,8 @@ async def test_sync_pages_a_backlog_and_reports_the_count(rig, pg):
     assert order == sorted(order) and len(set(order)) == 250
     pages = [body for body in gw.bodies[g1] if body["items"][0]["connIds"] == [b1]]
     assert [len(p["items"][0]["frames"]) for p in pages] == [100, 100, 51]  # one publish per page
-    assert await rows(pg, "SELECT count(*) FROM messagesend WHERE status = 'sending'") == [(250,)]
+    await eventually(lambda: rows(pg, "SELECT count(*) FROM messagesend WHERE status = 'sending'").addCallback(
+        lambda r: r == [(250,)]), what="synced rows sending")
 
 
 @pytest_twisted.ensureDeferred
