@@ -303,3 +303,34 @@ async def test_postgres_connections_killed_mid_stream_lose_nothing(rig, pg, pg_a
     msgs = {f["msgId"] for f in gw.of_type(b1, "message_send")}
     assert len(msgs) == 200
     assert svc.running
+
+
+@pytest_twisted.ensureDeferred
+async def test_rabbitmq_dropping_the_processor_connection_mid_stream_loses_nothing(rig, pg, rabbitmq_close):
+    """A broker-side disconnect would lose messages in flight or leave senders without replies."""
+    svc = await rig.processor(batch_size=10)
+    gw = rig.gw
+    g1 = await gw.add()
+    a1 = await gw.connect(g1, "alice")
+    b1 = await gw.connect(g1, "bob")
+    await rig.store.create_session("alice", ["bob"], "s")
+    sends = []
+    closing = None
+    for n in range(30):  # paced over ~1.5 s: rabbitmqctl closes the connection in the middle
+        sends.append(gw.send(*[message(a1, "alice", f"m{n}-{k}", "s") for k in range(5)]))
+        if n == 5:
+            closing = defer.ensureDeferred(rabbitmq_close(svc.bus.connection_name))
+        await sleep(0.05)
+    await defer.gatherResults(sends)
+    assert await closing == 1
+    replies = await gw.wait(a1, "message_reply", 150, timeout=30)
+    by_cmid = defaultdict(set)
+    for r in replies:
+        assert r["ok"]
+        by_cmid[r["clientMsgId"]].add(r["msgId"])
+    assert len(by_cmid) == 150 and all(len(v) == 1 for v in by_cmid.values())
+    stored = await rows(pg, "SELECT seq FROM messagerecv ORDER BY seq")
+    assert [s for (s,) in stored] == list(range(1, 151))
+    await eventually(lambda: {f["msgId"] for f in gw.of_type(b1, "message_send")}
+                     >= {m for v in by_cmid.values() for m in v}, what="bob has every message")
+    assert svc.bus.reconnects >= 1

@@ -466,3 +466,19 @@ def test_stop_finishes_the_window_in_flight_and_leaves_the_rest_for_redelivery(r
     assert stopped.called
     assert [f["clientMsgId"] for f in rig.frames_to(a1)] == ["m1"]
     assert rig.bus.queue_depth(f"{NS}.processor") == 1  # m2: back on the queue for another processor
+
+
+def test_redis_down_holds_the_window_until_it_is_back(rig):
+    """A Redis outage would drop replies and deliveries of messages already stored."""
+    a1, b1 = rig.connect(GW1, "alice"), rig.connect(GW1, "bob")
+    rig.registry.set_available(False)
+    rig.send(message(a1, "alice", "m1", "g"))
+    for _ in range(10):
+        rig.clock.advance(1.0)
+    assert len(rig.calls("store_messages")) == 1  # stored once, the lookup is what is retried
+    assert rig.frames_to(a1) == [] and rig.unacked() == 1
+    rig.registry.set_available(True)
+    rig.clock.advance(10.0)
+    assert [f["type"] for f in rig.frames_to(a1)] == ["message_reply"]
+    assert [f["type"] for f in rig.frames_to(b1)] == ["message_send"]
+    assert len(rig.calls("store_messages")) == 1 and rig.unacked() == 0
