@@ -86,6 +86,24 @@ def machine_ticks() -> tuple[int, int]:
     return total - idle, total
 
 
+#: the shared services the cluster leans on (their CPU is part of every figure)
+SERVICE_COMMANDS = ("postgres", "beam.smp", "redis-server")
+
+
+def service_pids() -> list[int]:
+    """PIDs of the local PostgreSQL, RabbitMQ and Redis processes (all their workers)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/comm") as f:
+                    if f.read().strip() in SERVICE_COMMANDS:
+                        pids.append(int(entry))
+            except OSError:
+                pass
+    return pids
+
+
 def rss_kb(pid: int) -> int:
     with open(f"/proc/{pid}/statm") as f:
         return int(f.read().split()[1]) * PAGE // 1024
@@ -95,22 +113,81 @@ class CpuWindow:
     """CPU of named process groups and of the machine between start() and stop()."""
 
     def __init__(self, groups: dict[str, list[int]]) -> None:
-        self.groups = groups
+        self.groups = dict(groups)
         self.result: dict[str, float] = {}
 
     def start(self) -> None:
+        # PostgreSQL forks a backend per connection: look the services up when the window opens
+        self.groups["services"] = service_pids()
         self.t0 = time.monotonic()
-        self.ticks0 = {g: sum(cpu_ticks(p) for p in pids) for g, pids in self.groups.items()}
+        self.ticks0 = {g: {p: cpu_ticks(p) for p in pids} for g, pids in self.groups.items()}
         self.machine0 = machine_ticks()
 
     def stop(self) -> None:
         wall = time.monotonic() - self.t0
         for g, pids in self.groups.items():
-            used = (sum(cpu_ticks(p) for p in pids) - self.ticks0[g]) / CLK_TCK
+            before = self.ticks0.get(g, {})
+            # a process gone meanwhile counts 0 (not minus what it had used before)
+            used = sum(max(0, cpu_ticks(p) - before.get(p, 0)) for p in pids if p in before) / CLK_TCK
             self.result[g] = round(100 * used / wall, 1)  # % of one core
         busy1, total1 = machine_ticks()
         busy0, total0 = self.machine0
         self.result["machine"] = round(100 * (busy1 - busy0) / max(1, total1 - total0), 1)  # % of all cores
+        # what is left: other work on the machine (the generator's own share is reported beside)
+        ncpu = os.cpu_count() or 1
+        ours = sum(v for k, v in self.result.items() if k not in ("machine", "other"))
+        self.result["other"] = round(max(0.0, self.result["machine"] * ncpu - ours), 1)
+
+
+#: daemon histograms whose deltas over a scenario say where the time goes
+HISTOGRAMS = ("imcluster_queue_to_commit_seconds", "imcluster_end_to_end_seconds", "imcluster_batch_size",
+              "imcluster_publish_batch_size")
+
+
+def scrape(ports: list[int]) -> dict[str, dict[str, float]]:
+    """Sum of each histogram's buckets/sum/count over the daemons' /metrics."""
+    import urllib.request
+
+    out: dict[str, dict[str, float]] = {}
+    for port in ports:
+        try:
+            text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        except OSError:
+            continue
+        for line in text.splitlines():
+            if line.startswith("#"):
+                continue
+            for h in HISTOGRAMS:
+                if line.startswith(h + "_"):
+                    key, _, value = line.rpartition(" ")
+                    d = out.setdefault(h, {})
+                    d[key[len(h) + 1:]] = d.get(key[len(h) + 1:], 0.0) + float(value)
+    return out
+
+
+def histogram_delta(before: dict, after: dict) -> dict[str, dict]:
+    """Per histogram: count, mean and the bucket bound holding p50 and p99, over the scenario."""
+    import re
+
+    out = {}
+    for h, vals in after.items():
+        b = before.get(h, {})
+        count = vals.get("count", 0) - b.get("count", 0)
+        if count <= 0:
+            continue
+        total = vals.get("sum", 0) - b.get("sum", 0)
+        buckets = []
+        for k, v in vals.items():
+            m = re.match(r'bucket\{le="([^"]+)"\}', k)
+            if m:
+                buckets.append((float(m.group(1)), v - b.get(k, 0)))
+        buckets.sort()
+        q = {}
+        for name, frac in (("p50_le", 0.5), ("p99_le", 0.99)):
+            q[name] = next((le for le, c in buckets if c >= frac * count), None)
+        short = h.replace("imcluster_", "")
+        out[short] = {"count": int(count), "mean": round(total / count, 6), **q}
+    return out
 
 
 # --- the cluster ---------------------------------------------------------------------
@@ -129,6 +206,7 @@ class Cluster:
         self.procs: list[tuple[str, subprocess.Popen]] = []
         self.gateways: list[dict] = []
         self.processors: list[subprocess.Popen] = []
+        self.metrics_ports: list[int] = []
 
     def common(self) -> list[str]:
         a = self.args
@@ -136,6 +214,7 @@ class Cluster:
                 f"--amqp={a.amqp}"]
 
     def spawn(self, name: str, argv: list[str]) -> subprocess.Popen:
+        argv = [str(self.workdir / f"{name}.trace.json") if x == "{trace}" else x for x in argv]
         logf = open(self.workdir / f"{name}.log", "ab")
         env = {k: v for k, v in os.environ.items() if not k.startswith("IMCLUSTER_")}
         env["PYTHONUNBUFFERED"] = "1"
@@ -164,22 +243,29 @@ class Cluster:
         a = self.args
         self.migrate()
         twistd = [str(BIN / "twistd"), "-n", "--pidfile="]
+        if a.trace:  # every daemon under bench/trace.py: hot-call latencies in <workdir>/<name>.trace.json
+            twistd = [sys.executable, str(BENCH / "trace.py"), "{trace}", *twistd]
         queue = f"{self.namespace}.processor"
         for i in range(a.processors):
             before = consumer_count(a.amqp, queue)
+            mport = free_port()
             p = self.spawn(f"improcessor-{i + 1}", twistd + ["improcessor", *self.common(),
                            f"--postgres={a.postgres}", f"--postgres-schema={self.schema}",
-                           *a.processor_arg])
-            self.wait(f"improcessor-{i + 1}", p, lambda: consumer_count(a.amqp, queue) > before)
+                           f"--metrics=tcp:{mport}:interface=127.0.0.1", *a.processor_arg])
+            self.wait(f"improcessor-{i + 1}", p,
+                      lambda: port_open(mport) and consumer_count(a.amqp, queue) > before)
             self.processors.append(p)
+            self.metrics_ports.append(mport)
         for i in range(2):
-            ws, tcp = free_port(), free_port()
+            ws, tcp, mport = free_port(), free_port(), free_port()
             p = self.spawn(f"imgateway-{i + 1}", twistd + [
                 "imgateway", *self.common(), f"--jwt-secret={self.secret}", "--advertise=127.0.0.1",
                 f"--ws=tcp:{ws}:interface=127.0.0.1", f"--tcp=tcp:{tcp}:interface=127.0.0.1",
                 # the generator's senders run above a phone's rate on purpose
-                f"--rate-limit={a.rate_limit}", f"--rate-burst={a.rate_limit}", *a.gateway_arg])
-            self.wait(f"imgateway-{i + 1}", p, lambda: port_open(ws) and port_open(tcp))
+                f"--rate-limit={a.rate_limit}", f"--rate-burst={a.rate_limit}",
+                f"--metrics=tcp:{mport}:interface=127.0.0.1", *a.gateway_arg])
+            self.wait(f"imgateway-{i + 1}", p, lambda: port_open(ws) and port_open(tcp) and port_open(mport))
+            self.metrics_ports.append(mport)
             self.gateways.append({"proc": p, "url": f"ws://127.0.0.1:{ws}/ws"})
         log(f"cluster up: namespace {self.namespace}, schema {self.schema}, "
             f"gateways {[g['proc'].pid for g in self.gateways]}, processors {[p.pid for p in self.processors]}")
@@ -264,6 +350,8 @@ class Generator:
         self.result: dict | None = None
         self.proc = subprocess.Popen(["node", str(BENCH / "gen.js"), json.dumps(config)], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=BENCH)
+        if window is not None:
+            window.groups["generator"] = [self.proc.pid]
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
 
@@ -362,7 +450,6 @@ def run_conn(args, cluster, params) -> dict:
                     connected.set()
 
     window = CpuWindow({"gateways": gw_pids, "processors": [p.pid for p in cluster.processors]})
-    window.start()
     gens = []
     base = n // procs
     offset = 0
@@ -372,6 +459,8 @@ def run_conn(args, cluster, params) -> dict:
                                "gateways": [g["url"] for g in cluster.gateways],
                                "params": {"n": k, "offset": offset}}, None, on_event))
         offset += k
+    window.groups["generator"] = [g.proc.pid for g in gens]
+    window.start()
     if not connected.wait(600):
         for g in gens:
             g.proc.kill()
@@ -393,13 +482,44 @@ def run_conn(args, cluster, params) -> dict:
             "errors": [r["errors"] for r in results]}
 
 
+class Profiler:
+    """py-spy record (raw collapsed stacks) of every daemon while a scenario runs (``--profile DIR``)."""
+
+    def __init__(self, directory: str | None, scenario: str, cluster: Cluster) -> None:
+        self.procs: list[subprocess.Popen] = []
+        if not directory:
+            return
+        spy = shutil.which("py-spy") or str(BIN / "py-spy")
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        for name, p in cluster.procs:
+            out = Path(directory) / f"{scenario}-{name}.txt"
+            self.procs.append(subprocess.Popen(
+                [spy, "record", "--format", "raw", "--rate", "200", "--nonblocking", "-o", str(out),
+                 "-p", str(p.pid)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+
+    def stop(self) -> None:
+        for p in self.procs:
+            p.send_signal(signal.SIGINT)
+        for p in self.procs:
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
 def run_cluster_scenario(name, args, cluster, params) -> dict:
     window = CpuWindow({"gateways": [g["proc"].pid for g in cluster.gateways],
                         "processors": [p.pid for p in cluster.processors]})
-    gen = Generator({"scenario": name, "run": cluster.run_id, "secret": cluster.secret,
-                     "gateways": [g["url"] for g in cluster.gateways], "params": params}, window)
-    result = gen.wait(900)
+    profiler = Profiler(args.profile, name, cluster)
+    before = scrape(cluster.metrics_ports)
+    try:
+        gen = Generator({"scenario": name, "run": cluster.run_id, "secret": cluster.secret,
+                         "gateways": [g["url"] for g in cluster.gateways], "params": params}, window)
+        result = gen.wait(900)
+    finally:
+        profiler.stop()
     result["cpu"] = window.result
+    result["daemon_histograms"] = histogram_delta(before, scrape(cluster.metrics_ports))
     return result
 
 
@@ -438,9 +558,12 @@ def table(results: dict, params: dict, meta: dict) -> str:
     ceiling = results.get("echo", {}).get("echoes_per_s")
     lines = [f"imcluster benchmark {meta['run']} on {meta['machine']}",
              f"cluster: 2 gateways, {meta['processors']} processor(s); generator: node {meta['node']} ws "
-             f"(no compression); CPU columns: % of one core over the measured window, machine = % of all "
-             f"{os.cpu_count()} cores", ""]
-    head = f"{'scenario':<15} {'parameters':<44} {'result':<78} {'target':<28} {'gen':>5} {'gw':>5} {'proc':>5} {'mach':>5}"
+             f"(no compression)",
+             "CPU over each measured window, % of one core: gen = the load generator, gw = both gateways, "
+             "proc = processors, svc = PostgreSQL + RabbitMQ + Redis, other = everything else on the machine; "
+             f"mach = % of all {os.cpu_count()} cores busy", ""]
+    head = (f"{'scenario':<15} {'parameters':<44} {'result':<78} {'target':<28} "
+            f"{'gen':>5} {'gw':>5} {'proc':>5} {'svc':>5} {'other':>5} {'mach':>5}")
     lines += [head, "-" * len(head)]
     for name, r in results.items():
         if "error" in r:
@@ -456,9 +579,11 @@ def table(results: dict, params: dict, meta: dict) -> str:
         gwc = f"{cpu['gateways']:.0f}%" if "gateways" in cpu else f"{cpu.get('echo_server', 0):.0f}%"
         prc = f"{cpu['processors']:.0f}%" if "processors" in cpu else "-"
         mach = f"{cpu.get('machine', 0):.0f}%"
+        svc = f"{cpu.get('services', 0):.0f}%"
+        other = f"{cpu.get('other', 0):.0f}%"
         for i, fig in enumerate(figures(name, r, ceiling)):
             if i == 0:
-                lines.append(f"{name:<15} {p[:44]:<44} {fig:<78} {(target + verdict):<28} {gen:>5} {gwc:>5} {prc:>5} {mach:>5}")
+                lines.append(f"{name:<15} {p[:44]:<44} {fig:<78} {(target + verdict):<28} {gen:>5} {gwc:>5} {prc:>5} {svc:>5} {other:>5} {mach:>5}")
             else:
                 lines.append(f"{'':<15} {p[44 * i:44 * (i + 1)]:<44} {fig:<78}")
     return "\n".join(lines)
@@ -491,6 +616,10 @@ def main(argv=None) -> int:
     parser.add_argument("--rate-limit", type=int, default=1000000, help="gateways' --rate-limit/--rate-burst")
     parser.add_argument("--gateway-arg", action="append", default=[], help="extra imgateway argument")
     parser.add_argument("--processor-arg", action="append", default=[], help="extra improcessor argument")
+    parser.add_argument("--profile", metavar="DIR",
+                        help="record py-spy stacks of every daemon per scenario into DIR (bench/profile.py sums them)")
+    parser.add_argument("--trace", action="store_true",
+                        help="run the daemons under bench/trace.py (hot-call latencies in bench/results/logs)")
     parser.add_argument("--json", help="write results here (default bench/results/<run>.json)")
     parser.add_argument("--redis", default=os.environ.get("BENCH_REDIS", "redis://127.0.0.1:6379/0"))
     parser.add_argument("--amqp", default=os.environ.get("BENCH_AMQP", "amqp://guest:guest@127.0.0.1:5672/%2F"))
