@@ -1,0 +1,165 @@
+"""The Python client against a real cluster: real ``twistd`` gateways and a processor.
+
+The conversation goes on while gateways die (SIGKILL) and stop (SIGTERM):
+every message is stored once, answered once, and handled once by its
+recipient, in ``seq`` order.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer, reactor, task
+
+from imcluster.client import Client, SendError, p2p_session_id
+from tests.support.postgres import admin_connection
+
+pytestmark = pytest.mark.slow
+
+WAIT = 30.0
+
+
+async def sleep(seconds: float) -> None:
+    await task.deferLater(reactor, seconds, lambda: None)
+
+
+async def eventually(check, timeout: float = WAIT, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not reached within {timeout}s (last: {value!r})")
+        await sleep(0.05)
+
+
+def within(d: defer.Deferred, seconds: float = WAIT) -> defer.Deferred:
+    """``d``, failing with a TimeoutError after ``seconds`` (a test never hangs)."""
+    return d.addTimeout(seconds, reactor)
+
+
+def stored_count(schema: str, session_id: str) -> int:
+    conn = admin_connection()
+    try:
+        cur = conn.cursor()
+        cur.execute(f'SET search_path TO "{schema}"')
+        cur.execute("SELECT count(*), count(DISTINCT seq) FROM messagerecv WHERE session_id = %s",
+                    (session_id,))
+        total, distinct = cur.fetchone()
+        assert total == distinct
+        return total
+    finally:
+        conn.close()
+
+
+class Inbox:
+    """What one user's on_message handler saw."""
+
+    def __init__(self) -> None:
+        self.frames: list[dict] = []
+
+    def __call__(self, frame: dict) -> None:
+        self.frames.append(frame)
+
+    def texts_from(self, sender: str) -> list[str]:
+        return [f["body"]["text"] for f in self.frames if f["from"] == sender]
+
+
+def make_client(urls, cluster, user, inbox, **kw) -> Client:
+    # fast retries and pings: a dead gateway is noticed and left within the test's time
+    return Client(urls, get_token=lambda: cluster.token(user), on_message=inbox, device=f"test-{user}",
+                  retry_initial=0.2, retry_max=2.0, ping_interval=1.0, ping_timeout=2.0, **kw)
+
+
+@pytest_twisted.ensureDeferred
+async def test_conversation_survives_gateway_kill_and_stop(cluster):
+    """A user whose gateway dies mid-conversation would lose, duplicate or reorder messages."""
+    gw1, gw2, _ = await defer.gatherResults(
+        [cluster.start_gateway(), cluster.start_gateway(), cluster.start_processor()])
+    a_inbox, b_inbox = Inbox(), Inbox()
+    # alice on gw1 over raw TCP, bob on gw2 over WebSocket; each lists the other gateway as fallback
+    alice = make_client([f"tcp://127.0.0.1:{gw1.tcp_port}", gw2.ws_url], cluster, "alice", a_inbox)
+    bob = make_client([gw2.ws_url, f"tcp://127.0.0.1:{gw1.tcp_port}"], cluster, "bob", b_inbox)
+    session = p2p_session_id("alice", "bob")
+    try:
+        first = await within(alice.start())
+        assert first["serverId"] != (await within(bob.start()))["serverId"]
+
+        sends: list[defer.Deferred] = []
+        n = 60
+        for i in range(n):
+            sends.append(alice.send(session, {"text": f"a{i}"}))
+            sends.append(bob.send(session, {"text": f"b{i}"}))
+            if i == n // 3:
+                # alice's gateway crashes with messages, replies and deliveries in flight
+                await eventually(lambda: len(b_inbox.frames) >= 5, what="bob received some of alice's")
+                burst = [alice.send(session, {"text": f"a{i}.{j}"}) for j in range(10)]
+                sends += burst
+                await sleep(0.005)
+                unanswered = sum(1 for d in burst if not d.called)
+                await gw1.kill()
+            await sleep(0.01)
+        replies = await within(defer.gatherResults(sends))
+        assert unanswered > 0, "the kill came too late to test resending"
+        assert alice.connections == 2 and alice.url == gw2.ws_url
+
+        # then bob's gateway stops cleanly: bob skips the dead gateway and lands on a new one
+        gw3 = await cluster.start_gateway()
+        bob.urls.append(gw3.ws_url)
+        alice.urls.append(f"tcp://127.0.0.1:{gw3.tcp_port}")
+        await gw2.stop()
+        late = [alice.send(session, {"text": "a-late"}), bob.send(session, {"text": "b-late"})]
+        replies += await within(defer.gatherResults(late))
+
+        seqs = sorted(r["seq"] for r in replies)
+        total = 2 * n + 10 + 2
+        assert seqs == list(range(1, total + 1)), "every message stored once, seq without gaps"
+        want_a = [f"a{i}" for i in range(n)] + ["a-late"]
+        k = n // 3
+        want_a[k + 1:k + 1] = [f"a{k}.{j}" for j in range(10)]
+        want_b = [f"b{i}" for i in range(n)] + ["b-late"]
+        await eventually(lambda: len(b_inbox.frames) >= n + 11 and len(a_inbox.frames) >= n + 1,
+                         what="every message handled")
+        await sleep(0.5)  # a late duplicate would show now
+        assert b_inbox.texts_from("alice") == want_a, "bob handles alice's messages once, in order"
+        assert a_inbox.texts_from("bob") == want_b, "alice handles bob's messages once, in order"
+        assert [f["seq"] for f in b_inbox.frames] == sorted(f["seq"] for f in b_inbox.frames)
+        assert stored_count(cluster.pg_schema, session) == total
+        page = await within(bob.history(session, limit=200))
+        assert [m["seq"] for m in page] == list(range(1, total + 1))
+    finally:
+        await within(defer.gatherResults([alice.stop(), bob.stop()]))
+
+
+@pytest_twisted.ensureDeferred
+async def test_errors_history_read_and_sessions(cluster):
+    """An application would wait forever on a refused send, or miss read receipts and new groups."""
+    gw, _ = await defer.gatherResults([cluster.start_gateway(), cluster.start_processor()])
+    receipts: list[dict] = []
+    carol_inbox = Inbox()
+    alice = Client(gw.ws_url, cluster.token("alice"))
+    carol = Client(f"tcp://127.0.0.1:{gw.tcp_port}", cluster.token("carol"), on_message=carol_inbox,
+                   on_read_receipt=receipts.append)
+    try:
+        await within(defer.gatherResults([alice.start(), carol.start()]))
+        with pytest.raises(SendError) as e:
+            await within(alice.send(p2p_session_id("bob", "carol"), {"text": "not mine"}))
+        assert e.value.code == "not_member"
+        created = await within(alice.create_session(["carol"]))
+        group = created["sessionId"]
+        assert created["members"] == ["alice", "carol"]
+        reply = await within(alice.send(group, {"text": "hello group"}))
+        await eventually(lambda: carol_inbox.frames, what="carol got the group message")
+        assert carol_inbox.frames[0]["msgId"] == reply["msgId"]
+        alice.read(group, reply["seq"])
+        await eventually(lambda: receipts, what="carol got alice's read receipt")
+        assert receipts[0] == {"type": "read_receipt", "sessionId": group, "userId": "alice",
+                               "seq": reply["seq"]}
+        with pytest.raises(Exception) as e:
+            await within(carol.history("no-such-session"))
+        assert getattr(e.value, "code", None) == "no_session"
+    finally:
+        await within(defer.gatherResults([alice.stop(), carol.stop()]))
