@@ -5,7 +5,8 @@ window (manual acks). Queue messages (``{"v":1,"items":[...]}``) are gathered
 into a :class:`~imcluster.processor.pipeline.Window` of up to ``batch_size``
 frame items, or whatever arrived within ``batch_wait`` seconds, and the
 window runs through the :class:`~imcluster.processor.pipeline.Pipeline` as
-one unit. One window runs at a time; messages that arrive meanwhile wait (at
+one unit. A window holds whole queue messages (at least one, so a gateway's
+coalesced message of more than ``batch_size`` items is one window). One window runs at a time; messages that arrive meanwhile wait (at
 most ``prefetch`` of them: memory stays bounded) and form the next one.
 
 Settling
