@@ -148,8 +148,11 @@ class IMessageStore(Interface):
     PROCESSOR.md.
     """
 
-    def store_messages(batch):
-        """Store ``[Incoming]`` in one transaction: ``[Stored | Rejected]`` in batch order."""
+    def store_messages(batch, locate=None):
+        """Store ``[Incoming]`` in one transaction: ``[Stored | Rejected]`` in batch order.
+
+        ``locate(recipients)`` (optional) returns the online ones; a store that
+        calls it inserts their ``messagesend`` rows ``sending`` at once."""
 
     def mark_sending(pairs):
         """``pending`` -> ``sending`` for ``(user_id, msg_id)`` pairs; fires with the count."""

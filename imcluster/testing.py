@@ -1056,7 +1056,8 @@ class FakeStore:
         return _st.json.loads(_st.json.dumps(body))
 
     # -- messages
-    def store_messages(self, batch):
+    def store_messages(self, batch, locate=None):
+        # locate is never called: every row stays pending (the caller marks what it routes)
         return self._call("store_messages", self._store, list(batch))
 
     def _store(self, batch):

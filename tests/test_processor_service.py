@@ -235,11 +235,11 @@ def test_a_retry_resumes_where_the_window_stopped(rig):
 class PoisonStore(FakeStore):
     """A store that fails (not transiently) on any batch holding clientMsgId 'boom'."""
 
-    def store_messages(self, batch):
+    def store_messages(self, batch, locate=None):
         if any(m.client_msg_id == "boom" for m in batch):
             self.calls.append(("store_messages", (list(batch),)))
             return defer.fail(ValueError("boom"))
-        return super().store_messages(batch)
+        return super().store_messages(batch, locate)
 
 
 def test_poison_message_is_dead_lettered_and_does_not_block_its_batch_mates():
@@ -456,7 +456,7 @@ def test_stop_finishes_the_window_in_flight_and_leaves_the_rest_for_redelivery(r
     a1 = rig.connect(GW1, "alice")
     gate = defer.Deferred()
     real = rig.store.store_messages
-    rig.store.store_messages = lambda batch: gate.addCallback(lambda _: real(batch))
+    rig.store.store_messages = lambda batch, locate=None: gate.addCallback(lambda _: real(batch, locate))
     rig.send(message(a1, "alice", "m1", "g"))
     rig.send(message(a1, "alice", "m2", "g"))
     assert rig.unacked() == 2

@@ -212,3 +212,40 @@ async def test_concurrent_acks_and_marks_do_not_deadlock(pg_schema, pg_factory):
     assert delivered == len(users) * len(ids)  # every row became delivered exactly once
     rows = await db1.run_query("SELECT status, count(*) FROM messagesend GROUP BY status")
     assert rows == [("delivered", len(users) * len(ids))]
+
+
+@pytest_twisted.ensureDeferred
+async def test_locate_inserts_rows_of_online_recipients_sending(pg_schema, pg_factory):
+    """Online recipients' rows would stay pending (or offline ones become sending) and cost a second UPDATE."""
+    db = await pg_factory(pg_schema, pool_size=2)
+    store = MessageStore(db, CAP)
+    await store.create_session("alice", ["bob", "carol", "dave"], "g")
+    asked = []
+
+    def locate(users):
+        asked.append(users)
+        return defer.succeed(["bob", "dave"])
+
+    [dup_key] = await store.store_messages([Incoming("alice", "x0", "g", {"t": 1})])
+    results = await store.store_messages(
+        [Incoming("alice", "x1", "g", {"t": 1}), Incoming("bob", "x2", "g", {"t": 2}),
+         Incoming("alice", "x0", "g", {"t": 1})], locate)
+    assert asked == [["alice", "bob", "carol", "dave"]]  # recipients of the new messages only, once
+    assert results[2].duplicate and results[2].msg_id == dup_key.msg_id
+    rows = dict(((u, str(m)), s) for u, m, s in await db.run_query("SELECT user_id, msg_id, status FROM messagesend"))
+    m1, m2 = results[0].msg_id, results[1].msg_id
+    assert {k: v for k, v in rows.items() if k[1] in (m1, m2)} == {
+        ("bob", m1): "sending", ("carol", m1): "pending", ("dave", m1): "sending",
+        ("alice", m2): "pending", ("carol", m2): "pending", ("dave", m2): "sending"}
+    assert all(v == "pending" for k, v in rows.items() if k[1] == dup_key.msg_id)
+
+    def down(users):
+        return defer.fail(ConnectionError("redis down"))
+
+    try:
+        await store.store_messages([Incoming("alice", "x3", "g", {"t": 3})], down)
+    except ConnectionError:
+        pass
+    else:
+        raise AssertionError("a failed locate must fail the batch")
+    assert await db.run_query("SELECT count(*) FROM messagerecv WHERE client_msg_id = 'x3'") == [(0,)]

@@ -214,6 +214,8 @@ class Window:
         self.acked = False
         self.answers: dict[int, tuple[str, Any]] = {}  # id(item) -> ("ok", result) | ("error", StoreError)
         self.outbox: Outbox | None = None
+        #: recipients the store found connected inside its transaction: their rows were inserted ``sending``
+        self.online: set[str] = set()
         self.published: set[str] = set()
         self.routed: set[str] = set()
         self.marked = False
@@ -291,6 +293,10 @@ class Pipeline:
             self._observe(w, messages)
         if not w.marked:
             pairs = w.outbox.pairs(w.routed)
+            if w.online:
+                # rows the store inserted ``sending`` already (new messages to online users)
+                fresh = {r.msg_id for r in w.stored.values() if r.ok and not r.duplicate}
+                pairs = [p for p in pairs if not (p[1] in fresh and p[0] in w.online)]
             if pairs:
                 await self.store.mark_sending(pairs)
             w.marked = True
@@ -328,13 +334,31 @@ class Pipeline:
             batch.append(Incoming(item.user_id, f["clientMsgId"], f["sessionId"], body))
             owners.append(item)
         if batch:
-            results = await self.store.store_messages(batch)
+            results = await self.store.store_messages(batch, self._locator(w))
             now = self.clock.seconds()
             for item, result in zip(owners, results):
                 w.stored[id(item)] = result
                 if item.ts is not None and result.ok and not result.duplicate:
                     metrics.QUEUE_TO_COMMIT.observe(max(0.0, now - item.ts / 1000.0))
         w.stored_done = True
+
+    def _locator(self, w: Window) -> Callable[[list[str]], defer.Deferred]:
+        """``locate`` for the store: which recipients have a connection (ONE ``connections_of``).
+
+        Their rows are inserted ``sending``, which spares the window a
+        ``mark_sending`` for them. Routing still looks connections up after
+        the commit (a connection registered after this lookup must either be
+        routed to or find the message in its sync), and a recipient who left
+        meanwhile keeps a ``sending`` row: undelivered all the same.
+        """
+        def locate(recipients: list[str]) -> defer.Deferred:
+            def found(conns: dict) -> list[str]:
+                online = [u for u in recipients if conns.get(u)]
+                w.online = set(online)
+                return online
+
+            return self.router.registry.connections_of(recipients).addCallback(found)
+        return locate
 
     async def _acks(self, w: Window) -> None:
         if w.acked:

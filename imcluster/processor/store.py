@@ -344,15 +344,23 @@ class MessageStore:
 
     # -- messages ----------------------------------------------------------------
 
-    def store_messages(self, batch: Sequence[Incoming]) -> defer.Deferred:
+    def store_messages(self, batch: Sequence[Incoming],
+                       locate: Callable[[list[str]], Any] | None = None) -> defer.Deferred:
         """Store a batch in one transaction; fires with ``[Stored | Rejected]`` in batch order.
 
         Idempotent: a batch run again (after a crash, a retry, or by another
         processor) answers every message already stored as a duplicate.
-        """
-        return defer.Deferred.fromCoroutine(self._store_messages(list(batch)))
 
-    async def _store_messages(self, batch: list[Incoming]) -> list[Stored | Rejected]:
+        ``locate(users)``, when given, is called inside the transaction with
+        the recipients of the new messages (once members are known) and
+        returns (or fires with) the users that are online: their
+        ``messagesend`` rows are inserted ``sending`` at once, which spares
+        the caller a ``mark_sending`` for them. A failure of ``locate`` fails
+        the batch (nothing is stored).
+        """
+        return defer.Deferred.fromCoroutine(self._store_messages(list(batch), locate))
+
+    async def _store_messages(self, batch: list[Incoming], locate: Any = None) -> list[Stored | Rejected]:
         if not batch:
             return []
         now_ms = int(self.clock.seconds() * 1000)
@@ -360,7 +368,7 @@ class MessageStore:
         while True:
             attempt += 1
             try:
-                results = await self.db.run_interaction(self._store_in, batch, now_ms, idempotent=True)
+                results = await self.db.run_interaction(self._store_in, batch, now_ms, locate, idempotent=True)
                 break
             except Exception as e:
                 if not _race(e) or attempt > RACE_RETRIES:
@@ -376,7 +384,8 @@ class MessageStore:
             metrics.DUPLICATES.inc(sum(1 for r in results if r.ok and r.duplicate))
         return results
 
-    async def _store_in(self, cursor: Any, batch: list[Incoming], now_ms: int) -> list[Stored | Rejected]:
+    async def _store_in(self, cursor: Any, batch: list[Incoming], now_ms: int,
+                        locate: Any = None) -> list[Stored | Rejected]:
         """The transaction of :meth:`store_messages` (runs again from scratch on a retry)."""
         results: list[Stored | Rejected | None] = [None] * len(batch)
         bodies: dict[int, str] = {}
@@ -493,7 +502,13 @@ class MessageStore:
             new_rows.append((i, seq))
 
         if new_rows:
-            ids = await self._write(cursor, batch, bodies, new_rows, next_seq, now_ms)
+            online: list[str] = []
+            if locate is not None:
+                recipients = sorted({u for i, _ in new_rows for u in sessions[batch[i].session_id][1]
+                                     if u != batch[i].sender})
+                if recipients:
+                    online = sorted(await defer.maybeDeferred(locate, recipients))
+            ids = await self._write(cursor, batch, bodies, new_rows, next_seq, now_ms, online)
             for i, seq in new_rows:
                 m = batch[i]
                 members = sessions[m.session_id][1]
@@ -530,8 +545,11 @@ class MessageStore:
 
     async def _write(self, cursor: Any, batch: list[Incoming], bodies: dict[int, str],
                      new_rows: list[tuple[int, int]], last_seqs: dict[str, int],
-                     now_ms: int) -> dict[tuple[str, int], int]:
-        """Advance last_seq, insert messagerecv and messagesend: one statement; ``{(session, seq): id}``."""
+                     now_ms: int, online: Sequence[str] = ()) -> dict[tuple[str, int], int]:
+        """Advance last_seq, insert messagerecv and messagesend: one statement; ``{(session, seq): id}``.
+
+        Rows of ``online`` recipients are inserted ``sending``, the others ``pending``.
+        """
         upd = b",".join(cursor.mogrify("(%s,%s::bigint)", (sid, seq)) for sid, seq in sorted(last_seqs.items()))
         ins = b",".join(
             cursor.mogrify(
@@ -544,8 +562,11 @@ class MessageStore:
             + b") AS v(id, last_seq) WHERE s.id = v.id RETURNING s.id), "
             b"ins AS (INSERT INTO messagerecv (session_id, seq, sender_id, client_msg_id, body, created_at) "
             b"VALUES " + ins + b" RETURNING id, session_id, seq, sender_id), "
-            b"snd AS (INSERT INTO messagesend (user_id, msg_id, session_id, seq) "
-            b"SELECT m.user_id, ins.id, ins.session_id, ins.seq FROM ins "
+            b"snd AS (INSERT INTO messagesend (user_id, msg_id, session_id, seq, status) "
+            b"SELECT m.user_id, ins.id, ins.session_id, ins.seq, "
+            + (cursor.mogrify("CASE WHEN m.user_id = ANY(%s::text[]) THEN 'sending' ELSE 'pending' END ",
+                              (list(online),)) if online else b"'pending' ")
+            + b"FROM ins "
             b"JOIN session_member m ON m.session_id = ins.session_id AND m.user_id <> ins.sender_id) "
             b"SELECT id, session_id, seq FROM ins")
         return {(sid, seq): msg_id for msg_id, sid, seq in cursor.fetchall()}
