@@ -482,3 +482,37 @@ def test_redis_down_holds_the_window_until_it_is_back(rig):
     assert [f["type"] for f in rig.frames_to(a1)] == ["message_reply"]
     assert [f["type"] for f in rig.frames_to(b1)] == ["message_send"]
     assert len(rig.calls("store_messages")) == 1 and rig.unacked() == 0
+
+
+# --- HTTP API items (docs/internals.rst) ------------------------------------------------------------
+
+
+def test_api_items_are_trusted_only_from_api_connections_and_answered_without_wsserver(rig):
+    """Server-side publish would fail (imapi never registers), or anyone could skip the member check."""
+    api = "api-uuid"
+    rig.inbox[api] = []
+    consumers = []
+    rig.gateway_bus.consume(rig.gateway_bus.gateway_queue(api),
+                            lambda m: (rig.inbox[api].append(json.loads(m.body)), m.ack())).addCallback(
+        consumers.append)
+    b1 = rig.connect(GW1, "bob")
+    a1 = rig.connect(GW1, "alice")
+    conn = f"{api}##api##1"
+    system = dict(message(conn, "system", "sys-1", "g", {"t": "hello"}), trusted=True, ts=1_764_160_123_456)
+    spoof = dict(message(a1, "zed", "z-1", "g"), trusted=True)  # a gateway item: trusted is ignored
+    rig.send(system, spoof)
+    [reply] = rig.frames_to(conn)
+    assert reply == {"type": "message_reply", "ok": True, "clientMsgId": "sys-1", "msgId": "1", "sessionId": "g",
+                     "seq": 1, "ts": 1_764_160_123_456, "duplicate": False}
+    refused, sent = rig.frames_to(a1)  # replies come first in a gateway's batch
+    assert sent["type"] == "message_send" and sent["from"] == "system"  # every member, alice included
+    assert refused["error"]["code"] == "not_member" and "duplicate" not in refused
+    assert [f["from"] for f in rig.frames_to(b1)] == ["system"]
+    rig.send(system)
+    assert rig.frames_to(conn)[1] == dict(reply, duplicate=True)
+    # imapi gone: its replies are dropped, and it is not taken for a dead gateway
+    consumers[0].cancel()  # its auto-delete queue goes with it
+    published = len(rig.bus.published)
+    rig.send(dict(message(conn, "system", "sys-2", "g"), trusted=True))
+    assert len(rig.store.messages) == 2 and len(rig.bus.published) == published + 1  # GW1 only
+    assert not rig.svc.router.is_dead(api) and rig.unacked() == 0

@@ -102,6 +102,10 @@ class Item:
     #: the reply for a frame that failed validation (then ``frame`` is None)
     error: dict | None = None
     envelope: Any = None
+    #: an HTTP API connection (``<uuid>##api##<n>``, docs/internals.rst)
+    api: bool = False
+    #: skip the sender's membership check (only ever on an API item)
+    trusted: bool = False
 
     @property
     def type(self) -> str | None:
@@ -147,6 +151,18 @@ def _valid_server_id(value: Any) -> bool:
     return isinstance(value, str) and 0 < len(value) <= 64 and "#" not in value
 
 
+#: the ``ip`` part of an HTTP API connId, ``<uuid>##api##<n>`` (imcluster.api.publisher)
+API_CONN_MARK = "api"
+#: a plausible ``ts`` in ms (2001 to 5138): anything else is ignored and the processor's clock used
+_TS_RANGE = (10**12, 10**14)
+
+
+def is_api_conn(conn_id: str) -> bool:
+    """True for a connection id an imapi made: ``<uuid>##api##<n>``."""
+    parts = conn_id.split("##")
+    return len(parts) == 3 and parts[1] == API_CONN_MARK and parts[2].isdigit()
+
+
 def parse_item(raw: Any, max_depth: int = protocol.DEFAULT_MAX_DEPTH) -> Item | None:
     """An :class:`Item` from one element of ``items``; None when it names no usable connection."""
     if not isinstance(raw, dict):
@@ -157,10 +173,13 @@ def parse_item(raw: Any, max_depth: int = protocol.DEFAULT_MAX_DEPTH) -> Item | 
     if not isinstance(conn, str) or len(conn) > 200 or gateway_of(conn) != server:
         return None
     ts = raw.get("ts")
-    if not isinstance(ts, int) or isinstance(ts, bool):
+    if not isinstance(ts, int) or isinstance(ts, bool) or not _TS_RANGE[0] <= ts < _TS_RANGE[1]:
         ts = None
     if kind == SYNC:
         return Item(SYNC, user, server, conn, ts)
+    api = is_api_conn(conn)
+    # only an imapi may vouch for a sender (it checked authorization itself)
+    trusted = api and raw.get("trusted") is True
     frame = raw.get("frame")
     try:
         frame = protocol.validate_client_frame(frame, max_depth)
@@ -168,8 +187,8 @@ def parse_item(raw: Any, max_depth: int = protocol.DEFAULT_MAX_DEPTH) -> Item | 
             raise protocol.FrameError(protocol.BAD_FRAME, f"{frame['type']!r} frames are not for the processors",
                                       protocol.frame_ref(frame), frame["type"])
     except protocol.FrameError as e:
-        return Item(FRAME, user, server, conn, ts, error=e.reply())
-    return Item(FRAME, user, server, conn, ts, frame=frame)
+        return Item(FRAME, user, server, conn, ts, error=e.reply(), api=api)
+    return Item(FRAME, user, server, conn, ts, frame=frame, api=api, trusted=trusted)
 
 
 def parse_envelope(body: bytes, max_depth: int = protocol.DEFAULT_MAX_DEPTH) -> list[Item]:
@@ -331,7 +350,9 @@ class Pipeline:
                 continue
             f = item.frame
             body = verdict.body if verdict.action == REPLACE else f["body"]
-            batch.append(Incoming(item.user_id, f["clientMsgId"], f["sessionId"], body))
+            # the item's ts (the gateway's or imapi's receipt) is the message's time
+            batch.append(Incoming(item.user_id, f["clientMsgId"], f["sessionId"], body, item.ts,
+                                  trusted=item.trusted))
             owners.append(item)
         if batch:
             results = await self.store.store_messages(batch, self._locator(w))
@@ -410,7 +431,10 @@ class Pipeline:
                 return protocol.message_reply_error(f["clientMsgId"], protocol.REJECTED,
                                                     verdict.reason or "rejected by moderation")
             if result.ok:
-                return _message_reply_ok(result)
+                reply = _message_reply_ok(result)
+                if item.api:
+                    reply["duplicate"] = result.duplicate  # imapi answers 200 or 201 (never to clients)
+                return reply
             return protocol.message_reply_error(f["clientMsgId"], _code(result.code), result.message)
         if kind == protocol.MESSAGE_SEND_REPLY:
             return None
@@ -445,15 +469,16 @@ class Pipeline:
         reads = [i for i in w.of_type(protocol.READ) if w.answers.get(id(i), ("error",))[0] == "ok"]
         for item in reads:
             users.extend(w.answers[id(item)][1][1])
-        reply_gateways = {i.server_id for i in w.items}
+        # an imapi never registers WSSERVER_: its replies go out regardless (docs/internals.rst)
+        reply_gateways = {i.server_id for i in w.items if not i.api}
         lookup = await self.router.lookup(users, reply_gateways)
         outbox = Outbox()
         encode = protocol.encode
         # replies first, in window order
         for item in w.items:
             frame = self._reply_frame(w, item)
-            if frame is not None and item.server_id in lookup.usable:
-                outbox.add(item.server_id, [item.conn_id], encode(frame))
+            if frame is not None and (item.api or item.server_id in lookup.usable):
+                outbox.add(item.server_id, [item.conn_id], encode(frame), api=item.api)
         # then deliveries, in store order (seq order within a session)
         routed_ids: set[str] = set()
         cache: dict[tuple, dict] = {}

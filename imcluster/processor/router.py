@@ -81,6 +81,7 @@ class _Batch:
     #: (users, msg_id): rows to mark ``sending`` once this gateway confirmed
     pairs: list[tuple[Sequence[str], str]] = field(default_factory=list)
     deliveries: int = 0  # message_send frames x connections
+    api: bool = False  # an imapi's replies: unroutable means it is gone, not a dead gateway
 
 
 class Outbox:
@@ -93,15 +94,16 @@ class Outbox:
         return len(self.gateways)
 
     def add(self, uuid: str, conn_ids: list[str], frame: str, users: Sequence[str] = (),
-            msg_id: str | None = None, delivery: bool = False) -> None:
+            msg_id: str | None = None, delivery: bool = False, api: bool = False) -> None:
         """Queue the encoded ``frame`` for ``conn_ids`` on gateway ``uuid``.
 
         ``users``/``msg_id``: the recipients whose rows this delivery moves to
-        ``sending``; ``delivery``: count it as a ``message_send`` routed.
+        ``sending``; ``delivery``: count it as a ``message_send`` routed;
+        ``api``: ``uuid`` is an imapi (replies only; never marked dead).
         """
         batch = self.gateways.get(uuid)
         if batch is None:
-            batch = self.gateways[uuid] = _Batch()
+            batch = self.gateways[uuid] = _Batch(api=api)
         entries = batch.entries
         if entries and entries[-1][0] == conn_ids:
             entries[-1][1].append(frame)
@@ -203,16 +205,21 @@ class Router:
 
     # --- publishing
 
-    def publish_one(self, uuid: str, body: bytes) -> defer.Deferred:
+    def publish_one(self, uuid: str, body: bytes, api: bool = False) -> defer.Deferred:
         """Publish ``body`` to gateway ``uuid``; fires True when confirmed, False when unroutable.
 
-        Other failures (RabbitMQ unavailable, nacked) fail the Deferred.
+        Unroutable marks a gateway dead; for an imapi (``api``) it only
+        drops the replies (that imapi has gone). Other failures (RabbitMQ
+        unavailable, nacked) fail the Deferred.
         """
         d = self.bus.publish(self.bus.gateway_key(uuid), body, mandatory=True)
 
         def failed(f: Failure) -> bool:
             f.trap(_bus.Unroutable)
-            self.mark_dead(uuid)
+            if api:
+                self.log.info("replies to imapi {uuid} dropped: its queue is gone", uuid=uuid)
+            else:
+                self.mark_dead(uuid)
             return False
 
         return d.addCallbacks(lambda _: True, failed)
@@ -230,7 +237,7 @@ class Router:
         if not todo:
             return
         results = yield defer.DeferredList(
-            [self.publish_one(u, outbox.body(u)) for u in todo], consumeErrors=True)
+            [self.publish_one(u, outbox.body(u), outbox.gateways[u].api) for u in todo], consumeErrors=True)
         failure = None
         for uuid, (ok, value) in zip(todo, results):
             if ok:
