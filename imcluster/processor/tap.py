@@ -7,7 +7,7 @@ The tree (children start in order and stop in reverse)::
       (migrations, with --migrate)     applied before anything consumes
       RedisService    "redis"
       AMQPService     "amqp"
-      metrics site (--metrics)         /metrics and /healthz
+      "metrics" (--metrics)            /metrics and /healthz (imcluster.web)
       GuardedLoop     "reaper"         every --heartbeat seconds
       ProcessorService "processor"     ... the consumer last, so it stops first
 
@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.application import service, strports
+from twisted.application import service
 from twisted.python import usage
 
 from imcluster.config import PROCESSOR, ConfigError, make_options
@@ -68,6 +68,7 @@ def makeService(options: Any) -> DaemonService:  # noqa: N802 (twistd API)
     from imcluster.processor.service import ProcessorService
     from imcluster.processor.store import MessageStore
     from imcluster.registry import RedisService
+    from imcluster.web import dependency_probes, make_metrics_service
 
     config = options.config
     filters = getattr(options, "filters", None)
@@ -85,19 +86,9 @@ def makeService(options: Any) -> DaemonService:  # noqa: N802 (twistd API)
     store = MessageStore(db, config.max_group_size)
     reaper = Reaper(redis)
     processor = ProcessorService(config, amqp, redis, store, filters, reaper=reaper)
-    if config.metrics:
-        from imcluster.gateway.tap import metrics_site
-
-        site = metrics_site({
-            "postgres": lambda: db.connected,
-            "redis": lambda: redis.connected,
-            "amqp": lambda: amqp.connected,
-            "processor": lambda: processor.healthy,
-        })
-        for description in config.metrics:
-            listener = strports.service(description, site)
-            listener.setName(f"metrics {description}")
-            listener.setServiceParent(root)
+    probes = dependency_probes(redis=redis, amqp=amqp, postgres=db)
+    probes["processor"] = lambda: processor.healthy
+    make_metrics_service(config, probes).setServiceParent(root)
     reaper.service(config.heartbeat).setServiceParent(root)
     processor.setServiceParent(root)
     return root
