@@ -285,6 +285,14 @@ class _Protocol(TwistedProtocolConnection):
         self.open_error: Any = None
         self.close_reason: str | None = None
 
+    def connectionMade(self) -> None:  # noqa: N802 (Twisted API)
+        # Publishes and acks share this connection: with Nagle's algorithm on,
+        # a confirm waits ~40 ms for the broker's delayed ACK. Measured here:
+        # median confirmed publish 36.6 ms -> 0.6 ms with TCP_NODELAY.
+        if hasattr(self.transport, "setTcpNoDelay"):
+            self.transport.setTcpNoDelay(True)
+        super().connectionMade()
+
     def _on_connection_failed(self, connection: Any, error_message: Any = None) -> None:
         # pika reports a failed handshake as AMQPConnectionError(attempts): keep the real reason
         # (e.g. ACCESS_REFUSED for a bad password) for the logs and Unavailable messages
