@@ -460,12 +460,15 @@ def postgres_dsn(config: Config) -> str:
 # --- twistd / command-line integration
 
 
-def make_options(daemon: str, synopsis: str) -> type[usage.Options]:
+def make_options(daemon: str, synopsis: str,
+                 check: Callable[[Config], Any] | None = None) -> type[usage.Options]:
     """A ``usage.Options`` class for ``daemon`` built from :data:`OPTIONS`.
 
     ``postOptions`` resolves the whole configuration and stores it as
     ``self.config``; any :class:`ConfigError` becomes a ``UsageError`` so that
-    twistd prints it and exits non-zero before anything starts.
+    twistd prints it and exits non-zero before anything starts. ``check``
+    (optional) validates the resolved configuration further (for example
+    loads the JWT key); a ``ValueError`` it raises is reported the same way.
     """
     params = [["config", "c", None, "TOML configuration file"]]
     flags: list[list[Any]] = []
@@ -513,7 +516,9 @@ def make_options(daemon: str, synopsis: str) -> type[usage.Options]:
                     cli[o.name + "_path"] = self[o.cli + "-path"]
             try:
                 self.config = load_config(daemon, cli, self.get("config"))
-            except ConfigError as e:
+                if check is not None:
+                    check(self.config)
+            except ValueError as e:  # ConfigError included
                 raise usage.UsageError(str(e)) from None
 
     for o in multi:

@@ -249,3 +249,15 @@ def test_every_option_documented_and_defaults_valid():
     for daemon in (GATEWAY, PROCESSOR, API):
         names = [o.name for o in options_for(daemon)]
         assert len(names) == len(set(names))
+
+
+def test_bad_jwt_key_is_a_usage_error(tmp_path):
+    """A bad JWT public key must stop `twistd imgateway`/`imapi` with a message, not a traceback."""
+    from imcluster.api.tap import Options as ApiOptions
+    from imcluster.gateway.tap import Options as GatewayOptions
+
+    bad = tmp_path / "key.pem"
+    bad.write_text("not a key")
+    for options in (GatewayOptions, ApiOptions):
+        with pytest.raises(usage.UsageError, match="jwt_public_key"):
+            options().parseOptions(["--jwt-public-key", str(bad)])

@@ -20,7 +20,14 @@ from typing import Any
 from imcluster.config import API, make_options
 from imcluster.service import DaemonService
 
-Options = make_options(API, "twistd imapi [options]")
+def _check(config: Any) -> None:
+    """Load the JWT key now, so a bad one is a usage error, not a traceback at start."""
+    from imcluster.auth import JWTAuthenticator
+
+    JWTAuthenticator.from_config(config)
+
+
+Options = make_options(API, "twistd imapi [options]", check=_check)
 
 
 def build(config: Any) -> tuple[DaemonService, Any]:

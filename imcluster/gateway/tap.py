@@ -5,7 +5,7 @@ The tree (children start in order and stop in reverse)::
     DaemonService "imgateway"          gives up after --shutdown-timeout
       RedisService "redis"             shared clients first ...
       AMQPService  "amqp"
-      metrics site (--metrics)         /metrics and /healthz
+      "metrics" (--metrics)            /metrics and /healthz (imcluster.web)
       GatewayService "gateway"         ... listeners last, so they stop first
 
 Stopping (SIGTERM) therefore runs: listeners stop, clients are told "going
@@ -14,59 +14,19 @@ away", the gateway's Redis entries are removed, then AMQP and Redis close.
 
 from __future__ import annotations
 
-import json
-from typing import Any, Callable
-
-from twisted.application import service, strports
-from twisted.web import resource, server
+from typing import Any
 
 from imcluster.config import GATEWAY, make_options
 from imcluster.service import DaemonService
 
-Options = make_options(GATEWAY, "twistd imgateway [options]")
+def _check(config: Any) -> None:
+    """Load the JWT key now, so a bad one is a usage error, not a traceback at start."""
+    from imcluster.auth import JWTAuthenticator
+
+    JWTAuthenticator.from_config(config)
 
 
-class HealthResource(resource.Resource):
-    """``/healthz``: 200 with ``{"ok": true, ...}`` when every check passes, else 503."""
-
-    isLeaf = True
-
-    def __init__(self, checks: dict[str, Callable[[], bool]]) -> None:
-        super().__init__()
-        self.checks = checks
-
-    def render_GET(self, request):  # noqa: N802 (Twisted API)
-        results = {}
-        for name, check in self.checks.items():
-            try:
-                results[name] = bool(check())
-            except Exception:
-                results[name] = False
-        ok = all(results.values())
-        request.setResponseCode(200 if ok else 503)
-        request.setHeader(b"content-type", b"application/json")
-        request.setHeader(b"cache-control", b"no-store")
-        return json.dumps({"ok": ok, **results}).encode()
-
-
-class _QuietSite(server.Site):
-    """No access log line per scrape: a Prometheus poll every few seconds would drown the log."""
-
-    def log(self, request):
-        pass
-
-
-def metrics_site(checks: dict[str, Callable[[], bool]]) -> server.Site:
-    """A twisted.web site serving the Prometheus text format on ``/metrics`` and ``/healthz``."""
-    from prometheus_client.twisted import MetricsResource
-
-    root = resource.Resource()
-    root.putChild(b"metrics", MetricsResource())
-    root.putChild(b"healthz", HealthResource(checks))
-    site = _QuietSite(root)
-    site.noisy = False
-    site.displayTracebacks = False
-    return site
+Options = make_options(GATEWAY, "twistd imgateway [options]", check=_check)
 
 
 def makeService(options: Any) -> DaemonService:  # noqa: N802 (twistd API)
@@ -75,6 +35,7 @@ def makeService(options: Any) -> DaemonService:  # noqa: N802 (twistd API)
     from imcluster.bus import AMQPService
     from imcluster.gateway.service import GatewayService
     from imcluster.registry import RedisService
+    from imcluster.web import dependency_probes, make_metrics_service
 
     config = options.config
     root = DaemonService("imgateway", config.shutdown_timeout)
@@ -83,16 +44,8 @@ def makeService(options: Any) -> DaemonService:  # noqa: N802 (twistd API)
     amqp = AMQPService.from_config(config)
     amqp.setServiceParent(root)
     gateway = GatewayService(config, redis, amqp, JWTAuthenticator.from_config(config))
-    if config.metrics:
-        checks = {
-            "redis": lambda: redis.connected,
-            "amqp": lambda: amqp.connected,
-            "gateway": lambda: gateway.accepting,
-        }
-        site = metrics_site(checks)
-        for description in config.metrics:
-            listener = strports.service(description, site)
-            listener.setName(f"metrics {description}")
-            listener.setServiceParent(root)
+    probes = dependency_probes(redis=redis, amqp=amqp)
+    probes["gateway"] = lambda: gateway.accepting
+    make_metrics_service(config, probes).setServiceParent(root)
     gateway.setServiceParent(root)
     return root
