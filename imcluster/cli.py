@@ -73,6 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("--issuer", help="the 'iss' claim")
     token.add_argument("--algorithm", help="signing algorithm (default HS256; RS256/ES256 with --private-key)")
     token.set_defaults(run=run_token)
+
+    from imcluster.client import chat as chat_module  # the terminal chat lives with the client
+    chat = sub.add_parser(
+        "chat", help="terminal chat over a gateway (WebSocket or TCP)",
+        description="Join a session and chat: history, live messages, read receipts, presence (--api).")
+    chat_module.add_arguments(chat)
+    chat.set_defaults(run=chat_module.run)
     return parser
 
 

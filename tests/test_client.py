@@ -89,14 +89,19 @@ def make(clock=None, **kw):
     return client, clock, connector
 
 
-def connect(client, clock, connector, user="alice") -> FakeLink:
-    """Run timers until the next attempt starts, let it connect, and authenticate it."""
+def connect_only(clock, connector) -> FakeLink:
+    """Run timers until the next attempt starts and let it connect."""
     before = len(connector.attempts)
     for _ in range(600):
         clock.advance(0.1)
         if len(connector.attempts) > before:
             break
-    link = connector.succeed()
+    return connector.succeed()
+
+
+def connect(client, clock, connector, user="alice") -> FakeLink:
+    """Run timers until the next attempt starts, let it connect, and authenticate it."""
+    link = connect_only(clock, connector)
     link.auth_ok(user)
     return link
 
@@ -382,6 +387,20 @@ def test_refused_token_with_get_token_asks_again():
     assert link2.sent[0]["token"] != "expired"
     link2.auth_ok()
     assert started.called
+
+
+def test_tokens_from_get_token_refused_again_and_again_are_fatal():
+    """A get_token that keeps giving bad tokens would make the client retry for ever, silently."""
+    client, clock, connector = make(token=None, get_token=lambda: "bad", max_auth_failures=3)
+    started = client.start()
+    for _ in range(3):
+        link = connect_only(clock, connector)
+        link.receive({"type": "auth_reply", "ok": False, "error": {"code": "invalid_token", "message": "no"}})
+        link.lose(4001, "auth failed")
+    errors = []
+    started.addErrback(errors.append)
+    assert errors and errors[0].check(AuthFailed) and not client.running
+    assert no_timers_left(clock)
 
 
 def test_token_refreshed_before_it_expires():

@@ -15,19 +15,25 @@ See :class:`imcluster.client.core.Client` for what it guarantees across
 reconnects, and :mod:`imcluster.client.testing` for an in-process server.
 """
 
-from imcluster.client.core import (
-    AuthFailed,
-    Client,
-    ClientError,
-    ClientStopped,
-    Disconnected,
-    SendError,
-    new_client_msg_id,
-    p2p_session_id,
-)
-from imcluster.client.links import BadURL, connect_link
+from typing import Any
 
-__all__ = [
-    "AuthFailed", "BadURL", "Client", "ClientError", "ClientStopped", "Disconnected", "SendError",
-    "connect_link", "new_client_msg_id", "p2p_session_id",
-]
+# imported on first use: ``imcluster chat --help`` (and every other imcluster command, which
+# builds the chat's argument parser) need not load Autobahn
+_EXPORTS = {
+    "AuthFailed": "core", "Client": "core", "ClientError": "core", "ClientStopped": "core",
+    "Disconnected": "core", "SendError": "core", "new_client_msg_id": "core", "p2p_session_id": "core",
+    "BadURL": "links", "connect_link": "links",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'imcluster.client' has no attribute {name!r}")
+    from importlib import import_module
+
+    value = getattr(import_module(f"imcluster.client.{module}"), name)
+    globals()[name] = value
+    return value

@@ -36,7 +36,8 @@ and go underneath; what the application sees does not:
   connection ``refresh_margin`` seconds before the current one's ``exp``.
 
 Failures that retrying cannot mend end the client: an ``invalid_token`` or
-``token_expired`` answer when there is no ``get_token`` to ask for another.
+``token_expired`` answer when there is no ``get_token`` to ask for another,
+or ``max_auth_failures`` refusals in a row of tokens that ``get_token`` gave.
 Then :meth:`start`'s Deferred (and every pending call) fails with
 :class:`AuthFailed` and ``on_state("failed")`` is called.
 """
@@ -197,6 +198,7 @@ class Client:
         send_timeout: float | None = None,
         request_timeout: float = 30.0,
         sync_hold: float = 10.0,
+        max_auth_failures: int | None = 3,
     ) -> None:
         if isinstance(urls, str):
             urls = [urls]
@@ -231,6 +233,8 @@ class Client:
         self.send_timeout = send_timeout
         self.request_timeout = request_timeout
         self.sync_hold = sync_hold
+        self.max_auth_failures = max_auth_failures
+        self._auth_failures = 0
 
         #: what the last auth_reply said
         self.user_id: str | None = None
@@ -520,7 +524,10 @@ class Client:
         self.log.info("connection to {url} lost ({code} {reason}); error {error}", url=self.url,
                       code=code, reason=reason, error=self._last_error)
         self._url_index += 1
-        if auth_failed and self._get_token is None:
+        if auth_failed:
+            self._auth_failures += 1
+        if auth_failed and (self._get_token is None or (
+                self.max_auth_failures is not None and self._auth_failures >= self.max_auth_failures)):
             self._fail_fatal(AuthFailed(self._last_error or "invalid_token",
                                         f"the gateway refused the token ({reason or code})"))
             return
@@ -555,6 +562,7 @@ class Client:
             if not first:
                 return  # a refresh
             self._failures = 0
+            self._auth_failures = 0
             self.connections += 1
             self.log.info("authenticated as {user} on {url}", user=self.user_id, url=self.url)
             self._set_state(READY)
