@@ -166,6 +166,13 @@ def _endpoints(value: Any) -> list[str]:
     return v
 
 
+def _ws_urls(value: Any) -> list[str]:
+    v = _str_list(value)
+    if not v:
+        raise ValueError("needs at least one ws:// or wss:// URL")
+    return [_url("ws", "wss")(u) for u in v]
+
+
 @dataclass(frozen=True)
 class Option:
     name: str
@@ -290,6 +297,12 @@ OPTIONS: list[Option] = [
     _opt("http_idle_timeout", _positive(_float), 60.0, A, "seconds an idle HTTP connection is kept open"),
     _opt("health_timeout", _positive(_float), 2.0, G | P | A,
          "seconds each dependency (Redis, RabbitMQ, PostgreSQL) has to answer a /healthz probe"),
+    _opt("public_ws_urls", _ws_urls, ["ws://127.0.0.1:8080/ws"], A,
+         "gateway WebSocket URL(s) that the web chat at /app/ connects to (browsers reach them)", multi=True),
+    _opt("dev_login", _bool, False, A,
+         "DEVELOPMENT ONLY: serve POST /v1/dev/login, which hands anyone a token for any user "
+         "(needs jwt_secret)", flag=True),
+    _opt("dev_login_ttl", _positive(_float), 86400.0, A, "seconds a development login token is valid"),
 ]
 
 OPTIONS_BY_NAME: dict[str, Option] = {o.name: o for o in OPTIONS}
