@@ -585,27 +585,52 @@ class Syncer:
 
     async def _run(self, item: Item) -> int | None:
         size = self.config.sync_page_size
-        after: tuple[str, int] | None = None
+
+        def read(after: tuple[str, int] | None) -> defer.Deferred:
+            return defer.Deferred.fromCoroutine(self._retrying(
+                "reading undelivered messages", item,
+                lambda: self.store.undelivered_page(item.user_id, after, size)))
+
+        def mark(pairs: list[tuple[str, str]]) -> defer.Deferred:
+            return defer.Deferred.fromCoroutine(self._retrying(
+                "marking rows sending", item, lambda: self.store.mark_sending(pairs)))
+
+        # the next page is read, and the last one marked, while a page is published:
+        # pages still go out one after the other, in order; at most one of each in flight
+        reading: defer.Deferred | None = read(None)
+        marking: defer.Deferred | None = None
         count = 0
-        while True:
-            page = await self._retrying("reading undelivered messages", item,
-                                        lambda: self.store.undelivered_page(item.user_id, after, size))
-            frames = [protocol.encode({"type": "message_send", **m}) for m in page]
-            last = len(page) < size
-            if last:
-                frames.append(protocol.encode({"type": "sync_done", "count": count + len(page)}))
-            body = ('{"v":1,"items":[{"connIds":%s,"frames":[%s]}]}'
-                    % (json.dumps([item.conn_id]), ",".join(frames))).encode("utf-8")
-            routed = await self._retrying("publishing a page", item,
-                                          lambda: self.router.publish_one(item.server_id, body))
-            if not routed:
-                self.log.info("sync of {conn} ended: its gateway is gone", conn=item.conn_id)
-                return None
-            count += len(page)
-            if page:
-                pairs = [(item.user_id, m["msgId"]) for m in page]
-                await self._retrying("marking rows sending", item, lambda: self.store.mark_sending(pairs))
-            if last:
-                metrics.SYNC_SIZE.observe(count)
-                return count
-            after = (page[-1]["sessionId"], page[-1]["seq"])
+        try:
+            while True:
+                page = await reading
+                reading = None
+                last = len(page) < size
+                if not last:
+                    reading = read((page[-1]["sessionId"], page[-1]["seq"]))
+                frames = [protocol.encode({"type": "message_send", **m}) for m in page]
+                if last:
+                    frames.append(protocol.encode({"type": "sync_done", "count": count + len(page)}))
+                body = ('{"v":1,"items":[{"connIds":%s,"frames":[%s]}]}'
+                        % (json.dumps([item.conn_id]), ",".join(frames))).encode("utf-8")
+                routed = await self._retrying("publishing a page", item,
+                                              lambda: self.router.publish_one(item.server_id, body))
+                if not routed:
+                    self.log.info("sync of {conn} ended: its gateway is gone", conn=item.conn_id)
+                    return None
+                count += len(page)
+                if marking is not None:
+                    await marking
+                    marking = None
+                if page:
+                    marking = mark([(item.user_id, m["msgId"]) for m in page])
+                if last:
+                    if marking is not None:
+                        await marking
+                        marking = None
+                    metrics.SYNC_SIZE.observe(count)
+                    return count
+        finally:
+            # left behind by a failure or an ended sync: their own failures are not this sync's
+            for d in (reading, marking):
+                if d is not None:
+                    d.addErrback(lambda _: None)
