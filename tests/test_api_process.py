@@ -24,7 +24,7 @@ from tests.support.http import http_call, metric_value
 ADMIN_KEY = "admin-" + uuid.uuid4().hex
 
 #: schemathesis' budget: a few examples per operation keeps the run well under a minute
-SCHEMATHESIS_EXAMPLES = int(os.environ.get("IMCLUSTER_TEST_SCHEMATHESIS_EXAMPLES", "8"))
+SCHEMATHESIS_EXAMPLES = int(os.environ.get("IMTEST_SCHEMATHESIS_EXAMPLES", "8"))
 
 
 @pytest_twisted.ensureDeferred

@@ -57,7 +57,7 @@ TWISTD = BIN_DIR / "twistd"
 PLUGIN = {GATEWAY: "imgateway", PROCESSOR: "improcessor", API: "imapi"}
 
 #: seconds a daemon may take to become ready (two busy cores, cold imports)
-START_TIMEOUT = float(os.environ.get("IMCLUSTER_TEST_START_TIMEOUT", "30"))
+START_TIMEOUT = float(os.environ.get("IMTEST_START_TIMEOUT", "30"))
 #: seconds a daemon may take to exit after SIGTERM in teardown
 STOP_TIMEOUT = 15.0
 POLL = 0.05

@@ -10,9 +10,9 @@ RUN_ID = uuid.uuid4().hex[:8]
 _counter = itertools.count(1)
 
 # the local services of ARCHITECTURE.md; a test run may point elsewhere
-REDIS_URL = os.environ.get("IMCLUSTER_TEST_REDIS", "redis://127.0.0.1:6379/0")
-AMQP_URL = os.environ.get("IMCLUSTER_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672/%2F")
-POSTGRES_DSN = os.environ.get("IMCLUSTER_TEST_POSTGRES", "postgresql://root@127.0.0.1:5432/test")
+REDIS_URL = os.environ.get("IMTEST_REDIS", "redis://127.0.0.1:6379/0")
+AMQP_URL = os.environ.get("IMTEST_AMQP", "amqp://guest:guest@127.0.0.1:5672/%2F")
+POSTGRES_DSN = os.environ.get("IMTEST_POSTGRES", "postgresql://root@127.0.0.1:5432/test")
 
 
 def unique(prefix: str) -> str:
