@@ -11,7 +11,8 @@ docs/internals.rst) into a :class:`Window` and runs it through
    body), then ALL of them are stored in ONE transaction
    (``store.store_messages``); at the same time the window's
    ``message_send_reply`` acknowledgements are applied with ONE
-   ``store.mark_delivered``, and ``history``, ``read`` and
+   ``store.mark_delivered`` (stages 3 and 4 do not wait for it; the window
+   does), and ``history``, ``read`` and
    ``session_create`` items are answered (at most ``postgres_pool_size`` at
    once);
 3. the :class:`~imcluster.processor.router.Router` looks up every
@@ -299,26 +300,35 @@ class Pipeline:
         messages = w.of_type(protocol.MESSAGE)
         if w.verdicts is None:
             w.verdicts = await self._moderate(messages)
-        await _gather([
-            defer.Deferred.fromCoroutine(self._store(w, messages)),
-            defer.Deferred.fromCoroutine(self._acks(w)),
-            defer.Deferred.fromCoroutine(self._queries_stage(w)),
-        ])
-        if w.outbox is None:
-            w.outbox = await self._build_outbox(w, messages)
-        await self.router.publish(w.outbox, w.published, w.routed)
-        if not w.observed:
-            w.observed = True
-            self._observe(w, messages)
-        if not w.marked:
-            pairs = w.outbox.pairs(w.routed)
-            if w.online:
-                # rows the store inserted ``sending`` already (new messages to online users)
-                fresh = {r.msg_id for r in w.stored.values() if r.ok and not r.duplicate}
-                pairs = [p for p in pairs if not (p[1] in fresh and p[0] in w.online)]
-            if pairs:
-                await self.store.mark_sending(pairs)
-            w.marked = True
+        # acknowledgements are applied beside the store and the routing: replies and
+        # deliveries do not wait for them (a fan-out's acks are many rows), the
+        # window (and so its queue messages) is done only once they are
+        acking = defer.Deferred.fromCoroutine(self._acks(w))
+        try:
+            await _gather([
+                defer.Deferred.fromCoroutine(self._store(w, messages)),
+                defer.Deferred.fromCoroutine(self._queries_stage(w)),
+            ])
+            if w.outbox is None:
+                w.outbox = await self._build_outbox(w, messages)
+            await self.router.publish(w.outbox, w.published, w.routed)
+            if not w.observed:
+                w.observed = True
+                self._observe(w, messages)
+            if not w.marked:
+                pairs = w.outbox.pairs(w.routed)
+                if w.online:
+                    # rows the store inserted ``sending`` already (new messages to online users)
+                    fresh = {r.msg_id for r in w.stored.values() if r.ok and not r.duplicate}
+                    pairs = [p for p in pairs if not (p[1] in fresh and p[0] in w.online)]
+                if pairs:
+                    await self.store.mark_sending(pairs)
+                w.marked = True
+        except BaseException:
+            # settle the acknowledgements before the retry runs them again
+            await defer.DeferredList([acking], consumeErrors=True)
+            raise
+        await acking
 
     # --- stage 1: moderation
 
