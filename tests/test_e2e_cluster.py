@@ -12,31 +12,21 @@ from collections import Counter, defaultdict
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer
 
 from imcluster.registry import RedisService
 from tests.support.clients import connect_tcp, connect_ws
 from tests.support.ids import REDIS_URL
 from tests.support.postgres import admin_connection
+from tests.support.waiting import eventually as _eventually, sleep
 
 pytestmark = pytest.mark.slow
 
 WAIT = 30.0
 
 
-async def sleep(seconds: float) -> None:
-    await task.deferLater(reactor, seconds, lambda: None)
-
-
-async def eventually(check, timeout: float = WAIT, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await defer.maybeDeferred(check)
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not reached within {timeout}s (last: {value!r})")
-        await sleep(0.05)
+def eventually(check, timeout: float = WAIT, what: str = "condition"):
+    return _eventually(check, timeout, what)
 
 
 def query(schema: str, sql: str, *args) -> list:
@@ -107,7 +97,7 @@ async def test_200_concurrent_messages_from_4_senders_land_in_order_once_for_eve
     gws, _ = await start(cluster)
     names = ["s0", "s1", "s2", "s3", "r0", "r1"]
     users = [await connect(cluster, gws[n % 2], name, tcp=n % 3 == 0) for n, name in enumerate(names)]
-    senders, readers = users[:4], users[4:]
+    senders = users[:4]
     senders[0].client.send({"type": "session_create", "id": "c", "sessionId": "room",
                             "members": names[1:]})
     created = await senders[0].client.receive_type("session_reply", timeout=WAIT)

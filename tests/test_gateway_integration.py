@@ -10,15 +10,15 @@ from __future__ import annotations
 import json
 import time
 
-import pytest
 import pytest_twisted
-from twisted.internet import defer, protocol, reactor, task
+from twisted.internet import defer, protocol, reactor
 from twisted.protocols import portforward
 
 from imcluster.auth import JWTAuthenticator, mint_token
 from imcluster.gateway.service import GatewayService
 from imcluster.testing import gateway_config
 from tests.support.clients import connect_tcp, connect_ws
+from tests.support.waiting import eventually as _eventually, sleep
 
 SECRET = "integration-secret-0123456789abcdef"
 HEARTBEAT = 0.5
@@ -26,24 +26,12 @@ PUBLISH_TIMEOUT = 1.0
 WAIT = 5.0
 
 
+def eventually(check, timeout: float = WAIT, what: str = "condition"):
+    return _eventually(check, timeout, what)
+
+
 def token(user: str) -> str:
     return mint_token(SECRET, user, 3600)
-
-
-async def sleep(seconds: float) -> None:
-    await task.deferLater(reactor, seconds, lambda: None)
-
-
-async def eventually(check, timeout: float = WAIT, what: str = "condition"):
-    """Poll ``check()`` (may return a Deferred) until truthy; fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await defer.maybeDeferred(check)
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not reached within {timeout}s (last: {value!r})")
-        await sleep(0.05)
 
 
 class Processor:

@@ -14,7 +14,7 @@ from collections import defaultdict
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer
 
 from imcluster.config import PROCESSOR, load_config
 from imcluster.processor.filters import KeywordFilter
@@ -22,25 +22,14 @@ from imcluster.processor.reaper import Reaper
 from imcluster.processor.service import ProcessorService
 from imcluster.processor.store import MessageStore
 from tests.support.postgres import terminate_backends
+from tests.support.waiting import eventually as _eventually, sleep
 
 WAIT = 10.0
+
+
+def eventually(check, timeout: float = WAIT, what: str = "condition"):
+    return _eventually(check, timeout, what)
 INFO = {"ip": "127.0.0.1", "port": 1, "tcpPort": 2, "startedAt": 0}
-
-
-async def sleep(seconds: float) -> None:
-    await task.deferLater(reactor, seconds, lambda: None)
-
-
-async def eventually(check, timeout: float = WAIT, what: str = "condition"):
-    """Poll ``check()`` until truthy; fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await defer.maybeDeferred(check)
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not reached within {timeout}s (last: {value!r})")
-        await sleep(0.02)
 
 
 class Gateways:
