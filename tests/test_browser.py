@@ -1,0 +1,106 @@
+"""The web chat in a real browser, and imcluster.js's own rules, run with Node.
+
+``tests/browser/chat.e2e.mjs`` drives Debian's Chromium (``/usr/bin/chromium``)
+with Playwright (``playwright-core`` from npm, installed by
+``npm ci --prefix tests/browser``; no browser is downloaded) against a real
+cluster: two gateways, a processor and ``twistd imapi --dev-login`` serving
+the page. The screenshots stay in ``build/artifacts/browser/`` (or
+``$IMTEST_ARTIFACTS``).
+
+Skipped only when Node or Chromium is missing (``.ci/run`` installs both).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer, protocol, reactor
+from twisted.web.client import Agent, readBody
+
+ROOT = Path(__file__).resolve().parent.parent
+BROWSER_DIR = ROOT / "tests" / "browser"
+CHROMIUM = os.environ.get("IMTEST_CHROMIUM", "/usr/bin/chromium")
+NODE = shutil.which("node")
+ARTIFACTS = Path(os.environ.get("IMTEST_ARTIFACTS", ROOT / "build" / "artifacts" / "browser"))
+E2E_TIMEOUT = 120.0
+
+needs_node = pytest.mark.skipif(NODE is None, reason="node is not installed (apt-get install nodejs)")
+needs_chromium = pytest.mark.skipif(not os.path.exists(CHROMIUM),
+                                    reason=f"{CHROMIUM} is missing (apt-get install chromium)")
+
+
+class NodeProcess(protocol.ProcessProtocol):
+    """A node script; fires ``ended`` with (exit code, output)."""
+
+    def __init__(self) -> None:
+        self.output = b""
+        self.ended: defer.Deferred = defer.Deferred()
+
+    def outReceived(self, data: bytes) -> None:  # noqa: N802
+        self.output += data
+
+    errReceived = outReceived
+
+    def processEnded(self, reason) -> None:  # noqa: N802
+        self.ended.callback((reason.value.exitCode, self.output.decode("utf-8", "replace")))
+
+
+def run_node(args: list[str], env: dict[str, str], timeout: float) -> defer.Deferred:
+    proc = NodeProcess()
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("IMCLUSTER_")}
+    full_env.update(env)
+    transport = reactor.spawnProcess(proc, NODE, [NODE, *args], env=full_env, path=str(BROWSER_DIR))
+
+    def timed_out(failure, _timeout):
+        if failure.check(defer.CancelledError):
+            transport.signalProcess("KILL")
+            raise AssertionError(f"node {' '.join(args)} did not finish within {timeout}s:\n{proc.output.decode()}")
+        return failure
+
+    return proc.ended.addTimeout(timeout, reactor, onTimeoutCancel=timed_out)
+
+
+@needs_node
+@pytest_twisted.ensureDeferred
+async def test_imcluster_js_rules():
+    """The browser client would lose, duplicate or misorder messages across reconnects."""
+    code, output = await run_node(["--test", "client.test.mjs"], {}, 60)
+    assert code == 0, output
+    assert "# fail 0" in output, output
+
+
+async def http_get(url: str) -> tuple[int, bytes]:
+    response = await Agent(reactor).request(b"GET", url.encode())
+    return response.code, await readBody(response)
+
+
+@needs_node
+@needs_chromium
+@pytest.mark.slow
+@pytest_twisted.ensureDeferred
+async def test_web_chat_in_chromium(cluster):
+    """Two people on two gateways could not chat in the web page, or a reload would lose the read state."""
+    if not (BROWSER_DIR / "node_modules" / "playwright-core").is_dir():
+        pytest.fail("playwright-core is not installed: run `npm ci --prefix tests/browser` (.ci/run does)")
+    gw1, gw2, _ = await defer.gatherResults(
+        [cluster.start_gateway(), cluster.start_gateway(), cluster.start_processor()])
+    api = await cluster.start_api(dev_login=True, public_ws_urls=[gw1.ws_url, gw2.ws_url])
+    app = f"http://127.0.0.1:{api.http_port}/app/"
+    status, body = await http_get(app + "config.json")
+    assert status == 200, (
+        "imapi does not serve the web chat at /app/: its root must be imcluster.api.webapp.mount(api, config)")
+    assert b"devLogin\":true" in body
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    for old in ARTIFACTS.glob("*.png"):
+        old.unlink()
+    code, output = await run_node(["chat.e2e.mjs"], {
+        "IMTEST_APP_URL": app, "IMTEST_WS_A": gw1.ws_url, "IMTEST_WS_B": gw2.ws_url,
+        "IMTEST_ARTIFACTS": str(ARTIFACTS), "CHROMIUM": CHROMIUM,
+    }, E2E_TIMEOUT)
+    assert code == 0, f"{output}\n(screenshots in {ARTIFACTS})"
+    assert (ARTIFACTS / "chat-desktop.png").stat().st_size > 10_000
+    assert (ARTIFACTS / "chat-phone.png").stat().st_size > 10_000
