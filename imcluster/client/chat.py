@@ -59,7 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", action="append", required=True, metavar="URL",
                         help="gateway URL (ws://, wss://, tcp://, tcps://); repeat for fallbacks")
     who = parser.add_mutually_exclusive_group(required=True)
-    who.add_argument("--token", help="a JWT (or set IMCLUSTER_CHAT_TOKEN and give --token -)")
+    who.add_argument("--token", help="a JWT (or set IMCHAT_TOKEN and give --token -)")
     who.add_argument("--user", help="mint a token for this user with --secret (development)")
     parser.add_argument("--secret", help="HS256 secret for --user (default: $IMCLUSTER_JWT_SECRET)")
     target = parser.add_mutually_exclusive_group()
@@ -76,9 +76,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _token_source(args: argparse.Namespace) -> tuple[str | None, Any]:
     """``(token, get_token)`` from the command line; SystemExit-free: ValueError on bad input."""
     if args.token is not None:
-        token = os.environ.get("IMCLUSTER_CHAT_TOKEN", "") if args.token == "-" else args.token
+        token = os.environ.get("IMCHAT_TOKEN", "") if args.token == "-" else args.token
         if not token:
-            raise ValueError("--token - needs IMCLUSTER_CHAT_TOKEN")
+            raise ValueError("--token - needs IMCHAT_TOKEN")
         return token, None
     secret = args.secret or os.environ.get("IMCLUSTER_JWT_SECRET")
     if not secret:
