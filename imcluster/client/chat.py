@@ -254,6 +254,8 @@ class ChatApp:
         self.members: list[str] = []
         self.receipts: dict[tuple[str, str], int] = {}  # (session, user) -> seq
         self.last_seq: dict[str, int] = {}
+        # (session, seq) on screen: history and the sync may bring the same message
+        self.shown: set[tuple[str, int]] = set()
         self.input_done = False
         self.stopping = False
         self._sends: set[defer.Deferred] = set()
@@ -345,6 +347,10 @@ class ChatApp:
     def show_message(self, m: dict) -> None:
         """One message of the open session (history, live, or one of mine just stored)."""
         seq = m.get("seq")
+        if isinstance(seq, int):
+            if (self.session, seq) in self.shown:
+                return
+            self.shown.add((self.session, seq))
         if isinstance(seq, int) and (self.oldest_seq is None or seq < self.oldest_seq):
             self.oldest_seq = seq  # /history pages back from the oldest message on screen
         sender = m.get("from")
@@ -362,6 +368,7 @@ class ChatApp:
     def join(self, session: str) -> None:
         self.session = session
         self.oldest_seq = None
+        self.shown = {k for k in self.shown if k[0] != session}
         self.say(f"joined {session}")
         self.load_history(self.args.history, first=True)
         if self.args.api:
