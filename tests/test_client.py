@@ -537,6 +537,7 @@ def test_stop_fails_pending_and_leaves_no_timer():
     assert len(connector.attempts) == 1
     with pytest.raises(ClientStopped):
         client.read(SESSION, 1)
+    assert client.when_ready().addErrback(lambda f: f.type).result is ClientStopped
 
 
 def test_bad_urls_are_refused_at_once():

@@ -413,7 +413,7 @@ class ChatApp:
         from twisted.web.http_headers import Headers
 
         agent = Agent(self.reactor)
-        token = self.client._current_token or self.token or ""
+        token = self.client.current_token or ""
         d = agent.request(b"GET", (self.args.api.rstrip("/") + path).encode("utf-8"),
                           Headers({b"authorization": [f"Bearer {token}".encode("utf-8")]}))
 
@@ -566,7 +566,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"imcluster chat: error: {e}", file=sys.stderr)
         return EXIT_FAILURE
-    if args.token and _core().token_expiry(app.client._token or "") is None:
+    if args.token and _core().token_expiry(app.client.current_token or "") is None:
         print("imcluster chat: warning: the token is not a JWT with 'exp'", file=sys.stderr)
 
     saved = None

@@ -301,8 +301,8 @@ class Client:
         """Fires with the ``auth_reply`` of the current connection, or of the next one."""
         if self.state == READY:
             return defer.succeed(self._auth_reply_seen)
-        if not self._running and self.state == FAILED:
-            return defer.fail(self._fatal)
+        if not self._running:
+            return defer.fail(self._fatal or ClientStopped("the client is not started"))
         d: defer.Deferred = defer.Deferred()
         self._ready_waiters.append(d)
         return d
@@ -334,6 +334,11 @@ class Client:
     @property
     def running(self) -> bool:
         return self._running
+
+    @property
+    def current_token(self) -> str | None:
+        """The token of the current (or last) connection: for calls to the HTTP API as this user."""
+        return self._current_token or self._token
 
     @property
     def ready(self) -> bool:

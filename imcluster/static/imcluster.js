@@ -179,7 +179,7 @@ export class IMClient {
   /** Resolves with the auth_reply of the current connection, or of the next one. */
   whenReady() {
     if (this.state === STATES.READY) return Promise.resolve(this._authReply);
-    if (!this._running && this._fatal) return Promise.reject(this._fatal);
+    if (!this._running) return Promise.reject(this._fatal || new IMError("stopped", "the client is not started"));
     const d = deferred();
     this._readyWaiters.push(d);
     return d.promise;
