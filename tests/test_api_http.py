@@ -119,9 +119,11 @@ async def test_authentication(api):
 @pytest_twisted.ensureDeferred
 async def test_routes_and_bodies(api):
     """Unknown routes are 404, other methods 405, and bad or oversized bodies 400/413, all in the JSON error shape."""
-    for path in ("/", "/v1", "/v1/sessions/x/nope", "/v2/sessions", "/v1/users/alice", "/v1/sessions/"):
+    for path in ("/v1", "/v1/sessions/x/nope", "/v2/sessions", "/v1/users/alice", "/v1/sessions/"):
         r = await api.admin("GET", path)
         assert r.status == 404 and r.error_code == "not_found", path
+    r = await api.admin("GET", "/")  # a person opening the API's address finds the web chat
+    assert r.status == 302 and r.headers.getRawHeaders(b"location") == [b"/app/"]
     r = await api.call("DELETE", "/v1/sessions/g1")
     assert r.status == 405 and r.error_code == "method_not_allowed" and r.header("allow") == "GET"
     r = await api.call("PUT", "/v1/sessions/g1/messages")

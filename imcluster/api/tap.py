@@ -34,6 +34,7 @@ def build(config: Any) -> tuple[DaemonService, Any]:
     """The imapi tree for ``config`` and its :class:`~imcluster.api.resources.APIResource`."""
     from imcluster.api.publisher import MessagePublisher
     from imcluster.api.resources import APIResource, make_site
+    from imcluster.api.webapp import mount
     from imcluster.auth import JWTAuthenticator
     from imcluster.bus import AMQPService
     from imcluster.db import PostgresService
@@ -54,7 +55,8 @@ def build(config: Any) -> tuple[DaemonService, Any]:
     api = APIResource(
         MessageStore(db, config.max_group_size), redis, publisher, JWTAuthenticator.from_config(config),
         config.api_key, probes, health_timeout=config.health_timeout, max_json_depth=config.max_json_depth)
-    site = make_site(api, config.max_body_size, config.http_idle_timeout)
+    # the web chat page (/app/) and, with --dev-login only, POST /v1/dev/login
+    site = make_site(mount(api, config), config.max_body_size, config.http_idle_timeout)
     for description in config.http:
         ListenerService(description, site).setServiceParent(root)
     return root, api
