@@ -20,7 +20,7 @@ def test_bench_tiny_run_prints_table_and_writes_json(tmp_path):
     assert (BENCH / "node_modules" / "ws").is_dir(), "run `npm ci --prefix bench` first (.ci/run does)"
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, str(BENCH / "run.py"), "--tiny", "--json", str(out)],
-                          capture_output=True, text=True, timeout=180, cwd=ROOT)
+                          capture_output=True, text=True, timeout=150, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for name in ("echo", "conn", "p2p-latency", "p2p-throughput", "fanout", "sync"):
         assert f"\n{name} " in proc.stdout, proc.stdout
