@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.node import ensure_npm_packages
+
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 
@@ -17,7 +19,7 @@ BENCH = ROOT / "bench"
 @pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed: bench/gen.js needs Node 18+")
 def test_bench_tiny_run_prints_table_and_writes_json(tmp_path):
     """A broken bench/run.py or gen.js would leave the performance docs without a way to re-measure them."""
-    assert (BENCH / "node_modules" / "ws").is_dir(), "run `npm ci --prefix bench` first (.ci/run does)"
+    ensure_npm_packages(BENCH, "ws")
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, str(BENCH / "run.py"), "--tiny", "--json", str(out)],
                           capture_output=True, text=True, timeout=150, cwd=ROOT)

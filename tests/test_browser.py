@@ -21,6 +21,8 @@ import pytest_twisted
 from twisted.internet import defer, protocol, reactor
 from twisted.web.client import Agent, readBody
 
+from tests.support.node import ensure_npm_packages
+
 ROOT = Path(__file__).resolve().parent.parent
 BROWSER_DIR = ROOT / "tests" / "browser"
 CHROMIUM = os.environ.get("IMTEST_CHROMIUM", "/usr/bin/chromium")
@@ -84,8 +86,7 @@ async def http_get(url: str) -> tuple[int, bytes]:
 @pytest_twisted.ensureDeferred
 async def test_web_chat_in_chromium(cluster):
     """Two people on two gateways could not chat in the web page, or a reload would lose the read state."""
-    if not (BROWSER_DIR / "node_modules" / "playwright-core").is_dir():
-        pytest.fail("playwright-core is not installed: run `npm ci --prefix tests/browser` (.ci/run does)")
+    ensure_npm_packages(BROWSER_DIR, "playwright-core")
     gw1, gw2, _ = await defer.gatherResults(
         [cluster.start_gateway(), cluster.start_gateway(), cluster.start_processor()])
     api = await cluster.start_api(dev_login=True, public_ws_urls=[gw1.ws_url, gw2.ws_url])
