@@ -24,11 +24,11 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from twisted.internet import defer, task
+from twisted.internet import defer
 
 from imcluster import protocol as p
 from imcluster.auth import JWTAuthenticator, mint_token
-from imcluster.testing import FakeHub, gateway_config
+from imcluster.testing import FakeHub, LoopbackGateway, gateway_config
 
 SECRET = "fake-server-secret-0123456789abcdef"
 
@@ -186,37 +186,17 @@ class MemoryProcessor(FakeHub):
                     c.send_frame(stored)
 
 
-class FakeServer:
+class FakeServer(LoopbackGateway):
     """A :class:`MemoryProcessor` behind real listening WebSocket / raw TCP adapters."""
 
     def __init__(self, reactor: Any = None, secret: str = SECRET, **config: Any) -> None:
-        if reactor is None:
-            from twisted.internet import reactor
-        self.reactor = reactor
+        super().__init__(reactor)
         self.secret = secret
-        self.hub = MemoryProcessor(reactor, secret, **config)
-        self.ports: list[Any] = []
+        self.hub = MemoryProcessor(self.reactor, secret, **config)
 
     def token(self, user: str, ttl: float = 3600.0) -> str:
         """A JWT for ``user`` that this server accepts."""
         return mint_token(self.secret, user, ttl)
-
-    async def listen(self, kind: str, endpoint: str = "tcp:0:interface=127.0.0.1") -> int:
-        """Listen for ``kind`` (``"ws"`` or ``"tcp"``) clients on ``endpoint``; returns the port."""
-        from twisted.internet.endpoints import serverFromString
-
-        if kind == "ws":
-            from imcluster.gateway.websocket import make_websocket_factory
-            factory = make_websocket_factory(self.hub)
-        else:
-            from imcluster.gateway.rawsocket import make_rawsocket_factory
-            factory = make_rawsocket_factory(self.hub)
-        port = await serverFromString(self.reactor, endpoint).listen(factory)
-        self.ports.append(port)
-        return port.getHost().port
-
-    def open_connections(self) -> list[Any]:
-        return [c for c in self.hub.made if c not in self.hub.lost]
 
     def drop_all(self) -> None:
         """Abort every client connection (a crashed gateway, as the clients see it)."""
@@ -227,15 +207,3 @@ class FakeServer:
         """Tell every client that the gateway stops (WebSocket 1001 / TCP going_away)."""
         for conn in self.open_connections():
             conn.going_away()
-
-    async def stop(self, timeout: float = 5.0) -> None:
-        """Stop listening, abort what is still connected, and wait until the hub heard of it."""
-        for port in self.ports:
-            await port.stopListening()
-        self.ports = []
-        self.drop_all()
-        deadline = self.reactor.seconds() + timeout
-        while self.open_connections():
-            if self.reactor.seconds() > deadline:
-                raise AssertionError(f"connections never ended: {self.open_connections()}")
-            await task.deferLater(self.reactor, 0.01, lambda: None)
