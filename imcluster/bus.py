@@ -795,7 +795,6 @@ class AMQPService(service.Service):
             conn.abort()
             return
         self._conn = conn
-        self._install_publisher(pub)
         # pika's Twisted adapter replaces the broker's Connection.Close reason
         # (e.g. 320 CONNECTION_FORCED on a broker restart) by "closed cleanly":
         # note it for the disconnect log
@@ -816,11 +815,25 @@ class AMQPService(service.Service):
                           host=self.host, port=self.port, n=self.reconnects, waiting=len(self._waiting))
         else:
             self.log.info("AMQP {host}:{port} connected", host=self.host, port=self.port)
-        waiters, self._waiters = self._waiters, []
-        for w in waiters:
-            w.callback(None)
-        for c in list(self._consumers):
-            c.start(conn)
+        starting = [c.start(conn) for c in list(self._consumers)]
+        if not starting:
+            self._resume_publishing(conn, pub)
+            return
+        # publishes wait until our queues are declared again: a gateway's exclusive queue
+        # went with the old connection, and an answer (a sync page, a reply) published
+        # into the gap would come back unroutable and be lost (ARCHITECTURE.md failure rules)
+        self._bounded(defer.DeferredList(starting, consumeErrors=True),
+                      "re-declaring the consumers' queues").addCallback(
+            lambda _: self._resume_publishing(conn, pub))
+
+    def _resume_publishing(self, conn: _Protocol, pub: _Channel) -> None:
+        """Publish through ``pub`` (what waited goes first) and wake whoever waits for a connection."""
+        if not self._is_current(conn) or self._pub is not None:
+            return
+        if not pub.is_open:
+            self._reopen_publisher(conn)
+            return
+        self._install_publisher(pub)
 
     def _install_publisher(self, pub: _Channel) -> None:
         self._pub = pub
@@ -830,6 +843,9 @@ class AMQPService(service.Service):
         self._returned.clear()
         pub.on_close(self._publisher_closed)
         self._flush()
+        waiters, self._waiters = self._waiters, []
+        for w in waiters:
+            w.callback(None)
 
     def _publisher_closed(self, ch: _Channel, reason: Any) -> None:
         if ch is not self._pub:

@@ -459,3 +459,25 @@ async def test_delete_topology_removes_the_namespace(bus_factory, namespace):
     exchanges = await rabbitmqctl("list_exchanges", "name")
     assert namespace + "." not in queues
     assert namespace + "." not in exchanges
+
+
+@pytest_twisted.ensureDeferred
+async def test_publishes_resume_only_once_the_consumers_queues_are_back(bus_factory):
+    """A sync requested across a broker hiccup would be answered into the gap before the gateway's
+    queue exists again, come back unroutable, and the client would never get sync_done."""
+    bus = await bus_factory()
+    uuid = unique("gw")
+    deliveries = Inbox(auto_ack=True)
+    await bus.consume(bus.gateway_queue(uuid), deliveries, prefetch=10, exclusive=True)
+    [consumer] = bus.consumers
+    closing = defer.ensureDeferred(close_connection(bus.connection_name))
+    await until(lambda: not bus.connected, 5.0, "disconnect")
+    active_at_confirm = []
+    # waits for the reconnect; when the broker confirms it, a processor may already answer it
+    sent = bus.publish(bus.server_key(), b"sync please")
+    sent.addCallback(lambda _: active_at_confirm.append(consumer.active))
+    await sent
+    assert await closing == 1
+    assert active_at_confirm == [True]
+    await bus.publish(bus.gateway_key(uuid), b"sync page", mandatory=True)
+    assert (await deliveries.wait(1))[0].body == b"sync page"
