@@ -30,10 +30,10 @@ from pathlib import Path
 from typing import Any
 
 from twisted.logger import Logger
-from twisted.web import pages, resource, server, static, util
+from twisted.web import resource, server, static, util
 
 from imcluster.auth import mint_token, valid_user_id
-from imcluster.web import json_bytes, write_json
+from imcluster.web import NotFound, json_bytes, write_json
 
 #: the page's files, shipped in the package (setup.cfg package_data)
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
@@ -58,12 +58,29 @@ def _error(request: Any, status: int, code: str, message: str) -> Any:
     return server.NOT_DONE_YET
 
 
+def _read_only(request: Any) -> Any:
+    """The JSON 405 for a method other than GET/HEAD on the page's resources, else None."""
+    if request.method in (b"GET", b"HEAD"):
+        return None
+    request.setHeader(b"allow", b"GET, HEAD")
+    return _error(request, 405, "method_not_allowed", "the web chat's files are read with GET")
+
+
 class StaticFiles(static.File):
-    """``imcluster/static`` without directory listings, with the page's security headers."""
+    """``imcluster/static`` without directory listings, with the page's security headers.
+
+    A missing file is the API's JSON 404 and a method other than GET/HEAD
+    its JSON 405 (HTTP-API.md "Errors": every error has that shape), not
+    Twisted's HTML pages.
+    """
 
     contentTypes = dict(static.File.contentTypes, **CONTENT_TYPES)
+    childNotFound = NotFound()
     #: the Content-Security-Policy header (set by WebApp; passed on to each file)
     csp = "default-src 'self'"
+
+    def render(self, request: Any) -> Any:
+        return _read_only(request) or super().render(request)
 
     def createSimilarFile(self, path: str) -> "StaticFiles":  # noqa: N802 (Twisted API)
         f = super().createSimilarFile(path)
@@ -71,7 +88,7 @@ class StaticFiles(static.File):
         return f
 
     def directoryListing(self) -> resource.Resource:  # noqa: N802 (Twisted API)
-        return pages.notFound()
+        return NotFound()
 
     def render_GET(self, request: Any) -> Any:  # noqa: N802 (Twisted API)
         # a new version of the page is picked up at once (it is small and served locally)
@@ -90,6 +107,9 @@ class ConfigJSON(resource.Resource):
     def __init__(self, ws_urls: list[str], dev_login: bool) -> None:
         super().__init__()
         self.body = json_bytes({"wsUrls": list(ws_urls), "devLogin": bool(dev_login)})
+
+    def render(self, request: Any) -> Any:
+        return _read_only(request) or super().render(request)
 
     def render_GET(self, request: Any) -> bytes:  # noqa: N802 (Twisted API)
         request.setHeader(b"content-type", b"application/json")
@@ -115,6 +135,9 @@ class WebApp(resource.Resource):
         if name == b"":
             name = b"index.html"
         return self.files.getChildWithDefault(name, request)
+
+    def render(self, request: Any) -> Any:
+        return _read_only(request) or super().render(request)
 
     def render_GET(self, request: Any) -> bytes:  # noqa: N802 (Twisted API)
         # "/app" without its slash: relative links in the page need it
