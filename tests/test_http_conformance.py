@@ -170,7 +170,8 @@ async def test_errors_sessions_and_members(cluster, pg_schema):
             r = await call(port, "POST", f"/v1/sessions/{sid}/members", {"add": ["x"]}, credential, c,
                            "/v1/sessions/{id}/members")
             assert r.status == 404, (sid, credential)
-            for body in ({"clientMsgId": "c-1", "body": 1},):
+            # 404 before anything else about the message (even a sender the user may not name)
+            for body in ({"clientMsgId": "c-1", "body": 1}, {"clientMsgId": "c-1", "body": 1, "from": "bob"}):
                 r = await call(port, "POST", f"/v1/sessions/{sid}/messages", body, credential, c,
                                "/v1/sessions/{id}/messages")
                 assert r.status == 404 and r.error_code == "not_found", (sid, credential, body)

@@ -503,6 +503,8 @@ class APIResource(resource.Resource):
             raise APIError(400, "body is required (any JSON value)")
         if "from" in body and not valid_user_id(body["from"]):
             raise APIError(400, "from must be a user id (1-128 of A-Z a-z 0-9 _ . @ -)")
+        # the session first: one that does not exist is 404 for everyone, whatever else is wrong
+        await self.session(session_id, principal)
         sender = body.get("from")
         if principal.admin:
             sender = sender or SYSTEM_USER
@@ -510,7 +512,6 @@ class APIResource(resource.Resource):
             raise APIError(403, "only the admin key may send as another user")
         else:
             sender = principal.user_id
-        await self.session(session_id, principal)
         reply, duplicate = await self.publisher.publish(sender, session_id, client_msg_id, body["body"],
                                                         trusted=principal.admin)
         if reply.get("type") != "message_reply" or reply.get("ok") is not True:
