@@ -221,6 +221,8 @@ OPTIONS: list[Option] = [
     _opt("postgres_schema", _identifier, "public", P | A | M, "PostgreSQL schema holding imcluster's tables"),
     _opt("postgres_pool_size", _positive(_int), 4, P | A, "PostgreSQL connections per daemon"),
     _opt("postgres_timeout", _positive(_float), 10.0, P | A | M, "seconds to connect to PostgreSQL"),
+    _opt("postgres_statement_timeout", _positive(_float), 30.0, P | A,
+         "seconds one PostgreSQL statement may run before the server cancels it (then it is retried)"),
     # --- authentication
     _opt("jwt_secret", _str, None, G | A, "HS256 secret that signs client tokens", secret=True),
     _opt("jwt_public_key", _str, None, G | A, "PEM file of the RS256/ES256 public key that verifies client tokens"),

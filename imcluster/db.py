@@ -233,6 +233,8 @@ class PostgresService(service.Service):
     work runs after a rolled-back transaction, and (plus ``pool_size``, as
     every pooled connection may have died at once) after lost connections.
     ``application_name`` is shown in ``pg_stat_activity``.
+    ``statement_timeout`` (seconds) is every connection's ``statement_timeout``:
+    the server cancels a statement that runs longer (None: the server's setting).
     """
 
     log = Logger()
@@ -246,7 +248,8 @@ class PostgresService(service.Service):
 
     def __init__(self, dsn: str, schema: str = "public", pool_size: int = 4,
                  connect_timeout: float = 10.0, clock: Any = None, name: str = "postgres",
-                 application_name: str = "imcluster", max_attempts: int = 3) -> None:
+                 application_name: str = "imcluster", max_attempts: int = 3,
+                 statement_timeout: float | None = None) -> None:
         parse_dsn(dsn)  # a malformed DSN is a configuration error: fail now, not in a retry loop
         self.dsn = dsn
         self.schema = check_schema(schema)
@@ -256,6 +259,7 @@ class PostgresService(service.Service):
         self.timeout = connect_timeout
         self.max_attempts = max(1, max_attempts)
         self.application_name = application_name
+        self.statement_timeout = statement_timeout
         from twisted.internet import reactor
         self._reactor = reactor  # txpostgres watches sockets on the real reactor
         self._clock = clock if clock is not None else reactor
@@ -276,6 +280,7 @@ class PostgresService(service.Service):
 
         kw.setdefault("pool_size", config.values.get("postgres_pool_size", 4))
         kw.setdefault("application_name", f"imcluster-{config.daemon}")
+        kw.setdefault("statement_timeout", config.values.get("postgres_statement_timeout"))
         return cls(postgres_dsn(config), schema=config.postgres_schema,
                    connect_timeout=config.postgres_timeout, **kw)
 
@@ -407,7 +412,11 @@ class PostgresService(service.Service):
 
         def set_path(_: Any) -> defer.Deferred:
             # straight on the cursor: the detector still says "dead" until we are done
-            return slot.conn.cursor().execute(f'SET search_path TO "{self.schema}"')
+            sql = f'SET search_path TO "{self.schema}"'
+            if self.statement_timeout:
+                # a statement stuck on a lock or a slow server is cancelled (QueryCanceled), not waited on for ever
+                sql += f"; SET statement_timeout = {max(1, int(self.statement_timeout * 1000))}"
+            return slot.conn.cursor().execute(sql)
 
         def finish(result: Any) -> Any:
             if timer.active():

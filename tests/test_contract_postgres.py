@@ -250,3 +250,18 @@ def test_from_config_uses_the_configured_dsn_password_schema_and_pool():
     assert (db.schema, db.pool_size, db.timeout) == ("tenant_a", 7, 2.5)
     assert db.application_name == "imcluster-processor"
     assert "s3cr" not in db.where and db.where == "imc@db.internal:6432/im"
+
+
+@pytest_twisted.ensureDeferred
+async def test_every_statement_is_bounded_by_postgres_statement_timeout(pg_schema, pg_factory):
+    """A statement stuck on a lock or a hung server would hold a processor's window for ever."""
+    config = load_config(PROCESSOR, {"postgres_schema": pg_schema, "postgres_statement_timeout": 0.2}, None, {})
+    assert config.postgres_statement_timeout == 0.2
+    db = await pg_factory(pg_schema, statement_timeout=config.postgres_statement_timeout)
+    started = reactor.seconds()
+    with pytest.raises(psycopg2.errors.QueryCanceled):
+        await db.run_query("SELECT pg_sleep(5)")
+    assert reactor.seconds() - started < 2.0
+    assert await db.run_query("SELECT 1") == [(1,)]  # the connection stays usable
+    default = PostgresService.from_config(load_config(PROCESSOR, {"postgres_schema": pg_schema}, None, {}))
+    assert default.statement_timeout == 30.0
