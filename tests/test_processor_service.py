@@ -425,6 +425,30 @@ def test_sync_waits_out_a_store_outage(rig):
     assert rig.unacked() == 0
 
 
+def test_sync_to_a_live_gateway_whose_queue_is_briefly_gone_waits_for_it(rig):
+    """After a broker restart a sync handled before the gateway re-declared its queue was dropped:
+    the client never got sync_done (ARCHITECTURE.md: a live gateway keeps its key and comes back)."""
+    rig.gateway("gw-back", queue=False)  # alive (its WSSERVER_ key is there), queue not declared yet
+    b1 = rig.connect("gw-back", "bob")
+    rig.send(sync_item(b1, "bob"))
+    rig.clock.advance(3)
+    assert rig.frames_to(b1) == [] and rig.unacked() == 1  # held, not dropped
+    rig.gateway_bus.consume(rig.gateway_bus.gateway_queue("gw-back"),
+                            lambda m: (rig.inbox["gw-back"].append(json.loads(m.body)), m.ack()))
+    rig.clock.advance(10)
+    assert rig.frames_to(b1) == [{"type": "sync_done", "count": 0}]
+    assert rig.unacked() == 0
+
+
+def test_sync_to_a_gateway_whose_key_is_gone_ends(rig):
+    """A sync for a connection of a dead gateway would be retried for ever."""
+    rig.gateway("gw-gone", queue=False, ttl=2.0)
+    b1 = rig.connect("gw-gone", "bob")
+    rig.clock.advance(3)  # its WSSERVER_ key expired
+    rig.send(sync_item(b1, "bob"))
+    assert rig.frames_to(b1) == [] and rig.unacked() == 0
+
+
 # --- gateways that vanished ---------------------------------------------------------------------------
 
 

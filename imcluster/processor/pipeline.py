@@ -57,10 +57,14 @@ log = Logger(namespace="imcluster.processor.pipeline")
 FRAME = "frame"
 SYNC = "sync"
 
+class GatewayQueueMissing(Exception):
+    """A live gateway's queue is not there (a broker restart): it declares it again soon."""
+
+
 #: failures that say a dependency (PostgreSQL, Redis, RabbitMQ) is down or slow:
 #: the work is retried with backoff, never dead-lettered
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
-    DatabaseUnavailable, ConnectionDead, psycopg2.OperationalError, psycopg2.InterfaceError,
+    GatewayQueueMissing, DatabaseUnavailable, ConnectionDead, psycopg2.OperationalError, psycopg2.InterfaceError,
     TimeoutError, defer.TimeoutError, defer.CancelledError, RedisConnectionError,
     _bus.PublishError, _bus.ChannelError, ierror.ConnectError, ierror.ConnectionLost,
     ierror.ConnectionDone,
@@ -551,7 +555,9 @@ class Syncer:
     and ``sync_done`` in order. The rows sent become ``sending``. A
     dependency that is down is waited out with backoff (a sync request is
     never dropped); an unexplained failure repeated ``max_attempts`` times
-    raises. An unroutable gateway ends the sync (the connection is gone).
+    raises. An unroutable gateway ends the sync (the connection is gone)
+    once its ``WSSERVER_<uuid>`` key is gone too; while the key lives, the
+    gateway re-declares its queue (a broker restart) and the page is retried.
     """
 
     log = Logger()
@@ -593,6 +599,14 @@ class Syncer:
                 self.clock.callLater(delay, d.callback, None)
                 await d
 
+    async def _publish_page(self, item: Item, body: bytes) -> bool:
+        """True when the gateway has the page, False when that gateway is gone (its key too)."""
+        if await self.router.publish_one(item.server_id, body):
+            return True
+        if item.server_id in await self.router.registry.alive([item.server_id]):
+            raise GatewayQueueMissing(f"gateway {item.server_id} is alive but its queue is missing")
+        return False
+
     async def _run(self, item: Item) -> int | None:
         size = self.config.sync_page_size
 
@@ -623,7 +637,7 @@ class Syncer:
                 body = ('{"v":1,"items":[{"connIds":%s,"frames":[%s]}]}'
                         % (json.dumps([item.conn_id]), ",".join(frames))).encode("utf-8")
                 routed = await self._retrying("publishing a page", item,
-                                              lambda: self.router.publish_one(item.server_id, body))
+                                              lambda: defer.Deferred.fromCoroutine(self._publish_page(item, body)))
                 if not routed:
                     self.log.info("sync of {conn} ended: its gateway is gone", conn=item.conn_id)
                     return None
