@@ -1164,8 +1164,10 @@ class FakeStore:
         def page():
             if session_id not in self.sessions:
                 pair = _st.parse_p2p(session_id) if isinstance(session_id, str) else None
-                if pair is not None and user_id in pair:
-                    return []
+                if pair is not None:  # an implicit 1:1 session: empty for its two users only
+                    if user_id is None or user_id in pair:
+                        return []
+                    raise _st.StoreError("not_member", "not a member of this session")
             self._member_of(user_id, session_id)
             n = _st.HISTORY_DEFAULT_LIMIT if limit is None else max(1, min(int(limit), _st.HISTORY_MAX_LIMIT))
             before = _st._BIGINT_MAX if before_seq is None else int(before_seq)
@@ -1176,6 +1178,11 @@ class FakeStore:
 
     def read(self, user_id, session_id, seq):
         def move():
+            pair = _st.parse_p2p(session_id) if isinstance(session_id, str) else None
+            if pair is not None and session_id not in self.sessions:
+                if user_id not in pair:  # an implicit 1:1 session without messages
+                    raise _st.StoreError("not_member", "not a member of this session")
+                return 0, list(pair)
             session = self._member_of(user_id, session_id)
             member = session["members"][user_id]
             member["read_seq"] = max(member["read_seq"], min(int(seq), session["last_seq"]))

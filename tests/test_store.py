@@ -160,7 +160,10 @@ async def test_p2p_session_is_created_by_its_first_message(store):
     """Two users could not talk 1:1 without creating a session first."""
     sid = "p2p:alice:bob"
     assert await store.history("bob", sid) == []
-    await expect_error(store.history("carol", sid), "no_session")
+    # it exists implicitly (PROTOCOL.md "Sessions"): closed to anyone else, as for messages
+    await expect_error(store.history("carol", sid), "not_member")
+    await expect_error(store.read("carol", sid, 1), "not_member")
+    assert await store.read("alice", sid, 5) == (0, ["alice", "bob"])
     out = await store.store_messages([msg("bob", "b1", sid), msg("alice", "a1", sid)])
     assert [(r.seq, r.recipients) for r in out] == [(1, ["alice"]), (2, ["bob"])]
     info = await store.get_session(sid)
@@ -298,7 +301,9 @@ async def test_read_cursor_moves_forward_only_and_clamps(store):
     assert [m["seq"] for m in await store.history("bob", "g1", before_seq=2**70, limit=2)] == [4, 5]
     await expect_error(store.read("dave", "g1", 1), "not_member")
     await expect_error(store.read("bob", "nope", 1), "no_session")
-    await expect_error(store.read("bob", "p2p:alice:bob", 1), "no_session")
+    # a 1:1 session exists implicitly: before its first message its cursor clamps to 0
+    assert await store.read("bob", "p2p:alice:bob", 1) == (0, ["alice", "bob"])
+    await expect_error(store.read("bob", "p2p:alice:bobby", 1), "not_member")
 
 
 @pytest_twisted.ensureDeferred

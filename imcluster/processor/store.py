@@ -651,7 +651,8 @@ class MessageStore:
         ``before_seq`` is exclusive (None: the newest). ``limit`` None means
         50; it is capped at 200 here (and at least 1). Fails with
         :class:`StoreError` ``no_session`` / ``not_member``; a ``p2p:`` session
-        that has no message yet is an empty page for either of its two users.
+        that has no message yet is an empty page for either of its two users
+        and ``not_member`` for anyone else (it exists implicitly).
         ``user_id`` None: the HTTP API's admin key (no member check).
         Fires with ``[{"msgId","seq","from","clientMsgId","body","ts"}]``.
         """
@@ -669,9 +670,13 @@ class MessageStore:
                 (user_id, session_id))
             if not rows:
                 pair = parse_p2p(session_id) if isinstance(session_id, str) else None
-                if pair is not None and (user_id is None or user_id in pair):
+                if pair is None:
+                    raise StoreError("no_session", "no such session")
+                # a 1:1 session exists implicitly (PROTOCOL.md "Sessions"): empty for its
+                # two users, closed to anyone else
+                if user_id is None or user_id in pair:
                     return []
-                raise StoreError("no_session", "no such session")
+                raise StoreError("not_member", "not a member of this session")
             if user_id is not None and not rows[0][1]:
                 raise StoreError("not_member", "not a member of this session")
             rows = await self.db.run_query(
@@ -689,7 +694,9 @@ class MessageStore:
 
         The cursor never moves back and is clamped to the session's
         ``last_seq``; ``members`` (sorted) are whom the ``read_receipt`` goes
-        to. Fails with :class:`StoreError` ``no_session`` / ``not_member``.
+        to. Fails with :class:`StoreError` ``no_session`` / ``not_member``. A
+        ``p2p:`` session that has no message yet exists implicitly: its two
+        users get ``(0, [a, b])``, anyone else ``not_member``.
         """
         async def run() -> tuple[int, list[str]]:
             if not valid_session_id(session_id):
@@ -706,7 +713,13 @@ class MessageStore:
                 (_clamp_bigint(seq), session_id, user_id, session_id, session_id), idempotent=True)
             cursor, exists, members = rows[0]
             if not exists:
-                raise StoreError("no_session", "no such session")
+                pair = parse_p2p(session_id)
+                if pair is None:
+                    raise StoreError("no_session", "no such session")
+                # an implicit 1:1 session without messages: last_seq 0, the cursor clamps to it
+                if user_id not in pair:
+                    raise StoreError("not_member", "not a member of this session")
+                return 0, list(pair)
             if cursor is None:
                 raise StoreError("not_member", "not a member of this session")
             return cursor, members
