@@ -13,13 +13,16 @@ answer against the shipped OpenAPI document.
 
 from __future__ import annotations
 
+import io
 import json
 import time
 import uuid
 
 import jsonschema_rs
 import pytest_twisted
-from twisted.internet import defer
+from twisted.internet import defer, reactor
+from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, readBody
+from twisted.web.http_headers import Headers
 
 from tests.support.clients import connect_tcp, connect_ws
 from tests.support.http import http_call
@@ -79,6 +82,17 @@ async def call(port, method, path, body=None, token=None, contract=None, templat
     return r
 
 
+async def next_message(client):
+    """The next ``message_send`` with a msgId this client has not had (clients de-duplicate by msgId:
+    PROTOCOL.md lets a duplicate post re-deliver the original)."""
+    seen = client.__dict__.setdefault("_seen_msg_ids", set())
+    while True:
+        frame = await client.receive_type("message_send")
+        if frame["msgId"] not in seen:
+            seen.add(frame["msgId"])
+            return frame
+
+
 async def start(cluster, gateway=False, processor=False, **api_opts):
     api_opts.setdefault("api_key", ADMIN_KEY)
     if processor:
@@ -132,6 +146,22 @@ async def test_errors_sessions_and_members(cluster, pg_schema):
     for path in ("/app/", "/app/index.html", "/app/config.json", "/app"):  # the web chat is read-only
         r = await call(port, "POST", path, None, ADMIN_KEY)
         assert r.status == 405 and r.error_code == "method_not_allowed", path
+
+    # one keep-alive connection, as client libraries pool them: errors leave it usable
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool.maxPersistentPerHost = 1
+    agent = Agent(reactor, pool=pool)
+    try:
+        for body, want in ((b'{"pad": "' + b"x" * SMALL_BODY + b'"}', 413), (b"{", 400), (b'{"members": ["bob"]}', 201),
+                           (b'{"members": 5}', 400), (b'{"members": ["bob"]}', 201)):
+            response = await agent.request(b"POST", f"http://127.0.0.1:{port}/v1/sessions".encode(),
+                                           Headers({b"authorization": [b"Bearer " + ADMIN_KEY.encode()],
+                                                    b"content-type": [b"application/json"]}),
+                                           FileBodyProducer(io.BytesIO(body)))
+            data = json.loads(await readBody(response))
+            assert response.code == want and (want == 201 or data["error"]["code"] == ERROR_CODES[want]), data
+    finally:
+        await pool.closeCachedConnections()
 
     # POST /v1/sessions: 201, kind defaults to group, creator is member and owner, 409 on an existing id
     r = await call(port, "POST", "/v1/sessions", {"sessionId": "g1", "members": ["bob"]}, alice, c, "/v1/sessions")
@@ -239,7 +269,7 @@ async def test_messages_dedup_delivery_and_unread(cluster, pg_schema):
     assert r.status == 201 and set(r.json) == {"msgId", "sessionId", "seq", "ts"} and r.json["seq"] == 1
     first = r.json
     for client in (alice, bob):
-        frame = await client.receive_type("message_send")
+        frame = await next_message(client)
         assert (frame["msgId"], frame["from"], frame["seq"], frame["ts"]) == (
             first["msgId"], "system", 1, first["ts"])
     r = await call(port, "POST", "/v1/sessions/room/messages", {"clientMsgId": "k-2", "body": "as bob", "from": "bob"},
@@ -247,14 +277,14 @@ async def test_messages_dedup_delivery_and_unread(cluster, pg_schema):
     assert r.status == 201 and r.json["seq"] == 2
     # no connection sent it: every connection of every member gets it, bob's own included
     for client in (alice, bob):
-        frame = await client.receive_type("message_send")
+        frame = await next_message(client)
         assert frame["msgId"] == r.json["msgId"] and frame["from"] == "bob"
 
     # de-duplication by (from, clientMsgId), across the wire and HTTP
     alice.send({"type": "message", "clientMsgId": "w-1", "sessionId": "room", "body": "over ws"})
     wire = await alice.receive_type("message_reply")
     assert wire["ok"] and wire["seq"] == 3
-    await bob.receive_type("message_send")
+    await next_message(bob)
     for credential, body in ((tok["alice"], {"clientMsgId": "w-1", "body": "again"}),
                              (ADMIN_KEY, {"clientMsgId": "w-1", "body": "again", "from": "alice"})):
         r = await call(port, "POST", "/v1/sessions/room/messages", body, credential, c, msgs)
@@ -262,9 +292,20 @@ async def test_messages_dedup_delivery_and_unread(cluster, pg_schema):
     r = await call(port, "POST", "/v1/sessions/room/messages", {"clientMsgId": "k-1", "body": "not a dup"},
                    tok["alice"], c, msgs)  # same clientMsgId, another sender: a new message
     assert r.status == 201 and r.json["seq"] == 4
+    for client in (alice, bob):
+        assert (await next_message(client))["seq"] == 4
     r = await call(port, "POST", "/v1/sessions/room/messages", {"clientMsgId": "k-1", "body": {"t": 1}}, ADMIN_KEY,
                    c, msgs)
     assert r.status == 200 and r.json == first
+    # the same message posted five times at once: stored once, one 201 and four 200 with the original
+    answers = await defer.gatherResults([defer.Deferred.fromCoroutine(call(
+        port, "POST", "/v1/sessions/room/messages", {"clientMsgId": "burst", "body": i}, tok["carol"], c, msgs))
+        for i in range(5)])
+    assert sorted(a.status for a in answers) == [200, 200, 200, 200, 201]
+    assert len({json.dumps(a.json, sort_keys=True) for a in answers}) == 1 and answers[0].json["seq"] == 5
+    for client in (alice, bob):
+        frame = await next_message(client)
+        assert frame["clientMsgId"] == "burst" and frame["seq"] == 5
     # a user names no other sender; a non-member may not post
     r = await call(port, "POST", "/v1/sessions/room/messages", {"clientMsgId": "x-1", "body": 1, "from": "carol"},
                    tok["bob"], c, msgs)
@@ -278,13 +319,13 @@ async def test_messages_dedup_delivery_and_unread(cluster, pg_schema):
         r = await call(port, "GET", "/v1/sessions/room/messages", None, credential, c, msgs)
         assert r.status == 200 and r.json["sessionId"] == "room"
         assert [(m["seq"], m["from"], m["clientMsgId"]) for m in r.json["messages"]] == [
-            (1, "system", "k-1"), (2, "bob", "k-2"), (3, "alice", "w-1"), (4, "alice", "k-1")]
+            (1, "system", "k-1"), (2, "bob", "k-2"), (3, "alice", "w-1"), (4, "alice", "k-1"), (5, "carol", "burst")]
     r = await call(port, "GET", "/v1/sessions/room/messages?beforeSeq=4&limit=2", None, tok["bob"], c, msgs)
     assert [m["seq"] for m in r.json["messages"]] == [2, 3]
     r = await call(port, "GET", "/v1/sessions/room/messages?beforeSeq=1", None, tok["bob"], c, msgs)
     assert r.json["messages"] == []
     r = await call(port, "GET", "/v1/sessions/room", None, tok["bob"], c, "/v1/sessions/{id}")
-    assert r.json["lastSeq"] == 4
+    assert r.json["lastSeq"] == 5
 
     # unread: messages above the user's read cursor that the user did not send; cursors move with `read`
     async def unread(user):
@@ -292,17 +333,20 @@ async def test_messages_dedup_delivery_and_unread(cluster, pg_schema):
         assert r.status == 200
         return {s["sessionId"]: (s["kind"], s["lastSeq"], s["unread"]) for s in r.json["sessions"]}
 
-    assert (await unread("bob"))["room"] == ("group", 4, 3)    # seq 2 is his own
-    assert (await unread("alice"))["room"] == ("group", 4, 2)  # 3 and 4 are hers
-    assert (await unread("carol"))["room"] == ("group", 4, 4)
+    assert (await unread("bob"))["room"] == ("group", 5, 4)    # seq 2 is his own
+    assert (await unread("alice"))["room"] == ("group", 5, 3)  # 3 and 4 are hers
+    assert (await unread("carol"))["room"] == ("group", 5, 4)  # 5 is hers
     bob.send({"type": "read", "sessionId": "room", "seq": 2})
     receipt = await alice.receive_type("read_receipt")
     assert receipt == {"type": "read_receipt", "sessionId": "room", "userId": "bob", "seq": 2}
-    assert (await unread("bob"))["room"] == ("group", 4, 2)
+    assert (await unread("bob"))["room"] == ("group", 5, 3)
+    bob.send({"type": "read", "sessionId": "room", "seq": 1})  # a cursor never moves back
+    await alice.receive_type("read_receipt")
+    assert (await unread("bob"))["room"] == ("group", 5, 3)
     alice.send({"type": "read", "sessionId": "room", "seq": 1000})  # clamped to lastSeq
     receipt = await bob.receive_type("read_receipt")
-    assert receipt["userId"] == "alice" and receipt["seq"] == 4
-    assert (await unread("alice"))["room"] == ("group", 4, 0)
+    assert receipt["userId"] == "alice" and receipt["seq"] == 5
+    assert (await unread("alice"))["room"] == ("group", 5, 0)
 
     # a p2p session is listed once it exists (its first message), for both users
     assert "p2p:alice:carol" not in await unread("alice")
@@ -310,16 +354,21 @@ async def test_messages_dedup_delivery_and_unread(cluster, pg_schema):
                    tok["alice"], c, msgs)
     assert r.status == 201 and r.json["sessionId"] == "p2p:alice:carol" and r.json["seq"] == 1
     p2p = r.json
-    frame = await alice.receive_type("message_send")  # her own connection: it did not send it
+    frame = await next_message(alice)  # her own connection: it did not send it
     assert frame["msgId"] == p2p["msgId"]
     assert (await unread("alice"))["p2p:alice:carol"] == ("p2p", 1, 0)
     assert (await unread("carol"))["p2p:alice:carol"] == ("p2p", 1, 1)
+    r = await call(port, "POST", "/v1/sessions", {"sessionId": "p2p:alice:carol", "members": ["carol"]}, tok["alice"],
+                   c, "/v1/sessions")
+    assert r.status == 409 and r.error_code == "conflict"  # it exists now
+    r = await call(port, "GET", "/v1/sessions/p2p:alice:carol", None, tok["carol"], c, "/v1/sessions/{id}")
+    assert r.json == {"sessionId": "p2p:alice:carol", "kind": "p2p", "members": ["alice", "carol"], "lastSeq": 1}
     # carol was offline: the room's messages and the p2p message are in her sync
     carol = await connect_ws(gw.ws_url)
     assert (await carol.auth(tok["carol"]))["ok"]
     synced = await carol.receive_until("sync_done")
     assert [(f["sessionId"], f["seq"]) for f in synced if f["type"] == "message_send"] == [
-        ("p2p:alice:carol", 1), ("room", 1), ("room", 2), ("room", 3), ("room", 4)]
+        ("p2p:alice:carol", 1), ("room", 1), ("room", 2), ("room", 3), ("room", 4)]  # not her own 5
     for client in (alice, bob, carol):
         client.close()
 
@@ -381,7 +430,11 @@ async def test_health_metrics_and_document(cluster, pg_schema):
     from prometheus_client.parser import text_string_to_metric_families
 
     api, _, c = await start(cluster)
-    broken = await cluster.start_api(api_key=ADMIN_KEY, redis="redis://127.0.0.1:1/0", health_timeout=1.0,
+    # the admin keys may also be a list in the configuration file
+    keys = ["conf-key-a-" + uuid.uuid4().hex, "conf-key-b-" + uuid.uuid4().hex]
+    config_file = cluster.tmp_path / "imapi.toml"
+    config_file.write_text(f"api_key = {json.dumps(keys)}\n")
+    broken = await cluster.start_api(config=str(config_file), redis="redis://127.0.0.1:1/0", health_timeout=1.0,
                                      request_timeout=1.0)
     r = await call(api.http_port, "GET", "/healthz", None, None, c, "/healthz")
     assert r.status == 200 and r.json["ok"] is True
@@ -394,11 +447,14 @@ async def test_health_metrics_and_document(cluster, pg_schema):
     assert r.json["dependencies"]["redis"]["error"]
     # what needs Redis answers 503 unavailable (bounded), what does not still works
     started = time.monotonic()
-    r = await call(broken.http_port, "GET", "/v1/users/alice/presence", None, ADMIN_KEY, c, "/v1/users/{id}/presence")
+    r = await call(broken.http_port, "GET", "/v1/users/alice/presence", None, keys[0], c, "/v1/users/{id}/presence")
     assert r.status == 503 and r.error_code == "unavailable"
     assert time.monotonic() - started < 8
+    for key in keys:
+        r = await call(broken.http_port, "POST", "/v1/sessions", {"members": ["bob"]}, key, c, "/v1/sessions")
+        assert r.status == 201
     r = await call(broken.http_port, "POST", "/v1/sessions", {"members": ["bob"]}, ADMIN_KEY, c, "/v1/sessions")
-    assert r.status == 201
+    assert r.status == 401
 
     for port in (api.http_port, broken.http_port):
         r = await call(port, "GET", "/metrics", None, None, c, "/metrics")
