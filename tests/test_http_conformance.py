@@ -30,6 +30,8 @@ from tests.support.waiting import eventually
 
 ADMIN_KEY = "conf-admin-" + uuid.uuid4().hex
 SMALL_BODY = 2048
+#: the gateways' default client frame limit (PROTOCOL.md "Framing")
+MAX_FRAME = 65536
 
 ERROR_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 409: "conflict",
                413: "too_large", 429: "rate_limited", 503: "unavailable"}
@@ -369,6 +371,20 @@ async def test_messages_dedup_delivery_and_unread(cluster, pg_schema):
     synced = await carol.receive_until("sync_done")
     assert [(f["sessionId"], f["seq"]) for f in synced if f["type"] == "message_send"] == [
         ("p2p:alice:carol", 1), ("room", 1), ("room", 2), ("room", 3), ("room", 4)]  # not her own 5
+
+    # delivered exactly like a client's message: also one larger than a client frame may be (the
+    # message_send of a message near that limit is larger still), on WebSocket as on TCP
+    for size in (200_000, MAX_FRAME - 80):
+        r = await call(port, "POST", "/v1/sessions/room/messages", {"clientMsgId": f"big-{size}", "body": "x" * size},
+                       ADMIN_KEY, c, msgs)
+        assert r.status == 201
+        for client in (alice, bob, carol):
+            frame = await next_message(client)
+            assert frame["msgId"] == r.json["msgId"] and len(frame["body"]) == size
+    carol.send({"type": "message", "clientMsgId": "near-limit", "sessionId": "room", "body": "y" * (MAX_FRAME - 90)})
+    assert (await carol.receive_type("message_reply", skip=("message_send",)))["ok"]
+    for client in (alice, bob):
+        assert (await next_message(client))["clientMsgId"] == "near-limit"
     for client in (alice, bob, carol):
         client.close()
 

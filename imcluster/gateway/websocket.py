@@ -151,9 +151,22 @@ class GatewayWebSocketProtocol(WebSocketServerProtocol):
     # --- what the engine asks of its adapter
 
     def write_message(self, data: bytes) -> None:
-        """Send one JSON frame as a text message."""
+        """Send one JSON frame as a text message.
+
+        ``max_frame_size`` bounds what clients send. Autobahn applies its
+        ``maxMessagePayloadSize`` to sendMessage() too (PayloadExceededError),
+        which would make undeliverable every message whose ``message_send``
+        is larger than a client frame may be: one near the limit (the
+        delivery adds msgId, seq, from, ts) or one posted over HTTP. So the
+        limit is lifted while sending (single-threaded: no receive interleaves).
+        """
         if self.state == self.STATE_OPEN:
-            self.sendMessage(data, False)
+            limit = self.maxMessagePayloadSize
+            self.maxMessagePayloadSize = 0
+            try:
+                self.sendMessage(data, False)
+            finally:
+                self.maxMessagePayloadSize = limit
 
     def close_connection(self, code: int, reason: str) -> None:
         """Start the closing handshake with ``code`` (any code, 1009 and 1013 included)."""
