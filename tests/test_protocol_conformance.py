@@ -41,6 +41,8 @@ STRICT_AUTH_TIMEOUT = 1.5
 STRICT_IDLE_TIMEOUT = 2.5
 STRICT_RATE = 1.0
 STRICT_BURST = 3
+STRICT_AUD = "imc-audience"
+STRICT_ISS = "imc-issuer"
 
 
 class Env:
@@ -54,6 +56,10 @@ class Env:
 
     def token(self, user: str, ttl: float = 3600, **claims) -> str:
         return self.cluster.token(user, ttl, **claims)
+
+    def strict_token(self, user: str, ttl: float = 3600, **claims) -> str:
+        """A token the strict gateway accepts (it checks ``aud`` and ``iss``)."""
+        return self.cluster.token(user, ttl, **{"aud": STRICT_AUD, "iss": STRICT_ISS, **claims})
 
 
 @pytest_twisted.async_yield_fixture(scope="module")
@@ -71,7 +77,8 @@ async def env(tmp_path_factory):
             cluster.start_gateway(rate_limit=2000, rate_burst=2000),
             cluster.start_gateway(rate_limit=2000, rate_burst=2000),
             cluster.start_gateway(auth_timeout=STRICT_AUTH_TIMEOUT, idle_timeout=STRICT_IDLE_TIMEOUT,
-                                  rate_limit=STRICT_RATE, rate_burst=STRICT_BURST),
+                                  rate_limit=STRICT_RATE, rate_burst=STRICT_BURST,
+                                  jwt_audience=STRICT_AUD, jwt_issuer=STRICT_ISS),
         ], consumeErrors=True)
         await cluster.start_processor()
         yield Env(cluster, *gws)
@@ -136,8 +143,10 @@ class Conn:
 
 async def login(env: Env, user: str, transport: str = "ws", gw=None, device: str | None = None) -> Conn:
     """Connect, authenticate and read the sync up to ``sync_done``."""
-    client = await connect(gw or env.gw, transport)
-    reply = await client.auth(env.token(user), device=device)
+    gw = gw or env.gw
+    client = await connect(gw, transport)
+    token = env.strict_token(user) if gw is env.strict else env.token(user)
+    reply = await client.auth(token, device=device)
     assert reply.get("ok") is True, reply
     frames = await client.receive_until("sync_done", timeout=WAIT)
     return Conn(user, client, reply, frames[:-1], frames[-1])
@@ -373,7 +382,7 @@ async def test_framing_tcp_ping_gets_pong(env):
 async def test_framing_idle_connection_is_closed(env, transport):
     """A connection that sends nothing would be kept open forever."""
     client = await connect(env.strict, transport)
-    reply = await client.auth(env.token(unique("u")))
+    reply = await client.auth(env.strict_token(unique("u")))
     assert reply["ok"] is True
     started = time.monotonic()
     await wait_closed(client, STRICT_IDLE_TIMEOUT + 5)
@@ -423,12 +432,13 @@ def _bad_tokens(env: Env, user: str) -> dict[str, tuple[str, str]]:
         "sub-too-long": (env.token("a" * 129), "invalid_token"),
         "empty-sub": (env.token(""), "invalid_token"),
         "expired": (env.token(user, ttl=-3600), "token_expired"),
+        "alg-none": (jwt.encode({"sub": user, "exp": now + 3600}, None, algorithm="none"), "invalid_token"),
     }
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
 @pytest.mark.parametrize("case", ["garbage", "wrong-secret", "no-exp", "bad-sub-chars", "sub-too-long",
-                                  "empty-sub", "expired"])
+                                  "empty-sub", "expired", "alg-none"])
 @pytest_twisted.ensureDeferred
 async def test_auth_failure_reply_then_close_4001(env, transport, case):
     """A bad token would be accepted, answered in another shape or code, or leave the connection open."""
@@ -516,6 +526,8 @@ async def test_auth_refresh_same_sub_and_expiry(env, transport):
         assert expiring.received[-1]["code"] == "token_expired"
     assert refreshed.connected
     await still_open(refreshed, user)
+    # a refresh is not a new login: no second sync (docs/protocol.rst)
+    assert [f["type"] for f in refreshed.received].count("sync_done") == 1
     refreshed.close()
 
 
@@ -914,6 +926,10 @@ async def test_history_paging(env):
     assert seqs(await b.history(sid, beforeSeq=251, limit=200)) == list(range(51, 251))
     assert seqs(await b.history(sid, beforeSeq=5, limit=50)) == [1, 2, 3, 4]
     assert seqs(await b.history(sid, beforeSeq=1)) == []
+    assert seqs(await b.history(sid, beforeSeq=0)) == []
+    assert seqs(await b.history(sid, beforeSeq=None, limit=None)) == list(range(201, 251))
+    echoed = await b.history(sid, limit=1, id="h-9")
+    assert echoed["id"] == "h-9" and seqs(echoed) == [250]
     assert seqs(await b.history(sid, beforeSeq=10**6, limit=2)) == [249, 250]
     page = await b.history(sid, beforeSeq=3, limit=1)
     (m,) = page["messages"]
@@ -1088,11 +1104,158 @@ async def test_session_p2p_implicit_and_only_its_two_users(env, transport):
     r3 = await c.message(sid, "let me in")
     assert r3["ok"] is False and r3["error"]["code"] == "not_member"
     unsorted = await a.message(f"p2p:{alice}:{bob}", "wrong order")
-    assert unsorted["ok"] is False, unsorted
-    assert unsorted["error"]["code"] in ("no_session", "bad_frame")
+    assert unsorted["ok"] is False and unsorted["error"]["code"] == "no_session", unsorted
     myself = await a.message(f"p2p:{alice}:{alice}", "me")
-    assert myself["ok"] is False
+    assert myself["ok"] is False and myself["error"]["code"] == "no_session", myself
     page = await a.history(sid)
     assert [m["seq"] for m in page["messages"]] == [1, 2]
     for conn in (a, b, c):
         conn.close()
+
+
+# ====================================================================== more edges
+
+
+@pytest_twisted.ensureDeferred
+async def test_framing_tcp_announced_oversize_length_closes_at_once(env):
+    """A TCP client announcing a huge frame would make the server wait (and buffer) for it."""
+    client = await connect(env.gw, "tcp")
+    client.send_raw(struct.pack(">I", 10**9))
+    await wait_closed(client, 5)
+    assert client.received and client.received[-1]["type"] == "error"
+    assert client.received[-1]["code"] == "too_large"
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest_twisted.ensureDeferred
+async def test_framing_limit_counts_bytes_not_characters(env, transport):
+    """The size limit would count characters: a frame of multibyte text over 65536 bytes would pass."""
+    alice = await login(env, unique("u"), transport)
+    at_limit = {"type": "nonsense", "id": "mb", "pad": ""}
+    size = len(json.dumps(at_limit, separators=(",", ":"), ensure_ascii=False).encode())
+    at_limit["pad"] = "é" * ((65536 - size) // 2) + "x" * ((65536 - size) % 2)
+    text = json.dumps(at_limit, separators=(",", ":"), ensure_ascii=False)
+    assert len(text.encode()) == 65536
+    if transport == "ws":
+        alice.client.send_text(text)
+    else:
+        alice.client.send_frame_bytes(text.encode())
+    assert (await alice.next("error"))["ref"] == "mb"
+    over = json.dumps({"type": "nonsense", "pad": "é" * 32800}, ensure_ascii=False)
+    assert len(over) < 65536 < len(over.encode())
+    if transport == "ws":
+        alice.client.send_text(over)
+    else:
+        alice.client.send_frame_bytes(over.encode())
+    closed = await wait_closed(alice.client)
+    if transport == "ws":
+        assert closed[0] == 1009
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest_twisted.ensureDeferred
+async def test_auth_audience_and_issuer_checked_when_configured(env, transport):
+    """A token for another audience or issuer would be accepted by a gateway configured to check them."""
+    user = unique("u")
+    cases = [
+        (env.token(user), "invalid_token"),                                  # neither claim
+        (env.token(user, aud="other", iss=STRICT_ISS), "invalid_token"),
+        (env.token(user, aud=STRICT_AUD, iss="other"), "invalid_token"),
+    ]
+    for token, code in cases:
+        client = await connect(env.strict, transport)
+        reply = await client.auth(token)
+        assert reply["ok"] is False and reply["error"]["code"] == code, reply
+        await wait_closed(client)
+    client = await connect(env.strict, transport)
+    assert (await client.auth(env.strict_token(user)))["ok"] is True
+    client.close()
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest_twisted.ensureDeferred
+async def test_auth_then_frames_back_to_back(env, transport):
+    """Frames sent right behind auth (before auth_reply) would be refused as not_authenticated."""
+    alice, bob = users(2)
+    client = await connect(env.gw, transport)
+    client.send({"type": "auth", "token": env.token(alice)})
+    client.send({"type": "message", "clientMsgId": "fast", "sessionId": p2p(alice, bob), "body": 1})
+    reply = await client.receive_type("message_reply")
+    assert reply["ok"] is True and reply["seq"] == 1
+    assert [f["type"] for f in client.received][0] == "auth_reply"
+    assert not [f for f in client.received if f.get("code") == "not_authenticated"]
+    client.close()
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest_twisted.ensureDeferred
+async def test_auth_refresh_for_another_sub_is_refused(env, transport):
+    """A connection could switch to another user by sending auth again."""
+    alice, bob = users(2)
+    a = await login(env, alice, transport)
+    reply = await a.client.auth(env.token(bob))
+    assert reply["ok"] is False and reply["error"]["code"] == "invalid_token"
+    closed = await wait_closed(a.client)
+    if transport == "ws":
+        assert closed[0] == 4001
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest_twisted.ensureDeferred
+async def test_message_same_client_msg_id_twice_back_to_back(env, transport):
+    """The same clientMsgId sent twice in a burst would store two messages or get one reply."""
+    alice, bob = users(2)
+    a = await login(env, alice, transport)
+    b = await login(env, bob, transport)
+    sid = p2p(alice, bob)
+    for _ in range(2):
+        a.send({"type": "message", "clientMsgId": "twice", "sessionId": sid, "body": "x"})
+    r1, r2 = await a.next("message_reply"), await a.next("message_reply")
+    assert r1["ok"] is True and (r1["msgId"], r1["seq"]) == (r2["msgId"], r2["seq"])
+    assert [m["seq"] for m in (await a.history(sid))["messages"]] == [1]
+    first = await b.next("message_send")
+    await sleep(QUIET)
+    assert {f["msgId"] for f in b.of_type("message_send")} == {first["msgId"]}
+    a.close()
+    b.close()
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest_twisted.ensureDeferred
+async def test_session_create_existing_id_is_refused(env, transport):
+    """Creating a session under an id that exists would take it over or add members silently."""
+    alice, bob, carol = users(3)
+    a = await login(env, alice, transport)
+    sid = (await create_session(a, [bob]))["sessionId"]
+    c = await login(env, carol, transport)
+    reply = await c.request({"type": "session_create", "id": "again", "members": [], "sessionId": sid},
+                            "session_reply")
+    assert set(reply) == {"type", "id", "ok", "error"}, reply
+    assert reply["ok"] is False and reply["id"] == "again" and reply["error"]["code"] == "conflict"
+    assert (await c.message(sid, "in?"))["error"]["code"] == "not_member"
+    a.close()
+    c.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_sync_across_pages_keeps_byte_order(env):
+    """A sync longer than one server page would repeat, skip or reorder messages."""
+    tag = unique("")
+    alice, bob = f"s{tag}", f"r{tag}"
+    a = await login(env, alice, "tcp")
+    sessions = [f"B{tag}", f"a{tag}"]
+    for sid in sessions:
+        await create_session(a, [bob], sid)
+    n = 0
+    for k in range(330):
+        for sid in sessions:
+            a.send({"type": "message", "clientMsgId": f"p{n}", "sessionId": sid, "body": k})
+            n += 1
+    replies = [await a.next("message_reply") for _ in range(n)]
+    assert all(r["ok"] for r in replies)
+    b = await login(env, bob, "ws")
+    got = [(f["sessionId"], f["seq"]) for f in b.sync]
+    assert got == [(sid, seq) for sid in sessions for seq in range(1, 331)]
+    assert b.done["count"] == n
+    a.close()
+    b.close()
