@@ -324,6 +324,9 @@ async def test_messages_dedup_delivery_and_unread(cluster, pg_schema):
             (1, "system", "k-1"), (2, "bob", "k-2"), (3, "alice", "w-1"), (4, "alice", "k-1"), (5, "carol", "burst")]
     r = await call(port, "GET", "/v1/sessions/room/messages?beforeSeq=4&limit=2", None, tok["bob"], c, msgs)
     assert [m["seq"] for m in r.json["messages"]] == [2, 3]
+    alice.send({"type": "history", "sessionId": "room", "beforeSeq": 4, "limit": 2})  # the same page on the wire
+    page = await alice.receive_type("history_reply", skip=("message_send", "read_receipt"))
+    assert page == {"type": "history_reply", **r.json}
     r = await call(port, "GET", "/v1/sessions/room/messages?beforeSeq=1", None, tok["bob"], c, msgs)
     assert r.json["messages"] == []
     r = await call(port, "GET", "/v1/sessions/room", None, tok["bob"], c, "/v1/sessions/{id}")
