@@ -388,6 +388,9 @@ async def test_messages_dedup_delivery_and_unread(cluster, pg_schema):
     assert (await carol.receive_type("message_reply", skip=("message_send",)))["ok"]
     for client in (alice, bob):
         assert (await next_message(client))["clientMsgId"] == "near-limit"
+    alice.send({"type": "history", "sessionId": "room", "limit": 3})  # a page far above a client frame
+    page = await alice.receive_type("history_reply", skip=("message_send",))
+    assert [m["clientMsgId"] for m in page["messages"]] == ["big-200000", f"big-{MAX_FRAME - 80}", "near-limit"]
     for client in (alice, bob, carol):
         client.close()
 
