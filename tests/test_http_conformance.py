@@ -391,6 +391,21 @@ async def test_messages_dedup_delivery_and_unread(cluster, pg_schema):
     alice.send({"type": "history", "sessionId": "room", "limit": 3})  # a page far above a client frame
     page = await alice.receive_type("history_reply", skip=("message_send",))
     assert [m["clientMsgId"] for m in page["messages"]] == ["big-200000", f"big-{MAX_FRAME - 80}", "near-limit"]
+
+    # members are whom it is delivered to: a removed member gets nothing after the change
+    r = await call(port, "POST", "/v1/sessions/room/members", {"remove": ["bob"]}, tok["alice"], c,
+                   "/v1/sessions/{id}/members")
+    assert r.status == 200 and r.json == {"members": ["alice", "carol"]}
+    r = await call(port, "POST", "/v1/sessions/room/messages", {"clientMsgId": "after", "body": 1}, ADMIN_KEY, c, msgs)
+    assert r.status == 201
+    for client in (alice, carol):
+        assert (await next_message(client))["clientMsgId"] == "after"
+    r = await call(port, "POST", "/v1/sessions/p2p:bob:carol/messages", {"clientMsgId": "mark", "body": 1},
+                   tok["carol"], c, msgs)
+    assert r.status == 201
+    assert (await next_message(bob))["clientMsgId"] == "mark"  # not "after"
+    r = await call(port, "POST", "/v1/sessions/room/messages", {"clientMsgId": "x-2", "body": 1}, tok["bob"], c, msgs)
+    assert r.status == 403 and r.error_code == "forbidden"
     for client in (alice, bob, carol):
         client.close()
 
