@@ -392,6 +392,22 @@ async def test_messages_dedup_delivery_and_unread(cluster, pg_schema):
     page = await alice.receive_type("history_reply", skip=("message_send",))
     assert [m["clientMsgId"] for m in page["messages"]] == ["big-200000", f"big-{MAX_FRAME - 80}", "near-limit"]
 
+    # a session a client created on the wire: the HTTP API sees it, its creator is its owner
+    bob.send({"type": "session_create", "id": "r-1", "members": ["carol"], "sessionId": "wire-made"})
+    reply = await bob.receive_type("session_reply", skip=("message_send", "read_receipt"))
+    assert reply["ok"] and reply["members"] == ["bob", "carol"]
+    r = await call(port, "GET", "/v1/sessions/wire-made", None, tok["carol"], c, "/v1/sessions/{id}")
+    assert r.json == {"sessionId": "wire-made", "kind": "group", "members": ["bob", "carol"], "lastSeq": 0}
+    r = await call(port, "POST", "/v1/sessions/wire-made/members", {"add": ["alice"]}, tok["carol"], c,
+                   "/v1/sessions/{id}/members")
+    assert r.status == 403
+    r = await call(port, "POST", "/v1/sessions/wire-made/members", {"add": ["alice"]}, tok["bob"], c,
+                   "/v1/sessions/{id}/members")
+    assert r.status == 200 and r.json == {"members": ["alice", "bob", "carol"]}
+    r = await call(port, "POST", "/v1/sessions", {"sessionId": "wire-made", "members": []}, tok["alice"], c,
+                   "/v1/sessions")
+    assert r.status == 409
+
     # members are whom it is delivered to: a removed member gets nothing after the change
     r = await call(port, "POST", "/v1/sessions/room/members", {"remove": ["bob"]}, tok["alice"], c,
                    "/v1/sessions/{id}/members")
