@@ -7,8 +7,9 @@ in-process, store-level paging and limits, the HTTP publish reaching WS/TCP)
 is not repeated: this file checks the contract's table row by row where those
 do not (the error shape on every route, 404-before-403, ownership seen from
 outside, de-duplication across transports, unread after a ``read`` frame,
-presence after a gateway crash, /healthz with Redis gone) and validates every
-answer against the shipped OpenAPI document.
+presence after a gateway crash, /healthz with Redis gone, messages larger than
+a client frame reaching WebSocket clients) and validates every answer against
+the shipped OpenAPI document.
 """
 
 from __future__ import annotations
