@@ -493,13 +493,32 @@ def test_slow_consumer_closed_4003(make_hub, kind):
     conn.send_frame(MESSAGE_SEND)  # after close: dropped, no error
 
 
-def test_slow_consumer_hard_limit_closes_at_once(make_hub, kind):
-    """Pending output over four times the limit closes without waiting: gateway memory stays bounded."""
+def test_slow_consumer_big_burst_to_stalled_client_closes_after_grace(make_hub, kind):
+    """A burst many times the limit (a sync page of big messages) closes only a client that does not take it."""
     hub = make_hub(output_buffer_limit=5000, slow_consumer_grace=1.0)
     h = authed(hub, kind)
     h.conn.pauseProducing()
     for _ in range(25):
         h.conn.send_frame(MESSAGE_SEND)
+    assert not h.closed  # a reading client may drain it within the grace
+    hub.clock.advance(1.0)
+    closed_with(h, 4003, "slow_consumer")
+
+
+def test_slow_consumer_draining_client_is_kept(make_hub, kind):
+    """A client still reading a burst bigger than the limit (PROTOCOL.md: "stops reading") was closed as slow."""
+    hub = make_hub(output_buffer_limit=5000, slow_consumer_grace=1.0)
+    h = authed(hub, kind)
+    pending = [25000]
+    h.proto.buffered_bytes = lambda: pending[0]
+    h.conn.pauseProducing()
+    for _ in range(25):
+        h.conn.send_frame(MESSAGE_SEND)
+    pending[0] = 18000  # took 7000 bytes (more than the limit) during the grace: reading
+    hub.clock.advance(1.0)
+    assert not h.closed
+    pending[0] = 16000  # then only 2000: it has (nearly) stopped reading
+    hub.clock.advance(1.0)
     closed_with(h, 4003, "slow_consumer")
 
 

@@ -40,7 +40,8 @@ QUIET = 0.4
 STRICT_AUTH_TIMEOUT = 1.5
 STRICT_IDLE_TIMEOUT = 2.5
 STRICT_RATE = 1.0
-STRICT_BURST = 3
+STRICT_BURST = 5
+STRICT_OUTPUT_LIMIT = 65536
 STRICT_AUD = "imc-audience"
 STRICT_ISS = "imc-issuer"
 
@@ -78,7 +79,8 @@ async def env(tmp_path_factory):
             cluster.start_gateway(rate_limit=2000, rate_burst=2000),
             cluster.start_gateway(auth_timeout=STRICT_AUTH_TIMEOUT, idle_timeout=STRICT_IDLE_TIMEOUT,
                                   rate_limit=STRICT_RATE, rate_burst=STRICT_BURST,
-                                  jwt_audience=STRICT_AUD, jwt_issuer=STRICT_ISS),
+                                  jwt_audience=STRICT_AUD, jwt_issuer=STRICT_ISS,
+                                  output_buffer_limit=STRICT_OUTPUT_LIMIT, slow_consumer_grace=0.3),
         ], consumeErrors=True)
         await cluster.start_processor()
         yield Env(cluster, *gws)
@@ -1259,3 +1261,84 @@ async def test_sync_across_pages_keeps_byte_order(env):
     assert b.done["count"] == n
     a.close()
     b.close()
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest_twisted.ensureDeferred
+async def test_server_frames_larger_than_the_client_limit_are_delivered(env, transport):
+    """A near-limit message (its message_send is bigger) or a big history page would never arrive."""
+    alice, bob = users(2)
+    a = await login(env, alice, "tcp")
+    b = await login(env, bob, transport, gw=env.gw2)
+    sid = p2p(alice, bob)
+    frame = {"type": "message", "clientMsgId": "big", "sessionId": sid, "body": ""}
+    frame["body"] = "x" * (65536 - len(json.dumps(frame, separators=(",", ":")).encode()))
+    a.send(frame)
+    assert (await a.next("message_reply"))["ok"] is True
+    for n in range(3):
+        assert (await a.message(sid, "y" * 60000))["ok"] is True
+    live = await b.next("message_send")
+    assert live["body"] == frame["body"]
+    page = await b.history(sid)
+    assert [len(m["body"]) for m in page["messages"]] == [len(frame["body"])] + [60000] * 3
+    a.close()
+    b.close()
+
+
+def summary(client) -> list:
+    """What a client received, with big bodies cut (a failure message stays readable)."""
+    return [{k: (v[:20] + "..." if isinstance(v, str) and len(v) > 40 else v) for k, v in f.items()}
+            for f in client.received]
+
+
+async def send_big_backlog(env, sender: str, recipient: str, n: int, size: int = 60000) -> str:
+    a = await login(env, sender, "tcp")
+    sid = p2p(sender, recipient)
+    for i in range(n):
+        a.send({"type": "message", "clientMsgId": f"big{i}", "sessionId": sid, "body": "z" * size})
+    for _ in range(n):
+        assert (await a.next("message_reply"))["ok"] is True
+    a.close()
+    return sid
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest_twisted.ensureDeferred
+async def test_reading_client_gets_a_big_sync_and_history(env, transport):
+    """A reading client with a backlog of big messages was closed as a slow consumer on every sync."""
+    alice, bob = users(2)
+    sid = await send_big_backlog(env, alice, bob, 100)  # 6 MB: more than 4 x output_buffer_limit
+    client = await connect(env.gw, transport)
+    assert (await client.auth(env.token(bob)))["ok"] is True
+    try:
+        done = await client.receive_type("sync_done", 30)
+    except FrameTimeout:
+        raise AssertionError(f"no sync_done: {summary(client)[-3:]} "
+                             f"close={getattr(client, 'close_code', None)}") from None
+    assert done["count"] == 100
+    client.send({"type": "history", "sessionId": sid, "limit": 200})
+    page = await client.receive_type("history_reply", 30)
+    assert len(page["messages"]) == 100
+    assert client.connected
+    client.close()
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest_twisted.ensureDeferred
+async def test_slow_consumer_is_closed(env, transport):
+    """A client that stops reading would make the gateway buffer without bound."""
+    alice, bob = users(2)
+    sid = await send_big_backlog(env, alice, bob, 40)
+    b = await login(env, bob, transport, gw=env.strict)  # reads its 2.4 MB sync: not slow
+    assert b.done["count"] == 40
+    b.client.pause_reading()
+    for _ in range(4):  # ~10 MB of history_reply: more than the kernel's buffers hold
+        b.send({"type": "history", "sessionId": sid, "limit": 200})
+    await sleep(2.0)
+    b.client.transport.resumeProducing()
+    closed = await wait_closed(b.client, 30)
+    if transport == "ws":
+        assert closed[0] == 4003, closed
+    else:
+        last = b.client.received[-1]
+        assert last["type"] == "error" and last["code"] == "slow_consumer", summary(b.client)[-2:]

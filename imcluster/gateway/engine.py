@@ -23,11 +23,15 @@ transport: ``pauseProducing`` means the transport holds more than its buffer
 size, and from then on (until ``resumeProducing``: the buffer drained) every
 write measures the pending output (``buffered_bytes``, or the bytes written
 since the pause when the transport cannot tell). Pending output above
-``output_buffer_limit`` for ``slow_consumer_grace`` seconds, or above four
-times the limit at any moment, closes the connection as a slow consumer
-(4003; TCP ``error`` ``slow_consumer``). The grace is for bursts: a sync
-written in one reactor turn has not met the kernel yet, and a client that
-reads is not slow. Nothing of this runs while the client keeps up.
+``output_buffer_limit`` after ``slow_consumer_grace`` seconds, when the
+client took less than ``output_buffer_limit`` bytes of it during those
+seconds, closes the connection as a slow consumer (4003; TCP ``error``
+``slow_consumer``): PROTOCOL.md closes a client that *stops reading*. The
+grace is for bursts: a sync page or a history page of large messages is
+written in one reactor turn, can be many times the limit, and has not met
+the kernel yet; a client draining it at ``output_buffer_limit`` bytes per
+grace period or faster is reading, is not slow, and gets another period.
+Nothing of this runs while the client keeps up.
 
 The hub (``imcluster.gateway.service.GatewayService``) is described in
 ``/work/notes/GATEWAY.md``: ``server_id``, ``authenticator``, ``clock``,
@@ -56,8 +60,6 @@ from imcluster.interfaces import IClientConnection
 # engine states
 NEW, OPEN, CLOSING, CLOSED = range(4)
 
-# pending output beyond this many times output_buffer_limit closes without grace
-_HARD_LIMIT_FACTOR = 4
 
 # prometheus children looked up once: labels() is too slow for every frame
 _FRAMES_IN: dict[tuple[str, str], Any] = {}
@@ -175,6 +177,11 @@ class ClientConnection:
         self._last_activity = self.connected_at
         self._paused = False
         self._paused_bytes = 0
+        # bytes handed to the transport since the connection opened, and the pending
+        # output and that count when the slow-consumer grace began (to measure draining)
+        self._written = 0
+        self._grace_pending = 0
+        self._grace_written = 0
         self._auth_call: Any = None
         self._idle_call: Any = None
         self._expiry_call: Any = None
@@ -322,17 +329,21 @@ class ClientConnection:
         self._adapter.write_message(data)
         self._frames_out.inc()
         self._bytes_out.inc(len(data))
+        self._written += len(data)
         if self._paused:
             # only while the transport says the client is not keeping up
             self._paused_bytes += len(data)
-            pending = self._pending_output()
-            if pending > self._output_limit:
-                if pending > self._output_limit * _HARD_LIMIT_FACTOR:
-                    self._slow_consumer(pending)
-                elif self._slow_call is None:
-                    # a burst written in one reactor turn has not met the kernel
+            if self._slow_call is None:
+                pending = self._pending_output()
+                if pending > self._output_limit:
+                    # a burst (a sync page, a history page) has not met the kernel
                     # yet: give a reading client the grace period to take it
-                    self._slow_call = self._clock.callLater(self._slow_grace, self._slow_check)
+                    self._arm_slow_check(pending)
+
+    def _arm_slow_check(self, pending: int) -> None:
+        self._grace_pending = pending
+        self._grace_written = self._written
+        self._slow_call = self._clock.callLater(self._slow_grace, self._slow_check)
 
     def _pending_output(self) -> int:
         pending = self._adapter.buffered_bytes()
@@ -343,7 +354,14 @@ class ClientConnection:
         if self._state == OPEN and self._paused:
             pending = self._pending_output()
             if pending > self._output_limit:
-                self._slow_consumer(pending)
+                # PROTOCOL.md closes a client that *stops reading*: one that took at
+                # least output_buffer_limit bytes during the grace is reading, however
+                # big the burst (a sync of large messages), and gets another period
+                drained = self._grace_pending + (self._written - self._grace_written) - pending
+                if drained < self._output_limit:
+                    self._slow_consumer(pending)
+                else:
+                    self._arm_slow_check(pending)
 
     def _slow_consumer(self, pending: int) -> None:
         self.log.info("closing slow consumer {conn}: {pending} bytes pending",
