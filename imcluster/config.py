@@ -264,7 +264,8 @@ OPTIONS: list[Option] = [
          "deepest nesting of arrays/objects accepted in a client frame (bad_frame beyond)"),
     _opt("slow_consumer_grace", _non_negative(_float), 1.0, G,
          "seconds a client's pending output may stay above output_buffer_limit (a burst) before "
-         "it is closed as a slow consumer; 4 times the limit closes at once"),
+         "it is closed as a slow consumer, unless it took at least output_buffer_limit bytes "
+         "meanwhile (it is reading: another grace period)"),
     _opt("listen_backlog", _positive(_int), 1024, G,
          "accept queue of --ws/--tcp listeners without an explicit backlog= (reconnect storms need room)"),
     _opt("goodbye_timeout", _positive(_float), 5.0, G,
