@@ -32,6 +32,8 @@ project's protocol reference for those points):
 * ``history``: ``beforeSeq`` is absent, ``null`` or an integer >= 0;
   ``limit`` is absent, ``null`` (50) or an integer >= 1, capped at 200.
 * ``read``: ``seq`` is an integer >= 0.
+* Integers beyond 2**63-1 in ``beforeSeq``, ``limit`` and ``seq`` count as
+  2**63-1 (capped or clamped like any large value, not refused).
 * ``session_create``: ``members`` is a list of user ids (PROTOCOL.md's
   ``sub`` rule); ``sessionId`` is optional (absent or ``null``: the server
   picks one).
@@ -419,9 +421,11 @@ def _session_id(frame: dict, out: dict, required: bool = True) -> None:
 
 def _seq(frame: dict, name: str, minimum: int) -> int:
     value = frame.get(name)
-    if not _is_int(value) or not minimum <= value <= INT64_MAX:
+    if not _is_int(value) or value < minimum:
         raise _bad(f"'{name}' must be an integer >= {minimum}", frame)
-    return value
+    # PROTOCOL.md caps a limit and clamps a read to the last seq: a huge number
+    # is not an error, and no seq exceeds a bigint
+    return min(value, INT64_MAX)
 
 
 def _v_auth(frame: dict, out: dict) -> None:

@@ -165,14 +165,18 @@ def test_history_defaults_and_caps():
     assert f == {"type": "history", "sessionId": "s", "beforeSeq": 100, "limit": 200}
     f = p.parse_client_frame(enc({"type": "history", "sessionId": "s", "beforeSeq": None, "limit": None}))
     assert f["limit"] == 50 and "beforeSeq" not in f
-    for fields in ({"limit": 0}, {"limit": "5"}, {"limit": True}, {"beforeSeq": -1}, {"beforeSeq": 1.5},
-                   {"beforeSeq": 2**63}):
+    for fields in ({"limit": 0}, {"limit": "5"}, {"limit": True}, {"beforeSeq": -1}, {"beforeSeq": 1.5}):
         bad(enc({"type": "history", "sessionId": "s", **fields}))
+    # huge numbers are capped like any large value (PROTOCOL.md), not refused
+    f = p.parse_client_frame(enc({"type": "history", "sessionId": "s", "beforeSeq": 2**70, "limit": 2**64}))
+    assert f["beforeSeq"] == 2**63 - 1 and f["limit"] == 200
 
 
 def test_read_shape():
     """read needs a sessionId and a non-negative integer seq."""
     assert p.parse_client_frame(enc({"type": "read", "sessionId": "s", "seq": 42}))["seq"] == 42
+    # beyond any last seq: clamped later, never refused
+    assert p.parse_client_frame(enc({"type": "read", "sessionId": "s", "seq": 2**64}))["seq"] == 2**63 - 1
     for seq in (None, -1, "4", 1.0, False):
         bad(enc({"type": "read", "sessionId": "s", "seq": seq}))
 

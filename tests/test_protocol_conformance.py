@@ -1342,3 +1342,26 @@ async def test_slow_consumer_is_closed(env, transport):
     else:
         last = b.client.received[-1]
         assert last["type"] == "error" and last["code"] == "slow_consumer", summary(b.client)[-2:]
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest_twisted.ensureDeferred
+async def test_big_numbers_are_capped_or_clamped_not_refused(env, transport):
+    """A limit "capped at 200" or a read "clamped to the last seq" would be refused when the number is huge."""
+    alice, bob = users(2)
+    a = await login(env, alice, transport)
+    b = await login(env, bob, transport)
+    sid = p2p(alice, bob)
+    for n in range(3):
+        await a.message(sid, n)
+    huge = 2**64 + 5
+    page = await a.history(sid, limit=huge)
+    assert [m["seq"] for m in page["messages"]] == [1, 2, 3]
+    page = await a.history(sid, beforeSeq=huge, limit=2)
+    assert [m["seq"] for m in page["messages"]] == [2, 3]
+    a.send({"type": "read", "sessionId": sid, "seq": huge})
+    assert await b.next("read_receipt") == {"type": "read_receipt", "sessionId": sid, "userId": alice,
+                                            "seq": 3}
+    assert a.of_type("error") == []
+    a.close()
+    b.close()
