@@ -1365,3 +1365,56 @@ async def test_big_numbers_are_capped_or_clamped_not_refused(env, transport):
     assert a.of_type("error") == []
     a.close()
     b.close()
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest_twisted.ensureDeferred
+async def test_messages_racing_a_login_arrive_live_or_in_the_sync(env, transport):
+    """A message stored while its recipient logs in would fall between the sync and live delivery."""
+    alice, bob = users(2)
+    a = await login(env, alice, "tcp")
+    sid = p2p(alice, bob)
+    for n in range(150):
+        a.send({"type": "message", "clientMsgId": f"r{n}", "sessionId": sid, "body": n})
+        if n == 50:
+            client = await connect(env.gw2, transport)
+            client.send({"type": "auth", "token": env.token(bob)})
+        if n % 10 == 0:
+            await sleep(0.005)
+    replies = [await a.next("message_reply") for _ in range(150)]
+    expected = {r["msgId"] for r in replies}
+
+    def got():
+        return {f["msgId"] for f in client.received if f.get("type") == "message_send"}
+
+    await eventually(lambda: got() >= expected, WAIT, "every message, live or in the sync")
+    assert any(f.get("type") == "sync_done" for f in client.received)
+    a.close()
+    client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_client_msg_id_is_unique_per_sender_only(env):
+    """Two users choosing the same clientMsgId would get each other's message as a duplicate."""
+    alice, bob = users(2)
+    a = await login(env, alice, "tcp")
+    b = await login(env, bob, "ws")
+    sid = p2p(alice, bob)
+    ra = await a.message(sid, "from alice", cmid="same-id")
+    rb = await b.message(sid, "from bob", cmid="same-id")
+    assert ra["ok"] and rb["ok"] and ra["msgId"] != rb["msgId"] and (ra["seq"], rb["seq"]) == (1, 2)
+    a.close()
+    b.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_tcp_keepalive_pings_keep_an_idle_connection_open(env):
+    """A TCP client that only sends keepalive pings would be closed as idle."""
+    client = await connect(env.strict, "tcp")
+    assert (await client.auth(env.strict_token(unique("u"))))["ok"] is True
+    for _ in range(4):  # 4 s of pings, one a second: longer than the 2.5 s idle timeout
+        await sleep(1.0)
+        client.send({"type": "ping"})
+        assert (await client.receive_type("pong")) == {"type": "pong"}
+    assert client.connected
+    client.close()
