@@ -16,6 +16,7 @@ import struct
 import time
 import uuid
 from decimal import Decimal
+from pathlib import Path
 
 import jwt
 import pytest
@@ -1418,3 +1419,23 @@ async def test_tcp_keepalive_pings_keep_an_idle_connection_open(env):
         assert (await client.receive_type("pong")) == {"type": "pong"}
     assert client.connected
     client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_message_rejected_by_moderation(env):
+    """A message the moderation refuses would be stored, delivered, or answered in another shape."""
+    alice, bob = users(2)
+    a = await login(env, alice, "tcp")
+    b = await login(env, bob, "ws")
+    sid = p2p(alice, bob)
+    badwords = Path(__file__).resolve().parents[1] / "etc" / "badwords.txt"
+    with open(badwords, encoding="utf-8") as f:  # the default keyword filter's list
+        word = next(w.strip() for w in f if w.strip() and not w.startswith("#"))
+    reply = await a.message(sid, {"text": f"well {word} this"}, cmid="mod-1")
+    assert set(reply) == {"type", "ok", "clientMsgId", "error"}, reply
+    assert reply["ok"] is False and reply["clientMsgId"] == "mod-1" and reply["error"]["code"] == "rejected"
+    ok = await a.message(sid, "fine")
+    assert ok["seq"] == 1  # nothing was stored for the rejected one
+    assert [f["msgId"] for f in [await b.next("message_send")]] == [ok["msgId"]]
+    a.close()
+    b.close()
