@@ -497,6 +497,9 @@ async def test_auth_timeout_closes(env, transport):
     """A connection that never authenticates would be kept open."""
     client = await connect(env.strict, transport)
     started = time.monotonic()
+    await sleep(0.5)
+    client.send({"type": "ping"})  # other frames do not stand in for auth
+    assert (await client.receive())["code"] == "not_authenticated"
     closed = await wait_closed(client, STRICT_AUTH_TIMEOUT + 5)
     assert time.monotonic() - started >= STRICT_AUTH_TIMEOUT - 0.5
     if transport == "ws":
