@@ -266,6 +266,9 @@ OPTIONS: list[Option] = [
          "seconds a client's pending output may stay above output_buffer_limit (a burst) before "
          "it is closed as a slow consumer, unless it took at least output_buffer_limit bytes "
          "meanwhile (it is reading: another grace period)"),
+    _opt("output_buffer_max", _positive(_int), 67108864, G,
+         "bytes of pending output one connection may hold at most, reading or not: past it the "
+         "client is closed as a slow consumer at once (bounds a gateway's memory per connection)"),
     _opt("listen_backlog", _positive(_int), 1024, G,
          "accept queue of --ws/--tcp listeners without an explicit backlog= (reconnect storms need room)"),
     _opt("goodbye_timeout", _positive(_float), 5.0, G,

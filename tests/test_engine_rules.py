@@ -522,6 +522,21 @@ def test_slow_consumer_draining_client_is_kept(make_hub, kind):
     closed_with(h, 4003, "slow_consumer")
 
 
+def test_output_buffer_max_bounds_even_a_reading_client(make_hub, kind):
+    """The gateway's memory per connection is bounded: past output_buffer_max a client is closed at once."""
+    hub = make_hub(output_buffer_limit=5000, output_buffer_max=20000, slow_consumer_grace=1.0)
+    h = authed(hub, kind)
+    pending = [0]
+    h.proto.buffered_bytes = lambda: pending[0]
+    h.conn.pauseProducing()
+    for n in range(1, 6):
+        pending[0] = n * 5000
+        h.conn.send_frame(MESSAGE_SEND)
+        if pending[0] <= 20000:
+            assert not h.closed, pending[0]
+    closed_with(h, 4003, "slow_consumer")  # at 25000 bytes, without waiting for the grace
+
+
 def test_burst_to_reading_client_is_not_slow_consumer(make_hub, kind):
     """A client that drains a burst within the grace period (resumeProducing) is kept."""
     hub = make_hub(output_buffer_limit=5000, slow_consumer_grace=1.0)

@@ -164,6 +164,7 @@ class ClientConnection:
         self._auth_timeout = config.auth_timeout
         self._idle_timeout = config.idle_timeout
         self._output_limit = config.output_buffer_limit
+        self._output_max = max(getattr(config, "output_buffer_max", 64 << 20), self._output_limit)
         self._slow_grace = config.slow_consumer_grace
         self._queue_limit = config.rate_burst
         self._bucket = TokenBucket(config.rate_limit, config.rate_burst, self.connected_at)
@@ -333,8 +334,11 @@ class ClientConnection:
         if self._paused:
             # only while the transport says the client is not keeping up
             self._paused_bytes += len(data)
-            if self._slow_call is None:
-                pending = self._pending_output()
+            pending = self._pending_output()
+            if pending > self._output_max:
+                # reading or not, one connection may not hold more than this
+                self._slow_consumer(pending)
+            elif self._slow_call is None:
                 if pending > self._output_limit:
                     # a burst (a sync page, a history page) has not met the kernel
                     # yet: give a reading client the grace period to take it
