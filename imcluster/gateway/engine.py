@@ -31,7 +31,9 @@ grace is for bursts: a sync page or a history page of large messages is
 written in one reactor turn, can be many times the limit, and has not met
 the kernel yet; a client draining it at ``output_buffer_limit`` bytes per
 grace period or faster is reading, is not slow, and gets another period.
-Nothing of this runs while the client keeps up.
+Whatever the client does, pending output above ``output_buffer_max`` closes
+it at once: that bounds the gateway's memory per connection. Nothing of this
+runs while the client keeps up.
 
 The hub (``imcluster.gateway.service.GatewayService``) is described in
 ``/work/notes/GATEWAY.md``: ``server_id``, ``authenticator``, ``clock``,
