@@ -11,7 +11,10 @@ trips, whatever the batch size:
 1. de-duplication: one ``SELECT`` on the unique key ``(sender_id,
    client_msg_id)`` for the whole batch;
 2. the 1:1 sessions ``p2p:<a>:<b>`` that the batch writes to are created
-   (``INSERT ... ON CONFLICT DO NOTHING``, in id order) with both members;
+   (``INSERT ... ON CONFLICT DO NOTHING``, in id order) with both members,
+   except those this store has seen committed already (:data:`P2P_KNOWN_MAX`;
+   no statement at all once a window's sessions all exist; one remembered
+   but gone is noticed at step 3 and the batch runs again without memory);
 3. the batch's sessions are locked with ``SELECT ... ORDER BY id FOR UPDATE``
    (one stable byte order for every processor: two processors never
    deadlock), then ``last_seq`` and the members are read (same round trip);
@@ -85,6 +88,16 @@ HISTORY_MAX_LIMIT = 200
 #: (Deadlocks and serialization failures are re-run by PostgresService.)
 RACE_RETRIES = 5
 _RACE_PGCODES = frozenset({"23505"})
+
+#: 1:1 session ids this store saw committed, so a window does not spend a
+#: round trip creating them again (product code never deletes a session); a
+#: memory bound, not a tuning knob: the set is emptied when it reaches it
+P2P_KNOWN_MAX = 100_000
+
+
+class _StaleP2P(Exception):
+    """A 1:1 session remembered as existing is gone (deleted by hand): forget and run again."""
+
 
 _BIGINT_MAX = 2**63 - 1
 _DIGITS_RE = re.compile(r"[0-9]{1,19}")
@@ -341,6 +354,8 @@ class MessageStore:
         self.clock = clock
         #: batches run again after losing a race on the clientMsgId key (observability, tests)
         self.race_retries = 0
+        #: 1:1 sessions seen committed (P2P_KNOWN_MAX): their creation is skipped
+        self.p2p_known: set[str] = set()
 
     # -- messages ----------------------------------------------------------------
 
@@ -370,6 +385,9 @@ class MessageStore:
             try:
                 results = await self.db.run_interaction(self._store_in, batch, now_ms, locate, idempotent=True)
                 break
+            except _StaleP2P:
+                self.p2p_known.clear()
+                continue
             except Exception as e:
                 if not _race(e) or attempt > RACE_RETRIES:
                     raise
@@ -377,6 +395,13 @@ class MessageStore:
                 self.log.info("store batch of {n} lost a race ({code}); attempt {attempt} of {retries}",
                               n=len(batch), code=getattr(e, "pgcode", None), attempt=attempt + 1,
                               retries=RACE_RETRIES + 1)
+        # committed: their 1:1 sessions exist from now on
+        known = self.p2p_known
+        if len(known) >= P2P_KNOWN_MAX:
+            known.clear()
+        for r in results:
+            if r.ok and r.session_id.startswith(P2P_PREFIX):
+                known.add(r.session_id)
         stored = sum(1 for r in results if r.ok and not r.duplicate)
         if stored:
             metrics.MESSAGES_STORED.inc(stored)
@@ -456,7 +481,7 @@ class MessageStore:
             if pair is not None and not m.trusted and m.sender not in pair:
                 results[i] = Rejected(m.client_msg_id, "not_member", "not a member of this session")
                 continue
-            if pair is not None:
+            if pair is not None and m.session_id not in self.p2p_known:
                 p2p_new.add(m.session_id)
             session_ids.add(m.session_id)
         if p2p_new:
@@ -477,6 +502,8 @@ class MessageStore:
                 'FROM session s WHERE s.id = ANY(%s)', (ids, ids))
             for sid, last_seq, members in cursor.fetchall():
                 sessions[sid] = (last_seq, members)
+            if any(sid not in sessions and sid.startswith(P2P_PREFIX) and sid not in p2p_new for sid in ids):
+                raise _StaleP2P()  # rolls back; _store_messages forgets and runs the batch again
 
         # 4. seq numbers, in batch order, and one write statement
         next_seq: dict[str, int] = {}
