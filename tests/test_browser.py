@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer, protocol, reactor
+from twisted.internet import defer, reactor
 from twisted.web.client import Agent, readBody
 
-from tests.support.node import ensure_npm_packages
+from tests.support.node import ensure_npm_packages, run_process
 
 ROOT = Path(__file__).resolve().parent.parent
 BROWSER_DIR = ROOT / "tests" / "browser"
@@ -35,35 +35,10 @@ needs_chromium = pytest.mark.skipif(not os.path.exists(CHROMIUM),
                                     reason=f"{CHROMIUM} is missing (apt-get install chromium)")
 
 
-class NodeProcess(protocol.ProcessProtocol):
-    """A node script; fires ``ended`` with (exit code, output)."""
-
-    def __init__(self) -> None:
-        self.output = b""
-        self.ended: defer.Deferred = defer.Deferred()
-
-    def outReceived(self, data: bytes) -> None:  # noqa: N802
-        self.output += data
-
-    errReceived = outReceived
-
-    def processEnded(self, reason) -> None:  # noqa: N802
-        self.ended.callback((reason.value.exitCode, self.output.decode("utf-8", "replace")))
-
-
 def run_node(args: list[str], env: dict[str, str], timeout: float) -> defer.Deferred:
-    proc = NodeProcess()
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("IMCLUSTER_")}
     full_env.update(env)
-    transport = reactor.spawnProcess(proc, NODE, [NODE, *args], env=full_env, path=str(BROWSER_DIR))
-
-    def timed_out(failure, _timeout):
-        if failure.check(defer.CancelledError):
-            transport.signalProcess("KILL")
-            raise AssertionError(f"node {' '.join(args)} did not finish within {timeout}s:\n{proc.output.decode()}")
-        return failure
-
-    return proc.ended.addTimeout(timeout, reactor, onTimeoutCancel=timed_out)
+    return run_process([NODE, *args], timeout, env=full_env, path=str(BROWSER_DIR))
 
 
 @needs_node

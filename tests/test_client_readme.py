@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer, protocol, reactor
+from twisted.internet import defer
+
+from tests.support.node import run_process
 
 README = Path(__file__).resolve().parent.parent / "README.rst"
 
@@ -21,20 +23,6 @@ def readme_example() -> str:
     lines = [line[4:] for line in found.group(1).splitlines()]
     assert len(lines) <= 20, "the example is meant to fit in 20 lines"
     return "\n".join(lines) + "\n"
-
-
-class Script(protocol.ProcessProtocol):
-    def __init__(self) -> None:
-        self.output = b""
-        self.ended: defer.Deferred = defer.Deferred()
-
-    def outReceived(self, data: bytes) -> None:  # noqa: N802
-        self.output += data
-
-    errReceived = outReceived
-
-    def processEnded(self, reason) -> None:  # noqa: N802
-        self.ended.callback(reason.value.exitCode)
 
 
 @pytest.mark.slow
@@ -51,10 +39,7 @@ async def test_readme_python_example_runs(cluster, tmp_path):
     path = tmp_path / "example.py"
     path.write_text(code, encoding="utf-8")
     for run in (1, 2):  # the second run finds the first one's messages
-        script = Script()
-        reactor.spawnProcess(script, sys.executable, [sys.executable, str(path)], env=None)
-        exit_code = await script.ended.addTimeout(30, reactor)
-        output = script.output.decode("utf-8", "replace")
+        exit_code, output = await run_process([sys.executable, str(path)], 30)
         assert exit_code == 0, output
         assert f"#{run} alice -> bob: hello from Python" in output, output
         assert output.strip().endswith("'hello from Python']"), output
