@@ -173,6 +173,36 @@ for i, key in ipairs(KEYS) do out[i] = redis.call('HGETALL', key) end
 return out
 """)
 
+#: Connections and live gateways in one round trip (a processor window's lookup).
+#: KEYS: UCIR hashes; ARGV: '<prefix>WSSERVER_', then gateway uuids to check
+#: besides those of the connections found. Returns the HGETALL of every key,
+#: then the uuids (of the connections' and of ARGV's gateways) whose
+#: WSSERVER_ key exists.
+ROUTES_SCRIPT = Script("routes", """
+local out, seen, uuids = {}, {}, {}
+for i, key in ipairs(KEYS) do
+  local h = redis.call('HGETALL', key)
+  out[i] = h
+  for j = 1, #h, 2 do
+    local sep = string.find(h[j], '##', 1, true)
+    if sep and sep > 1 then
+      local u = string.sub(h[j], 1, sep - 1)
+      if not seen[u] then seen[u] = true; uuids[#uuids + 1] = u end
+    end
+  end
+end
+for i = 2, #ARGV do
+  local u = ARGV[i]
+  if not seen[u] then seen[u] = true; uuids[#uuids + 1] = u end
+end
+local alive = {}
+for _, u in ipairs(uuids) do
+  if redis.call('EXISTS', ARGV[1] .. u) == 1 then alive[#alive + 1] = u end
+end
+out[#KEYS + 1] = alive
+return out
+""")
+
 #: Remove up to ARGV[3] connections of a gateway, only when its WSSERVER_ key
 #: is gone (or unconditionally when ARGV[4] == '1'). Chunked so that a gateway
 #: with 100k connections does not block Redis in one script.
@@ -654,6 +684,24 @@ class RedisService(service.Service):
         return self.execute("SMEMBERS", self.keys.servers()).addCallback(set)
 
     @_deferred
+    def routes(self, user_ids: Iterable[str], uuids: Iterable[str] = ()) -> defer.Deferred:
+        """``connections_of(user_ids)`` and ``alive`` of their gateways and ``uuids``, one round trip.
+
+        Fires with ``({user_id: {conn_field: meta}}, {alive uuid, ...})``.
+        """
+        users = list(dict.fromkeys(user_ids))
+        extra = list(dict.fromkeys(uuids))
+        if not users and not extra:
+            return defer.succeed(({}, set()))
+        d = self.run_script(ROUTES_SCRIPT, [self.keys.ucir(u) for u in users],
+                            [self.keys.server(""), *extra])
+
+        def decode(replies: list) -> tuple[dict, set]:
+            conns = {u: self._decode_hash(u, r) for u, r in zip(users, replies)}
+            return conns, set(replies[len(users)])
+
+        return d.addCallback(decode)
+
     def alive(self, uuids: Iterable[str]) -> defer.Deferred:
         """The set of ``uuids`` whose ``WSSERVER_<uuid>`` exists (one MGET)."""
         uuids = list(dict.fromkeys(uuids))

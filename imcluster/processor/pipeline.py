@@ -16,7 +16,8 @@ docs/internals.rst) into a :class:`Window` and runs it through
    ``session_create`` items are answered (at most ``postgres_pool_size`` at
    once);
 3. the :class:`~imcluster.processor.router.Router` looks up every
-   connection the window needs (ONE ``connections_of``, ONE ``alive``) and
+   connection the window needs and which gateways are alive (ONE Redis
+   round trip) and
    the window's replies, deliveries and read receipts go out with ONE
    publish per gateway;
 4. the rows of recipients actually routed become ``sending``.

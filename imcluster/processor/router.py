@@ -1,8 +1,9 @@
 """Routing: where recipients are connected, and one publish per gateway per window.
 
-For a window of work the pipeline asks :meth:`Router.lookup` once: ONE
-``registry.connections_of`` (a single Redis round trip) for every user that
-gets something, then ONE ``registry.alive`` for every gateway involved.
+For a window of work the pipeline asks :meth:`Router.lookup` once: the
+connections of every user that gets something and which gateways involved
+are alive, in ONE Redis round trip (``RedisService.routes``, a script; a
+registry without it answers with ONE ``connections_of`` then ONE ``alive``).
 Gateways whose ``WSSERVER_<uuid>`` is gone, or whose queue was unroutable a
 moment ago, are skipped. Frames are collected in an :class:`Outbox` per
 gateway and sent with ONE publish per gateway (docs/internals.rst)::
@@ -180,25 +181,34 @@ class Router:
 
     @defer.inlineCallbacks
     def lookup(self, users: Iterable[str], gateways: Iterable[str] = ()):
-        """ONE ``connections_of`` for ``users`` and ONE ``alive`` for every gateway involved: a :class:`Lookup`."""
+        """ONE ``connections_of`` for ``users`` and ONE ``alive`` for every gateway involved: a :class:`Lookup`.
+
+        A registry with ``routes`` (RedisService) answers both in one round trip.
+        """
         users = list(dict.fromkeys(users))
+        routes = getattr(self.registry, "routes", None)
+        if routes is not None:
+            raw, alive = yield routes(users, sorted(gateways))
+            return self._lookup(raw, alive)
         raw = (yield self.registry.connections_of(users)) if users else {}
         involved = set(gateways)
-        parsed: dict[str, list[tuple[str, str]]] = {}
-        for user, fields in raw.items():
-            entries = []
+        for fields in raw.values():
             for conn_id in fields:
                 uuid = gateway_of(conn_id)
                 if uuid is not None:
-                    entries.append((uuid, conn_id))
                     involved.add(uuid)
-            if entries:
-                parsed[user] = entries
         alive = (yield self.registry.alive(sorted(involved))) if involved else set()
+        return self._lookup(raw, alive)
+
+    def _lookup(self, raw: dict, alive: set) -> Lookup:
         usable = {u for u in alive if not self.is_dead(u)}
-        conns = {}
-        for user, entries in parsed.items():
-            kept = [e for e in entries if e[0] in usable]
+        conns: dict[str, list[tuple[str, str]]] = {}
+        for user, fields in raw.items():
+            kept = []
+            for conn_id in fields:
+                uuid = gateway_of(conn_id)
+                if uuid is not None and uuid in usable:
+                    kept.append((uuid, conn_id))
             if kept:
                 conns[user] = kept
         return Lookup(conns, usable)
