@@ -221,7 +221,8 @@ _TAC = textwrap.dedent("""
                 d = defer.Deferred()
                 reactor.callLater(0.1, d.errback, RuntimeError("cannot reach redis"))
                 return d
-            open({ready!r}, "w").close()
+            # ready once the reactor runs: its SIGTERM handler is installed by then
+            reactor.callLater(0, lambda: open({ready!r}, "w").close())
 
         def stopService(self):
             super().stopService()
