@@ -11,4 +11,5 @@ pytest_plugins = [
     "tests.support.redis",
     "tests.support.postgres",
     "tests.support.cluster",
+    "tests.support.services",
 ]

@@ -18,7 +18,9 @@ from imcluster.auth import JWTAuthenticator, mint_token
 from imcluster.gateway.service import GatewayService
 from imcluster.testing import gateway_config
 from tests.support.clients import connect_tcp, connect_ws
-from tests.support.waiting import eventually as _eventually, sleep
+from tests.support.services import Made
+from tests.support.waiting import eventually as _eventually
+from tests.support.waiting import sleep
 
 SECRET = "integration-secret-0123456789abcdef"
 HEARTBEAT = 0.5
@@ -74,7 +76,7 @@ async def processor(bus_factory):
 @pytest_twisted.async_yield_fixture
 async def make_gateway(namespace, redis_prefix, redis_factory, bus_factory):
     """``await make(**config)``: a started GatewayService on its own Redis and AMQP connections."""
-    made: list[GatewayService] = []
+    made = Made()
 
     async def make(amqp_url: str | None = None, **overrides) -> GatewayService:
         settings = dict(
@@ -87,15 +89,10 @@ async def make_gateway(namespace, redis_prefix, redis_factory, bus_factory):
         redis = await redis_factory(timeout=2.0)
         kw = {"url": amqp_url} if amqp_url else {}
         bus = await bus_factory(publish_timeout=config.publish_timeout, **kw)
-        gw = GatewayService(config, redis, bus, JWTAuthenticator.from_config(config))
-        made.append(gw)
-        await gw.startService()
-        return gw
+        return await made.add(GatewayService(config, redis, bus, JWTAuthenticator.from_config(config)))
 
     yield make
-    for gw in made:
-        if gw.running:
-            await gw.stopService()
+    await made.stop_all()
 
 
 @pytest_twisted.async_fixture
@@ -286,8 +283,9 @@ class _CuttableProxy(portforward.ProxyFactory):
 @pytest_twisted.ensureDeferred
 async def test_unreachable_broker_gives_unavailable_within_publish_timeout(make_gateway):
     """A client must learn within publish_timeout that its message was not taken, so it can retry."""
-    from tests.support.ids import AMQP_URL
     from urllib.parse import urlsplit
+
+    from tests.support.ids import AMQP_URL
 
     parts = urlsplit(AMQP_URL)
     proxy = _CuttableProxy(parts.hostname, parts.port or 5672)

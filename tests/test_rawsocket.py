@@ -7,7 +7,7 @@ from twisted.internet import protocol, reactor, task
 from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
 from twisted.internet.ssl import Certificate, optionsForClientTLS
 
-from imcluster.testing import (ClientHarness, FakeHub, LoopbackGateway, gateway_config, self_signed_cert,
+from imcluster.testing import (ClientHarness, FakeHub, gateway_config, self_signed_cert,
                                tcp_encode)
 from tests.support.clients import TCPClient, connect_tcp
 
@@ -90,20 +90,6 @@ def test_too_large_announced_in_pieces():
 
 
 # --- real sockets
-
-
-@pytest_twisted.async_yield_fixture
-async def gateways():
-    made = []
-
-    def make(**config):
-        gw = LoopbackGateway(**config)
-        made.append(gw)
-        return gw
-
-    yield make
-    for gw in made:
-        await gw.stop()
 
 
 async def wait_for(predicate, timeout=TIMEOUT):

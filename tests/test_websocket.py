@@ -10,24 +10,10 @@ from twisted.internet import defer, protocol, reactor, task
 from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
 from twisted.internet.ssl import Certificate, optionsForClientTLS
 
-from imcluster.testing import ClientHarness, FakeHub, LoopbackGateway, gateway_config, self_signed_cert
+from imcluster.testing import ClientHarness, FakeHub, gateway_config, self_signed_cert
 from tests.support.clients import WSClient, connect_ws
 
 TIMEOUT = 10
-
-
-@pytest_twisted.async_yield_fixture
-async def gateways():
-    made = []
-
-    def make(**config):
-        gw = LoopbackGateway(**config)
-        made.append(gw)
-        return gw
-
-    yield make
-    for gw in made:
-        await gw.stop()
 
 
 async def sleep(seconds):

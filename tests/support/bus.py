@@ -21,6 +21,7 @@ from twisted.internet import utils
 from imcluster.bus import AMQPService
 from imcluster.testing import FakeBus
 from tests.support.ids import AMQP_URL, unique
+from tests.support.services import Made
 
 #: seconds a publish (and a stop) may take in tests: the broker is local
 TEST_TIMEOUT = 2.0
@@ -43,22 +44,16 @@ async def cleanup_namespace(namespace: str, queues=(), url: str = AMQP_URL) -> N
 @pytest_twisted.async_yield_fixture
 async def bus_factory(namespace):
     """``await make(url=..., namespace=..., publish_timeout=..., start=True, **kw)``: AMQPServices cleaned up afterwards."""
-    made: list[AMQPService] = []
+    made = Made()
 
     async def make(url: str = AMQP_URL, namespace: str = namespace, publish_timeout: float = TEST_TIMEOUT,
                    start: bool = True, **kw) -> AMQPService:
         kw.setdefault("retry_policy", FAST_RETRY)
         kw.setdefault("connection_name", unique("imcluster-test-"))
-        svc = AMQPService(url, namespace, publish_timeout=publish_timeout, **kw)
-        made.append(svc)
-        if start:
-            await svc.startService()
-        return svc
+        return await made.add(AMQPService(url, namespace, publish_timeout=publish_timeout, **kw), start)
 
     yield make
-    for svc in made:
-        if svc.running:
-            await svc.stopService()
+    await made.stop_all()
     # every namespace, also of buses that reached the broker through a test's proxy:
     # what they declared lives on the real broker all the same
     namespaces: dict[str, set[str]] = {}

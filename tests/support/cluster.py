@@ -40,7 +40,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import pytest
 import pytest_twisted
@@ -457,8 +457,8 @@ async def cluster(tmp_path, namespace, redis_prefix, cluster_pg_schema):
 
 
 async def _delete_redis_prefix(prefix: str) -> None:
-    from tests.support.redis import delete_prefix
     from imcluster.registry import RedisService
+    from tests.support.redis import delete_prefix
 
     svc = RedisService(REDIS_URL, prefix=prefix, timeout=5.0)
     await svc.startService()

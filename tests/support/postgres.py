@@ -20,6 +20,7 @@ import pytest_twisted
 
 from imcluster.db import PostgresService, apply_migrations_sync
 from tests.support.ids import POSTGRES_DSN, unique
+from tests.support.services import Made
 
 #: everything here is local: fail fast
 TEST_TIMEOUT = 5.0
@@ -83,22 +84,16 @@ async def pg_factory():
     Each gets a unique ``application_name`` (``svc.application_name``), so a
     test can find and terminate exactly its own backends.
     """
-    made: list[PostgresService] = []
+    made = Made()
 
     async def make(schema: str, dsn: str = POSTGRES_DSN, start: bool = True, **kw) -> PostgresService:
         kw.setdefault("pool_size", 2)
         kw.setdefault("connect_timeout", TEST_TIMEOUT)
         kw.setdefault("application_name", unique("imt-"))
-        svc = PostgresService(dsn, schema=schema, **kw)
-        made.append(svc)
-        if start:
-            await svc.startService()
-        return svc
+        return await made.add(PostgresService(dsn, schema=schema, **kw), start)
 
     yield make
-    for svc in made:
-        if svc.running:
-            await svc.stopService()
+    await made.stop_all()
 
 
 @pytest_twisted.async_fixture

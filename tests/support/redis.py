@@ -14,6 +14,7 @@ import pytest_twisted
 
 from imcluster.registry import RedisService
 from tests.support.ids import REDIS_URL
+from tests.support.services import Made
 
 #: commands of these tests are all local and small
 TEST_TIMEOUT = 3.0
@@ -39,20 +40,14 @@ async def delete_prefix(svc, prefix: str) -> int:
 @pytest_twisted.async_yield_fixture
 async def redis_factory(redis_prefix):
     """``await make(url=..., prefix=..., timeout=..., start=True, **kw)``: more services, all stopped afterwards."""
-    made: list[RedisService] = []
+    made = Made()
 
     async def make(url: str = REDIS_URL, prefix: str = redis_prefix, timeout: float = TEST_TIMEOUT,
                    start: bool = True, **kw) -> RedisService:
-        svc = RedisService(url, prefix=prefix, timeout=timeout, **kw)
-        made.append(svc)
-        if start:
-            await svc.startService()
-        return svc
+        return await made.add(RedisService(url, prefix=prefix, timeout=timeout, **kw), start)
 
     yield make
-    for svc in made:
-        if svc.running:
-            await svc.stopService()
+    await made.stop_all()
 
 
 @pytest_twisted.async_yield_fixture
