@@ -487,7 +487,8 @@ def make_options(daemon: str, synopsis: str,
     ``self.config``; any :class:`ConfigError` becomes a ``UsageError`` so that
     twistd prints it and exits non-zero before anything starts. ``check``
     (optional) validates the resolved configuration further (for example
-    loads the JWT key); a ``ValueError`` it raises is reported the same way.
+    loads the JWT key); a ``ValueError`` it raises is reported the same way,
+    and what it returns is kept as ``self.checked``.
     """
     params = [["config", "c", None, "TOML configuration file"]]
     flags: list[list[Any]] = []
@@ -535,8 +536,8 @@ def make_options(daemon: str, synopsis: str,
                     cli[o.name + "_path"] = self[o.cli + "-path"]
             try:
                 self.config = load_config(daemon, cli, self.get("config"))
-                if check is not None:
-                    check(self.config)
+                # what the check built (e.g. the authenticator) is kept for makeService
+                self.checked = check(self.config) if check is not None else None
             except ValueError as e:  # ConfigError included
                 raise usage.UsageError(str(e)) from None
 

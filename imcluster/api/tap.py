@@ -20,17 +20,17 @@ from typing import Any
 from imcluster.config import API, make_options
 from imcluster.service import DaemonService
 
-def _check(config: Any) -> None:
+def _check(config: Any) -> Any:
     """Load the JWT key now, so a bad one is a usage error, not a traceback at start."""
     from imcluster.auth import JWTAuthenticator
 
-    JWTAuthenticator.from_config(config)
+    return JWTAuthenticator.from_config(config)
 
 
 Options = make_options(API, "twistd imapi [options]", check=_check)
 
 
-def build(config: Any) -> tuple[DaemonService, Any]:
+def build(config: Any, authenticator: Any = None) -> tuple[DaemonService, Any]:
     """The imapi tree for ``config`` and its :class:`~imcluster.api.resources.APIResource`."""
     from imcluster.api.publisher import MessagePublisher
     from imcluster.api.resources import APIResource, make_site
@@ -53,7 +53,8 @@ def build(config: Any) -> tuple[DaemonService, Any]:
     publisher.setServiceParent(root)
     probes = dependency_probes(redis=redis, amqp=amqp, postgres=db)
     api = APIResource(
-        MessageStore(db, config.max_group_size), redis, publisher, JWTAuthenticator.from_config(config),
+        MessageStore(db, config.max_group_size), redis, publisher,
+        authenticator or JWTAuthenticator.from_config(config),
         config.api_key, probes, health_timeout=config.health_timeout, max_json_depth=config.max_json_depth)
     # the web chat page (/app/) and, with --dev-login only, POST /v1/dev/login
     site = make_site(mount(api, config), config.max_body_size, config.http_idle_timeout)
@@ -64,4 +65,4 @@ def build(config: Any) -> tuple[DaemonService, Any]:
 
 def makeService(options: Any) -> DaemonService:  # noqa: N802 (twistd API)
     """Assemble the API daemon from ``options.config``."""
-    return build(options.config)[0]
+    return build(options.config, getattr(options, "checked", None))[0]

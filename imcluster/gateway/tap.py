@@ -19,11 +19,11 @@ from typing import Any
 from imcluster.config import GATEWAY, make_options
 from imcluster.service import DaemonService
 
-def _check(config: Any) -> None:
+def _check(config: Any) -> Any:
     """Load the JWT key now, so a bad one is a usage error, not a traceback at start."""
     from imcluster.auth import JWTAuthenticator
 
-    JWTAuthenticator.from_config(config)
+    return JWTAuthenticator.from_config(config)
 
 
 Options = make_options(GATEWAY, "twistd imgateway [options]", check=_check)
@@ -43,7 +43,8 @@ def makeService(options: Any) -> DaemonService:  # noqa: N802 (twistd API)
     redis.setServiceParent(root)
     amqp = AMQPService.from_config(config)
     amqp.setServiceParent(root)
-    gateway = GatewayService(config, redis, amqp, JWTAuthenticator.from_config(config))
+    authenticator = getattr(options, "checked", None) or JWTAuthenticator.from_config(config)
+    gateway = GatewayService(config, redis, amqp, authenticator)
     probes = dependency_probes(redis=redis, amqp=amqp)
     probes["gateway"] = lambda: gateway.accepting
     make_metrics_service(config, probes).setServiceParent(root)
