@@ -85,6 +85,35 @@ async def test_failed_interaction_rolls_back_everything(pg):
 
 
 @pytest_twisted.ensureDeferred
+async def test_commit_sent_with_the_last_statement(pg):
+    """An interaction that commits with its last statement must keep its writes, or lose them all on error."""
+    async def both(cursor, sid):
+        await cursor.execute("INSERT INTO session (id) VALUES (%s)", (sid,))
+        await cursor.execute("INSERT INTO session_member (session_id, user_id) VALUES (%s, 'a') -- no rows",
+                             (sid,), commit=True)
+        return "done"
+
+    assert await pg.run_interaction(both, "c-1") == "done"
+    assert await pg.run_query("SELECT count(*) FROM session_member WHERE session_id = 'c-1'") == [(1,)]
+    # the statement sent with COMMIT fails: nothing of the interaction stays
+    with pytest.raises(psycopg2.errors.ForeignKeyViolation):
+        await pg.run_interaction(lambda c: c.execute(
+            "INSERT INTO session (id) VALUES ('c-2'); "
+            "INSERT INTO session_member (session_id, user_id) VALUES ('nope', 'a')", commit=True))
+    assert await pg.run_query("SELECT id FROM session ORDER BY id") == [("c-1",)]
+
+    async def after_commit(cursor):
+        await cursor.execute("SELECT 1", commit=True)
+        await cursor.execute("SELECT 2")
+
+    with pytest.raises(RuntimeError, match="after COMMIT"):
+        await pg.run_interaction(after_commit)
+    # every connection is still usable, none was lost
+    assert [await pg.run_query("SELECT 3") for _ in range(5)] == [[(3,)]] * 5
+    assert pg.reconnects == 0
+
+
+@pytest_twisted.ensureDeferred
 async def test_sql_error_propagates_and_the_pool_stays_usable(pg):
     """A constraint violation reaches the caller as such and does not poison the connection."""
     await pg.run_operation("INSERT INTO session (id) VALUES ('dup')")

@@ -30,8 +30,8 @@ class Gate:
     def __init__(self, db, statements):
         self.opened = defer.Deferred()
         self._release = defer.Deferred()
-        self.done = db.run_interaction(self._hold, idempotent=False)
         self.statements = statements
+        self.done = db.run_interaction(self._hold, idempotent=False)
 
     async def _hold(self, cursor):
         for sql, params in self.statements:
