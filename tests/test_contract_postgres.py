@@ -85,6 +85,12 @@ async def test_failed_interaction_rolls_back_everything(pg):
 
 
 @pytest_twisted.ensureDeferred
+async def test_connections_never_jit_compile(pg):
+    """A store statement whose estimate looks costly would spend 100+ ms being JIT-compiled."""
+    assert [await pg.run_query("SHOW jit") for _ in range(pg.pool_size + 1)] == [[("off",)]] * (pg.pool_size + 1)
+
+
+@pytest_twisted.ensureDeferred
 async def test_commit_sent_with_the_last_statement(pg):
     """An interaction that commits with its last statement must keep its writes, or lose them all on error."""
     async def both(cursor, sid):

@@ -429,25 +429,81 @@ class MessageStore:
             bodies[i] = body
             candidates.append(i)
 
-        # 1. de-duplication on the unique key, for the whole batch at once
-        keys = sorted({(batch[i].sender, batch[i].client_msg_id) for i in candidates})
+        # 1. what the session id alone decides, and the sessions to lock: those
+        # of every candidate still undecided (a duplicate's session is locked
+        # too, harmlessly: it exists, and the lock is held only until COMMIT)
+        checks: dict[int, tuple[str, str] | None] = {}  # candidate -> refusal (code, message), or None
+        session_ids: set[str] = set()
+        p2p_new: set[str] = set()
+        checked: dict[str, tuple[bool, tuple[str, str] | None]] = {}  # per distinct session id
+        keys_seen: set[tuple[str, str]] = set()
+        for i in candidates:
+            m = batch[i]
+            key = (m.sender, m.client_msg_id)
+            if key in keys_seen:
+                continue  # a later copy: answered like the first one (step 3)
+            keys_seen.add(key)
+            if not isinstance(m.session_id, str):
+                valid, pair = False, None
+            elif m.session_id in checked:
+                valid, pair = checked[m.session_id]
+            else:
+                valid, pair = checked[m.session_id] = (valid_session_id(m.session_id), parse_p2p(m.session_id))
+            if not valid:
+                checks[i] = ("no_session", "no such session")
+                continue
+            if pair is not None and not m.trusted and m.sender not in pair:
+                checks[i] = ("not_member", "not a member of this session")
+                continue
+            checks[i] = None
+            if pair is not None and m.session_id not in self.p2p_known:
+                p2p_new.add(m.session_id)
+            session_ids.add(m.session_id)
+
+        # 2. ONE round trip: BEGIN; create the new 1:1 sessions (they come into
+        # being with their first message); lock the sessions in one stable
+        # order; then, in a second statement, read the originals of
+        # duplicates, last_seq and members, and reserve the ids of the new
+        # messages. Under READ COMMITTED that last statement takes its
+        # snapshot after the locks are held, so it sees what a membership
+        # change, or a processor storing the same message, that held a lock
+        # before us committed (a subquery of the locking SELECT would read
+        # its older snapshot).
+        keys = sorted(keys_seen)
+        if not keys:
+            return results  # type: ignore[return-value]
+        ids = sorted(session_ids)
+        sql = b""
+        if p2p_new:
+            sql += self._create_p2p_sql(cursor, sorted(p2p_new, key=_bytes_key)) + b"; "
+        if ids:
+            sql += cursor.mogrify('SELECT 1 FROM session WHERE id = ANY(%s) ORDER BY id COLLATE "C" FOR UPDATE; ',
+                                  (ids,))
+        sql += cursor.mogrify(
+            "SELECT (SELECT json_agg(json_build_array(r.sender_id, r.client_msg_id, r.id, r.session_id, r.seq, "
+            + _TS_SQL.format(t="r") + ", r.body, "
+            'ARRAY(SELECT s.user_id FROM messagesend s WHERE s.msg_id = r.id AND s.status <> \'delivered\' '
+            'ORDER BY s.user_id COLLATE "C"))) '
+            "FROM unnest(%s::text[], %s::text[]) AS k(sender_id, client_msg_id) "
+            "JOIN messagerecv r USING (sender_id, client_msg_id)), "
+            "(SELECT json_agg(json_build_array(s.id, s.last_seq, ARRAY(SELECT m.user_id FROM session_member m "
+            'WHERE m.session_id = s.id ORDER BY m.user_id COLLATE "C"))) FROM session s WHERE s.id = ANY(%s)), '
+            "ARRAY(SELECT nextval('messagerecv_id_seq') FROM generate_series(1, %s))",
+            ([k[0] for k in keys], [k[1] for k in keys], ids, sum(1 for c in checks.values() if c is None)))
+        await cursor.execute(sql)
+        found, session_rows, reserved = cursor.fetchall()[0]
         originals: dict[tuple[str, str], Stored] = {}
-        if keys:
-            await cursor.execute(
-                "SELECT r.sender_id, r.client_msg_id, r.id, r.session_id, r.seq, "
-                + _TS_SQL.format(t="r") + ", r.body "
-                "FROM unnest(%s::text[], %s::text[]) AS k(sender_id, client_msg_id) "
-                "JOIN messagerecv r USING (sender_id, client_msg_id)",
-                ([k[0] for k in keys], [k[1] for k in keys]))
-            found = cursor.fetchall()
-            if found:
-                pending = await self._undelivered_of(cursor, [row[2] for row in found])
-                for sender, cmid, msg_id, session_id, seq, ts, body in found:
-                    originals[(sender, cmid)] = Stored(
-                        str(msg_id), session_id, seq, ts, sender, cmid, body,
-                        pending.get(msg_id, []), duplicate=True)
-        # a message sent twice in one batch: the later copies are answered like
-        # the first one (a duplicate of it, or the same refusal), as if stored one by one
+        for sender, cmid, msg_id, session_id, seq, ts, body, pending in found or ():
+            originals[(sender, cmid)] = Stored(
+                str(msg_id), session_id, seq, ts, sender, cmid, body, pending, duplicate=True)
+        sessions: dict[str, tuple[int, list[str]]] = {
+            sid: (last_seq, members) for sid, last_seq, members in session_rows or ()}
+        if any(sid not in sessions and sid.startswith(P2P_PREFIX) and sid not in p2p_new for sid in ids):
+            raise _StaleP2P()  # rolls back; _store_messages forgets and runs the batch again
+
+        # 3. duplicates are answered with their original; a message sent twice
+        # in one batch: the later copies are answered like the first one (a
+        # duplicate of it, or the same refusal), as if stored one by one
         fresh: list[int] = []
         first_of_key: dict[tuple[str, str], int] = {}
         copies: list[tuple[int, int]] = []  # (later copy, first copy)
@@ -459,51 +515,12 @@ class MessageStore:
                 results[i] = original
             elif key in first_of_key:
                 copies.append((i, first_of_key[key]))
+            elif checks[i] is not None:
+                first_of_key[key] = i
+                results[i] = Rejected(m.client_msg_id, *checks[i])
             else:
                 first_of_key[key] = i
                 fresh.append(i)
-
-        # 2. 1:1 sessions come into being with their first message
-        session_ids = set()
-        p2p_new: set[str] = set()
-        checked: dict[str, tuple[bool, tuple[str, str] | None]] = {}  # per distinct session id
-        for i in fresh:
-            m = batch[i]
-            if not isinstance(m.session_id, str):
-                valid, pair = False, None
-            elif m.session_id in checked:
-                valid, pair = checked[m.session_id]
-            else:
-                valid, pair = checked[m.session_id] = (valid_session_id(m.session_id), parse_p2p(m.session_id))
-            if not valid:
-                results[i] = Rejected(m.client_msg_id, "no_session", "no such session")
-                continue
-            if pair is not None and not m.trusted and m.sender not in pair:
-                results[i] = Rejected(m.client_msg_id, "not_member", "not a member of this session")
-                continue
-            if pair is not None and m.session_id not in self.p2p_known:
-                p2p_new.add(m.session_id)
-            session_ids.add(m.session_id)
-        if p2p_new:
-            await self._create_p2p(cursor, sorted(p2p_new, key=_bytes_key))
-
-        # 3. lock the sessions in one stable order, then read last_seq and members.
-        # Two statements in one round trip: under READ COMMITTED the second
-        # takes a new snapshot, after the locks are held, so it sees what a
-        # membership change that held the lock before us committed (a
-        # subquery of the locking SELECT itself would read its older snapshot).
-        sessions: dict[str, tuple[int, list[str]]] = {}
-        if session_ids:
-            ids = sorted(session_ids)
-            await cursor.execute(
-                'SELECT 1 FROM session WHERE id = ANY(%s) ORDER BY id COLLATE "C" FOR UPDATE; '
-                'SELECT s.id, s.last_seq, ARRAY(SELECT m.user_id FROM session_member m '
-                'WHERE m.session_id = s.id ORDER BY m.user_id COLLATE "C") '
-                'FROM session s WHERE s.id = ANY(%s)', (ids, ids))
-            for sid, last_seq, members in cursor.fetchall():
-                sessions[sid] = (last_seq, members)
-            if any(sid not in sessions and sid.startswith(P2P_PREFIX) and sid not in p2p_new for sid in ids):
-                raise _StaleP2P()  # rolls back; _store_messages forgets and runs the batch again
 
         # 4. seq numbers, in batch order, and one write statement
         next_seq: dict[str, int] = {}
@@ -535,12 +552,13 @@ class MessageStore:
                                      if u != batch[i].sender})
                 if recipients:
                     online = sorted(await defer.maybeDeferred(locate, recipients))
-            ids = await self._write(cursor, batch, bodies, new_rows, next_seq, now_ms, online)
-            for i, seq in new_rows:
+            msg_ids = reserved[:len(new_rows)]
+            await self._write(cursor, batch, bodies, new_rows, msg_ids, next_seq, now_ms, online)
+            for (i, seq), msg_id in zip(new_rows, msg_ids):
                 m = batch[i]
                 members = sessions[m.session_id][1]
                 results[i] = Stored(
-                    str(ids[(m.session_id, seq)]), m.session_id, seq,
+                    str(msg_id), m.session_id, seq,
                     m.ts_ms if m.ts_ms is not None else now_ms, m.sender, m.client_msg_id, m.body,
                     [u for u in members if u != m.sender])
 
@@ -548,14 +566,9 @@ class MessageStore:
             results[i] = copy_answer(results[first_i])  # type: ignore[arg-type]
         return results  # type: ignore[return-value]
 
-    async def _undelivered_of(self, cursor: Any, msg_ids: list[int]) -> dict[int, list[str]]:
-        await cursor.execute(
-            'SELECT msg_id, array_agg(user_id ORDER BY user_id COLLATE "C") FROM messagesend '
-            "WHERE msg_id = ANY(%s) AND status <> 'delivered' GROUP BY msg_id", (msg_ids,))
-        return {msg_id: users for msg_id, users in cursor.fetchall()}
-
-    async def _create_p2p(self, cursor: Any, session_ids: list[str]) -> None:
-        """Create the 1:1 sessions that do not exist yet (in id order: no deadlock between creators)."""
+    @staticmethod
+    def _create_p2p_sql(cursor: Any, session_ids: list[str]) -> bytes:
+        """The statement that creates the 1:1 sessions not there yet (in id order: no deadlock between creators)."""
         rows, members = [], []
         for sid in session_ids:
             a, b = parse_p2p(sid)  # type: ignore[misc]
@@ -563,40 +576,40 @@ class MessageStore:
             members.append(cursor.mogrify("(%s,%s)", (sid, a)))
             members.append(cursor.mogrify("(%s,%s)", (sid, b)))
         # members only of the sessions this statement created (an existing one keeps its own)
-        await cursor.execute(
-            b"WITH s AS (INSERT INTO session (id, kind) VALUES " + b",".join(rows)
-            + b" ON CONFLICT (id) DO NOTHING RETURNING id) "
-            b"INSERT INTO session_member (session_id, user_id, role) "
-            b"SELECT v.session_id, v.user_id, 'member' FROM (VALUES " + b",".join(members)
-            + b") AS v(session_id, user_id) JOIN s ON s.id = v.session_id")
+        return (b"WITH s AS (INSERT INTO session (id, kind) VALUES " + b",".join(rows)
+                + b" ON CONFLICT (id) DO NOTHING RETURNING id) "
+                b"INSERT INTO session_member (session_id, user_id, role) "
+                b"SELECT v.session_id, v.user_id, 'member' FROM (VALUES " + b",".join(members)
+                + b") AS v(session_id, user_id) JOIN s ON s.id = v.session_id")
 
     async def _write(self, cursor: Any, batch: list[Incoming], bodies: dict[int, str],
-                     new_rows: list[tuple[int, int]], last_seqs: dict[str, int],
-                     now_ms: int, online: Sequence[str] = ()) -> dict[tuple[str, int], int]:
-        """Advance last_seq, insert messagerecv and messagesend: one statement; ``{(session, seq): id}``.
+                     new_rows: list[tuple[int, int]], msg_ids: Sequence[int], last_seqs: dict[str, int],
+                     now_ms: int, online: Sequence[str] = ()) -> None:
+        """Advance last_seq, insert messagerecv and messagesend, and COMMIT: one round trip.
 
+        ``msg_ids`` are the ids reserved for ``new_rows`` (in their order).
         Rows of ``online`` recipients are inserted ``sending``, the others ``pending``.
         """
         upd = b",".join(cursor.mogrify("(%s,%s::bigint)", (sid, seq)) for sid, seq in sorted(last_seqs.items()))
         ins = b",".join(
             cursor.mogrify(
-                "(%s,%s::bigint,%s,%s,%s::jsonb,timestamptz 'epoch' + %s::bigint * interval '1 millisecond')",
-                (batch[i].session_id, seq, batch[i].sender, batch[i].client_msg_id, bodies[i],
+                "(%s::bigint,%s,%s::bigint,%s,%s,%s::jsonb,"
+                "timestamptz 'epoch' + %s::bigint * interval '1 millisecond')",
+                (msg_id, batch[i].session_id, seq, batch[i].sender, batch[i].client_msg_id, bodies[i],
                  batch[i].ts_ms if batch[i].ts_ms is not None else now_ms))
-            for i, seq in new_rows)
+            for (i, seq), msg_id in zip(new_rows, msg_ids))
         await cursor.execute(
             b"WITH upd AS (UPDATE session s SET last_seq = v.last_seq FROM (VALUES " + upd
             + b") AS v(id, last_seq) WHERE s.id = v.id RETURNING s.id), "
-            b"ins AS (INSERT INTO messagerecv (session_id, seq, sender_id, client_msg_id, body, created_at) "
-            b"VALUES " + ins + b" RETURNING id, session_id, seq, sender_id), "
-            b"snd AS (INSERT INTO messagesend (user_id, msg_id, session_id, seq, status) "
+            b"ins AS (INSERT INTO messagerecv (id, session_id, seq, sender_id, client_msg_id, body, created_at) "
+            b"OVERRIDING SYSTEM VALUE VALUES " + ins + b" RETURNING id, session_id, seq, sender_id) "
+            b"INSERT INTO messagesend (user_id, msg_id, session_id, seq, status) "
             b"SELECT m.user_id, ins.id, ins.session_id, ins.seq, "
             + (cursor.mogrify("CASE WHEN m.user_id = ANY(%s::text[]) THEN 'sending' ELSE 'pending' END ",
                               (list(online),)) if online else b"'pending' ")
             + b"FROM ins "
-            b"JOIN session_member m ON m.session_id = ins.session_id AND m.user_id <> ins.sender_id) "
-            b"SELECT id, session_id, seq FROM ins")
-        return {(sid, seq): msg_id for msg_id, sid, seq in cursor.fetchall()}
+            b"JOIN session_member m ON m.session_id = ins.session_id AND m.user_id <> ins.sender_id",
+            commit=True)
 
     def mark_sending(self, pairs: Iterable[tuple[str, Any]]) -> defer.Deferred:
         """``pending`` -> ``sending`` for ``(user_id, msg_id)`` pairs; fires with the count changed.
