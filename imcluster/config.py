@@ -279,6 +279,8 @@ OPTIONS: list[Option] = [
          "unacknowledged queue messages a processor (or gateway, or the API's reply queue) holds"),
     _opt("batch_size", _positive(_int), 500, P, "client frames handled in one transaction"),
     _opt("batch_wait", _non_negative(_float), 0.002, P, "seconds a batch waits to fill"),
+    _opt("windows", _positive(_int), 2, P,
+         "batches a processor runs at once, the second only when a full batch waits (seq numbers and deliveries keep the order they started in)"),
     _opt("max_group_size", _positive(_int), 1000, P | A, "members a session may have"),
     _opt("sync_page_size", _positive(_int), 500, P, "undelivered messages read per sync page"),
     _opt("retry_delay", _positive(_float), 0.5, G | P, "first retry delay in seconds after a failure"),

@@ -148,11 +148,15 @@ class IMessageStore(Interface):
     PROCESSOR.md.
     """
 
-    def store_messages(batch, locate=None):
+    def store_messages(batch, locate=None, locked=None):
         """Store ``[Incoming]`` in one transaction: ``[Stored | Rejected]`` in batch order.
 
         ``locate(recipients)`` (optional) returns the online ones; a store that
-        calls it inserts their ``messagesend`` rows ``sending`` at once."""
+        calls it inserts their ``messagesend`` rows ``sending`` at once.
+        ``locked()`` (optional) is called once, as soon as the batch's
+        sessions are locked (or the store knows it will lock none): a window
+        started after this one may then begin its own transaction and still
+        take seq numbers after this one's."""
 
     def mark_sending(pairs):
         """``pending`` -> ``sending`` for ``(user_id, msg_id)`` pairs; fires with the count."""

@@ -1056,8 +1056,10 @@ class FakeStore:
         return _st.json.loads(_st.json.dumps(body))
 
     # -- messages
-    def store_messages(self, batch, locate=None):
+    def store_messages(self, batch, locate=None, locked=None):
         # locate is never called: every row stays pending (the caller marks what it routes)
+        if locked is not None:
+            locked()  # one dict, no locks: nothing can overtake
         return self._call("store_messages", self._store, list(batch))
 
     def _store(self, batch):

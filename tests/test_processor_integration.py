@@ -327,3 +327,41 @@ async def test_rabbitmq_dropping_the_processor_connection_mid_stream_loses_nothi
     await eventually(lambda: {f["msgId"] for f in gw.of_type(b1, "message_send")}
                      >= {m for v in by_cmid.values() for m in v}, what="bob has every message")
     await eventually(lambda: svc.bus.reconnects >= 1, what="the processor reconnected")
+
+
+@pytest_twisted.ensureDeferred
+async def test_windows_in_flight_together_keep_each_sessions_order(rig, pg):
+    """Overlapping windows would give a sender's messages seq numbers, or deliveries, out of send order."""
+    svc = await rig.processor(windows=3, batch_size=4, batch_wait=0.0)
+    running, most = [0], [0]
+    real_run = svc.pipeline.run
+
+    def counting_run(window):
+        running[0] += 1
+        most[0] = max(most[0], running[0])
+
+        def finished(result):
+            running[0] -= 1
+            return result
+        return real_run(window).addBoth(finished)
+
+    svc.pipeline.run = counting_run
+    gw = rig.gw
+    g1 = await gw.add()
+    a1, b1 = await gw.connect(g1, "alice"), await gw.connect(g1, "bob")
+    sessions = ["s0", "s1", "s2"]
+    for sid in sessions:
+        await rig.store.create_session("alice", ["bob"], sid)
+    n = 240
+    # one queue message each, published back to back: the processor runs many small windows
+    await defer.gatherResults([gw.send(message(a1, "alice", f"m{i}", sessions[i % 3])) for i in range(n)])
+    replies = await gw.wait(a1, "message_reply", n, timeout=30)
+    sent = await gw.wait(b1, "message_send", n, timeout=30)
+    assert most[0] > 1, "the windows never overlapped: the test shows nothing"
+    for sid in sessions:
+        mine = [r for r in replies if r["sessionId"] == sid]
+        # seq follows send order (RabbitMQ keeps the publish order on one queue)...
+        assert [r["clientMsgId"] for r in sorted(mine, key=lambda r: r["seq"])] == \
+            [f"m{i}" for i in range(n) if sessions[i % 3] == sid]
+        # ...and bob receives each session's messages in seq order, none missing
+        assert [f["seq"] for f in sent if f["sessionId"] == sid] == list(range(1, n // 3 + 1))

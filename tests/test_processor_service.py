@@ -235,11 +235,11 @@ def test_a_retry_resumes_where_the_window_stopped(rig):
 class PoisonStore(FakeStore):
     """A store that fails (not transiently) on any batch holding clientMsgId 'boom'."""
 
-    def store_messages(self, batch, locate=None):
+    def store_messages(self, batch, locate=None, locked=None):
         if any(m.client_msg_id == "boom" for m in batch):
             self.calls.append(("store_messages", (list(batch),)))
             return defer.fail(ValueError("boom"))
-        return super().store_messages(batch, locate)
+        return super().store_messages(batch, locate, locked)
 
 
 def test_poison_message_is_dead_lettered_and_does_not_block_its_batch_mates():
@@ -480,7 +480,8 @@ def test_stop_finishes_the_window_in_flight_and_leaves_the_rest_for_redelivery(r
     a1 = rig.connect(GW1, "alice")
     gate = defer.Deferred()
     real = rig.store.store_messages
-    rig.store.store_messages = lambda batch, locate=None: gate.addCallback(lambda _: real(batch, locate))
+    rig.store.store_messages = lambda batch, locate=None, locked=None: gate.addCallback(
+        lambda _: real(batch, locate, locked))
     rig.send(message(a1, "alice", "m1", "g"))
     rig.send(message(a1, "alice", "m2", "g"))
     assert rig.unacked() == 2
@@ -540,3 +541,45 @@ def test_api_items_are_trusted_only_from_api_connections_and_answered_without_ws
     rig.send(dict(message(conn, "system", "sys-2", "g"), trusted=True))
     assert len(rig.store.messages) == 2 and len(rig.bus.published) == published + 1  # GW1 only
     assert not rig.svc.router.is_dead(api) and rig.unacked() == 0
+
+
+class GatedStore(FakeStore):
+    """A store whose batches wait for the test: ``open(n)`` lets batch ``n`` (0-based) go on."""
+
+    def __init__(self):
+        super().__init__()
+        self.gates = []
+
+    def store_messages(self, batch, locate=None, locked=None):
+        gate = defer.Deferred()
+        self.gates.append(gate)
+        return gate.addCallback(lambda _: super(GatedStore, self).store_messages(batch, locate, locked))
+
+
+@pytest.mark.parametrize("windows, batch_size, running", [(1, 1, 1), (2, 1, 2), (2, 100, 1)])
+def test_windows_in_flight_keep_seq_and_delivery_order(windows, batch_size, running):
+    """A second window running beside a slow first one would reorder a sender's messages or deliveries.
+
+    (A second window starts beside one still storing only when a full batch waits.)
+    """
+    store = GatedStore()
+    r = Rig(store=store, windows=windows, batch_size=batch_size)
+    r.gateway(GW1)
+    group(r, "g", "alice", "bob")
+    a1, b1 = r.connect(GW1, "alice"), r.connect(GW1, "bob")
+    r.send(message(a1, "alice", "m1", "g"))  # window 1: waits in the store
+    r.send(message(a1, "alice", "m2", "g"))  # window 2 (with windows=2) starts beside it
+    r.settle()
+    assert len(r.svc._running) == running
+    # window 2 does not even begin its transaction before window 1 holds its locks
+    assert len(store.gates) == 1
+    store.gates[0].callback(None)
+    r.settle()
+    assert len(store.gates) == 2
+    store.gates[1].callback(None)
+    r.settle()
+    replies = r.frames_to(a1)
+    assert [(f["clientMsgId"], f["seq"]) for f in replies] == [("m1", 1), ("m2", 2)]
+    assert [f["seq"] for f in r.frames_to(b1)] == [1, 2]
+    assert r.unacked() == 0 and not r.svc._running
+

@@ -253,6 +253,23 @@ class Window:
         return [i for i in self.items if i.frame is not None and i.frame["type"] in types]
 
 
+class _Turn:
+    """A window's place in a queue of windows: ``wait()`` for the one before, ``done()`` for the next."""
+
+    def __init__(self, before: defer.Deferred) -> None:
+        self._before: defer.Deferred | None = before
+        self.mine: defer.Deferred = defer.Deferred()
+
+    async def wait(self) -> None:
+        before, self._before = self._before, None
+        if before is not None:
+            await before
+
+    def done(self) -> None:
+        if not self.mine.called:
+            self.mine.callback(None)
+
+
 def _message_send(stored: Any) -> dict:
     return {"type": "message_send", "msgId": stored.msg_id, "sessionId": stored.session_id,
             "seq": stored.seq, "from": stored.sender, "clientMsgId": stored.client_msg_id,
@@ -295,12 +312,33 @@ class Pipeline:
             from twisted.internet import reactor as clock
         self.clock = clock
         self._queries = defer.DeferredSemaphore(max(1, int(config.values.get("postgres_pool_size", 4))))
+        # the turns of the last window started (see run)
+        self._locked: defer.Deferred = defer.succeed(None)
+        self._published: defer.Deferred = defer.succeed(None)
 
     def run(self, window: Window) -> defer.Deferred:
-        """Handle ``window``; fires when all its effects are committed and published."""
-        return defer.Deferred.fromCoroutine(self._run(window))
+        """Handle ``window``; fires when all its effects are committed and published.
 
-    async def _run(self, w: Window) -> None:
+        Several windows may run at once (the service's ``windows``). They
+        keep the order in which they were started where it shows: a window
+        begins its store transaction only once the window before it holds
+        its session locks (so seq numbers follow window order), and
+        publishes only once the window before it has published (so
+        deliveries reach each gateway in seq order). A window that fails
+        gives up its turns; run again, it queues behind the windows started
+        since.
+        """
+        locked, published = _Turn(self._locked), _Turn(self._published)
+        self._locked, self._published = locked.mine, published.mine
+
+        def release(result: Any) -> Any:
+            locked.done()
+            published.done()
+            return result
+
+        return defer.Deferred.fromCoroutine(self._run(window, locked, published)).addBoth(release)
+
+    async def _run(self, w: Window, locked: "_Turn", published: "_Turn") -> None:
         w.attempts += 1
         messages = w.of_type(protocol.MESSAGE)
         if w.verdicts is None:
@@ -311,12 +349,16 @@ class Pipeline:
         acking = defer.Deferred.fromCoroutine(self._acks(w))
         try:
             await _gather([
-                defer.Deferred.fromCoroutine(self._store(w, messages)),
+                defer.Deferred.fromCoroutine(self._store(w, messages, locked)),
                 defer.Deferred.fromCoroutine(self._queries_stage(w)),
             ])
             if w.outbox is None:
                 w.outbox = await self._build_outbox(w, messages)
-            await self.router.publish(w.outbox, w.published, w.routed)
+            await published.wait()
+            try:
+                await self.router.publish(w.outbox, w.published, w.routed)
+            finally:
+                published.done()
             if not w.observed:
                 w.observed = True
                 self._observe(w, messages)
@@ -355,8 +397,10 @@ class Pipeline:
 
     # --- stage 2: store, acknowledgements, queries
 
-    async def _store(self, w: Window, messages: list[Item]) -> None:
+    async def _store(self, w: Window, messages: list[Item], locked: "_Turn") -> None:
+        await locked.wait()
         if w.stored_done:
+            locked.done()
             return
         batch, owners = [], []
         for item in messages:
@@ -369,8 +413,10 @@ class Pipeline:
             batch.append(Incoming(item.user_id, f["clientMsgId"], f["sessionId"], body, item.ts,
                                   trusted=item.trusted))
             owners.append(item)
-        if batch:
-            results = await self.store.store_messages(batch, self._locator(w))
+        if not batch:
+            locked.done()
+        else:
+            results = await self.store.store_messages(batch, self._locator(w), locked.done)
             now = self.clock.seconds()
             for item, result in zip(owners, results):
                 w.stored[id(item)] = result

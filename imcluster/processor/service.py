@@ -6,8 +6,12 @@ into a :class:`~imcluster.processor.pipeline.Window` of up to ``batch_size``
 frame items, or whatever arrived within ``batch_wait`` seconds, and the
 window runs through the :class:`~imcluster.processor.pipeline.Pipeline` as
 one unit. A window holds whole queue messages (at least one, so a gateway's
-coalesced message of more than ``batch_size`` items is one window). One window runs at a time; messages that arrive meanwhile wait (at
-most ``prefetch`` of them: memory stays bounded) and form the next one.
+coalesced message of more than ``batch_size`` items is one window). Up to
+``windows`` windows run at once (default 2), the second only when a full
+batch waits (under load: while one waits for PostgreSQL, the next is
+stored); the pipeline keeps their seq numbers and their publishes in the
+order they started. Messages that arrive meanwhile wait (at most
+``prefetch`` of them: memory stays bounded) and form the next one.
 
 Settling
     a queue message is acknowledged only once all its items are applied:
@@ -33,7 +37,7 @@ Several processors
     compete on the queue; the store's unique keys and per-session row
     locks make the result the same as with one.
 Stopping
-    no new window starts; the window in flight finishes (a retry waiting
+    no new window starts; the windows in flight finish (a retry waiting
     for its timer is abandoned), then the consumer is cancelled, which hands
     every unacknowledged message back to RabbitMQ for redelivery.
 """
@@ -90,7 +94,7 @@ class ProcessorService(service.Service):
         self._buffered = 0  # frame items in _buffer
         self._retry: collections.deque[Window] = collections.deque()  # windows to run before new ones
         self._parked: dict[Window, Any] = {}  # windows waiting to be tried again after an unexplained failure
-        self._running: defer.Deferred | None = None
+        self._running: dict[Window, defer.Deferred] = {}  # windows in flight
         self._timer: Any = None
         self._timer_kind = ""
         self._failures = 0  # transient failures in a row
@@ -128,19 +132,21 @@ class ProcessorService(service.Service):
 
     @defer.inlineCallbacks
     def stopService(self):  # noqa: N802
-        """Finish the window in flight, then cancel the consumer (the rest is redelivered)."""
+        """Finish the windows in flight, then cancel the consumer (the rest is redelivered)."""
         super().stopService()
         self._stopping = True
         self._cancel_timer()
         for call in self._parked.values():
             if call.active():
                 call.cancel()
-        running = self._running
-        if running is not None:
-            self.log.info("processor stopping: finishing the window in flight")
-            done: defer.Deferred = defer.Deferred()
-            running.addBoth(lambda r: done.called or done.callback(None))
-            yield done
+        if self._running:
+            self.log.info("processor stopping: finishing {n} windows in flight", n=len(self._running))
+            waits = []
+            for running in self._running.values():
+                done: defer.Deferred = defer.Deferred()
+                running.addBoth(lambda r, done=done: done.called or done.callback(None))
+                waits.append(done)
+            yield defer.DeferredList(waits)
         if self.consumer is not None:
             yield self.consumer.cancel()
         left = len(self._buffer) + sum(len(w.envelopes) for w in [*self._retry, *self._parked])
@@ -195,8 +201,8 @@ class ProcessorService(service.Service):
         self._timer = self.clock.callLater(delay, self._fire)
 
     def _kick(self) -> None:
-        """Start the next window when one is due (never more than one at a time)."""
-        if self._stopping or self._running is not None:
+        """Start the next window when one is due (at most ``windows`` at a time, see _room)."""
+        if self._stopping or not self._room():
             return
         if self._timer is not None and self._timer.active():
             if self._timer_kind == "retry":
@@ -213,6 +219,20 @@ class ProcessorService(service.Service):
                 delay = max(0.0, self._buffer[0].received + self.config.batch_wait - self.clock.seconds())
             self._schedule(delay, "batch")
 
+    def _room(self) -> bool:
+        """Whether another window may start now: at most ``windows`` at once,
+        and a second one only when a full batch waits.
+
+        Under light load windows run one at a time: measured here, starting
+        the next beside one in flight splits the traffic into more, smaller
+        transactions whose CPU costs more latency than the waiting it saves
+        (p2p at 1,000 msgs/s: p50 12.0 ms one at a time, 13.4 pipelined).
+        Under load they overlap (p2p-throughput: 8.9k -> 10.1k msgs/s).
+        """
+        if not self._running:
+            return True
+        return len(self._running) < self.config.windows and self._buffered >= self.config.batch_size
+
     def _take(self) -> Window | None:
         if self._retry:
             return self._retry.popleft()
@@ -227,8 +247,10 @@ class ProcessorService(service.Service):
 
     def _fire(self) -> None:
         self._timer = None
-        if self._stopping or self._running is not None:
+        if self._stopping or not self._room():
             return
+        if self._retry and self._running:
+            return  # a window run again goes alone: the ones in flight may fail the same way
         window = self._take()
         if window is None:
             return
@@ -239,18 +261,19 @@ class ProcessorService(service.Service):
             return
         if window.attempts == 0:
             metrics.BATCH_SIZE.observe(len(window))
-        d = self._running = self.pipeline.run(window)
+        d = self._running[window] = self.pipeline.run(window)
         d.addCallbacks(self._done, self._failed, (window,), None, (window,))
+        self._kick()  # the next one may start now
 
     def _done(self, _: Any, window: Window) -> None:
-        self._running = None
+        self._running.pop(window, None)
         self._failures = 0
         for env in window.envelopes:
             env.part_done()
         self._kick()
 
     def _failed(self, failure: Failure, window: Window) -> None:
-        self._running = None
+        self._running.pop(window, None)
         if self._stopping:
             return  # abandoned: redelivered after the consumer is cancelled
         config = self.config

@@ -106,6 +106,22 @@ _DIGITS_RE = re.compile(r"[0-9]{1,19}")
 _TS_SQL = "floor(extract(epoch FROM {t}.created_at) * 1000)::bigint"
 
 
+class _Once:
+    """Calls ``fn`` (when given) the first time it is called, never again."""
+
+    def __init__(self, fn: Callable[[], Any] | None) -> None:
+        self.fn = fn
+
+    def __call__(self) -> None:
+        fn, self.fn = self.fn, None
+        if fn is not None:
+            fn()
+
+    def passthrough(self, result: Any) -> Any:
+        self()
+        return result
+
+
 class StoreError(Exception):
     """A deterministic failure the caller answers to the client (never retry it)."""
 
@@ -360,7 +376,8 @@ class MessageStore:
     # -- messages ----------------------------------------------------------------
 
     def store_messages(self, batch: Sequence[Incoming],
-                       locate: Callable[[list[str]], Any] | None = None) -> defer.Deferred:
+                       locate: Callable[[list[str]], Any] | None = None,
+                       locked: Callable[[], Any] | None = None) -> defer.Deferred:
         """Store a batch in one transaction; fires with ``[Stored | Rejected]`` in batch order.
 
         Idempotent: a batch run again (after a crash, a retry, or by another
@@ -372,10 +389,18 @@ class MessageStore:
         ``messagesend`` rows are inserted ``sending`` at once, which spares
         the caller a ``mark_sending`` for them. A failure of ``locate`` fails
         the batch (nothing is stored).
-        """
-        return defer.Deferred.fromCoroutine(self._store_messages(list(batch), locate))
 
-    async def _store_messages(self, batch: list[Incoming], locate: Any = None) -> list[Stored | Rejected]:
+        ``locked()``, when given, is called once: when the batch's sessions
+        are locked, or when the batch fails or needs no lock. The pipeline
+        starts the next window's transaction only then, so that windows
+        in flight together take seq numbers in the order they started.
+        """
+        once = _Once(locked)
+        d = defer.Deferred.fromCoroutine(self._store_messages(list(batch), locate, once))
+        return d.addBoth(once.passthrough)
+
+    async def _store_messages(self, batch: list[Incoming], locate: Any = None,
+                              locked: "_Once | None" = None) -> list[Stored | Rejected]:
         if not batch:
             return []
         now_ms = int(self.clock.seconds() * 1000)
@@ -383,7 +408,8 @@ class MessageStore:
         while True:
             attempt += 1
             try:
-                results = await self.db.run_interaction(self._store_in, batch, now_ms, locate, idempotent=True)
+                results = await self.db.run_interaction(self._store_in, batch, now_ms, locate, locked,
+                                                        idempotent=True)
                 break
             except _StaleP2P:
                 self.p2p_known.clear()
@@ -410,7 +436,7 @@ class MessageStore:
         return results
 
     async def _store_in(self, cursor: Any, batch: list[Incoming], now_ms: int,
-                        locate: Any = None) -> list[Stored | Rejected]:
+                        locate: Any = None, locked: "_Once | None" = None) -> list[Stored | Rejected]:
         """The transaction of :meth:`store_messages` (runs again from scratch on a retry)."""
         results: list[Stored | Rejected | None] = [None] * len(batch)
         bodies: dict[int, str] = {}
@@ -491,6 +517,8 @@ class MessageStore:
             "ARRAY(SELECT nextval('messagerecv_id_seq') FROM generate_series(1, %s))",
             ([k[0] for k in keys], [k[1] for k in keys], ids, sum(1 for c in checks.values() if c is None)))
         await cursor.execute(sql)
+        if locked is not None:
+            locked()
         found, session_rows, reserved = cursor.fetchall()[0]
         originals: dict[tuple[str, str], Stored] = {}
         for sender, cmid, msg_id, session_id, seq, ts, body, pending in found or ():
