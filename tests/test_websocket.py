@@ -229,3 +229,13 @@ def test_no_delayed_calls_after_handshake_failure():
     hub, h = harness(host="x:1", external_port=443, handshake_timeout=5)
     h.drop()
     assert hub.clock.getDelayedCalls() == []
+
+
+def test_autobahn_debug_arguments_are_not_coloured():
+    """Every frame sent would pay for ANSI-colouring Autobahn's (unlogged) debug arguments where click is installed."""
+    import autobahn.util
+
+    import imcluster.gateway.websocket  # noqa: F401 (the module turns the colours off)
+
+    assert autobahn.util.hltype(test_autobahn_debug_arguments_are_not_coloured) == \
+        f"<{__name__}.test_autobahn_debug_arguments_are_not_coloured>"

@@ -18,6 +18,7 @@ import ipaddress
 import itertools
 from typing import Any
 
+import autobahn.util
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.util import encode_truncate
 from autobahn.websocket.compress import PerMessageDeflateOffer, PerMessageDeflateOfferAccept
@@ -26,6 +27,12 @@ from autobahn.websocket.types import ConnectionDeny
 from imcluster.gateway.engine import ClientConnection
 
 _unix_ports = itertools.count(1)
+
+# Autobahn builds the arguments of its debug log lines on every frame it
+# sends, logged or not, and colours them with click when click can be
+# imported (many installs have it: Flask, schemathesis, ...): 10-20 % of a
+# gateway's CPU in the fan-out benchmark. A daemon's log wants no colours.
+autobahn.util._HAS_CLICK = False
 
 
 class _ClockTimer:
