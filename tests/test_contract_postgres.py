@@ -206,7 +206,9 @@ async def test_idempotent_work_in_flight_is_run_again(pg, pg_admin):
     await eventually(lambda: runs)
     await sleep(0.1)
     assert terminate_backends(pg_admin, pg.application_name) >= 1
-    assert await d == 2
+    # run again, maybe more than once: the first statement of a run may go to
+    # another killed connection that has not noticed yet
+    assert await d >= 2
     assert await pg.run_query("SELECT id FROM session") == [("idem",)]
 
 
