@@ -575,8 +575,7 @@ class PostgresService(service.Service):
 
     # --- running work
 
-    async def _run(self, what: str, call: Callable[[_Slot], defer.Deferred], idempotent: bool,
-                   transaction: bool) -> Any:
+    async def _run(self, what: str, call: Callable[[_Slot], defer.Deferred], idempotent: bool) -> Any:
         deadline = self._clock.seconds() + self.timeout
         attempt = 0
         while True:
@@ -604,9 +603,9 @@ class PostgresService(service.Service):
                     self.log.info("PostgreSQL {what}: connection lost mid-work; running it again",
                                   what=what)
                     continue
-                if (transaction and isinstance(e, psycopg2.extensions.TransactionRollbackError)
-                        and attempt < self.max_attempts):
+                if isinstance(e, psycopg2.extensions.TransactionRollbackError) and attempt < self.max_attempts:
                     # serialization failure or deadlock: PostgreSQL rolled it all back
+                    # (a whole interaction, or the one statement of a query)
                     self.log.info("PostgreSQL {what}: {err}; running it again", what=what, err=_one_line(e))
                     await _sleep(self._clock, random.random() * 0.05 * attempt)
                     continue
@@ -622,13 +621,13 @@ class PostgresService(service.Service):
         """
         return defer.Deferred.fromCoroutine(self._run(
             _what(sql), lambda slot: slot.detector.callChecking(_fetch_all, slot.conn, sql, params),
-            idempotent, False))
+            idempotent))
 
     def run_operation(self, sql: str, params: Any = None, idempotent: bool = True) -> defer.Deferred:
         """Run one statement (autocommit); fires with its row count."""
         return defer.Deferred.fromCoroutine(self._run(
             _what(sql), lambda slot: slot.detector.callChecking(_row_count, slot.conn, sql, params),
-            idempotent, False))
+            idempotent))
 
     def run_interaction(self, fn: Callable[..., Any], *args: Any, idempotent: bool = True) -> defer.Deferred:
         """Run ``fn(cursor, *args)`` in one transaction; fires with what ``fn`` returns.
@@ -644,7 +643,7 @@ class PostgresService(service.Service):
         what = getattr(fn, "__name__", "interaction")
         return defer.Deferred.fromCoroutine(self._run(
             what, lambda slot: slot.conn.runInteraction(_call_interaction, fn, args),
-            idempotent, True))
+            idempotent))
 
     def mogrify(self, template: str, rows: Iterable[Sequence[Any]]) -> str:
         """:func:`mogrify_rows` on a live connection (prefer the interaction's cursor)."""

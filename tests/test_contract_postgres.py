@@ -174,6 +174,21 @@ async def test_serialization_failure_is_run_again(pg):
 
 
 @pytest_twisted.ensureDeferred
+async def test_statement_rolled_back_by_a_deadlock_is_run_again(pg):
+    """One of two statements that deadlock would fail instead of being applied (acknowledgements lost)."""
+    await pg.run_operation("INSERT INTO session (id) VALUES ('a'), ('b')")
+
+    def both(first, second, seq):
+        # one autocommit string: an implicit transaction that holds its first lock while sleeping
+        return pg.run_operation(
+            "UPDATE session SET last_seq = last_seq + %s WHERE id = %s; SELECT pg_sleep(0.3); "
+            "UPDATE session SET last_seq = last_seq + %s WHERE id = %s", (seq, first, seq, second))
+
+    await defer.gatherResults([both("a", "b", 1), both("b", "a", 10)], consumeErrors=True)
+    assert await pg.run_query("SELECT id, last_seq FROM session ORDER BY id") == [("a", 11), ("b", 11)]
+
+
+@pytest_twisted.ensureDeferred
 async def test_recovers_after_its_backends_are_terminated(pg_factory, pg_schema, pg_admin):
     """After PostgreSQL drops every pool connection, the next work succeeds without a restart."""
     db = await pg_factory(pg_schema, pool_size=4)
