@@ -392,7 +392,7 @@ def scenario_params(args: argparse.Namespace) -> dict[str, dict]:
             "conn": {"n": 40},
             "p2p-latency": {"pairs": 5, "rate": 100, "seconds": 1, "drain": 10},
             "p2p-throughput": {"pairs": 5, "window": 4, "warmup": 0.3, "seconds": 1, "drain": 10},
-            "fanout": {"members": 10, "senders": 2, "rate": 20, "window": 4, "warmup": 0.3, "seconds": 1,
+            "fanout": {"members": 10, "senders": 2, "rate": 20, "windows": [2, 4], "warmup": 0.3, "seconds": 1,
                        "drain": 10},
             "sync": {"backlog": 100, "window": 50},
         }
@@ -402,7 +402,8 @@ def scenario_params(args: argparse.Namespace) -> dict[str, dict]:
         "conn": {"n": args.conns},
         "p2p-latency": {"pairs": 200, "rate": 1000, "seconds": d, "drain": 30},
         "p2p-throughput": {"pairs": 200, "window": 32, "warmup": 3, "seconds": d, "drain": 60},
-        "fanout": {"members": args.members, "senders": 5, "rate": 50, "window": 16, "warmup": 3, "seconds": d, "drain": 60},
+        "fanout": {"members": args.members, "senders": 5, "rate": 50, "windows": [16, 32, 64], "warmup": 3,
+                   "seconds": d, "drain": 60},
         "sync": {"backlog": args.backlog, "window": 500},
     }
 
@@ -545,8 +546,11 @@ def figures(name: str, r: dict, ceiling: float | None) -> list[str]:
     if name == "fanout":
         return [f"at {r['rate']['msgs_per_s']} msgs/s: {r['rate']['deliveries_per_s']:,.0f} deliveries/s, "
                 + fmt_lat(r["rate"]["latency_ms"]),
-                f"max: {r['max']['deliveries_per_s']:,.0f} deliveries/s{frac(r['max']['deliveries_per_s'])}, "
-                + fmt_lat(r["max"]["latency_ms"]),
+                f"max: {r['max']['deliveries_per_s']:,.0f} deliveries/s{frac(r['max']['deliveries_per_s'])} "
+                f"at {r['max']['window']} in flight per sender, " + fmt_lat(r["max"]["latency_ms"]),
+                "in flight per sender: " + ", ".join(
+                    f"{s['window']}: {s['deliveries_per_s']:,.0f}/s p50 {s['latency_ms']['p50']} ms"
+                    for s in r["steps"]),
                 f"sent {r['sent']} ok {r['replied_ok']} lost {r['lost']} dup {r['duplicated']}"]
     if name == "sync":
         return [f"{r['received']} msgs, sync_done {r['sync_done_count']} in {r['seconds']:.2f}s "
