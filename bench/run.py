@@ -623,7 +623,9 @@ def settle(limit: float) -> float:
     return round(time.monotonic() - started, 1)
 
 
-ORDER = ["echo", "conn", "p2p-latency", "p2p-throughput", "fanout", "sync"]
+# fan-out last: its millions of row writes keep PostgreSQL busy (autovacuum,
+# checkpoint) longer than --settle waits, which made a sync after it 10x slower
+ORDER = ["echo", "conn", "p2p-latency", "p2p-throughput", "sync", "fanout"]
 
 
 def main(argv=None) -> int:
