@@ -5,24 +5,26 @@ the tables of ``imcluster/migrations`` (ARCHITECTURE.md "PostgreSQL tables").
 Every public method returns a Deferred.
 
 Batching is the design. :meth:`MessageStore.store_messages` handles a whole
-window of client messages in ONE transaction and a fixed number of round
-trips, whatever the batch size:
+window of client messages in ONE transaction and TWO round trips, whatever
+the batch size (BEGIN and COMMIT travel with them, ``imcluster.db``):
 
-1. de-duplication: one ``SELECT`` on the unique key ``(sender_id,
-   client_msg_id)`` for the whole batch;
-2. the 1:1 sessions ``p2p:<a>:<b>`` that the batch writes to are created
-   (``INSERT ... ON CONFLICT DO NOTHING``, in id order) with both members,
-   except those this store has seen committed already (:data:`P2P_KNOWN_MAX`;
-   no statement at all once a window's sessions all exist; one remembered
-   but gone is noticed at step 3 and the batch runs again without memory);
-3. the batch's sessions are locked with ``SELECT ... ORDER BY id FOR UPDATE``
-   (one stable byte order for every processor: two processors never
-   deadlock), then ``last_seq`` and the members are read (same round trip);
-4. one statement writes everything: one ``UPDATE session`` row per session
-   (``last_seq`` advanced by the number of new messages), one multi-row
-   ``INSERT`` into ``messagerecv`` and the ``messagesend`` rows of every
-   member except the sender, expanded by PostgreSQL from ``session_member``
-   (a 100-member group costs one row on the wire per message, not 99).
+1. one string of statements: BEGIN; the 1:1 sessions ``p2p:<a>:<b>`` that
+   the batch writes to are created (``INSERT ... ON CONFLICT DO NOTHING``,
+   in id order) with both members, except those this store has seen
+   committed already (:data:`P2P_KNOWN_MAX`; one remembered but gone is
+   noticed below and the batch runs again without memory); the batch's
+   sessions are locked with ``SELECT ... ORDER BY id FOR UPDATE`` (one
+   stable byte order for every processor: two processors never deadlock);
+   then one ``SELECT`` reads the originals of duplicates on the unique key
+   ``(sender_id, client_msg_id)`` (with their still undelivered
+   recipients), ``last_seq`` and the members of every session, and
+   reserves the ids of the new messages (``nextval``);
+2. one statement writes everything, then COMMIT: one ``UPDATE session``
+   row per session (``last_seq`` advanced by the number of new messages),
+   one multi-row ``INSERT`` into ``messagerecv`` and the ``messagesend``
+   rows of every member except the sender, expanded by PostgreSQL from
+   ``session_member`` (a 100-member group costs one row on the wire per
+   message, not 99).
 
 Because the session row stays locked until commit, and membership changes
 (:meth:`MessageStore.add_remove_members`) lock it too, ``seq`` is gap-free
