@@ -264,10 +264,11 @@ async def test_garbage_on_the_queue_is_dead_lettered(rig, bus_factory):
     assert svc.running
 
 
+@pytest.mark.parametrize("batch_size, windows", [(20, 1), (5, 3)])
 @pytest_twisted.ensureDeferred
-async def test_postgres_connections_killed_mid_stream_lose_nothing(rig, pg, pg_admin):
-    """PostgreSQL dropping the processor's connections would lose or duplicate messages."""
-    svc = await rig.processor(batch_size=20)
+async def test_postgres_connections_killed_mid_stream_lose_nothing(rig, pg, pg_admin, batch_size, windows):
+    """PostgreSQL dropping the processor's connections would lose or duplicate messages (windows overlapping too)."""
+    svc = await rig.processor(batch_size=batch_size, windows=windows)
     pool = rig.pools[-1]
     gw = rig.gw
     g1 = await gw.add()
