@@ -249,3 +249,29 @@ async def test_locate_inserts_rows_of_online_recipients_sending(pg_schema, pg_fa
     else:
         raise AssertionError("a failed locate must fail the batch")
     assert await db.run_query("SELECT count(*) FROM messagerecv WHERE client_msg_id = 'x3'") == [(0,)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_one_to_one_recipients_are_located_while_the_locks_are_taken(pg_schema, pg_factory):
+    """A 1:1 window would wait for its Redis lookup after its locks instead of beside them (latency)."""
+    db = await pg_factory(pg_schema)
+    store = MessageStore(db, CAP)
+    [first] = await store.store_messages([Incoming("alice", "m0", "p2p:alice:bob", "hi")])  # the session exists
+    other = await pg_factory(pg_schema, pool_size=1)
+    gate = Gate(other, [("SELECT 1 FROM session WHERE id = 'p2p:alice:bob' FOR UPDATE", None)])
+    await gate.opened
+    asked = []
+
+    def locate(users):
+        asked.append(list(users))
+        return ["bob"]
+
+    mine = await pg_factory(pg_schema, pool_size=1)
+    d = MessageStore(mine, CAP).store_messages([Incoming("alice", "m1", "p2p:alice:bob", "again")], locate)
+    await wait_until_blocked(db, mine.application_name)  # on the session lock
+    assert asked == [["bob"]]
+    await gate.release()
+    [second] = await d
+    assert asked == [["bob"]] and second.seq == first.seq + 1
+    assert await db.run_query("SELECT status FROM messagesend WHERE msg_id = %s", (int(second.msg_id),)) == \
+        [("sending",)]

@@ -386,7 +386,9 @@ class MessageStore:
         processor) answers every message already stored as a duplicate.
 
         ``locate(users)``, when given, is called inside the transaction with
-        the recipients of the new messages (once members are known) and
+        the recipients of the new messages (once members are known; for a
+        batch of 1:1 sessions only, beside the first round trip, with the
+        other party of each, since it is in the session id) and
         returns (or fires with) the users that are online: their
         ``messagesend`` rows are inserted ``sending`` at once, which spares
         the caller a ``mark_sending`` for them. A failure of ``locate`` fails
@@ -500,6 +502,14 @@ class MessageStore:
         keys = sorted(keys_seen)
         if not keys:
             return results  # type: ignore[return-value]
+        # a 1:1 session's recipient is in its id: when every session is one,
+        # ask who is online now, while the locks are taken, not after
+        early = None
+        if locate is not None and session_ids and all(s.startswith(P2P_PREFIX) for s in session_ids):
+            early_users = sorted({u for i, c in checks.items() if c is None
+                                  for u in parse_p2p(batch[i].session_id) if u != batch[i].sender})  # type: ignore[union-attr]
+            # its error is kept as a value: raised below if used, never an unhandled Deferred error
+            early = defer.maybeDeferred(locate, early_users).addErrback(lambda f: f.value)
         ids = sorted(session_ids)
         sql = b""
         if p2p_new:
@@ -580,7 +590,13 @@ class MessageStore:
             if locate is not None:
                 recipients = sorted({u for i, _ in new_rows for u in sessions[batch[i].session_id][1]
                                      if u != batch[i].sender})
-                if recipients:
+                if recipients and early is not None and set(recipients) <= set(early_users):
+                    found = await early
+                    if isinstance(found, BaseException):
+                        raise found
+                    wanted = set(recipients)
+                    online = sorted(u for u in found if u in wanted)
+                elif recipients:
                     online = sorted(await defer.maybeDeferred(locate, recipients))
             msg_ids = reserved[:len(new_rows)]
             await self._write(cursor, batch, bodies, new_rows, msg_ids, next_seq, now_ms, online)
