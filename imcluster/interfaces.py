@@ -153,10 +153,11 @@ class IMessageStore(Interface):
 
         ``locate(recipients)`` (optional) returns the online ones; a store that
         calls it inserts their ``messagesend`` rows ``sending`` at once.
-        ``locked()`` (optional) is called once, as soon as the batch's
-        sessions are locked (or the store knows it will lock none): a window
-        started after this one may then begin its own transaction and still
-        take seq numbers after this one's."""
+        ``locked()`` (optional) is called as soon as the batch's sessions
+        are locked (again if the batch runs again): a window started after
+        this one may then begin its own transaction and still take seq
+        numbers after this one's. A store that never calls it only makes the
+        next window wait for this one's end."""
 
     def mark_sending(pairs):
         """``pending`` -> ``sending`` for ``(user_id, msg_id)`` pairs; fires with the count."""

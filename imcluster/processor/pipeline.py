@@ -399,9 +399,14 @@ class Pipeline:
 
     async def _store(self, w: Window, messages: list[Item], locked: "_Turn") -> None:
         await locked.wait()
-        if w.stored_done:
-            locked.done()
-            return
+        try:
+            if not w.stored_done:
+                await self._store_batch(w, messages, locked)
+                w.stored_done = True
+        finally:
+            locked.done()  # the store calls it sooner, as soon as it holds its locks
+
+    async def _store_batch(self, w: Window, messages: list[Item], locked: "_Turn") -> None:
         batch, owners = [], []
         for item in messages:
             verdict = w.verdicts[id(item)]
@@ -414,15 +419,13 @@ class Pipeline:
                                   trusted=item.trusted))
             owners.append(item)
         if not batch:
-            locked.done()
-        else:
-            results = await self.store.store_messages(batch, self._locator(w), locked.done)
-            now = self.clock.seconds()
-            for item, result in zip(owners, results):
-                w.stored[id(item)] = result
-                if item.ts is not None and result.ok and not result.duplicate:
-                    metrics.QUEUE_TO_COMMIT.observe(max(0.0, now - item.ts / 1000.0))
-        w.stored_done = True
+            return
+        results = await self.store.store_messages(batch, self._locator(w), locked.done)
+        now = self.clock.seconds()
+        for item, result in zip(owners, results):
+            w.stored[id(item)] = result
+            if item.ts is not None and result.ok and not result.duplicate:
+                metrics.QUEUE_TO_COMMIT.observe(max(0.0, now - item.ts / 1000.0))
 
     def _locator(self, w: Window) -> Callable[[list[str]], defer.Deferred]:
         """``locate`` for the store: which recipients have a connection (ONE ``connections_of``).

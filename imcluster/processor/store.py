@@ -108,22 +108,6 @@ _DIGITS_RE = re.compile(r"[0-9]{1,19}")
 _TS_SQL = "floor(extract(epoch FROM {t}.created_at) * 1000)::bigint"
 
 
-class _Once:
-    """Calls ``fn`` (when given) the first time it is called, never again."""
-
-    def __init__(self, fn: Callable[[], Any] | None) -> None:
-        self.fn = fn
-
-    def __call__(self) -> None:
-        fn, self.fn = self.fn, None
-        if fn is not None:
-            fn()
-
-    def passthrough(self, result: Any) -> Any:
-        self()
-        return result
-
-
 class StoreError(Exception):
     """A deterministic failure the caller answers to the client (never retry it)."""
 
@@ -394,17 +378,16 @@ class MessageStore:
         the caller a ``mark_sending`` for them. A failure of ``locate`` fails
         the batch (nothing is stored).
 
-        ``locked()``, when given, is called once: when the batch's sessions
-        are locked, or when the batch fails or needs no lock. The pipeline
-        starts the next window's transaction only then, so that windows
-        in flight together take seq numbers in the order they started.
+        ``locked()``, when given, is called as soon as the batch's sessions
+        are locked (again if the batch runs again after a lost race). The
+        pipeline starts the next window's transaction only then, so that
+        windows in flight together take seq numbers in the order they
+        started.
         """
-        once = _Once(locked)
-        d = defer.Deferred.fromCoroutine(self._store_messages(list(batch), locate, once))
-        return d.addBoth(once.passthrough)
+        return defer.Deferred.fromCoroutine(self._store_messages(list(batch), locate, locked))
 
     async def _store_messages(self, batch: list[Incoming], locate: Any = None,
-                              locked: "_Once | None" = None) -> list[Stored | Rejected]:
+                              locked: Callable[[], Any] | None = None) -> list[Stored | Rejected]:
         if not batch:
             return []
         now_ms = int(self.clock.seconds() * 1000)
@@ -440,7 +423,7 @@ class MessageStore:
         return results
 
     async def _store_in(self, cursor: Any, batch: list[Incoming], now_ms: int,
-                        locate: Any = None, locked: "_Once | None" = None) -> list[Stored | Rejected]:
+                        locate: Any = None, locked: Callable[[], Any] | None = None) -> list[Stored | Rejected]:
         """The transaction of :meth:`store_messages` (runs again from scratch on a retry)."""
         results: list[Stored | Rejected | None] = [None] * len(batch)
         bodies: dict[int, str] = {}
