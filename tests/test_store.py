@@ -17,6 +17,7 @@ from imcluster.db import apply_migrations
 from imcluster.interfaces import IMessageStore
 from imcluster.processor.store import Incoming, MessageStore, Rejected, Stored, StoreError
 from imcluster.testing import FakeStore
+from tests.support.postgres import undelivered_keys
 
 TS = 1764160000123
 #: the group size cap of these tests (config max_group_size)
@@ -257,13 +258,7 @@ async def test_undelivered_pages_in_byte_order_without_duplicates(store):
         await store.create_session("alice", ["bob"], sid)
     batch = [msg("alice", f"{sid}-{k}", sid) for k in range(3) for sid in sids]
     await store.store_messages(batch)
-    seen, after = [], None
-    while True:
-        page = await store.undelivered_page("bob", after, 4)
-        if not page:
-            break
-        seen += [(m["sessionId"], m["seq"]) for m in page]
-        after = (page[-1]["sessionId"], page[-1]["seq"])
+    seen = await undelivered_keys(store, "bob", 4)
     assert seen == [(sid, seq) for sid in sorted(sids, key=str.encode) for seq in (1, 2, 3)]
     assert await store.undelivered_page("alice", None, 10) == []  # the sender has no rows
     assert await store.undelivered_page("bad user", None, 10) == []

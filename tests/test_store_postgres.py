@@ -8,6 +8,7 @@ import pytest_twisted
 from twisted.internet import defer, reactor, task
 
 from imcluster.processor.store import UNDELIVERED_SQL, Incoming, MessageStore
+from tests.support.postgres import undelivered_keys
 
 CAP = 1000
 
@@ -157,13 +158,7 @@ async def test_undelivered_paging_over_a_large_backlog(pg_schema, pg_factory):
     expected = [(m["sessionId"], m["seq"]) for m in page if m["msgId"] not in set(acked)]
     assert expected == sorted(expected, key=lambda k: (k[0].encode(), k[1]))
     assert [k[0] for k in expected[:1]] == [sorted(sids, key=str.encode)[0]]
-    seen, after = [], None
-    while True:
-        chunk = await store.undelivered_page("bob", after, 300)
-        if not chunk:
-            break
-        seen += [(m["sessionId"], m["seq"]) for m in chunk]
-        after = (chunk[-1]["sessionId"], chunk[-1]["seq"])
+    seen = await undelivered_keys(store, "bob", 300)
     assert seen == expected
     assert len(set(seen)) == len(seen)
 

@@ -100,3 +100,14 @@ async def pg_factory():
 async def pg(pg_schema, pg_factory):
     """A started PostgresService (2 connections) on this test's migrated schema."""
     return await pg_factory(pg_schema)
+
+
+async def undelivered_keys(store, user_id: str, page: int) -> list[tuple[str, int]]:
+    """Every ``(sessionId, seq)`` of ``user_id``'s undelivered messages, paging as sync does."""
+    seen, after = [], None
+    while True:
+        chunk = await store.undelivered_page(user_id, after, page)
+        if not chunk:
+            return seen
+        seen += [(m["sessionId"], m["seq"]) for m in chunk]
+        after = seen[-1]
