@@ -1,0 +1,29 @@
+"""Test doubles of imcluster's roles, part of the public package (like treq.testing).
+
+One module per fake, each implementing the same interface as the real
+service and run through the same contract tests (``tests/test_contract_*.py``):
+
+- :mod:`.bus`: :class:`FakeBroker`, :class:`FakeBus` (``IMessageBus``)
+- :mod:`.registry`: :class:`FakeRegistry` (``IRegistry``)
+- :mod:`.auth`: :class:`FakeAuthenticator` (``IAuthenticator``)
+- :mod:`.store`: :class:`FakeStore` (``IMessageStore``)
+- :mod:`.gateway`: :class:`FakeHub`, :class:`FakeConnection` (the engine's two sides)
+- :mod:`.wire`: client-side frame helpers and harnesses that drive real gateway protocols
+"""
+
+from imcluster.testing.auth import FakeAuthenticator
+from imcluster.testing.bus import FakeBroker, FakeBus
+from imcluster.testing.gateway import FakeConnection, FakeHub, gateway_config
+from imcluster.testing.registry import FakeRedisStore, FakeRegistry
+from imcluster.testing.store import FakeStore, StoreUnavailable
+from imcluster.testing.wire import (
+    ClientHarness, LenientStringTransport, LoopbackGateway, TcpFrameReader, WsFrameReader,
+    self_signed_cert, tcp_encode, ws_close_frame, ws_frame, ws_handshake,
+)
+
+__all__ = [
+    "ClientHarness", "FakeAuthenticator", "FakeBroker", "FakeBus", "FakeConnection", "FakeHub",
+    "FakeRedisStore", "FakeRegistry", "FakeStore", "LenientStringTransport", "LoopbackGateway",
+    "StoreUnavailable", "TcpFrameReader", "WsFrameReader", "gateway_config", "self_signed_cert",
+    "tcp_encode", "ws_close_frame", "ws_frame", "ws_handshake",
+]

@@ -1,0 +1,120 @@
+"""FakeHub and FakeConnection: the gateway engine's two sides without sockets."""
+
+from __future__ import annotations
+
+from twisted.internet import defer
+from twisted.internet.task import Clock
+from zope.interface import implementer
+
+from imcluster.interfaces import IClientConnection as _IClientConnection
+from imcluster.testing.auth import FakeAuthenticator
+
+
+def gateway_config(**changes):
+    """A gateway Config with defaults, a test JWT secret and ``changes`` applied."""
+    from imcluster.config import GATEWAY, load_config
+    config = load_config(GATEWAY, {"jwt_secret": "test-secret"}, environ={})
+    return config.replace(**changes) if changes else config
+
+
+class FakeHub:
+    """The hub interface of GATEWAY.md, recording what a ClientConnection asks of it.
+
+    The default authenticator is a :class:`FakeAuthenticator` on the hub's
+    clock (tokens ``"user:alice"``, ``"user:alice:<exp>"``, ``"expired:alice"``).
+
+    ``refuse``: connection_made answers False. ``forward_failure`` /
+    ``auth_failure`` / ``sync_failure``: an exception the corresponding call
+    fails with (None: succeeds). ``hold_auth``: hub.authenticated returns a
+    Deferred kept in ``held`` for the test to fire.
+    """
+
+    def __init__(self, config=None, clock=None, authenticator=None, server_id="gw-0000"):
+        self.server_id = server_id
+        self.clock = clock if clock is not None else Clock()
+        self.config = config if config is not None else gateway_config()
+        self.authenticator = (authenticator if authenticator is not None
+                              else FakeAuthenticator(clock=self.clock))
+        self.accepting = True
+        self.refuse = False
+        self.made = []
+        self.lost = []
+        self.auths = []
+        self.syncs = []
+        self.forwarded = []
+        self.forward_failure = None
+        self.auth_failure = None
+        self.sync_failure = None
+        self.hold_auth = False
+        self.held = []
+
+    def connection_made(self, conn):
+        if self.refuse or not self.accepting:
+            return False
+        self.made.append(conn)
+        return True
+
+    def authenticated(self, conn, identity, refresh):
+        self.auths.append((conn, identity, refresh))
+        if self.hold_auth:
+            d = defer.Deferred()
+            self.held.append(d)
+            return d
+        if self.auth_failure is not None:
+            return defer.fail(self.auth_failure)
+        return defer.succeed(None)
+
+    def request_sync(self, conn):
+        self.syncs.append(conn)
+        if self.sync_failure is not None:
+            return defer.fail(self.sync_failure)
+        return defer.succeed(None)
+
+    def forward(self, conn, frame):
+        self.forwarded.append((conn, frame))
+        if self.forward_failure is not None:
+            return defer.fail(self.forward_failure)
+        return defer.succeed(None)
+
+    def connection_lost(self, conn):
+        self.lost.append(conn)
+
+
+@implementer(_IClientConnection)
+class FakeConnection:
+    """An IClientConnection that records what the hub sends it (for hub unit tests)."""
+
+    def __init__(self, user_id=None, ip="10.0.0.1", port=40000, server_id="gw-0000",
+                 transport_name="ws", device=None, identity=None, clock=None):
+        self.transport_name = transport_name
+        self.ip = ip
+        self.port = port
+        self.peer_key = f"{ip}##{port}"
+        self.conn_id = f"{server_id}##{self.peer_key}"
+        self.user_id = user_id
+        self.device = device
+        self.identity = identity
+        self.connected_at = clock.seconds() if clock is not None else 0.0
+        self.sent = []
+        self.closed = None
+        self.went_away = False
+
+    def send_frame(self, frame):
+        if self.closed is None:
+            self.sent.append(frame)
+
+    def send_encoded(self, data):
+        import json
+        if self.closed is None:
+            self.sent.append(json.loads(data))
+
+    def close(self, code, reason):
+        if self.closed is None:
+            self.closed = (code, reason)
+
+    def going_away(self):
+        self.went_away = True
+        self.close(1001, "server going away")
+
+
+# wire helpers: what a client puts on (and reads from) the wire

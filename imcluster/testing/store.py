@@ -1,0 +1,242 @@
+"""FakeStore: an in-memory message store behind the IMessageStore contract."""
+
+from __future__ import annotations
+
+from twisted.internet import defer
+from zope.interface import implementer
+
+from imcluster.interfaces import IMessageStore as _IMessageStore
+from imcluster.processor import store as _st
+
+
+class StoreUnavailable(Exception):
+    """What a :class:`FakeStore` fails with while ``available`` is False (PostgreSQL down)."""
+
+
+@implementer(_IMessageStore)
+class FakeStore:
+    """:class:`imcluster.processor.store.MessageStore` in memory, same contract.
+
+    ``tests/test_store.py`` runs one suite over both. ``available = False``
+    makes every call fail with :class:`StoreUnavailable` (a transient error);
+    ``calls`` records ``(method, args)`` for assertions; ``now_ms`` is the time
+    of messages stored without ``ts_ms``.
+    """
+
+    def __init__(self, max_group_size=1000, now_ms=1764160000000):
+        self.max_group_size = max_group_size
+        self.now_ms = now_ms
+        self.available = True
+        self.calls = []
+        self.sessions = {}  # id -> {"kind", "last_seq", "members": {user: {"role", "read_seq"}}}
+        self.messages = {}  # msg_id (int) -> {"session_id","seq","sender","client_msg_id","body","ts"}
+        self.by_key = {}  # (sender, client_msg_id) -> msg_id
+        self.sends = {}  # (user_id, msg_id) -> status
+        self._next_id = 1
+
+    def _call(self, name, fn, *args):
+        self.calls.append((name, args))
+        if not self.available:
+            return defer.fail(StoreUnavailable(f"{name}: PostgreSQL unavailable"))
+        return defer.maybeDeferred(fn, *args)
+
+    @staticmethod
+    def _copy(body):
+        # what jsonb would give back: a fresh JSON value of the same meaning
+        return _st.json.loads(_st.json.dumps(body))
+
+    # -- messages
+    def store_messages(self, batch, locate=None, locked=None):
+        # locate is never called: every row stays pending (the caller marks what it routes)
+        if locked is not None:
+            locked()  # one dict, no locks: nothing can overtake
+        return self._call("store_messages", self._store, list(batch))
+
+    def _store(self, batch):
+        results, first = [], {}  # first: key -> answer to its first valid copy in this batch
+        for m in batch:
+            results.append(self._store_one(m, first))
+        return results
+
+    def _store_one(self, m, first):
+        if not _st.valid_client_msg_id(m.client_msg_id) or not _st.valid_user_id(m.sender):
+            return _st.Rejected(str(m.client_msg_id), "bad_frame", "bad sender or clientMsgId")
+        if _st._json(m.body) is None:
+            return _st.Rejected(m.client_msg_id, "bad_frame", "body is not storable JSON")
+        key = (m.sender, m.client_msg_id)
+        if key in first and key not in self.by_key:
+            return _st.copy_answer(first[key])
+        answer = self._decide(m, key)
+        first.setdefault(key, answer)
+        return answer
+
+    def _decide(self, m, key):
+        if key in self.by_key:
+            msg_id = self.by_key[key]
+            row = self.messages[msg_id]
+            pending = sorted((u for (u, i), status in self.sends.items() if i == msg_id and status != "delivered"),
+                             key=str.encode)
+            return _st.Stored(str(msg_id), row["session_id"], row["seq"], row["ts"], m.sender, m.client_msg_id,
+                              self._copy(row["body"]), pending, duplicate=True)
+        if not _st.valid_session_id(m.session_id):
+            return _st.Rejected(m.client_msg_id, "no_session", "no such session")
+        pair = _st.parse_p2p(m.session_id)
+        if pair is not None:
+            if not m.trusted and m.sender not in pair:
+                return _st.Rejected(m.client_msg_id, "not_member", "not a member of this session")
+            if m.session_id not in self.sessions:
+                self.sessions[m.session_id] = {"kind": "p2p", "last_seq": 0, "members": {
+                    u: {"role": "member", "read_seq": 0} for u in pair}}
+        session = self.sessions.get(m.session_id)
+        if session is None:
+            return _st.Rejected(m.client_msg_id, "no_session", "no such session")
+        members = sorted(session["members"], key=str.encode)
+        if not m.trusted and m.sender not in session["members"]:
+            return _st.Rejected(m.client_msg_id, "not_member", "not a member of this session")
+        if len(members) > self.max_group_size:
+            return _st.Rejected(m.client_msg_id, "too_large",
+                                f"the session has more than {self.max_group_size} members")
+        session["last_seq"] += 1
+        msg_id, self._next_id = self._next_id, self._next_id + 1
+        ts = m.ts_ms if m.ts_ms is not None else self.now_ms
+        self.messages[msg_id] = {"session_id": m.session_id, "seq": session["last_seq"], "sender": m.sender,
+                                 "client_msg_id": m.client_msg_id, "body": self._copy(m.body), "ts": ts}
+        self.by_key[key] = msg_id
+        recipients = [u for u in members if u != m.sender]
+        for u in recipients:
+            self.sends[(u, msg_id)] = "pending"
+        return _st.Stored(str(msg_id), m.session_id, session["last_seq"], ts, m.sender, m.client_msg_id,
+                          m.body, recipients)
+
+    def mark_sending(self, pairs):
+        return self._call("mark_sending", self._mark, list(pairs), "sending")
+
+    def mark_delivered(self, acks):
+        pairs = [(user, msg_id) for user, msg_ids in acks for msg_id in msg_ids]
+        return self._call("mark_delivered", self._mark, pairs, "delivered")
+
+    def _mark(self, pairs, status):
+        users, ids = _st.MessageStore._pairs(pairs)
+        changed = 0
+        for key in zip(users, ids):
+            current = self.sends.get(key)
+            if current is None or current == "delivered" or (status == "sending" and current != "pending"):
+                continue
+            self.sends[key] = status
+            changed += 1
+        return changed
+
+    def _frame(self, msg_id, with_session=True):
+        row = self.messages[msg_id]
+        frame = {"msgId": str(msg_id), "sessionId": row["session_id"], "seq": row["seq"], "from": row["sender"],
+                 "clientMsgId": row["client_msg_id"], "body": self._copy(row["body"]), "ts": row["ts"]}
+        if not with_session:
+            del frame["sessionId"]
+        return frame
+
+    def undelivered_page(self, user_id, after, limit):
+        def page():
+            keys = sorted((self.messages[i]["session_id"].encode(), self.messages[i]["seq"], i)
+                          for (u, i), status in self.sends.items() if u == user_id and status != "delivered")
+            if after is not None:
+                keys = [k for k in keys if (k[0], k[1]) > (after[0].encode(), after[1])]
+            return [self._frame(i) for _, _, i in keys[:max(1, int(limit))]]
+        return self._call("undelivered_page", page)
+
+    # -- sessions
+    def _member_of(self, user_id, session_id):
+        session = self.sessions.get(session_id)
+        if session is None:
+            raise _st.StoreError("no_session", "no such session")
+        if user_id not in session["members"]:
+            raise _st.StoreError("not_member", "not a member of this session")
+        return session
+
+    def history(self, user_id, session_id, before_seq=None, limit=None):
+        def page():
+            if session_id not in self.sessions:
+                pair = _st.parse_p2p(session_id) if isinstance(session_id, str) else None
+                if pair is not None:  # an implicit 1:1 session: empty for its two users only
+                    if user_id is None or user_id in pair:
+                        return []
+                    raise _st.StoreError("not_member", "not a member of this session")
+            self._member_of(user_id, session_id)
+            n = _st.HISTORY_DEFAULT_LIMIT if limit is None else max(1, min(int(limit), _st.HISTORY_MAX_LIMIT))
+            before = _st._BIGINT_MAX if before_seq is None else int(before_seq)
+            rows = sorted((row["seq"], i) for i, row in self.messages.items()
+                          if row["session_id"] == session_id and row["seq"] < before)
+            return [self._frame(i, with_session=False) for _, i in rows[-n:]]
+        return self._call("history", page)
+
+    def read(self, user_id, session_id, seq):
+        def move():
+            pair = _st.parse_p2p(session_id) if isinstance(session_id, str) else None
+            if pair is not None and session_id not in self.sessions:
+                if user_id not in pair:  # an implicit 1:1 session without messages
+                    raise _st.StoreError("not_member", "not a member of this session")
+                return 0, list(pair)
+            session = self._member_of(user_id, session_id)
+            member = session["members"][user_id]
+            member["read_seq"] = max(member["read_seq"], min(int(seq), session["last_seq"]))
+            return member["read_seq"], sorted(session["members"], key=str.encode)
+        return self._call("read", move)
+
+    def create_session(self, creator, members, session_id=None, kind="group"):
+        def create():
+            sid, k, everyone = _st.check_new_session(creator, members, session_id, kind, self.max_group_size)
+            if sid in self.sessions:
+                raise _st.StoreError("conflict", f"session {sid} exists")
+            self.sessions[sid] = {"kind": k, "last_seq": 0, "members": {
+                u: {"role": "owner" if u == creator else "member", "read_seq": 0} for u in everyone}}
+            return sid, everyone
+        return self._call("create_session", create)
+
+    def add_remove_members(self, session_id, add=(), remove=()):
+        def change():
+            a, r = _st.check_member_change(add, remove)
+            session = self.sessions.get(session_id)
+            if session is None:
+                raise _st.StoreError("no_session", "no such session")
+            if session["kind"] == "p2p" and (a or r):
+                raise _st.StoreError("bad_request", "the members of a p2p session do not change")
+            members = dict(session["members"])
+            for u in r:
+                members.pop(u, None)
+            for u in a:
+                members.setdefault(u, {"role": "member", "read_seq": 0})
+            if len(members) > self.max_group_size:
+                raise _st.StoreError("too_large", f"a session has at most {self.max_group_size} members")
+            session["members"] = members
+            return sorted(members, key=str.encode)
+        return self._call("add_remove_members", change)
+
+    def session_members(self, session_ids):
+        return self._call("session_members", lambda: {
+            sid: sorted(self.sessions[sid]["members"], key=str.encode)
+            for sid in set(session_ids) if sid in self.sessions})
+
+    def get_session(self, session_id):
+        def get():
+            session = self.sessions.get(session_id)
+            if session is None:
+                raise _st.StoreError("no_session", "no such session")
+            members = sorted(session["members"], key=str.encode)
+            return {"sessionId": session_id, "kind": session["kind"], "members": members,
+                    "owners": [u for u in members if session["members"][u]["role"] == "owner"],
+                    "lastSeq": session["last_seq"]}
+        return self._call("get_session", get)
+
+    def user_sessions(self, user_id):
+        def listing():
+            out = []
+            for sid in sorted(self.sessions, key=str.encode):
+                session = self.sessions[sid]
+                if user_id not in session["members"]:
+                    continue
+                read_seq = session["members"][user_id]["read_seq"]
+                unread = sum(1 for row in self.messages.values()
+                             if row["session_id"] == sid and row["seq"] > read_seq and row["sender"] != user_id)
+                out.append({"sessionId": sid, "kind": session["kind"], "lastSeq": session["last_seq"],
+                            "unread": unread})
+            return out
+        return self._call("user_sessions", listing)
