@@ -247,9 +247,12 @@ class ITransportAdapter(Interface):
       ``connection_lost()`` only when the connection ends (closed, or no
       stream open for ``stream_resume``), exactly like a closed socket;
     * ``client_address`` from the ``POST /stream`` request that opened it
-      (``forwarded_ip`` behind a trusted proxy): ``(ip, port)`` must be
-      unique among the gateway's live connections, as it names the
-      connection in ``connId`` and in Redis;
+      (``forwarded_ip`` behind a trusted proxy). ``(ip, port)`` names the
+      connection in ``connId`` and in Redis, and the hub refuses a second
+      live connection with the same pair; the opening request's socket
+      closes long before the streaming connection does, and the client may
+      reuse its port meanwhile, so such a refusal is to be expected and
+      handled (answered 503, as a WebSocket handshake is);
     * ``write_message`` queues the frame with its event id in a resume buffer
       (for ``Last-Event-ID`` and ``?after=n``) and writes it to the open
       event stream, if any; ``buffered_bytes`` counts the frames held and
