@@ -57,7 +57,7 @@ def build(config: Any, authenticator: Any = None) -> tuple[DaemonService, Any]:
         authenticator or JWTAuthenticator.from_config(config),
         config.api_key, probes, health_timeout=config.health_timeout, max_json_depth=config.max_json_depth)
     # the web chat page (/app/) and, with --dev-login only, POST /v1/dev/login
-    site = make_site(mount(api, config), config.max_body_size, config.http_idle_timeout)
+    site = make_site(mount(api, config), config)
     for description in config.http:
         ListenerService(description, site).setServiceParent(root)
     return root, api
