@@ -43,7 +43,7 @@ from imcluster import metrics
 from imcluster.auth import AuthError
 from imcluster.db import DatabaseUnavailable
 from imcluster.processor.store import StoreError, parse_p2p, valid_session_id, valid_user_id
-from imcluster.protocol import check_json_value, is_client_msg_id
+from imcluster.protocol import check_json_value, is_client_msg_id, message_frame_size
 from imcluster.web import GuardedSite, HealthResource, metrics_resource, write_json
 
 #: HTTP-API.md "Errors": status -> code
@@ -214,7 +214,7 @@ class APIResource(resource.Resource):
 
     def __init__(self, store: Any, registry: Any, publisher: Any, authenticator: Any,
                  admin_keys: Iterable[str], probes: dict, health_timeout: float = 2.0,
-                 max_json_depth: int = 64, clock: Any = None) -> None:
+                 max_json_depth: int = 64, clock: Any = None, max_frame_size: int = 65536) -> None:
         super().__init__()
         self.store = store
         self.registry = registry
@@ -222,6 +222,7 @@ class APIResource(resource.Resource):
         self.authenticator = authenticator
         self.admin_keys = AdminKeys(admin_keys)
         self.max_json_depth = max_json_depth
+        self.max_frame_size = max_frame_size
         self.health = HealthResource(probes, health_timeout, clock)
         self.metrics = metrics_resource()
         self._openapi: bytes | None = None
@@ -463,6 +464,12 @@ class APIResource(resource.Resource):
             raise APIError(400, "from must be a user id (1-128 of A-Z a-z 0-9 _ . @ -)")
         # the session first: one that does not exist is 404 for everyone, whatever else is wrong
         await self.session(session_id, principal)
+        # no larger than a client's message frame may be (HTTP-API.md), whatever the request body's limit
+        size = message_frame_size(session_id, client_msg_id, body["body"])
+        if size > self.max_frame_size:
+            metrics.API_MESSAGES.labels(result="too_large").inc()
+            raise APIError(413, f"the message is {size} bytes as a client message frame; the limit is "
+                                f"{self.max_frame_size} (max_frame_size)")
         sender = body.get("from")
         if principal.admin:
             sender = sender or SYSTEM_USER
