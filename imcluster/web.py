@@ -366,7 +366,6 @@ class GuardedChannel(http.HTTPChannel):
     between requests: only the idle timeout runs).
     """
 
-    logger = Logger()
     _deadline: Any = None
     _phase = "header"
     _started = False  # a byte of the current request arrived
@@ -452,18 +451,12 @@ class GuardedChannel(http.HTTPChannel):
         if self._phase != phase:
             return
         self._phase = "closed"
-        metrics.HTTP_TIMEOUTS.labels(listener=self.site.name, phase=phase).inc()
-        peer = str(self.transport.getPeer())
-        if phase == "header" and not self._started:
-            # nothing of a request arrived: no answer is owed, as for an idle connection
-            self.logger.debug("{listener}: closing {peer}: no request within {seconds}s",
-                           listener=self.site.name, peer=peer, seconds=seconds)
-        else:
+        self.site.timed_out(phase, str(self.transport.getPeer()))
+        if phase == "body" or self._started:
             what = "request line and headers" if phase == "header" else "request body"
-            self.logger.debug("{listener}: closing {peer}: {what} not complete within {seconds}s",
-                           listener=self.site.name, peer=peer, what=what, seconds=seconds)
             self.transport.write(_raw_json_response(
                 408, b"Request Timeout", "request_timeout", f"the {what} must arrive within {seconds:g} s"))
+        # else nothing of a request arrived: no answer is owed, as for an idle connection
         if self.abortTimeout is not None:
             # a peer that does not read cannot hold the connection open: it is cut after abortTimeout
             self._abortingCall = self.callLater(self.abortTimeout, self.forceAbortClient)
@@ -481,8 +474,9 @@ class GuardedSite(server.Site):
     protocol = GuardedChannel
     requestFactory = GuardedRequest
     logger = Logger()
-    #: seconds between two warnings about refused connections (each one is counted)
-    refusal_log_interval = 10.0
+    #: seconds between two log lines about refused or timed-out connections (each one is counted
+    #: in the metrics; an attack must not flood the log)
+    log_interval = 10.0
 
     def __init__(self, root: resource.Resource, name: str, *, max_body_size: int = 1048576,
                  idle_timeout: float = 60.0, header_timeout: float = 10.0, body_timeout: float = 60.0,
@@ -496,8 +490,7 @@ class GuardedSite(server.Site):
         self.open_connections = 0
         self.noisy = False
         self.displayTracebacks = False
-        self._refused = 0
-        self._refusal_logged: float | None = None
+        self._tallies: dict[str, list] = {}  # what -> [count since the last line, time of the last line]
         self._gauge = metrics.HTTP_CONNECTIONS.labels(listener=name)
 
     @classmethod
@@ -514,16 +507,31 @@ class GuardedSite(server.Site):
     def buildProtocol(self, addr: Any) -> Any:  # noqa: N802 (Twisted API)
         if self.max_connections is not None and self.open_connections >= self.max_connections:
             metrics.HTTP_REFUSED.labels(listener=self.name).inc()
-            self._refused += 1
-            now = self.reactor.seconds()
-            if self._refusal_logged is None or now - self._refusal_logged >= self.refusal_log_interval:
-                self.logger.warn("{listener}: refusing connections: {open} open is the limit (max_connections); "
-                              "{n} refused since the last warning", listener=self.name, open=self.open_connections,
-                              n=self._refused)
-                self._refusal_logged = now
-                self._refused = 0
+            n = self._tally("refused")
+            if n:
+                self.logger.warn("{listener}: refused {n} connection(s): {open} open is the limit "
+                                 "(max_connections)", listener=self.name, n=n, open=self.open_connections)
             return None  # the listening port closes the connection at once
         return super().buildProtocol(addr)
+
+    def timed_out(self, phase: str, peer: str) -> None:
+        """A connection is being closed: its request's ``phase`` (header or body) was late."""
+        metrics.HTTP_TIMEOUTS.labels(listener=self.name, phase=phase).inc()
+        n = self._tally("timeout-" + phase)
+        if n:
+            self.logger.info("{listener}: closed {n} connection(s) whose request {phase} did not arrive within "
+                             "{seconds}s (the latest from {peer})", listener=self.name, n=n, phase=phase,
+                             seconds=self.header_timeout if phase == "header" else self.body_timeout, peer=peer)
+
+    def _tally(self, what: str) -> int:
+        """Count one ``what``; the count since the last log line when one is due now, else 0."""
+        tally = self._tallies.setdefault(what, [0, None])
+        tally[0] += 1
+        now = self.reactor.seconds()
+        if tally[1] is not None and now - tally[1] < self.log_interval:
+            return 0
+        n, tally[0], tally[1] = tally[0], 0, now
+        return n
 
     def connection_opened(self) -> None:
         self.open_connections += 1

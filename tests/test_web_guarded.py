@@ -237,3 +237,31 @@ def test_metrics_site_is_guarded():
     channel.dataReceived(b"POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
     status, headers, body = answer(transport)
     assert status == 405 and json.loads(body)["error"]["code"] == "method_not_allowed"
+
+
+def test_an_attack_does_not_flood_the_log():
+    """Thousands of late connections are counted one by one but logged once per log_interval."""
+    clock = Clock()
+    s = site(clock, max_connections=5)
+    seen = []
+    globalLogPublisher.addObserver(seen.append)
+    try:
+        late = [connect(s)[0] for _ in range(5)]
+        for channel in late:
+            channel.dataReceived(b"GET /hello HTTP/1.1\r\n")
+        clock.advance(10.0)  # five at once: one line
+        for channel in late:
+            channel.connectionLost(None)
+        channel = connect(s)[0]
+        channel.dataReceived(b"GET /hello HTTP/1.1\r\n")
+        clock.advance(10.0)  # the interval has passed: a line with the four before it and this one
+        channel.connectionLost(None)
+        for _ in range(7):
+            connect(s)  # five held, two refused at once: one line
+        clock.advance(10.0)  # the five held ones time out (silent: no answer): a line
+        connect(s)  # the interval has passed
+    finally:
+        globalLogPublisher.removeObserver(seen.append)
+    lines = [(e["log_format"].split(":")[1].split()[0], e.get("n")) for e in seen
+             if e.get("log_namespace", "").startswith("imcluster.web")]
+    assert lines == [("closed", 1), ("closed", 5), ("refused", 1), ("closed", 1), ("refused", 2)]
