@@ -257,6 +257,10 @@ OPTIONS: list[Option] = [
     _opt("shutdown_timeout", _positive(_float), 30.0, G | P | A, "seconds a daemon may take to stop on SIGTERM"),
     _opt("metrics", _str_list, [], G | P,
          "endpoint string(s) serving /metrics and /healthz (empty: off)", multi=True),
+    _opt("max_connections", _positive(_int), PerDaemon(gateway=50000, api=10000), G | A,
+         "client connections one daemon holds open (gateway: WebSocket and TCP sockets, handshakes "
+         "included; api: HTTP connections); past it a new one is closed at once "
+         "(imcluster_http_connections_refused_total in the api)"),
     # --- gateway
     _opt("ws", _endpoints, ["tcp:8080"], G, "WebSocket listening endpoint(s)", multi=True),
     _opt("tcp", _endpoints, ["tcp:8081"], G, "raw TCP listening endpoint(s)", multi=True),
@@ -272,9 +276,6 @@ OPTIONS: list[Option] = [
          "bytes of pending output after which a client that does not read is closed"),
     _opt("rate_limit", _positive(_float), 50.0, G, "client frames per second per connection (token bucket rate)"),
     _opt("rate_burst", _positive(_int), 100, G, "token bucket size for --rate-limit"),
-    _opt("max_connections", _positive(_int), PerDaemon(gateway=50000, api=10000), G | A,
-         "client connections one gateway, or HTTP connections one imapi, holds at once: beyond it a new "
-         "connection is closed at once (imcluster_closes_total / imcluster_http_connections_refused_total)"),
     _opt("compression", _bool, True, G, "accept permessage-deflate"),
     _opt("external_port", _non_negative(_int), 0, G,
          "port clients see when behind a load balancer (0: the listening port)"),
