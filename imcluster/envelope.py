@@ -132,9 +132,20 @@ def deliveries_body(entries: Iterable[tuple[Sequence[str], Sequence[str]]]) -> b
     a frame sent to many connections or gateways is encoded once, and the
     body is only joined here.
     """
-    items = ",".join('{"connIds":%s,"frames":[%s]}' % (json.dumps(conn_ids), ",".join(frames))
-                     for conn_ids, frames in entries)
-    return ('{"v":1,"items":[' + items + "]}").encode("utf-8")
+    # the literals stay inline: measured faster than a module-level format string
+    items = ",".join(['{"connIds":%s,"frames":[%s]}' % (json.dumps(conn_ids), ",".join(frames))
+                      for conn_ids, frames in entries])
+    return ('{"v":1,"items":[%s]}' % items).encode("utf-8")
+
+
+def delivery_body(conn_ids: Sequence[str], frames: Sequence[str]) -> bytes:
+    """``deliveries_body([(conn_ids, frames)])``: a batch of one delivery (a sync page).
+
+    Written out so that a page of a large backlog is copied no more often
+    than it must be (``tests/test_envelope.py`` checks the bytes are the same).
+    """
+    return ('{"v":1,"items":[{"connIds":%s,"frames":[%s]}]}'
+            % (json.dumps(conn_ids), ",".join(frames))).encode("utf-8")
 
 
 def _batch_items(body: bytes) -> list:
@@ -276,11 +287,6 @@ class Delivery:
     def to_json(self) -> dict:
         """The delivery as it travels."""
         return {"connIds": self.conn_ids, "frames": self.frames}
-
-
-def delivery_body(conn_ids: Sequence[str], frames: Sequence[str]) -> bytes:
-    """A batch of one delivery: the encoded ``frames`` to ``conn_ids`` (a sync page)."""
-    return deliveries_body(((conn_ids, frames),))
 
 
 def parse_delivery(raw: Any) -> Delivery | None:
