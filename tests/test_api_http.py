@@ -15,11 +15,11 @@ import uuid
 import pytest_twisted
 from twisted.internet import defer
 
-from imcluster.api.publisher import is_api_conn_id
 from imcluster.api.tap import build
 from imcluster.auth import mint_token
 from imcluster.bus import AMQPService
 from imcluster.config import API, load_config
+from imcluster.envelope import is_api_conn
 from imcluster.processor.store import Incoming
 from imcluster.registry import RedisService, conn_meta, server_info
 from tests.support.api import BAD_WORD, StandInProcessor
@@ -236,7 +236,7 @@ async def test_publish(api):
     first = r.json
     assert set(first) == {"msgId", "sessionId", "seq", "ts"} and first["sessionId"] == "g-4" and first["seq"] == 1
     item = procs.items[-1]
-    assert item["userId"] == "bob" and "trusted" not in item and is_api_conn_id(item["connId"])
+    assert item["userId"] == "bob" and "trusted" not in item and is_api_conn(item["connId"])
     assert item["frame"] == {"type": "message", "clientMsgId": "c-1", "sessionId": "g-4", "body": {"text": "hi"}}
     r = await api.as_user("bob", "POST", "/v1/sessions/g-4/messages", {"clientMsgId": "c-1", "body": "again"})
     assert r.status == 200 and r.json == first

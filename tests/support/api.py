@@ -14,8 +14,8 @@ import json
 
 from twisted.internet import defer
 
-from imcluster.api.publisher import is_api_conn_id
 from imcluster.bus import AMQPService
+from imcluster.envelope import is_api_conn
 from imcluster.processor.store import Incoming, MessageStore
 from imcluster.protocol import message_reply_error
 
@@ -48,7 +48,7 @@ class StandInProcessor:
             if BAD_WORD in json.dumps(frame["body"]):
                 reply = message_reply_error(frame["clientMsgId"], "rejected", "the message contains a forbidden word")
             else:
-                trusted = item.get("trusted") is True and is_api_conn_id(item["connId"])
+                trusted = item.get("trusted") is True and is_api_conn(item["connId"])
                 [r] = await self.store.store_messages([Incoming(
                     item["userId"], frame["clientMsgId"], frame["sessionId"], frame["body"],
                     ts_ms=item["ts"], trusted=trusted)])
