@@ -21,6 +21,9 @@ from tests.support.clients import connect_tcp, connect_ws
 from tests.support.cluster import BIN_DIR
 from tests.support.http import http_call, metric_value
 
+# starts processes: not part of the fast suite (-m "not slow")
+pytestmark = pytest.mark.slow
+
 ADMIN_KEY = "admin-" + uuid.uuid4().hex
 
 #: schemathesis' budget: a few examples per operation keeps the run well under a minute
