@@ -21,13 +21,14 @@ from pathlib import Path
 import jwt
 import pytest
 import pytest_twisted
+from psycopg2 import sql
 from twisted.internet import defer
 
 from tests.support.bus import cleanup_namespace
 from tests.support.clients import FrameTimeout, connect_tcp, connect_ws
 from tests.support.cluster import Cluster, _delete_redis_prefix
 from tests.support.ids import POSTGRES_DSN, unique
-from tests.support.postgres import drop_schema
+from tests.support.postgres import admin_connection, drop_schema
 from tests.support.waiting import eventually, sleep
 
 pytestmark = pytest.mark.slow
@@ -92,6 +93,24 @@ async def env(tmp_path_factory):
         await cleanup_namespace(namespace, cluster.extra_queues, cluster.amqp_url)
         await _delete_redis_prefix(prefix)
         drop_schema(schema)
+
+
+async def acknowledged(env, user: str, msg_ids: list[str]) -> None:
+    """Wait until PostgreSQL has ``user``'s rows of ``msg_ids`` ``delivered``: the acks were applied."""
+    conn = admin_connection()
+    query = sql.SQL("SELECT count(*) FROM {}.messagesend WHERE user_id = %s AND msg_id = ANY(%s) "
+                    "AND status = 'delivered'").format(sql.Identifier(env.cluster.pg_schema))
+    ids = [int(m) for m in msg_ids]
+
+    def applied() -> bool:
+        with conn.cursor() as cursor:
+            cursor.execute(query, (user, ids))
+            return cursor.fetchone()[0] == len(ids)
+
+    try:
+        await eventually(applied, WAIT, what=f"{user}'s acks of {msg_ids} stored")
+    finally:
+        conn.close()
 
 
 # --- helpers: what any client author writes first
@@ -582,14 +601,14 @@ async def test_sync_holds_exactly_the_unacknowledged(env, transport):
     live = [await b.next("message_send") for _ in replies]
     assert [f["msgId"] for f in live] == [r["msgId"] for r in replies]
     b.send({"type": "message_send_reply", "msgIds": [live[0]["msgId"], live[2]["msgId"]]})
-    await sleep(0.5)
+    await acknowledged(env, bob, [live[0]["msgId"], live[2]["msgId"]])
     b.close()
     b2 = await login(env, bob, transport)
     assert [f["msgId"] for f in b2.sync] == [live[1]["msgId"], live[3]["msgId"]]
     assert b2.done["count"] == 2
     # the sync's message_send frames are acknowledged like live ones
     b2.send({"type": "message_send_reply", "msgIds": [f["msgId"] for f in b2.sync]})
-    await sleep(0.5)
+    await acknowledged(env, bob, [f["msgId"] for f in b2.sync])
     b3 = await login(env, bob, transport, gw=env.gw2)
     assert b3.sync == [] and b3.done["count"] == 0
     for c in (a, b2, b3):
@@ -673,7 +692,7 @@ async def test_message_duplicate_repeats_reply_and_skips_acknowledged_recipients
     got_b = await b.next("message_send")
     await c.next("message_send")
     b.send({"type": "message_send_reply", "msgIds": [got_b["msgId"]]})
-    await sleep(0.5)
+    await acknowledged(env, bob, [got_b["msgId"]])
     # resent after a "reconnect", even with another body
     a.close()
     a = await login(env, alice, transport, gw=env.gw2)
