@@ -27,6 +27,7 @@ from twisted.internet import defer
 from tests.support.bus import cleanup_namespace
 from tests.support.clients import FrameTimeout, connect_tcp, connect_ws
 from tests.support.cluster import Cluster, _delete_redis_prefix
+from tests.support.http import http_call, metric_value
 from tests.support.ids import POSTGRES_DSN, unique
 from tests.support.postgres import admin_connection, drop_schema
 from tests.support.waiting import eventually, sleep
@@ -82,7 +83,8 @@ async def env(tmp_path_factory):
             cluster.start_gateway(auth_timeout=STRICT_AUTH_TIMEOUT, idle_timeout=STRICT_IDLE_TIMEOUT,
                                   rate_limit=STRICT_RATE, rate_burst=STRICT_BURST,
                                   jwt_audience=STRICT_AUD, jwt_issuer=STRICT_ISS,
-                                  output_buffer_limit=STRICT_OUTPUT_LIMIT, slow_consumer_grace=0.3),
+                                  output_buffer_limit=STRICT_OUTPUT_LIMIT, slow_consumer_grace=0.3,
+                                  metrics=True),
         ], consumeErrors=True)
         await cluster.start_processor()
         yield Env(cluster, *gws)
@@ -111,6 +113,13 @@ async def acknowledged(env, user: str, msg_ids: list[str]) -> None:
         await eventually(applied, WAIT, what=f"{user}'s acks of {msg_ids} stored")
     finally:
         conn.close()
+
+
+
+async def slow_consumer_closes(gw) -> float:
+    """How many connections ``gw`` closed as slow consumers (its /metrics)."""
+    r = await http_call(gw.metrics_port, "GET", "/metrics")
+    return metric_value(r.text, "imcluster_closes_total", {"reason": "slow_consumer"})
 
 
 # --- helpers: what any client author writes first
@@ -1354,10 +1363,13 @@ async def test_slow_consumer_is_closed(env, transport):
     sid = await send_big_backlog(env, alice, bob, 40)
     b = await login(env, bob, transport, gw=env.strict)  # reads its 2.4 MB sync: not slow
     assert b.done["count"] == 40
+    before = await slow_consumer_closes(env.strict)
     b.client.pause_reading()
     for _ in range(4):  # ~10 MB of history_reply: more than the kernel's buffers hold
         b.send({"type": "history", "sessionId": sid, "limit": 200})
-    await sleep(2.0)
+    # bob reads nothing, so only the gateway can tell that it closed him
+    await eventually(lambda: defer.ensureDeferred(slow_consumer_closes(env.strict)).addCallback(
+        lambda n: n > before), WAIT, what="the strict gateway closing a slow consumer")
     b.client.transport.resumeProducing()
     closed = await wait_closed(b.client, 30)
     if transport == "ws":
