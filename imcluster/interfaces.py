@@ -202,7 +202,7 @@ class IMessageStore(Interface):
 class IClientConnection(Interface):
     """One client connection on a gateway, whatever the transport."""
 
-    transport_name = Attribute("'ws' or 'tcp'")
+    transport_name = Attribute("'ws' or 'tcp': the ITransportAdapter's name")
     peer_key = Attribute("'<ip>##<port>' of the client")
     user_id = Attribute("the authenticated user id, or None")
 
@@ -211,3 +211,104 @@ class IClientConnection(Interface):
 
     def close(code, reason):
         """Close the connection (WebSocket close code; TCP sends an error frame first)."""
+
+
+class ITransportAdapter(Interface):
+    """A transport of the gateway: what the connection engine needs from it.
+
+    The engine (:class:`imcluster.gateway.engine.ClientConnection`) runs
+    PROTOCOL.md for one client and knows nothing of sockets; an adapter
+    (``GatewayWebSocketProtocol``, ``RawSocketProtocol``) turns its
+    transport's bytes into complete frames and carries out what the engine
+    asks for. The engine never asks which transport it runs on: whatever
+    differs between transports is behind these methods. Shared helpers
+    (close reasons, peer address, buffered output) live in
+    :mod:`imcluster.gateway.transport`.
+
+    What an adapter does for its engine, in order:
+
+    1. set ``client_address``, then create ``ClientConnection(hub, adapter)``
+       and call its ``open()``; False means the hub refused the connection:
+       the adapter says so in its transport's terms (WebSocket handshake 503;
+       TCP ``error`` ``unavailable`` then close) and never calls the engine
+       again;
+    2. register the engine (an ``IPushProducer``) on its transport, or call
+       its ``pauseProducing()`` / ``resumeProducing()`` itself: pause when
+       the output it holds for the client passes its buffer size, resume
+       when that output has drained. This drives the slow-consumer rule;
+    3. feed it: ``frame_received(data)`` for every complete text frame (JSON
+       as bytes, any size: the engine checks ``max_frame_size``),
+       ``frame_too_large()`` as soon as a frame is known to be over the
+       limit (before buffering it), ``binary_received(size)`` for a message
+       the transport marks as binary, ``activity()`` for client traffic that
+       is not a frame (a WebSocket ping or pong);
+    4. call ``connection_lost()`` once the transport is gone, whatever the
+       reason (the engine ignores repeats).
+
+    A third transport (the HTTP streaming transport of PROTOCOL.md:
+    ``POST /stream``, ``GET /stream/<id>`` as Server-Sent Events or long
+    polling, ``POST /stream/<id>`` for frames up) provides this same
+    interface, and the engine, the hub and the rules stay as they are.
+    What it must provide:
+
+    * one adapter object per logical connection (per stream id), not per
+      HTTP request: it outlives the requests that carry it, and calls
+      ``connection_lost()`` only when the connection ends (closed, or no
+      stream open for ``stream_resume``), exactly like a closed socket;
+    * ``client_address`` from the ``POST /stream`` request that opened it
+      (``forwarded_ip`` behind a trusted proxy). ``(ip, port)`` names the
+      connection in ``connId`` and in Redis, and the hub refuses a second
+      live connection with the same pair; the opening request's socket
+      closes long before the streaming connection does, and the client may
+      reuse its port meanwhile, so such a refusal is to be expected and
+      handled (answered 503, as a WebSocket handshake is);
+    * ``write_message`` queues the frame with its event id in a resume buffer
+      (for ``Last-Event-ID`` and ``?after=n``) and writes it to the open
+      event stream, if any; ``buffered_bytes`` counts the frames held and
+      not yet taken by the client, and the adapter pauses the engine while
+      no stream is open or the held output passes its buffer size, so a
+      client that stops fetching is closed as a slow consumer;
+    * ``close_for`` renders a reason as a transport without close codes
+      does: :func:`imcluster.gateway.transport.write_farewell` (the
+      ``error`` frame goes out as the last event), then end the stream and
+      answer 404 to that id from then on;
+    * each frame of a ``POST /stream/<id>`` body to ``frame_received`` in
+      order (a body over ``max_frame_size`` is ``frame_too_large()``; the
+      HTTP answer is 413), and ``activity()`` for a poll or a stream (re)open.
+    """
+
+    transport_name = Attribute(
+        "short name of the transport ('ws', 'tcp'; 'stream' next): "
+        "the connection's transport_name and the 'transport' label of the metrics")
+    client_address = Attribute(
+        "(ip, port) of the client as the gateway records it (a trusted proxy's forwarded "
+        "address included); set before the engine is created")
+    conn = Attribute("the engine (ClientConnection) this adapter feeds; None until the hub accepted it")
+
+    def write_message(data):
+        """Send one frame: ``data`` is its JSON as UTF-8 bytes, already encoded.
+
+        Framed the transport's way (a WebSocket text message, a
+        length-prefixed TCP frame, an SSE event). Nothing is sent once
+        the adapter is closing. Any size: ``max_frame_size`` bounds what
+        clients send, not what they receive.
+        """
+
+    def buffered_bytes():
+        """The output held for the client and not yet taken, in bytes; None when the transport cannot tell.
+
+        Read by the engine's slow-consumer rule while it is paused (None:
+        the engine counts the bytes written since the pause instead).
+        """
+
+    def close_for(reason):
+        """Close the connection for ``reason`` (:class:`imcluster.gateway.transport.CloseReason`).
+
+        Rendered the transport's way: a WebSocket close handshake with
+        ``reason.code``; on a transport without close codes,
+        ``write_farewell(self, reason)`` (the ``error`` frame, when the
+        reason has one) and then close. The engine calls it at most once and
+        writes nothing after it; the adapter ends the connection even when
+        the client does not cooperate (aborting it after ``close_timeout``)
+        and then calls the engine's ``connection_lost()``.
+        """

@@ -8,6 +8,7 @@ daemon's part: tests/test_api_process.py runs those).
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 
@@ -274,6 +275,25 @@ async def test_publish(api):
     r = await api.admin("POST", "/v1/sessions/nope/messages", {"clientMsgId": "c-9", "body": 1})
     assert r.status == 404
     assert (await api.store.get_session("g-4"))["lastSeq"] == 4  # none of those was stored
+
+
+@pytest_twisted.ensureDeferred
+async def test_publish_is_held_to_a_client_frame(api):
+    """A message a client could not send (over max_frame_size as a message frame) was accepted over HTTP."""
+    procs = await api.start_processor()
+    await api.store.create_session("alice", ["bob"], "g-6")
+    api.resource.max_frame_size = 200  # the request bodies stay far below max_body_size
+    frame = {"type": "message", "clientMsgId": "c-1", "sessionId": "g-6", "body": ""}
+    fits = 200 - len(json.dumps(frame, separators=(",", ":")))
+    r = await api.as_user("alice", "POST", "/v1/sessions/g-6/messages", {"clientMsgId": "c-1", "body": "x" * fits})
+    assert r.status == 201, r.body
+    for body in ("x" * (fits + 1), "\u00e9" * (fits // 2 + 1), {"t": ["y" * fits]}):  # bytes of UTF-8 JSON
+        r = await api.as_user("alice", "POST", "/v1/sessions/g-6/messages", {"clientMsgId": "c-2", "body": body})
+        assert r.status == 413 and r.error_code == "too_large", r.body
+        assert "max_frame_size" in r.json["error"]["message"]
+    assert [i["frame"]["clientMsgId"] for i in procs.items] == ["c-1"]  # nothing else reached the processors
+    r = await api.as_user("alice", "POST", "/v1/sessions/nope/messages", {"clientMsgId": "c-2", "body": "x" * 300})
+    assert r.status == 404  # the session first, as for every other error
 
 
 @pytest_twisted.ensureDeferred

@@ -115,6 +115,18 @@ def test_migrate_reads_environment_and_file_with_precedence(pg_fresh_schema, pg_
     assert_clean_error(result, "127.0.0.1:1")
 
 
+def test_migrate_warns_about_foreign_environment_variables(pg_fresh_schema, pg_admin):
+    """A deploy tool's own IMCLUSTER_SRC stopped the command ('unknown option'); it is only a warning."""
+    result = imcluster("migrate", "--postgres", POSTGRES_DSN, "--postgres-schema", pg_fresh_schema,
+                       env={"IMCLUSTER_SRC": "/srv/deploy"})
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines() == [
+        "imcluster: warning: ignoring environment variable IMCLUSTER_SRC: 'src' is no imcluster option"]
+    # the command line still refuses what it does not know
+    result = imcluster("migrate", "--postgres", POSTGRES_DSN, "--postgres-shema", pg_fresh_schema)
+    assert result.returncode != 0 and "--postgres-shema" in result.stderr
+
+
 @pytest.mark.parametrize("dsn, words", [
     ("postgresql://root@127.0.0.1:1/test", ["cannot reach PostgreSQL", "127.0.0.1:1"]),
     ("host=127.0.0.1 port=5432 dbname=test user", ["invalid PostgreSQL DSN"]),

@@ -5,8 +5,9 @@ calls (``notes``: ``connection_made``, ``authenticated``, ``request_sync``,
 ``forward``, ``connection_lost``) and runs ARCHITECTURE.md's flows:
 
 1. start: a new uuid; ``WSSERVER_<uuid>`` + ``WSSERVERS``; declare and
-   consume ``<ns>.gateway.<uuid>``; then open the listening ports (and write
-   ``WSSERVER_<uuid>`` again with the ports actually bound);
+   consume ``<ns>.gateway.<uuid>``; then start the children: the heartbeat
+   and one :class:`TransportListener` per ``--ws`` / ``--tcp`` endpoint
+   (and write ``WSSERVER_<uuid>`` again with the ports actually bound);
 2. connect / 3. auth / 7. disconnect: the connection maps
    (:class:`~imcluster.gateway.connections.ConnectionRegistry`) and the
    ``UCIR##<user>`` / ``WSCONNS##<uuid>`` entries, written in pipelines that
@@ -15,11 +16,13 @@ calls (``notes``: ``connection_made``, ``authenticated``, ``request_sync``,
    (docs/internals.rst), one persistent, confirmed publish per batch;
 6. deliveries from the gateway queue are written, in order, to the named
    connections, each frame serialised once;
-8. SIGTERM: listeners stop, clients are told "going away", every Redis entry
-   of this gateway is removed, then the AMQP connection closes.
+8. SIGTERM: the children stop in reverse (listeners first, then the
+   heartbeat), clients are told "going away", every Redis entry of this
+   gateway is removed, then the AMQP connection closes.
 
-A heartbeat refreshes ``WSSERVER_<uuid>``; when Redis has lost it (or after a
-Redis reconnect) the gateway writes its key and every live connection again.
+A heartbeat (a :class:`~imcluster.service.GuardedLoop` child) refreshes
+``WSSERVER_<uuid>``; when Redis has lost it (or after a Redis reconnect) the
+gateway writes its key and every live connection again.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import uuid as uuid_module
 from typing import Any, Callable, Iterable
 
 from twisted.application import service
-from twisted.internet import defer, endpoints
+from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -38,7 +41,12 @@ from imcluster import metrics
 from imcluster.protocol import encode_bytes
 from imcluster.gateway.connections import ConnectionRegistry
 from imcluster.registry import conn_meta, server_info
-from imcluster.service import GuardedLoop, with_timeout
+from imcluster.service import AsyncMultiService, GuardedLoop, with_timeout
+from imcluster.web import ListenerService
+
+# the gateway's transports, in listening order: the config option holding a
+# transport's endpoints (--ws, --tcp) and the WSSERVER_ field of its first port
+TRANSPORTS = (("ws", "port"), ("tcp", "tcpPort"))
 
 
 class GatewayStopping(Exception):
@@ -109,6 +117,30 @@ def with_backlog(description: str, backlog: int) -> str:
     if kind not in ("tcp", "tcp6", "ssl", "ssl6") or "backlog=" in description:
         return description
     return f"{description}:backlog={backlog}"
+
+
+def default_factories() -> dict[str, Callable[[Any], Any]]:
+    """The listening factory maker of each transport (each takes the hub)."""
+    from imcluster.gateway.rawsocket import make_rawsocket_factory
+    from imcluster.gateway.websocket import make_websocket_factory
+
+    return {"ws": make_websocket_factory, "tcp": make_rawsocket_factory}
+
+
+class TransportListener(ListenerService):
+    """One ``--ws`` / ``--tcp`` endpoint of the gateway: a listener that knows its transport.
+
+    ``kind`` is the transport (``"ws"``, ``"tcp"``), ``configured`` the
+    endpoint as configured; it listens with a large backlog
+    (:func:`with_backlog`).
+    """
+
+    def __init__(self, kind: str, description: str, factory: Any, backlog: int,
+                 reactor: Any = None) -> None:
+        super().__init__(with_backlog(description, backlog), factory, reactor)
+        self.kind = kind
+        self.configured = description
+        self.setName(f"{kind} {description}")
 
 
 def _chunks(items: list, size: int) -> Iterable[list]:
@@ -313,14 +345,20 @@ class Publisher:
 # --- the hub ------------------------------------------------------------------------
 
 
-class GatewayService(service.Service):
+class GatewayService(AsyncMultiService):
     """One gateway: the hub of its client connections (see the module docstring).
 
     ``registry`` provides IRegistry (``RedisService``), ``bus`` IMessageBus
     (``AMQPService``), ``authenticator`` IAuthenticator. ``factories`` maps
     ``"ws"`` / ``"tcp"`` to a callable building the listening factory from
-    the hub (default: the engine's ``make_websocket_factory`` and
-    ``make_rawsocket_factory``).
+    the hub (default: :func:`default_factories`).
+
+    Its children, started once the gateway is registered and consuming its
+    queue, and stopped in reverse before the goodbye::
+
+        GuardedLoop "heartbeat"            refreshes WSSERVER_<uuid> every --heartbeat s
+        TransportListener "ws <endpoint>"  one per --ws endpoint ...
+        TransportListener "tcp <endpoint>" ... and per --tcp endpoint: they stop first
     """
 
     log = Logger()
@@ -330,6 +368,7 @@ class GatewayService(service.Service):
                  name: str = "gateway") -> None:
         if reactor is None:
             from twisted.internet import reactor
+        super().__init__(name)
         self.config = config
         self.registry = registry
         self.bus = bus
@@ -337,28 +376,46 @@ class GatewayService(service.Service):
         self.reactor = reactor
         self.clock = reactor
         self.factories = factories
-        self.setName(name)
         self.server_id: str | None = None
         self.accepting = False
         self.connections = ConnectionRegistry()
         self.info: dict | None = None
-        self.ports: list[tuple[str, str, Any]] = []  # (kind, description, IListeningPort)
         self._stopping = False
         self._writer: ConnectionWriter | None = None
         self._publisher: Publisher | None = None
-        self._heartbeat: GuardedLoop | None = None
         self._listening_reconnects = False
         self._resync_running = False
         self._resync_again = False
         self._needs_resync = False
         self._retries: dict[defer.Deferred, tuple[Any, str | None]] = {}  # done -> (DelayedCall, owner)
         self._all_closed: defer.Deferred | None = None
+        # a timer that survives a failing refresh (a TimerService would stop for good)
+        self._heartbeat = GuardedLoop(config.heartbeat, self.heartbeat, "heartbeat", clock=self.clock, now=False)
+        self._heartbeat.setServiceParent(self)
+        self._listeners: list[TransportListener] = []
+        self._add_listeners(factories if factories is not None else default_factories())
+
+    def _add_listeners(self, factories: dict[str, Callable[[Any], Any]]) -> None:
+        """One child per configured endpoint; one factory per transport, shared by its endpoints."""
+        for kind, _ in TRANSPORTS:
+            descriptions = getattr(self.config, kind, None) or []
+            if not descriptions:
+                continue
+            factory = factories[kind](self)
+            for description in descriptions:
+                listener = TransportListener(kind, description, factory, self.config.listen_backlog,
+                                             self.reactor)
+                if self.namedServices.get(listener.name) is not None:
+                    # the same endpoint twice (tcp:0): names must be unique among children
+                    listener.setName(f"{listener.name} #{len(self._listeners) + 1}")
+                listener.setServiceParent(self)
+                self._listeners.append(listener)
 
     # --- lifecycle
 
     @defer.inlineCallbacks
     def startService(self):  # noqa: N802 (Twisted API)
-        """Flow 1: register in Redis, consume the gateway queue, then listen."""
+        """Flow 1: register in Redis, consume the gateway queue, then start the heartbeat and the listeners."""
         service.Service.startService(self)
         c = self.config
         self._stopping = False
@@ -380,34 +437,25 @@ class GatewayService(service.Service):
         yield self.bus.consume(queue, self._on_delivery, prefetch=c.prefetch, exclusive=True)
         self.log.info("gateway {uuid} consuming its queue; opening listeners", uuid=self.server_id)
         self.accepting = True
-        yield self._listen()
+        try:
+            yield self.start_children()
+        except Exception:
+            # a gateway that cannot listen keeps no heartbeat nor half of its ports
+            self.accepting = False
+            yield self.stop_children()
+            raise
         # with tcp:0 the ports are only known now
-        bound = {"port": self.port_of("ws"), "tcpPort": self.port_of("tcp")}
+        bound = {field: self.port_of(kind) for kind, field in TRANSPORTS}
         if any(bound[k] != self.info[k] for k in bound):
             self.info = dict(self.info, **bound)
             yield self.registry.register_server(self.server_id, self.info, c.server_ttl)
-        self._heartbeat = GuardedLoop(c.heartbeat, self.heartbeat, f"gateway heartbeat {self.server_id}",
-                                      clock=self.clock, now=False)
-        self._heartbeat.startService()
         self.log.info("gateway {uuid} up: ws {ws} tcp {tcp} advertised as {ip}",
                       uuid=self.server_id, ws=self._bound("ws"), tcp=self._bound("tcp"), ip=self.info["ip"])
 
-    @defer.inlineCallbacks
-    def _listen(self):
-        factories = self.factories
-        if factories is None:
-            from imcluster.gateway.rawsocket import make_rawsocket_factory
-            from imcluster.gateway.websocket import make_websocket_factory
-            factories = {"ws": make_websocket_factory, "tcp": make_rawsocket_factory}
-        for kind, descriptions in (("ws", self.config.ws), ("tcp", self.config.tcp)):
-            if not descriptions:
-                continue
-            factory = factories[kind](self)
-            for description in descriptions:
-                endpoint = endpoints.serverFromString(
-                    self.reactor, with_backlog(description, self.config.listen_backlog))
-                port = yield endpoint.listen(factory)
-                self.ports.append((kind, description, port))
+    @property
+    def ports(self) -> list[tuple[str, str, Any]]:
+        """``(kind, configured endpoint, IListeningPort)`` of every bound listener, in order."""
+        return [(lst.kind, lst.configured, lst.port) for lst in self._listeners if lst.port is not None]
 
     def port_of(self, kind: str) -> int:
         """The first bound port of the ``"ws"`` or ``"tcp"`` listeners (0 when none)."""
@@ -430,13 +478,11 @@ class GatewayService(service.Service):
         self.accepting = False
         self._stopping = True
         c = self.config
-        ports, self.ports = self.ports, []
-        yield defer.DeferredList([defer.maybeDeferred(p.stopListening) for _, _, p in ports],
-                                 consumeErrors=True)
+        # the children stop in reverse: the listeners first (no new clients), then
+        # the heartbeat, whose in-flight refresh must land before the cleanup, not
+        # re-create the key after it
+        yield self.stop_children()
         self._cancel_retries()
-        if self._heartbeat is not None and self._heartbeat.running:
-            # an in-flight refresh must land before the cleanup, not re-create the key after it
-            yield self._heartbeat.stopService()
         conns = list(self.connections)
         self.log.info("gateway {uuid} stopping: {n} clients going away", uuid=self.server_id, n=len(conns))
         for conn in conns:
