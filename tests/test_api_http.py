@@ -1,9 +1,9 @@
 """imapi's HTTP API (HTTP-API.md) on the real Redis, RabbitMQ and PostgreSQL.
 
-The API runs in-process (the very tree ``twistd imapi`` builds); a
-stand-in for the processors answers the ``message`` items it publishes by
-storing them with the real :class:`MessageStore` (routing to gateways is
-the real processors' part: tests/test_api_process.py runs those).
+The API runs in-process (the very tree ``twistd imapi`` builds); the real
+processor service runs in-process too (tests/support/api.py) and answers
+the ``message`` items it publishes (routing to gateways is the processor
+daemon's part: tests/test_api_process.py runs those).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from imcluster.config import API, load_config
 from imcluster.envelope import is_api_conn
 from imcluster.processor.store import Incoming
 from imcluster.registry import RedisService, conn_meta, server_info
-from tests.support.api import BAD_WORD, StandInProcessor
+from tests.support.api import BAD_WORD, InProcessProcessor
 from tests.support.bus import cleanup_namespace
 from tests.support.cluster import endpoint, free_port
 from tests.support.http import http_call, metric_value
@@ -48,7 +48,7 @@ class RunningAPI:
         self.root = root
         self.store = store
         self.redis = redis
-        self.processor: StandInProcessor | None = None
+        self.processor: InProcessProcessor | None = None
 
     def call(self, method: str, path: str, body=None, token: str | None = None, **kw) -> defer.Deferred:
         return defer.Deferred.fromCoroutine(http_call(self.port, method, path, body, token, **kw))
@@ -59,12 +59,12 @@ class RunningAPI:
     def as_user(self, user: str, method: str, path: str, body=None, **kw) -> defer.Deferred:
         return self.call(method, path, body, token(user), **kw)
 
-    async def start_processor(self) -> StandInProcessor:
-        bus = AMQPService(AMQP_URL, self.config.namespace, publish_timeout=2.0, name="stand-in")
+    async def start_processor(self) -> InProcessProcessor:
+        bus = AMQPService(AMQP_URL, self.config.namespace, publish_timeout=2.0, name="processor-amqp")
         bus.setServiceParent(self.root)  # the running tree starts it now, and stops it with the API
         await bus.wait_connected()
-        self.processor = StandInProcessor(bus, self.store)
-        await self.processor.start()
+        self.processor = InProcessProcessor(bus, self.store)
+        await self.processor.start(self.root)  # stopped before its bus
         return self.processor
 
 
@@ -430,4 +430,4 @@ async def test_health_metrics_openapi(api):
     assert moved("imcluster_api_messages_total", result="duplicate") == 1
     assert moved("imcluster_http_requests_total", method="POST", route="/v1/sessions/{id}/messages",
                  status="201") == 3
-    assert moved("imcluster_messages_stored_total") == 3  # the stand-in stores in this process
+    assert moved("imcluster_messages_stored_total") == 3  # the processor stores in this process

@@ -16,6 +16,9 @@ from imcluster.auth import JWTAuthenticator
 from imcluster.db import load_migrations
 from tests.support.ids import POSTGRES_DSN
 
+# starts processes: not part of the fast suite (-m "not slow")
+pytestmark = pytest.mark.slow
+
 SCRIPT = Path(sys.executable).parent / "imcluster"
 COMMAND = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "imcluster.cli"]
 SECRET = "cli-test-secret-that-is-32-bytes!!"

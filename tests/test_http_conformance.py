@@ -20,6 +20,7 @@ import time
 import uuid
 
 import jsonschema_rs
+import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor
 from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, readBody
@@ -28,6 +29,9 @@ from twisted.web.http_headers import Headers
 from tests.support.clients import connect_tcp, connect_ws
 from tests.support.http import http_call
 from tests.support.waiting import eventually
+
+# starts processes: not part of the fast suite (-m "not slow")
+pytestmark = pytest.mark.slow
 
 ADMIN_KEY = "conf-admin-" + uuid.uuid4().hex
 SMALL_BODY = 2048

@@ -22,11 +22,15 @@ import json
 import socket
 import time
 
+import pytest
 import pytest_twisted
 from twisted.internet import threads
 
 from tests.support.http import http_call, metric_value
 from tests.support.waiting import eventually, sleep
+
+# starts processes: not part of the fast suite (-m "not slow")
+pytestmark = pytest.mark.slow
 
 SLOW_CLIENTS = 50
 #: the default http_header_timeout (the slowloris test runs with the defaults)
