@@ -19,7 +19,8 @@ import uuid
 from twisted.internet import defer, task
 
 from imcluster.db import PostgresService, apply_migrations
-from imcluster.processor.store import Incoming, MessageStore
+from imcluster.store import Incoming
+from imcluster.store.postgres import MessageStore
 
 
 async def run_case(store, name, make, total, batch_size, in_flight):

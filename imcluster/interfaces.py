@@ -1,14 +1,28 @@
 """The roles of imcluster, as ``zope.interface`` interfaces.
 
-Each interface has a real implementation (``bus``, ``registry``, ``db`` /
-``processor.store``, ``auth``, ``processor.filters``) and a fake in
+Each interface has a real implementation (``bus``, ``registry``,
+``store.postgres``, ``auth``, ``processor.filters``) and a fake in
 :mod:`imcluster.testing`; the contract tests in ``tests/`` run the same suite
 against both.
+
+Each role also says "my backing service is down" with its own error, all
+subclasses of :class:`Unavailable`: ``imcluster.store.StoreUnavailable``,
+``imcluster.registry.RegistryUnavailable``, the bus' ``PublishError`` and
+``ChannelError``. A caller that retries on outages tests that one base
+class (plus timeouts) and never imports a driver.
 """
 
 from __future__ import annotations
 
 from zope.interface import Attribute, Interface
+
+
+class Unavailable(Exception):
+    """A role could not do the work now (its server down, slow or unreachable): retry later.
+
+    Never a verdict on the input: the same work may succeed once the
+    dependency is back.
+    """
 
 
 class IMessageBus(Interface):
@@ -140,11 +154,11 @@ class IMessageFilter(Interface):
 
 
 class IMessageStore(Interface):
-    """PostgreSQL, as the processors and the HTTP API use it (``imcluster.processor.store``).
+    """PostgreSQL, as the processors and the HTTP API use it (``imcluster.store.postgres``).
 
     Every method returns a Deferred; deterministic refusals fail with
-    :class:`imcluster.processor.store.StoreError` (``code``). Full contract:
-    the module docstring of ``imcluster.processor.store`` and the notes of
+    :class:`imcluster.store.StoreError` (``code``). Full contract:
+    the module docstring of ``imcluster.store.postgres`` and the notes of
     PROCESSOR.md.
     """
 

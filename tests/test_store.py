@@ -1,6 +1,6 @@
 """The message store: one contract, run on the real PostgreSQL and on FakeStore.
 
-Every test here runs twice: on :class:`imcluster.processor.store.MessageStore`
+Every test here runs twice: on :class:`imcluster.store.postgres.MessageStore`
 over a private PostgreSQL schema (migrations applied, dropped afterwards)
 and on :class:`imcluster.testing.FakeStore`, so the fake that the processor's
 unit tests use behaves like the real thing. Concurrency, paging at volume and
@@ -15,7 +15,8 @@ from zope.interface.verify import verifyObject
 
 from imcluster.db import apply_migrations
 from imcluster.interfaces import IMessageStore
-from imcluster.processor.store import Incoming, MessageStore, Rejected, Stored, StoreError
+from imcluster.store import Incoming, Rejected, Stored, StoreError
+from imcluster.store.postgres import MessageStore
 from imcluster.testing import FakeStore
 from tests.support.postgres import undelivered_keys
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import pytest_twisted
 
-from imcluster.processor.store import Incoming, MessageStore
+from imcluster.store import Incoming
+from imcluster.store.postgres import MessageStore
 
 SID = "p2p:alice:bob"
 

@@ -7,7 +7,8 @@ import json
 import pytest_twisted
 from twisted.internet import defer, reactor, task
 
-from imcluster.processor.store import UNDELIVERED_SQL, Incoming, MessageStore
+from imcluster.store import Incoming
+from imcluster.store.postgres import UNDELIVERED_SQL, MessageStore
 from tests.support.postgres import undelivered_keys
 
 CAP = 1000

@@ -16,7 +16,7 @@ the status of :data:`ERROR_CODES`. Request handling, in order:
    implicitly), an existing one the caller may not see or change 403.
 
 Sessions, members, history and a user's sessions are read and written
-through :class:`imcluster.processor.store.MessageStore`; messages go through
+through :class:`imcluster.store.postgres.MessageStore`; messages go through
 the processors' pipeline (:class:`imcluster.api.publisher.MessagePublisher`);
 presence comes from the Redis connection index, counting only gateways that
 are alive.
@@ -43,7 +43,7 @@ from twisted.web import resource, server
 from imcluster import metrics
 from imcluster.auth import AuthError
 from imcluster.db import DatabaseUnavailable
-from imcluster.processor.store import StoreError, parse_p2p, valid_session_id, valid_user_id
+from imcluster.store import StoreError, parse_p2p, valid_session_id, valid_user_id
 from imcluster.protocol import check_json_value, is_client_msg_id
 from imcluster.web import HealthResource, metrics_resource, write_json
 

@@ -50,7 +50,7 @@ from imcluster import metrics, protocol
 from imcluster.db import ConnectionDead, DatabaseUnavailable
 from imcluster.processor.filters import REJECT, REPLACE, Verdict, apply_filters
 from imcluster.processor.router import Lookup, Outbox, Router, gateway_of
-from imcluster.processor.store import Incoming, StoreError
+from imcluster.store import Incoming, StoreError
 from imcluster.registry import RedisConnectionError
 
 log = Logger(namespace="imcluster.processor.pipeline")

@@ -6,7 +6,9 @@ from twisted.internet import defer
 from zope.interface import implementer
 
 from imcluster.interfaces import IMessageStore as _IMessageStore
-from imcluster.processor import store as _st
+import json
+
+from imcluster import store as _st
 
 
 class StoreUnavailable(Exception):
@@ -15,7 +17,7 @@ class StoreUnavailable(Exception):
 
 @implementer(_IMessageStore)
 class FakeStore:
-    """:class:`imcluster.processor.store.MessageStore` in memory, same contract.
+    """:class:`imcluster.store.postgres.MessageStore` in memory, same contract.
 
     ``tests/test_store.py`` runs one suite over both. ``available = False``
     makes every call fail with :class:`StoreUnavailable` (a transient error);
@@ -43,7 +45,7 @@ class FakeStore:
     @staticmethod
     def _copy(body):
         # what jsonb would give back: a fresh JSON value of the same meaning
-        return _st.json.loads(_st.json.dumps(body))
+        return json.loads(json.dumps(body))
 
     # -- messages
     def store_messages(self, batch, locate=None, locked=None):
@@ -61,7 +63,7 @@ class FakeStore:
     def _store_one(self, m, first):
         if not _st.valid_client_msg_id(m.client_msg_id) or not _st.valid_user_id(m.sender):
             return _st.Rejected(str(m.client_msg_id), "bad_frame", "bad sender or clientMsgId")
-        if _st._json(m.body) is None:
+        if _st.storable_json(m.body) is None:
             return _st.Rejected(m.client_msg_id, "bad_frame", "body is not storable JSON")
         key = (m.sender, m.client_msg_id)
         if key in first and key not in self.by_key:
@@ -116,7 +118,7 @@ class FakeStore:
         return self._call("mark_delivered", self._mark, pairs, "delivered")
 
     def _mark(self, pairs, status):
-        users, ids = _st.MessageStore._pairs(pairs)
+        users, ids = _st.sorted_pairs(pairs)
         changed = 0
         for key in zip(users, ids):
             current = self.sends.get(key)
@@ -162,7 +164,7 @@ class FakeStore:
                     raise _st.StoreError("not_member", "not a member of this session")
             self._member_of(user_id, session_id)
             n = _st.HISTORY_DEFAULT_LIMIT if limit is None else max(1, min(int(limit), _st.HISTORY_MAX_LIMIT))
-            before = _st._BIGINT_MAX if before_seq is None else int(before_seq)
+            before = _st.BIGINT_MAX if before_seq is None else int(before_seq)
             rows = sorted((row["seq"], i) for i, row in self.messages.items()
                           if row["session_id"] == session_id and row["seq"] < before)
             return [self._frame(i, with_session=False) for _, i in rows[-n:]]

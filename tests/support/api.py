@@ -2,7 +2,7 @@
 
 :class:`StandInProcessor` answers the ``message`` items imapi publishes as
 the processors do (moderation by one word, store with the real
-:class:`~imcluster.processor.store.MessageStore`, ``message_reply`` to the
+:class:`~imcluster.store.postgres.MessageStore`, ``message_reply`` to the
 item's connection) and nothing more: no routing to gateways. It lets the
 API's side be tested on the real RabbitMQ and PostgreSQL whatever state the
 processors are in; the end-to-end tests run the real ``improcessor``.
@@ -16,7 +16,8 @@ from twisted.internet import defer
 
 from imcluster.api.publisher import is_api_conn_id
 from imcluster.bus import AMQPService
-from imcluster.processor.store import Incoming, MessageStore
+from imcluster.store import Incoming
+from imcluster.store.postgres import MessageStore
 from imcluster.protocol import message_reply_error
 
 #: the stand-in rejects message bodies containing this (as moderation would)

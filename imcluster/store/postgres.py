@@ -1,4 +1,4 @@
-"""The message store: every SQL statement of the processor (and of the HTTP API).
+"""The PostgreSQL message store: every SQL statement of the processors and of the HTTP API.
 
 :class:`MessageStore` sits on :class:`imcluster.db.PostgresService` and keeps
 the tables of ``imcluster/migrations`` (ARCHITECTURE.md "PostgreSQL tables").
@@ -53,10 +53,6 @@ transient: retry.
 
 from __future__ import annotations
 
-import json
-import re
-import uuid
-from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
 from twisted.internet import defer
@@ -65,24 +61,11 @@ from zope.interface import implementer
 
 from imcluster import metrics
 from imcluster.interfaces import IMessageStore
-
-try:
-    from imcluster.protocol import USER_ID_RE
-except ImportError:  # protocol.py is written in parallel; PROTOCOL.md's charset
-    USER_ID_RE = re.compile(r"[A-Za-z0-9_.@-]{1,128}")
-
-#: a session id: the user-id charset plus ':' (PROTOCOL.md, HTTP-API.md)
-SESSION_ID_RE = re.compile(r"[A-Za-z0-9_.@:-]{1,128}")
-#: clientMsgId: 1-64 characters (PROTOCOL.md "Sending a message")
-CLIENT_MSG_ID_MAX = 64
-#: what PostgreSQL text cannot hold (NUL) or UTF-8 cannot encode (lone surrogates)
-_BAD_CHARS = re.compile("[\x00\ud800-\udfff]")
-
-P2P_PREFIX = "p2p:"
-
-#: history page size when the client gives none, and the cap (PROTOCOL.md "Sync")
-HISTORY_DEFAULT_LIMIT = 50
-HISTORY_MAX_LIMIT = 200
+from imcluster.store.base import (
+    BIGINT_MAX, HISTORY_DEFAULT_LIMIT, HISTORY_MAX_LIMIT, P2P_PREFIX, Incoming, Rejected, Stored, StoreError,
+    check_member_change, check_new_session, clamp_bigint, copy_answer, bytes_key, parse_p2p, sorted_pairs,
+    storable_json, valid_client_msg_id, valid_session_id, valid_user_id,
+)
 
 #: how often a batch is run again after losing a race on the clientMsgId key
 #: (unique violation). Each retry sees what the winner committed, so a second
@@ -101,226 +84,13 @@ class _StaleP2P(Exception):
     """A 1:1 session remembered as existing is gone (deleted by hand): forget and run again."""
 
 
-_BIGINT_MAX = 2**63 - 1
-_DIGITS_RE = re.compile(r"[0-9]{1,19}")
-
 #: ``created_at`` in whole milliseconds; extract() is numeric (exact) since PostgreSQL 14
 _TS_SQL = "floor(extract(epoch FROM {t}.created_at) * 1000)::bigint"
-
-
-class StoreError(Exception):
-    """A deterministic failure the caller answers to the client (never retry it)."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
-
-
-@dataclass(frozen=True)
-class Incoming:
-    """One client message to store.
-
-    ``ts_ms``: milliseconds since the epoch to record as the message's time
-    (None: the store's clock). ``trusted``: skip the member check (the HTTP
-    API's admin key sends as any user, ``system`` by default); the session
-    must still exist (a ``p2p:`` one is created).
-    """
-
-    sender: str
-    client_msg_id: str
-    session_id: str
-    body: Any
-    ts_ms: int | None = None
-    trusted: bool = False
-
-
-@dataclass(frozen=True)
-class Stored:
-    """A message that is in ``messagerecv`` (just now, or before: ``duplicate``).
-
-    ``recipients``: the users to deliver it to, i.e. whose ``messagesend``
-    row is undelivered: every member but the sender for a new message, and
-    those who have not acknowledged it yet for a duplicate. ``session_id``,
-    ``seq``, ``ts_ms`` and ``body`` of a duplicate are the original's.
-    """
-
-    msg_id: str
-    session_id: str
-    seq: int
-    ts_ms: int
-    sender: str
-    client_msg_id: str
-    body: Any
-    recipients: list[str] = field(default_factory=list)
-    duplicate: bool = False
-    ok = True
-
-
-@dataclass(frozen=True)
-class Rejected:
-    """A message refused on its own: ``code`` is a PROTOCOL.md ``message_reply`` code."""
-
-    client_msg_id: str
-    code: str
-    message: str
-    ok = False
-
-
-# --- ids ---------------------------------------------------------------------
-
-
-def valid_user_id(user_id: Any) -> bool:
-    """True for a PROTOCOL.md user id: 1-128 characters of ``A-Z a-z 0-9 _ . @ -``."""
-    return isinstance(user_id, str) and USER_ID_RE.fullmatch(user_id) is not None
-
-
-def p2p_session_id(a: str, b: str) -> str:
-    """The id of the 1:1 session of two users: ``p2p:<a>:<b>`` sorted by bytes."""
-    a, b = sorted((a, b), key=lambda u: u.encode())
-    return f"{P2P_PREFIX}{a}:{b}"
-
-
-def parse_p2p(session_id: str) -> tuple[str, str] | None:
-    """``(a, b)`` of a canonical ``p2p:<a>:<b>`` id, else None.
-
-    Canonical: both valid user ids (they cannot contain ':'), ``a < b`` in
-    byte order (so ``a != b``).
-    """
-    if not session_id.startswith(P2P_PREFIX):
-        return None
-    parts = session_id[len(P2P_PREFIX):].split(":")
-    if len(parts) != 2:
-        return None
-    a, b = parts
-    if not (valid_user_id(a) and valid_user_id(b)) or not a.encode() < b.encode():
-        return None
-    return a, b
-
-
-def valid_session_id(session_id: Any) -> bool:
-    """True for an id a session may have (a ``p2p:`` id must also be canonical)."""
-    if not isinstance(session_id, str) or SESSION_ID_RE.fullmatch(session_id) is None:
-        return False
-    return not session_id.startswith(P2P_PREFIX) or parse_p2p(session_id) is not None
-
-
-def parse_msg_id(msg_id: Any) -> int | None:
-    """The ``messagerecv.id`` of a client-supplied ``msgId`` (str or int), else None."""
-    if isinstance(msg_id, bool):
-        return None
-    if isinstance(msg_id, int):
-        value = msg_id
-    elif isinstance(msg_id, str) and _DIGITS_RE.fullmatch(msg_id):
-        value = int(msg_id)
-    else:
-        return None
-    return value if 0 < value <= _BIGINT_MAX else None
-
-
-def _has_nul(value: Any) -> bool:
-    """True when a string anywhere in a JSON value holds U+0000 (jsonb refuses it)."""
-    stack = [value]
-    while stack:
-        v = stack.pop()
-        if isinstance(v, str):
-            if "\x00" in v:
-                return True
-        elif isinstance(v, dict):
-            for k, item in v.items():
-                if isinstance(k, str) and "\x00" in k:
-                    return True
-                stack.append(item)
-        elif isinstance(v, (list, tuple)):
-            stack.extend(v)
-    return False
-
-
-def _json(body: Any) -> str | None:
-    """``body`` as JSON text for a jsonb column, or None when it cannot be stored."""
-    if _has_nul(body):
-        return None
-    try:
-        text = json.dumps(body, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
-        text.encode("utf-8")  # a lone surrogate would fail the whole batch's statement
-    except (TypeError, ValueError, RecursionError):
-        return None
-    return text
-
-
-def valid_client_msg_id(client_msg_id: Any) -> bool:
-    """True for a storable ``clientMsgId``: 1-64 characters, no NUL or lone surrogate."""
-    return (isinstance(client_msg_id, str) and 0 < len(client_msg_id) <= CLIENT_MSG_ID_MAX
-            and _BAD_CHARS.search(client_msg_id) is None)
-
-
-def check_new_session(creator: str | None, members: Iterable[str], session_id: str | None, kind: str,
-                      max_group_size: int) -> tuple[str, str, list[str]]:
-    """Validate a new session: ``(session_id, kind, members sorted)`` or :class:`StoreError`."""
-    if isinstance(members, (str, bytes)):
-        raise StoreError("bad_request", "members must be a list of user ids")
-    members = list(members)
-    for u in members + ([creator] if creator is not None else []):
-        if not valid_user_id(u):
-            raise StoreError("bad_request", f"bad user id {u!r}")
-    everyone = sorted(set(members) | ({creator} if creator is not None else set()), key=_bytes_key)
-    if kind not in ("group", "p2p"):
-        raise StoreError("bad_request", f"kind must be group or p2p, not {kind!r}")
-    if session_id is None and kind == "p2p":
-        if len(everyone) != 2 or creator is None:
-            raise StoreError("bad_request", "a p2p session is the creator and one other member")
-        session_id = p2p_session_id(*everyone)
-    if session_id is None:
-        session_id = uuid.uuid4().hex
-    if not isinstance(session_id, str) or SESSION_ID_RE.fullmatch(session_id) is None:
-        raise StoreError("bad_request", "a session id is 1-128 characters of A-Z a-z 0-9 _ . @ - :")
-    if session_id.startswith(P2P_PREFIX):
-        pair = parse_p2p(session_id)
-        if pair is None or everyone != list(pair) or (creator is not None and creator not in pair):
-            raise StoreError("bad_request", "a p2p: id must be p2p:<a>:<b> of its two members, sorted")
-        kind = "p2p"
-    elif kind == "p2p":
-        raise StoreError("bad_request", "a p2p session has the id p2p:<a>:<b>")
-    if not everyone:
-        raise StoreError("bad_request", "a session needs at least one member")
-    if len(everyone) > max_group_size:
-        raise StoreError("too_large", f"a session has at most {max_group_size} members")
-    return session_id, kind, everyone
-
-
-def check_member_change(add: Iterable[str], remove: Iterable[str]) -> tuple[list[str], list[str]]:
-    """Validate a membership change: ``(add, remove)`` de-duplicated and sorted, or :class:`StoreError`."""
-    if isinstance(add, (str, bytes)) or isinstance(remove, (str, bytes)):
-        raise StoreError("bad_request", "add and remove are lists of user ids")
-    add, remove = list(add), list(remove)
-    for u in add + remove:
-        if not valid_user_id(u):
-            raise StoreError("bad_request", f"bad user id {u!r}")
-    if set(add) & set(remove):
-        raise StoreError("bad_request", "a user is both added and removed")
-    return sorted(set(add), key=_bytes_key), sorted(set(remove), key=_bytes_key)
-
-
-def copy_answer(first: Stored | Rejected) -> Stored | Rejected:
-    """The answer to a later copy of a message sent twice in one batch: like the first copy's."""
-    if isinstance(first, Stored):
-        return Stored(first.msg_id, first.session_id, first.seq, first.ts_ms, first.sender,
-                      first.client_msg_id, first.body, list(first.recipients), duplicate=True)
-    return first
-
-
-def _clamp_bigint(value: Any) -> int:
-    """``value`` as an int within PostgreSQL's bigint (a client's seq may be any JSON number)."""
-    return max(-_BIGINT_MAX, min(int(value), _BIGINT_MAX))
 
 
 def _race(failure_or_exc: Any) -> bool:
     exc = getattr(failure_or_exc, "value", failure_or_exc)
     return getattr(exc, "pgcode", None) in _RACE_PGCODES
-
-
-def _bytes_key(s: str) -> bytes:
-    return s.encode()
 
 
 # --- the store -----------------------------------------------------------------
@@ -434,7 +204,7 @@ class MessageStore:
             if not valid_client_msg_id(m.client_msg_id) or not valid_user_id(m.sender):
                 results[i] = Rejected(str(m.client_msg_id), "bad_frame", "bad sender or clientMsgId")
                 continue
-            body = _json(m.body)
+            body = storable_json(m.body)
             if body is None:
                 results[i] = Rejected(m.client_msg_id, "bad_frame",
                                       "body is not storable JSON (U+0000 in a string, NaN or Infinity)")
@@ -496,7 +266,7 @@ class MessageStore:
         ids = sorted(session_ids)
         sql = b""
         if p2p_new:
-            sql += self._create_p2p_sql(cursor, sorted(p2p_new, key=_bytes_key)) + b"; "
+            sql += self._create_p2p_sql(cursor, sorted(p2p_new, key=bytes_key)) + b"; "
         if ids:
             sql += cursor.mogrify('SELECT 1 FROM session WHERE id = ANY(%s) ORDER BY id COLLATE "C" FOR UPDATE; ',
                                   (ids,))
@@ -648,7 +418,7 @@ class MessageStore:
         operators a delivery was attempted, sync sends both states, and not
         waiting means this statement can never take part in a deadlock.
         """
-        users, ids = self._pairs(pairs)
+        users, ids = sorted_pairs(pairs)
         if not users:
             return defer.succeed(0)
         return self.db.run_query(
@@ -675,7 +445,7 @@ class MessageStore:
         touched every row twice and made acknowledgements twice as costly as
         inserting the rows (fan-out trace: 11.8 ms a statement).
         """
-        users, ids = self._pairs((user, msg_id) for user, msg_ids in acks for msg_id in msg_ids)
+        users, ids = sorted_pairs((user, msg_id) for user, msg_ids in acks for msg_id in msg_ids)
         if not users:
             return defer.succeed(0)
         return self.db.run_operation(
@@ -683,17 +453,6 @@ class MessageStore:
             "FROM unnest(%s::text[], %s::bigint[]) AS a(user_id, msg_id) "
             "WHERE m.user_id = a.user_id AND m.msg_id = a.msg_id AND m.status <> 'delivered'",
             (users, ids), idempotent=True)
-
-    @staticmethod
-    def _pairs(pairs: Iterable[tuple[str, Any]]) -> tuple[list[str], list[int]]:
-        """Distinct, valid ``(user_id, id)`` as two parallel sorted lists (for ``unnest``)."""
-        seen = set()
-        for user, msg_id in pairs:
-            n = parse_msg_id(msg_id)
-            if n is not None and valid_user_id(user):
-                seen.add((user, n))
-        ordered = sorted(seen, key=lambda p: (p[0].encode(), p[1]))
-        return [p[0] for p in ordered], [p[1] for p in ordered]
 
     def undelivered_page(self, user_id: str, after: tuple[str, int] | None, limit: int) -> defer.Deferred:
         """One page of a user's undelivered messages (``pending`` or ``sending``).
@@ -730,7 +489,7 @@ class MessageStore:
         Fires with ``[{"msgId","seq","from","clientMsgId","body","ts"}]``.
         """
         limit = HISTORY_DEFAULT_LIMIT if limit is None else max(1, min(int(limit), HISTORY_MAX_LIMIT))
-        before = _BIGINT_MAX if before_seq is None else _clamp_bigint(before_seq)
+        before = BIGINT_MAX if before_seq is None else clamp_bigint(before_seq)
 
         async def run() -> list[dict]:
             if not valid_session_id(session_id):
@@ -783,7 +542,7 @@ class MessageStore:
                 "SELECT (SELECT read_seq FROM u), s.id IS NOT NULL, "
                 'ARRAY(SELECT user_id FROM session_member WHERE session_id = %s ORDER BY user_id COLLATE "C") '
                 "FROM (SELECT 1) one LEFT JOIN session s ON s.id = %s",
-                (_clamp_bigint(seq), session_id, user_id, session_id, session_id), idempotent=True)
+                (clamp_bigint(seq), session_id, user_id, session_id, session_id), idempotent=True)
             cursor, exists, members = rows[0]
             if not exists:
                 pair = parse_p2p(session_id)
