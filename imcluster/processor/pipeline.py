@@ -9,7 +9,8 @@ docs/internals.rst) into a :class:`Window` and runs it through
 2. ``message`` items pass the moderation filters in order (a rejection is
    answered ``rejected`` and nothing is stored; a replacement changes the
    body), then ALL of them are stored in ONE transaction
-   (``store.store_messages``); at the same time the window's
+   (``store.begin_window``, then the registry is asked which recipients
+   are online, then ``commit``); at the same time the window's
    ``message_send_reply`` acknowledgements are applied with ONE
    ``store.mark_delivered`` (stages 3 and 4 do not wait for it; the window
    does), and ``history``, ``read`` and
@@ -40,35 +41,33 @@ import random
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-import psycopg2
 from twisted.internet import defer, error as ierror
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from imcluster import bus as _bus
 from imcluster import metrics, protocol
-from imcluster.db import ConnectionDead, DatabaseUnavailable
+from imcluster.interfaces import Unavailable
 from imcluster.processor.filters import REJECT, REPLACE, Verdict, apply_filters
 from imcluster.processor.router import Lookup, Outbox, Router, gateway_of
-from imcluster.store import Incoming, StoreError
-from imcluster.registry import RedisConnectionError
+from imcluster.store import Incoming, StoreError, p2p_recipients
 
 log = Logger(namespace="imcluster.processor.pipeline")
 
 FRAME = "frame"
 SYNC = "sync"
 
-class GatewayQueueMissing(Exception):
+class GatewayQueueMissing(Unavailable):
     """A live gateway's queue is not there (a broker restart): it declares it again soon."""
 
 
 #: failures that say a dependency (PostgreSQL, Redis, RabbitMQ) is down or slow:
-#: the work is retried with backoff, never dead-lettered
+#: the work is retried with backoff, never dead-lettered. Each role says so with
+#: its own subclass of ``interfaces.Unavailable`` (the store's StoreUnavailable,
+#: the registry's RegistryUnavailable, the bus' PublishError and ChannelError);
+#: the rest are timeouts and Twisted's own connection errors
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
-    GatewayQueueMissing, DatabaseUnavailable, ConnectionDead, psycopg2.OperationalError, psycopg2.InterfaceError,
-    TimeoutError, defer.TimeoutError, defer.CancelledError, RedisConnectionError,
-    _bus.PublishError, _bus.ChannelError, ierror.ConnectError, ierror.ConnectionLost,
-    ierror.ConnectionDone,
+    Unavailable, TimeoutError, defer.TimeoutError, defer.CancelledError,
+    ierror.ConnectError, ierror.ConnectionLost, ierror.ConnectionDone,
 )
 
 
@@ -239,7 +238,7 @@ class Window:
         self.acked = False
         self.answers: dict[int, tuple[str, Any]] = {}  # id(item) -> ("ok", result) | ("error", StoreError)
         self.outbox: Outbox | None = None
-        #: recipients the store found connected inside its transaction: their rows were inserted ``sending``
+        #: recipients found connected while the store held its locks: their rows were inserted ``sending``
         self.online: set[str] = set()
         self.published: set[str] = set()
         self.routed: set[str] = set()
@@ -404,7 +403,7 @@ class Pipeline:
                 await self._store_batch(w, messages, locked)
                 w.stored_done = True
         finally:
-            locked.done()  # the store calls it sooner, as soon as it holds its locks
+            locked.done()  # _store_batch gives it up sooner, as soon as the store holds its locks
 
     async def _store_batch(self, w: Window, messages: list[Item], locked: "_Turn") -> None:
         batch, owners = [], []
@@ -420,30 +419,47 @@ class Pipeline:
             owners.append(item)
         if not batch:
             return
-        results = await self.store.store_messages(batch, self._locator(w), locked.done)
+        # the store, then the router, in turn: the store's transaction locks the
+        # sessions and says whom the new messages go to; the window gives up its
+        # lock turn, asks the registry which of them are online, and commits
+        # (their rows are inserted ``sending``, sparing a mark_sending for them).
+        # A 1:1 recipient is in the session id: asked beside the locks, not after
+        known = p2p_recipients(batch)
+        early = self._online(known) if known else None
+        try:
+            txn = await self.store.begin_window(batch)
+            locked.done()
+            try:
+                online: list[str] = []
+                if txn.recipients:
+                    if early is not None and set(txn.recipients) <= set(known):
+                        online = await early
+                    else:
+                        online = await self._online(txn.recipients)
+                results = await txn.commit(online)
+            except BaseException:
+                txn.abort()  # releases the locks at once (a no-op when the commit itself failed)
+                raise
+        finally:
+            if early is not None:
+                early.addErrback(lambda _: None)  # unused, or already raised above
+        w.online = set(online)
         now = self.clock.seconds()
         for item, result in zip(owners, results):
             w.stored[id(item)] = result
             if item.ts is not None and result.ok and not result.duplicate:
                 metrics.QUEUE_TO_COMMIT.observe(max(0.0, now - item.ts / 1000.0))
 
-    def _locator(self, w: Window) -> Callable[[list[str]], defer.Deferred]:
-        """``locate`` for the store: which recipients have a connection (ONE ``connections_of``).
+    def _online(self, users: list[str]) -> defer.Deferred:
+        """Which of ``users`` have a connection (ONE ``connections_of``).
 
-        Their rows are inserted ``sending``, which spares the window a
-        ``mark_sending`` for them. Routing still looks connections up after
-        the commit (a connection registered after this lookup must either be
-        routed to or find the message in its sync), and a recipient who left
-        meanwhile keeps a ``sending`` row: undelivered all the same.
+        Routing still looks connections up after the commit (a connection
+        registered after this lookup must either be routed to or find the
+        message in its sync), and a recipient who left meanwhile keeps a
+        ``sending`` row: undelivered all the same.
         """
-        def locate(recipients: list[str]) -> defer.Deferred:
-            def found(conns: dict) -> list[str]:
-                online = [u for u in recipients if conns.get(u)]
-                w.online = set(online)
-                return online
-
-            return self.router.registry.connections_of(recipients).addCallback(found)
-        return locate
+        return self.router.registry.connections_of(users).addCallback(
+            lambda conns: [u for u in users if conns.get(u)])
 
     async def _acks(self, w: Window) -> None:
         if w.acked:

@@ -28,7 +28,11 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-from imcluster.interfaces import Unavailable
+from twisted.internet import defer
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from imcluster.interfaces import IWindowTransaction, Unavailable
 from imcluster.protocol import is_user_id as valid_user_id
 
 #: a session id: the user-id charset plus ':' (PROTOCOL.md, HTTP-API.md)
@@ -56,6 +60,10 @@ CONFLICT = "conflict"
 TOO_LARGE = "too_large"
 BAD_REQUEST = "bad_request"
 ERROR_CODES = frozenset({NO_SESSION, NOT_MEMBER, CONFLICT, TOO_LARGE, BAD_REQUEST})
+
+
+class WindowAborted(Exception):
+    """The caller gave a window transaction up (:meth:`WindowTransaction.abort`): rolled back."""
 
 
 class StoreUnavailable(Unavailable):
@@ -289,3 +297,112 @@ def sorted_pairs(pairs: Iterable[tuple[str, Any]]) -> tuple[list[str], list[int]
             seen.add((user, n))
     ordered = sorted(seen, key=lambda p: (p[0].encode(), p[1]))
     return [p[0] for p in ordered], [p[1] for p in ordered]
+
+
+# --- the window transaction ----------------------------------------------------
+
+
+def p2p_recipients(batch: Iterable[Incoming]) -> list[str] | None:
+    """Whom the new messages of ``batch`` can go to, when the session ids alone say it.
+
+    Every session a ``p2p:<a>:<b>``: the other party of each sender (sorted),
+    a superset of :attr:`WindowTransaction.recipients`. Otherwise None
+    (a group's members are known only inside the transaction). The pipeline
+    asks the registry who of them is online while the store takes its
+    locks, not after.
+    """
+    users: set[str] = set()
+    for m in batch:
+        pair = parse_p2p(m.session_id) if isinstance(m.session_id, str) else None
+        if pair is None:
+            return None
+        if m.trusted or m.sender in pair:
+            users.update(u for u in pair if u != m.sender)
+    return sorted(users)
+
+
+@implementer(IWindowTransaction)
+class WindowTransaction:
+    """The caller's side of a window's store transaction, and the handshake with the store's side.
+
+    A store's :meth:`~imcluster.interfaces.IMessageStore.begin_window` makes
+    one, runs its transaction, and calls :meth:`ready` once the window's
+    sessions are locked (with the recipients of the new messages), then
+    waits in :meth:`online` for the caller's :meth:`commit` (or
+    :meth:`abort`) before writing, and reports its outcome with
+    :meth:`settle`. A transaction that runs again (a lost race, a deadlock,
+    a lost connection) calls :meth:`ready` and :meth:`online` again: the
+    second time they return at once with what the caller gave the first
+    time (the caller never sees a retry).
+    """
+
+    def __init__(self, batch: list[Incoming]) -> None:
+        self.batch = batch
+        #: users the new messages are written to (sorted): set by :meth:`ready`
+        self.recipients: list[str] = []
+        #: answers known when the locks were taken: a :class:`Rejected` or a duplicate's
+        #: :class:`Stored` per message, None for a message that is new
+        self.decided: list[Stored | Rejected | None] = []
+        self.started: defer.Deferred = defer.Deferred()
+        self._gave: defer.Deferred = defer.Deferred()
+        self._online: list[str] | None = None
+        self._outcome: Any = None  # the results, or a Failure, once settled
+        self._settled = False
+        self._waiting: list[defer.Deferred] = []
+
+    # -- the caller's side (IWindowTransaction)
+
+    def commit(self, online: Iterable[str] = ()) -> defer.Deferred:
+        """Write the new messages (rows of ``online`` recipients ``sending``) and commit."""
+        if not self._gave.called:
+            self._gave.callback(sorted(set(online)))
+        return self._result()
+
+    def abort(self) -> defer.Deferred:
+        """Roll back (a no-op once committed or failed); fires when the transaction is over."""
+        if not self._gave.called:
+            self._gave.errback(WindowAborted("the caller gave the window up"))
+        return self._result().addErrback(lambda _: None)
+
+    # -- the store's side
+
+    def ready(self, recipients: list[str], decided: list[Stored | Rejected | None]) -> None:
+        """The sessions are locked: tell the caller whom the new messages go to (the first time)."""
+        if not self.started.called:
+            self.recipients = list(recipients)
+            self.decided = list(decided)
+            self.started.callback(self)
+
+    async def online(self, recipients: Iterable[str]) -> list[str]:
+        """Wait for the caller's answer: which of ``recipients`` are online (``WindowAborted``: give up)."""
+        if self._online is None:
+            self._online = await self._gave
+        given = set(self._online)
+        return sorted(u for u in recipients if u in given)
+
+    def settle(self, outcome: Any) -> None:
+        """The transaction is over: its results, or a Failure (also the caller's, before :meth:`ready`)."""
+        self._settled, self._outcome = True, outcome
+        if not self.started.called:
+            # failed before the locks: begin_window fails (a result here means nothing to write)
+            if isinstance(outcome, Failure):
+                self.started.errback(outcome)
+                return
+            self.ready([], list(outcome))
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            self._deliver(d)
+
+    def _result(self) -> defer.Deferred:
+        d: defer.Deferred = defer.Deferred()
+        if self._settled:
+            self._deliver(d)
+        else:
+            self._waiting.append(d)
+        return d
+
+    def _deliver(self, d: defer.Deferred) -> None:
+        if isinstance(self._outcome, Failure):
+            d.errback(self._outcome)
+        else:
+            d.callback(self._outcome)

@@ -4,9 +4,10 @@
 the tables of ``imcluster/migrations`` (ARCHITECTURE.md "PostgreSQL tables").
 Every public method returns a Deferred.
 
-Batching is the design. :meth:`MessageStore.store_messages` handles a whole
+Batching is the design. :meth:`MessageStore.begin_window` handles a whole
 window of client messages in ONE transaction and TWO round trips, whatever
-the batch size (BEGIN and COMMIT travel with them, ``imcluster.db``):
+the batch size (BEGIN and COMMIT travel with them, ``imcluster.db``), with
+the caller's turn between them (a :class:`~imcluster.store.WindowTransaction`):
 
 1. one string of statements: BEGIN; the 1:1 sessions ``p2p:<a>:<b>`` that
    the batch writes to are created (``INSERT ... ON CONFLICT DO NOTHING``,
@@ -18,13 +19,17 @@ the batch size (BEGIN and COMMIT travel with them, ``imcluster.db``):
    then one ``SELECT`` reads the originals of duplicates on the unique key
    ``(sender_id, client_msg_id)`` (with their still undelivered
    recipients), ``last_seq`` and the members of every session, and
-   reserves the ids of the new messages (``nextval``);
-2. one statement writes everything, then COMMIT: one ``UPDATE session``
+   reserves the ids of the new messages (``nextval``); ``begin_window``
+   fires now, with the recipients of the new messages, and the caller asks
+   the registry which are online (the store never calls another role);
+2. on the caller's ``commit(online)``, one statement writes everything,
+   then COMMIT: one ``UPDATE session``
    row per session (``last_seq`` advanced by the number of new messages),
    one multi-row ``INSERT`` into ``messagerecv`` and the ``messagesend``
    rows of every member except the sender, expanded by PostgreSQL from
    ``session_member`` (a 100-member group costs one row on the wire per
-   message, not 99).
+   message, not 99); the rows of the ``online`` recipients are inserted
+   ``sending``, the others ``pending``.
 
 Because the session row stays locked until commit, and membership changes
 (:meth:`MessageStore.add_remove_members`) lock it too, ``seq`` is gap-free
@@ -47,24 +52,29 @@ absent), so the reply, the live delivery, sync and history all show the same
 
 Errors a caller must map to the client: :class:`StoreError` with ``code``
 ``no_session``, ``not_member``, ``conflict``, ``too_large`` or
-``bad_request``. Anything else (PostgreSQL down, a statement timeout) is
-transient: retry.
+``bad_request``. PostgreSQL down, a statement timeout, a deadlock that
+kept coming back: :class:`StoreUnavailable` (transient: retry); the
+driver's own errors never leave this module.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Iterable, Sequence
 
-from twisted.internet import defer
+import psycopg2
+from twisted.internet import defer, error as ierror
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from imcluster import metrics
+from imcluster.db import ConnectionDead, DatabaseUnavailable, RollbackFailed
 from imcluster.interfaces import IMessageStore
 from imcluster.store.base import (
     BIGINT_MAX, HISTORY_DEFAULT_LIMIT, HISTORY_MAX_LIMIT, P2P_PREFIX, Incoming, Rejected, Stored, StoreError,
-    check_member_change, check_new_session, clamp_bigint, copy_answer, bytes_key, parse_p2p, sorted_pairs,
-    storable_json, valid_client_msg_id, valid_session_id, valid_user_id,
+    StoreUnavailable, WindowTransaction, bytes_key, check_member_change, check_new_session, clamp_bigint,
+    copy_answer, parse_p2p, sorted_pairs, storable_json, valid_client_msg_id, valid_session_id, valid_user_id,
 )
 
 #: how often a batch is run again after losing a race on the clientMsgId key
@@ -86,6 +96,37 @@ class _StaleP2P(Exception):
 
 #: ``created_at`` in whole milliseconds; extract() is numeric (exact) since PostgreSQL 14
 _TS_SQL = "floor(extract(epoch FROM {t}.created_at) * 1000)::bigint"
+
+
+#: what the driver and the pool raise when PostgreSQL is down, slow or lost mid-work
+#: (OperationalError covers statement timeouts and deadlocks run out of retries too)
+_DRIVER_ERRORS: tuple[type[BaseException], ...] = (
+    DatabaseUnavailable, ConnectionDead, RollbackFailed, psycopg2.OperationalError, psycopg2.InterfaceError,
+    ierror.ConnectionDone, ierror.ConnectionLost,
+)
+
+
+def _unavailable(e: BaseException) -> BaseException:
+    """``e`` as the store's :class:`StoreUnavailable` when it is the driver's outage error, else ``e``."""
+    if not isinstance(e, _DRIVER_ERRORS):
+        return e
+    text = str(e).strip().splitlines()
+    wrapped = StoreUnavailable(f"PostgreSQL unavailable: {text[0] if text else type(e).__name__}")
+    wrapped.__cause__ = e
+    return wrapped
+
+
+def _translate(failure: Failure) -> Failure:
+    wrapped = _unavailable(failure.value)
+    return failure if wrapped is failure.value else Failure(wrapped)
+
+
+def _store_errors(method: Callable[..., defer.Deferred]) -> Callable[..., defer.Deferred]:
+    """A public method whose driver errors reach the caller as :class:`StoreUnavailable`."""
+    @functools.wraps(method)
+    def wrapper(*args: Any, **kwargs: Any) -> defer.Deferred:
+        return method(*args, **kwargs).addErrback(_translate)
+    return wrapper
 
 
 def _race(failure_or_exc: Any) -> bool:
@@ -131,33 +172,41 @@ class MessageStore:
 
     # -- messages ----------------------------------------------------------------
 
-    def store_messages(self, batch: Sequence[Incoming],
-                       locate: Callable[[list[str]], Any] | None = None,
-                       locked: Callable[[], Any] | None = None) -> defer.Deferred:
-        """Store a batch in one transaction; fires with ``[Stored | Rejected]`` in batch order.
+    def begin_window(self, batch: Sequence[Incoming]) -> defer.Deferred:
+        """Begin a window's transaction: fires with a :class:`WindowTransaction` once its sessions are locked.
 
         Idempotent: a batch run again (after a crash, a retry, or by another
         processor) answers every message already stored as a duplicate.
 
-        ``locate(users)``, when given, is called inside the transaction with
-        the recipients of the new messages (once members are known; for a
-        batch of 1:1 sessions only, beside the first round trip, with the
-        other party of each, since it is in the session id) and
-        returns (or fires with) the users that are online: their
-        ``messagesend`` rows are inserted ``sending`` at once, which spares
-        the caller a ``mark_sending`` for them. A failure of ``locate`` fails
-        the batch (nothing is stored).
+        The transaction's first round trip takes the locks and reads what
+        the batch needs (module docstring); the Deferred fires then, with
+        :attr:`WindowTransaction.recipients`, the users the new messages go
+        to. The pipeline begins the next window's transaction only then, so
+        that windows in flight together take seq numbers in the order they
+        started, and asks the registry which recipients are online. Its
+        ``commit(online)`` sends the second round trip: the rows of
+        ``online`` recipients are inserted ``sending`` at once (sparing a
+        ``mark_sending``), then COMMIT. ``abort()`` rolls back.
 
-        ``locked()``, when given, is called as soon as the batch's sessions
-        are locked (again if the batch runs again after a lost race). The
-        pipeline starts the next window's transaction only then, so that
-        windows in flight together take seq numbers in the order they
-        started.
+        Should the transaction run again (a lost race on the clientMsgId
+        key, a deadlock, a lost connection), it does so on its own, with the
+        ``online`` users already given. PostgreSQL down or slow:
+        :class:`StoreUnavailable`.
         """
-        return defer.Deferred.fromCoroutine(self._store_messages(list(batch), locate, locked))
+        txn = WindowTransaction(list(batch))
+        d = defer.Deferred.fromCoroutine(self._store_messages(txn))
+        d.addBoth(txn.settle)
+        return txn.started
 
-    async def _store_messages(self, batch: list[Incoming], locate: Any = None,
-                              locked: Callable[[], Any] | None = None) -> list[Stored | Rejected]:
+    def store_messages(self, batch: Sequence[Incoming]) -> defer.Deferred:
+        """Store a batch in one transaction; fires with ``[Stored | Rejected]`` in batch order.
+
+        :meth:`begin_window`, then ``commit(())`` (every row ``pending``).
+        """
+        return self.begin_window(batch).addCallback(lambda txn: txn.commit(()))
+
+    async def _store_messages(self, txn: WindowTransaction) -> list[Stored | Rejected]:
+        batch = txn.batch
         if not batch:
             return []
         now_ms = int(self.clock.seconds() * 1000)
@@ -165,15 +214,14 @@ class MessageStore:
         while True:
             attempt += 1
             try:
-                results = await self.db.run_interaction(self._store_in, batch, now_ms, locate, locked,
-                                                        idempotent=True)
+                results = await self.db.run_interaction(self._store_in, batch, now_ms, txn, idempotent=True)
                 break
             except _StaleP2P:
                 self.p2p_known.clear()
                 continue
             except Exception as e:
                 if not _race(e) or attempt > RACE_RETRIES:
-                    raise
+                    raise _unavailable(e)
                 self.race_retries += 1
                 self.log.info("store batch of {n} lost a race ({code}); attempt {attempt} of {retries}",
                               n=len(batch), code=getattr(e, "pgcode", None), attempt=attempt + 1,
@@ -193,8 +241,8 @@ class MessageStore:
         return results
 
     async def _store_in(self, cursor: Any, batch: list[Incoming], now_ms: int,
-                        locate: Any = None, locked: Callable[[], Any] | None = None) -> list[Stored | Rejected]:
-        """The transaction of :meth:`store_messages` (runs again from scratch on a retry)."""
+                        txn: WindowTransaction) -> list[Stored | Rejected]:
+        """The transaction of :meth:`begin_window` (runs again from scratch on a retry)."""
         results: list[Stored | Rejected | None] = [None] * len(batch)
         bodies: dict[int, str] = {}
         candidates: list[int] = []  # indexes still to decide, in batch order
@@ -255,14 +303,6 @@ class MessageStore:
         keys = sorted(keys_seen)
         if not keys:
             return results  # type: ignore[return-value]
-        # a 1:1 session's recipient is in its id: when every session is one,
-        # ask who is online now, while the locks are taken, not after
-        early = None
-        if locate is not None and session_ids and all(s.startswith(P2P_PREFIX) for s in session_ids):
-            early_users = sorted({u for i, c in checks.items() if c is None
-                                  for u in parse_p2p(batch[i].session_id) if u != batch[i].sender})  # type: ignore[union-attr]
-            # its error is kept as a value: raised below if used, never an unhandled Deferred error
-            early = defer.maybeDeferred(locate, early_users).addErrback(lambda f: f.value)
         ids = sorted(session_ids)
         sql = b""
         if p2p_new:
@@ -282,8 +322,6 @@ class MessageStore:
             "ARRAY(SELECT nextval('messagerecv_id_seq') FROM generate_series(1, %s))",
             ([k[0] for k in keys], [k[1] for k in keys], ids, sum(1 for c in checks.values() if c is None)))
         await cursor.execute(sql)
-        if locked is not None:
-            locked()
         found, session_rows, reserved = cursor.fetchall()[0]
         originals: dict[tuple[str, str], Stored] = {}
         for sender, cmid, msg_id, session_id, seq, ts, body, pending in found or ():
@@ -338,19 +376,14 @@ class MessageStore:
             next_seq[m.session_id] = seq
             new_rows.append((i, seq))
 
+        # 5. the caller's turn: the locks are held, the recipients known; it
+        # asks who of them is online (the store never calls another role)
+        # and answers with commit(online), or abort()
+        recipients = sorted({u for i, _ in new_rows for u in sessions[batch[i].session_id][1]
+                             if u != batch[i].sender})
+        txn.ready(recipients, results)
         if new_rows:
-            online: list[str] = []
-            if locate is not None:
-                recipients = sorted({u for i, _ in new_rows for u in sessions[batch[i].session_id][1]
-                                     if u != batch[i].sender})
-                if recipients and early is not None and set(recipients) <= set(early_users):
-                    found = await early
-                    if isinstance(found, BaseException):
-                        raise found
-                    wanted = set(recipients)
-                    online = sorted(u for u in found if u in wanted)
-                elif recipients:
-                    online = sorted(await defer.maybeDeferred(locate, recipients))
+            online = await txn.online(recipients)
             msg_ids = reserved[:len(new_rows)]
             await self._write(cursor, batch, bodies, new_rows, msg_ids, next_seq, now_ms, online)
             for (i, seq), msg_id in zip(new_rows, msg_ids):
@@ -410,6 +443,7 @@ class MessageStore:
             b"JOIN session_member m ON m.session_id = ins.session_id AND m.user_id <> ins.sender_id",
             commit=True)
 
+    @_store_errors
     def mark_sending(self, pairs: Iterable[tuple[str, Any]]) -> defer.Deferred:
         """``pending`` -> ``sending`` for ``(user_id, msg_id)`` pairs; fires with the count changed.
 
@@ -429,6 +463,7 @@ class MessageStore:
             "WHERE m.user_id = t.user_id AND m.msg_id = t.msg_id AND m.status = 'pending' RETURNING 1) "
             "SELECT count(*) FROM u", (users, ids)).addCallback(lambda rows: rows[0][0])
 
+    @_store_errors
     def mark_delivered(self, acks: Iterable[tuple[str, Iterable[Any]]]) -> defer.Deferred:
         """Mark acknowledged messages ``delivered``: ``acks`` is ``[(user_id, [msgId, ...]), ...]``.
 
@@ -454,6 +489,7 @@ class MessageStore:
             "WHERE m.user_id = a.user_id AND m.msg_id = a.msg_id AND m.status <> 'delivered'",
             (users, ids), idempotent=True)
 
+    @_store_errors
     def undelivered_page(self, user_id: str, after: tuple[str, int] | None, limit: int) -> defer.Deferred:
         """One page of a user's undelivered messages (``pending`` or ``sending``).
 
@@ -476,6 +512,7 @@ class MessageStore:
 
     # -- sessions ------------------------------------------------------------------
 
+    @_store_errors
     def history(self, user_id: str, session_id: str, before_seq: int | None = None,
                 limit: int | None = None) -> defer.Deferred:
         """A page of a session's messages, ascending ``seq`` (PROTOCOL.md "History").
@@ -521,6 +558,7 @@ class MessageStore:
 
         return defer.Deferred.fromCoroutine(run())
 
+    @_store_errors
     def read(self, user_id: str, session_id: str, seq: int) -> defer.Deferred:
         """Move ``user_id``'s read cursor to ``seq``: fires with ``(cursor, members)``.
 
@@ -558,6 +596,7 @@ class MessageStore:
 
         return defer.Deferred.fromCoroutine(run())
 
+    @_store_errors
     def create_session(self, creator: str | None, members: Iterable[str], session_id: str | None = None,
                        kind: str = "group") -> defer.Deferred:
         """Create a session: fires with ``(session_id, members sorted)``.
@@ -597,6 +636,7 @@ class MessageStore:
             + b") AS v(session_id, user_id, role) JOIN s ON s.id = v.session_id RETURNING user_id")
         return cursor.fetchall()
 
+    @_store_errors
     def add_remove_members(self, session_id: str, add: Iterable[str] = (),
                            remove: Iterable[str] = ()) -> defer.Deferred:
         """Change a group's members; fires with the members, sorted.
@@ -638,6 +678,7 @@ class MessageStore:
 
         return self.db.run_interaction(change_members, idempotent=True)
 
+    @_store_errors
     def session_members(self, session_ids: Iterable[str]) -> defer.Deferred:
         """``{session_id: [user_id, ...] sorted}`` for the sessions that exist."""
         ids = sorted({sid for sid in session_ids if valid_session_id(sid)})
@@ -648,6 +689,7 @@ class MessageStore:
             'ORDER BY m.user_id COLLATE "C") FROM session s WHERE s.id = ANY(%s)', (ids,))
         return d.addCallback(lambda rows: {sid: members for sid, members in rows})
 
+    @_store_errors
     def get_session(self, session_id: str) -> defer.Deferred:
         """``{"sessionId","kind","members","owners","lastSeq"}`` (GET /v1/sessions/{id}).
 
@@ -668,6 +710,7 @@ class MessageStore:
             "ARRAY(SELECT user_id FROM session_member WHERE session_id = s.id AND role = 'owner' "
             'ORDER BY user_id COLLATE "C") FROM session s WHERE s.id = %s', (session_id,)).addCallback(shape)
 
+    @_store_errors
     def user_sessions(self, user_id: str) -> defer.Deferred:
         """A user's sessions: ``[{"sessionId","kind","lastSeq","unread"}]`` by sessionId (bytes).
 
