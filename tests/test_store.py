@@ -15,7 +15,7 @@ from zope.interface.verify import verifyObject
 
 from imcluster.db import apply_migrations
 from imcluster.interfaces import IMessageStore, IWindowTransaction, Unavailable
-from imcluster.store import Incoming, Rejected, Stored, StoreError, StoreUnavailable, WindowAborted
+from imcluster.store import P2P_SESSION_ID_MAX, Incoming, Rejected, Stored, StoreError, StoreUnavailable, WindowAborted
 from imcluster.store.postgres import MessageStore
 from imcluster.testing import FakeStore
 from tests.support.postgres import undelivered_keys
@@ -232,6 +232,32 @@ async def test_unavailable_is_the_store_error_not_the_drivers(backend, store):
         with pytest.raises(StoreUnavailable) as info:
             await d
         assert isinstance(info.value, Unavailable)
+
+
+@pytest_twisted.ensureDeferred
+async def test_one_to_one_session_of_two_longest_user_ids_exists(store):
+    """Two users with 128-character ids could not talk 1:1 (their 261-character session id refused)."""
+    a, b = "a" * 128, "b" * 128
+    sid = f"p2p:{a}:{b}"
+    assert len(sid) == 261 == P2P_SESSION_ID_MAX
+    assert await store.history(a, sid) == []  # exists implicitly before its first message
+    assert await store.read(b, sid, 5) == (0, [a, b])
+    [m1] = await store.store_messages([msg(a, "m1", sid)])
+    txn = await store.begin_window([msg(b, "m2", sid)])
+    assert txn.recipients == [a]
+    [m2] = await txn.commit([a])
+    assert (m1.ok, m1.seq, m1.recipients, m2.seq) == (True, 1, [b], 2)
+    assert [(m["clientMsgId"], m["from"]) for m in await store.history(b, sid)] == [("m1", a), ("m2", b)]
+    assert await store.session_members([sid]) == {sid: [a, b]}
+    assert (await store.get_session(sid))["kind"] == "p2p"
+    assert [s["sessionId"] for s in await store.user_sessions(a)] == [sid]
+    await expect_error(store.history("c", sid), "not_member")
+    # only 1:1 ids are that long: a group's id stays within 128 characters
+    await expect_error(store.create_session("alice", ["bob"], "g" * 129), "bad_request")
+    assert await store.create_session("alice", ["bob"], "g" * 128) == ("g" * 128, ["alice", "bob"])
+    await expect_error(store.create_session(a, [b], sid), "conflict")
+    [r] = await store.store_messages([msg(a, "x", f"p2p:{a}:{b}x")])  # a 129-character user id
+    assert r.code == "no_session"
 
 
 @pytest_twisted.ensureDeferred

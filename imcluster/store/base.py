@@ -35,7 +35,8 @@ from zope.interface import implementer
 from imcluster.interfaces import IWindowTransaction, Unavailable
 from imcluster.protocol import is_user_id as valid_user_id
 
-#: a session id: the user-id charset plus ':' (PROTOCOL.md, HTTP-API.md)
+#: a group's id: the user-id charset plus ':', 1-128 characters (PROTOCOL.md, HTTP-API.md);
+#: a 1:1 session's id is ``p2p:<a>:<b>`` of two user ids instead (:func:`parse_p2p`)
 SESSION_ID_RE = re.compile(r"[A-Za-z0-9_.@:-]{1,128}")
 #: clientMsgId: 1-64 characters (PROTOCOL.md "Sending a message")
 CLIENT_MSG_ID_MAX = 64
@@ -43,6 +44,8 @@ CLIENT_MSG_ID_MAX = 64
 _BAD_CHARS = re.compile("[\x00\ud800-\udfff]")
 
 P2P_PREFIX = "p2p:"
+#: the longest 1:1 session id: ``p2p:`` and two 128-character user ids (261)
+P2P_SESSION_ID_MAX = len(P2P_PREFIX) + 2 * 128 + 1
 
 #: history page size when the client gives none, and the cap (PROTOCOL.md "Sync")
 HISTORY_DEFAULT_LIMIT = 50
@@ -152,7 +155,7 @@ def parse_p2p(session_id: str) -> tuple[str, str] | None:
     Canonical: both valid user ids (they cannot contain ':'), ``a < b`` in
     byte order (so ``a != b``).
     """
-    if not session_id.startswith(P2P_PREFIX):
+    if not session_id.startswith(P2P_PREFIX) or len(session_id) > P2P_SESSION_ID_MAX:
         return None
     parts = session_id[len(P2P_PREFIX):].split(":")
     if len(parts) != 2:
@@ -164,10 +167,18 @@ def parse_p2p(session_id: str) -> tuple[str, str] | None:
 
 
 def valid_session_id(session_id: Any) -> bool:
-    """True for an id a session may have (a ``p2p:`` id must also be canonical)."""
-    if not isinstance(session_id, str) or SESSION_ID_RE.fullmatch(session_id) is None:
+    """True for an id a session may have.
+
+    A group's: 1-128 characters of ``A-Z a-z 0-9 _ . @ - :``. A ``p2p:`` id
+    is the canonical ``p2p:<a>:<b>`` of two user ids, up to
+    :data:`P2P_SESSION_ID_MAX` characters: every pair of users has one
+    (PROTOCOL.md), even two of 128 characters.
+    """
+    if not isinstance(session_id, str):
         return False
-    return not session_id.startswith(P2P_PREFIX) or parse_p2p(session_id) is not None
+    if session_id.startswith(P2P_PREFIX):
+        return parse_p2p(session_id) is not None
+    return SESSION_ID_RE.fullmatch(session_id) is not None
 
 
 def parse_msg_id(msg_id: Any) -> int | None:
@@ -237,7 +248,8 @@ def check_new_session(creator: str | None, members: Iterable[str], session_id: s
         session_id = p2p_session_id(*everyone)
     if session_id is None:
         session_id = uuid.uuid4().hex
-    if not isinstance(session_id, str) or SESSION_ID_RE.fullmatch(session_id) is None:
+    if not isinstance(session_id, str) or not (
+            session_id.startswith(P2P_PREFIX) or SESSION_ID_RE.fullmatch(session_id) is not None):
         raise StoreError("bad_request", "a session id is 1-128 characters of A-Z a-z 0-9 _ . @ - :")
     if session_id.startswith(P2P_PREFIX):
         pair = parse_p2p(session_id)
