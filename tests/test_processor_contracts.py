@@ -1,4 +1,4 @@
-"""What the processor retries: each role's own "unavailable" error, one base class, no driver."""
+"""The processor's contracts with its roles: what it retries, what it imports, who answers each frame type."""
 
 from __future__ import annotations
 
@@ -47,3 +47,12 @@ def test_callers_of_the_store_import_no_driver(path):
     names |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
     assert not {n for n in names if n.split(".")[0] in ("psycopg2", "txpostgres", "txredisapi", "pika")
                 or n in ("imcluster.db", "imcluster.store.postgres", "imcluster.processor.store")}, names
+
+
+def test_every_forwarded_frame_type_has_a_handler():
+    """A frame type the gateways forward would reach the processor with nobody to answer it."""
+    from imcluster import protocol
+    from imcluster.processor.handlers import HANDLERS, Handler
+
+    assert set(HANDLERS) == set(protocol.FORWARDED_TYPES)
+    assert all(isinstance(h, Handler) and h.type == t for t, h in HANDLERS.items())
