@@ -1,14 +1,28 @@
 """The roles of imcluster, as ``zope.interface`` interfaces.
 
-Each interface has a real implementation (``bus``, ``registry``, ``db`` /
-``processor.store``, ``auth``, ``processor.filters``) and a fake in
+Each interface has a real implementation (``bus``, ``registry``,
+``store.postgres``, ``auth``, ``processor.filters``) and a fake in
 :mod:`imcluster.testing`; the contract tests in ``tests/`` run the same suite
 against both.
+
+Each role also says "my backing service is down" with its own error, all
+subclasses of :class:`Unavailable`: ``imcluster.store.StoreUnavailable``,
+``imcluster.registry.RegistryUnavailable``, the bus' ``PublishError`` and
+``ChannelError``. A caller that retries on outages tests that one base
+class (plus timeouts) and never imports a driver.
 """
 
 from __future__ import annotations
 
 from zope.interface import Attribute, Interface
+
+
+class Unavailable(Exception):
+    """A role could not do the work now (its server down, slow or unreachable): retry later.
+
+    Never a verdict on the input: the same work may succeed once the
+    dependency is back.
+    """
 
 
 class IMessageBus(Interface):
@@ -149,24 +163,29 @@ class IMessageFilter(Interface):
 
 
 class IMessageStore(Interface):
-    """PostgreSQL, as the processors and the HTTP API use it (``imcluster.processor.store``).
+    """PostgreSQL, as the processors and the HTTP API use it (``imcluster.store.postgres``).
 
     Every method returns a Deferred; deterministic refusals fail with
-    :class:`imcluster.processor.store.StoreError` (``code``). Full contract:
-    the module docstring of ``imcluster.processor.store`` and the notes of
+    :class:`imcluster.store.StoreError` (``code``), an unavailable
+    PostgreSQL with :class:`imcluster.store.StoreUnavailable` (never a
+    driver's error). Full contract:
+    the module docstring of ``imcluster.store.postgres`` and the notes of
     PROCESSOR.md.
     """
 
-    def store_messages(batch, locate=None, locked=None):
-        """Store ``[Incoming]`` in one transaction: ``[Stored | Rejected]`` in batch order.
+    def begin_window(batch):
+        """Begin storing ``[Incoming]`` in one transaction: fires with an :class:`IWindowTransaction`.
 
-        ``locate(recipients)`` (optional) returns the online ones; a store that
-        calls it inserts their ``messagesend`` rows ``sending`` at once.
-        ``locked()`` (optional) is called as soon as the batch's sessions
-        are locked (again if the batch runs again): a window started after
-        this one may then begin its own transaction and still take seq
-        numbers after this one's. A store that never calls it only makes the
-        next window wait for this one's end."""
+        Fires once the batch's sessions are locked, with the recipients of
+        the new messages known: a window begun after this one may begin its
+        own transaction from then on and still take seq numbers after this
+        one's. Nothing is written until the caller's ``commit(online)``; the
+        caller must ``commit`` or ``abort`` (the locks are held until then).
+        The store never calls back into its caller or any other role.
+        """
+
+    def store_messages(batch):
+        """``begin_window(batch)`` then ``commit(())``: ``[Stored | Rejected]`` in batch order."""
 
     def mark_sending(pairs):
         """``pending`` -> ``sending`` for ``(user_id, msg_id)`` pairs; fires with the count."""
@@ -197,6 +216,30 @@ class IMessageStore(Interface):
 
     def user_sessions(user_id):
         """``[{"sessionId","kind","lastSeq","unread"}]`` sorted by sessionId."""
+
+
+class IWindowTransaction(Interface):
+    """A window's store transaction between its locks and its commit (``IMessageStore.begin_window``).
+
+    Should the transaction have to run again (a lost race on a clientMsgId,
+    a deadlock, a lost connection), the store does that on its own, with
+    the ``online`` users already given; the caller never sees it.
+    """
+
+    recipients = Attribute("users the new messages are written to, sorted (empty: nothing new)")
+    decided = Attribute("per message of the batch: its Rejected or duplicate's Stored when known at "
+                        "begin_window, else None (a new message)")
+
+    def commit(online=()):
+        """Write and commit: fires with ``[Stored | Rejected]`` in batch order.
+
+        ``online``: the recipients the caller found connected; their
+        ``messagesend`` rows are inserted ``sending`` (which spares a
+        ``mark_sending``), the others ``pending``.
+        """
+
+    def abort():
+        """Roll back (no-op once committed or failed); fires when the transaction is over."""
 
 
 class IClientConnection(Interface):

@@ -45,11 +45,20 @@ from zope.interface import implementer
 
 from imcluster import metrics
 from imcluster.envelope import SEP, conn_id, parse_conn_id
-from imcluster.interfaces import IRegistry
+from imcluster.interfaces import IRegistry, Unavailable
 
-#: A command in flight when the link drops, or sent to a stopped service,
-#: fails with this (txredisapi's ConnectionError, not the builtin one).
+#: txredisapi's ConnectionError (not the builtin one): what its protocol
+#: fails a command with when the link drops
 RedisConnectionError = txredisapi.ConnectionError
+
+
+class RegistryUnavailable(RedisConnectionError, Unavailable):
+    """The registry's "unavailable" error: Redis not connected, the link lost under a command,
+    or the service stopped. A command that got no reply in time fails with
+    ``TimeoutError`` instead. Still a :data:`RedisConnectionError`, so code
+    that traps txredisapi's error keeps working.
+    """
+
 #: Redis answered with an error reply.
 ResponseError = txredisapi.ResponseError
 
@@ -372,7 +381,7 @@ class RedisService(service.Service):
         super().stopService()
         waiters, self._waiters = self._waiters, []
         for w in waiters:
-            w.errback(RedisConnectionError("Redis service stopped"))
+            w.errback(RegistryUnavailable("Redis service stopped"))
         client, self._client = self._client, None
         if client is None:
             return defer.succeed(None)
@@ -448,7 +457,7 @@ class RedisService(service.Service):
         if self._conn is not None and self._conn.connected:
             return defer.succeed(self._conn)
         if not self.running or self._client is None:
-            return defer.fail(RedisConnectionError("Redis service not running"))
+            return defer.fail(RegistryUnavailable("Redis service not running"))
 
         def cancel(d: defer.Deferred) -> None:
             # a timed-out caller stops waiting, so waiters stay bounded in an outage
@@ -493,7 +502,7 @@ class RedisService(service.Service):
                 result.callback(r)
             elif r.check(RedisConnectionError):
                 # txredisapi says "Lost connection": say which command
-                result.errback(RedisConnectionError(f"Redis {what}: {r.getErrorMessage()}"))
+                result.errback(RegistryUnavailable(f"Redis {what}: {r.getErrorMessage()}"))
             else:
                 result.errback(r)
             return None

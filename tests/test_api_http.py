@@ -20,7 +20,7 @@ from imcluster.auth import mint_token
 from imcluster.bus import AMQPService
 from imcluster.config import API, load_config
 from imcluster.envelope import is_api_conn
-from imcluster.processor.store import Incoming
+from imcluster.store import Incoming
 from imcluster.registry import RedisService, conn_meta, server_info
 from tests.support.api import BAD_WORD, InProcessProcessor
 from tests.support.bus import cleanup_namespace

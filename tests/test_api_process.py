@@ -15,7 +15,7 @@ import pytest_twisted
 from twisted.internet import threads
 
 from imcluster.api.resources import openapi_document
-from imcluster.processor.store import MessageStore
+from imcluster.store.postgres import MessageStore
 from tests.support.api import InProcessProcessor
 from tests.support.clients import connect_tcp, connect_ws
 from tests.support.cluster import BIN_DIR

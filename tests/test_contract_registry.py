@@ -17,9 +17,9 @@ from zope.interface.verify import verifyObject
 from imcluster.interfaces import IRegistry
 from imcluster.processor.router import Router
 from imcluster.registry import (
-    RedisConnectionError,
     RedisKeys,
     RedisService,
+    RegistryUnavailable,
     ResponseError,
     conn_meta,
     server_info,
@@ -423,7 +423,7 @@ async def test_unreachable_redis_fails_within_the_timeout(redis_factory):
     assert not svc._waiters  # timed-out callers do not pile up during an outage
     await svc.stopService()
     assert time.monotonic() - t0 < 2.5
-    with pytest.raises(RedisConnectionError):
+    with pytest.raises(RegistryUnavailable):  # the registry's own outage error, for every caller
         await svc.execute("PING")
 
 
@@ -471,7 +471,7 @@ async def test_command_in_flight_fails_at_once_when_the_link_drops(redis_factory
         d = svc.execute("PING")
         t0 = time.monotonic()
         factory.conns[0].transport.abortConnection()
-        with pytest.raises(RedisConnectionError, match="PING"):
+        with pytest.raises(RegistryUnavailable, match="PING"):
             await d
         assert time.monotonic() - t0 < 0.5
         await svc.stopService()
@@ -489,7 +489,7 @@ async def test_stop_is_bounded_and_final(redis_factory):
     await svc.stopService()
     assert time.monotonic() - t0 < 0.6
     assert not svc.connected
-    with pytest.raises(RedisConnectionError):
+    with pytest.raises(RegistryUnavailable):  # the registry's own outage error, for every caller
         await svc.execute("PING")
 
 

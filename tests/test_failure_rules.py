@@ -17,7 +17,8 @@ from twisted.internet import defer, reactor
 from twisted.protocols import portforward
 
 from imcluster.db import PostgresService
-from imcluster.processor.store import Incoming, MessageStore
+from imcluster.store import Incoming
+from imcluster.store.postgres import MessageStore
 from tests.support.clients import connect_tcp, connect_ws
 from tests.support.http import http_call, metric_value
 from tests.support.ids import POSTGRES_DSN, REDIS_URL

@@ -20,7 +20,7 @@ from imcluster.config import PROCESSOR, load_config
 from imcluster.processor.filters import KeywordFilter
 from imcluster.processor.reaper import Reaper
 from imcluster.processor.service import ProcessorService
-from imcluster.processor.store import MessageStore
+from imcluster.store.postgres import MessageStore
 from tests.support.postgres import terminate_backends
 from tests.support.waiting import eventually as _eventually, sleep
 

@@ -16,7 +16,7 @@ the status of :data:`ERROR_CODES`. Request handling, in order:
    implicitly), an existing one the caller may not see or change 403.
 
 Sessions, members, history and a user's sessions are read and written
-through :class:`imcluster.processor.store.MessageStore`; messages go through
+through :class:`imcluster.store.postgres.MessageStore`; messages go through
 the processors' pipeline (:class:`imcluster.api.publisher.MessagePublisher`);
 presence comes from the Redis connection index, counting only gateways that
 are alive.
@@ -33,7 +33,6 @@ from importlib import resources as package_resources
 from typing import Any, Callable, Iterable
 from urllib.parse import parse_qs, unquote_to_bytes
 
-import psycopg2
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -41,9 +40,8 @@ from twisted.web import resource, server
 
 from imcluster import metrics
 from imcluster.auth import AuthError
-from imcluster.db import DatabaseUnavailable
-from imcluster.processor.store import StoreError, parse_p2p, valid_session_id, valid_user_id
 from imcluster.protocol import check_json_value, is_client_msg_id, message_frame_size
+from imcluster.store import StoreError, StoreUnavailable, parse_p2p, valid_session_id, valid_user_id
 from imcluster.web import GuardedSite, HealthResource, metrics_resource, write_json
 
 #: HTTP-API.md "Errors": status -> code
@@ -286,16 +284,16 @@ class APIResource(resource.Resource):
             return e
         if isinstance(e, StoreError):
             return APIError(STORE_STATUS.get(e.code, 400), e.message)
-        if isinstance(e, (DatabaseUnavailable, psycopg2.OperationalError)):
+        if isinstance(e, StoreUnavailable):
             self.log.warn("{route}: PostgreSQL unavailable: {err}", route=route.template, err=str(e))
             return APIError(503, "PostgreSQL is unavailable; retry later")
         from imcluster.api.publisher import PublishUnavailable
-        from imcluster.registry import RedisConnectionError
+        from imcluster.registry import RegistryUnavailable
 
         if isinstance(e, PublishUnavailable):
             self.log.warn("{route}: {err}", route=route.template, err=str(e))
             return APIError(503, f"the message was not handled: {e}; retry with the same clientMsgId")
-        if isinstance(e, (TimeoutError, RedisConnectionError, defer.TimeoutError)):
+        if isinstance(e, (TimeoutError, RegistryUnavailable, defer.TimeoutError)):
             self.log.warn("{route}: {err}", route=route.template, err=str(e))
             return APIError(503, f"a backing service did not answer: {e}")
         self.log.failure("{route}: unexpected error", f, route=route.template)

@@ -38,7 +38,7 @@ def build(config: Any, authenticator: Any = None) -> tuple[DaemonService, Any]:
     from imcluster.auth import JWTAuthenticator
     from imcluster.bus import AMQPService
     from imcluster.db import PostgresService
-    from imcluster.processor.store import MessageStore
+    from imcluster.store.postgres import MessageStore
     from imcluster.registry import RedisService
     from imcluster.web import ListenerService, dependency_probes
 

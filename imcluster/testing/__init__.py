@@ -20,7 +20,8 @@ from imcluster.testing.auth import FakeAuthenticator
 from imcluster.testing.bus import FakeBroker, FakeBus
 from imcluster.testing.gateway import FakeConnection, FakeHub, gateway_config
 from imcluster.testing.registry import FakeRedisStore, FakeRegistry
-from imcluster.testing.store import FakeStore, StoreUnavailable
+from imcluster.store import StoreUnavailable  # what FakeStore raises: the real one
+from imcluster.testing.store import FakeStore
 from imcluster.testing.wire import (
     ClientHarness, LenientStringTransport, LoopbackGateway, TcpFrameReader, WsFrameReader,
     self_signed_cert, tcp_encode, ws_close_frame, ws_frame, ws_handshake,

@@ -3,7 +3,7 @@
 :class:`InProcessProcessor` is the very :class:`ProcessorService` that
 ``twistd improcessor`` runs (pipeline, store, replies, routing), consuming
 the test's namespace on the real RabbitMQ and storing with the real
-:class:`~imcluster.processor.store.MessageStore`, with a moderation filter
+:class:`~imcluster.store.postgres.MessageStore`, with a moderation filter
 that rejects :data:`BAD_WORD`. Only the presence registry is a
 :class:`~imcluster.testing.FakeRegistry` (no gateway is involved: imapi's
 replies go to its own queue whatever Redis says). The API's side is thus
