@@ -13,6 +13,12 @@
 // Latency is measured from the moment a frame is written to the moment its
 // message_send is parsed: the send time travels in the body ({"t": ms}),
 // taken from performance.timeOrigin + performance.now().
+//
+// With {"mode":"socketio"} the same scenarios drive the reference peer
+// (bench/peers/socketio.js) with socket.io-client: each frame becomes the
+// socket.io event named by its `type` (payload: the other fields), each event
+// received becomes the frame {type: event, ...payload}, and the token travels
+// in the handshake (`auth.token`), so `auth` only waits for `sync_done`.
 
 const WebSocket = require('ws');
 const crypto = require('crypto');
@@ -20,6 +26,7 @@ const readline = require('readline');
 const { performance } = require('perf_hooks');
 
 const cfg = JSON.parse(process.argv[2]);
+const MODE = cfg.mode || 'imcluster';
 const P = cfg.params || {};
 const now = () => performance.timeOrigin + performance.now();
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
@@ -118,6 +125,7 @@ class Client {
         break;
       case 'sync_done':
         if (this.authWait) { const w = this.authWait; this.authWait = null; w.resolve(f.count); }
+        else this.syncedEarly = f.count;
         break;
       case 'error':
         stats.errors++; count(stats.errorCodes, f.code);
@@ -141,6 +149,40 @@ class Client {
   close() { this.closing = true; this.ws.close(1000); }
 }
 
+// the same client over socket.io (the reference peer): see the header
+class SioClient extends Client {
+  open() {
+    const { io } = require('socket.io-client');
+    return new Promise((resolve, reject) => {
+      // forceNew: one connection per client (socket.io-client multiplexes a URL otherwise)
+      const s = io(this.url, { transports: ['websocket'], forceNew: true, reconnection: false, timeout: 30000,
+        auth: { token: token(this.user) } });
+      this.sock = s;
+      s.on('connect', resolve);
+      s.on('connect_error', (e) => reject(e));
+      s.onAny((type, payload) => this.frame({ type, ...payload }));
+      s.on('disconnect', (reason) => {
+        if (!this.closing) { stats.closes++; count(stats.closeCodes, reason); }
+        if (this.authWait) this.authWait.reject(new Error(`closed ${reason} before sync_done`));
+      });
+    });
+  }
+
+  send(obj) {
+    const { type, ...rest } = obj;
+    this.sock.emit(type, rest);
+  }
+
+  auth() {
+    if (this.syncedEarly !== undefined) return Promise.resolve(this.syncedEarly);
+    return new Promise((resolve, reject) => { this.authWait = { resolve, reject }; });
+  }
+
+  close() { this.closing = true; this.sock.disconnect(); }
+}
+
+const newClient = (url, user) => (MODE === 'socketio' ? new SioClient(url, user) : new Client(url, user));
+
 // open + auth + sync_done for every spec, `concurrency` at a time
 async function connectAll(specs, concurrency = 200) {
   const clients = new Array(specs.length);
@@ -148,7 +190,7 @@ async function connectAll(specs, concurrency = 200) {
   async function worker() {
     while (next < specs.length) {
       const i = next++;
-      const c = new Client(specs[i].url, specs[i].user);
+      const c = newClient(specs[i].url, specs[i].user);
       await c.open();
       await c.auth();
       clients[i] = c;
@@ -391,7 +433,7 @@ async function sync() {
   for (let k = 0; k < Math.min(P.window, backlog); k++) fill();
   await waitUntil(() => replied >= backlog, 120000);
   const fill_s = (now() - tf) / 1000;
-  const r = new Client(cfg.gateways[1 % cfg.gateways.length], target);
+  const r = newClient(cfg.gateways[1 % cfg.gateways.length], target);
   let got = 0;
   r.onDelivery = () => { got++; };
   markStart('start');
