@@ -529,11 +529,16 @@ def run_conn(args, cluster, params) -> dict:
         offset += k
     window.groups["generator"] = [g.proc.pid for g in gens]
     window.start()
-    if not connected.wait(600):
-        for g in gens:
-            g.proc.kill()
-        raise RuntimeError("connections not established within 600s: "
-                           + " ".join(str((g.result or {}).get("error", ""))[:500] for g in gens))
+    # the connect phase only: what setting a connection up costs
+    profiler = Profiler(args.profile if cluster.mode == "imcluster" else None, "conn", cluster)
+    try:
+        if not connected.wait(600):
+            for g in gens:
+                g.proc.kill()
+            raise RuntimeError("connections not established within 600s: "
+                               + " ".join(str((g.result or {}).get("error", ""))[:500] for g in gens))
+    finally:
+        profiler.stop()
     window.stop()
     gen_cpu = sum(cpu_ticks(g.proc.pid) for g in gens) / CLK_TCK / waiting["seconds"]
     time.sleep(1.0)  # let the gateways settle (sync replies, Redis writes)
