@@ -6,7 +6,7 @@ Runs one real ``GatewayService`` (its WebSocket listener, JWT
 authenticator, connection engine and registry) in this process on
 in-memory fakes of Redis and RabbitMQ (the fake answers each sync request
 with ``sync_done`` at once), connects N clients with ``bench/gen.js conn``,
-then prints the RSS growth per connection and the Python objects that grew
+then prints the RSS growth and the process's CPU per connection and the Python objects that grew
 by at least one per connection, with their shallow sizes (``__dict__``
 included) per connection. The fakes' own records of the connections are
 listed too (as ``imcluster.testing...``): they stand for what Redis holds,
@@ -18,6 +18,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import resource
 import secrets
 import subprocess
 import sys
@@ -117,13 +118,17 @@ async def main(n: int) -> None:
                 reactor.callFromThread(connected.callback, json.loads(line))
 
     threading.Thread(target=read, daemon=True).start()
+    cpu0 = resource.getrusage(resource.RUSAGE_SELF)
     ev = await connected
+    cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+    cpu_us = ((cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime)) * 1e6 / n
     await task.deferLater(reactor, 1.0, lambda: None)
     gc.collect()
     rss1 = rss_kb()
     counts1, sizes1 = census()
     print(f"{n} connections in {ev['seconds']:.2f}s ({n / ev['seconds']:,.0f}/s); "
-          f"RSS {rss0} -> {rss1} KB: {(rss1 - rss0) / n:.2f} KB per connection")
+          f"RSS {rss0} -> {rss1} KB: {(rss1 - rss0) / n:.2f} KB per connection; "
+          f"gateway CPU {cpu_us:.0f} us per connection set up")
     rows = []
     for name, c in counts1.items():
         dc = c - counts0.get(name, 0)
