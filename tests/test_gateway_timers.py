@@ -95,4 +95,3 @@ def test_one_wheel_per_clock():
     a, b = Clock(), Clock()
     assert wheel(a) is wheel(a)
     assert wheel(a) is not wheel(b)
-

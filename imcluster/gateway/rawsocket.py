@@ -22,7 +22,7 @@ from zope.interface import implementer
 
 from imcluster import protocol as p
 from imcluster.gateway.engine import ClientConnection
-from imcluster.gateway.transport import CloseReason, TurnWriter, buffered_bytes, peer_address, write_farewell
+from imcluster.gateway.transport import CloseReason, buffered_bytes, peer_address, write_farewell
 from imcluster.interfaces import ITransportAdapter
 
 _HEADER = struct.Struct(">I")
@@ -106,7 +106,7 @@ class RawSocketProtocol(Protocol):
     def write_message(self, data: bytes) -> None:
         """Send one frame: length prefix, then the JSON bytes."""
         if not self._closing:
-            self.factory.writer.write(self.transport, _HEADER.pack(len(data)) + data)
+            self.transport.writeSequence((_HEADER.pack(len(data)), data))
 
     def close_for(self, reason: CloseReason) -> None:
         """The reason's ``error`` frame (when it has one), then close."""
@@ -120,8 +120,6 @@ class RawSocketProtocol(Protocol):
         if self._closing:
             return
         self._closing = True
-        # the frames gathered this turn (the farewell) go before the close
-        self.factory.writer.flush_one(self.transport)
         # a registered streaming producer would hold loseConnection back
         self.transport.unregisterProducer()
         self.transport.loseConnection()
@@ -147,8 +145,6 @@ class RawSocketFactory(Factory):
     def __init__(self, hub: Any) -> None:
         self.hub = hub
         self.max_frame_size = hub.config.max_frame_size
-        # one send per connection per reactor turn
-        self.writer = TurnWriter(hub.clock)
 
 
 def make_rawsocket_factory(hub: Any) -> RawSocketFactory:

@@ -19,8 +19,6 @@ import ipaddress
 import itertools
 from typing import Any
 
-from twisted.internet import tcp as _tcp
-
 from imcluster import metrics
 from imcluster import protocol as p
 
@@ -102,85 +100,6 @@ def write_farewell(adapter: Any, reason: CloseReason) -> None:
     adapter.write_message(data)
     frames_out.inc()
     bytes_out.inc(len(data))
-
-
-class TurnWriter:
-    """The output of one reactor turn, handed to the kernel with one ``send`` per connection.
-
-    A Twisted transport buffers every ``write`` and asks epoll to say when
-    the socket is writable (``epoll_ctl``), sends in the next poll, then
-    stops watching (``epoll_ctl`` again): three system calls and a poll
-    wake-up per frame for a connection that gets one frame now and then,
-    which is every connection of a gateway (a third of its samples in the
-    conn, p2p and fan-out profiles). Here a connection's frames of one turn
-    are gathered and, at the end of the turn (``callLater(0)``, before the
-    next poll, where Twisted would have sent them), joined and sent straight
-    to its socket while the transport holds nothing else; whatever the
-    kernel does not take, and every write of a transport that is not plain
-    TCP (TLS, UNIX sockets) or already holds output, goes through the
-    transport as before, so ordering, flow control (``pauseProducing``) and
-    ``loseConnection`` (which waits for the buffer) are unchanged. Output of
-    ``LARGE`` bytes or more (a sync or history page) is not held: it goes
-    at once, so that a client that stops reading pauses the connection
-    (and meets the slow-consumer rule) at the write that fills its buffers.
-    """
-
-    #: gathered output that goes at once (Twisted's default transport bufferSize)
-    LARGE = 65536
-
-    def __init__(self, clock: Any) -> None:
-        self.clock = clock
-        # transport -> [bytes gathered, chunk, chunk, ...]
-        self._pending: dict[Any, list] = {}
-        self._call: Any = None
-
-    def write(self, transport: Any, data: bytes) -> None:
-        """``transport.write(data)``, sent at the end of this turn with the turn's other writes."""
-        entry = self._pending.get(transport)
-        if entry is not None:
-            entry.append(data)
-            entry[0] += len(data)
-            if entry[0] >= self.LARGE:
-                del self._pending[transport]
-                self._send(transport, b"".join(entry[1:]))
-        elif type(transport) is not _tcp.Server or transport.TLS:
-            transport.write(data)
-        elif len(data) >= self.LARGE:
-            self._send(transport, data)
-        else:
-            self._pending[transport] = [len(data), data]
-            if self._call is None:
-                self._call = self.clock.callLater(0, self.flush)
-
-    def flush_one(self, transport: Any) -> None:
-        """Hand ``transport``'s gathered output to it now (before a close, or a write that bypasses this)."""
-        entry = self._pending.pop(transport, None)
-        if entry is not None:
-            transport.write(b"".join(entry[1:]))
-
-    def flush(self) -> None:
-        """Send everything gathered (the end of the turn)."""
-        if self._call is not None:
-            if self._call.active():
-                self._call.cancel()
-            self._call = None
-        pending, self._pending = self._pending, {}
-        for transport, entry in pending.items():
-            self._send(transport, entry[1] if len(entry) == 2 else b"".join(entry[1:]))
-
-    @staticmethod
-    def _send(transport: Any, data: bytes) -> None:
-        if transport.connected and not transport.disconnecting and not transport.dataBuffer \
-                and not transport._tempDataLen:
-            try:
-                sent = transport.socket.send(data)
-            except OSError:
-                # EAGAIN, or an error that Twisted's own write meets and closes on
-                sent = 0
-            if sent == len(data):
-                return
-            data = data[sent:]
-        transport.write(data)
 
 
 _unix_ports = itertools.count(1)

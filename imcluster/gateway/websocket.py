@@ -31,7 +31,7 @@ from zope.interface import implementer
 
 from imcluster.gateway.engine import ClientConnection
 from imcluster.gateway.timers import wheel
-from imcluster.gateway.transport import CloseReason, TurnWriter, buffered_bytes, forwarded_ip, peer_address
+from imcluster.gateway.transport import CloseReason, buffered_bytes, forwarded_ip, peer_address
 from imcluster.interfaces import ITransportAdapter
 
 # Autobahn builds the arguments of its debug log lines on every frame it
@@ -132,24 +132,13 @@ class GatewayWebSocketProtocol(WebSocketServerProtocol):
             setattr(self, name, None)
 
     def sendData(self, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:  # noqa: N802
-        """Autobahn's, through the factory's :class:`~imcluster.gateway.transport.TurnWriter` on the usual path.
-
-        (Also without Autobahn's per-write debug line's arguments.)
-        """
+        """Autobahn's, without its per-write debug line's arguments on the usual path."""
         if not sync and not chopsize and not self.send_queue:
-            self.factory.writer.write(self.transport, data)
+            self.transport.write(data)
             return
-        # Autobahn's queue writes to the transport itself: what this turn gathered goes first
-        self.factory.writer.flush_one(self.transport)
         if self.send_queue is _NO_QUEUE:
             self.send_queue = deque()
         super().sendData(data, sync, chopsize)
-
-    def _closeConnection(self, abort: bool = False) -> None:  # noqa: N802 (Autobahn API)
-        # the frames gathered this turn (a close frame) go before the TCP close
-        if not abort:
-            self.factory.writer.flush_one(self.transport)
-        super()._closeConnection(abort)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:  # noqa: N802,N803
         conn = self.conn
@@ -227,8 +216,6 @@ class GatewayWebSocketFactory(WebSocketServerFactory):
         super().__init__(externalPort=config.external_port or None)
         self.hub = hub
         self._batched_timer = _ClockTimer(hub.clock)
-        # one send per connection per reactor turn
-        self.writer = TurnWriter(hub.clock)
         max_size = config.max_frame_size
 
         def accept_compression(offers: list[Any]) -> Any:
