@@ -56,7 +56,7 @@ from zope.interface import implementer
 
 from imcluster import metrics
 from imcluster import protocol as p
-from imcluster.auth import AuthError
+from imcluster.auth import AuthError, usable_timestamp
 from imcluster.interfaces import IClientConnection
 
 # engine states
@@ -435,6 +435,7 @@ class ClientConnection:
         self._expiry_call = None
         if exp is None:
             return
+        # _auth refused an exp that is not usable_timestamp(): float() cannot overflow here
         delay = max(0.0, float(exp) - self._clock.seconds())
         self._expiry_call = self._clock.callLater(delay, self._token_expired)
 
@@ -497,6 +498,12 @@ class ClientConnection:
             return
         if self._authed and identity.user_id != self.user_id:
             self._auth_refused(p.INVALID_TOKEN, "token is for another user than this connection's")
+            return
+        exp = getattr(identity, "exp", None)
+        if exp is not None and not usable_timestamp(exp):
+            # an authenticator should have refused it; decided before the hub records
+            # anything, so the connection is never left half-authenticated
+            self._auth_refused(p.INVALID_TOKEN, "token 'exp' is not a usable time")
             return
         refresh = self._authed
         if not refresh:
