@@ -222,17 +222,18 @@ class ClientConnection:
         if len(data) > self._max_frame_size:
             self.frame_too_large()
             return
-        allowed = self._bucket.take(now)
         try:
             frame = p.parse_client_frame(data, self._max_depth)
         except p.FrameError as e:
+            self._bucket.take(now)
             _frames_in(self.transport_name, "invalid").inc()
             self._bad_frame(e.reply())
             return
         frame_type = frame["type"]
         _frames_in(self.transport_name, frame_type).inc()
         self._bad_in_a_row = 0
-        if not allowed:
+        # PROTOCOL.md: acknowledgements, pings and auth never draw from the bucket
+        if p.RATE_COST.get(frame_type, 1) and not self._bucket.take(now):
             self._reply_error(frame, p.RATE_LIMITED, "too many frames; slow down")
             return
         if self._auth_pending:
