@@ -217,6 +217,35 @@ def test_idle_timeout_closes(hub, kind):
     closed_with(h, 1000, "idle_timeout")
 
 
+def test_websocket_ping_flood_without_reading_closed_as_slow_consumer(make_hub):
+    """Pongs are pending output: a client flooding pings and not reading is closed 4003, before auth too."""
+    from imcluster.testing import ws_frame
+    hub = make_hub(output_buffer_limit=5000, slow_consumer_grace=1.0)
+    for authenticate in (True, False):
+        h = authed(hub, "ws") if authenticate else client(hub, "ws")
+        h.conn.pauseProducing()  # the transport's buffer is full: the client does not read
+        ping = ws_frame(b"p" * 125, opcode=9)
+        for _ in range(50):  # 6 KB of pongs
+            h.send_raw(ping)
+        assert not h.closed  # within the grace
+        hub.clock.advance(1.0)
+        closed_with(h, 4003, "slow_consumer")
+        h.controls.clear()
+
+
+def test_websocket_no_pongs_once_closing(make_hub):
+    """A client being closed gets no more pongs: its pending output stays bounded."""
+    from imcluster.testing import ws_frame
+    hub = make_hub()
+    h = authed(hub, "ws")
+    h.conn.close(4003, "slow consumer")
+    h.frames()
+    h.controls.clear()
+    h.send_raw(ws_frame(b"p" * 125, opcode=9))
+    assert h.controls == []
+    h.finish()
+
+
 def test_websocket_pongs_keep_connection_alive(make_hub):
     """A browser that only answers the server's pings is not closed as idle."""
     from imcluster.testing import ws_frame

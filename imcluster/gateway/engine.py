@@ -33,7 +33,9 @@ the kernel yet; a client draining it at ``output_buffer_limit`` bytes per
 grace period or faster is reading, is not slow, and gets another period.
 Whatever the client does, pending output above ``output_buffer_max`` closes
 it at once: that bounds the gateway's memory per connection. Nothing of this
-runs while the client keeps up.
+runs while the client keeps up. What an adapter writes on its own (Autobahn's
+pongs) it reports with :meth:`ClientConnection.output_written`, so a client
+flooding pings and not reading is measured and closed the same way.
 
 The hub (``imcluster.gateway.service.GatewayService``) is described in
 ``/work/notes/GATEWAY.md``: ``server_id``, ``authenticator``, ``clock``,
@@ -329,14 +331,27 @@ class ClientConnection:
 
     # --- output
 
+    def output_written(self, size: int) -> None:
+        """The adapter wrote ``size`` bytes of its own (a WebSocket pong): pending output too.
+
+        Autobahn answers a ping by writing the pong straight to the transport;
+        counted here, a client flooding pings and not reading is closed as a
+        slow consumer like any other (PROTOCOL.md "Framing").
+        """
+        if self._state == OPEN:
+            self._account(size)
+
     def _deliver(self, data: bytes) -> None:
         self._adapter.write_message(data)
         self._frames_out.inc()
         self._bytes_out.inc(len(data))
-        self._written += len(data)
+        self._account(len(data))
+
+    def _account(self, size: int) -> None:
+        self._written += size
         if self._paused:
             # only while the transport says the client is not keeping up
-            self._paused_bytes += len(data)
+            self._paused_bytes += size
             pending = self._pending_output()
             if pending > self._output_max:
                 # reading or not, one connection may not hold more than this

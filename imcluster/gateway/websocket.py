@@ -135,9 +135,13 @@ class GatewayWebSocketProtocol(WebSocketServerProtocol):
             conn.frame_received(payload)
 
     def onPing(self, payload: bytes) -> None:  # noqa: N802
-        super().onPing(payload)
-        if self.conn is not None:
-            self.conn.activity()
+        conn = self.conn
+        if conn is None or not conn.is_open:
+            # closing (a slow consumer, say): no more output for this client
+            return
+        conn.activity()
+        super().onPing(payload)  # Autobahn's sendPong: straight to the transport
+        conn.output_written(2 + len(payload))
 
     def onPong(self, payload: bytes) -> None:  # noqa: N802
         if self.conn is not None:
