@@ -56,7 +56,12 @@ project's protocol reference for those points):
   ``idle_timeout``), 1008 after too many bad frames in a row (TCP: the last
   ``bad_frame`` error, then close), 1001 going away (TCP: ``error``
   ``going_away``), 503 on the WebSocket handshake when the gateway refuses
-  new connections (TCP: ``error`` ``unavailable``, then close).
+  new connections (TCP: ``error`` ``unavailable``, then close). A gateway
+  that already holds ``max_connections`` sockets (handshakes included) closes
+  a new one right after accepting it, before reading a byte.
+* A WebSocket opening handshake over ``max_handshake_size`` bytes (default
+  16 KiB) is answered ``HTTP/1.1 431`` and closed; one not complete within
+  ``handshake_timeout`` is dropped.
 """
 
 from __future__ import annotations

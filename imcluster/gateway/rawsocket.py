@@ -34,9 +34,16 @@ class RawSocketProtocol(Protocol):
         self._need = _HEADER.size
         self._closing = False
         self._abort_call: Any = None
+        self._slot = False  # holds one of the hub's max_connections slots
 
     def connectionMade(self) -> None:  # noqa: N802 (Twisted API)
         hub = self.factory.hub
+        if not hub.socket_opened():
+            # over max_connections: closed before reading or writing a byte
+            self._closing = True
+            self.transport.abortConnection()
+            return
+        self._slot = True
         ip, port = peer_address(self.transport)
         conn = ClientConnection(hub, self, "tcp", ip, port)
         if not conn.open():
@@ -85,6 +92,9 @@ class RawSocketProtocol(Protocol):
 
     def connectionLost(self, reason: Any = None) -> None:  # noqa: N802
         self._closing = True
+        if self._slot:
+            self._slot = False
+            self.factory.hub.socket_closed()
         if self._abort_call is not None:
             call, self._abort_call = self._abort_call, None
             if call.active():

@@ -24,6 +24,7 @@ from autobahn.util import encode_truncate
 from autobahn.websocket.compress import PerMessageDeflateOffer, PerMessageDeflateOfferAccept
 from autobahn.websocket.types import ConnectionDeny
 
+from imcluster import metrics
 from imcluster.gateway.engine import ClientConnection
 
 _unix_ports = itertools.count(1)
@@ -107,11 +108,62 @@ def _buffered_bytes(transport: Any) -> int | None:
     return None
 
 
+_END_OF_HEADER = b"\r\n\r\n"
+
+
 class GatewayWebSocketProtocol(WebSocketServerProtocol):
-    """One WebSocket client: Autobahn below, a :class:`ClientConnection` above."""
+    """One WebSocket client: Autobahn below, a :class:`ClientConnection` above.
+
+    Autobahn buffers the opening handshake without a limit and searches the
+    whole buffer again on every chunk (DEPENDENCIES.md "Autobahn, beyond the
+    handshake"), so the handshake is collected here first, up to
+    ``max_handshake_size`` bytes (then ``HTTP 431`` and close), and handed
+    to Autobahn once its header is complete; ``handshake_timeout`` is
+    Autobahn's own ``openHandshakeTimeout``. Pongs, which Autobahn writes
+    straight to the transport, are counted as the connection's pending
+    output (:meth:`ClientConnection.output_written`).
+    """
 
     # (Autobahn's txaio ``log`` is left alone: its calls rely on it)
     conn: ClientConnection | None = None
+    #: this socket holds one of the hub's max_connections slots
+    _slot = False
+    #: the opening handshake received so far; None once handed to Autobahn
+    _handshake: bytearray | None = None
+
+    def connectionMade(self) -> None:  # noqa: N802 (Twisted API)
+        if not self.factory.hub.socket_opened():
+            # over max_connections: gone before Autobahn allocates anything for it
+            self.transport.abortConnection()
+            return
+        self._slot = True
+        self._handshake = bytearray()
+        super().connectionMade()
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        buf = self._handshake
+        if buf is None:
+            if self._slot:
+                super().dataReceived(data)
+            return
+        # only the new bytes (and the 3 before them) can complete the header: linear
+        start = max(0, len(buf) - 3)
+        buf += data
+        end = buf.find(_END_OF_HEADER, start)
+        size = len(buf) if end < 0 else end + len(_END_OF_HEADER)
+        if size > self.factory.max_handshake_size:
+            self._handshake = None
+            metrics.CLOSES.labels(reason="handshake_too_large").inc()
+            self.failHandshake("Request Header Fields Too Large", 431)
+            return
+        if end >= 0:
+            self._handshake = None
+            super().dataReceived(bytes(buf))
+
+    def onOpenHandshakeTimeout(self) -> None:  # noqa: N802 (Autobahn API)
+        if self.state == self.STATE_CONNECTING:
+            metrics.CLOSES.labels(reason="handshake_timeout").inc()
+        super().onOpenHandshakeTimeout()
 
     def onConnect(self, request: Any) -> None:  # noqa: N802 (Autobahn API)
         hub = self.factory.hub
@@ -148,6 +200,11 @@ class GatewayWebSocketProtocol(WebSocketServerProtocol):
             self.conn.activity()
 
     def connectionLost(self, reason: Any = None) -> None:  # noqa: N802
+        if not self._slot:
+            return  # refused in connectionMade: Autobahn never started
+        self._slot = False
+        self._handshake = None
+        self.factory.hub.socket_closed()
         try:
             super().connectionLost(reason)
         finally:
@@ -202,6 +259,7 @@ class GatewayWebSocketFactory(WebSocketServerFactory):
         super().__init__(externalPort=config.external_port or None)
         self.hub = hub
         self._batched_timer = _ClockTimer(hub.clock)
+        self.max_handshake_size = config.max_handshake_size
         max_size = config.max_frame_size
 
         def accept_compression(offers: list[Any]) -> Any:
