@@ -26,6 +26,7 @@ from autobahn.websocket.types import ConnectionDeny
 
 from imcluster import metrics
 from imcluster.gateway.engine import ClientConnection
+from imcluster.protocol import CLOSE_SLOW_CONSUMER
 
 _unix_ports = itertools.count(1)
 
@@ -130,6 +131,8 @@ class GatewayWebSocketProtocol(WebSocketServerProtocol):
     _slot = False
     #: the opening handshake received so far; None once handed to Autobahn
     _handshake: bytearray | None = None
+    #: the handshake was too large: answered 431, nothing more is read
+    _refused = False
 
     def connectionMade(self) -> None:  # noqa: N802 (Twisted API)
         if not self.factory.hub.socket_opened():
@@ -143,7 +146,7 @@ class GatewayWebSocketProtocol(WebSocketServerProtocol):
     def dataReceived(self, data: bytes) -> None:  # noqa: N802
         buf = self._handshake
         if buf is None:
-            if self._slot:
+            if self._slot and not self._refused:
                 super().dataReceived(data)
             return
         # only the new bytes (and the 3 before them) can complete the header: linear
@@ -152,13 +155,21 @@ class GatewayWebSocketProtocol(WebSocketServerProtocol):
         end = buf.find(_END_OF_HEADER, start)
         size = len(buf) if end < 0 else end + len(_END_OF_HEADER)
         if size > self.factory.max_handshake_size:
-            self._handshake = None
-            metrics.CLOSES.labels(reason="handshake_too_large").inc()
-            self.failHandshake("Request Header Fields Too Large", 431)
+            self._refuse_handshake()
             return
         if end >= 0:
             self._handshake = None
             super().dataReceived(bytes(buf))
+
+    def _refuse_handshake(self) -> None:
+        """HTTP 431 and close, quietly: Autobahn's failHandshake would log two lines per
+        refusal, and a flood of refusals must not become a flood of log lines."""
+        self._handshake = None
+        self._refused = True
+        metrics.CLOSES.labels(reason="handshake_too_large").inc()
+        self.transport.write(b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
+                             b"Connection: close\r\nContent-Length: 0\r\n\r\n")
+        self.transport.loseConnection()
 
     def onOpenHandshakeTimeout(self) -> None:  # noqa: N802 (Autobahn API)
         if self.state == self.STATE_CONNECTING:
@@ -241,6 +252,11 @@ class GatewayWebSocketProtocol(WebSocketServerProtocol):
         if self.state == self.STATE_OPEN:
             # sendClose() only allows 1000 and 3000-4999; the protocol needs 1001/1008/1009 too
             self.sendCloseFrame(code=code, reasonUtf8=encode_truncate(reason, 123), isReply=False)
+            if code == CLOSE_SLOW_CONSUMER:
+                # it does not read, so it will not answer the close before close_timeout:
+                # stop reading it too (as TCP's loseConnection does), or whatever it keeps
+                # sending (a ping flood) costs the reactor until then
+                self.transport.pauseProducing()
         elif self.state != self.STATE_CLOSED:
             self.dropConnection(abort=True)
 

@@ -203,10 +203,11 @@ class HeaderFlood(_Attacker):
     ``'stopped'`` when still open at the end).
     """
 
-    def __init__(self, port: int, chunk: int = 8192) -> None:
+    def __init__(self, port: int, chunk: int = 8192, rate: float | None = None) -> None:
         super().__init__()
         self.port = port
         self.chunk = b"a" * chunk
+        self.rate = rate  # bytes a second per connection (None: as fast as the gateway takes them)
         self.connections: list[tuple[float, int, str]] = []
 
     def run(self) -> None:
@@ -227,6 +228,10 @@ class HeaderFlood(_Attacker):
                     alive = False
                     break
                 alive = self._flood(sock, self.chunk)
+                if self.rate:
+                    ahead = (self.sent - before) / self.rate - (time.monotonic() - started)
+                    if ahead > 0:
+                        self._stopping.wait(ahead)
             if not alive:
                 outcome = "closed"
                 try:
