@@ -238,6 +238,9 @@ OPTIONS: list[Option] = [
     _opt("shutdown_timeout", _positive(_float), 30.0, G | P | A, "seconds a daemon may take to stop on SIGTERM"),
     _opt("metrics", _str_list, [], G | P,
          "endpoint string(s) serving /metrics and /healthz (empty: off)", multi=True),
+    _opt("max_connections", _positive(_int), 50000, G | A,
+         "client connections one daemon holds open (gateway: WebSocket and TCP sockets, handshakes "
+         "included; api: HTTP connections); past it a new one is closed at once"),
     # --- gateway
     _opt("ws", _endpoints, ["tcp:8080"], G, "WebSocket listening endpoint(s)", multi=True),
     _opt("tcp", _endpoints, ["tcp:8081"], G, "raw TCP listening endpoint(s)", multi=True),
@@ -248,11 +251,13 @@ OPTIONS: list[Option] = [
     _opt("idle_timeout", _positive(_float), 90.0, G, "seconds without any frame before a connection is closed"),
     _opt("ws_ping_interval", _non_negative(_float), 30.0, G, "seconds between WebSocket pings (0: none)"),
     _opt("handshake_timeout", _positive(_float), 10.0, G, "seconds a WebSocket opening handshake may take"),
+    _opt("max_handshake_size", _positive(_int), 16384, G,
+         "bytes of a WebSocket opening handshake (request line and headers); a larger one is "
+         "answered HTTP 431 and closed"),
     _opt("output_buffer_limit", _positive(_int), 1048576, G,
          "bytes of pending output after which a client that does not read is closed"),
     _opt("rate_limit", _positive(_float), 50.0, G, "client frames per second per connection (token bucket rate)"),
     _opt("rate_burst", _positive(_int), 100, G, "token bucket size for --rate-limit"),
-    _opt("max_connections", _positive(_int), 50000, G, "connections one gateway accepts"),
     _opt("compression", _bool, True, G, "accept permessage-deflate"),
     _opt("external_port", _non_negative(_int), 0, G,
          "port clients see when behind a load balancer (0: the listening port)"),
