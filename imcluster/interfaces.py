@@ -109,6 +109,15 @@ class IRegistry(Interface):
     def alive(uuids):
         """The subset of ``uuids`` whose ``WSSERVER_<uuid>`` exists (one round trip)."""
 
+    def routes(user_ids, uuids=()):
+        """``connections_of(user_ids)`` and which gateways are alive, in ONE round trip.
+
+        Fires with ``({user_id: {conn_field: meta_dict}}, {alive uuid, ...})``.
+        The gateways checked are those of the connections found (the
+        ``<uuid>`` of each ``<uuid>##<ip>##<port>`` field) and ``uuids``. This
+        is the lookup the processor's Router makes once per window.
+        """
+
     def reap_server(uuid):
         """Atomically, only if ``WSSERVER_<uuid>`` is gone, remove its entries.
 

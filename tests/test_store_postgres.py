@@ -78,6 +78,31 @@ async def test_two_processors_store_into_one_group_gap_free(pg_schema, pg_factor
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_second_processor_waits_for_the_session_lock(pg_schema, pg_factory):
+    """Two processors storing into one group at once would both take the same seq: one batch runs
+    again, or fails outright once its race retries run out."""
+    db1, db2 = await pg_factory(pg_schema, pool_size=1), await pg_factory(pg_schema, pool_size=1)
+    other = await pg_factory(pg_schema, pool_size=2)
+    s1, s2 = MessageStore(db1, CAP), MessageStore(db2, CAP)
+    await s1.create_session("alice", ["bob"], "g")
+    # the race, forced: the first processor's writing statement waits behind a table lock,
+    # after it has read last_seq (and locked the session, if it does lock it)
+    gate = Gate(other, [("LOCK TABLE messagerecv IN SHARE MODE", None)])
+    await gate.opened
+    first = s1.store_messages([Incoming("alice", "a1", "g", 1)])
+    await wait_until_blocked(other, db1.application_name)
+    # ... and now the second one reads the same session
+    second = s2.store_messages([Incoming("bob", "b1", "g", 2)])
+    await wait_until_blocked(other, db2.application_name)
+    await gate.release()
+    [a], [b] = await first, await second
+    assert s1.race_retries == s2.race_retries == 0, "a batch read last_seq while another held the session"
+    assert (a.seq, b.seq) == (1, 2)
+    rows = await other.run_query("SELECT seq, client_msg_id FROM messagerecv WHERE session_id = 'g' ORDER BY seq")
+    assert rows == [(1, "a1"), (2, "b1")]
+
+
+@pytest_twisted.ensureDeferred
 async def test_lost_race_on_client_msg_id_answers_the_original(pg_schema, pg_factory):
     """A message racing with its own copy on another processor would fail or be stored twice."""
     db = await pg_factory(pg_schema)

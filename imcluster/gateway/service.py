@@ -15,7 +15,8 @@ the transport adapters take per accepted socket (``socket_opened``,
    ``UCIR##<user>`` / ``WSCONNS##<uuid>`` entries, written in pipelines that
    gather every change of one reactor turn;
 4. client frames are coalesced into ``{"v":1,"items":[...]}`` batches
-   (docs/internals.rst), one persistent, confirmed publish per batch;
+   (:class:`imcluster.envelope.Publisher`), one persistent, confirmed
+   publish per batch;
 6. deliveries from the gateway queue are written, in order, to the named
    connections, each frame serialised once;
 8. SIGTERM: the children stop in reverse (listeners first, then the
@@ -29,7 +30,6 @@ gateway writes its key and every live connection again.
 
 from __future__ import annotations
 
-import json
 import socket
 import uuid as uuid_module
 from typing import Any, Callable, Iterable
@@ -39,7 +39,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from imcluster import metrics
+from imcluster import envelope, metrics
 from imcluster.protocol import encode_bytes
 from imcluster.gateway.connections import ConnectionRegistry
 from imcluster.registry import conn_meta, server_info
@@ -264,86 +264,6 @@ class ConnectionWriter:
         return defer.DeferredList(list(self._in_flight), consumeErrors=True)
 
 
-# --- coalesced publishes to the processors -----------------------------------------
-
-
-class Publisher:
-    """Coalesces items into ``{"v":1,"items":[...]}`` publishes to ``<ns>.server``.
-
-    A batch goes out at the end of the reactor turn (``callLater(0)``), or
-    at once when ``max_items`` are pending; each item's Deferred fires or
-    fails with its batch's publish (the bus fails a publish within
-    ``publish_timeout``). Each item is serialised when submitted, so a batch
-    costs one join, and one bad item fails alone.
-    """
-
-    log = Logger()
-
-    def __init__(self, bus: Any, routing_key: str, clock: Any, max_items: int) -> None:
-        self.bus = bus
-        self.routing_key = routing_key
-        self.clock = clock
-        self.max_items = max_items
-        self._items: list[bytes] = []
-        self._waiters: list[defer.Deferred] = []
-        self._call: Any = None
-        self._in_flight: set[defer.Deferred] = set()
-
-    def submit(self, item: dict) -> defer.Deferred:
-        """Publish ``item`` in the current batch; fires None on the broker's confirm."""
-        try:
-            # ASCII escapes: a lone surrogate in client text cannot break the batch's UTF-8
-            encoded = json.dumps(item, separators=(",", ":")).encode("ascii")
-        except (TypeError, ValueError) as e:
-            return defer.fail(e)
-        d = defer.Deferred()
-        self._items.append(encoded)
-        self._waiters.append(d)
-        if len(self._items) >= self.max_items:
-            self.flush()
-        elif self._call is None:
-            self._call = self.clock.callLater(0, self.flush)
-        return d
-
-    @property
-    def pending(self) -> int:
-        """Items waiting for the end of the turn."""
-        return len(self._items)
-
-    def flush(self) -> None:
-        """Publish what is pending now as one message."""
-        if self._call is not None:
-            if self._call.active():
-                self._call.cancel()
-            self._call = None
-        if not self._items:
-            return
-        items, self._items = self._items, []
-        waiters, self._waiters = self._waiters, []
-        body = b'{"v":1,"items":[' + b",".join(items) + b"]}"
-        metrics.PUBLISH_BATCH.observe(len(items))
-        d = defer.maybeDeferred(self.bus.publish, self.routing_key, body, mandatory=False, persistent=True)
-        self._in_flight.add(d)
-
-        def done(result: Any) -> None:
-            self._in_flight.discard(d)
-            if isinstance(result, Failure):
-                self.log.warn("publish of {n} items failed: {err}", n=len(waiters),
-                              err=result.getErrorMessage())
-            for w in waiters:
-                if isinstance(result, Failure):
-                    w.errback(result)
-                else:
-                    w.callback(None)
-
-        d.addBoth(done)
-
-    def drain(self) -> defer.Deferred:
-        """Flush, then fire when every publish so far is confirmed or failed."""
-        self.flush()
-        return defer.DeferredList(list(self._in_flight), consumeErrors=True)
-
-
 # --- the hub ------------------------------------------------------------------------
 
 
@@ -384,7 +304,7 @@ class GatewayService(AsyncMultiService):
         self.info: dict | None = None
         self._stopping = False
         self._writer: ConnectionWriter | None = None
-        self._publisher: Publisher | None = None
+        self._publisher: envelope.Publisher | None = None
         self._listening_reconnects = False
         self._resync_running = False
         self._resync_again = False
@@ -428,7 +348,7 @@ class GatewayService(AsyncMultiService):
         self.server_id = str(uuid_module.uuid4())
         self._writer = ConnectionWriter(self.registry, self.server_id, self.clock, c.redis_batch,
                                         self._entry_live)
-        self._publisher = Publisher(self.bus, self.bus.server_key(), self.clock, c.publish_batch)
+        self._publisher = envelope.Publisher(self.bus, self.bus.server_key(), self.clock, c.publish_batch)
         self.info = server_info(
             advertise_address(c.advertise),
             declared_port(c.ws[0]) if c.ws else 0,
@@ -683,7 +603,7 @@ class GatewayService(AsyncMultiService):
         if user_id is None:
             return defer.succeed(None)
         return self._publish_retrying(
-            self._item("sync", user_id, conn), lambda: self.connections.user_of(conn) is not None,
+            self._item(envelope.SYNC, user_id, conn), lambda: self.connections.user_of(conn) is not None,
             owner=conn.conn_id)
 
     def forward(self, conn: Any, frame: dict) -> defer.Deferred:
@@ -697,12 +617,12 @@ class GatewayService(AsyncMultiService):
         the client sees no error for them.
         """
         user_id = self.connections.user_of(conn) or getattr(conn, "user_id", None)
-        item = self._item("frame", user_id, conn, frame)
+        item = self._item(envelope.FRAME, user_id, conn, frame)
         if frame.get("type") == "message_send_reply":
             return self._publish_retrying(item, lambda: True)
         return self._publisher.submit(item)
 
-    def _publish_retrying(self, item: dict, wanted: Callable[[], bool],
+    def _publish_retrying(self, item: envelope.Item, wanted: Callable[[], bool],
                           owner: str | None = None) -> defer.Deferred:
         """Publish ``item``; after a failure, retry with backoff while ``wanted()``.
 
@@ -724,7 +644,7 @@ class GatewayService(AsyncMultiService):
                     done.callback(None)
                     return
                 self.log.warn("{kind} for {conn} not published ({err}); retrying in {delay}s",
-                              kind=item.get("frame", {}).get("type", item["kind"]), conn=item["connId"],
+                              kind=item.type or item.kind, conn=item.conn_id,
                               err=f.getErrorMessage(), delay=delay)
                 next_delay = min(delay * 2, self.config.retry_max_delay)
                 self._retries[done] = (self.clock.callLater(delay, attempt, next_delay), owner)
@@ -745,12 +665,8 @@ class GatewayService(AsyncMultiService):
             if not done.called:
                 done.callback(None)
 
-    def _item(self, kind: str, user_id: str, conn: Any, frame: dict | None = None) -> dict:
-        item = {"kind": kind, "userId": user_id, "serverId": self.server_id,
-                "connId": conn.conn_id, "ts": int(self.clock.seconds() * 1000)}
-        if frame is not None:
-            item["frame"] = frame
-        return item
+    def _item(self, kind: str, user_id: str, conn: Any, frame: dict | None = None) -> envelope.Item:
+        return envelope.Item(kind, user_id, self.server_id, conn.conn_id, int(self.clock.seconds() * 1000), frame)
 
     def connection_lost(self, conn: Any) -> None:
         """Flow 7: forget ``conn`` and remove its Redis entry (pipelined with others)."""
@@ -769,9 +685,10 @@ class GatewayService(AsyncMultiService):
     def _on_delivery(self, message: Any) -> None:
         """Write one AMQP message's deliveries to the named connections, in order, then ack.
 
-        Body: ``{"v":1,"items":[{"connIds":[...],"frames":[...]}, ...]}``.
-        Each frame is serialised once for all its connections. A malformed
-        message (or item) is logged and acknowledged: retrying cannot fix it.
+        Body: ``{"v":1,"items":[{"connIds":[...],"frames":[...]}, ...]}``
+        (:func:`imcluster.envelope.parse_deliveries`). Each frame is
+        serialised once for all its connections. A malformed message (or
+        item) is logged and acknowledged: retrying cannot fix it.
         """
         try:
             self._deliver(message.body)
@@ -782,25 +699,16 @@ class GatewayService(AsyncMultiService):
 
     def _deliver(self, body: bytes) -> None:
         try:
-            doc = json.loads(body)
-        except (TypeError, ValueError) as e:
-            self.log.warn("malformed delivery (not JSON: {err}); dropped", err=e)
+            deliveries = envelope.parse_deliveries(body)
+        except envelope.MalformedBatch as e:
+            self.log.warn("malformed delivery ({err}); dropped: {body!r:.200}", err=e, body=body)
             return
-        if not isinstance(doc, dict) or doc.get("v") != 1 or not isinstance(doc.get("items"), list):
-            self.log.warn("malformed delivery (not a v1 batch): {doc!r:.200}", doc=doc)
-            return
-        for n, item in enumerate(doc["items"]):
-            conn_ids = item.get("connIds") if isinstance(item, dict) else None
-            frames = item.get("frames") if isinstance(item, dict) else None
-            if not isinstance(conn_ids, list) or not isinstance(frames, list) \
-                    or not all(isinstance(f, dict) for f in frames):
-                self.log.warn("malformed delivery item {n}: {item!r:.200}; skipped", n=n, item=item)
-                continue
-            targets = [conn for conn in (self.connections.get(cid) for cid in conn_ids
-                                         if isinstance(cid, str)) if conn is not None]
+        get = self.connections.get
+        for delivery in deliveries:
+            targets = [conn for conn in (get(cid) for cid in delivery.conn_ids) if conn is not None]
             if not targets:
                 continue
-            encoded = [encode_bytes(frame) for frame in frames]
+            encoded = [encode_bytes(frame) for frame in delivery.frames]
             for conn in targets:
                 try:
                     for text in encoded:

@@ -1,11 +1,12 @@
 """What a processor does with a window of client frames (ARCHITECTURE.md flows 5 and 6).
 
 The service (``service.py``) gathers queue messages (``{"v":1,"items":[...]}``,
-docs/internals.rst) into a :class:`Window` and runs it through
+:mod:`imcluster.envelope`) into a :class:`Window` and runs it through
 :meth:`Pipeline.run` as one unit:
 
 1. every ``frame`` item was validated again when its queue message was
-   parsed (:func:`parse_envelope`); an invalid one is answered ``bad_frame``;
+   parsed (:func:`imcluster.envelope.parse_items`); an invalid one is
+   answered ``bad_frame``;
 2. ``message`` items pass the moderation filters in order (a rejection is
    answered ``rejected`` and nothing is stored; a replacement changes the
    body), then ALL of them are stored in ONE transaction
@@ -35,7 +36,6 @@ in memory), publishes each page to the connection's gateway and ends with
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -48,15 +48,11 @@ from twisted.python.failure import Failure
 from imcluster import bus as _bus
 from imcluster import metrics, protocol
 from imcluster.db import ConnectionDead, DatabaseUnavailable
+from imcluster.envelope import FRAME, Item, delivery_body
 from imcluster.processor.filters import REJECT, REPLACE, Verdict, apply_filters
-from imcluster.processor.router import Lookup, Outbox, Router, gateway_of
+from imcluster.processor.router import Lookup, Outbox, Router
 from imcluster.processor.store import Incoming, StoreError
 from imcluster.registry import RedisConnectionError
-
-log = Logger(namespace="imcluster.processor.pipeline")
-
-FRAME = "frame"
-SYNC = "sync"
 
 class GatewayQueueMissing(Exception):
     """A live gateway's queue is not there (a broker restart): it declares it again soon."""
@@ -84,38 +80,11 @@ def backoff(attempt: int, first: float, most: float) -> float:
     return delay * (0.8 + random.random() * 0.4)
 
 
-class PoisonError(ValueError):
-    """A queue message that no processor can ever handle (not a v1 batch)."""
-
-
 class Abandoned(Exception):
     """The service is stopping: the work is left for redelivery."""
 
 
-# --- queue messages and their items ---------------------------------------------------
-
-
-@dataclass(eq=False)
-class Item:
-    """One item of a queue message: a client frame (validated) or a sync request."""
-
-    kind: str
-    user_id: str
-    server_id: str
-    conn_id: str
-    ts: int | None = None
-    frame: dict | None = None
-    #: the reply for a frame that failed validation (then ``frame`` is None)
-    error: dict | None = None
-    envelope: Any = None
-    #: an HTTP API connection (``<uuid>##api##<n>``, docs/internals.rst)
-    api: bool = False
-    #: skip the sender's membership check (only ever on an API item)
-    trusted: bool = False
-
-    @property
-    def type(self) -> str | None:
-        return None if self.frame is None else self.frame["type"]
+# --- queue messages (their items: imcluster.envelope) ------------------------------
 
 
 @dataclass(eq=False)
@@ -151,72 +120,6 @@ class Envelope:
             self.settled = True
             metrics.DEAD_LETTERED.inc()
             self.message.nack(requeue=False)
-
-
-def _valid_server_id(value: Any) -> bool:
-    return isinstance(value, str) and 0 < len(value) <= 64 and "#" not in value
-
-
-#: the ``ip`` part of an HTTP API connId, ``<uuid>##api##<n>`` (imcluster.api.publisher)
-API_CONN_MARK = "api"
-#: a plausible ``ts`` in ms (2001 to 5138): anything else is ignored and the processor's clock used
-_TS_RANGE = (10**12, 10**14)
-
-
-def is_api_conn(conn_id: str) -> bool:
-    """True for a connection id an imapi made: ``<uuid>##api##<n>``."""
-    parts = conn_id.split("##")
-    return len(parts) == 3 and parts[1] == API_CONN_MARK and parts[2].isdigit()
-
-
-def parse_item(raw: Any, max_depth: int = protocol.DEFAULT_MAX_DEPTH) -> Item | None:
-    """An :class:`Item` from one element of ``items``; None when it names no usable connection."""
-    if not isinstance(raw, dict):
-        return None
-    kind, user, server, conn = raw.get("kind"), raw.get("userId"), raw.get("serverId"), raw.get("connId")
-    if kind not in (FRAME, SYNC) or not protocol.is_user_id(user) or not _valid_server_id(server):
-        return None
-    if not isinstance(conn, str) or len(conn) > 200 or gateway_of(conn) != server:
-        return None
-    ts = raw.get("ts")
-    if not isinstance(ts, int) or isinstance(ts, bool) or not _TS_RANGE[0] <= ts < _TS_RANGE[1]:
-        ts = None
-    if kind == SYNC:
-        return Item(SYNC, user, server, conn, ts)
-    api = is_api_conn(conn)
-    # only an imapi may vouch for a sender (it checked authorization itself)
-    trusted = api and raw.get("trusted") is True
-    frame = raw.get("frame")
-    try:
-        frame = protocol.validate_client_frame(frame, max_depth)
-        if frame["type"] not in protocol.FORWARDED_TYPES:
-            raise protocol.FrameError(protocol.BAD_FRAME, f"{frame['type']!r} frames are not for the processors",
-                                      protocol.frame_ref(frame), frame["type"])
-    except protocol.FrameError as e:
-        return Item(FRAME, user, server, conn, ts, error=e.reply(), api=api)
-    return Item(FRAME, user, server, conn, ts, frame=frame, api=api, trusted=trusted)
-
-
-def parse_envelope(body: bytes, max_depth: int = protocol.DEFAULT_MAX_DEPTH) -> list[Item]:
-    """The items of a queue message; :class:`PoisonError` when it is not a v1 batch.
-
-    Items that name no usable connection (nothing could answer them) are
-    logged and left out.
-    """
-    try:
-        doc = json.loads(body)
-    except (TypeError, ValueError, RecursionError) as e:
-        raise PoisonError(f"not JSON: {e}") from None
-    if not isinstance(doc, dict) or doc.get("v") != 1 or not isinstance(doc.get("items"), list):
-        raise PoisonError("not a {\"v\":1,\"items\":[...]} batch")
-    items = []
-    for n, raw in enumerate(doc["items"]):
-        item = parse_item(raw, max_depth)
-        if item is None:
-            log.warn("queue item {n} names no usable connection; dropped: {item!r:.200}", n=n, item=raw)
-            continue
-        items.append(item)
-    return items
 
 
 # --- windows -------------------------------------------------------------------------
@@ -684,8 +587,7 @@ class Syncer:
                 frames = [protocol.encode({"type": "message_send", **m}) for m in page]
                 if last:
                     frames.append(protocol.encode({"type": "sync_done", "count": count + len(page)}))
-                body = ('{"v":1,"items":[{"connIds":%s,"frames":[%s]}]}'
-                        % (json.dumps([item.conn_id]), ",".join(frames))).encode("utf-8")
+                body = delivery_body([item.conn_id], frames)
                 routed = await self._retrying("publishing a page", item,
                                               lambda: defer.Deferred.fromCoroutine(self._publish_page(item, body)))
                 if not routed:
