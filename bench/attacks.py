@@ -35,7 +35,6 @@ import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -46,24 +45,11 @@ sys.path.insert(0, str(ROOT))
 
 from tests.support.attacks import (  # noqa: E402
     Bystander, HeaderFlood, PingFlood, percentiles, rss_kb)
+from tests.support.cluster import free_port, port_open  # noqa: E402
 
 
 def log(msg: str) -> None:
     print(f"attacks: {msg}", file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def port_open(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
 
 
 def token(secret: str, user: str) -> str:
