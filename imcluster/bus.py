@@ -384,9 +384,30 @@ class Consumer:
         self._failures = 0
         self._retry: Any = None
         self._starting: _Protocol | None = None
+        #: called after every start of this consumer but the first (see add_restart_listener)
+        self._restart_listeners: list[Callable[[], Any]] = []
+        self.starts = 0
 
     def __repr__(self) -> str:
         return f"<Consumer {self.queue.name} active={self.active}>"
+
+    def add_restart_listener(self, fn: Callable[[], Any]) -> None:
+        """Call ``fn()`` each time the consumer is active again after a reconnect or a channel loss.
+
+        The queue has been declared again by then: an exclusive, auto-delete
+        queue (a gateway's) may have been gone meanwhile, with whatever was
+        routed to it (ARCHITECTURE.md, "deliveries heal by themselves").
+        """
+        self._restart_listeners.append(fn)
+
+    def _started(self) -> None:
+        self.starts += 1
+        if self.starts == 1:
+            return
+        for fn in list(self._restart_listeners):
+            d = defer.maybeDeferred(fn)
+            d.addErrback(lambda f: self.log.failure("restart listener of {queue} failed", f,
+                                                    queue=self.queue.name))
 
     @defer.inlineCallbacks
     def start(self, conn: "_Protocol"):
@@ -428,6 +449,7 @@ class Consumer:
         self.log.info("AMQP consuming {queue} (prefetch {prefetch})", queue=q.name, prefetch=self.prefetch)
         if not self.ready.called:
             self.ready.callback(self)
+        self._started()
 
     def _start_failed(self, conn: "_Protocol", e: Exception) -> None:
         bus = self.bus

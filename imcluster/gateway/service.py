@@ -20,6 +20,16 @@ calls (``notes``: ``connection_made``, ``authenticated``, ``request_sync``,
 
 A heartbeat refreshes ``WSSERVER_<uuid>``; when Redis has lost it (or after a
 Redis reconnect) the gateway writes its key and every live connection again.
+
+Healing (ARCHITECTURE.md, "deliveries heal by themselves"): whatever the
+processors routed while this gateway's queue was gone (a broker restart, a
+lost AMQP connection) or while its Redis entries were gone (the processors
+saw its users offline) never reached its clients. So once its queue is
+declared again, and once it is re-registered in Redis, the gateway asks the
+processors to sync every connection it holds again (:meth:`GatewayService.resync_connections`):
+one ``sync`` item per connection, ``publish_batch`` items a publish, at most
+``resync_rate`` connections a second. Clients get what they missed, possibly
+twice (same ``msgId``), and another ``sync_done``.
 """
 
 from __future__ import annotations
@@ -352,6 +362,10 @@ class GatewayService(service.Service):
         self._resync_again = False
         self._needs_resync = False
         self._retries: dict[defer.Deferred, tuple[Any, str | None]] = {}  # done -> (DelayedCall, owner)
+        #: the current pass of resync_connections; a newer pass supersedes an older one
+        self._conn_resync_generation = 0
+        self._conn_resync_call: Any = None
+        self.conn_resyncs = 0  # passes started (tests, operators' logs)
         self._all_closed: defer.Deferred | None = None
 
     # --- lifecycle
@@ -377,7 +391,8 @@ class GatewayService(service.Service):
             self._listening_reconnects = True
             self.registry.add_reconnect_listener(self._redis_reconnected)
         queue = self.bus.gateway_queue(self.server_id)
-        yield self.bus.consume(queue, self._on_delivery, prefetch=c.prefetch, exclusive=True)
+        consumer = yield self.bus.consume(queue, self._on_delivery, prefetch=c.prefetch, exclusive=True)
+        self._watch_queue(consumer)
         self.log.info("gateway {uuid} consuming its queue; opening listeners", uuid=self.server_id)
         self.accepting = True
         yield self._listen()
@@ -434,6 +449,9 @@ class GatewayService(service.Service):
         yield defer.DeferredList([defer.maybeDeferred(p.stopListening) for _, _, p in ports],
                                  consumeErrors=True)
         self._cancel_retries()
+        self._conn_resync_generation += 1
+        if self._conn_resync_call is not None and self._conn_resync_call.active():
+            self._conn_resync_call.cancel()
         if self._heartbeat is not None and self._heartbeat.running:
             # an in-flight refresh must land before the cleanup, not re-create the key after it
             yield self._heartbeat.stopService()
@@ -537,9 +555,68 @@ class GatewayService(service.Service):
                     self._needs_resync = False
                     self.log.info("gateway {uuid}: re-registered with {n} connections",
                                   uuid=self.server_id, n=written)
+                    # routed while our entries were missing: lost; only now does routing see them again
+                    self.resync_connections("re-registered in Redis")
                     return
         finally:
             self._resync_running = False
+
+    # --- healing: sync every connection again after a loss
+
+    def _watch_queue(self, consumer: Any) -> None:
+        add = getattr(consumer, "add_restart_listener", None)
+        if add is not None:
+            add(self._queue_declared_again)
+
+    def _queue_declared_again(self) -> None:
+        if not self.running or self._stopping:
+            return
+        self.log.warn("gateway {uuid}: its queue was declared again (new AMQP connection or channel); "
+                      "deliveries routed meanwhile were lost", uuid=self.server_id)
+        self.resync_connections("queue declared again")
+
+    def resync_connections(self, why: str) -> int:
+        """Ask the processors to sync every authenticated connection again; returns how many.
+
+        One ``sync`` item (``"resync": true``) per connection, published with
+        the others of its reactor turn, ``publish_batch`` connections a turn
+        and at most ``resync_rate`` a second; each request is retried while
+        its connection lives (like the sync after ``auth``). A newer pass
+        (another loss meanwhile) supersedes this one: it covers every
+        connection again.
+        """
+        if self._stopping or self._publisher is None:
+            return 0
+        self._conn_resync_generation += 1
+        generation = self._conn_resync_generation
+        if self._conn_resync_call is not None and self._conn_resync_call.active():
+            self._conn_resync_call.cancel()
+        self._conn_resync_call = None
+        snapshot = [conn for _, conn in self.connections.authenticated()]
+        self.conn_resyncs += 1
+        metrics.RESYNCS.inc(len(snapshot))
+        self.log.info("gateway {uuid}: {why}; asking the processors to sync {n} connections again",
+                      uuid=self.server_id, why=why, n=len(snapshot))
+        batch = max(1, min(self.config.publish_batch, int(self.config.resync_rate) or 1))
+        pause = batch / self.config.resync_rate
+
+        def send(start: int) -> None:
+            self._conn_resync_call = None
+            if generation != self._conn_resync_generation or self._stopping:
+                return
+            for conn in snapshot[start:start + batch]:
+                user_id = self.connections.user_of(conn)
+                if user_id is None:
+                    continue  # gone meanwhile (or no longer authenticated)
+                item = self._item("sync", user_id, conn)
+                item["resync"] = True
+                self._publish_retrying(item, lambda conn=conn: self.connections.user_of(conn) is not None,
+                                       owner=conn.conn_id)
+            if start + batch < len(snapshot):
+                self._conn_resync_call = self.clock.callLater(pause, send, start + batch)
+
+        send(0)
+        return len(snapshot)
 
     def _entry_live(self, key: tuple) -> bool:
         user_id, ip, port = key

@@ -187,6 +187,12 @@ class _FakeConsumer:
         self.unacked = {}  # delivery tag -> (queue, item)
         self._channel = None  # a fresh object per "channel": messages of an old one are stale
         self._tags = 0
+        self._restart_listeners = []
+        self.starts = 0
+
+    def add_restart_listener(self, fn):
+        """Call ``fn()`` each time the consumer is active again after a reconnect (as Consumer does)."""
+        self._restart_listeners.append(fn)
 
     def __repr__(self):
         return f"<FakeConsumer {self.queue.name} active={self.active}>"
@@ -216,6 +222,10 @@ class _FakeConsumer:
         self.active = True
         if not self.ready.called:
             self.ready.callback(self)
+        self.starts += 1
+        if self.starts > 1:
+            for fn in list(self._restart_listeners):
+                defer.maybeDeferred(fn).addErrback(lambda f: self.bus.log.failure("restart listener failed", f))
         broker.dispatch()
 
     def stop_channel(self, requeue=True):
