@@ -311,11 +311,15 @@ async def test_restart_listeners_run_once_the_queue_is_back(kind, bus):
         await bus.publish(bus.gateway_key(uuid), b"after the restart", mandatory=True)
         restarts.append(consumer.active)
 
-    consumer.add_restart_listener(lambda: defer.ensureDeferred(queue_back()))
+    down = []
+    consumer.add_restart_listener(lambda since: (down.append(since), defer.ensureDeferred(queue_back()))[1])
     assert restarts == []  # the first start is no restart
+    before = time.time()
     await break_connection(kind, bus)
     await until(lambda: restarts, 5.0, "restart listener")
     assert restarts == [True]
+    # when the queue stopped being consumed (fake bus: its clock is the reactor too)
+    assert before - 1 <= down[0] <= time.time()
     assert (await deliveries.wait(1))[0].body == b"after the restart"
 
 

@@ -40,6 +40,37 @@ def test_queue_declared_again_resyncs_every_authenticated_connection():
     assert h.gw.conn_resyncs == 1
 
 
+def test_resync_says_since_when_the_loss_began():
+    """Another device of the user may have acknowledged what this connection missed: 'undelivered' is not enough."""
+    h = Hub()
+    a = h.connect(1)
+    h.auth(a, "alice")
+    h.turn()
+    h.reactor.advance(3.0)
+    lost_at = h.reactor.seconds()
+    h.bus.set_available(False)
+    h.reactor.advance(4.0)
+    h.bus.set_available(True)
+    h.turn()
+    [item] = [i for body in h.items for i in body["items"] if i.get("resync")]
+    assert item["since"] == int((lost_at - 10.0) * 1000)  # a margin for the processors' clocks
+
+
+def test_redis_loss_since_the_last_time_our_key_was_seen():
+    """Entries lost between two heartbeats were lost since the earlier one, not since they were noticed missing."""
+    h = Hub()
+    a = h.connect(1)
+    h.auth(a, "alice")
+    h.turn()
+    h.reactor.advance(10.0)  # heartbeat: the key is there
+    seen_at = h.reactor.seconds()
+    h.registry.flush()
+    h.reactor.advance(10.0)  # heartbeat: gone
+    h.turn()
+    [item] = [i for body in h.items for i in body["items"] if i.get("resync")]
+    assert item["since"] == int((seen_at - 10.0) * 1000)
+
+
 def test_first_start_asks_for_nothing():
     """A gateway starting up must not send sync requests of its own (each auth asks for its sync)."""
     h = Hub()

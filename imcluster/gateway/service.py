@@ -121,6 +121,11 @@ def with_backlog(description: str, backlog: int) -> str:
     return f"{description}:backlog={backlog}"
 
 
+#: seconds subtracted from the time a loss began, in a re-sync's ``since``: the
+#: processors' clocks (and PostgreSQL's) may differ a little from the gateway's
+RESYNC_MARGIN = 10.0
+
+
 def _chunks(items: list, size: int) -> Iterable[list]:
     for i in range(0, len(items), size):
         yield items[i:i + size]
@@ -365,7 +370,12 @@ class GatewayService(service.Service):
         #: the current pass of resync_connections; a newer pass supersedes an older one
         self._conn_resync_generation = 0
         self._conn_resync_call: Any = None
+        self._conn_resync_since: float | None = None
         self.conn_resyncs = 0  # passes started (tests, operators' logs)
+        #: last time Redis was seen holding our entries (clock seconds), and the
+        #: earliest time they may have been lost since, while a re-registration is due
+        self._redis_ok_at: float | None = None
+        self._redis_lost_since: float | None = None
         self._all_closed: defer.Deferred | None = None
 
     # --- lifecycle
@@ -387,6 +397,7 @@ class GatewayService(service.Service):
             int(self.clock.seconds()))
         self.log.info("gateway {uuid} starting: registering in Redis", uuid=self.server_id)
         yield self.registry.register_server(self.server_id, self.info, c.server_ttl)
+        self._redis_ok_at = self.clock.seconds()
         if not self._listening_reconnects:
             self._listening_reconnects = True
             self.registry.add_reconnect_listener(self._redis_reconnected)
@@ -500,8 +511,13 @@ class GatewayService(service.Service):
         """Refresh ``WSSERVER_<uuid>``; if Redis had lost it, write everything of ours again."""
         d = self.registry.refresh_server(self.server_id, self.info, self.config.server_ttl)
 
+        checked_at = self.clock.seconds()
+
         def refreshed(existed: bool) -> Any:
+            if existed and not self._needs_resync:
+                self._redis_ok_at = checked_at
             if not existed:
+                self._redis_lost(self._redis_ok_at)
                 self.log.warn("gateway {uuid}: WSSERVER_ key was gone (Redis lost its data?); "
                               "re-registering {n} connections",
                               uuid=self.server_id, n=self.connections.count(authenticated=True))
@@ -518,6 +534,7 @@ class GatewayService(service.Service):
         if not self.running or self._stopping or self.server_id is None:
             return None
         self.log.info("gateway {uuid}: Redis reconnected; re-registering", uuid=self.server_id)
+        self._redis_lost(self._redis_ok_at)
         self._needs_resync = True
         return self.resync()
 
@@ -556,37 +573,60 @@ class GatewayService(service.Service):
                     self.log.info("gateway {uuid}: re-registered with {n} connections",
                                   uuid=self.server_id, n=written)
                     # routed while our entries were missing: lost; only now does routing see them again
-                    self.resync_connections("re-registered in Redis")
+                    since, self._redis_lost_since = self._redis_lost_since, None
+                    self._redis_ok_at = self.clock.seconds()
+                    self.resync_connections("re-registered in Redis", since)
                     return
         finally:
             self._resync_running = False
 
     # --- healing: sync every connection again after a loss
 
+    def _redis_lost(self, since: float | None) -> None:
+        """Our Redis entries may have been lost at any time after ``since`` (None: unknown)."""
+        if since is None:
+            since = self.clock.seconds()
+        if self._redis_lost_since is None or since < self._redis_lost_since:
+            self._redis_lost_since = since
+
     def _watch_queue(self, consumer: Any) -> None:
         add = getattr(consumer, "add_restart_listener", None)
         if add is not None:
             add(self._queue_declared_again)
 
-    def _queue_declared_again(self) -> None:
+    def _queue_declared_again(self, down_since: float | None = None) -> None:
         if not self.running or self._stopping:
             return
         self.log.warn("gateway {uuid}: its queue was declared again (new AMQP connection or channel); "
                       "deliveries routed meanwhile were lost", uuid=self.server_id)
-        self.resync_connections("queue declared again")
+        self.resync_connections("queue declared again", down_since)
 
-    def resync_connections(self, why: str) -> int:
+    def resync_connections(self, why: str, since: float | None = None) -> int:
         """Ask the processors to sync every authenticated connection again; returns how many.
 
-        One ``sync`` item (``"resync": true``) per connection, published with
-        the others of its reactor turn, ``publish_batch`` connections a turn
-        and at most ``resync_rate`` a second; each request is retried while
-        its connection lives (like the sync after ``auth``). A newer pass
-        (another loss meanwhile) supersedes this one: it covers every
-        connection again.
+        One ``sync`` item per connection, marked ``"resync": true`` and, when
+        the loss began at a known time, ``"since"``: milliseconds since the
+        epoch, :data:`RESYNC_MARGIN` earlier than ``since`` (clock seconds).
+        A processor that honours ``since`` sends the connection every message
+        of its user's sessions stored from then on, delivered or not (another
+        device of the same user may have acknowledged what this connection
+        never got); one that does not sends the undelivered ones, as after
+        ``auth``. Published with the others of the reactor turn,
+        ``publish_batch`` connections a turn and at most ``resync_rate`` a
+        second; each request is retried while its connection lives (like the
+        sync after ``auth``). A newer pass (another loss meanwhile)
+        supersedes this one: it covers every connection again, from the
+        earlier of the two ``since``.
         """
         if self._stopping or self._publisher is None:
             return 0
+        pending = self._conn_resync_since
+        if self._conn_resync_call is not None and pending is not None and since is not None:
+            since = min(since, pending)  # the pass being superseded had not covered everyone
+        elif self._conn_resync_call is not None and since is not None:
+            since = None  # the older pass did not know when its loss began: neither do we
+        self._conn_resync_since = since
+        since_ms = None if since is None else int((since - RESYNC_MARGIN) * 1000)
         self._conn_resync_generation += 1
         generation = self._conn_resync_generation
         if self._conn_resync_call is not None and self._conn_resync_call.active():
@@ -610,10 +650,14 @@ class GatewayService(service.Service):
                     continue  # gone meanwhile (or no longer authenticated)
                 item = self._item("sync", user_id, conn)
                 item["resync"] = True
+                if since_ms is not None:
+                    item["since"] = since_ms
                 self._publish_retrying(item, lambda conn=conn: self.connections.user_of(conn) is not None,
                                        owner=conn.conn_id)
             if start + batch < len(snapshot):
                 self._conn_resync_call = self.clock.callLater(pause, send, start + batch)
+            else:
+                self._conn_resync_since = None
 
         send(0)
         return len(snapshot)
