@@ -30,6 +30,9 @@ when it was down. The report counts, over (message, connection) pairs:
 ``last_stuck_after_heal_s``
     for pairs that arrived more than :data:`STUCK` seconds after their
     clock started, the last arrival minus ``healed_at`` (0 when none were stuck);
+``healed``
+    pairs acknowledged before ``healed_at`` that arrived after it: what
+    healing delivered (0 would mean a fault test exercised nothing);
 ``after_heal``, ``first_ok_after_heal_s``
     messages acknowledged after ``healed_at``, and how long after it the
     first one was (the cluster taking messages again).
@@ -90,6 +93,8 @@ class Report:
     #: messages acknowledged after healed_at, and the first such reply's delay (s)
     after_heal: int = 0
     first_ok_after_heal_s: float | None = None
+    #: pairs acknowledged before healed_at that arrived after it (what the healing delivered)
+    healed: int = 0
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -98,7 +103,7 @@ class Report:
         def f(v: float | None) -> str:
             return "-" if v is None else f"{v:.2f}"
         return (f"messages {self.messages} pairs {self.pairs} lost {self.lost} dup {self.duplicated} "
-                f"mismatched {self.mismatched} seq-gaps {self.seq_gaps}/{self.server_seq_gaps} "
+                f"healed {self.healed} mismatched {self.mismatched} seq-gaps {self.seq_gaps}/{self.server_seq_gaps} "
                 f"worst-delay {f(self.worst_delay_s)}s late {self.late} stuck {self.stuck} "
                 f"last-stuck-after-heal {f(self.last_stuck_after_heal_s)}s "
                 f"unanswered {self.unanswered} failed {dict(self.failed)} "
@@ -173,7 +178,7 @@ class Ledger:
     def report(self, healed_at: float | None = None) -> Report:
         """The figures of the module docstring; ``healed_at``: when the dependency answered again."""
         start = healed_at if healed_at is not None else float("-inf")
-        pairs = delivered = lost = dup = mismatched = gaps = late = stuck = 0
+        pairs = delivered = lost = dup = mismatched = gaps = late = stuck = healed = 0
         worst: float | None = None
         last_stuck: float | None = None
         lost_examples: list[tuple[str, str]] = []
@@ -199,6 +204,8 @@ class Ledger:
                 delivered += 1
                 per_session[s.session].add(s.seq)
                 clock = max(s.replied_at, start)
+                if healed_at is not None and s.replied_at < healed_at <= arrival:
+                    healed += 1
                 delay = arrival - clock
                 worst = delay if worst is None else max(worst, delay)
                 if delay > DEADLINE:
@@ -219,4 +226,5 @@ class Ledger:
         after = sorted(s.replied_at - start for s in self.sent.values() if s.replied_at >= start)
         return Report(len(self.sent), pairs, delivered, lost, dup, mismatched, gaps, server_gaps,
                       worst, late, last_stuck if stuck else 0.0, stuck, unanswered, dict(self.failed),
-                      lost_examples, len(after), after[0] if after and healed_at is not None else None)
+                      lost_examples, len(after), after[0] if after and healed_at is not None else None,
+                      healed)

@@ -2,7 +2,8 @@
 
 Users ``u0..u<n-1>`` alternate between the gateways (every third one on raw
 TCP, the others on WebSocket); ``u0`` has a second connection on the other
-gateway (a user's other device receives its own messages). Sessions: group
+gateway (a user's other device receives its own messages), unless
+``second_device=False``. Sessions: group
 ``g1`` (u0-u3), group ``g2`` (u2-u5) when there are six users or more, and
 one 1:1 session per pair (u0:u1, u2:u3, ...). Every user sends, in turn, to
 each of its sessions, ``rate`` messages a second; every ``message_send`` is
@@ -105,11 +106,12 @@ class Load:
     """The load of the module docstring on ``gateways`` (DaemonProcess-like: ``ws_url``, ``tcp_port``)."""
 
     def __init__(self, token: Callable[[str], str], gateways: list[Any], users: int = 6, rate: float = 3.0,
-                 prefix: str = "u") -> None:
+                 prefix: str = "u", second_device: bool = True) -> None:
         self.token = token
         self.gateways = gateways
         self.users = [f"{prefix}{i}" for i in range(users)]
         self.rate = rate
+        self.second_device = second_device
         self.conns: list[LoadConn] = []
         self.primary: dict[str, LoadConn] = {}
         self.sessions: dict[str, list[str]] = {}  # session -> members
@@ -134,7 +136,7 @@ class Load:
         """Connect and authenticate everybody, then create the sessions."""
         for i, user in enumerate(self.users):
             self.primary[user] = await self._connect_one(user, i, tcp=i % 3 == 0)
-        if len(self.gateways) > 1:
+        if len(self.gateways) > 1 and self.second_device:
             await self._connect_one(self.users[0], 1, tcp=False)
         groups = {"g1": self.users[0:4]}
         if len(self.users) >= 6:
