@@ -140,14 +140,18 @@ class _Process:
 class PrivateRabbit:
     """A RabbitMQ node of the test's own (see the module docstring).
 
-    ``url`` is its AMQP URL (guest, loopback). ``start()`` / ``stop()`` /
+    ``url`` is its AMQP URL (guest, loopback); ``max_message_size`` lowers the
+    broker's own limit (a "406 above max_message_size" needs megabytes, not
+    128 MiB, of test data). ``start()`` / ``stop()`` /
     ``restart(down=...)`` keep the port, node name and data folder; ``kill()``
     is a crash (SIGKILL). ``close()`` stops the node and its epmd.
     """
 
-    def __init__(self, base: Path, port: int | None = None) -> None:
+    def __init__(self, base: Path, port: int | None = None, max_message_size: int | None = None) -> None:
         self.base = Path(base)
         self.port = port or free_port()
+        #: the broker's own limit (RabbitMQ refuses a larger message with 406); None: its default, 128 MiB
+        self.max_message_size = max_message_size
         self.dist_port = free_port()
         self.epmd_port = free_port()
         self.node = f"imt{self.port}@localhost"
@@ -163,7 +167,8 @@ class PrivateRabbit:
             "loopback_users.guest = true\n"
             "log.console = false\nlog.file.level = warning\n"
             # a test box's disk may be nearly full; a disk alarm would block publishers
-            "disk_free_limit.absolute = 1MB\n")
+            "disk_free_limit.absolute = 1MB\n"
+            + (f"max_message_size = {max_message_size}\n" if max_message_size else ""))
         (self.base / "enabled_plugins").write_text("[].\n")
         (self.base / "rabbitmq-env.conf").write_text("")
 
