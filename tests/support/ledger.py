@@ -89,6 +89,7 @@ class Report:
     stuck: int
     unanswered: int
     failed: dict[str, int]
+    retries: dict[str, int]
     lost_examples: list[tuple[str, str]]
     #: messages acknowledged after healed_at, and the first such reply's delay (s)
     after_heal: int = 0
@@ -106,7 +107,7 @@ class Report:
                 f"healed {self.healed} mismatched {self.mismatched} seq-gaps {self.seq_gaps}/{self.server_seq_gaps} "
                 f"worst-delay {f(self.worst_delay_s)}s late {self.late} stuck {self.stuck} "
                 f"last-stuck-after-heal {f(self.last_stuck_after_heal_s)}s "
-                f"unanswered {self.unanswered} failed {dict(self.failed)} "
+                f"unanswered {self.unanswered} failed {dict(self.failed)} retried {dict(self.retries)} "
                 f"acked-after-heal {self.after_heal} (first after {f(self.first_ok_after_heal_s)}s)")
 
 
@@ -118,6 +119,7 @@ class Ledger:
         self.conns: dict[str, ConnRecord] = {}
         self.sent: dict[str, Sent] = {}
         self.failed: Counter = Counter()
+        self.retries: Counter = Counter()
         self.asked: dict[tuple[str, str], float] = {}  # (conn, clientMsgId) -> sent at
         self.answered: set[tuple[str, str]] = set()
 
@@ -135,6 +137,10 @@ class Ledger:
     def asking(self, conn: str, client_msg_id: str, at: float) -> None:
         """A ``message`` frame went out (its reply is expected)."""
         self.asked[(conn, client_msg_id)] = at
+
+    def retried(self, code: str) -> None:
+        """An answer the client retries (``unavailable``): not final."""
+        self.retries[code] += 1
 
     def replied(self, conn: str, user: str, frame: dict, at: float, body: Any = None) -> None:
         """A ``message_reply`` arrived on ``conn`` (sent by ``user``)."""
@@ -226,5 +232,5 @@ class Ledger:
         after = sorted(s.replied_at - start for s in self.sent.values() if s.replied_at >= start)
         return Report(len(self.sent), pairs, delivered, lost, dup, mismatched, gaps, server_gaps,
                       worst, late, last_stuck if stuck else 0.0, stuck, unanswered, dict(self.failed),
-                      lost_examples, len(after), after[0] if after and healed_at is not None else None,
+                      dict(self.retries), lost_examples, len(after), after[0] if after and healed_at is not None else None,
                       healed)

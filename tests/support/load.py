@@ -7,7 +7,9 @@ gateway (a user's other device receives its own messages), unless
 ``g1`` (u0-u3), group ``g2`` (u2-u5) when there are six users or more, and
 one 1:1 session per pair (u0:u1, u2:u3, ...). Every user sends, in turn, to
 each of its sessions, ``rate`` messages a second; every ``message_send`` is
-acknowledged (batched, 20 ms), duplicates too, as a real client does::
+acknowledged (batched, 20 ms), duplicates too, and a message answered
+``unavailable``, or not at all within 5 s, is sent again with the same
+``clientMsgId`` until it has an answer, as the clients of this project do::
 
     load = Load(cluster.token, [gw0, gw1], users=6, rate=3.0)
     await load.connect()
@@ -32,6 +34,10 @@ from tests.support.ledger import DEADLINE, Ledger
 
 #: seconds an acknowledgement waits for others to share its frame
 ACK_DELAY = 0.02
+#: a message without a reply is sent again (same clientMsgId) after this many seconds,
+#: and one answered ``unavailable`` after a short backoff, as the clients of this project do
+RESEND_AFTER = 5.0
+RETRY_CODES = ("unavailable", "rate_limited")
 
 
 def now() -> float:
@@ -52,6 +58,8 @@ class LoadConn:
         self.client = client
         self.sync_dones = 0
         self.sent = 0
+        #: clientMsgId -> [session, body, ledger, next resend time, tries] until answered for good
+        self.pending: dict[str, list] = {}
         self._acks: list[str] = []
         self._ack_call: Any = None
         frame_in = client._frame
@@ -74,8 +82,20 @@ class LoadConn:
             if self._ack_call is None:
                 self._ack_call = reactor.callLater(ACK_DELAY, self._send_acks)
         elif kind == "message_reply":
-            for ledger in self.load.ledgers:
-                ledger.replied(self.label, self.user, frame, t)
+            cmid = frame.get("clientMsgId")
+            entry = self.pending.get(cmid)
+            if entry is None:
+                return  # answered before (a resend's repeated reply)
+            code = (frame.get("error") or {}).get("code") if frame.get("ok") is not True else None
+            if code in RETRY_CODES:
+                entry[4] += 1
+                entry[3] = t + min(2.0, 0.25 * 2 ** entry[4])
+                if entry[2] is not None:
+                    entry[2].retried(code)
+                return
+            del self.pending[cmid]
+            if entry[2] is not None:
+                entry[2].replied(self.label, self.user, frame, t)
         elif kind == "sync_done":
             self.sync_dones += 1
 
@@ -90,10 +110,22 @@ class LoadConn:
     def send(self, session: str, ledger: Ledger | None) -> None:
         self.sent += 1
         cmid = f"{self.label}-{self.sent}"
+        body = {"n": self.sent, "by": self.label}
+        t = now()
         if ledger is not None:
-            ledger.asking(self.label, cmid, now())
-        self.client.send({"type": "message", "clientMsgId": cmid, "sessionId": session,
-                          "body": {"n": self.sent, "by": self.label}})
+            ledger.asking(self.label, cmid, t)
+        self.pending[cmid] = [session, body, ledger, t + RESEND_AFTER, 0]
+        self.client.send({"type": "message", "clientMsgId": cmid, "sessionId": session, "body": body})
+
+    def resend_due(self, t: float) -> None:
+        """Send again (same clientMsgId) what has no final answer and is due."""
+        if not self.client.connected:
+            return
+        for cmid, entry in self.pending.items():
+            if entry[3] <= t:
+                entry[3] = t + RESEND_AFTER
+                self.client.send({"type": "message", "clientMsgId": cmid, "sessionId": entry[0],
+                                  "body": entry[1]})
 
     def close(self) -> None:
         if self._ack_call is not None and self._ack_call.active():
@@ -119,6 +151,7 @@ class Load:
         self.ledgers: list[Ledger] = []
         self.current: Ledger | None = None
         self._loop: task.LoopingCall | None = None
+        self._resender = task.LoopingCall(self._resend)
         self._turn = 0
 
     async def _connect_one(self, user: str, gw_index: int, tcp: bool) -> LoadConn:
@@ -177,8 +210,15 @@ class Load:
         if conn.client.connected:
             conn.send(session, self.current)
 
+    def _resend(self) -> None:
+        t = now()
+        for conn in self.conns:
+            conn.resend_due(t)
+
     def start(self) -> None:
-        """Send ``rate`` messages a second per user, in turn."""
+        """Send ``rate`` messages a second per user, in turn (and keep resending what is unanswered)."""
+        if not self._resender.running:
+            self._resender.start(0.25, now=False)
         if self._loop is None:
             self._loop = task.LoopingCall(self._tick)
             self._loop.start(1.0 / (self.rate * len(self.users)), now=False)
@@ -204,6 +244,8 @@ class Load:
 
     def close(self) -> None:
         self.stop()
+        if self._resender.running:
+            self._resender.stop()
         for conn in self.conns:
             conn.close()
         self.ledgers.clear()
