@@ -159,6 +159,22 @@ def test_resync_requests_are_retried_while_the_broker_is_down():
     assert syncs(h) and set(syncs(h)) == {(a.conn_id, True)}
 
 
+def test_requests_of_a_superseded_pass_stop_being_retried():
+    """A broker flapping for an hour must not pile up one retried sync request per connection per flap."""
+    h = Hub(retry_delay=0.5, retry_max_delay=1.0)
+    a = h.connect(1)
+    h.auth(a, "alice")
+    h.turn()
+    h.bus.set_available(False)
+    for _ in range(5):
+        h.gw.resync_connections("flap")
+        h.turn()
+    run_for(h, 8.0)  # every first publish has failed by now; the retries wait for the broker
+    h.bus.set_available(True)  # the reconnect asks once more, and so does only the last pass
+    run_for(h, 3.0)
+    assert syncs(h) == [(a.conn_id, True)] * 2
+
+
 def test_stopping_gateway_stops_resyncing():
     """A gateway going away must not keep publishing sync requests for clients it is closing."""
     h = Hub(publish_batch=2, resync_rate=2.0)

@@ -652,8 +652,9 @@ class GatewayService(service.Service):
                 item["resync"] = True
                 if since_ms is not None:
                     item["since"] = since_ms
-                self._publish_retrying(item, lambda conn=conn: self.connections.user_of(conn) is not None,
-                                       owner=conn.conn_id)
+                # a newer pass asks again for everyone: this request is then no longer wanted
+                self._publish_retrying(item, lambda conn=conn: generation == self._conn_resync_generation
+                                       and self.connections.user_of(conn) is not None, owner=conn.conn_id)
             if start + batch < len(snapshot):
                 self._conn_resync_call = self.clock.callLater(pause, send, start + batch)
             else:
