@@ -42,7 +42,7 @@ def install(out: str) -> None:
     from imcluster.bus import AMQPService
     from imcluster.processor.pipeline import Pipeline
     from imcluster.processor.router import Router
-    from imcluster.processor.store import MessageStore
+    from imcluster.store.postgres import MessageStore
     from imcluster.registry import RedisService
 
     for cls, names in ((MessageStore, ("store_messages", "mark_sending", "mark_delivered", "undelivered_page")),

@@ -15,7 +15,6 @@ token``). :class:`imcluster.testing.FakeAuthenticator` is the test double.
 from __future__ import annotations
 
 import math
-import re
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -29,6 +28,8 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from imcluster.interfaces import IAuthenticator
+# the one user-id rule (PROTOCOL.md): a token's ``sub`` must satisfy it
+from imcluster.protocol import is_user_id as valid_user_id
 
 # PyJWT warns on every decode with an HMAC secret shorter than the hash; the
 # authenticator says it once, at start-up, in the log instead
@@ -37,8 +38,6 @@ warnings.filterwarnings("ignore", category=jwt.warnings.InsecureKeyLengthWarning
 #: shortest HMAC secret (bytes) that does not draw a start-up warning (RFC 7518 3.2)
 MIN_SECRET_BYTES = 32
 
-#: PROTOCOL.md: a user id is 1-128 characters of A-Z a-z 0-9 _ . @ -
-USER_ID_RE = re.compile(r"^[A-Za-z0-9_.@-]{1,128}\Z")
 
 INVALID_TOKEN = "invalid_token"
 TOKEN_EXPIRED = "token_expired"
@@ -50,11 +49,6 @@ EC_ALGORITHMS = {"secp256r1": "ES256", "secp384r1": "ES384", "secp521r1": "ES512
 
 DEFAULT_SECRET_ALGORITHMS = ["HS256"]
 DEFAULT_PUBLIC_KEY_ALGORITHMS = ["RS256", "ES256"]
-
-
-def valid_user_id(user_id: Any) -> bool:
-    """True when ``user_id`` is a str of 1-128 characters of ``A-Z a-z 0-9 _ . @ -``."""
-    return isinstance(user_id, str) and USER_ID_RE.match(user_id) is not None
 
 
 @dataclass(frozen=True)

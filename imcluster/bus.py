@@ -57,7 +57,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from imcluster import metrics
+from imcluster import interfaces, metrics
 from imcluster.interfaces import IBusMessage, IMessageBus
 from imcluster.service import with_timeout
 
@@ -65,8 +65,12 @@ from imcluster.service import with_timeout
 # --- errors ------------------------------------------------------------------
 
 
-class PublishError(Exception):
-    """A publish was not confirmed by the broker."""
+class PublishError(interfaces.Unavailable):
+    """A publish was not confirmed by the broker: the bus' "unavailable" error.
+
+    Every kind (no confirm in time, a nack, unroutable) means "not taken
+    now, try again": the processors retry the work (``interfaces.Unavailable``).
+    """
 
 
 class Unavailable(PublishError):
@@ -81,8 +85,11 @@ class Unroutable(PublishError):
     """A ``mandatory`` publish reached no queue (basic.return)."""
 
 
-class ChannelError(Exception):
-    """An AMQP channel closed under an operation (the broker's reply code and text, when it said one)."""
+class ChannelError(interfaces.Unavailable):
+    """An AMQP channel closed under an operation (the broker's reply code and text, when it said one).
+
+    Transient to the processors, like a publish error (``interfaces.Unavailable``).
+    """
 
     def __init__(self, reason: Any) -> None:
         self.reply_code = getattr(reason, "reply_code", None)

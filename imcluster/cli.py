@@ -36,7 +36,8 @@ def _add_config_options(parser: argparse.ArgumentParser, daemon: str) -> None:
     """``--<option>`` (and ``--<secret>-path``) for every option of ``daemon``, from config.OPTIONS."""
     parser.add_argument("--config", "-c", metavar="FILE", help="TOML configuration file")
     for o in options_for(daemon):
-        help_text = o.help + (f" [default: {o.default}]" if o.default not in (None, [], "") else "")
+        default = o.default_for(daemon)
+        help_text = o.help + (f" [default: {default}]" if default not in (None, [], "") else "")
         if o.flag:
             parser.add_argument("--" + o.cli, dest=o.name, action="store_true", default=None, help=help_text)
         else:
@@ -88,6 +89,10 @@ def _fail(message: str, code: int = EXIT_FAILURE) -> int:
     return code
 
 
+def _warn(message: str) -> None:
+    print(f"imcluster: warning: {message}", file=sys.stderr)
+
+
 def run_migrate(args: argparse.Namespace) -> int:
     """``imcluster migrate``: apply pending migrations, print each one, exit 0."""
     from imcluster.db import MigrationError, apply_migrations_sync, describe_dsn
@@ -96,7 +101,7 @@ def run_migrate(args: argparse.Namespace) -> int:
     cli.update({o.name + "_path": getattr(args, o.name + "_path", None)
                 for o in options_for(MIGRATE) if o.secret})
     try:
-        config = load_config(MIGRATE, cli, args.config)
+        config = load_config(MIGRATE, cli, args.config, warn=_warn)
     except ConfigError as e:
         return _fail(str(e), EXIT_FAILURE)
     dsn = postgres_dsn(config)

@@ -173,6 +173,18 @@ def _ws_urls(value: Any) -> list[str]:
     return [_url("ws", "wss")(u) for u in v]
 
 
+class PerDaemon(dict):
+    """A default that differs between daemons: ``PerDaemon(gateway=50000, api=10000)``.
+
+    A value given in a file, the environment or on the command line still
+    applies to every daemon that reads the key (a shared file sets it for
+    all of them); only the defaults differ.
+    """
+
+    def describe(self) -> str:
+        return ", ".join(f"{daemon} {value}" for daemon, value in sorted(self.items()))
+
+
 @dataclass(frozen=True)
 class Option:
     name: str
@@ -187,6 +199,13 @@ class Option:
     @property
     def cli(self) -> str:
         return self.name.replace("_", "-")
+
+    def default_for(self, daemon: str) -> Any:
+        """The default value of this option in ``daemon``."""
+        default = self.default
+        if isinstance(default, PerDaemon):
+            default = default[daemon]
+        return default() if callable(default) else default
 
     @property
     def env(self) -> str:
@@ -238,11 +257,16 @@ OPTIONS: list[Option] = [
     _opt("shutdown_timeout", _positive(_float), 30.0, G | P | A, "seconds a daemon may take to stop on SIGTERM"),
     _opt("metrics", _str_list, [], G | P,
          "endpoint string(s) serving /metrics and /healthz (empty: off)", multi=True),
+    _opt("max_connections", _positive(_int), PerDaemon(gateway=50000, api=10000), G | A,
+         "client connections one daemon holds open (gateway: WebSocket and TCP sockets, handshakes "
+         "included; api: HTTP connections); past it a new one is closed at once "
+         "(imcluster_http_connections_refused_total in the api)"),
     # --- gateway
     _opt("ws", _endpoints, ["tcp:8080"], G, "WebSocket listening endpoint(s)", multi=True),
     _opt("tcp", _endpoints, ["tcp:8081"], G, "raw TCP listening endpoint(s)", multi=True),
     _opt("advertise", _str, None, G, "the ip written to WSSERVER_<uuid> (default: first non-loopback address)"),
-    _opt("max_frame_size", _positive(_int), 65536, G, "largest client frame in bytes of JSON"),
+    _opt("max_frame_size", _positive(_int), 65536, G | A,
+         "largest client frame in bytes of JSON (imapi holds a posted message to the same size)"),
     _opt("max_bad_frames", _positive(_int), 10, G, "bad frames in a row that close a connection"),
     _opt("auth_timeout", _positive(_float), 10.0, G, "seconds a connection has to authenticate"),
     _opt("idle_timeout", _positive(_float), 90.0, G, "seconds without any frame before a connection is closed"),
@@ -252,7 +276,6 @@ OPTIONS: list[Option] = [
          "bytes of pending output after which a client that does not read is closed"),
     _opt("rate_limit", _positive(_float), 50.0, G, "client frames per second per connection (token bucket rate)"),
     _opt("rate_burst", _positive(_int), 100, G, "token bucket size for --rate-limit"),
-    _opt("max_connections", _positive(_int), 50000, G, "connections one gateway accepts"),
     _opt("compression", _bool, True, G, "accept permessage-deflate"),
     _opt("external_port", _non_negative(_int), 0, G,
          "port clients see when behind a load balancer (0: the listening port)"),
@@ -302,10 +325,8 @@ OPTIONS: list[Option] = [
     # --- api
     _opt("http", _endpoints, ["tcp:8090"], A, "HTTP API listening endpoint(s)", multi=True),
     _opt("api_key", _str_list, [], A, "admin key(s) for the HTTP API", secret=True, multi=True),
-    _opt("max_body_size", _positive(_int), 1048576, A, "largest HTTP request body in bytes"),
     _opt("request_timeout", _positive(_float), 10.0, A,
          "seconds a message posted over HTTP waits for the processors' reply, after publish_timeout (then 503)"),
-    _opt("http_idle_timeout", _positive(_float), 60.0, A, "seconds an idle HTTP connection is kept open"),
     _opt("health_timeout", _positive(_float), 2.0, G | P | A,
          "seconds each dependency (Redis, RabbitMQ, PostgreSQL) has to answer a /healthz probe"),
     _opt("public_ws_urls", _ws_urls, ["ws://127.0.0.1:8080/ws"], A,
@@ -314,6 +335,17 @@ OPTIONS: list[Option] = [
          "DEVELOPMENT ONLY: serve POST /v1/dev/login, which hands anyone a token for any user "
          "(needs jwt_secret)", flag=True),
     _opt("dev_login_ttl", _positive(_float), 86400.0, A, "seconds a development login token is valid"),
+    # --- http
+    _opt("max_body_size", _positive(_int), 1048576, G | P | A,
+         "largest HTTP request body in bytes (imapi, and every --metrics listener)"),
+    _opt("http_idle_timeout", _positive(_float), 60.0, G | P | A,
+         "seconds an idle HTTP connection (nothing received, no request in progress) is kept open"),
+    _opt("http_header_timeout", _positive(_float), 10.0, G | P | A,
+         "seconds in which an HTTP request line and all its headers must arrive, counted from the "
+         "connection's start or, on a kept-alive connection, from the request's first byte; then "
+         "408 and close (imcluster_http_timeouts_total)"),
+    _opt("http_body_timeout", _positive(_float), 60.0, G | P | A,
+         "seconds in which an HTTP request body must arrive once its headers have; then 408 and close"),
 ]
 
 OPTIONS_BY_NAME: dict[str, Option] = {o.name: o for o in OPTIONS}
@@ -365,14 +397,20 @@ def load_config(
     cli: Mapping[str, Any] | None = None,
     config_path: str | None = None,
     environ: Mapping[str, str] | None = None,
+    warn: Callable[[str], None] | None = None,
 ) -> Config:
     """Resolve the settings of ``daemon``.
 
     ``cli`` maps option names to raw values given on the command line (absent
     or None: not given).  Raises :class:`ConfigError` on any unknown key or
-    bad value, naming both.
+    bad value in the file or on the command line, naming both. An unknown
+    ``IMCLUSTER_*`` environment variable is only reported to ``warn``
+    (default: a twisted.logger warning), as other tools share the
+    environment (ARCHITECTURE.md "Failure rules").
     """
     cli = dict(cli or {})
+    if warn is None:
+        warn = _log_warning
     environ = os.environ if environ is None else environ
     wanted = {o.name: o for o in options_for(daemon)}
     values: dict[str, Any] = {}
@@ -422,7 +460,9 @@ def load_config(
             continue
         key = name[len(ENV_PREFIX):].lower()
         if key not in OPTIONS_BY_NAME and key not in SECRET_PATH_KEYS:
-            raise ConfigError(f"unknown option {key!r} (environment variable {name})")
+            # other tools (deploy scripts, CI) set IMCLUSTER_* variables of their own
+            warn(f"ignoring environment variable {name}: {key!r} is no imcluster option")
+            continue
         put(key, raw, f"environment variable {name}")
     for key, raw in cli.items():
         if raw is None or raw == []:
@@ -431,11 +471,17 @@ def load_config(
 
     for name, option in wanted.items():
         if name not in values:
-            values[name] = option.default() if callable(option.default) else option.default
+            values[name] = option.default_for(daemon)
             sources[name] = "default"
     config = Config(daemon, values, sources, config_path)
     _check_together(config)
     return config
+
+
+def _log_warning(message: str) -> None:
+    from twisted.logger import Logger
+
+    Logger(namespace="imcluster.config").warn("{message}", message=message)
 
 
 def _check_together(config: Config) -> None:
@@ -501,8 +547,9 @@ def make_options(daemon: str, synopsis: str,
     opts = options_for(daemon)
     for o in opts:
         help_text = o.help
-        if o.default not in (None, [], ""):
-            shown = ",".join(o.default) if isinstance(o.default, list) else o.default
+        default = o.default_for(daemon)
+        if default not in (None, [], ""):
+            shown = ",".join(default) if isinstance(default, list) else default
             help_text += f" [default: {shown}]"
         if o.flag:
             flags.append([o.cli, None, help_text])

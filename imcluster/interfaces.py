@@ -1,14 +1,28 @@
 """The roles of imcluster, as ``zope.interface`` interfaces.
 
-Each interface has a real implementation (``bus``, ``registry``, ``db`` /
-``processor.store``, ``auth``, ``processor.filters``) and a fake in
+Each interface has a real implementation (``bus``, ``registry``,
+``store.postgres``, ``auth``, ``processor.filters``) and a fake in
 :mod:`imcluster.testing`; the contract tests in ``tests/`` run the same suite
 against both.
+
+Each role also says "my backing service is down" with its own error, all
+subclasses of :class:`Unavailable`: ``imcluster.store.StoreUnavailable``,
+``imcluster.registry.RegistryUnavailable``, the bus' ``PublishError`` and
+``ChannelError``. A caller that retries on outages tests that one base
+class (plus timeouts) and never imports a driver.
 """
 
 from __future__ import annotations
 
 from zope.interface import Attribute, Interface
+
+
+class Unavailable(Exception):
+    """A role could not do the work now (its server down, slow or unreachable): retry later.
+
+    Never a verdict on the input: the same work may succeed once the
+    dependency is back.
+    """
 
 
 class IMessageBus(Interface):
@@ -113,6 +127,15 @@ class IRegistry(Interface):
     def alive(uuids):
         """The subset of ``uuids`` whose ``WSSERVER_<uuid>`` exists (one round trip)."""
 
+    def routes(user_ids, uuids=()):
+        """``connections_of(user_ids)`` and which gateways are alive, in ONE round trip.
+
+        Fires with ``({user_id: {conn_field: meta_dict}}, {alive uuid, ...})``.
+        The gateways checked are those of the connections found (the
+        ``<uuid>`` of each ``<uuid>##<ip>##<port>`` field) and ``uuids``. This
+        is the lookup the processor's Router makes once per window.
+        """
+
     def reap_server(uuid):
         """Atomically, only if ``WSSERVER_<uuid>`` is gone, remove its entries.
 
@@ -144,24 +167,29 @@ class IMessageFilter(Interface):
 
 
 class IMessageStore(Interface):
-    """PostgreSQL, as the processors and the HTTP API use it (``imcluster.processor.store``).
+    """PostgreSQL, as the processors and the HTTP API use it (``imcluster.store.postgres``).
 
     Every method returns a Deferred; deterministic refusals fail with
-    :class:`imcluster.processor.store.StoreError` (``code``). Full contract:
-    the module docstring of ``imcluster.processor.store`` and the notes of
+    :class:`imcluster.store.StoreError` (``code``), an unavailable
+    PostgreSQL with :class:`imcluster.store.StoreUnavailable` (never a
+    driver's error). Full contract:
+    the module docstring of ``imcluster.store.postgres`` and the notes of
     PROCESSOR.md.
     """
 
-    def store_messages(batch, locate=None, locked=None):
-        """Store ``[Incoming]`` in one transaction: ``[Stored | Rejected]`` in batch order.
+    def begin_window(batch):
+        """Begin storing ``[Incoming]`` in one transaction: fires with an :class:`IWindowTransaction`.
 
-        ``locate(recipients)`` (optional) returns the online ones; a store that
-        calls it inserts their ``messagesend`` rows ``sending`` at once.
-        ``locked()`` (optional) is called as soon as the batch's sessions
-        are locked (again if the batch runs again): a window started after
-        this one may then begin its own transaction and still take seq
-        numbers after this one's. A store that never calls it only makes the
-        next window wait for this one's end."""
+        Fires once the batch's sessions are locked, with the recipients of
+        the new messages known: a window begun after this one may begin its
+        own transaction from then on and still take seq numbers after this
+        one's. Nothing is written until the caller's ``commit(online)``; the
+        caller must ``commit`` or ``abort`` (the locks are held until then).
+        The store never calls back into its caller or any other role.
+        """
+
+    def store_messages(batch):
+        """``begin_window(batch)`` then ``commit(())``: ``[Stored | Rejected]`` in batch order."""
 
     def mark_sending(pairs):
         """``pending`` -> ``sending`` for ``(user_id, msg_id)`` pairs; fires with the count."""
@@ -194,10 +222,34 @@ class IMessageStore(Interface):
         """``[{"sessionId","kind","lastSeq","unread"}]`` sorted by sessionId."""
 
 
+class IWindowTransaction(Interface):
+    """A window's store transaction between its locks and its commit (``IMessageStore.begin_window``).
+
+    Should the transaction have to run again (a lost race on a clientMsgId,
+    a deadlock, a lost connection), the store does that on its own, with
+    the ``online`` users already given; the caller never sees it.
+    """
+
+    recipients = Attribute("users the new messages are written to, sorted (empty: nothing new)")
+    decided = Attribute("per message of the batch: its Rejected or duplicate's Stored when known at "
+                        "begin_window, else None (a new message)")
+
+    def commit(online=()):
+        """Write and commit: fires with ``[Stored | Rejected]`` in batch order.
+
+        ``online``: the recipients the caller found connected; their
+        ``messagesend`` rows are inserted ``sending`` (which spares a
+        ``mark_sending``), the others ``pending``.
+        """
+
+    def abort():
+        """Roll back (no-op once committed or failed); fires when the transaction is over."""
+
+
 class IClientConnection(Interface):
     """One client connection on a gateway, whatever the transport."""
 
-    transport_name = Attribute("'ws' or 'tcp'")
+    transport_name = Attribute("'ws' or 'tcp': the ITransportAdapter's name")
     peer_key = Attribute("'<ip>##<port>' of the client")
     user_id = Attribute("the authenticated user id, or None")
 
@@ -206,3 +258,104 @@ class IClientConnection(Interface):
 
     def close(code, reason):
         """Close the connection (WebSocket close code; TCP sends an error frame first)."""
+
+
+class ITransportAdapter(Interface):
+    """A transport of the gateway: what the connection engine needs from it.
+
+    The engine (:class:`imcluster.gateway.engine.ClientConnection`) runs
+    PROTOCOL.md for one client and knows nothing of sockets; an adapter
+    (``GatewayWebSocketProtocol``, ``RawSocketProtocol``) turns its
+    transport's bytes into complete frames and carries out what the engine
+    asks for. The engine never asks which transport it runs on: whatever
+    differs between transports is behind these methods. Shared helpers
+    (close reasons, peer address, buffered output) live in
+    :mod:`imcluster.gateway.transport`.
+
+    What an adapter does for its engine, in order:
+
+    1. set ``client_address``, then create ``ClientConnection(hub, adapter)``
+       and call its ``open()``; False means the hub refused the connection:
+       the adapter says so in its transport's terms (WebSocket handshake 503;
+       TCP ``error`` ``unavailable`` then close) and never calls the engine
+       again;
+    2. register the engine (an ``IPushProducer``) on its transport, or call
+       its ``pauseProducing()`` / ``resumeProducing()`` itself: pause when
+       the output it holds for the client passes its buffer size, resume
+       when that output has drained. This drives the slow-consumer rule;
+    3. feed it: ``frame_received(data)`` for every complete text frame (JSON
+       as bytes, any size: the engine checks ``max_frame_size``),
+       ``frame_too_large()`` as soon as a frame is known to be over the
+       limit (before buffering it), ``binary_received(size)`` for a message
+       the transport marks as binary, ``activity()`` for client traffic that
+       is not a frame (a WebSocket ping or pong);
+    4. call ``connection_lost()`` once the transport is gone, whatever the
+       reason (the engine ignores repeats).
+
+    A third transport (the HTTP streaming transport of PROTOCOL.md:
+    ``POST /stream``, ``GET /stream/<id>`` as Server-Sent Events or long
+    polling, ``POST /stream/<id>`` for frames up) provides this same
+    interface, and the engine, the hub and the rules stay as they are.
+    What it must provide:
+
+    * one adapter object per logical connection (per stream id), not per
+      HTTP request: it outlives the requests that carry it, and calls
+      ``connection_lost()`` only when the connection ends (closed, or no
+      stream open for ``stream_resume``), exactly like a closed socket;
+    * ``client_address`` from the ``POST /stream`` request that opened it
+      (``forwarded_ip`` behind a trusted proxy). ``(ip, port)`` names the
+      connection in ``connId`` and in Redis, and the hub refuses a second
+      live connection with the same pair; the opening request's socket
+      closes long before the streaming connection does, and the client may
+      reuse its port meanwhile, so such a refusal is to be expected and
+      handled (answered 503, as a WebSocket handshake is);
+    * ``write_message`` queues the frame with its event id in a resume buffer
+      (for ``Last-Event-ID`` and ``?after=n``) and writes it to the open
+      event stream, if any; ``buffered_bytes`` counts the frames held and
+      not yet taken by the client, and the adapter pauses the engine while
+      no stream is open or the held output passes its buffer size, so a
+      client that stops fetching is closed as a slow consumer;
+    * ``close_for`` renders a reason as a transport without close codes
+      does: :func:`imcluster.gateway.transport.write_farewell` (the
+      ``error`` frame goes out as the last event), then end the stream and
+      answer 404 to that id from then on;
+    * each frame of a ``POST /stream/<id>`` body to ``frame_received`` in
+      order (a body over ``max_frame_size`` is ``frame_too_large()``; the
+      HTTP answer is 413), and ``activity()`` for a poll or a stream (re)open.
+    """
+
+    transport_name = Attribute(
+        "short name of the transport ('ws', 'tcp'; 'stream' next): "
+        "the connection's transport_name and the 'transport' label of the metrics")
+    client_address = Attribute(
+        "(ip, port) of the client as the gateway records it (a trusted proxy's forwarded "
+        "address included); set before the engine is created")
+    conn = Attribute("the engine (ClientConnection) this adapter feeds; None until the hub accepted it")
+
+    def write_message(data):
+        """Send one frame: ``data`` is its JSON as UTF-8 bytes, already encoded.
+
+        Framed the transport's way (a WebSocket text message, a
+        length-prefixed TCP frame, an SSE event). Nothing is sent once
+        the adapter is closing. Any size: ``max_frame_size`` bounds what
+        clients send, not what they receive.
+        """
+
+    def buffered_bytes():
+        """The output held for the client and not yet taken, in bytes; None when the transport cannot tell.
+
+        Read by the engine's slow-consumer rule while it is paused (None:
+        the engine counts the bytes written since the pause instead).
+        """
+
+    def close_for(reason):
+        """Close the connection for ``reason`` (:class:`imcluster.gateway.transport.CloseReason`).
+
+        Rendered the transport's way: a WebSocket close handshake with
+        ``reason.code``; on a transport without close codes,
+        ``write_farewell(self, reason)`` (the ``error`` frame, when the
+        reason has one) and then close. The engine calls it at most once and
+        writes nothing after it; the adapter ends the connection even when
+        the client does not cooperate (aborting it after ``close_timeout``)
+        and then calls the engine's ``connection_lost()``.
+        """

@@ -91,11 +91,20 @@ REAPED = Counter("imcluster_reaped_gateways_total", "Dead gateways whose entries
 DEAD_LETTERED = Counter("imcluster_dead_lettered_total", "Queue messages dead-lettered as poison")
 RETRIES = Counter("imcluster_retries_total", "Batches retried after a transient failure")
 
-# --- HTTP API (imapi); route is the path template, e.g. /v1/sessions/{id}
+# --- HTTP listeners (imcluster.web.GuardedSite) and the HTTP API (imapi); route is the path
+# template, e.g. /v1/sessions/{id}
 HTTP_REQUESTS = Counter(
     "imcluster_http_requests_total", "HTTP API requests answered", ["method", "route", "status"])
 HTTP_LATENCY = Histogram(
     "imcluster_http_request_seconds", "HTTP API request durations", ["route"], buckets=_LATENCY_BUCKETS)
+HTTP_CONNECTIONS = Gauge(
+    "imcluster_http_connections", "Open HTTP connections, by listener (api, metrics)", ["listener"])
+HTTP_REFUSED = Counter(
+    "imcluster_http_connections_refused_total", "HTTP connections closed at once: max_connections were open",
+    ["listener"])
+HTTP_TIMEOUTS = Counter(
+    "imcluster_http_timeouts_total", "HTTP connections closed because a request's headers (http_header_timeout) "
+    "or body (http_body_timeout) did not arrive in time", ["listener", "phase"])
 API_MESSAGES = Counter(
     "imcluster_api_messages_total", "Messages posted over the HTTP API, by outcome "
     "(created, duplicate, or the processors' error code)", ["result"])

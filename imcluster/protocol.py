@@ -277,6 +277,17 @@ def encode_bytes(frame: Any) -> bytes:
     return _encoder.encode(frame).encode("utf-8")
 
 
+def message_frame_size(session_id: str, client_msg_id: str, body: Any) -> int:
+    """Bytes of the compact client ``message`` frame that carries ``body``.
+
+    What a message posted another way (imapi's ``POST .../messages``) is
+    held to, so that it is no larger than a client could send it
+    (``max_frame_size``; HTTP-API.md "Errors").
+    """
+    return len(encode_bytes({"type": MESSAGE, "clientMsgId": client_msg_id, "sessionId": session_id,
+                             "body": body}))
+
+
 # --- parsing and validation
 
 

@@ -44,13 +44,21 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from imcluster import metrics
-from imcluster.interfaces import IRegistry
+from imcluster.envelope import SEP, conn_id, parse_conn_id
+from imcluster.interfaces import IRegistry, Unavailable
 
-SEP = "##"
-
-#: A command in flight when the link drops, or sent to a stopped service,
-#: fails with this (txredisapi's ConnectionError, not the builtin one).
+#: txredisapi's ConnectionError (not the builtin one): what its protocol
+#: fails a command with when the link drops
 RedisConnectionError = txredisapi.ConnectionError
+
+
+class RegistryUnavailable(RedisConnectionError, Unavailable):
+    """The registry's "unavailable" error: Redis not connected, the link lost under a command,
+    or the service stopped. A command that got no reply in time fails with
+    ``TimeoutError`` instead. Still a :data:`RedisConnectionError`, so code
+    that traps txredisapi's error keeps working.
+    """
+
 #: Redis answered with an error reply.
 ResponseError = txredisapi.ResponseError
 
@@ -90,10 +98,11 @@ class RedisKeys:
 
     @staticmethod
     def conn_field(uuid: str, ip: str, port: int | str) -> str:
-        """``<uuid>##<ip>##<port>``: the ``UCIR`` hash field, also the client's ``connId``."""
-        _check_part(uuid, "uuid")
-        _check_part(ip, "ip")
-        return f"{uuid}{SEP}{ip}{SEP}{int(port)}"
+        """``<uuid>##<ip>##<port>``: the ``UCIR`` hash field, also the client's ``connId``.
+
+        The format is the daemons' (:func:`imcluster.envelope.conn_id`).
+        """
+        return conn_id(uuid, ip, port)
 
     @staticmethod
     def wsconns_member(user_id: str, ip: str, port: int | str) -> str:
@@ -105,24 +114,18 @@ class RedisKeys:
     @staticmethod
     def parse_conn_field(field: str) -> tuple[str, str, int]:
         """``<uuid>##<ip>##<port>`` -> ``(uuid, ip, port)``; ValueError when malformed."""
-        return _split3(field, "connection field")
+        return parse_conn_id(field, "connection field")
 
     @staticmethod
     def parse_wsconns_member(member: str) -> tuple[str, str, int]:
         """``<userId>##<ip>##<port>`` -> ``(user_id, ip, port)``; ValueError when malformed."""
-        return _split3(member, "WSCONNS member")
+        # the same shape as a connId, with the user id in the uuid's place
+        return parse_conn_id(member, "WSCONNS member")
 
 
 def _check_part(value: str, what: str) -> None:
     if not value or "#" in value:
         raise ValueError(f"{what} must be non-empty and free of '#': {value!r}")
-
-
-def _split3(value: str, what: str) -> tuple[str, str, int]:
-    parts = value.split(SEP)
-    if len(parts) != 3 or not parts[0] or not parts[1] or not parts[2].isdigit():
-        raise ValueError(f"malformed {what}: {value!r}")
-    return parts[0], parts[1], int(parts[2])
 
 
 def server_info(ip: str, port: int, tcp_port: int, started_at: float) -> dict:
@@ -379,7 +382,7 @@ class RedisService(service.Service):
         super().stopService()
         waiters, self._waiters = self._waiters, []
         for w in waiters:
-            w.errback(RedisConnectionError("Redis service stopped"))
+            w.errback(RegistryUnavailable("Redis service stopped"))
         client, self._client = self._client, None
         if client is None:
             return defer.succeed(None)
@@ -455,7 +458,7 @@ class RedisService(service.Service):
         if self._conn is not None and self._conn.connected:
             return defer.succeed(self._conn)
         if not self.running or self._client is None:
-            return defer.fail(RedisConnectionError("Redis service not running"))
+            return defer.fail(RegistryUnavailable("Redis service not running"))
 
         def cancel(d: defer.Deferred) -> None:
             # a timed-out caller stops waiting, so waiters stay bounded in an outage
@@ -500,7 +503,7 @@ class RedisService(service.Service):
                 result.callback(r)
             elif r.check(RedisConnectionError):
                 # txredisapi says "Lost connection": say which command
-                result.errback(RedisConnectionError(f"Redis {what}: {r.getErrorMessage()}"))
+                result.errback(RegistryUnavailable(f"Redis {what}: {r.getErrorMessage()}"))
             else:
                 result.errback(r)
             return None

@@ -29,15 +29,27 @@ class AsyncMultiService(service.MultiService):
         if name:
             self.setName(name)
 
-    @defer.inlineCallbacks
     def startService(self):  # noqa: N802 (Twisted API)
         service.Service.startService(self)
+        return self.start_children()
+
+    def stopService(self):  # noqa: N802
+        service.Service.stopService(self)
+        return self.stop_children()
+
+    @defer.inlineCallbacks
+    def start_children(self):
+        """Start the children in order, each once the previous one has started.
+
+        For a subclass whose own start must come first (the gateway
+        registers before its listeners open).
+        """
         for child in list(self):
             yield defer.maybeDeferred(child.startService)
 
     @defer.inlineCallbacks
-    def stopService(self):  # noqa: N802
-        service.Service.stopService(self)
+    def stop_children(self):
+        """Stop the running children in reverse order, one at a time, logging failures."""
         for child in reversed(list(self)):
             if not child.running:
                 continue

@@ -23,19 +23,51 @@ their ``--metrics`` endpoints through :func:`make_metrics_service`::
     probes = dependency_probes(redis=redis, amqp=amqp, postgres=db)
     probes["gateway"] = lambda: gateway.accepting      # any extra check
     make_metrics_service(config, probes).setServiceParent(root)
+
+Every HTTP listener the project builds is a :class:`GuardedSite` (imapi's
+``--http``, every ``--metrics``, and any HTTP transport to come), so that
+whatever one client sends, what it costs is bounded (ARCHITECTURE.md
+"Failure rules")::
+
+    site = GuardedSite.from_config(root_resource, config, "api",
+                                   max_connections=config.max_connections)
+
+- the request line and headers must arrive within ``http_header_timeout``
+  seconds of the connection's start, or (on a kept-alive connection) of the
+  request's first byte; the body within ``http_body_timeout`` of the
+  headers' end: else a JSON 408 and the connection closes (a connection that
+  sent nothing is just closed). ``http_idle_timeout`` bounds the wait for a
+  request; unlike it, these deadlines are not moved by each byte, so a
+  client trickling a header line every few seconds (slowloris) is closed;
+- a body is held in memory up to ``max_body_size`` bytes; beyond it the rest
+  is read and dropped and ``request.body_too_large`` is set (the resource
+  answers 413);
+- at most ``max_connections`` connections are open at once (None: no cap);
+  a connection over the cap is closed as soon as it is accepted;
+- every error Twisted itself would answer (malformed request, method not
+  allowed, a resource that fails) is JSON ``{"error":{"code","message"}}``
+  as in HTTP-API.md, never an HTML page; a failing resource is logged once
+  as an error with its traceback.
+
+Each trip is counted: ``imcluster_http_timeouts_total{listener,phase}``,
+``imcluster_http_connections_refused_total{listener}``; open connections
+are ``imcluster_http_connections{listener}``.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import time
 from typing import Any, Callable, Mapping
 
 from twisted.application import service
 from twisted.internet import defer
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
-from twisted.web import resource, server
+from twisted.web import http, resource, server
+
+from imcluster import metrics
 
 #: what /healthz calls the shared services (HTTP-API.md: "Redis, RabbitMQ and PostgreSQL")
 REDIS, RABBITMQ, POSTGRESQL = "redis", "rabbitmq", "postgresql"
@@ -52,6 +84,11 @@ class DependencyDown(Exception):
 def json_bytes(value: Any) -> bytes:
     """Compact UTF-8 JSON, as every imcluster HTTP answer is written."""
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode("utf-8")
+
+
+def error_json(code: str, message: str) -> dict:
+    """The error shape of HTTP-API.md "Errors"."""
+    return {"error": {"code": code, "message": message}}
 
 
 def write_json(request: Any, status: int, value: Any, headers: Mapping[bytes, bytes] | None = None) -> None:
@@ -225,20 +262,13 @@ def metrics_resource() -> resource.Resource:
     return MetricsResource()
 
 
-class QuietSite(server.Site):
-    """A Site without an access log line per request (a scrape every few seconds would drown the log)."""
-
-    def log(self, request: Any) -> None:
-        pass
-
-
 class NotFound(resource.Resource):
     """404 in the JSON error shape of HTTP-API.md."""
 
     isLeaf = True
 
     def render(self, request: Any) -> Any:
-        write_json(request, 404, {"error": {"code": "not_found", "message": "no such resource"}})
+        write_json(request, 404, error_json("not_found", "no such resource"))
         return server.NOT_DONE_YET
 
 
@@ -250,15 +280,280 @@ class _Root(resource.Resource):
         return NotFound().render(request)
 
 
-def metrics_site(probes: Mapping[str, Probe], timeout: float, clock: Any = None) -> server.Site:
-    """A site serving ``/metrics`` and ``/healthz`` (anything else: 404)."""
+# --- guarded HTTP listeners (see the module docstring) ------------------------------------
+
+
+def _raw_json_response(status: int, reason: bytes, code: str, message: str) -> bytes:
+    """A whole HTTP/1.1 response that closes the connection, for answers given outside a Request."""
+    body = json_bytes(error_json(code, message))
+    return (b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncache-control: no-store\r\n"
+            b"content-length: %d\r\nconnection: close\r\n\r\n" % (status, reason, len(body))) + body
+
+
+class _JSONMethodErrors:
+    """Wraps the resource a request renders: a method it does not support is a JSON 405, not HTML."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def render(self, request: Any) -> Any:
+        try:
+            body = self.inner.render(request)
+        except resource.UnsupportedMethod as e:
+            if request.method == b"HEAD" and b"GET" in e.allowedMethods:
+                raise  # Twisted renders the GET without its body
+            allowed = b", ".join(e.allowedMethods)
+            write_json(request, 405, error_json(
+                "method_not_allowed", f"use {allowed.decode('ascii', 'replace') or 'another method'}"),
+                {b"allow": allowed})
+            return server.NOT_DONE_YET
+        if body is not server.NOT_DONE_YET and not isinstance(body, bytes):
+            raise TypeError(f"{self.inner!r} rendered {type(body).__name__}, not bytes")
+        return body
+
+
+class GuardedRequest(server.Request):
+    """A Request with a bounded body and JSON errors (see the module docstring)."""
+
+    body_too_large = False
+    _received = 0
+    logger = Logger()
+
+    def _limit(self) -> int:
+        return getattr(self.channel.site, "max_body_size", 1048576)
+
+    def gotLength(self, length: int | None) -> None:  # noqa: N802 (Twisted API)
+        # never a temporary file: what is kept is bounded by the limit
+        self.content = io.BytesIO()
+        if length is not None and length > self._limit():
+            self.body_too_large = True
+
+    def handleContentChunk(self, data: bytes) -> None:  # noqa: N802 (Twisted API)
+        if self.body_too_large:
+            return
+        self._received += len(data)
+        if self._received > self._limit():
+            self.body_too_large = True
+            self.content = io.BytesIO()
+            return
+        self.content.write(data)
+
+    def render(self, resrc: Any) -> None:
+        super().render(_JSONMethodErrors(resrc))
+
+    def processingFailed(self, reason: Failure) -> None:  # noqa: N802 (Twisted API)
+        """A bug in a resource: logged as an error (with its traceback), answered with a JSON 500."""
+        self.logger.failure("answering {method} {path!r} failed", reason, level=LogLevel.error,
+                         method=self.method.decode("ascii", "replace") if self.method else "?",
+                         path=(self.uri or b"")[:200])
+        if self.finished or getattr(self, "_disconnected", False):
+            return None
+        if self.startedWriting:
+            # the status line is gone: all that is left is to cut the answer short
+            self.channel.loseConnection()
+            return None
+        self.responseHeaders = http.Headers()
+        write_json(self, 500, error_json("internal", "internal error"))
+        return None
+
+
+class GuardedChannel(http.HTTPChannel):
+    """An HTTP/1.1 channel with header and body deadlines (see the module docstring).
+
+    Phases: ``header`` (waiting for a request line and headers, under
+    ``header_timeout``), ``body`` (under ``body_timeout``), ``handling``
+    (the site answers; no deadline here), ``idle`` (a kept-alive connection
+    between requests: only the idle timeout runs).
+    """
+
+    _deadline: Any = None
+    _phase = "header"
+    _started = False  # a byte of the current request arrived
+
+    def connectionMade(self) -> None:  # noqa: N802 (Twisted API)
+        super().connectionMade()
+        self.site.connection_opened()
+        self._arm("header")
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802 (Twisted API)
+        if data:
+            if self._phase == "idle":
+                self._arm("header")
+            if self._phase == "header":
+                self._started = True
+        super().dataReceived(data)
+
+    def lineReceived(self, line: bytes) -> None:  # noqa: N802 (Twisted API)
+        # a request that came in one read behind the previous one is parsed from the buffer,
+        # without a dataReceived: its first line starts its deadline too
+        if self._phase == "idle":
+            self._arm("header")
+            self._started = True
+        super().lineReceived(line)
+
+    def allHeadersReceived(self) -> None:  # noqa: N802 (Twisted API)
+        self._arm("body")
+        super().allHeadersReceived()
+
+    def allContentReceived(self) -> None:  # noqa: N802 (Twisted API)
+        self._disarm()
+        self._phase = "handling"
+        super().allContentReceived()
+
+    def requestDone(self, request: Any) -> None:  # noqa: N802 (Twisted API)
+        if self.persistent:
+            if any(self._dataBuffer):
+                # a pipelined request has begun: its headers are under the deadline from now on
+                self._arm("header")
+                self._started = True
+            else:
+                self._phase = "idle"
+        super().requestDone(request)
+
+    def connectionLost(self, reason: Failure) -> None:  # noqa: N802 (Twisted API)
+        self._disarm()
+        self._phase = "closed"
+        site = getattr(self, "site", None)
+        if site is not None:
+            site.connection_closed()
+        super().connectionLost(reason)
+
+    def _respondToBadRequestAndDisconnect(self) -> None:  # noqa: N802 (Twisted's own)
+        """Malformed request line, headers over ``totalHeadersSize``, bad chunking: a JSON 400, then close."""
+        self._disarm()
+        self._phase = "closed"
+        self.transport.write(_raw_json_response(
+            400, b"Bad Request", "bad_request",
+            f"not a valid HTTP/1.1 request (the request line and headers may take {self.totalHeadersSize} bytes)"))
+        self.loseConnection()
+
+    def lineLengthExceeded(self, line: bytes) -> None:  # noqa: N802 (Twisted API)
+        """A request line or header line over ``MAX_LENGTH``: the same JSON 400 (Twisted just closes)."""
+        self._respondToBadRequestAndDisconnect()
+
+    # --- deadlines
+
+    def _arm(self, phase: str) -> None:
+        self._disarm()
+        self._phase = phase
+        self._started = False
+        seconds = self.site.header_timeout if phase == "header" else self.site.body_timeout
+        self._deadline = self.callLater(seconds, self._expired, phase, seconds)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            if self._deadline.active():
+                self._deadline.cancel()
+            self._deadline = None
+
+    def _expired(self, phase: str, seconds: float) -> None:
+        self._deadline = None
+        if self._phase != phase:
+            return
+        self._phase = "closed"
+        self.site.timed_out(phase, str(self.transport.getPeer()))
+        if phase == "body" or self._started:
+            what = "request line and headers" if phase == "header" else "request body"
+            self.transport.write(_raw_json_response(
+                408, b"Request Timeout", "request_timeout", f"the {what} must arrive within {seconds:g} s"))
+        # else nothing of a request arrived: no answer is owed, as for an idle connection
+        if self.abortTimeout is not None:
+            # a peer that does not read cannot hold the connection open: it is cut after abortTimeout
+            self._abortingCall = self.callLater(self.abortTimeout, self.forceAbortClient)
+        self.loseConnection()
+
+
+class GuardedSite(server.Site):
+    """A twisted.web Site for every HTTP listener of the project (see the module docstring).
+
+    ``name`` labels its metrics (``api``, ``metrics``...). No access log: a
+    resource counts its requests itself (``imcluster_http_requests_total``).
+    HTTP/2 is not offered (the guards are HTTP/1.1's).
+    """
+
+    protocol = GuardedChannel
+    requestFactory = GuardedRequest
+    logger = Logger()
+    #: seconds between two log lines about refused or timed-out connections (each one is counted
+    #: in the metrics; an attack must not flood the log)
+    log_interval = 10.0
+
+    def __init__(self, root: resource.Resource, name: str, *, max_body_size: int = 1048576,
+                 idle_timeout: float = 60.0, header_timeout: float = 10.0, body_timeout: float = 60.0,
+                 max_connections: int | None = None, reactor: Any = None) -> None:
+        super().__init__(root, timeout=idle_timeout, reactor=reactor)
+        self.name = name
+        self.max_body_size = max_body_size
+        self.header_timeout = header_timeout
+        self.body_timeout = body_timeout
+        self.max_connections = max_connections
+        self.open_connections = 0
+        self.noisy = False
+        self.displayTracebacks = False
+        self._tallies: dict[str, list] = {}  # what -> [count since the last line, time of the last line]
+        self._gauge = metrics.HTTP_CONNECTIONS.labels(listener=name)
+
+    @classmethod
+    def from_config(cls, root: resource.Resource, config: Any, name: str, max_connections: int | None = None,
+                    reactor: Any = None) -> "GuardedSite":
+        """A site with the limits of ``config`` (``max_body_size``, ``http_*_timeout``)."""
+        def value(key: str, default: Any) -> Any:
+            return getattr(config, key, default)
+
+        return cls(root, name, max_body_size=value("max_body_size", 1048576),
+                   idle_timeout=value("http_idle_timeout", 60.0), header_timeout=value("http_header_timeout", 10.0),
+                   body_timeout=value("http_body_timeout", 60.0), max_connections=max_connections, reactor=reactor)
+
+    def buildProtocol(self, addr: Any) -> Any:  # noqa: N802 (Twisted API)
+        if self.max_connections is not None and self.open_connections >= self.max_connections:
+            metrics.HTTP_REFUSED.labels(listener=self.name).inc()
+            n = self._tally("refused")
+            if n:
+                self.logger.warn("{listener}: refused {n} connection(s): {open} open is the limit "
+                                 "(max_connections)", listener=self.name, n=n, open=self.open_connections)
+            return None  # the listening port closes the connection at once
+        return super().buildProtocol(addr)
+
+    def timed_out(self, phase: str, peer: str) -> None:
+        """A connection is being closed: its request's ``phase`` (header or body) was late."""
+        metrics.HTTP_TIMEOUTS.labels(listener=self.name, phase=phase).inc()
+        n = self._tally("timeout-" + phase)
+        if n:
+            self.logger.info("{listener}: closed {n} connection(s) whose request {phase} did not arrive within "
+                             "{seconds}s (the latest from {peer})", listener=self.name, n=n, phase=phase,
+                             seconds=self.header_timeout if phase == "header" else self.body_timeout, peer=peer)
+
+    def _tally(self, what: str) -> int:
+        """Count one ``what``; the count since the last log line when one is due now, else 0."""
+        tally = self._tallies.setdefault(what, [0, None])
+        tally[0] += 1
+        now = self.reactor.seconds()
+        if tally[1] is not None and now - tally[1] < self.log_interval:
+            return 0
+        n, tally[0], tally[1] = tally[0], 0, now
+        return n
+
+    def connection_opened(self) -> None:
+        self.open_connections += 1
+        self._gauge.inc()
+
+    def connection_closed(self) -> None:
+        self.open_connections -= 1
+        self._gauge.dec()
+
+    def log(self, request: Any) -> None:
+        """Twisted's access log hook: off."""
+
+
+def metrics_site(probes: Mapping[str, Probe], timeout: float, clock: Any = None,
+                 config: Any = None) -> GuardedSite:
+    """A site serving ``/metrics`` and ``/healthz`` (anything else: 404), with ``config``'s HTTP limits."""
     root = _Root()
     root.putChild(b"metrics", metrics_resource())
     root.putChild(b"healthz", HealthResource(probes, timeout, clock))
-    site = QuietSite(root)
-    site.noisy = False
-    site.displayTracebacks = False
-    return site
+    if config is None:
+        return GuardedSite(root, "metrics")
+    return GuardedSite.from_config(root, config, "metrics")
 
 
 class ListenerService(service.Service):
@@ -314,7 +609,7 @@ def make_metrics_service(config: Any, probes: Mapping[str, Probe], clock: Any = 
     listeners = AsyncMultiService("metrics")
     endpoints = list(getattr(config, "metrics", None) or [])
     if endpoints:
-        site = metrics_site(probes, getattr(config, "health_timeout", 2.0), clock)
+        site = metrics_site(probes, getattr(config, "health_timeout", 2.0), clock, config)
         for description in endpoints:
             ListenerService(description, site).setServiceParent(listeners)
     return listeners

@@ -1,27 +1,28 @@
 """imapi's HTTP API (HTTP-API.md) on the real Redis, RabbitMQ and PostgreSQL.
 
-The API runs in-process (the very tree ``twistd imapi`` builds); a
-stand-in for the processors answers the ``message`` items it publishes by
-storing them with the real :class:`MessageStore` (routing to gateways is
-the real processors' part: tests/test_api_process.py runs those).
+The API runs in-process (the very tree ``twistd imapi`` builds); the real
+processor service runs in-process too (tests/support/api.py) and answers
+the ``message`` items it publishes (routing to gateways is the processor
+daemon's part: tests/test_api_process.py runs those).
 """
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 
 import pytest_twisted
 from twisted.internet import defer
 
-from imcluster.api.publisher import is_api_conn_id
 from imcluster.api.tap import build
 from imcluster.auth import mint_token
 from imcluster.bus import AMQPService
 from imcluster.config import API, load_config
-from imcluster.processor.store import Incoming
+from imcluster.envelope import is_api_conn
+from imcluster.store import Incoming
 from imcluster.registry import RedisService, conn_meta, server_info
-from tests.support.api import BAD_WORD, StandInProcessor
+from tests.support.api import BAD_WORD, InProcessProcessor
 from tests.support.bus import cleanup_namespace
 from tests.support.cluster import endpoint, free_port
 from tests.support.http import http_call, metric_value
@@ -47,7 +48,7 @@ class RunningAPI:
         self.root = root
         self.store = store
         self.redis = redis
-        self.processor: StandInProcessor | None = None
+        self.processor: InProcessProcessor | None = None
 
     def call(self, method: str, path: str, body=None, token: str | None = None, **kw) -> defer.Deferred:
         return defer.Deferred.fromCoroutine(http_call(self.port, method, path, body, token, **kw))
@@ -58,12 +59,12 @@ class RunningAPI:
     def as_user(self, user: str, method: str, path: str, body=None, **kw) -> defer.Deferred:
         return self.call(method, path, body, token(user), **kw)
 
-    async def start_processor(self) -> StandInProcessor:
-        bus = AMQPService(AMQP_URL, self.config.namespace, publish_timeout=2.0, name="stand-in")
+    async def start_processor(self) -> InProcessProcessor:
+        bus = AMQPService(AMQP_URL, self.config.namespace, publish_timeout=2.0, name="processor-amqp")
         bus.setServiceParent(self.root)  # the running tree starts it now, and stops it with the API
         await bus.wait_connected()
-        self.processor = StandInProcessor(bus, self.store)
-        await self.processor.start()
+        self.processor = InProcessProcessor(bus, self.store)
+        await self.processor.start(self.root)  # stopped before its bus
         return self.processor
 
 
@@ -235,7 +236,7 @@ async def test_publish(api):
     first = r.json
     assert set(first) == {"msgId", "sessionId", "seq", "ts"} and first["sessionId"] == "g-4" and first["seq"] == 1
     item = procs.items[-1]
-    assert item["userId"] == "bob" and "trusted" not in item and is_api_conn_id(item["connId"])
+    assert item["userId"] == "bob" and "trusted" not in item and is_api_conn(item["connId"])
     assert item["frame"] == {"type": "message", "clientMsgId": "c-1", "sessionId": "g-4", "body": {"text": "hi"}}
     r = await api.as_user("bob", "POST", "/v1/sessions/g-4/messages", {"clientMsgId": "c-1", "body": "again"})
     assert r.status == 200 and r.json == first
@@ -274,6 +275,25 @@ async def test_publish(api):
     r = await api.admin("POST", "/v1/sessions/nope/messages", {"clientMsgId": "c-9", "body": 1})
     assert r.status == 404
     assert (await api.store.get_session("g-4"))["lastSeq"] == 4  # none of those was stored
+
+
+@pytest_twisted.ensureDeferred
+async def test_publish_is_held_to_a_client_frame(api):
+    """A message a client could not send (over max_frame_size as a message frame) was accepted over HTTP."""
+    procs = await api.start_processor()
+    await api.store.create_session("alice", ["bob"], "g-6")
+    api.resource.max_frame_size = 200  # the request bodies stay far below max_body_size
+    frame = {"type": "message", "clientMsgId": "c-1", "sessionId": "g-6", "body": ""}
+    fits = 200 - len(json.dumps(frame, separators=(",", ":")))
+    r = await api.as_user("alice", "POST", "/v1/sessions/g-6/messages", {"clientMsgId": "c-1", "body": "x" * fits})
+    assert r.status == 201, r.body
+    for body in ("x" * (fits + 1), "\u00e9" * (fits // 2 + 1), {"t": ["y" * fits]}):  # bytes of UTF-8 JSON
+        r = await api.as_user("alice", "POST", "/v1/sessions/g-6/messages", {"clientMsgId": "c-2", "body": body})
+        assert r.status == 413 and r.error_code == "too_large", r.body
+        assert "max_frame_size" in r.json["error"]["message"]
+    assert [i["frame"]["clientMsgId"] for i in procs.items] == ["c-1"]  # nothing else reached the processors
+    r = await api.as_user("alice", "POST", "/v1/sessions/nope/messages", {"clientMsgId": "c-2", "body": "x" * 300})
+    assert r.status == 404  # the session first, as for every other error
 
 
 @pytest_twisted.ensureDeferred
@@ -410,4 +430,4 @@ async def test_health_metrics_openapi(api):
     assert moved("imcluster_api_messages_total", result="duplicate") == 1
     assert moved("imcluster_http_requests_total", method="POST", route="/v1/sessions/{id}/messages",
                  status="201") == 3
-    assert moved("imcluster_messages_stored_total") == 3  # the stand-in stores in this process
+    assert moved("imcluster_messages_stored_total") == 3  # the processor stores in this process

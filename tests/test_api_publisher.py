@@ -8,7 +8,8 @@ import pytest
 from twisted.internet import defer
 from twisted.internet.task import Clock
 
-from imcluster.api.publisher import MessagePublisher, PublishUnavailable, api_conn_id, is_api_conn_id
+from imcluster.api.publisher import MessagePublisher, PublishUnavailable
+from imcluster.envelope import is_api_conn
 from imcluster.testing import FakeBus
 
 SERVER = "00000000-0000-4000-8000-000000000001"
@@ -77,7 +78,7 @@ def test_item_has_the_internal_format(bus, publisher, clock):
                      "frame": {"type": "message", "clientMsgId": "c-1", "sessionId": "g1", "body": {"text": "hi"}}}
     assert "trusted" not in second
     assert first["connId"] != second["connId"]
-    assert is_api_conn_id(first["connId"]) and first["connId"].startswith(SERVER + "##api##")
+    assert is_api_conn(first["connId"]) and first["connId"].startswith(SERVER + "##api##")
     assert bus.published[0][0] == bus.server_key()
 
 
@@ -178,11 +179,3 @@ def test_start_does_not_wait_forever_for_rabbitmq(clock):
     assert d.called and not p.ready
     bus.set_available(True)
     assert p.ready
-
-
-def test_conn_ids():
-    """Only connIds an imapi makes look like API connections (processors trust nothing else)."""
-    assert is_api_conn_id(api_conn_id(SERVER, 12))
-    assert not is_api_conn_id(f"{SERVER}##127.0.0.1##5000")
-    assert not is_api_conn_id(f"{SERVER}##api##x")
-    assert not is_api_conn_id(None)

@@ -12,6 +12,9 @@ import pytest
 
 from tests.support.node import ensure_npm_packages
 
+# starts processes: not part of the fast suite (-m "not slow")
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 

@@ -23,6 +23,9 @@ from twisted.web.client import Agent, readBody
 
 from tests.support.node import ensure_npm_packages, run_process
 
+# starts processes: not part of the fast suite (-m "not slow")
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parent.parent
 BROWSER_DIR = ROOT / "tests" / "browser"
 CHROMIUM = os.environ.get("IMTEST_CHROMIUM", "/usr/bin/chromium")

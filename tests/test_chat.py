@@ -15,6 +15,9 @@ from twisted.internet import defer, protocol, reactor, task
 from imcluster.client import Client, p2p_session_id
 from imcluster.client.testing import FakeServer
 
+# starts processes: not part of the fast suite (-m "not slow")
+pytestmark = pytest.mark.slow
+
 IMCLUSTER = str(Path(sys.executable).parent / "imcluster")
 WAIT = 20.0
 SESSION = p2p_session_id("alice", "bob")

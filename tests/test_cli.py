@@ -16,6 +16,9 @@ from imcluster.auth import JWTAuthenticator
 from imcluster.db import load_migrations
 from tests.support.ids import POSTGRES_DSN
 
+# starts processes: not part of the fast suite (-m "not slow")
+pytestmark = pytest.mark.slow
+
 SCRIPT = Path(sys.executable).parent / "imcluster"
 COMMAND = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "imcluster.cli"]
 SECRET = "cli-test-secret-that-is-32-bytes!!"
@@ -110,6 +113,18 @@ def test_migrate_reads_environment_and_file_with_precedence(pg_fresh_schema, pg_
     result = imcluster("migrate", "--config", str(config), "--postgres", "postgresql://root@127.0.0.1:1/test",
                        env=env)
     assert_clean_error(result, "127.0.0.1:1")
+
+
+def test_migrate_warns_about_foreign_environment_variables(pg_fresh_schema, pg_admin):
+    """A deploy tool's own IMCLUSTER_SRC stopped the command ('unknown option'); it is only a warning."""
+    result = imcluster("migrate", "--postgres", POSTGRES_DSN, "--postgres-schema", pg_fresh_schema,
+                       env={"IMCLUSTER_SRC": "/srv/deploy"})
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines() == [
+        "imcluster: warning: ignoring environment variable IMCLUSTER_SRC: 'src' is no imcluster option"]
+    # the command line still refuses what it does not know
+    result = imcluster("migrate", "--postgres", POSTGRES_DSN, "--postgres-shema", pg_fresh_schema)
+    assert result.returncode != 0 and "--postgres-shema" in result.stderr
 
 
 @pytest.mark.parametrize("dsn, words", [

@@ -138,9 +138,8 @@ async def test_offline_messages_arrive_with_sync_and_duplicates_are_dropped(serv
             if conn.user_id == "bob":
                 conn._adapter.transport.abortConnection()
         await eventually(lambda: len(synced) == 2, "the second sync")
-        await sleep(0.1)
+        await eventually(lambda: server.hub.undelivered["bob"] == {}, "duplicates acknowledged again")
         assert [f["body"]["n"] for f in b_in] == [0, 1, 2]
-        assert server.hub.undelivered["bob"] == {}, "duplicates are acknowledged again"
     finally:
         await within(defer.gatherResults([alice.stop(), bob.stop()]))
 

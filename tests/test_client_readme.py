@@ -13,6 +13,9 @@ from twisted.internet import defer
 
 from tests.support.node import run_process
 
+# starts processes: not part of the fast suite (-m "not slow")
+pytestmark = pytest.mark.slow
+
 README = Path(__file__).resolve().parent.parent / "README.rst"
 
 

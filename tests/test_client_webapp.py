@@ -45,7 +45,7 @@ def serve():
     ports = []
 
     async def start(cfg):
-        site = make_site(mount(StandInAPI(), cfg), 1024, 10)
+        site = make_site(mount(StandInAPI(), cfg), cfg.replace(max_body_size=1024, http_idle_timeout=10.0))
         port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(site)
         ports.append(port)
         return f"http://127.0.0.1:{port.getHost().port}"

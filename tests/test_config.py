@@ -105,10 +105,49 @@ def test_missing_file_named(tmp_path):
         load_config(PROCESSOR, {}, str(tmp_path / "nope.toml"), {})
 
 
-def test_environment_rejects_unknown():
-    """A misspelt IMCLUSTER_ variable would otherwise be silently ignored."""
-    with pytest.raises(ConfigError, match=r"unknown option 'hartbeat' \(environment variable IMCLUSTER_HARTBEAT\)"):
-        load_config(PROCESSOR, {}, None, {"IMCLUSTER_HARTBEAT": "5"})
+def test_environment_warns_about_unknown():
+    """A deploy tool's own IMCLUSTER_SRC would stop every daemon; a misspelt variable must still be reported."""
+    warnings = []
+    config = load_config(PROCESSOR, {}, None, {"IMCLUSTER_HARTBEAT": "5", "IMCLUSTER_SRC": "/srv/x"},
+                         warn=warnings.append)
+    assert config.heartbeat == 60.0
+    assert warnings == [
+        "ignoring environment variable IMCLUSTER_HARTBEAT: 'hartbeat' is no imcluster option",
+        "ignoring environment variable IMCLUSTER_SRC: 'src' is no imcluster option",
+    ]
+
+
+def test_environment_unknown_is_a_logged_warning():
+    """Without a warn callable (twistd), the warning goes to twisted.logger, where twistd's log shows it."""
+    from twisted.logger import LogLevel, globalLogPublisher
+
+    seen = []
+    globalLogPublisher.addObserver(seen.append)
+    try:
+        load_config(PROCESSOR, {}, None, {"IMCLUSTER_SRC": "/srv/x"})
+    finally:
+        globalLogPublisher.removeObserver(seen.append)
+    [event] = [e for e in seen if e.get("log_namespace") == "imcluster.config"]
+    assert event["log_level"] == LogLevel.warn and "IMCLUSTER_SRC" in event["message"]
+
+
+def test_twistd_options_ignore_unknown_environment(monkeypatch):
+    """`twistd imapi` must start with a foreign IMCLUSTER_* variable set, but still refuse an unknown flag."""
+    monkeypatch.setenv("IMCLUSTER_SRC", "/srv/x")
+    options = make_options(API, "twistd imapi")()
+    options.parseOptions(["--jwt-secret", "dev"])
+    assert options.config.namespace == "im"
+    with pytest.raises(usage.UsageError):
+        make_options(API, "twistd imapi")().parseOptions(["--jwt-secret", "dev", "--hartbeat", "5"])
+
+
+def test_max_connections_defaults_per_daemon():
+    """imapi and the gateway have their own cap by default; a value given applies to both."""
+    assert load_config(GATEWAY, {}, None, JWT).max_connections == 50000
+    assert load_config(API, {}, None, JWT).max_connections == 10000
+    env = dict(JWT, IMCLUSTER_MAX_CONNECTIONS="7")
+    assert load_config(GATEWAY, {}, None, env).max_connections == 7
+    assert load_config(API, {}, None, env).max_connections == 7
 
 
 @pytest.mark.parametrize("daemon, key, value, message", [
@@ -244,8 +283,10 @@ def test_every_option_documented_and_defaults_valid():
     """An option without help, or whose default its own parser rejects, breaks --help or start-up."""
     for option in OPTIONS:
         assert option.help and option.daemons
-        if option.default is not None:
-            assert option.parse(option.default) == option.default, option.name
+        for daemon in option.daemons:
+            default = option.default_for(daemon)
+            if default is not None:
+                assert option.parse(default) == default, (option.name, daemon)
     for daemon in (GATEWAY, PROCESSOR, API):
         names = [o.name for o in options_for(daemon)]
         assert len(names) == len(set(names))

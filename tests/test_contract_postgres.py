@@ -32,6 +32,13 @@ async def eventually(check, timeout: float = 5.0, step: float = 0.02):
         waited += step
 
 
+def running(cursor, application_name: str, statement: str) -> int:
+    """How many backends of ``application_name`` are running ``statement`` now (pg_stat_activity)."""
+    cursor.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = %s AND state = 'active' "
+                   "AND strpos(query, %s) > 0", (application_name, statement))
+    return cursor.fetchone()[0]
+
+
 @pytest_twisted.ensureDeferred
 async def test_query_runs_in_the_private_schema(pg, pg_schema):
     """SQL lands in the configured schema, or tests and tenants would share tables."""
@@ -218,8 +225,7 @@ async def test_idempotent_work_in_flight_is_run_again(pg, pg_admin):
         return len(runs)
 
     d = pg.run_interaction(work, idempotent=True)
-    await eventually(lambda: runs)
-    await sleep(0.1)
+    await eventually(lambda: running(pg_admin, pg.application_name, "pg_sleep(2)") == 1)
     assert terminate_backends(pg_admin, pg.application_name) >= 1
     # run again, maybe more than once: the first statement of a run may go to
     # another killed connection that has not noticed yet
@@ -239,8 +245,7 @@ async def test_non_idempotent_work_in_flight_fails_unavailable(pg, pg_admin):
     await eventually(lambda: pg.live_connections() == 2)
     d = pg.run_query("SELECT pg_sleep(2)", idempotent=False)
     d2 = pg.run_interaction(work, idempotent=False)
-    await eventually(lambda: runs)
-    await sleep(0.1)
+    await eventually(lambda: runs and running(pg_admin, pg.application_name, "pg_sleep(2)") == 2)
     assert terminate_backends(pg_admin, pg.application_name) == 2
     with pytest.raises(DatabaseUnavailable, match="outcome unknown"):
         await d

@@ -15,10 +15,11 @@ from twisted.internet import defer, protocol, reactor, task
 from zope.interface.verify import verifyObject
 
 from imcluster.interfaces import IRegistry
+from imcluster.processor.router import Router
 from imcluster.registry import (
-    RedisConnectionError,
     RedisKeys,
     RedisService,
+    RegistryUnavailable,
     ResponseError,
     conn_meta,
     server_info,
@@ -189,6 +190,42 @@ async def test_alive_is_the_subset_whose_key_exists(registry):
     await registry.execute("DEL", registry.keys.server(UUID2))
     assert await registry.alive([UUID1, UUID2, "never-seen"]) == {UUID1}
     assert await registry.alive([]) == set()
+
+
+async def _routed_cluster(registry) -> None:
+    """Three gateways, one of them dead with its connections still listed, and a junk field."""
+    uuid3 = "3f0c2a4e-0000-4000-8000-000000000003"
+    for uuid in (UUID1, UUID2, uuid3):
+        await registry.register_server(uuid, INFO, 300)
+    await registry.add_connections(UUID1, [("alice", "10.0.0.1", 1, meta("a")), ("bob", "10.0.0.1", 2, meta("b"))])
+    await registry.add_connections(UUID2, [("alice", "10.0.0.2", 3, meta("c"))])
+    await registry.execute("DEL", registry.keys.server(UUID2))  # UUID2 died: its key expired
+    # a field that names no gateway (not written by a gateway): never routed to
+    await registry.execute("HSET", registry.keys.ucir("carol"), "junk", "{}")
+
+
+@pytest_twisted.ensureDeferred
+async def test_routes_are_connections_of_and_alive_in_one_call(registry):
+    """A processor would route differently with the one-trip lookup than with connections_of and alive."""
+    await _routed_cluster(registry)
+    uuid3 = "3f0c2a4e-0000-4000-8000-000000000003"
+    users = ["alice", "bob", "carol", "nobody", "alice"]
+    conns, alive = await registry.routes(users, [uuid3, "never-seen"])
+    assert conns == await registry.connections_of(users)
+    assert alive == await registry.alive([UUID1, UUID2, uuid3, "never-seen"]) == {UUID1, uuid3}
+    assert await registry.routes([], []) == ({}, set())
+    assert await registry.routes([], [UUID1, UUID2]) == ({}, {UUID1})
+    assert await registry.routes(["nobody"]) == ({"nobody": {}}, set())
+
+
+@pytest_twisted.ensureDeferred
+async def test_router_lookup_skips_dead_gateways(registry):
+    """Deliveries would go to a dead gateway's ghosts, or miss a live gateway."""
+    await _routed_cluster(registry)
+    uuid3 = "3f0c2a4e-0000-4000-8000-000000000003"
+    found = await Router(registry, None, clock=task.Clock()).lookup(["alice", "bob", "carol", "nobody"], [uuid3])
+    assert found.usable == {UUID1, uuid3}
+    assert found.conns == {"alice": [(UUID1, f"{UUID1}##10.0.0.1##1")], "bob": [(UUID1, f"{UUID1}##10.0.0.1##2")]}
 
 
 @pytest_twisted.ensureDeferred
@@ -386,7 +423,7 @@ async def test_unreachable_redis_fails_within_the_timeout(redis_factory):
     assert not svc._waiters  # timed-out callers do not pile up during an outage
     await svc.stopService()
     assert time.monotonic() - t0 < 2.5
-    with pytest.raises(RedisConnectionError):
+    with pytest.raises(RegistryUnavailable):  # the registry's own outage error, for every caller
         await svc.execute("PING")
 
 
@@ -434,7 +471,7 @@ async def test_command_in_flight_fails_at_once_when_the_link_drops(redis_factory
         d = svc.execute("PING")
         t0 = time.monotonic()
         factory.conns[0].transport.abortConnection()
-        with pytest.raises(RedisConnectionError, match="PING"):
+        with pytest.raises(RegistryUnavailable, match="PING"):
             await d
         assert time.monotonic() - t0 < 0.5
         await svc.stopService()
@@ -452,7 +489,7 @@ async def test_stop_is_bounded_and_final(redis_factory):
     await svc.stopService()
     assert time.monotonic() - t0 < 0.6
     assert not svc.connected
-    with pytest.raises(RedisConnectionError):
+    with pytest.raises(RegistryUnavailable):  # the registry's own outage error, for every caller
         await svc.execute("PING")
 
 

@@ -1,10 +1,15 @@
-"""PROTOCOL.md's framing and auth rules, each on both transports (WebSocket and raw TCP).
+"""PROTOCOL.md's framing and auth rules, each on every transport adapter (WebSocket and raw TCP).
 
 Unit tests: the real adapters over a StringTransport, time on a task.Clock,
 a FakeHub. Every test ends by checking that the connection left no delayed
 call behind and that the hub heard of its end exactly once.
+
+This is the adapters' contract suite (``ITransportAdapter``): a new
+transport adds its name to the ``kind`` fixture (and to ``ClientHarness``)
+and must pass every test that takes ``kind``.
 """
 
+import json
 import time
 
 import pytest
@@ -12,6 +17,7 @@ from prometheus_client import REGISTRY
 from twisted.internet.error import ConnectionDone
 from twisted.python.failure import Failure
 
+from imcluster.gateway import transport
 from imcluster.testing import ClientHarness, FakeHub, gateway_config
 
 
@@ -638,3 +644,75 @@ def test_connection_objects_provide_the_interface(hub, kind):
     h = authed(hub, kind)
     assert verifyObject(IClientConnection, h.conn)
     assert verifyObject(IClientConnection, FakeConnection())
+
+
+def test_adapters_provide_the_transport_interface(hub, kind):
+    """The engine can rely on ITransportAdapter, whatever the transport."""
+    from zope.interface.verify import verifyObject
+
+    from imcluster.interfaces import ITransportAdapter
+    h = authed(hub, kind, ip="10.9.8.7", port=4321)
+    assert verifyObject(ITransportAdapter, h.proto)
+    assert h.proto.transport_name == h.conn.transport_name == kind
+    assert h.proto.client_address == ("10.9.8.7", 4321)
+    assert h.conn.peer_key == "10.9.8.7##4321"
+    pending = h.proto.buffered_bytes()  # a StringTransport cannot tell: None
+    assert pending is None or pending >= 0
+
+
+@pytest.mark.parametrize("reason", transport.CLOSE_REASONS, ids=lambda r: r.name)
+def test_every_close_reason_rendered(hub, kind, reason):
+    """Each of PROTOCOL.md's closes reaches the client the transport's way: close code, or error frame then close."""
+    h = authed(hub, kind)
+    h.proto.close_for(reason)
+    frames = closed_with(h, reason.code, reason.error)
+    if kind == "ws":
+        assert frames == [] and h.close_reason == reason.text
+    elif reason.error is None:
+        assert frames == []  # the client was told by an earlier frame
+    else:
+        assert frames == [{"type": "error", "code": reason.error, "message": reason.text}]
+
+
+def test_engine_runs_on_any_adapter(make_hub):
+    """A third transport plugs into the engine by providing ITransportAdapter alone (no engine change)."""
+    from zope.interface import implementer
+    from zope.interface.verify import verifyObject
+
+    from imcluster.gateway.engine import ClientConnection
+    from imcluster.interfaces import ITransportAdapter
+
+    @implementer(ITransportAdapter)
+    class Recording:
+        transport_name = "test"
+        client_address = ("10.0.0.9", 9)
+        conn = None
+
+        def __init__(self):
+            self.written = []
+            self.closed = []
+
+        def write_message(self, data):
+            self.written.append(data)
+
+        def buffered_bytes(self):
+            return None
+
+        def close_for(self, reason):
+            transport.write_farewell(self, reason)
+            self.closed.append(reason)
+
+    hub = make_hub()
+    adapter = Recording()
+    assert verifyObject(ITransportAdapter, adapter)
+    conn = adapter.conn = ClientConnection(hub, adapter)
+    assert conn.open()
+    conn.frame_received(b'{"type":"auth","token":"%s"}' % A1.encode())
+    conn.frame_received(b'{"type":"ping"}')
+    conn.going_away()
+    conn.going_away()  # once closing, nothing more reaches the adapter
+    assert [json.loads(d)["type"] for d in adapter.written] == ["auth_reply", "pong", "error"]
+    assert adapter.closed == [transport.GOING_AWAY]
+    assert conn.conn_id == "gw-0000##10.0.0.9##9" and conn.transport_name == "test"
+    conn.connection_lost()
+    assert hub.lost == [conn]

@@ -9,15 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from imcluster.config import API, GATEWAY, MIGRATE, OPTIONS, PROCESSOR, load_config, make_options
+from imcluster.config import API, GATEWAY, MIGRATE, OPTIONS, PROCESSOR, PerDaemon, load_config, make_options
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "etc" / "imcluster.toml"
 REGENERATE = "regenerate it: .venv/bin/python scripts/gen-example-config > etc/imcluster.toml"
 
 
 def _commented(option) -> bool:
-    """Options without a default appear commented out, with an example value."""
-    return option.default is None or (option.secret and not option.default)
+    """Options without a default, or with one per daemon, appear commented out, with an example value."""
+    return option.default is None or (option.secret and not option.default) or isinstance(option.default, PerDaemon)
 
 
 def test_every_option_with_its_default():
@@ -28,6 +28,8 @@ def test_every_option_with_its_default():
         if _commented(option):
             assert option.name not in data, f"{option.name} has no default: comment it out"
             assert re.search(rf"^# {option.name} = ", text, re.M), f"{option.name} missing; {REGENERATE}"
+            if isinstance(option.default, PerDaemon):
+                assert f"# default: {option.default.describe()};" in text, f"{option.name}: {REGENERATE}"
         else:
             assert option.name in data, f"{option.name} missing from {EXAMPLE}; {REGENERATE}"
             assert data[option.name] == option.default, f"{option.name}: default changed; {REGENERATE}"

@@ -13,11 +13,13 @@ import json
 
 import pytest
 import pytest_twisted
-from twisted.internet import reactor
+from twisted.internet import defer, reactor
 
 from imcluster.db import PostgresService
-from imcluster.processor.store import Incoming, MessageStore
+from imcluster.store import Incoming
+from imcluster.store.postgres import MessageStore
 from tests.support.clients import connect_tcp, connect_ws
+from tests.support.http import http_call, metric_value
 from tests.support.ids import POSTGRES_DSN, REDIS_URL
 from tests.support.proxy import CuttableProxy
 from tests.support.redis import delete_prefix
@@ -162,10 +164,16 @@ async def test_duplicate_of_a_stored_but_unrouted_message_is_routed_to_undeliver
     assert query(pg_schema, "SELECT count(*) FROM messagerecv") == [(1,)]
 
 
+async def slow_consumer_closes(gw) -> float:
+    """How many connections ``gw`` closed as slow consumers (its /metrics)."""
+    r = await http_call(gw.metrics_port, "GET", "/metrics")
+    return metric_value(r.text, "imcluster_closes_total", {"reason": "slow_consumer"})
+
+
 async def _slow_consumer(cluster, slow_client, reader_client):
     gw = await cluster.start_gateway(output_buffer_limit=256 * 1024, slow_consumer_grace=0.2,
                                      max_frame_size=1024 * 1024, rate_limit=1000.0, rate_burst=1000,
-                                     close_timeout=10.0)
+                                     close_timeout=10.0, metrics=True)
     await cluster.start_processor()
     alice = await User("alice", await connect_tcp(gw.tcp_port)).login(cluster.token("alice"))
     slow = await User("bob", await slow_client(gw)).login(cluster.token("bob"))
@@ -179,7 +187,9 @@ async def _slow_consumer(cluster, slow_client, reader_client):
     # carol, who reads, gets all of hers promptly while bob's output piles up
     await eventually(lambda: len(carol.of_type("message_send")) >= 60, 5.0, "carol's 60 messages")
     assert [f["body"] for f in carol.of_type("message_send")] == list(range(60))
-    await sleep(1.0)  # well past the grace: the gateway must have closed bob by now
+    # bob reads nothing, so only the gateway can tell that it closed him
+    await eventually(lambda: defer.ensureDeferred(slow_consumer_closes(gw)),
+                     what="the gateway closing bob as a slow consumer")
     slow.client.transport.resumeProducing()
     result = await slow.client.closed.addTimeout(WAIT, reactor)
     assert carol.client.connected

@@ -507,6 +507,51 @@ def test_tap_builds_the_tree_so_that_listeners_stop_first():
     gateway = root.getServiceNamed("gateway")
     assert gateway.registry is root.getServiceNamed("redis")
     assert gateway.bus is root.getServiceNamed("amqp")
+    # the gateway's own children: stopped in reverse, so the listeners stop first
+    assert [s.name for s in gateway] == ["heartbeat", "ws tcp:0", "tcp tcp:0"]
+
+
+def test_listeners_and_heartbeat_start_after_registration_and_stop_first():
+    """No client may connect before the gateway is in Redis and consuming; on SIGTERM listeners close first."""
+    h = Hub()
+    listeners = [s for s in h.gw if s.name != "heartbeat"]
+    assert [s.kind for s in listeners] == ["ws", "tcp"]
+    assert all(s.running for s in h.gw)
+    events = []
+    for s in h.gw:
+        stop = s.stopService
+        s.stopService = (lambda s, stop: lambda: (events.append(s.name), stop())[1])(s, stop)
+    unregister = h.registry.unregister_server
+    h.registry.unregister_server = lambda uuid: (events.append("redis cleanup"), unregister(uuid))[1]
+    result(h.gw.stopService())
+    assert events == ["tcp tcp:0", "ws tcp:0", "heartbeat", "redis cleanup"]
+    assert h.gw.ports == [] and h.gw.port_of("ws") == 0
+    assert h.reactor.getDelayedCalls() == []  # the heartbeat's timer is gone
+
+
+def test_gateway_that_cannot_listen_keeps_no_heartbeat():
+    """A failed start (port taken) must not leave a heartbeat refreshing a gateway nobody can reach."""
+    from twisted.internet.error import CannotListenError
+
+    class Taken(MemoryReactorClock):
+        def listenTCP(self, port, factory, backlog=50, interface=""):
+            if self.tcpServers:
+                raise CannotListenError(interface, port, OSError("in use"))
+            return super().listenTCP(port, factory, backlog, interface)
+
+    reactor = Taken()
+    config = gateway_config(ws=["tcp:0"], tcp=["tcp:0"], heartbeat=10.0, server_ttl=30.0,
+                            redis_prefix=PREFIX, namespace=NS)
+    bus = FakeBus(NS, clock=reactor)
+    bus.startService()
+    gw = GatewayService(config, FakeRegistry(PREFIX, clock=reactor), bus, authenticator=None,
+                        reactor=reactor, factories={"ws": lambda hub: protocol.Factory(),
+                                                    "tcp": lambda hub: protocol.Factory()})
+    with pytest.raises(CannotListenError):
+        result(gw.startService())
+    assert not any(s.running for s in gw)
+    assert not gw.accepting
+    assert reactor.getDelayedCalls() == []  # no heartbeat timer left behind
 
 
 def test_clean_stop_forgets_the_signal():

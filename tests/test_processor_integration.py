@@ -20,7 +20,7 @@ from imcluster.config import PROCESSOR, load_config
 from imcluster.processor.filters import KeywordFilter
 from imcluster.processor.reaper import Reaper
 from imcluster.processor.service import ProcessorService
-from imcluster.processor.store import MessageStore
+from imcluster.store.postgres import MessageStore
 from tests.support.postgres import terminate_backends
 from tests.support.waiting import eventually as _eventually, sleep
 
@@ -239,7 +239,9 @@ async def test_unroutable_gateway_is_marked_dead_and_reaped_when_its_key_expires
     await eventually(lambda: svc.router.is_dead(dead), what="gateway marked dead")
     assert await redis_service.connections_of(["bob"]) != {"bob": {}}  # key alive: not reaped yet
     reaper = svc.router.on_unroutable.__self__
-    await sleep(1.1)
+    # the crashed gateway's WSSERVER_ key expires (ttl 1 s): poll Redis for it, then reap
+    await eventually(lambda: redis_service.alive([dead]).addCallback(lambda alive: not alive),
+                     what="the dead gateway's key expired")
     assert await reaper.check(dead) is True
     assert await redis_service.connections_of(["bob"]) == {"bob": {}}
     assert dead not in await redis_service.servers()

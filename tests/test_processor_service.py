@@ -18,7 +18,8 @@ from imcluster.config import PROCESSOR, load_config
 from imcluster.processor.filters import KeywordFilter, Verdict
 from imcluster.processor.reaper import Reaper
 from imcluster.processor.service import ProcessorService
-from imcluster.testing import FakeBroker, FakeBus, FakeRegistry, FakeStore, StoreUnavailable
+from imcluster.registry import RegistryUnavailable
+from imcluster.testing import FakeBroker, FakeBus, FakeRegistry, FakeStore
 
 NS = "pt"
 GW1, GW2 = "gw-one", "gw-two"
@@ -48,7 +49,7 @@ class Rig:
         self.reaper = Reaper(self.registry)
         self.config = config(**changes)
         self.svc = ProcessorService(self.config, self.bus, self.registry, self.store, list(filters),
-                                    reaper=self.reaper, clock=self.clock, transient=(StoreUnavailable,))
+                                    reaper=self.reaper, clock=self.clock)
         self.svc.startService()
         assert self.svc.ready.called
         self.inbox = {}  # gateway uuid -> [body, ...]
@@ -159,8 +160,10 @@ def test_a_window_costs_one_lookup_and_one_publish_per_gateway(rig, monkeypatch)
     rig.connect(GW2, "bob")
     before = rig.registry.round_trips
     rig.send(*[message(a1, "alice", f"c{n}", "g") for n in range(50)])
-    assert len(rig.calls("store_messages")) == 1
-    assert rig.registry.round_trips - before == 2  # connections_of + alive
+    assert len(rig.calls("begin_window")) == 1
+    # connections_of of the recipients while the store holds its locks (their rows are
+    # inserted sending), then the routing's one routes lookup (connections and live gateways)
+    assert rig.registry.round_trips - before == 2
     assert len(rig.inbox[GW1]) == 1 and len(rig.inbox[GW2]) == 1
     assert [f["seq"] for f in rig.frames_to(b1)] == list(range(1, 51))
     assert [f["seq"] for f in rig.frames_to(c2)] == list(range(1, 51))
@@ -179,13 +182,13 @@ def test_batch_waits_for_batch_wait_or_batch_size():
     r.send(message(a1, "alice", "x1", "g"), settle=False)
     r.send(message(a1, "alice", "x2", "g"), settle=False)
     r.clock.advance(0.5)
-    assert r.calls("store_messages") == []
+    assert r.calls("begin_window") == []
     r.clock.advance(0.5)
-    assert [len(args[0]) for args in r.calls("store_messages")] == [2]
+    assert [len(args[0]) for args in r.calls("begin_window")] == [2]
     for n in range(5):
         r.send(message(a1, "alice", f"y{n}", "g"), settle=False)
     r.clock.advance(0)
-    assert [len(args[0]) for args in r.calls("store_messages")] == [2, 5]
+    assert [len(args[0]) for args in r.calls("begin_window")] == [2, 5]
 
 
 # --- failures ------------------------------------------------------------------------------
@@ -199,7 +202,7 @@ def test_store_down_retries_with_backoff_and_acks_only_after_commit(rig):
     rig.send(message(a1, "alice", "c1", "g"))
     for _ in range(30):
         rig.clock.advance(1.0)
-    attempts = len(rig.calls("store_messages"))
+    attempts = len(rig.calls("begin_window"))
     assert 3 <= attempts <= 8, attempts  # 1, 2, 4, 8, 8, ... seconds apart
     assert metrics.RETRIES._value.get() - retries == attempts
     assert rig.unacked() == 1 and rig.frames_to(a1) == []
@@ -213,20 +216,21 @@ def test_a_retry_resumes_where_the_window_stopped(rig):
     """After an outage between commit and routing the sender would get two replies."""
     a1 = rig.connect(GW1, "alice")
     b1 = rig.connect(GW1, "bob")
-    real = rig.store.mark_sending
+    real = rig.registry.routes
     failures = []
 
-    def flaky(pairs):
+    def flaky(*args, **kw):
+        # the routing's lookup, after the commit
         if not failures:
-            failures.append(pairs)
-            return defer.fail(StoreUnavailable("down"))
-        return real(pairs)
+            failures.append(args)
+            return defer.fail(RegistryUnavailable("down"))
+        return real(*args, **kw)
 
-    rig.store.mark_sending = flaky
+    rig.registry.routes = flaky
     rig.send(message(a1, "alice", "c1", "g"))
     rig.clock.advance(3.0)
     assert failures and rig.unacked() == 0
-    assert len(rig.calls("store_messages")) == 1
+    assert len(rig.calls("begin_window")) == 1
     assert [f["type"] for f in rig.frames_to(a1)] == ["message_reply"]
     assert [f["type"] for f in rig.frames_to(b1)] == ["message_send"]
     assert rig.store.sends[("bob", 1)] == "sending"
@@ -235,11 +239,11 @@ def test_a_retry_resumes_where_the_window_stopped(rig):
 class PoisonStore(FakeStore):
     """A store that fails (not transiently) on any batch holding clientMsgId 'boom'."""
 
-    def store_messages(self, batch, locate=None, locked=None):
+    def begin_window(self, batch):
         if any(m.client_msg_id == "boom" for m in batch):
-            self.calls.append(("store_messages", (list(batch),)))
+            self.calls.append(("begin_window", (list(batch),)))
             return defer.fail(ValueError("boom"))
-        return super().store_messages(batch, locate, locked)
+        return super().begin_window(batch)
 
 
 def test_poison_message_is_dead_lettered_and_does_not_block_its_batch_mates():
@@ -266,7 +270,7 @@ def test_poison_message_is_dead_lettered_and_does_not_block_its_batch_mates():
     assert r.dead() == 1 and r.unacked() == 0
     assert metrics.DEAD_LETTERED._value.get() - dead == 1
     # the poison message alone was tried max_attempts times
-    alone = [args for args in r.calls("store_messages") if [m.client_msg_id for m in args[0]] == ["boom"]]
+    alone = [args for args in r.calls("begin_window") if [m.client_msg_id for m in args[0]] == ["boom"]]
     assert len(alone) == 3
 
 
@@ -460,7 +464,8 @@ def test_unroutable_gateway_is_held_back_and_reaped_once_its_key_is_gone(rig):
     rig.send(message(a1, "alice", "m1", "g"))
     assert rig.frames_to(a1)[0]["ok"] is True
     assert rig.svc.router.is_dead("gw-dead")
-    assert rig.store.sends[("bob", 1)] == "pending"  # not routed: comes with the next sync
+    # not routed: undelivered (inserted sending, his connection was registered), comes with the next sync
+    assert rig.store.sends[("bob", 1)] == "sending"
     published = len(rig.bus.published)
     rig.send(message(a1, "alice", "m2", "g"))
     assert len(rig.bus.published) == published + 1  # only GW1: the dead one is skipped
@@ -479,9 +484,8 @@ def test_stop_finishes_the_window_in_flight_and_leaves_the_rest_for_redelivery(r
     """SIGTERM would lose the window being stored, or ack messages it never handled."""
     a1 = rig.connect(GW1, "alice")
     gate = defer.Deferred()
-    real = rig.store.store_messages
-    rig.store.store_messages = lambda batch, locate=None, locked=None: gate.addCallback(
-        lambda _: real(batch, locate, locked))
+    real = rig.store.begin_window
+    rig.store.begin_window = lambda batch: gate.addCallback(lambda _: real(batch))
     rig.send(message(a1, "alice", "m1", "g"))
     rig.send(message(a1, "alice", "m2", "g"))
     assert rig.unacked() == 2
@@ -500,13 +504,15 @@ def test_redis_down_holds_the_window_until_it_is_back(rig):
     rig.send(message(a1, "alice", "m1", "g"))
     for _ in range(10):
         rig.clock.advance(1.0)
-    assert len(rig.calls("store_messages")) == 1  # stored once, the lookup is what is retried
+    # who is online is asked while the store holds its locks: each try is rolled back
+    assert len(rig.calls("begin_window")) > 1 and rig.store.messages == {}
     assert rig.frames_to(a1) == [] and rig.unacked() == 1
     rig.registry.set_available(True)
     rig.clock.advance(10.0)
     assert [f["type"] for f in rig.frames_to(a1)] == ["message_reply"]
     assert [f["type"] for f in rig.frames_to(b1)] == ["message_send"]
-    assert len(rig.calls("store_messages")) == 1 and rig.unacked() == 0
+    [msg_id] = rig.store.messages  # ids of rolled-back tries are spent, as with nextval
+    assert rig.store.sends[("bob", msg_id)] == "sending" and rig.unacked() == 0
 
 
 # --- HTTP API items (docs/internals.rst) ------------------------------------------------------------
@@ -550,10 +556,10 @@ class GatedStore(FakeStore):
         super().__init__()
         self.gates = []
 
-    def store_messages(self, batch, locate=None, locked=None):
+    def begin_window(self, batch):
         gate = defer.Deferred()
         self.gates.append(gate)
-        return gate.addCallback(lambda _: super(GatedStore, self).store_messages(batch, locate, locked))
+        return gate.addCallback(lambda _: super(GatedStore, self).begin_window(batch))
 
 
 @pytest.mark.parametrize("windows, batch_size, running", [(1, 1, 1), (2, 1, 2), (2, 100, 1)])
@@ -583,3 +589,22 @@ def test_windows_in_flight_keep_seq_and_delivery_order(windows, batch_size, runn
     assert [f["seq"] for f in r.frames_to(b1)] == [1, 2]
     assert r.unacked() == 0 and not r.svc._running
 
+
+
+def test_one_to_one_recipients_are_looked_up_while_the_store_takes_its_locks():
+    """A 1:1 window would wait for its Redis lookup after its locks instead of beside them (latency)."""
+    store = GatedStore()
+    r = Rig(store=store)
+    r.gateway(GW1)
+    a1, b1 = r.connect(GW1, "alice"), r.connect(GW1, "bob")
+    before = r.registry.round_trips
+    r.send(message(a1, "alice", "m1", "p2p:alice:bob"))
+    # the store has not locked anything yet: bob (named by the session id) is asked already
+    assert len(store.gates) == 1 and r.registry.round_trips - before == 1
+    store.gates[0].callback(None)
+    r.settle()
+    assert r.registry.round_trips - before == 2  # then only the routing's one routes lookup
+    [msg_id] = store.messages
+    assert store.sends[("bob", msg_id)] == "sending"  # no mark_sending needed
+    assert store.calls[-1][0] != "mark_sending"
+    assert [f["type"] for f in r.frames_to(b1)] == ["message_send"] and r.unacked() == 0

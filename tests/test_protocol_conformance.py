@@ -21,13 +21,15 @@ from pathlib import Path
 import jwt
 import pytest
 import pytest_twisted
+from psycopg2 import sql
 from twisted.internet import defer
 
 from tests.support.bus import cleanup_namespace
 from tests.support.clients import FrameTimeout, connect_tcp, connect_ws
 from tests.support.cluster import Cluster, _delete_redis_prefix
+from tests.support.http import http_call, metric_value
 from tests.support.ids import POSTGRES_DSN, unique
-from tests.support.postgres import drop_schema
+from tests.support.postgres import admin_connection, drop_schema
 from tests.support.waiting import eventually, sleep
 
 pytestmark = pytest.mark.slow
@@ -81,7 +83,8 @@ async def env(tmp_path_factory):
             cluster.start_gateway(auth_timeout=STRICT_AUTH_TIMEOUT, idle_timeout=STRICT_IDLE_TIMEOUT,
                                   rate_limit=STRICT_RATE, rate_burst=STRICT_BURST,
                                   jwt_audience=STRICT_AUD, jwt_issuer=STRICT_ISS,
-                                  output_buffer_limit=STRICT_OUTPUT_LIMIT, slow_consumer_grace=0.3),
+                                  output_buffer_limit=STRICT_OUTPUT_LIMIT, slow_consumer_grace=0.3,
+                                  metrics=True),
         ], consumeErrors=True)
         await cluster.start_processor()
         yield Env(cluster, *gws)
@@ -92,6 +95,31 @@ async def env(tmp_path_factory):
         await cleanup_namespace(namespace, cluster.extra_queues, cluster.amqp_url)
         await _delete_redis_prefix(prefix)
         drop_schema(schema)
+
+
+async def acknowledged(env, user: str, msg_ids: list[str]) -> None:
+    """Wait until PostgreSQL has ``user``'s rows of ``msg_ids`` ``delivered``: the acks were applied."""
+    conn = admin_connection()
+    query = sql.SQL("SELECT count(*) FROM {}.messagesend WHERE user_id = %s AND msg_id = ANY(%s) "
+                    "AND status = 'delivered'").format(sql.Identifier(env.cluster.pg_schema))
+    ids = [int(m) for m in msg_ids]
+
+    def applied() -> bool:
+        with conn.cursor() as cursor:
+            cursor.execute(query, (user, ids))
+            return cursor.fetchone()[0] == len(ids)
+
+    try:
+        await eventually(applied, WAIT, what=f"{user}'s acks of {msg_ids} stored")
+    finally:
+        conn.close()
+
+
+
+async def slow_consumer_closes(gw) -> float:
+    """How many connections ``gw`` closed as slow consumers (its /metrics)."""
+    r = await http_call(gw.metrics_port, "GET", "/metrics")
+    return metric_value(r.text, "imcluster_closes_total", {"reason": "slow_consumer"})
 
 
 # --- helpers: what any client author writes first
@@ -582,14 +610,14 @@ async def test_sync_holds_exactly_the_unacknowledged(env, transport):
     live = [await b.next("message_send") for _ in replies]
     assert [f["msgId"] for f in live] == [r["msgId"] for r in replies]
     b.send({"type": "message_send_reply", "msgIds": [live[0]["msgId"], live[2]["msgId"]]})
-    await sleep(0.5)
+    await acknowledged(env, bob, [live[0]["msgId"], live[2]["msgId"]])
     b.close()
     b2 = await login(env, bob, transport)
     assert [f["msgId"] for f in b2.sync] == [live[1]["msgId"], live[3]["msgId"]]
     assert b2.done["count"] == 2
     # the sync's message_send frames are acknowledged like live ones
     b2.send({"type": "message_send_reply", "msgIds": [f["msgId"] for f in b2.sync]})
-    await sleep(0.5)
+    await acknowledged(env, bob, [f["msgId"] for f in b2.sync])
     b3 = await login(env, bob, transport, gw=env.gw2)
     assert b3.sync == [] and b3.done["count"] == 0
     for c in (a, b2, b3):
@@ -673,7 +701,7 @@ async def test_message_duplicate_repeats_reply_and_skips_acknowledged_recipients
     got_b = await b.next("message_send")
     await c.next("message_send")
     b.send({"type": "message_send_reply", "msgIds": [got_b["msgId"]]})
-    await sleep(0.5)
+    await acknowledged(env, bob, [got_b["msgId"]])
     # resent after a "reconnect", even with another body
     a.close()
     a = await login(env, alice, transport, gw=env.gw2)
@@ -1335,10 +1363,13 @@ async def test_slow_consumer_is_closed(env, transport):
     sid = await send_big_backlog(env, alice, bob, 40)
     b = await login(env, bob, transport, gw=env.strict)  # reads its 2.4 MB sync: not slow
     assert b.done["count"] == 40
+    before = await slow_consumer_closes(env.strict)
     b.client.pause_reading()
     for _ in range(4):  # ~10 MB of history_reply: more than the kernel's buffers hold
         b.send({"type": "history", "sessionId": sid, "limit": 200})
-    await sleep(2.0)
+    # bob reads nothing, so only the gateway can tell that it closed him
+    await eventually(lambda: defer.ensureDeferred(slow_consumer_closes(env.strict)).addCallback(
+        lambda n: n > before), WAIT, what="the strict gateway closing a slow consumer")
     b.client.transport.resumeProducing()
     closed = await wait_closed(b.client, 30)
     if transport == "ws":

@@ -135,10 +135,19 @@ async def test_tls_endpoint(gateways, tmp_path):
     await wait_for(lambda: gw.hub.lost)
 
 
+#: what a slow-consumer test lets the gateway hold: the limit, one grace period of the
+#: flood below and the kernel's socket buffers; far below output_buffer_max (SLOW_MAX)
+SLOW_LIMIT = 256 * 1024
+SLOW_MAX = 64 << 20
+SLOW_BOUND = 16 << 20
+
+
 @pytest_twisted.ensureDeferred
 async def test_slow_consumer_over_loopback(gateways):
-    """An APP that stops reading gets error slow_consumer, then the connection closes."""
-    gw = gateways(output_buffer_limit=256 * 1024, slow_consumer_grace=0.2, close_timeout=10)
+    """An APP that stops reading gets error slow_consumer, then the connection closes, before the
+    gateway holds megabytes for it."""
+    gw = gateways(output_buffer_limit=SLOW_LIMIT, output_buffer_max=SLOW_MAX, slow_consumer_grace=0.2,
+                  close_timeout=10)
     port = await gw.listen("tcp")
     client = await connect_tcp(port)
     await client.auth("user:alice")
@@ -146,12 +155,24 @@ async def test_slow_consumer_over_loopback(gateways):
     conn = gw.hub.made[0]
     client.pause_reading()
     frame = ('{"type":"message_send","body":"%s"}' % ("z" * 60000)).encode()
-    loop = task.LoopingCall(lambda: [conn.send_encoded(frame) for _ in range(4)])
+    written = 0
+
+    def flood():
+        nonlocal written
+        for _ in range(4):
+            if conn.is_open:
+                conn.send_encoded(frame)
+                written += len(frame)
+
+    loop = task.LoopingCall(flood)
     loop.start(0.01)
     try:
-        await wait_for(lambda: not conn.is_open, timeout=15)
+        await wait_for(lambda: not conn.is_open or written > SLOW_MAX, timeout=15)
     finally:
         loop.stop()
+    # what the gateway took for this client bounds what it holds: the close came from the
+    # grace rule, not from the output_buffer_max backstop
+    assert written < SLOW_BOUND, f"the gateway took {written} bytes for a client that reads nothing"
     client.transport.resumeProducing()
     await client.closed.addTimeout(TIMEOUT, reactor)
     assert client.received[-1] == {"type": "error", "code": "slow_consumer", "message": "slow consumer"}

@@ -14,6 +14,9 @@ from twisted.logger import LogLevel, capturedLogs
 from imcluster.service import AsyncMultiService, DaemonService, GuardedLoop, with_timeout
 from tests.support.cluster import TWISTD
 
+# starts processes: not part of the fast suite (-m "not slow")
+pytestmark = pytest.mark.slow
+
 
 class Child(service.Service):
     """A child whose start and stop fire when the test says so."""

@@ -1,6 +1,6 @@
 """The message store: one contract, run on the real PostgreSQL and on FakeStore.
 
-Every test here runs twice: on :class:`imcluster.processor.store.MessageStore`
+Every test here runs twice: on :class:`imcluster.store.postgres.MessageStore`
 over a private PostgreSQL schema (migrations applied, dropped afterwards)
 and on :class:`imcluster.testing.FakeStore`, so the fake that the processor's
 unit tests use behaves like the real thing. Concurrency, paging at volume and
@@ -14,8 +14,9 @@ import pytest_twisted
 from zope.interface.verify import verifyObject
 
 from imcluster.db import apply_migrations
-from imcluster.interfaces import IMessageStore
-from imcluster.processor.store import Incoming, MessageStore, Rejected, Stored, StoreError
+from imcluster.interfaces import IMessageStore, IWindowTransaction, Unavailable
+from imcluster.store import P2P_SESSION_ID_MAX, Incoming, Rejected, Stored, StoreError, StoreUnavailable, WindowAborted
+from imcluster.store.postgres import MessageStore
 from imcluster.testing import FakeStore
 from tests.support.postgres import undelivered_keys
 
@@ -145,6 +146,118 @@ async def test_bad_messages_do_not_fail_batch_mates(store):
     assert await store.session_members(["p2p:alice:bob", "p2p:bob:alice", "g1"]) == {
         "g1": ["alice", "bob", "carol"]}
     assert all(not r.ok for r in out[1:12])
+
+
+@pytest_twisted.ensureDeferred
+async def test_window_transaction_names_recipients_and_inserts_online_rows_sending(store):
+    """Online recipients' rows would stay pending (a second UPDATE per window) or offline ones become sending."""
+    await group(store, members=("bob", "carol", "dave"))
+    [old] = await store.store_messages([msg("alice", "a0", "g1")])
+    txn = await store.begin_window([msg("alice", "a1", "g1"), msg("bob", "b1", "g1"), msg("alice", "a0", "g1"),
+                                    msg("zed", "z1", "g1")])
+    verifyObject(IWindowTransaction, txn)
+    assert txn.recipients == ["alice", "bob", "carol", "dave"]  # of the new messages only
+    assert txn.decided[:2] == [None, None]
+    assert txn.decided[2].duplicate and txn.decided[2].msg_id == old.msg_id
+    assert txn.decided[3].code == "not_member"
+    a1, b1, dup, refused = await txn.commit(["bob", "dave", "zed"])  # zed has no row here
+    assert (a1.seq, b1.seq, dup.seq, dup.duplicate, refused.ok) == (2, 3, 1, True, False)
+    # only the offline recipients' rows are still pending: mark_sending changes them alone
+    pairs = [(u, a1.msg_id) for u in ("bob", "carol", "dave")] + [(u, b1.msg_id) for u in ("alice", "carol", "dave")]
+    assert await store.mark_sending(pairs) == 3
+    assert await store.mark_sending([(u, old.msg_id) for u in ("bob", "carol", "dave")]) == 3  # the duplicate's
+    # store_messages is begin_window + commit(()): every row pending
+    [c1] = await store.store_messages([msg("carol", "c1", "g1")])
+    assert await store.mark_sending([(u, c1.msg_id) for u in ("alice", "bob", "dave")]) == 3
+
+
+@pytest_twisted.ensureDeferred
+async def test_window_transaction_abort_stores_nothing_and_lets_the_next_window_on(store):
+    """A window given up (Redis down) would leave half a batch, or hold its session for ever."""
+    await group(store)
+    txn = await store.begin_window([msg("alice", "a1", "g1"), msg("bob", "b1", "p2p:bob:zoe")])
+    assert txn.recipients == ["bob", "carol", "zoe"]
+    # a second window on the same session waits for the first (its locks), then takes the next seq
+    second = store.begin_window([msg("carol", "c1", "g1")])
+    await txn.abort()
+    await txn.abort()  # twice is harmless
+    with pytest.raises(WindowAborted):
+        await txn.commit(["bob"])  # too late: the answer is the abort
+    [c1] = await (await second).commit()
+    assert c1.seq == 1  # the aborted window took no seq
+    assert await store.session_members(["p2p:bob:zoe"]) == {}  # nor created its 1:1 session
+    assert [m["clientMsgId"] for m in await store.history("alice", "g1")] == ["c1"]
+    # the same messages again are new, not duplicates of the rolled-back ones
+    txn = await store.begin_window([msg("alice", "a1", "g1")])
+    [a1] = await txn.commit(["bob"])
+    assert (a1.seq, a1.duplicate) == (2, False)
+
+
+@pytest_twisted.ensureDeferred
+async def test_windows_take_seq_in_the_order_they_began(store):
+    """Two windows in flight would interleave or repeat seq numbers of one session."""
+    await group(store)
+    first = await store.begin_window([msg("alice", "a1", "g1"), msg("alice", "a2", "g1")])
+    second = store.begin_window([msg("bob", "b1", "g1")])
+    out = await first.commit(["bob"])
+    [b1] = await (await second).commit([])
+    assert [r.seq for r in out] + [b1.seq] == [1, 2, 3]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_window_with_nothing_new_needs_no_answer(store):
+    """A window of duplicates and refusals would hold its session until a commit it does not need."""
+    await group(store)
+    await store.store_messages([msg("alice", "a1", "g1")])
+    txn = await store.begin_window([msg("alice", "a1", "g1"), msg("zed", "z1", "g1")])
+    assert txn.recipients == []
+    [b1] = await store.store_messages([msg("bob", "b1", "g1")])  # not held up by the open window
+    assert b1.seq == 2
+    dup, refused = await txn.commit()
+    assert dup.duplicate and refused.code == "not_member"
+    assert await (await store.begin_window([])).commit() == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_unavailable_is_the_store_error_not_the_drivers(backend, store):
+    """The processor would dead-letter messages during a PostgreSQL outage (a driver error it does not know)."""
+    await group(store)
+    if backend == "fake":
+        store.available = False
+    else:
+        await store.db.stopService()
+    for d in (store.begin_window([msg("alice", "a1", "g1")]), store.store_messages([msg("alice", "a2", "g1")]),
+              store.history("alice", "g1"), store.mark_delivered([("bob", ["1"])]), store.get_session("g1"),
+              store.create_session("alice", ["bob"], "g2"), store.read("alice", "g1", 1)):
+        with pytest.raises(StoreUnavailable) as info:
+            await d
+        assert isinstance(info.value, Unavailable)
+
+
+@pytest_twisted.ensureDeferred
+async def test_one_to_one_session_of_two_longest_user_ids_exists(store):
+    """Two users with 128-character ids could not talk 1:1 (their 261-character session id refused)."""
+    a, b = "a" * 128, "b" * 128
+    sid = f"p2p:{a}:{b}"
+    assert len(sid) == 261 == P2P_SESSION_ID_MAX
+    assert await store.history(a, sid) == []  # exists implicitly before its first message
+    assert await store.read(b, sid, 5) == (0, [a, b])
+    [m1] = await store.store_messages([msg(a, "m1", sid)])
+    txn = await store.begin_window([msg(b, "m2", sid)])
+    assert txn.recipients == [a]
+    [m2] = await txn.commit([a])
+    assert (m1.ok, m1.seq, m1.recipients, m2.seq) == (True, 1, [b], 2)
+    assert [(m["clientMsgId"], m["from"]) for m in await store.history(b, sid)] == [("m1", a), ("m2", b)]
+    assert await store.session_members([sid]) == {sid: [a, b]}
+    assert (await store.get_session(sid))["kind"] == "p2p"
+    assert [s["sessionId"] for s in await store.user_sessions(a)] == [sid]
+    await expect_error(store.history("c", sid), "not_member")
+    # only 1:1 ids are that long: a group's id stays within 128 characters
+    await expect_error(store.create_session("alice", ["bob"], "g" * 129), "bad_request")
+    assert await store.create_session("alice", ["bob"], "g" * 128) == ("g" * 128, ["alice", "bob"])
+    await expect_error(store.create_session(a, [b], sid), "conflict")
+    [r] = await store.store_messages([msg(a, "x", f"p2p:{a}:{b}x")])  # a 129-character user id
+    assert r.code == "no_session"
 
 
 @pytest_twisted.ensureDeferred

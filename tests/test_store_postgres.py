@@ -7,7 +7,8 @@ import json
 import pytest_twisted
 from twisted.internet import defer, reactor, task
 
-from imcluster.processor.store import UNDELIVERED_SQL, Incoming, MessageStore
+from imcluster.store import Incoming
+from imcluster.store.postgres import UNDELIVERED_SQL, MessageStore
 from tests.support.postgres import undelivered_keys
 
 CAP = 1000
@@ -75,6 +76,31 @@ async def test_two_processors_store_into_one_group_gap_free(pg_schema, pg_factor
     # every message has exactly its three recipients' rows
     counts = await db1.run_query("SELECT count(*), count(DISTINCT msg_id) FROM messagesend")
     assert counts[0] == (3 * len(keys), len(keys))
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_second_processor_waits_for_the_session_lock(pg_schema, pg_factory):
+    """Two processors storing into one group at once would both take the same seq: one batch runs
+    again, or fails outright once its race retries run out."""
+    db1, db2 = await pg_factory(pg_schema, pool_size=1), await pg_factory(pg_schema, pool_size=1)
+    other = await pg_factory(pg_schema, pool_size=2)
+    s1, s2 = MessageStore(db1, CAP), MessageStore(db2, CAP)
+    await s1.create_session("alice", ["bob"], "g")
+    # the race, forced: the first processor's writing statement waits behind a table lock,
+    # after it has read last_seq (and locked the session, if it does lock it)
+    gate = Gate(other, [("LOCK TABLE messagerecv IN SHARE MODE", None)])
+    await gate.opened
+    first = s1.store_messages([Incoming("alice", "a1", "g", 1)])
+    await wait_until_blocked(other, db1.application_name)
+    # ... and now the second one reads the same session
+    second = s2.store_messages([Incoming("bob", "b1", "g", 2)])
+    await wait_until_blocked(other, db2.application_name)
+    await gate.release()
+    [a], [b] = await first, await second
+    assert s1.race_retries == s2.race_retries == 0, "a batch read last_seq while another held the session"
+    assert (a.seq, b.seq) == (1, 2)
+    rows = await other.run_query("SELECT seq, client_msg_id FROM messagerecv WHERE session_id = 'g' ORDER BY seq")
+    assert rows == [(1, "a1"), (2, "b1")]
 
 
 @pytest_twisted.ensureDeferred
@@ -210,22 +236,18 @@ async def test_concurrent_acks_and_marks_do_not_deadlock(pg_schema, pg_factory):
 
 
 @pytest_twisted.ensureDeferred
-async def test_locate_inserts_rows_of_online_recipients_sending(pg_schema, pg_factory):
+async def test_online_recipients_rows_are_inserted_sending(pg_schema, pg_factory):
     """Online recipients' rows would stay pending (or offline ones become sending) and cost a second UPDATE."""
     db = await pg_factory(pg_schema, pool_size=2)
     store = MessageStore(db, CAP)
     await store.create_session("alice", ["bob", "carol", "dave"], "g")
-    asked = []
-
-    def locate(users):
-        asked.append(users)
-        return defer.succeed(["bob", "dave"])
-
     [dup_key] = await store.store_messages([Incoming("alice", "x0", "g", {"t": 1})])
-    results = await store.store_messages(
+    txn = await store.begin_window(
         [Incoming("alice", "x1", "g", {"t": 1}), Incoming("bob", "x2", "g", {"t": 2}),
-         Incoming("alice", "x0", "g", {"t": 1})], locate)
-    assert asked == [["alice", "bob", "carol", "dave"]]  # recipients of the new messages only, once
+         Incoming("alice", "x0", "g", {"t": 1})])
+    assert txn.recipients == ["alice", "bob", "carol", "dave"]  # of the new messages only
+    assert txn.decided[:2] == [None, None] and txn.decided[2].duplicate
+    results = await txn.commit(["bob", "dave", "zed"])  # zed: no row of this window
     assert results[2].duplicate and results[2].msg_id == dup_key.msg_id
     rows = dict(((u, str(m)), s) for u, m, s in await db.run_query("SELECT user_id, msg_id, status FROM messagesend"))
     m1, m2 = results[0].msg_id, results[1].msg_id
@@ -234,39 +256,23 @@ async def test_locate_inserts_rows_of_online_recipients_sending(pg_schema, pg_fa
         ("alice", m2): "pending", ("carol", m2): "pending", ("dave", m2): "sending"}
     assert all(v == "pending" for k, v in rows.items() if k[1] == dup_key.msg_id)
 
-    def down(users):
-        return defer.fail(ConnectionError("redis down"))
-
-    try:
-        await store.store_messages([Incoming("alice", "x3", "g", {"t": 3})], down)
-    except ConnectionError:
-        pass
-    else:
-        raise AssertionError("a failed locate must fail the batch")
-    assert await db.run_query("SELECT count(*) FROM messagerecv WHERE client_msg_id = 'x3'") == [(0,)]
-
 
 @pytest_twisted.ensureDeferred
-async def test_one_to_one_recipients_are_located_while_the_locks_are_taken(pg_schema, pg_factory):
-    """A 1:1 window would wait for its Redis lookup after its locks instead of beside them (latency)."""
-    db = await pg_factory(pg_schema)
+async def test_a_window_holds_its_session_locks_until_commit_or_abort(pg_schema, pg_factory):
+    """A window begun beside another would take the same seq, or an aborted one keep its locks."""
+    db = await pg_factory(pg_schema, pool_size=3)
     store = MessageStore(db, CAP)
-    [first] = await store.store_messages([Incoming("alice", "m0", "p2p:alice:bob", "hi")])  # the session exists
-    other = await pg_factory(pg_schema, pool_size=1)
-    gate = Gate(other, [("SELECT 1 FROM session WHERE id = 'p2p:alice:bob' FOR UPDATE", None)])
-    await gate.opened
-    asked = []
+    await store.create_session("alice", ["bob"], "g")
+    first = await store.begin_window([Incoming("alice", "a1", "g", 1)])
+    second = store.begin_window([Incoming("bob", "b1", "g", 2)])
+    await wait_until_blocked(db, db.application_name)  # on the session lock
+    assert not second.called
+    await first.abort()
+    txn = await second
+    [b1] = await txn.commit(["alice"])
+    assert b1.seq == 1  # the aborted window's seq was never taken
+    third = await store.begin_window([Incoming("alice", "a1", "g", 1)])
+    [a1] = await third.commit()
+    assert a1.seq == 2 and not a1.duplicate
+    assert await db.run_query("SELECT count(*) FROM messagerecv") == [(2,)]
 
-    def locate(users):
-        asked.append(list(users))
-        return ["bob"]
-
-    mine = await pg_factory(pg_schema, pool_size=1)
-    d = MessageStore(mine, CAP).store_messages([Incoming("alice", "m1", "p2p:alice:bob", "again")], locate)
-    await wait_until_blocked(db, mine.application_name)  # on the session lock
-    assert asked == [["bob"]]
-    await gate.release()
-    [second] = await d
-    assert asked == [["bob"]] and second.seq == first.seq + 1
-    assert await db.run_query("SELECT status FROM messagesend WHERE msg_id = %s", (int(second.msg_id),)) == \
-        [("sending",)]

@@ -18,6 +18,9 @@ from tests.support.clients import FrameTimeout, connect_tcp, connect_ws
 from tests.support.cluster import CLEAN_EXIT, TWISTD, DaemonError, cli_args, consumer_count, endpoint, free_port, port_open
 from imcluster.config import GATEWAY, PROCESSOR
 
+# starts processes: not part of the fast suite (-m "not slow")
+pytestmark = pytest.mark.slow
+
 
 def _web(cluster, port):
     argv = [str(TWISTD), "-n", "--pidfile=", "web", "--listen", endpoint(port), "--path", str(cluster.tmp_path)]

@@ -16,6 +16,9 @@ from twisted.python import usage
 
 from imcluster.config import API, GATEWAY, PROCESSOR, make_options
 
+# starts processes: not part of the fast suite (-m "not slow")
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parent.parent
 UNITS = ROOT / "systemd"
 TWISTD = Path(sys.executable).parent / "twistd"

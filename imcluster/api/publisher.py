@@ -10,7 +10,8 @@ It never registers ``WSSERVER_<uuid>`` (it is no gateway clients could be
 sent to) and no connection of it is ever in ``UCIR``, so the processors only
 ever send it replies.
 
-Each request gets its own ``connId`` ``<uuid>##api##<n>``. ``"trusted":
+Each request gets its own ``connId`` ``<uuid>##api##<n>``
+(:func:`imcluster.envelope.api_conn_id`). ``"trusted":
 true`` on an item tells the processors to skip the sender's membership
 check: imapi sets it only for the admin key (which may send as any user, as
 ``system`` by default) after checking authorization itself.
@@ -19,7 +20,6 @@ check: imapi sets it only for the admin key (which may send as any user, as
 from __future__ import annotations
 
 import itertools
-import json
 import uuid as uuid_module
 from typing import Any
 
@@ -28,27 +28,11 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from imcluster.gateway.service import Publisher
-
-#: the ``ip`` part of an API connId: ``<uuid>##api##<n>``
-API_CONN_MARK = "api"
+from imcluster import envelope
 
 
 class PublishUnavailable(Exception):
     """The processors did not answer in time, or RabbitMQ did not take the message (safe to retry)."""
-
-
-def api_conn_id(server_id: str, n: int) -> str:
-    """The ``connId`` of the ``n``-th request of the imapi ``server_id``."""
-    return f"{server_id}##{API_CONN_MARK}##{n}"
-
-
-def is_api_conn_id(conn_id: Any) -> bool:
-    """True for a ``connId`` an imapi made (``<uuid>##api##<n>``); processors may trust only these."""
-    if not isinstance(conn_id, str):
-        return False
-    parts = conn_id.split("##")
-    return len(parts) == 3 and parts[1] == API_CONN_MARK and parts[2].isdigit()
 
 
 class MessagePublisher(service.Service):
@@ -72,7 +56,7 @@ class MessagePublisher(service.Service):
         self.clock = clock
         self.server_id = server_id or str(uuid_module.uuid4())
         self.setName(name)
-        self._publisher = Publisher(bus, bus.server_key(), clock, batch)
+        self._publisher = envelope.Publisher(bus, bus.server_key(), clock, batch)
         self._ids = itertools.count(1)
         self._waiting: dict[str, defer.Deferred] = {}
         self._consumer: Any = None
@@ -162,13 +146,12 @@ class MessagePublisher(service.Service):
         """
         if not self.running:
             return defer.fail(PublishUnavailable("the API is not running"))
-        conn_id = api_conn_id(self.server_id, next(self._ids))
+        conn_id = envelope.api_conn_id(self.server_id, next(self._ids))
         ts = int(self.clock.seconds() * 1000)
-        item: dict[str, Any] = {
-            "kind": "frame", "userId": user_id, "serverId": self.server_id, "connId": conn_id, "ts": ts,
-            "frame": {"type": "message", "clientMsgId": client_msg_id, "sessionId": session_id, "body": body}}
-        if trusted:
-            item["trusted"] = True
+        item = envelope.frame_item(
+            user_id, self.server_id, conn_id, ts,
+            {"type": "message", "clientMsgId": client_msg_id, "sessionId": session_id, "body": body},
+            trusted=trusted)
         waiter: defer.Deferred = defer.Deferred()
         self._waiting[conn_id] = waiter
 
@@ -205,22 +188,21 @@ class MessagePublisher(service.Service):
             message.ack()
 
     def _dispatch(self, body: bytes) -> None:
-        doc = json.loads(body)
-        items = doc.get("items") if isinstance(doc, dict) else None
-        if not isinstance(items, list):
-            self.log.warn("api {uuid}: reply batch without items: {doc!r:.200}", uuid=self.server_id, doc=doc)
+        try:
+            deliveries = envelope.parse_deliveries(body)
+        except envelope.MalformedBatch as e:
+            self.log.warn("api {uuid}: malformed reply batch ({err}); dropped: {body!r:.200}",
+                          uuid=self.server_id, err=e, body=body)
             return
-        for item in items:
-            if not isinstance(item, dict):
-                continue
-            frames = [f for f in item.get("frames") or () if isinstance(f, dict)]
+        for delivery in deliveries:
+            frames = delivery.frames
             reply = next((f for f in frames if f.get("type") == "message_reply"), None)
             if reply is None:
                 reply = next((f for f in frames if f.get("type") == "error"), None)
             if reply is None:
                 continue  # nothing a request waits for (a delivery would be a processor bug)
-            for conn_id in item.get("connIds") or ():
-                waiter = self._waiting.pop(conn_id, None) if isinstance(conn_id, str) else None
+            for conn_id in delivery.conn_ids:
+                waiter = self._waiting.pop(conn_id, None)
                 if waiter is not None and not waiter.called:
                     waiter.callback(reply)
 

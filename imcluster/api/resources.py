@@ -16,7 +16,7 @@ the status of :data:`ERROR_CODES`. Request handling, in order:
    implicitly), an existing one the caller may not see or change 403.
 
 Sessions, members, history and a user's sessions are read and written
-through :class:`imcluster.processor.store.MessageStore`; messages go through
+through :class:`imcluster.store.postgres.MessageStore`; messages go through
 the processors' pipeline (:class:`imcluster.api.publisher.MessagePublisher`);
 presence comes from the Redis connection index, counting only gateways that
 are alive.
@@ -25,7 +25,6 @@ are alive.
 from __future__ import annotations
 
 import hmac
-import io
 import json
 import re
 import time
@@ -34,7 +33,6 @@ from importlib import resources as package_resources
 from typing import Any, Callable, Iterable
 from urllib.parse import parse_qs, unquote_to_bytes
 
-import psycopg2
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -42,10 +40,9 @@ from twisted.web import resource, server
 
 from imcluster import metrics
 from imcluster.auth import AuthError
-from imcluster.db import DatabaseUnavailable
-from imcluster.processor.store import StoreError, parse_p2p, valid_session_id, valid_user_id
-from imcluster.protocol import check_json_value, is_client_msg_id
-from imcluster.web import HealthResource, metrics_resource, write_json
+from imcluster.protocol import check_json_value, is_client_msg_id, message_frame_size
+from imcluster.store import StoreError, StoreUnavailable, parse_p2p, valid_session_id, valid_user_id
+from imcluster.web import GuardedSite, HealthResource, metrics_resource, write_json
 
 #: HTTP-API.md "Errors": status -> code
 ERROR_CODES = {
@@ -123,58 +120,17 @@ class AdminKeys:
         return found
 
 
-# --- requests with a bounded body ----------------------------------------------------
+# --- the site --------------------------------------------------------------------------
 
 
-class APIRequest(server.Request):
-    """A Request that keeps at most ``site.max_body_size`` bytes of body, in memory.
-
-    Beyond that, the rest is read and dropped and ``body_too_large`` is set
-    (the resource answers 413); a declared ``Content-Length`` over the limit
-    is known at once.
-    """
-
-    body_too_large = False
-    _received = 0
-
-    def _limit(self) -> int:
-        return getattr(self.channel.site, "max_body_size", 1048576)
-
-    def gotLength(self, length: int | None) -> None:  # noqa: N802 (Twisted API)
-        # never a temporary file: what is kept is bounded by the limit
-        self.content = io.BytesIO()
-        if length is not None and length > self._limit():
-            self.body_too_large = True
-
-    def handleContentChunk(self, data: bytes) -> None:  # noqa: N802 (Twisted API)
-        if self.body_too_large:
-            return
-        self._received += len(data)
-        if self._received > self._limit():
-            self.body_too_large = True
-            self.content = io.BytesIO()
-            return
-        self.content.write(data)
-
-
-class APISite(server.Site):
-    """The imapi site: bounded bodies, an idle timeout, no access log.
+class APISite(GuardedSite):
+    """The imapi site: a :class:`~imcluster.web.GuardedSite` (header and body deadlines, bounded
+    bodies, ``max_connections``, JSON errors) without an access log.
 
     Requests are counted in ``imcluster_http_requests_total`` (method,
     route, status) instead of a log line each; failures are logged where
     they happen.
     """
-
-    requestFactory = APIRequest
-
-    def __init__(self, root: resource.Resource, max_body_size: int, idle_timeout: float) -> None:
-        super().__init__(root, timeout=idle_timeout)
-        self.max_body_size = max_body_size
-        self.noisy = False
-        self.displayTracebacks = False
-
-    def log(self, request: Any) -> None:
-        pass
 
 
 # --- routing ---------------------------------------------------------------------------
@@ -256,7 +212,7 @@ class APIResource(resource.Resource):
 
     def __init__(self, store: Any, registry: Any, publisher: Any, authenticator: Any,
                  admin_keys: Iterable[str], probes: dict, health_timeout: float = 2.0,
-                 max_json_depth: int = 64, clock: Any = None) -> None:
+                 max_json_depth: int = 64, clock: Any = None, max_frame_size: int = 65536) -> None:
         super().__init__()
         self.store = store
         self.registry = registry
@@ -264,6 +220,7 @@ class APIResource(resource.Resource):
         self.authenticator = authenticator
         self.admin_keys = AdminKeys(admin_keys)
         self.max_json_depth = max_json_depth
+        self.max_frame_size = max_frame_size
         self.health = HealthResource(probes, health_timeout, clock)
         self.metrics = metrics_resource()
         self._openapi: bytes | None = None
@@ -327,16 +284,16 @@ class APIResource(resource.Resource):
             return e
         if isinstance(e, StoreError):
             return APIError(STORE_STATUS.get(e.code, 400), e.message)
-        if isinstance(e, (DatabaseUnavailable, psycopg2.OperationalError)):
+        if isinstance(e, StoreUnavailable):
             self.log.warn("{route}: PostgreSQL unavailable: {err}", route=route.template, err=str(e))
             return APIError(503, "PostgreSQL is unavailable; retry later")
         from imcluster.api.publisher import PublishUnavailable
-        from imcluster.registry import RedisConnectionError
+        from imcluster.registry import RegistryUnavailable
 
         if isinstance(e, PublishUnavailable):
             self.log.warn("{route}: {err}", route=route.template, err=str(e))
             return APIError(503, f"the message was not handled: {e}; retry with the same clientMsgId")
-        if isinstance(e, (TimeoutError, RedisConnectionError, defer.TimeoutError)):
+        if isinstance(e, (TimeoutError, RegistryUnavailable, defer.TimeoutError)):
             self.log.warn("{route}: {err}", route=route.template, err=str(e))
             return APIError(503, f"a backing service did not answer: {e}")
         self.log.failure("{route}: unexpected error", f, route=route.template)
@@ -505,6 +462,12 @@ class APIResource(resource.Resource):
             raise APIError(400, "from must be a user id (1-128 of A-Z a-z 0-9 _ . @ -)")
         # the session first: one that does not exist is 404 for everyone, whatever else is wrong
         await self.session(session_id, principal)
+        # no larger than a client's message frame may be (HTTP-API.md), whatever the request body's limit
+        size = message_frame_size(session_id, client_msg_id, body["body"])
+        if size > self.max_frame_size:
+            metrics.API_MESSAGES.labels(result="too_large").inc()
+            raise APIError(413, f"the message is {size} bytes as a client message frame; the limit is "
+                                f"{self.max_frame_size} (max_frame_size)")
         sender = body.get("from")
         if principal.admin:
             sender = sender or SYSTEM_USER
@@ -552,8 +515,8 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
-def make_site(api: APIResource, max_body_size: int, idle_timeout: float) -> APISite:
-    """The imapi site around ``api``."""
-    return APISite(api, max_body_size, idle_timeout)
+def make_site(api: resource.Resource, config: Any, reactor: Any = None) -> APISite:
+    """The imapi site around ``api``, with ``config``'s HTTP limits and ``max_connections``."""
+    return APISite.from_config(api, config, "api", max_connections=config.max_connections, reactor=reactor)
 
 

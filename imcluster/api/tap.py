@@ -38,7 +38,7 @@ def build(config: Any, authenticator: Any = None) -> tuple[DaemonService, Any]:
     from imcluster.auth import JWTAuthenticator
     from imcluster.bus import AMQPService
     from imcluster.db import PostgresService
-    from imcluster.processor.store import MessageStore
+    from imcluster.store.postgres import MessageStore
     from imcluster.registry import RedisService
     from imcluster.web import ListenerService, dependency_probes
 
@@ -55,9 +55,10 @@ def build(config: Any, authenticator: Any = None) -> tuple[DaemonService, Any]:
     api = APIResource(
         MessageStore(db, config.max_group_size), redis, publisher,
         authenticator or JWTAuthenticator.from_config(config),
-        config.api_key, probes, health_timeout=config.health_timeout, max_json_depth=config.max_json_depth)
+        config.api_key, probes, health_timeout=config.health_timeout, max_json_depth=config.max_json_depth,
+        max_frame_size=config.max_frame_size)
     # the web chat page (/app/) and, with --dev-login only, POST /v1/dev/login
-    site = make_site(mount(api, config), config.max_body_size, config.http_idle_timeout)
+    site = make_site(mount(api, config), config)
     for description in config.http:
         ListenerService(description, site).setServiceParent(root)
     return root, api

@@ -20,7 +20,7 @@ path as one leaf; :func:`mount` puts a small root in front of it that sends
 ``/app/...`` and ``/v1/dev/login`` here and everything else to the API
 (``GET /`` redirects to ``/app/``)::
 
-    site = make_site(mount(api, config), config.max_body_size, config.http_idle_timeout)
+    site = make_site(mount(api, config), config)
 """
 
 from __future__ import annotations
@@ -66,6 +66,15 @@ def _read_only(request: Any) -> Any:
     return _error(request, 405, "method_not_allowed", "the web chat's files are read with GET")
 
 
+class Forbidden(resource.Resource):
+    """403 in the JSON error shape (a page file the daemon may not read), not Twisted's HTML page."""
+
+    isLeaf = True
+
+    def render(self, request: Any) -> Any:
+        return _error(request, 403, "forbidden", "this file cannot be read")
+
+
 class StaticFiles(static.File):
     """``imcluster/static`` without directory listings, with the page's security headers.
 
@@ -76,11 +85,19 @@ class StaticFiles(static.File):
 
     contentTypes = dict(static.File.contentTypes, **CONTENT_TYPES)
     childNotFound = NotFound()
+    forbidden = Forbidden()
     #: the Content-Security-Policy header (set by WebApp; passed on to each file)
     csp = "default-src 'self'"
 
     def render(self, request: Any) -> Any:
         return _read_only(request) or super().render(request)
+
+    def getChild(self, path: bytes, request: Any) -> resource.Resource:  # noqa: N802 (Twisted API)
+        # Twisted passes a NUL on to the file system (ValueError: a 500 with a traceback) and logs a
+        # traceback for a segment that is not UTF-8: no file of the page has such a name
+        if not _plain_file_name(path):
+            return NotFound()
+        return super().getChild(path, request)
 
     def createSimilarFile(self, path: str) -> "StaticFiles":  # noqa: N802 (Twisted API)
         f = super().createSimilarFile(path)
@@ -142,6 +159,21 @@ class WebApp(resource.Resource):
     def render_GET(self, request: Any) -> bytes:  # noqa: N802 (Twisted API)
         # "/app" without its slash: relative links in the page need it
         return util.redirectTo(b"/app/", request)
+
+
+#: the longest file name a page file may have (file systems allow 255 bytes)
+MAX_FILE_NAME = 255
+
+
+def _plain_file_name(name: bytes) -> bool:
+    """True for a path segment that could name one of the page's files (UTF-8, no NUL, no separator)."""
+    if not name or len(name) > MAX_FILE_NAME or b"\x00" in name or b"/" in name or b"\\" in name:
+        return False
+    try:
+        name.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _origin(url: str) -> str:

@@ -3,20 +3,15 @@
 :class:`ClientConnection` runs PROTOCOL.md for one client: authentication
 and its timers, token expiry and refresh, bad-frame accounting, rate
 limiting, ping/pong, forwarding frames to the hub, and the slow-consumer
-rule. It knows nothing of sockets: a thin adapter
+rule. It knows nothing of sockets and never asks which transport it runs
+on: a thin adapter providing
+:class:`~imcluster.interfaces.ITransportAdapter`
 (:mod:`imcluster.gateway.websocket`, :mod:`imcluster.gateway.rawsocket`)
-feeds it complete frames and carries out what it asks for. The adapter
-provides:
-
-``write_message(data: bytes)``
-    send one frame's JSON (a WebSocket text message, or a length-prefixed
-    TCP frame);
-``close_connection(code: int, reason: str)``
-    close the transport (WebSocket close ``code``; TCP simply closes, the
-    engine has already written any ``error`` frame);
-``buffered_bytes() -> int | None``
-    the output the transport holds and has not handed to the kernel, or None
-    when it cannot tell.
+feeds it complete frames and carries out what it asks for: write an encoded
+frame (``write_message``), tell the output it holds (``buffered_bytes``),
+and close for one of PROTOCOL.md's reasons (``close_for``, with a
+:class:`~imcluster.gateway.transport.CloseReason` that each adapter renders:
+a WebSocket close code, or an ``error`` frame then a close).
 
 The engine also is the ``IPushProducer`` an adapter registers on its
 transport: ``pauseProducing`` means the transport holds more than its buffer
@@ -57,6 +52,8 @@ from zope.interface import implementer
 from imcluster import metrics
 from imcluster import protocol as p
 from imcluster.auth import AuthError
+from imcluster.gateway import transport as closes
+from imcluster.gateway.transport import CloseReason, transport_counters
 from imcluster.interfaces import IClientConnection
 
 # engine states
@@ -65,7 +62,6 @@ NEW, OPEN, CLOSING, CLOSED = range(4)
 
 # prometheus children looked up once: labels() is too slow for every frame
 _FRAMES_IN: dict[tuple[str, str], Any] = {}
-_COUNTERS: dict[str, tuple[Any, Any, Any]] = {}
 
 
 def _frames_in(transport: str, frame_type: str) -> Any:
@@ -74,15 +70,6 @@ def _frames_in(transport: str, frame_type: str) -> Any:
     if child is None:
         child = _FRAMES_IN[key] = metrics.FRAMES_IN.labels(transport=transport, type=frame_type)
     return child
-
-
-def _counters(transport: str) -> tuple[Any, Any, Any]:
-    c = _COUNTERS.get(transport)
-    if c is None:
-        c = _COUNTERS[transport] = (metrics.BYTES_IN.labels(transport=transport),
-                                    metrics.FRAMES_OUT.labels(transport=transport),
-                                    metrics.BYTES_OUT.labels(transport=transport))
-    return c
 
 
 class TokenBucket:
@@ -111,6 +98,9 @@ class TokenBucket:
 @implementer(IClientConnection, IPushProducer)
 class ClientConnection:
     """One client connection on a gateway: PROTOCOL.md's rules, transport-agnostic.
+
+    ``adapter`` provides :class:`~imcluster.interfaces.ITransportAdapter`;
+    its ``transport_name`` and ``client_address`` name the connection.
 
     Attributes for the hub: ``transport_name`` (``'ws'``/``'tcp'``), ``ip``,
     ``port``, ``peer_key`` (``<ip>##<port>``), ``conn_id``
@@ -145,8 +135,10 @@ class ClientConnection:
 
     log = Logger()
 
-    def __init__(self, hub: Any, adapter: Any, transport_name: str, ip: str, port: int) -> None:
+    def __init__(self, hub: Any, adapter: Any) -> None:
         self.hub = hub
+        transport_name = adapter.transport_name
+        ip, port = adapter.client_address
         self.transport_name = transport_name
         self.ip = ip
         self.port = port
@@ -159,7 +151,6 @@ class ClientConnection:
         self._clock = hub.clock
         self.connected_at = self._clock.seconds()
         config = hub.config
-        self._tcp = transport_name == "tcp"
         self._max_frame_size = config.max_frame_size
         self._max_bad = config.max_bad_frames
         self._max_depth = getattr(config, "max_json_depth", p.DEFAULT_MAX_DEPTH)
@@ -170,7 +161,7 @@ class ClientConnection:
         self._slow_grace = config.slow_consumer_grace
         self._queue_limit = config.rate_burst
         self._bucket = TokenBucket(config.rate_limit, config.rate_burst, self.connected_at)
-        self._bytes_in, self._frames_out, self._bytes_out = _counters(transport_name)
+        self._bytes_in, self._frames_out, self._bytes_out = transport_counters(transport_name)
 
         self._state = NEW
         self._authed = False
@@ -254,7 +245,7 @@ class ClientConnection:
 
     def frame_too_large(self) -> None:
         """The client sent (or announced) a frame over ``max_frame_size``."""
-        self._close(p.CLOSE_TOO_LARGE, "frame too large", p.TOO_LARGE, "too_large")
+        self._close(closes.TOO_LARGE)
 
     def activity(self) -> None:
         """The client sent something that is not a frame (a WebSocket ping or pong)."""
@@ -320,11 +311,11 @@ class ClientConnection:
 
     def close(self, code: int, reason: str) -> None:
         """Close with WebSocket ``code``; a TCP client first gets the ``error`` frame for it."""
-        self._close(code, reason, p.TCP_CLOSE_ERRORS.get(code), "server")
+        self._close(CloseReason.for_code(code, reason))
 
     def going_away(self) -> None:
         """The gateway stops: WebSocket 1001, TCP ``error`` ``going_away``; the client reconnects elsewhere."""
-        self._close(p.CLOSE_GOING_AWAY, "server going away", p.GOING_AWAY, "going_away")
+        self._close(closes.GOING_AWAY)
 
     # --- output
 
@@ -372,7 +363,7 @@ class ClientConnection:
     def _slow_consumer(self, pending: int) -> None:
         self.log.info("closing slow consumer {conn}: {pending} bytes pending",
                       conn=self.conn_id, pending=pending)
-        self._close(p.CLOSE_SLOW_CONSUMER, "slow consumer", p.SLOW_CONSUMER, "slow_consumer")
+        self._close(closes.SLOW_CONSUMER)
 
     def _send(self, frame: dict) -> None:
         if self._state == OPEN:
@@ -387,22 +378,17 @@ class ClientConnection:
     def _reply_error(self, frame: dict, code: str, message: str) -> None:
         self._send_error(p.reply_to(frame, code, message))
 
-    def _close(self, code: int, reason: str, tcp_error: str | None, metric: str) -> None:
+    def _close(self, reason: CloseReason) -> None:
         if self._state != OPEN:
             return
-        if self._tcp and tcp_error is not None:
-            # the last frame goes out even to a slow consumer: it is bounded
-            data = p.encode_bytes(p.error_frame(tcp_error, reason))
-            metrics.ERRORS.labels(code=tcp_error).inc()
-            self._adapter.write_message(data)
-            self._frames_out.inc()
-            self._bytes_out.inc(len(data))
         self._state = CLOSING
         self._cancel_timers()
         self._held.clear()
-        metrics.CLOSES.labels(reason=metric).inc()
-        self.log.debug("closing {conn}: {code} {reason}", conn=self.conn_id, code=code, reason=reason)
-        self._adapter.close_connection(code, reason)
+        metrics.CLOSES.labels(reason=reason.name).inc()
+        self.log.debug("closing {conn}: {why} ({code} {reason})", conn=self.conn_id, why=reason.name,
+                       code=reason.code, reason=reason.text)
+        # the adapter renders it: a close code, or an error frame and a close
+        self._adapter.close_for(reason)
 
     # --- timers
 
@@ -416,7 +402,7 @@ class ClientConnection:
 
     def _auth_timed_out(self) -> None:
         self._auth_call = None
-        self._close(p.CLOSE_AUTH, "authentication timeout", p.AUTH_TIMEOUT, "auth_timeout")
+        self._close(closes.AUTH_TIMEOUT)
 
     def _idle_check(self) -> None:
         # rescheduled lazily instead of on every frame: one timer per idle period
@@ -427,7 +413,7 @@ class ClientConnection:
         if remaining > 0:
             self._idle_call = self._clock.callLater(remaining, self._idle_check)
             return
-        self._close(p.CLOSE_NORMAL, "idle timeout", p.IDLE_TIMEOUT, "idle_timeout")
+        self._close(closes.IDLE_TIMEOUT)
 
     def _schedule_expiry(self, exp: Any) -> None:
         if self._expiry_call is not None and self._expiry_call.active():
@@ -440,7 +426,7 @@ class ClientConnection:
 
     def _token_expired(self) -> None:
         self._expiry_call = None
-        self._close(p.CLOSE_TOKEN_EXPIRED, "token expired", p.TOKEN_EXPIRED, "token_expired")
+        self._close(closes.TOKEN_EXPIRED)
 
     # --- input
 
@@ -448,8 +434,8 @@ class ClientConnection:
         self._bad_in_a_row += 1
         self._send_error(reply)
         if self._bad_in_a_row > self._max_bad:
-            # the bad_frame error just sent tells a TCP client why
-            self._close(p.CLOSE_POLICY, "too many bad frames", None, "bad_frames")
+            # the bad_frame error just sent tells a client without close codes why
+            self._close(closes.BAD_FRAMES)
 
     def _dispatch(self, frame: dict) -> None:
         frame_type = frame["type"]
@@ -513,7 +499,7 @@ class ClientConnection:
         metrics.AUTH_FAILURES.labels(code=code).inc()
         self.log.info("auth refused on {conn}: {code}", conn=self.conn_id, code=code)
         self._send_error(p.auth_reply_error(code, message))
-        self._close(p.CLOSE_AUTH, code, None, "auth_failed")
+        self._close(closes.AUTH_FAILED.because(code))
 
     def _auth_recorded(self, _: Any, identity: Any, refresh: bool) -> None:
         self._auth_pending = False

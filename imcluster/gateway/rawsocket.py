@@ -6,6 +6,9 @@ a huge frame gets ``error`` ``too_large`` and is closed without the server
 buffering a byte of it. Complete frames go to the connection's
 :class:`~imcluster.gateway.engine.ClientConnection`. TLS comes from an
 ``ssl:`` endpoint string; nothing here depends on it.
+
+Raw TCP has no close codes: a close is rendered as the ``error`` frame of
+its reason, then a close (:meth:`RawSocketProtocol.close_for`).
 """
 
 from __future__ import annotations
@@ -15,21 +18,26 @@ from typing import Any
 
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from imcluster import protocol as p
 from imcluster.gateway.engine import ClientConnection
-from imcluster.gateway.websocket import _buffered_bytes, peer_address
+from imcluster.gateway.transport import CloseReason, buffered_bytes, peer_address, write_farewell
+from imcluster.interfaces import ITransportAdapter
 
 _HEADER = struct.Struct(">I")
 
 
+@implementer(ITransportAdapter)
 class RawSocketProtocol(Protocol):
     """One raw TCP client."""
 
     log = Logger()
+    transport_name = "tcp"
 
     def __init__(self) -> None:
         self.conn: ClientConnection | None = None
+        self.client_address: tuple[str, int] | None = None
         self._buffer = bytearray()
         self._need = _HEADER.size
         self._closing = False
@@ -37,12 +45,12 @@ class RawSocketProtocol(Protocol):
 
     def connectionMade(self) -> None:  # noqa: N802 (Twisted API)
         hub = self.factory.hub
-        ip, port = peer_address(self.transport)
-        conn = ClientConnection(hub, self, "tcp", ip, port)
+        self.client_address = peer_address(self.transport)
+        conn = ClientConnection(hub, self)
         if not conn.open():
             self.write_message(p.encode_bytes(p.error_frame(
                 p.UNAVAILABLE, "the server takes no new connections; try again later")))
-            self.close_connection(p.CLOSE_TRY_AGAIN, "refused")
+            self._lose_connection()
             return
         self.conn = conn
         self.transport.registerProducer(conn, True)
@@ -100,7 +108,14 @@ class RawSocketProtocol(Protocol):
         if not self._closing:
             self.transport.writeSequence((_HEADER.pack(len(data)), data))
 
-    def close_connection(self, code: int, reason: str) -> None:
+    def close_for(self, reason: CloseReason) -> None:
+        """The reason's ``error`` frame (when it has one), then close."""
+        if self._closing:
+            return
+        write_farewell(self, reason)
+        self._lose_connection()
+
+    def _lose_connection(self) -> None:
         """Flush and close; a client that does not read its last frames is dropped after ``close_timeout``."""
         if self._closing:
             return
@@ -119,7 +134,7 @@ class RawSocketProtocol(Protocol):
 
     def buffered_bytes(self) -> int | None:
         """Output the transport holds and the kernel did not take yet."""
-        return _buffered_bytes(self.transport)
+        return buffered_bytes(self.transport)
 
 
 class RawSocketFactory(Factory):

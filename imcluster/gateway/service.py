@@ -5,21 +5,25 @@ calls (``notes``: ``connection_made``, ``authenticated``, ``request_sync``,
 ``forward``, ``connection_lost``) and runs ARCHITECTURE.md's flows:
 
 1. start: a new uuid; ``WSSERVER_<uuid>`` + ``WSSERVERS``; declare and
-   consume ``<ns>.gateway.<uuid>``; then open the listening ports (and write
-   ``WSSERVER_<uuid>`` again with the ports actually bound);
+   consume ``<ns>.gateway.<uuid>``; then start the children: the heartbeat
+   and one :class:`TransportListener` per ``--ws`` / ``--tcp`` endpoint
+   (and write ``WSSERVER_<uuid>`` again with the ports actually bound);
 2. connect / 3. auth / 7. disconnect: the connection maps
    (:class:`~imcluster.gateway.connections.ConnectionRegistry`) and the
    ``UCIR##<user>`` / ``WSCONNS##<uuid>`` entries, written in pipelines that
    gather every change of one reactor turn;
 4. client frames are coalesced into ``{"v":1,"items":[...]}`` batches
-   (docs/internals.rst), one persistent, confirmed publish per batch;
+   (:class:`imcluster.envelope.Publisher`), one persistent, confirmed
+   publish per batch;
 6. deliveries from the gateway queue are written, in order, to the named
    connections, each frame serialised once;
-8. SIGTERM: listeners stop, clients are told "going away", every Redis entry
-   of this gateway is removed, then the AMQP connection closes.
+8. SIGTERM: the children stop in reverse (listeners first, then the
+   heartbeat), clients are told "going away", every Redis entry of this
+   gateway is removed, then the AMQP connection closes.
 
-A heartbeat refreshes ``WSSERVER_<uuid>``; when Redis has lost it (or after a
-Redis reconnect) the gateway writes its key and every live connection again.
+A heartbeat (a :class:`~imcluster.service.GuardedLoop` child) refreshes
+``WSSERVER_<uuid>``; when Redis has lost it (or after a Redis reconnect) the
+gateway writes its key and every live connection again.
 
 Healing (ARCHITECTURE.md, "deliveries heal by themselves"): whatever the
 processors routed while this gateway's queue was gone (a broker restart, a
@@ -34,21 +38,25 @@ twice (same ``msgId``), and another ``sync_done``.
 
 from __future__ import annotations
 
-import json
 import socket
 import uuid as uuid_module
 from typing import Any, Callable, Iterable
 
 from twisted.application import service
-from twisted.internet import defer, endpoints
+from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from imcluster import metrics
+from imcluster import envelope, metrics
 from imcluster.protocol import encode_bytes
 from imcluster.gateway.connections import ConnectionRegistry
 from imcluster.registry import conn_meta, server_info
-from imcluster.service import GuardedLoop, with_timeout
+from imcluster.service import AsyncMultiService, GuardedLoop, with_timeout
+from imcluster.web import ListenerService
+
+# the gateway's transports, in listening order: the config option holding a
+# transport's endpoints (--ws, --tcp) and the WSSERVER_ field of its first port
+TRANSPORTS = (("ws", "port"), ("tcp", "tcpPort"))
 
 
 class GatewayStopping(Exception):
@@ -119,6 +127,30 @@ def with_backlog(description: str, backlog: int) -> str:
     if kind not in ("tcp", "tcp6", "ssl", "ssl6") or "backlog=" in description:
         return description
     return f"{description}:backlog={backlog}"
+
+
+def default_factories() -> dict[str, Callable[[Any], Any]]:
+    """The listening factory maker of each transport (each takes the hub)."""
+    from imcluster.gateway.rawsocket import make_rawsocket_factory
+    from imcluster.gateway.websocket import make_websocket_factory
+
+    return {"ws": make_websocket_factory, "tcp": make_rawsocket_factory}
+
+
+class TransportListener(ListenerService):
+    """One ``--ws`` / ``--tcp`` endpoint of the gateway: a listener that knows its transport.
+
+    ``kind`` is the transport (``"ws"``, ``"tcp"``), ``configured`` the
+    endpoint as configured; it listens with a large backlog
+    (:func:`with_backlog`).
+    """
+
+    def __init__(self, kind: str, description: str, factory: Any, backlog: int,
+                 reactor: Any = None) -> None:
+        super().__init__(with_backlog(description, backlog), factory, reactor)
+        self.kind = kind
+        self.configured = description
+        self.setName(f"{kind} {description}")
 
 
 #: seconds subtracted from the time a loss began, in a re-sync's ``since``: the
@@ -245,97 +277,23 @@ class ConnectionWriter:
         return defer.DeferredList(list(self._in_flight), consumeErrors=True)
 
 
-# --- coalesced publishes to the processors -----------------------------------------
-
-
-class Publisher:
-    """Coalesces items into ``{"v":1,"items":[...]}`` publishes to ``<ns>.server``.
-
-    A batch goes out at the end of the reactor turn (``callLater(0)``), or
-    at once when ``max_items`` are pending; each item's Deferred fires or
-    fails with its batch's publish (the bus fails a publish within
-    ``publish_timeout``). Each item is serialised when submitted, so a batch
-    costs one join, and one bad item fails alone.
-    """
-
-    log = Logger()
-
-    def __init__(self, bus: Any, routing_key: str, clock: Any, max_items: int) -> None:
-        self.bus = bus
-        self.routing_key = routing_key
-        self.clock = clock
-        self.max_items = max_items
-        self._items: list[bytes] = []
-        self._waiters: list[defer.Deferred] = []
-        self._call: Any = None
-        self._in_flight: set[defer.Deferred] = set()
-
-    def submit(self, item: dict) -> defer.Deferred:
-        """Publish ``item`` in the current batch; fires None on the broker's confirm."""
-        try:
-            # ASCII escapes: a lone surrogate in client text cannot break the batch's UTF-8
-            encoded = json.dumps(item, separators=(",", ":")).encode("ascii")
-        except (TypeError, ValueError) as e:
-            return defer.fail(e)
-        d = defer.Deferred()
-        self._items.append(encoded)
-        self._waiters.append(d)
-        if len(self._items) >= self.max_items:
-            self.flush()
-        elif self._call is None:
-            self._call = self.clock.callLater(0, self.flush)
-        return d
-
-    @property
-    def pending(self) -> int:
-        """Items waiting for the end of the turn."""
-        return len(self._items)
-
-    def flush(self) -> None:
-        """Publish what is pending now as one message."""
-        if self._call is not None:
-            if self._call.active():
-                self._call.cancel()
-            self._call = None
-        if not self._items:
-            return
-        items, self._items = self._items, []
-        waiters, self._waiters = self._waiters, []
-        body = b'{"v":1,"items":[' + b",".join(items) + b"]}"
-        metrics.PUBLISH_BATCH.observe(len(items))
-        d = defer.maybeDeferred(self.bus.publish, self.routing_key, body, mandatory=False, persistent=True)
-        self._in_flight.add(d)
-
-        def done(result: Any) -> None:
-            self._in_flight.discard(d)
-            if isinstance(result, Failure):
-                self.log.warn("publish of {n} items failed: {err}", n=len(waiters),
-                              err=result.getErrorMessage())
-            for w in waiters:
-                if isinstance(result, Failure):
-                    w.errback(result)
-                else:
-                    w.callback(None)
-
-        d.addBoth(done)
-
-    def drain(self) -> defer.Deferred:
-        """Flush, then fire when every publish so far is confirmed or failed."""
-        self.flush()
-        return defer.DeferredList(list(self._in_flight), consumeErrors=True)
-
-
 # --- the hub ------------------------------------------------------------------------
 
 
-class GatewayService(service.Service):
+class GatewayService(AsyncMultiService):
     """One gateway: the hub of its client connections (see the module docstring).
 
     ``registry`` provides IRegistry (``RedisService``), ``bus`` IMessageBus
     (``AMQPService``), ``authenticator`` IAuthenticator. ``factories`` maps
     ``"ws"`` / ``"tcp"`` to a callable building the listening factory from
-    the hub (default: the engine's ``make_websocket_factory`` and
-    ``make_rawsocket_factory``).
+    the hub (default: :func:`default_factories`).
+
+    Its children, started once the gateway is registered and consuming its
+    queue, and stopped in reverse before the goodbye::
+
+        GuardedLoop "heartbeat"            refreshes WSSERVER_<uuid> every --heartbeat s
+        TransportListener "ws <endpoint>"  one per --ws endpoint ...
+        TransportListener "tcp <endpoint>" ... and per --tcp endpoint: they stop first
     """
 
     log = Logger()
@@ -345,6 +303,7 @@ class GatewayService(service.Service):
                  name: str = "gateway") -> None:
         if reactor is None:
             from twisted.internet import reactor
+        super().__init__(name)
         self.config = config
         self.registry = registry
         self.bus = bus
@@ -352,16 +311,13 @@ class GatewayService(service.Service):
         self.reactor = reactor
         self.clock = reactor
         self.factories = factories
-        self.setName(name)
         self.server_id: str | None = None
         self.accepting = False
         self.connections = ConnectionRegistry()
         self.info: dict | None = None
-        self.ports: list[tuple[str, str, Any]] = []  # (kind, description, IListeningPort)
         self._stopping = False
         self._writer: ConnectionWriter | None = None
-        self._publisher: Publisher | None = None
-        self._heartbeat: GuardedLoop | None = None
+        self._publisher: envelope.Publisher | None = None
         self._listening_reconnects = False
         self._resync_running = False
         self._resync_again = False
@@ -377,19 +333,40 @@ class GatewayService(service.Service):
         self._redis_ok_at: float | None = None
         self._redis_lost_since: float | None = None
         self._all_closed: defer.Deferred | None = None
+        # a timer that survives a failing refresh (a TimerService would stop for good)
+        self._heartbeat = GuardedLoop(config.heartbeat, self.heartbeat, "heartbeat", clock=self.clock, now=False)
+        self._heartbeat.setServiceParent(self)
+        self._listeners: list[TransportListener] = []
+        self._add_listeners(factories if factories is not None else default_factories())
+
+    def _add_listeners(self, factories: dict[str, Callable[[Any], Any]]) -> None:
+        """One child per configured endpoint; one factory per transport, shared by its endpoints."""
+        for kind, _ in TRANSPORTS:
+            descriptions = getattr(self.config, kind, None) or []
+            if not descriptions:
+                continue
+            factory = factories[kind](self)
+            for description in descriptions:
+                listener = TransportListener(kind, description, factory, self.config.listen_backlog,
+                                             self.reactor)
+                if self.namedServices.get(listener.name) is not None:
+                    # the same endpoint twice (tcp:0): names must be unique among children
+                    listener.setName(f"{listener.name} #{len(self._listeners) + 1}")
+                listener.setServiceParent(self)
+                self._listeners.append(listener)
 
     # --- lifecycle
 
     @defer.inlineCallbacks
     def startService(self):  # noqa: N802 (Twisted API)
-        """Flow 1: register in Redis, consume the gateway queue, then listen."""
+        """Flow 1: register in Redis, consume the gateway queue, then start the heartbeat and the listeners."""
         service.Service.startService(self)
         c = self.config
         self._stopping = False
         self.server_id = str(uuid_module.uuid4())
         self._writer = ConnectionWriter(self.registry, self.server_id, self.clock, c.redis_batch,
                                         self._entry_live)
-        self._publisher = Publisher(self.bus, self.bus.server_key(), self.clock, c.publish_batch)
+        self._publisher = envelope.Publisher(self.bus, self.bus.server_key(), self.clock, c.publish_batch)
         self.info = server_info(
             advertise_address(c.advertise),
             declared_port(c.ws[0]) if c.ws else 0,
@@ -406,34 +383,25 @@ class GatewayService(service.Service):
         self._watch_queue(consumer)
         self.log.info("gateway {uuid} consuming its queue; opening listeners", uuid=self.server_id)
         self.accepting = True
-        yield self._listen()
+        try:
+            yield self.start_children()
+        except Exception:
+            # a gateway that cannot listen keeps no heartbeat nor half of its ports
+            self.accepting = False
+            yield self.stop_children()
+            raise
         # with tcp:0 the ports are only known now
-        bound = {"port": self.port_of("ws"), "tcpPort": self.port_of("tcp")}
+        bound = {field: self.port_of(kind) for kind, field in TRANSPORTS}
         if any(bound[k] != self.info[k] for k in bound):
             self.info = dict(self.info, **bound)
             yield self.registry.register_server(self.server_id, self.info, c.server_ttl)
-        self._heartbeat = GuardedLoop(c.heartbeat, self.heartbeat, f"gateway heartbeat {self.server_id}",
-                                      clock=self.clock, now=False)
-        self._heartbeat.startService()
         self.log.info("gateway {uuid} up: ws {ws} tcp {tcp} advertised as {ip}",
                       uuid=self.server_id, ws=self._bound("ws"), tcp=self._bound("tcp"), ip=self.info["ip"])
 
-    @defer.inlineCallbacks
-    def _listen(self):
-        factories = self.factories
-        if factories is None:
-            from imcluster.gateway.rawsocket import make_rawsocket_factory
-            from imcluster.gateway.websocket import make_websocket_factory
-            factories = {"ws": make_websocket_factory, "tcp": make_rawsocket_factory}
-        for kind, descriptions in (("ws", self.config.ws), ("tcp", self.config.tcp)):
-            if not descriptions:
-                continue
-            factory = factories[kind](self)
-            for description in descriptions:
-                endpoint = endpoints.serverFromString(
-                    self.reactor, with_backlog(description, self.config.listen_backlog))
-                port = yield endpoint.listen(factory)
-                self.ports.append((kind, description, port))
+    @property
+    def ports(self) -> list[tuple[str, str, Any]]:
+        """``(kind, configured endpoint, IListeningPort)`` of every bound listener, in order."""
+        return [(lst.kind, lst.configured, lst.port) for lst in self._listeners if lst.port is not None]
 
     def port_of(self, kind: str) -> int:
         """The first bound port of the ``"ws"`` or ``"tcp"`` listeners (0 when none)."""
@@ -456,16 +424,14 @@ class GatewayService(service.Service):
         self.accepting = False
         self._stopping = True
         c = self.config
-        ports, self.ports = self.ports, []
-        yield defer.DeferredList([defer.maybeDeferred(p.stopListening) for _, _, p in ports],
-                                 consumeErrors=True)
+        # the children stop in reverse: the listeners first (no new clients), then
+        # the heartbeat, whose in-flight refresh must land before the cleanup, not
+        # re-create the key after it
+        yield self.stop_children()
         self._cancel_retries()
         self._conn_resync_generation += 1
         if self._conn_resync_call is not None and self._conn_resync_call.active():
             self._conn_resync_call.cancel()
-        if self._heartbeat is not None and self._heartbeat.running:
-            # an in-flight refresh must land before the cleanup, not re-create the key after it
-            yield self._heartbeat.stopService()
         conns = list(self.connections)
         self.log.info("gateway {uuid} stopping: {n} clients going away", uuid=self.server_id, n=len(conns))
         for conn in conns:
@@ -648,10 +614,8 @@ class GatewayService(service.Service):
                 user_id = self.connections.user_of(conn)
                 if user_id is None:
                     continue  # gone meanwhile (or no longer authenticated)
-                item = self._item("sync", user_id, conn)
-                item["resync"] = True
-                if since_ms is not None:
-                    item["since"] = since_ms
+                item = envelope.sync_item(user_id, self.server_id, conn.conn_id,
+                                          int(self.clock.seconds() * 1000), resync=True, since=since_ms)
                 # a newer pass asks again for everyone: this request is then no longer wanted
                 self._publish_retrying(item, lambda conn=conn: generation == self._conn_resync_generation
                                        and self.connections.user_of(conn) is not None, owner=conn.conn_id)
@@ -721,7 +685,7 @@ class GatewayService(service.Service):
         if user_id is None:
             return defer.succeed(None)
         return self._publish_retrying(
-            self._item("sync", user_id, conn), lambda: self.connections.user_of(conn) is not None,
+            self._item(envelope.SYNC, user_id, conn), lambda: self.connections.user_of(conn) is not None,
             owner=conn.conn_id)
 
     def forward(self, conn: Any, frame: dict) -> defer.Deferred:
@@ -735,12 +699,12 @@ class GatewayService(service.Service):
         the client sees no error for them.
         """
         user_id = self.connections.user_of(conn) or getattr(conn, "user_id", None)
-        item = self._item("frame", user_id, conn, frame)
+        item = self._item(envelope.FRAME, user_id, conn, frame)
         if frame.get("type") == "message_send_reply":
             return self._publish_retrying(item, lambda: True)
         return self._publisher.submit(item)
 
-    def _publish_retrying(self, item: dict, wanted: Callable[[], bool],
+    def _publish_retrying(self, item: envelope.Item, wanted: Callable[[], bool],
                           owner: str | None = None) -> defer.Deferred:
         """Publish ``item``; after a failure, retry with backoff while ``wanted()``.
 
@@ -762,7 +726,7 @@ class GatewayService(service.Service):
                     done.callback(None)
                     return
                 self.log.warn("{kind} for {conn} not published ({err}); retrying in {delay}s",
-                              kind=item.get("frame", {}).get("type", item["kind"]), conn=item["connId"],
+                              kind=item.type or item.kind, conn=item.conn_id,
                               err=f.getErrorMessage(), delay=delay)
                 next_delay = min(delay * 2, self.config.retry_max_delay)
                 self._retries[done] = (self.clock.callLater(delay, attempt, next_delay), owner)
@@ -783,12 +747,8 @@ class GatewayService(service.Service):
             if not done.called:
                 done.callback(None)
 
-    def _item(self, kind: str, user_id: str, conn: Any, frame: dict | None = None) -> dict:
-        item = {"kind": kind, "userId": user_id, "serverId": self.server_id,
-                "connId": conn.conn_id, "ts": int(self.clock.seconds() * 1000)}
-        if frame is not None:
-            item["frame"] = frame
-        return item
+    def _item(self, kind: str, user_id: str, conn: Any, frame: dict | None = None) -> envelope.Item:
+        return envelope.Item(kind, user_id, self.server_id, conn.conn_id, int(self.clock.seconds() * 1000), frame)
 
     def connection_lost(self, conn: Any) -> None:
         """Flow 7: forget ``conn`` and remove its Redis entry (pipelined with others)."""
@@ -807,9 +767,10 @@ class GatewayService(service.Service):
     def _on_delivery(self, message: Any) -> None:
         """Write one AMQP message's deliveries to the named connections, in order, then ack.
 
-        Body: ``{"v":1,"items":[{"connIds":[...],"frames":[...]}, ...]}``.
-        Each frame is serialised once for all its connections. A malformed
-        message (or item) is logged and acknowledged: retrying cannot fix it.
+        Body: ``{"v":1,"items":[{"connIds":[...],"frames":[...]}, ...]}``
+        (:func:`imcluster.envelope.parse_deliveries`). Each frame is
+        serialised once for all its connections. A malformed message (or
+        item) is logged and acknowledged: retrying cannot fix it.
         """
         try:
             self._deliver(message.body)
@@ -820,25 +781,16 @@ class GatewayService(service.Service):
 
     def _deliver(self, body: bytes) -> None:
         try:
-            doc = json.loads(body)
-        except (TypeError, ValueError) as e:
-            self.log.warn("malformed delivery (not JSON: {err}); dropped", err=e)
+            deliveries = envelope.parse_deliveries(body)
+        except envelope.MalformedBatch as e:
+            self.log.warn("malformed delivery ({err}); dropped: {body!r:.200}", err=e, body=body)
             return
-        if not isinstance(doc, dict) or doc.get("v") != 1 or not isinstance(doc.get("items"), list):
-            self.log.warn("malformed delivery (not a v1 batch): {doc!r:.200}", doc=doc)
-            return
-        for n, item in enumerate(doc["items"]):
-            conn_ids = item.get("connIds") if isinstance(item, dict) else None
-            frames = item.get("frames") if isinstance(item, dict) else None
-            if not isinstance(conn_ids, list) or not isinstance(frames, list) \
-                    or not all(isinstance(f, dict) for f in frames):
-                self.log.warn("malformed delivery item {n}: {item!r:.200}; skipped", n=n, item=item)
-                continue
-            targets = [conn for conn in (self.connections.get(cid) for cid in conn_ids
-                                         if isinstance(cid, str)) if conn is not None]
+        get = self.connections.get
+        for delivery in deliveries:
+            targets = [conn for conn in (get(cid) for cid in delivery.conn_ids) if conn is not None]
             if not targets:
                 continue
-            encoded = [encode_bytes(frame) for frame in frames]
+            encoded = [encode_bytes(frame) for frame in delivery.frames]
             for conn in targets:
                 try:
                     for text in encoded:

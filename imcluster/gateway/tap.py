@@ -2,14 +2,20 @@
 
 The tree (children start in order and stop in reverse)::
 
-    DaemonService "imgateway"          gives up after --shutdown-timeout
-      RedisService "redis"             shared clients first ...
+    DaemonService "imgateway"              gives up after --shutdown-timeout
+      RedisService "redis"                 shared clients first ...
       AMQPService  "amqp"
-      "metrics" (--metrics)            /metrics and /healthz (imcluster.web)
-      GatewayService "gateway"         ... listeners last, so they stop first
+      "metrics" (--metrics)                /metrics and /healthz (imcluster.web)
+      GatewayService "gateway"             registers in Redis and consumes its queue,
+                                           then starts its own children:
+        GuardedLoop "heartbeat"              refreshes WSSERVER_<uuid> (survives failures)
+        TransportListener "ws <endpoint>"    one per --ws endpoint (WebSocket) ...
+        TransportListener "tcp <endpoint>"   ... one per --tcp endpoint (raw TCP):
+                                             listeners last, so they stop first
 
-Stopping (SIGTERM) therefore runs: listeners stop, clients are told "going
-away", the gateway's Redis entries are removed, then AMQP and Redis close.
+Stopping (SIGTERM) therefore runs: listeners stop, the heartbeat stops,
+clients are told "going away", the gateway's Redis entries are removed, then
+AMQP and Redis close.
 """
 
 from __future__ import annotations

@@ -4,8 +4,10 @@ Thin on purpose: Autobahn does RFC 6455 (handshake, masking, UTF-8
 validation, ping/pong, permessage-deflate, the 1009 close for a message over
 ``max_frame_size``); every text message goes to the connection's
 :class:`~imcluster.gateway.engine.ClientConnection`, which writes back
-through :meth:`GatewayWebSocketProtocol.write_message`. Any path is accepted
-(``/ws`` is the documented one).
+through :meth:`GatewayWebSocketProtocol.write_message` and closes through
+:meth:`~GatewayWebSocketProtocol.close_for` (the
+:class:`~imcluster.interfaces.ITransportAdapter` contract). Any path is
+accepted (``/ws`` is the documented one).
 
 The factory takes no URL (the port comes from the endpoint string, see
 DEPENDENCIES.md) and runs Autobahn's own timers (handshake timeout,
@@ -14,8 +16,6 @@ auto-ping, close handshake) on ``hub.clock``.
 
 from __future__ import annotations
 
-import ipaddress
-import itertools
 from typing import Any
 
 import autobahn.util
@@ -23,10 +23,11 @@ from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerPr
 from autobahn.util import encode_truncate
 from autobahn.websocket.compress import PerMessageDeflateOffer, PerMessageDeflateOfferAccept
 from autobahn.websocket.types import ConnectionDeny
+from zope.interface import implementer
 
 from imcluster.gateway.engine import ClientConnection
-
-_unix_ports = itertools.count(1)
+from imcluster.gateway.transport import CloseReason, buffered_bytes, forwarded_ip, peer_address
+from imcluster.interfaces import ITransportAdapter
 
 # Autobahn builds the arguments of its debug log lines on every frame it
 # sends, logged or not, and colours them with click when click can be
@@ -61,64 +62,23 @@ class _Call:
             self.call.cancel()
 
 
-def peer_address(transport: Any) -> tuple[str, int]:
-    """``(ip, port)`` of the transport's peer (TLS included); UNIX sockets get a made-up port."""
-    peer = transport.getPeer()
-    host = getattr(peer, "host", None)
-    port = getattr(peer, "port", None)
-    if host is None or port is None:
-        return "unix", next(_unix_ports)
-    return str(host), int(port)
-
-
-def _valid_ip(value: str) -> str | None:
-    try:
-        return str(ipaddress.ip_address(value.strip().strip("[]")))
-    except ValueError:
-        return None
-
-
-def forwarded_ip(headers: dict[str, str]) -> str | None:
-    """The client address a trusted proxy reports: X-Real-IP, else the last X-Forwarded-For hop.
-
-    The last hop is the one our proxy added (earlier entries come from the
-    client and may be forged). None when neither header holds an address.
-    """
-    real = headers.get("x-real-ip")
-    if real:
-        ip = _valid_ip(real)
-        if ip:
-            return ip
-    forwarded = headers.get("x-forwarded-for")
-    if forwarded:
-        return _valid_ip(forwarded.split(",")[-1])
-    return None
-
-
-def _buffered_bytes(transport: Any) -> int | None:
-    """Output a Twisted transport holds (under TLS wrappers too), or None when unknown."""
-    t = transport
-    for _ in range(4):
-        if t is None:
-            return None
-        if hasattr(t, "_tempDataLen") and hasattr(t, "dataBuffer"):
-            return len(t.dataBuffer) - getattr(t, "offset", 0) + t._tempDataLen
-        t = getattr(t, "transport", None)
-    return None
-
-
+@implementer(ITransportAdapter)
 class GatewayWebSocketProtocol(WebSocketServerProtocol):
     """One WebSocket client: Autobahn below, a :class:`ClientConnection` above."""
 
+    transport_name = "ws"
     # (Autobahn's txaio ``log`` is left alone: its calls rely on it)
     conn: ClientConnection | None = None
+    # (Autobahn's own ``peer`` is a string: ours has another name)
+    client_address: tuple[str, int] | None = None
 
     def onConnect(self, request: Any) -> None:  # noqa: N802 (Autobahn API)
         hub = self.factory.hub
         ip, port = peer_address(self.transport)
         if hub.config.trust_proxy:
             ip = forwarded_ip(request.headers) or ip
-        conn = ClientConnection(hub, self, "ws", ip, port)
+        self.client_address = (ip, port)
+        conn = ClientConnection(hub, self)
         if not conn.open():
             raise ConnectionDeny(503, "try again later")
         self.conn = conn
@@ -175,17 +135,20 @@ class GatewayWebSocketProtocol(WebSocketServerProtocol):
             finally:
                 self.maxMessagePayloadSize = limit
 
-    def close_connection(self, code: int, reason: str) -> None:
-        """Start the closing handshake with ``code`` (any code, 1009 and 1013 included)."""
+    def close_for(self, reason: CloseReason) -> None:
+        """Start the closing handshake with the reason's close code (any code, 1009 and 1013 included).
+
+        Autobahn's close-handshake timeout drops a client that does not answer.
+        """
         if self.state == self.STATE_OPEN:
             # sendClose() only allows 1000 and 3000-4999; the protocol needs 1001/1008/1009 too
-            self.sendCloseFrame(code=code, reasonUtf8=encode_truncate(reason, 123), isReply=False)
+            self.sendCloseFrame(code=reason.code, reasonUtf8=encode_truncate(reason.text, 123), isReply=False)
         elif self.state != self.STATE_CLOSED:
             self.dropConnection(abort=True)
 
     def buffered_bytes(self) -> int | None:
         """Output the transport holds and the kernel did not take yet."""
-        return _buffered_bytes(self.transport)
+        return buffered_bytes(self.transport)
 
 
 class GatewayWebSocketFactory(WebSocketServerFactory):

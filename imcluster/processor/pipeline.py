@@ -1,15 +1,20 @@
 """What a processor does with a window of client frames (ARCHITECTURE.md flows 5 and 6).
 
 The service (``service.py``) gathers queue messages (``{"v":1,"items":[...]}``,
-docs/internals.rst) into a :class:`Window` and runs it through
-:meth:`Pipeline.run` as one unit:
+docs/internals.rst, :mod:`imcluster.envelope`) into a :class:`Window` and runs it through
+:meth:`Pipeline.run` as one unit. The pipeline owns the stages, their
+order and the window's two turns; what each frame type does in a stage is
+its handler's (``imcluster/processor/handlers/``, one module per type, in
+the table ``HANDLERS``):
 
 1. every ``frame`` item was validated again when its queue message was
-   parsed (:func:`parse_envelope`); an invalid one is answered ``bad_frame``;
-2. ``message`` items pass the moderation filters in order (a rejection is
+   parsed (:func:`imcluster.envelope.parse_items`); an invalid one is
+   answered ``bad_frame``;
+2. ``message`` items (``handlers/message.py``) pass the moderation filters in order (a rejection is
    answered ``rejected`` and nothing is stored; a replacement changes the
    body), then ALL of them are stored in ONE transaction
-   (``store.store_messages``); at the same time the window's
+   (``store.begin_window``, then the registry is asked which recipients
+   are online, then ``commit``); at the same time the window's
    ``message_send_reply`` acknowledgements are applied with ONE
    ``store.mark_delivered`` (stages 3 and 4 do not wait for it; the window
    does), and ``history``, ``read`` and
@@ -20,7 +25,8 @@ docs/internals.rst) into a :class:`Window` and runs it through
    round trip) and
    the window's replies, deliveries and read receipts go out with ONE
    publish per gateway;
-4. the rows of recipients actually routed become ``sending``.
+4. the rows of recipients actually routed become ``sending`` (but those the
+   store inserted ``sending`` already).
 
 A window that fails part way is run again by the service; every stage
 remembers what it completed (the stored results, the gateways already
@@ -35,40 +41,39 @@ in memory), publishes each page to the connection's gateway and ends with
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-import psycopg2
 from twisted.internet import defer, error as ierror
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from imcluster import bus as _bus
 from imcluster import metrics, protocol
-from imcluster.db import ConnectionDead, DatabaseUnavailable
-from imcluster.processor.filters import REJECT, REPLACE, Verdict, apply_filters
-from imcluster.processor.router import Lookup, Outbox, Router, gateway_of
-from imcluster.processor.store import Incoming, StoreError
-from imcluster.registry import RedisConnectionError
+from imcluster.envelope import FRAME, Item, delivery_body
+from imcluster.interfaces import Unavailable
+from imcluster.processor.filters import Verdict
+from imcluster.processor.handlers import HANDLERS, Handler
+from imcluster.processor.handlers.base import gather
+from imcluster.processor.router import Outbox, Router
+from imcluster.store import StoreError
 
 log = Logger(namespace="imcluster.processor.pipeline")
 
-FRAME = "frame"
-SYNC = "sync"
 
-class GatewayQueueMissing(Exception):
+
+class GatewayQueueMissing(Unavailable):
     """A live gateway's queue is not there (a broker restart): it declares it again soon."""
 
 
 #: failures that say a dependency (PostgreSQL, Redis, RabbitMQ) is down or slow:
-#: the work is retried with backoff, never dead-lettered
+#: the work is retried with backoff, never dead-lettered. Each role says so with
+#: its own subclass of ``interfaces.Unavailable`` (the store's StoreUnavailable,
+#: the registry's RegistryUnavailable, the bus' PublishError and ChannelError);
+#: the rest are timeouts and Twisted's own connection errors
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
-    GatewayQueueMissing, DatabaseUnavailable, ConnectionDead, psycopg2.OperationalError, psycopg2.InterfaceError,
-    TimeoutError, defer.TimeoutError, defer.CancelledError, RedisConnectionError,
-    _bus.PublishError, _bus.ChannelError, ierror.ConnectError, ierror.ConnectionLost,
-    ierror.ConnectionDone,
+    Unavailable, TimeoutError, defer.TimeoutError, defer.CancelledError,
+    ierror.ConnectError, ierror.ConnectionLost, ierror.ConnectionDone,
 )
 
 
@@ -84,38 +89,11 @@ def backoff(attempt: int, first: float, most: float) -> float:
     return delay * (0.8 + random.random() * 0.4)
 
 
-class PoisonError(ValueError):
-    """A queue message that no processor can ever handle (not a v1 batch)."""
-
-
 class Abandoned(Exception):
     """The service is stopping: the work is left for redelivery."""
 
 
-# --- queue messages and their items ---------------------------------------------------
-
-
-@dataclass(eq=False)
-class Item:
-    """One item of a queue message: a client frame (validated) or a sync request."""
-
-    kind: str
-    user_id: str
-    server_id: str
-    conn_id: str
-    ts: int | None = None
-    frame: dict | None = None
-    #: the reply for a frame that failed validation (then ``frame`` is None)
-    error: dict | None = None
-    envelope: Any = None
-    #: an HTTP API connection (``<uuid>##api##<n>``, docs/internals.rst)
-    api: bool = False
-    #: skip the sender's membership check (only ever on an API item)
-    trusted: bool = False
-
-    @property
-    def type(self) -> str | None:
-        return None if self.frame is None else self.frame["type"]
+# --- queue messages (their items: imcluster.envelope) ------------------------------
 
 
 @dataclass(eq=False)
@@ -153,72 +131,6 @@ class Envelope:
             self.message.nack(requeue=False)
 
 
-def _valid_server_id(value: Any) -> bool:
-    return isinstance(value, str) and 0 < len(value) <= 64 and "#" not in value
-
-
-#: the ``ip`` part of an HTTP API connId, ``<uuid>##api##<n>`` (imcluster.api.publisher)
-API_CONN_MARK = "api"
-#: a plausible ``ts`` in ms (2001 to 5138): anything else is ignored and the processor's clock used
-_TS_RANGE = (10**12, 10**14)
-
-
-def is_api_conn(conn_id: str) -> bool:
-    """True for a connection id an imapi made: ``<uuid>##api##<n>``."""
-    parts = conn_id.split("##")
-    return len(parts) == 3 and parts[1] == API_CONN_MARK and parts[2].isdigit()
-
-
-def parse_item(raw: Any, max_depth: int = protocol.DEFAULT_MAX_DEPTH) -> Item | None:
-    """An :class:`Item` from one element of ``items``; None when it names no usable connection."""
-    if not isinstance(raw, dict):
-        return None
-    kind, user, server, conn = raw.get("kind"), raw.get("userId"), raw.get("serverId"), raw.get("connId")
-    if kind not in (FRAME, SYNC) or not protocol.is_user_id(user) or not _valid_server_id(server):
-        return None
-    if not isinstance(conn, str) or len(conn) > 200 or gateway_of(conn) != server:
-        return None
-    ts = raw.get("ts")
-    if not isinstance(ts, int) or isinstance(ts, bool) or not _TS_RANGE[0] <= ts < _TS_RANGE[1]:
-        ts = None
-    if kind == SYNC:
-        return Item(SYNC, user, server, conn, ts)
-    api = is_api_conn(conn)
-    # only an imapi may vouch for a sender (it checked authorization itself)
-    trusted = api and raw.get("trusted") is True
-    frame = raw.get("frame")
-    try:
-        frame = protocol.validate_client_frame(frame, max_depth)
-        if frame["type"] not in protocol.FORWARDED_TYPES:
-            raise protocol.FrameError(protocol.BAD_FRAME, f"{frame['type']!r} frames are not for the processors",
-                                      protocol.frame_ref(frame), frame["type"])
-    except protocol.FrameError as e:
-        return Item(FRAME, user, server, conn, ts, error=e.reply(), api=api)
-    return Item(FRAME, user, server, conn, ts, frame=frame, api=api, trusted=trusted)
-
-
-def parse_envelope(body: bytes, max_depth: int = protocol.DEFAULT_MAX_DEPTH) -> list[Item]:
-    """The items of a queue message; :class:`PoisonError` when it is not a v1 batch.
-
-    Items that name no usable connection (nothing could answer them) are
-    logged and left out.
-    """
-    try:
-        doc = json.loads(body)
-    except (TypeError, ValueError, RecursionError) as e:
-        raise PoisonError(f"not JSON: {e}") from None
-    if not isinstance(doc, dict) or doc.get("v") != 1 or not isinstance(doc.get("items"), list):
-        raise PoisonError("not a {\"v\":1,\"items\":[...]} batch")
-    items = []
-    for n, raw in enumerate(doc["items"]):
-        item = parse_item(raw, max_depth)
-        if item is None:
-            log.warn("queue item {n} names no usable connection; dropped: {item!r:.200}", n=n, item=raw)
-            continue
-        items.append(item)
-    return items
-
-
 # --- windows -------------------------------------------------------------------------
 
 
@@ -232,6 +144,8 @@ class Window:
     def __init__(self, envelopes: list[Envelope]) -> None:
         self.envelopes = envelopes
         self.items: list[Item] = [i for e in envelopes for i in e.items if i.kind == FRAME]
+        #: ``(handler, items of its type)`` for the types present, in the table's order
+        self.groups: list[tuple[Handler, list[Item]]] = by_type(self.items)
         self.attempts = 0
         self.verdicts: dict[int, Verdict] | None = None  # id(message item) -> verdict
         self.stored: dict[int, Any] = {}  # id(item) -> Stored | Rejected
@@ -239,7 +153,7 @@ class Window:
         self.acked = False
         self.answers: dict[int, tuple[str, Any]] = {}  # id(item) -> ("ok", result) | ("error", StoreError)
         self.outbox: Outbox | None = None
-        #: recipients the store found connected inside its transaction: their rows were inserted ``sending``
+        #: recipients found connected while the store held its locks: their rows were inserted ``sending``
         self.online: set[str] = set()
         self.published: set[str] = set()
         self.routed: set[str] = set()
@@ -251,6 +165,15 @@ class Window:
 
     def of_type(self, *types: str) -> list[Item]:
         return [i for i in self.items if i.frame is not None and i.frame["type"] in types]
+
+
+def by_type(items: list[Item]) -> list[tuple[Handler, list[Item]]]:
+    """``(handler, items of its type)`` for each type present, in the order of ``HANDLERS``."""
+    groups: dict[str, list[Item]] = {}
+    for item in items:
+        if item.frame is not None:
+            groups.setdefault(item.frame["type"], []).append(item)
+    return [(handler, groups[t]) for t, handler in HANDLERS.items() if t in groups]
 
 
 class _Turn:
@@ -270,36 +193,8 @@ class _Turn:
             self.mine.callback(None)
 
 
-def _message_send(stored: Any) -> dict:
-    return {"type": "message_send", "msgId": stored.msg_id, "sessionId": stored.session_id,
-            "seq": stored.seq, "from": stored.sender, "clientMsgId": stored.client_msg_id,
-            "body": stored.body, "ts": stored.ts_ms}
-
-
-def _message_reply_ok(stored: Any) -> dict:
-    return {"type": "message_reply", "ok": True, "clientMsgId": stored.client_msg_id,
-            "msgId": stored.msg_id, "sessionId": stored.session_id, "seq": stored.seq, "ts": stored.ts_ms}
-
-
-#: store codes that PROTOCOL.md does not have
-_CODE_MAP = {"bad_request": protocol.BAD_FRAME}
-
-
-def _code(code: str) -> str:
-    return _CODE_MAP.get(code, code)
-
-
-async def _gather(ds: list[defer.Deferred]) -> list:
-    """Wait for every Deferred; raise the first failure only once all have settled."""
-    results = await defer.DeferredList(ds, consumeErrors=True)
-    for ok, value in results:
-        if not ok:
-            value.raiseException()
-    return [value for _, value in results]
-
-
 class Pipeline:
-    """Runs windows: moderation, store, acknowledgements, queries, routing (module docstring)."""
+    """Runs windows through their stages, asking each frame type's handler (module docstring)."""
 
     log = Logger()
 
@@ -340,20 +235,19 @@ class Pipeline:
 
     async def _run(self, w: Window, locked: "_Turn", published: "_Turn") -> None:
         w.attempts += 1
-        messages = w.of_type(protocol.MESSAGE)
-        if w.verdicts is None:
-            w.verdicts = await self._moderate(messages)
-        # acknowledgements are applied beside the store and the routing: replies and
-        # deliveries do not wait for them (a fan-out's acks are many rows), the
-        # window (and so its queue messages) is done only once they are
-        acking = defer.Deferred.fromCoroutine(self._acks(w))
+        groups = w.groups
+        for handler, items in groups:
+            await handler.prepare(self, w, items)
+        # work the window waits for but its replies and deliveries do not
+        # (acknowledgements: a fan-out's are many rows) runs beside the rest
+        applying = defer.Deferred.fromCoroutine(self._apply_stage(w))
         try:
-            await _gather([
-                defer.Deferred.fromCoroutine(self._store(w, messages, locked)),
+            await gather([
+                defer.Deferred.fromCoroutine(self._store_stage(w, locked)),
                 defer.Deferred.fromCoroutine(self._queries_stage(w)),
             ])
             if w.outbox is None:
-                w.outbox = await self._build_outbox(w, messages)
+                w.outbox = await self._build_outbox(w)
             await published.wait()
             try:
                 await self.router.publish(w.outbox, w.published, w.routed)
@@ -361,116 +255,43 @@ class Pipeline:
                 published.done()
             if not w.observed:
                 w.observed = True
-                self._observe(w, messages)
+                self._observe(w)
             if not w.marked:
                 pairs = w.outbox.pairs(w.routed)
-                if w.online:
-                    # rows the store inserted ``sending`` already (new messages to online users)
-                    fresh = {r.msg_id for r in w.stored.values() if r.ok and not r.duplicate}
-                    pairs = [p for p in pairs if not (p[1] in fresh and p[0] in w.online)]
+                for handler, _items in groups:
+                    pairs = handler.unmarked(w, pairs)
                 if pairs:
                     await self.store.mark_sending(pairs)
                 w.marked = True
         except BaseException:
-            # settle the acknowledgements before the retry runs them again
-            await defer.DeferredList([acking], consumeErrors=True)
+            # settle the applied work before the retry runs it again
+            await defer.DeferredList([applying], consumeErrors=True)
             raise
-        await acking
+        await applying
 
-    # --- stage 1: moderation
+    # --- stage 2: store (in the lock turn), applied work, queries
 
-    async def _moderate(self, messages: list[Item]) -> dict[int, Verdict]:
-        if not self.filters:
-            return {id(item): Verdict.accept() for item in messages}
-        verdicts: list[Any] = []
-        for item in messages:
-            f = item.frame
-            verdicts.append(apply_filters(self.filters, {
-                "from": item.user_id, "sessionId": f["sessionId"], "clientMsgId": f["clientMsgId"],
-                "body": f["body"]}))
-        waiting = [(n, v) for n, v in enumerate(verdicts) if isinstance(v, defer.Deferred)]
-        if waiting:
-            results = await _gather([v for _, v in waiting])
-            for (n, _), v in zip(waiting, results):
-                verdicts[n] = v
-        return {id(item): v for item, v in zip(messages, verdicts)}
-
-    # --- stage 2: store, acknowledgements, queries
-
-    async def _store(self, w: Window, messages: list[Item], locked: "_Turn") -> None:
+    async def _store_stage(self, w: Window, locked: "_Turn") -> None:
         await locked.wait()
         try:
             if not w.stored_done:
-                await self._store_batch(w, messages, locked)
+                for handler, items in w.groups:
+                    if handler.ordered:
+                        await handler.store(self, w, items, locked)
                 w.stored_done = True
         finally:
-            locked.done()  # the store calls it sooner, as soon as it holds its locks
+            locked.done()  # a handler gives it up sooner, as soon as the store holds its locks
 
-    async def _store_batch(self, w: Window, messages: list[Item], locked: "_Turn") -> None:
-        batch, owners = [], []
-        for item in messages:
-            verdict = w.verdicts[id(item)]
-            if verdict.action == REJECT:
-                continue
-            f = item.frame
-            body = verdict.body if verdict.action == REPLACE else f["body"]
-            # the item's ts (the gateway's or imapi's receipt) is the message's time
-            batch.append(Incoming(item.user_id, f["clientMsgId"], f["sessionId"], body, item.ts,
-                                  trusted=item.trusted))
-            owners.append(item)
-        if not batch:
-            return
-        results = await self.store.store_messages(batch, self._locator(w), locked.done)
-        now = self.clock.seconds()
-        for item, result in zip(owners, results):
-            w.stored[id(item)] = result
-            if item.ts is not None and result.ok and not result.duplicate:
-                metrics.QUEUE_TO_COMMIT.observe(max(0.0, now - item.ts / 1000.0))
-
-    def _locator(self, w: Window) -> Callable[[list[str]], defer.Deferred]:
-        """``locate`` for the store: which recipients have a connection (ONE ``connections_of``).
-
-        Their rows are inserted ``sending``, which spares the window a
-        ``mark_sending`` for them. Routing still looks connections up after
-        the commit (a connection registered after this lookup must either be
-        routed to or find the message in its sync), and a recipient who left
-        meanwhile keeps a ``sending`` row: undelivered all the same.
-        """
-        def locate(recipients: list[str]) -> defer.Deferred:
-            def found(conns: dict) -> list[str]:
-                online = [u for u in recipients if conns.get(u)]
-                w.online = set(online)
-                return online
-
-            return self.router.registry.connections_of(recipients).addCallback(found)
-        return locate
-
-    async def _acks(self, w: Window) -> None:
-        if w.acked:
-            return
-        acks = [(i.user_id, i.frame["msgIds"]) for i in w.of_type(protocol.MESSAGE_SEND_REPLY)
-                if i.frame["msgIds"]]
-        if acks:
-            n = await self.store.mark_delivered(acks)
-            metrics.ACKS.inc(n or 0)
-        w.acked = True
+    async def _apply_stage(self, w: Window) -> None:
+        await gather([defer.Deferred.fromCoroutine(handler.apply(self, w, items)) for handler, items in w.groups])
 
     async def _queries_stage(self, w: Window) -> None:
-        todo = [i for i in w.of_type(protocol.HISTORY, protocol.READ, protocol.SESSION_CREATE)
-                if id(i) not in w.answers]
+        todo = [(handler, i) for handler, items in w.groups if handler.queries
+                for i in items if id(i) not in w.answers]
         if todo:
-            await _gather([self._queries.run(self._query, w, i) for i in todo])
+            await gather([self._queries.run(self._query, w, handler, i) for handler, i in todo])
 
-    def _query(self, w: Window, item: Item) -> defer.Deferred:
-        f, s = item.frame, self.store
-        kind = f["type"]
-        if kind == protocol.HISTORY:
-            d = s.history(item.user_id, f["sessionId"], f.get("beforeSeq"), f["limit"])
-        elif kind == protocol.READ:
-            d = s.read(item.user_id, f["sessionId"], f["seq"])
-        else:
-            d = s.create_session(item.user_id, f["members"], f.get("sessionId"), "group")
-
+    def _query(self, w: Window, handler: Handler, item: Item) -> defer.Deferred:
         def answered(result: Any) -> None:
             w.answers[id(item)] = ("ok", result)
 
@@ -478,61 +299,14 @@ class Pipeline:
             failure.trap(StoreError)
             w.answers[id(item)] = ("error", failure.value)
 
-        return d.addCallbacks(answered, refused)
+        return defer.maybeDeferred(handler.query, self, item).addCallbacks(answered, refused)
 
     # --- stage 3: routing
 
-    def _reply_frame(self, w: Window, item: Item) -> dict | None:
-        """The frame that answers ``item`` (None: no reply, e.g. an acknowledgement)."""
-        if item.error is not None:
-            return item.error
-        f = item.frame
-        kind = f["type"]
-        if kind == protocol.MESSAGE:
-            result = w.stored.get(id(item))
-            if result is None:  # moderation refused it
-                verdict = w.verdicts[id(item)]
-                return protocol.message_reply_error(f["clientMsgId"], protocol.REJECTED,
-                                                    verdict.reason or "rejected by moderation")
-            if result.ok:
-                reply = _message_reply_ok(result)
-                if item.api:
-                    reply["duplicate"] = result.duplicate  # imapi answers 200 or 201 (never to clients)
-                return reply
-            return protocol.message_reply_error(f["clientMsgId"], _code(result.code), result.message)
-        if kind == protocol.MESSAGE_SEND_REPLY:
-            return None
-        status, value = w.answers[id(item)]
-        if kind == protocol.SESSION_CREATE:
-            reply = {"type": "session_reply"}
-            if "id" in f:
-                reply["id"] = f["id"]
-            if status == "error":
-                reply.update(ok=False, error={"code": _code(value.code), "message": value.message})
-            else:
-                reply.update(ok=True, sessionId=value[0], members=value[1])
-            return reply
-        if status == "error":
-            return protocol.reply_to(f, _code(value.code), value.message)
-        if kind == protocol.HISTORY:
-            reply = {"type": "history_reply", "sessionId": f["sessionId"], "messages": value}
-            if "id" in f:
-                reply["id"] = f["id"]
-            return reply
-        return None  # read: receipts go to everyone, see _build_outbox
-
-    async def _build_outbox(self, w: Window, messages: list[Item]) -> Outbox:
-        # who needs looking up: recipients and senders (their other devices), readers' sessions
+    async def _build_outbox(self, w: Window) -> Outbox:
         users: list[str] = []
-        for item in messages:
-            result = w.stored.get(id(item))
-            if result is not None and result.ok:
-                users.extend(result.recipients)
-                if not result.duplicate:
-                    users.append(result.sender)
-        reads = [i for i in w.of_type(protocol.READ) if w.answers.get(id(i), ("error",))[0] == "ok"]
-        for item in reads:
-            users.extend(w.answers[id(item)][1][1])
+        for handler, items in w.groups:
+            users.extend(handler.users(self, w, items))
         # an imapi never registers WSSERVER_: its replies go out regardless (docs/internals.rst)
         reply_gateways = {i.server_id for i in w.items if not i.api}
         lookup = await self.router.lookup(users, reply_gateways)
@@ -540,57 +314,21 @@ class Pipeline:
         encode = protocol.encode
         # replies first, in window order
         for item in w.items:
-            frame = self._reply_frame(w, item)
+            frame = item.error if item.error is not None else HANDLERS[item.frame["type"]].reply(self, w, item)
             if frame is not None and (item.api or item.server_id in lookup.usable):
                 outbox.add(item.server_id, [item.conn_id], encode(frame), api=item.api)
-        # then deliveries, in store order (seq order within a session)
-        routed_ids: set[str] = set()
-        cache: dict[tuple, dict] = {}
-        for item in messages:
-            result = w.stored.get(id(item))
-            if result is None or not result.ok or result.msg_id in routed_ids:
-                continue
-            routed_ids.add(result.msg_id)
-            self._deliver(outbox, lookup, result, item.conn_id, cache)
-        # then read receipts
-        for item in reads:
-            cursor, members = w.answers[id(item)][1]
-            frame = encode({"type": "read_receipt", "sessionId": item.frame["sessionId"],
-                            "userId": item.user_id, "seq": cursor})
-            for uuid, (conn_ids, _users) in lookup.targets(members, item.conn_id).items():
-                outbox.add(uuid, conn_ids, frame)
+        # then deliveries and receipts, in the table's order
+        for handler, items in w.groups:
+            handler.route(self, w, items, outbox, lookup)
         return outbox
 
-    def _deliver(self, outbox: Outbox, lookup: Lookup, stored: Any, sender_conn: str, cache: dict) -> None:
-        """Queue ``stored``'s ``message_send`` for its recipients (and the sender's other connections)."""
-        # a duplicate goes again only to recipients still undelivered (ARCHITECTURE.md failure rules)
-        key = (tuple(stored.recipients), None if stored.duplicate else stored.sender, sender_conn)
-        targets = cache.get(key)
-        if targets is None:
-            users = list(stored.recipients)
-            if not stored.duplicate:
-                users.append(stored.sender)
-            targets = {}
-            for uuid, (conn_ids, with_conns) in lookup.targets(users, sender_conn).items():
-                rows = [u for u in with_conns if u != stored.sender]
-                targets[uuid] = (conn_ids, rows)
-            cache[key] = targets
-        if not targets:
-            return
-        frame = protocol.encode(_message_send(stored))
-        for uuid, (conn_ids, rows) in targets.items():
-            outbox.add(uuid, conn_ids, frame, rows, stored.msg_id, delivery=True)
-
-    def _observe(self, w: Window, messages: list[Item]) -> None:
+    def _observe(self, w: Window) -> None:
         outbox = w.outbox
         delivered = sum(outbox.gateways[u].deliveries for u in w.routed if u in outbox.gateways)
         if delivered:
             metrics.DELIVERIES.inc(delivered)
-        now = self.clock.seconds()
-        for item in messages:
-            result = w.stored.get(id(item))
-            if item.ts is not None and result is not None and result.ok and not result.duplicate:
-                metrics.END_TO_END.observe(max(0.0, now - item.ts / 1000.0))
+        for handler, items in w.groups:
+            handler.observe(self, w, items)
 
 
 # --- sync ------------------------------------------------------------------------------
@@ -684,8 +422,7 @@ class Syncer:
                 frames = [protocol.encode({"type": "message_send", **m}) for m in page]
                 if last:
                     frames.append(protocol.encode({"type": "sync_done", "count": count + len(page)}))
-                body = ('{"v":1,"items":[{"connIds":%s,"frames":[%s]}]}'
-                        % (json.dumps([item.conn_id]), ",".join(frames))).encode("utf-8")
+                body = delivery_body([item.conn_id], frames)
                 routed = await self._retrying("publishing a page", item,
                                               lambda: defer.Deferred.fromCoroutine(self._publish_page(item, body)))
                 if not routed:

@@ -2,11 +2,11 @@
 
 For a window of work the pipeline asks :meth:`Router.lookup` once: the
 connections of every user that gets something and which gateways involved
-are alive, in ONE Redis round trip (``RedisService.routes``, a script; a
-registry without it answers with ONE ``connections_of`` then ONE ``alive``).
+are alive, in ONE Redis round trip (``IRegistry.routes``: a script on
+``RedisService``).
 Gateways whose ``WSSERVER_<uuid>`` is gone, or whose queue was unroutable a
 moment ago, are skipped. Frames are collected in an :class:`Outbox` per
-gateway and sent with ONE publish per gateway (docs/internals.rst)::
+gateway and sent with ONE publish per gateway (:func:`imcluster.envelope.deliveries_body`)::
 
     {"v":1,"items":[{"connIds":[...],"frames":[...]}, ...]}
 
@@ -23,7 +23,6 @@ What could not be routed stays undelivered and arrives with the next sync.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
@@ -32,13 +31,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from imcluster import bus as _bus
-from imcluster.registry import SEP
-
-
-def gateway_of(conn_id: str) -> str | None:
-    """The gateway uuid of a ``<uuid>##<ip>##<port>`` connection id (None when malformed)."""
-    uuid, sep, _ = conn_id.partition(SEP)
-    return uuid if sep and uuid else None
+from imcluster.envelope import deliveries_body, gateway_of
 
 
 @dataclass
@@ -117,9 +110,7 @@ class Outbox:
 
     def body(self, uuid: str) -> bytes:
         """The AMQP body for gateway ``uuid`` (docs/internals.rst), frames already encoded."""
-        items = ",".join('{"connIds":%s,"frames":[%s]}' % (json.dumps(conn_ids), ",".join(frames))
-                         for conn_ids, frames in self.gateways[uuid].entries)
-        return ('{"v":1,"items":[' + items + "]}").encode("utf-8")
+        return deliveries_body(self.gateways[uuid].entries)
 
     def pairs(self, uuids: Iterable[str]) -> list[tuple[str, str]]:
         """``(user_id, msg_id)`` rows routed through ``uuids``."""
@@ -181,23 +172,12 @@ class Router:
 
     @defer.inlineCallbacks
     def lookup(self, users: Iterable[str], gateways: Iterable[str] = ()):
-        """ONE ``connections_of`` for ``users`` and ONE ``alive`` for every gateway involved: a :class:`Lookup`.
+        """Where ``users`` are connected and which gateways (theirs and ``gateways``) are usable.
 
-        A registry with ``routes`` (RedisService) answers both in one round trip.
+        ONE ``routes`` round trip (connections and live gateways); fires with a :class:`Lookup`.
         """
         users = list(dict.fromkeys(users))
-        routes = getattr(self.registry, "routes", None)
-        if routes is not None:
-            raw, alive = yield routes(users, sorted(gateways))
-            return self._lookup(raw, alive)
-        raw = (yield self.registry.connections_of(users)) if users else {}
-        involved = set(gateways)
-        for fields in raw.values():
-            for conn_id in fields:
-                uuid = gateway_of(conn_id)
-                if uuid is not None:
-                    involved.add(uuid)
-        alive = (yield self.registry.alive(sorted(involved))) if involved else set()
+        raw, alive = yield self.registry.routes(users, sorted(gateways))
         return self._lookup(raw, alive)
 
     def _lookup(self, raw: dict, alive: set) -> Lookup:

@@ -53,9 +53,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from imcluster import metrics
+from imcluster.envelope import FRAME, SYNC, MalformedBatch, parse_items
 from imcluster.processor.pipeline import (
-    FRAME, SYNC, Abandoned, Envelope, Pipeline, PoisonError, Syncer, Window, backoff, is_transient,
-    parse_envelope)
+    Abandoned, Envelope, Pipeline, Syncer, Window, backoff, is_transient)
 from imcluster.processor.router import Router
 
 
@@ -164,8 +164,8 @@ class ProcessorService(service.Service):
         if self._stopping:
             return  # not settled: the broker redelivers it once our channel closes
         try:
-            items = parse_envelope(message.body, self.config.max_json_depth)
-        except PoisonError as e:
+            items = parse_items(message.body, self.config.max_json_depth)
+        except MalformedBatch as e:
             self.log.error("dead-lettering a queue message that is not a v1 batch ({err}): {body!r:.200}",
                            err=str(e), body=message.body)
             metrics.DEAD_LETTERED.inc()
@@ -179,7 +179,7 @@ class ProcessorService(service.Service):
         env.parts = len(syncs) + (1 if frames else 0)
         if env.parts == 0:
             env.settled = True
-            message.ack()  # nothing usable in it (logged by parse_envelope)
+            message.ack()  # nothing usable in it (logged by parse_items)
             return
         for item in syncs:
             self._start_sync(env, item)

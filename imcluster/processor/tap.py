@@ -66,7 +66,7 @@ def makeService(options: Any) -> DaemonService:  # noqa: N802 (twistd API)
     from imcluster.processor.filters import load_filters
     from imcluster.processor.reaper import Reaper
     from imcluster.processor.service import ProcessorService
-    from imcluster.processor.store import MessageStore
+    from imcluster.store.postgres import MessageStore
     from imcluster.registry import RedisService
     from imcluster.web import dependency_probes, make_metrics_service
 

@@ -19,7 +19,7 @@ const state = {
   messages: new Map(),    // sessionId -> Map(key -> message)
   oldest: new Map(),      // sessionId -> lowest seq loaded (null: nothing earlier)
   members: new Map(),     // sessionId -> [userId]
-  receipts: {},           // sessionId -> {userId: seq}, kept in localStorage
+  receipts: new Map(),    // sessionId -> Map(userId -> seq), kept in localStorage
   current: null,
   presence: "",
   timers: [],
@@ -368,8 +368,8 @@ async function loadHistory(sessionId, beforeSeq) {
 function statusOf(message) {
   if (message.status === "failed") return { text: `not sent (${message.error})`, cls: "failed" };
   if (message.seq == null) return { text: "sending…", cls: "sending" };
-  const receipts = state.receipts[message.sessionId] || {};
-  const readers = Object.entries(receipts)
+  const receipts = state.receipts.get(message.sessionId) || new Map();
+  const readers = [...receipts]
     .filter(([user, seq]) => user !== state.login.userId && seq >= message.seq).map(([user]) => user);
   if (readers.length) {
     const text = message.sessionId.startsWith("p2p:") ? "✓✓ Read" : `✓✓ Read by ${readers.join(", ")}`;
@@ -521,20 +521,37 @@ function onMessage(m) {
   if (!known) fillInSessions();  // a new conversation: its members (for a group's name)
 }
 
+// Ids are keys of Maps, never of plain objects: a session or user named "__proto__" (any id
+// another user may choose) must not reach Object.prototype. Stored as {sessionId: {userId: seq}}:
+// JSON.parse and Object.fromEntries make own properties, whatever the name.
 function loadReceipts() {
+  state.receipts = new Map();
   try {
-    state.receipts = JSON.parse(localStorage.getItem(`imcluster.receipts.${state.login.userId}`) || "{}");
+    const saved = JSON.parse(localStorage.getItem(`imcluster.receipts.${state.login.userId}`) || "{}");
+    for (const [sessionId, cursors] of Object.entries(saved || {})) {
+      if (!cursors || typeof cursors !== "object") continue;
+      const m = new Map();
+      for (const [userId, seq] of Object.entries(cursors)) if (typeof seq === "number") m.set(userId, seq);
+      state.receipts.set(sessionId, m);
+    }
   } catch {
-    state.receipts = {};
+    state.receipts = new Map();
   }
 }
 
+function saveReceipts() {
+  const plain = Object.fromEntries([...state.receipts].map(([s, m]) => [s, Object.fromEntries(m)]));
+  localStorage.setItem(`imcluster.receipts.${state.login.userId}`, JSON.stringify(plain));
+}
+
 function onReadReceipt(r) {
-  const receipts = (state.receipts[r.sessionId] ||= {});
-  if ((receipts[r.userId] ?? -1) >= r.seq) return;
-  receipts[r.userId] = r.seq;
+  if (typeof r.sessionId !== "string" || typeof r.userId !== "string" || typeof r.seq !== "number") return;
+  let receipts = state.receipts.get(r.sessionId);
+  if (!receipts) state.receipts.set(r.sessionId, (receipts = new Map()));
+  if ((receipts.get(r.userId) ?? -1) >= r.seq) return;
+  receipts.set(r.userId, r.seq);
   // remembered across reloads: the server sends a receipt once, when the cursor moves
-  localStorage.setItem(`imcluster.receipts.${state.login.userId}`, JSON.stringify(state.receipts));
+  saveReceipts();
   if (r.userId === state.login.userId) {
     const s = session(r.sessionId);
     if (r.seq >= s.lastSeq && s.unread) {

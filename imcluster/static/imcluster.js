@@ -144,7 +144,7 @@ export class IMClient {
     this._currentToken = null;
     this._authReply = null;
     this._fatal = null;
-    this._timers = {};
+    this._timers = new Map(); // name -> setTimeout handle
     this._lastRx = 0;
     this._readyWaiters = [];
     this._stopWaiters = [];
@@ -276,18 +276,18 @@ export class IMClient {
 
   _timer(name, seconds, fn) {
     this._clearTimer(name);
-    this._timers[name] = setTimeout(() => { delete this._timers[name]; fn(); }, seconds * 1000);
+    this._timers.set(name, setTimeout(() => { this._timers.delete(name); fn(); }, seconds * 1000));
   }
 
   _clearTimer(name) {
-    if (this._timers[name] !== undefined) {
-      clearTimeout(this._timers[name]);
-      delete this._timers[name];
+    if (this._timers.has(name)) {
+      clearTimeout(this._timers.get(name));
+      this._timers.delete(name);
     }
   }
 
   _clearAllTimers() {
-    for (const name of Object.keys(this._timers)) this._clearTimer(name);
+    for (const name of [...this._timers.keys()]) this._clearTimer(name);
   }
 
   _scheduleAttempt(delay) {
@@ -399,7 +399,8 @@ export class IMClient {
     let frame;
     try { frame = JSON.parse(data); } catch { return; }
     if (!frame || typeof frame !== "object" || Array.isArray(frame)) return;
-    const handler = this._handlers[frame.type];
+    // a Map: a frame "type" such as "constructor" or "__proto__" names no handler
+    const handler = typeof frame.type === "string" ? this._handlers.get(frame.type) : undefined;
     if (!handler) return;
     try { handler.call(this, frame); } catch (e) { console.error(`handling ${frame.type} failed`, e); }
   }
@@ -786,14 +787,14 @@ function compareBytes(a, b) {
   return ea.length - eb.length;
 }
 
-const HANDLERS = {
-  auth_reply: IMClient.prototype._onAuthReply,
-  message_reply: IMClient.prototype._onMessageReply,
-  message_send: IMClient.prototype._onMessageSend,
-  sync_done: IMClient.prototype._onSyncDone,
-  read_receipt: IMClient.prototype._onReadReceipt,
-  history_reply: IMClient.prototype._onHistoryReply,
-  session_reply: IMClient.prototype._onSessionReply,
-  error: IMClient.prototype._onError,
-  pong: () => {},
-};
+const HANDLERS = new Map([
+  ["auth_reply", IMClient.prototype._onAuthReply],
+  ["message_reply", IMClient.prototype._onMessageReply],
+  ["message_send", IMClient.prototype._onMessageSend],
+  ["sync_done", IMClient.prototype._onSyncDone],
+  ["read_receipt", IMClient.prototype._onReadReceipt],
+  ["history_reply", IMClient.prototype._onHistoryReply],
+  ["session_reply", IMClient.prototype._onSessionReply],
+  ["error", IMClient.prototype._onError],
+  ["pong", () => {}],
+]);

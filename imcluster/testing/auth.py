@@ -39,7 +39,8 @@ class FakeAuthenticator:
     @staticmethod
     def token(user_id, exp=None):
         """The token string for ``user_id`` (with an explicit ``exp`` when given)."""
-        return f"user:{user_id}" if exp is None else f"user:{user_id}:{exp:g}"
+        # every digit: ":g" would round an epoch time (1.76516e+09) to the past
+        return f"user:{user_id}" if exp is None else f"user:{user_id}:{exp:.17g}"
 
     def authenticate(self, token):
         self.tokens.append(token)

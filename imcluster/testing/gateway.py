@@ -7,6 +7,7 @@ from twisted.internet.task import Clock
 from zope.interface import implementer
 
 from imcluster.interfaces import IClientConnection as _IClientConnection
+from imcluster.protocol import TCP_CLOSE_ERRORS, error_frame
 from imcluster.testing.auth import FakeAuthenticator
 
 
@@ -27,6 +28,11 @@ class FakeHub:
     ``auth_failure`` / ``sync_failure``: an exception the corresponding call
     fails with (None: succeeds). ``hold_auth``: hub.authenticated returns a
     Deferred kept in ``held`` for the test to fire.
+
+    ``made`` / ``lost`` / ``auths`` / ``syncs`` / ``forwarded`` record every
+    call; :meth:`user_of` is what the hub holds now, as the real hub's: the
+    user of an accepted connection whose auth was recorded, until it is lost.
+    ``tests/test_contract_gateway.py`` runs it and the real hub through one suite.
     """
 
     def __init__(self, config=None, clock=None, authenticator=None, server_id="gw-0000"):
@@ -47,6 +53,11 @@ class FakeHub:
         self.sync_failure = None
         self.hold_auth = False
         self.held = []
+        self._users = {}
+
+    def user_of(self, conn):
+        """The user ``conn`` is recorded for (None: unauthenticated, refused, failed or lost)."""
+        return self._users.get(conn)
 
     def connection_made(self, conn):
         if self.refuse or not self.accepting:
@@ -56,13 +67,19 @@ class FakeHub:
 
     def authenticated(self, conn, identity, refresh):
         self.auths.append((conn, identity, refresh))
+
+        def recorded(result):
+            if conn in self.made and conn not in self.lost:
+                self._users[conn] = identity.user_id
+            return result
+
         if self.hold_auth:
             d = defer.Deferred()
             self.held.append(d)
-            return d
+            return d.addCallback(recorded)
         if self.auth_failure is not None:
             return defer.fail(self.auth_failure)
-        return defer.succeed(None)
+        return defer.succeed(None).addCallback(recorded)
 
     def request_sync(self, conn):
         self.syncs.append(conn)
@@ -78,11 +95,17 @@ class FakeHub:
 
     def connection_lost(self, conn):
         self.lost.append(conn)
+        self._users.pop(conn, None)
 
 
 @implementer(_IClientConnection)
 class FakeConnection:
-    """An IClientConnection that records what the hub sends it (for hub unit tests)."""
+    """An IClientConnection that records what the hub sends it (for hub unit tests).
+
+    ``sent`` is what the client would read (a TCP client's ``error`` frame
+    before a close included), ``closed`` the ``(code, reason)`` of the close.
+    ``tests/test_contract_gateway.py`` runs it and the real engine through one suite.
+    """
 
     def __init__(self, user_id=None, ip="10.0.0.1", port=40000, server_id="gw-0000",
                  transport_name="ws", device=None, identity=None, clock=None):
@@ -109,7 +132,11 @@ class FakeConnection:
             self.sent.append(json.loads(data))
 
     def close(self, code, reason):
+        """Record the close; a TCP client first gets the ``error`` frame for ``code``, as from the engine."""
         if self.closed is None:
+            tcp_error = TCP_CLOSE_ERRORS.get(code)
+            if self.transport_name == "tcp" and tcp_error is not None:
+                self.sent.append(error_frame(tcp_error, reason))
             self.closed = (code, reason)
 
     def going_away(self):

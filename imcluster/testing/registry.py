@@ -8,7 +8,7 @@ from twisted.internet.task import Clock
 from zope.interface import implementer
 
 from imcluster.interfaces import IRegistry as _IRegistry
-from imcluster.registry import RedisKeys
+from imcluster.registry import SEP, RedisKeys
 from imcluster.registry import ResponseError as _RedisResponseError
 from imcluster.registry import dumps
 
@@ -397,26 +397,42 @@ class FakeRegistry(_reg_service.Service):
 
         return self._call("remove_connections", run)
 
-    def connections_of(self, user_ids):
+    def _hash(self, user_id):
+        """``{conn_field: meta}`` of ``UCIR##<user_id>``, decoded as RedisService does."""
         import json
 
+        flat = self.store.execute("HGETALL", self.keys.ucir(user_id))
+        out = {}
+        for i in range(0, len(flat), 2):
+            try:
+                out[flat[i]] = json.loads(flat[i + 1])
+            except ValueError:
+                out[flat[i]] = {}  # as RedisService: a connection without meta
+        return out
+
+    def connections_of(self, user_ids):
         users = list(dict.fromkeys(user_ids))
         if not users:
             return defer.succeed({})
+        return self._call("connections_of", lambda: {u: self._hash(u) for u in users})
+
+    def routes(self, user_ids, uuids=()):
+        users = list(dict.fromkeys(user_ids))
+        extra = list(dict.fromkeys(uuids))
+        if not users and not extra:
+            return defer.succeed(({}, set()))
 
         def run():
-            out = {}
-            for u in users:
-                flat = self.store.execute("HGETALL", self.keys.ucir(u))
-                out[u] = {}
-                for i in range(0, len(flat), 2):
-                    try:
-                        out[u][flat[i]] = json.loads(flat[i + 1])
-                    except ValueError:
-                        out[u][flat[i]] = {}  # as RedisService: a connection without meta
-            return out
+            conns = {u: self._hash(u) for u in users}
+            involved = set(extra)
+            for fields in conns.values():
+                for field in fields:
+                    uuid, sep, _ = field.partition(SEP)
+                    if sep and uuid:
+                        involved.add(uuid)
+            return conns, {u for u in involved if self.store.execute("EXISTS", self.keys.server(u))}
 
-        return self._call("connections_of", run)
+        return self._call("script routes", run)
 
     def servers(self):
         return self._call("SMEMBERS", lambda: set(self.store.execute("SMEMBERS", self.keys.servers())))

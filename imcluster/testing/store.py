@@ -6,21 +6,25 @@ from twisted.internet import defer
 from zope.interface import implementer
 
 from imcluster.interfaces import IMessageStore as _IMessageStore
-from imcluster.processor import store as _st
+import json
 
-
-class StoreUnavailable(Exception):
-    """What a :class:`FakeStore` fails with while ``available`` is False (PostgreSQL down)."""
+from imcluster import store as _st
 
 
 @implementer(_IMessageStore)
 class FakeStore:
-    """:class:`imcluster.processor.store.MessageStore` in memory, same contract.
+    """:class:`imcluster.store.postgres.MessageStore` in memory, same contract.
 
     ``tests/test_store.py`` runs one suite over both. ``available = False``
-    makes every call fail with :class:`StoreUnavailable` (a transient error);
-    ``calls`` records ``(method, args)`` for assertions; ``now_ms`` is the time
-    of messages stored without ``ts_ms``.
+    makes every call fail with the real :class:`imcluster.store.StoreUnavailable`
+    (what MessageStore raises while PostgreSQL is down); ``calls`` records
+    ``(method, args)`` for assertions; ``now_ms`` is the time of messages
+    stored without ``ts_ms``.
+
+    A window transaction holds one lock (the real store locks the window's
+    sessions) from ``begin_window`` until its commit or abort: a window begun
+    meanwhile waits. Its messages are decided and applied when it begins
+    (so its seq numbers are taken), and undone on abort.
     """
 
     def __init__(self, max_group_size=1000, now_ms=1764160000000):
@@ -33,44 +37,86 @@ class FakeStore:
         self.by_key = {}  # (sender, client_msg_id) -> msg_id
         self.sends = {}  # (user_id, msg_id) -> status
         self._next_id = 1
+        self._lock = defer.DeferredLock()
 
     def _call(self, name, fn, *args):
         self.calls.append((name, args))
         if not self.available:
-            return defer.fail(StoreUnavailable(f"{name}: PostgreSQL unavailable"))
+            return defer.fail(_st.StoreUnavailable(f"{name}: PostgreSQL unavailable"))
         return defer.maybeDeferred(fn, *args)
 
     @staticmethod
     def _copy(body):
         # what jsonb would give back: a fresh JSON value of the same meaning
-        return _st.json.loads(_st.json.dumps(body))
+        return json.loads(json.dumps(body))
 
     # -- messages
-    def store_messages(self, batch, locate=None, locked=None):
-        # locate is never called: every row stays pending (the caller marks what it routes)
-        if locked is not None:
-            locked()  # one dict, no locks: nothing can overtake
-        return self._call("store_messages", self._store, list(batch))
+    def begin_window(self, batch):
+        return self._call("begin_window", self._begin_locked, list(batch))
 
-    def _store(self, batch):
+    def _begin_locked(self, batch):
+        return self._lock.acquire().addCallback(self._begin, batch)
+
+    def _begin(self, _lock, batch):
+        txn = _st.WindowTransaction(batch)
+        undo = []
+        try:
+            results = self._store(batch, undo)
+        except BaseException:
+            self._undo(undo)
+            self._lock.release()
+            raise
+        new = [r for r in results if r.ok and not r.duplicate]
+        recipients = sorted({u for r in new for u in r.recipients})
+        decided = [None if r.ok and not r.duplicate else r for r in results]
+
+        async def run():
+            if not new:
+                self._lock.release()  # nothing to write: the real store commits at once too
+                return results
+            try:
+                online = await txn.online(recipients)
+            except BaseException:
+                self._undo(undo)
+                raise
+            finally:
+                self._lock.release()
+            for r in new:
+                for u in r.recipients:
+                    if u in online:
+                        self.sends[(u, int(r.msg_id))] = "sending"
+            return results
+
+        txn.ready(recipients, decided)
+        defer.Deferred.fromCoroutine(run()).addBoth(txn.settle)
+        return txn
+
+    def store_messages(self, batch):
+        return self.begin_window(batch).addCallback(lambda txn: txn.commit(()))
+
+    def _undo(self, undo):
+        for fn in reversed(undo):
+            fn()
+
+    def _store(self, batch, undo):
         results, first = [], {}  # first: key -> answer to its first valid copy in this batch
         for m in batch:
-            results.append(self._store_one(m, first))
+            results.append(self._store_one(m, first, undo))
         return results
 
-    def _store_one(self, m, first):
+    def _store_one(self, m, first, undo):
         if not _st.valid_client_msg_id(m.client_msg_id) or not _st.valid_user_id(m.sender):
             return _st.Rejected(str(m.client_msg_id), "bad_frame", "bad sender or clientMsgId")
-        if _st._json(m.body) is None:
+        if _st.storable_json(m.body) is None:
             return _st.Rejected(m.client_msg_id, "bad_frame", "body is not storable JSON")
         key = (m.sender, m.client_msg_id)
         if key in first and key not in self.by_key:
             return _st.copy_answer(first[key])
-        answer = self._decide(m, key)
+        answer = self._decide(m, key, undo)
         first.setdefault(key, answer)
         return answer
 
-    def _decide(self, m, key):
+    def _decide(self, m, key, undo):
         if key in self.by_key:
             msg_id = self.by_key[key]
             row = self.messages[msg_id]
@@ -87,6 +133,7 @@ class FakeStore:
             if m.session_id not in self.sessions:
                 self.sessions[m.session_id] = {"kind": "p2p", "last_seq": 0, "members": {
                     u: {"role": "member", "read_seq": 0} for u in pair}}
+                undo.append(lambda sid=m.session_id: self.sessions.pop(sid, None))
         session = self.sessions.get(m.session_id)
         if session is None:
             return _st.Rejected(m.client_msg_id, "no_session", "no such session")
@@ -96,6 +143,7 @@ class FakeStore:
         if len(members) > self.max_group_size:
             return _st.Rejected(m.client_msg_id, "too_large",
                                 f"the session has more than {self.max_group_size} members")
+        undo.append(lambda session=session, seq=session["last_seq"]: session.__setitem__("last_seq", seq))
         session["last_seq"] += 1
         msg_id, self._next_id = self._next_id, self._next_id + 1
         ts = m.ts_ms if m.ts_ms is not None else self.now_ms
@@ -105,6 +153,9 @@ class FakeStore:
         recipients = [u for u in members if u != m.sender]
         for u in recipients:
             self.sends[(u, msg_id)] = "pending"
+        undo.append(lambda msg_id=msg_id, key=key, recipients=recipients: (
+            self.messages.pop(msg_id, None), self.by_key.pop(key, None),
+            [self.sends.pop((u, msg_id), None) for u in recipients]))
         return _st.Stored(str(msg_id), m.session_id, session["last_seq"], ts, m.sender, m.client_msg_id,
                           m.body, recipients)
 
@@ -116,7 +167,7 @@ class FakeStore:
         return self._call("mark_delivered", self._mark, pairs, "delivered")
 
     def _mark(self, pairs, status):
-        users, ids = _st.MessageStore._pairs(pairs)
+        users, ids = _st.sorted_pairs(pairs)
         changed = 0
         for key in zip(users, ids):
             current = self.sends.get(key)
@@ -162,7 +213,7 @@ class FakeStore:
                     raise _st.StoreError("not_member", "not a member of this session")
             self._member_of(user_id, session_id)
             n = _st.HISTORY_DEFAULT_LIMIT if limit is None else max(1, min(int(limit), _st.HISTORY_MAX_LIMIT))
-            before = _st._BIGINT_MAX if before_seq is None else int(before_seq)
+            before = _st.BIGINT_MAX if before_seq is None else int(before_seq)
             rows = sorted((row["seq"], i) for i, row in self.messages.items()
                           if row["session_id"] == session_id and row["seq"] < before)
             return [self._frame(i, with_session=False) for _, i in rows[-n:]]

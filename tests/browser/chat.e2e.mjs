@@ -122,6 +122,62 @@ try {
   await bob.locator('#sessions li[data-session="p2p:alice:bob"] button').click();
   await message(bob, "Hi Alice!").waitFor({ timeout: WAIT });
 
+  step = "mallory sends alice a read receipt for a session named __proto__";
+  // ids are chosen by users: one named __proto__ must not reach Object.prototype in alice's page
+  const mallory = await (await browser.newContext()).newPage();
+  await mallory.goto(APP);
+  const attack = await mallory.evaluate(async (ws) => {
+    const login = await fetch("/v1/dev/login", {
+      method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify({ userId: "mallory" }),
+    });
+    const { token } = await login.json();
+    const sock = new WebSocket(ws);
+    const inbox = [];
+    let wake = null;
+    sock.onmessage = (e) => { inbox.push(JSON.parse(e.data)); if (wake) wake(); };
+    await new Promise((resolve, reject) => { sock.onopen = resolve; sock.onerror = reject; });
+    async function next(type) {
+      const end = Date.now() + 10000;
+      for (;;) {
+        const i = inbox.findIndex((f) => f.type === type || f.type === "error");
+        if (i >= 0) return inbox.splice(i, 1)[0];
+        if (Date.now() > end) throw new Error(`no ${type}`);
+        await new Promise((resolve) => { wake = resolve; setTimeout(resolve, 200); });
+      }
+    }
+    sock.send(JSON.stringify({ type: "auth", token }));
+    const auth = await next("auth_reply");
+    await next("sync_done");
+    sock.send(JSON.stringify({ type: "session_create", id: "p1", members: ["alice"], sessionId: "__proto__" }));
+    const created = await next("session_reply");
+    sock.send(JSON.stringify({ type: "message", clientMsgId: "p-1", sessionId: "__proto__", body: { text: "hi from __proto__" } }));
+    const sent = await next("message_reply");
+    sock.send(JSON.stringify({ type: "read", sessionId: "__proto__", seq: sent.seq }));
+    await new Promise((resolve) => setTimeout(resolve, 500));
+    sock.close();
+    return { auth: auth.ok, created: created.ok, sent: sent.ok, seq: sent.seq };
+  }, WS_A);
+  check(attack.auth && attack.created && attack.sent, `mallory set up the session (${JSON.stringify(attack)})`);
+  await alice.locator('#sessions li[data-session="__proto__"]').waitFor({ timeout: WAIT });
+  // the receipt arrived: remembered as the session's own entry, as any other, or (the bug) written
+  // onto Object.prototype, where every object of the page inherits it
+  await alice.waitForFunction(() => {
+    const saved = JSON.parse(localStorage.getItem("imcluster.receipts.alice") || "{}");
+    const remembered = Object.prototype.hasOwnProperty.call(saved, "__proto__") && saved["__proto__"].mallory >= 1;
+    return remembered || Object.keys(Object.prototype).length > 0;
+  }, null, { timeout: WAIT });
+  const polluted = await alice.evaluate(() => Object.keys(Object.prototype));
+  check(polluted.length === 0, `Object.prototype is clean in alice's page (found ${polluted.join(", ")})`);
+
+  step = "alice's page still works: she opens __proto__ and chats with bob";
+  await alice.locator('#sessions li[data-session="__proto__"] button').click();
+  await message(alice, "hi from __proto__").waitFor({ timeout: WAIT });
+  await alice.locator('#sessions li[data-session="p2p:alice:bob"] button').click();
+  await say(alice, "Still here after __proto__");
+  await message(bob, "Still here after __proto__").waitFor({ timeout: WAIT });
+  await message(alice, "Still here after __proto__").and(alice.locator("[data-status=read]"))
+    .waitFor({ timeout: WAIT });
+
   step = "screenshots";
   await alice.screenshot({ path: join(ARTIFACTS, "chat-desktop.png") });
   await bob.screenshot({ path: join(ARTIFACTS, "chat-phone.png") });

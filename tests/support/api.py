@@ -1,63 +1,77 @@
-"""Helpers for tests of imapi: a stand-in for the processors.
+"""Helpers for tests of imapi: the real processor, in this process.
 
-:class:`StandInProcessor` answers the ``message`` items imapi publishes as
-the processors do (moderation by one word, store with the real
-:class:`~imcluster.processor.store.MessageStore`, ``message_reply`` to the
-item's connection) and nothing more: no routing to gateways. It lets the
-API's side be tested on the real RabbitMQ and PostgreSQL whatever state the
-processors are in; the end-to-end tests run the real ``improcessor``.
+:class:`InProcessProcessor` is the very :class:`ProcessorService` that
+``twistd improcessor`` runs (pipeline, store, replies, routing), consuming
+the test's namespace on the real RabbitMQ and storing with the real
+:class:`~imcluster.store.postgres.MessageStore`, with a moderation filter
+that rejects :data:`BAD_WORD`. Only the presence registry is a
+:class:`~imcluster.testing.FakeRegistry` (no gateway is involved: imapi's
+replies go to its own queue whatever Redis says). The API's side is thus
+answered exactly as in production, whatever state other processors are in;
+the end-to-end tests run the real ``improcessor`` daemon.
 """
 
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from twisted.internet import defer
 
-from imcluster.api.publisher import is_api_conn_id
-from imcluster.bus import AMQPService
-from imcluster.processor.store import Incoming, MessageStore
-from imcluster.protocol import message_reply_error
+from imcluster.config import PROCESSOR, load_config
+from imcluster.processor.filters import KeywordFilter
+from imcluster.processor.service import ProcessorService
+from imcluster.testing import FakeRegistry
 
-#: the stand-in rejects message bodies containing this (as moderation would)
+#: the processor's moderation rejects message bodies containing this
 BAD_WORD = "forbidden-word"
 
 
-class StandInProcessor:
-    """Answers imapi's ``message`` items as the processors do (store, then ``message_reply``), nothing more.
+class _RecordingBus:
+    """The bus, recording every item of the queue messages the processor consumes."""
 
-    Records every item so tests can check what imapi sent. ``trusted`` is
-    honoured only on API connIds, as docs/internals.rst tells processors.
+    def __init__(self, bus: Any, items: list[dict]) -> None:
+        self._bus = bus
+        self._items = items
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._bus, name)
+
+    def consume(self, queue: Any, callback: Any, **kw: Any) -> defer.Deferred:
+        def recording(message: Any) -> Any:
+            try:
+                self._items.extend(json.loads(message.body)["items"])
+            except (ValueError, KeyError, TypeError):
+                pass  # the processor dead-letters it; nothing to record
+            return callback(message)
+
+        return self._bus.consume(queue, recording, **kw)
+
+
+class InProcessProcessor:
+    """The real processor on ``bus`` (AMQPService) and ``store`` (MessageStore); records what it consumed.
+
+    ``items`` lists every item imapi published, in order, so tests can check
+    what imapi sent.
     """
 
-    def __init__(self, bus: AMQPService, store: MessageStore) -> None:
-        self.bus = bus
-        self.store = store
+    def __init__(self, bus: Any, store: Any, **config: Any) -> None:
         self.items: list[dict] = []
+        values = {"namespace": bus.namespace, "batch_wait": 0.005}
+        values.update(config)
+        self.service = ProcessorService(load_config(PROCESSOR, values, environ={}),
+                                        _RecordingBus(bus, self.items), FakeRegistry(), store,
+                                        [KeywordFilter([BAD_WORD])])
 
-    def start(self) -> defer.Deferred:
-        return self.bus.consume(self.bus.processor_queue(), self._on_message, prefetch=50)
+    async def start(self, parent: Any = None) -> None:
+        """Start consuming (as a child of the running service ``parent``, stopped with it); fires once active."""
+        if parent is not None:
+            self.service.setServiceParent(parent)  # a running parent starts it
+        if not self.service.running:
+            self.service.startService()
+        await self.service.ready
 
-    def _on_message(self, message) -> defer.Deferred:
-        return defer.Deferred.fromCoroutine(self._handle(message))
-
-    async def _handle(self, message) -> None:
-        for item in json.loads(message.body)["items"]:
-            self.items.append(item)
-            frame = item["frame"]
-            if BAD_WORD in json.dumps(frame["body"]):
-                reply = message_reply_error(frame["clientMsgId"], "rejected", "the message contains a forbidden word")
-            else:
-                trusted = item.get("trusted") is True and is_api_conn_id(item["connId"])
-                [r] = await self.store.store_messages([Incoming(
-                    item["userId"], frame["clientMsgId"], frame["sessionId"], frame["body"],
-                    ts_ms=item["ts"], trusted=trusted)])
-                if r.ok:
-                    reply = {"type": "message_reply", "ok": True, "clientMsgId": r.client_msg_id,
-                             "msgId": r.msg_id, "sessionId": r.session_id, "seq": r.seq, "ts": r.ts_ms}
-                else:
-                    reply = message_reply_error(r.client_msg_id, r.code, r.message)
-            batch = {"v": 1, "items": [{"connIds": [item["connId"]], "frames": [reply]}]}
-            await self.bus.publish(self.bus.gateway_key(item["serverId"]), json.dumps(batch).encode(),
-                                   mandatory=True)
-        message.ack()
+    async def stop(self) -> None:
+        """Finish the windows in flight and stop consuming (unacknowledged messages go back)."""
+        if self.service.running:
+            await self.service.stopService()

@@ -1,12 +1,13 @@
-"""The message store: every SQL statement of the processor (and of the HTTP API).
+"""The PostgreSQL message store: every SQL statement of the processors and of the HTTP API.
 
 :class:`MessageStore` sits on :class:`imcluster.db.PostgresService` and keeps
 the tables of ``imcluster/migrations`` (ARCHITECTURE.md "PostgreSQL tables").
 Every public method returns a Deferred.
 
-Batching is the design. :meth:`MessageStore.store_messages` handles a whole
+Batching is the design. :meth:`MessageStore.begin_window` handles a whole
 window of client messages in ONE transaction and TWO round trips, whatever
-the batch size (BEGIN and COMMIT travel with them, ``imcluster.db``):
+the batch size (BEGIN and COMMIT travel with them, ``imcluster.db``), with
+the caller's turn between them (a :class:`~imcluster.store.WindowTransaction`):
 
 1. one string of statements: BEGIN; the 1:1 sessions ``p2p:<a>:<b>`` that
    the batch writes to are created (``INSERT ... ON CONFLICT DO NOTHING``,
@@ -18,13 +19,17 @@ the batch size (BEGIN and COMMIT travel with them, ``imcluster.db``):
    then one ``SELECT`` reads the originals of duplicates on the unique key
    ``(sender_id, client_msg_id)`` (with their still undelivered
    recipients), ``last_seq`` and the members of every session, and
-   reserves the ids of the new messages (``nextval``);
-2. one statement writes everything, then COMMIT: one ``UPDATE session``
+   reserves the ids of the new messages (``nextval``); ``begin_window``
+   fires now, with the recipients of the new messages, and the caller asks
+   the registry which are online (the store never calls another role);
+2. on the caller's ``commit(online)``, one statement writes everything,
+   then COMMIT: one ``UPDATE session``
    row per session (``last_seq`` advanced by the number of new messages),
    one multi-row ``INSERT`` into ``messagerecv`` and the ``messagesend``
    rows of every member except the sender, expanded by PostgreSQL from
    ``session_member`` (a 100-member group costs one row on the wire per
-   message, not 99).
+   message, not 99); the rows of the ``online`` recipients are inserted
+   ``sending``, the others ``pending``.
 
 Because the session row stays locked until commit, and membership changes
 (:meth:`MessageStore.add_remove_members`) lock it too, ``seq`` is gap-free
@@ -47,42 +52,30 @@ absent), so the reply, the live delivery, sync and history all show the same
 
 Errors a caller must map to the client: :class:`StoreError` with ``code``
 ``no_session``, ``not_member``, ``conflict``, ``too_large`` or
-``bad_request``. Anything else (PostgreSQL down, a statement timeout) is
-transient: retry.
+``bad_request``. PostgreSQL down, a statement timeout, a deadlock that
+kept coming back: :class:`StoreUnavailable` (transient: retry); the
+driver's own errors never leave this module.
 """
 
 from __future__ import annotations
 
-import json
-import re
-import uuid
-from dataclasses import dataclass, field
+import functools
 from typing import Any, Callable, Iterable, Sequence
 
-from twisted.internet import defer
+import psycopg2
+from twisted.internet import defer, error as ierror
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from imcluster import metrics
+from imcluster.db import ConnectionDead, DatabaseUnavailable, RollbackFailed
 from imcluster.interfaces import IMessageStore
-
-try:
-    from imcluster.protocol import USER_ID_RE
-except ImportError:  # protocol.py is written in parallel; PROTOCOL.md's charset
-    USER_ID_RE = re.compile(r"[A-Za-z0-9_.@-]{1,128}")
-
-#: a session id: the user-id charset plus ':' (PROTOCOL.md, HTTP-API.md)
-SESSION_ID_RE = re.compile(r"[A-Za-z0-9_.@:-]{1,128}")
-#: clientMsgId: 1-64 characters (PROTOCOL.md "Sending a message")
-CLIENT_MSG_ID_MAX = 64
-#: what PostgreSQL text cannot hold (NUL) or UTF-8 cannot encode (lone surrogates)
-_BAD_CHARS = re.compile("[\x00\ud800-\udfff]")
-
-P2P_PREFIX = "p2p:"
-
-#: history page size when the client gives none, and the cap (PROTOCOL.md "Sync")
-HISTORY_DEFAULT_LIMIT = 50
-HISTORY_MAX_LIMIT = 200
+from imcluster.store.base import (
+    BIGINT_MAX, HISTORY_DEFAULT_LIMIT, HISTORY_MAX_LIMIT, P2P_PREFIX, Incoming, Rejected, Stored, StoreError,
+    StoreUnavailable, WindowTransaction, bytes_key, check_member_change, check_new_session, clamp_bigint,
+    copy_answer, parse_p2p, sorted_pairs, storable_json, valid_client_msg_id, valid_session_id, valid_user_id,
+)
 
 #: how often a batch is run again after losing a race on the clientMsgId key
 #: (unique violation). Each retry sees what the winner committed, so a second
@@ -101,226 +94,44 @@ class _StaleP2P(Exception):
     """A 1:1 session remembered as existing is gone (deleted by hand): forget and run again."""
 
 
-_BIGINT_MAX = 2**63 - 1
-_DIGITS_RE = re.compile(r"[0-9]{1,19}")
-
 #: ``created_at`` in whole milliseconds; extract() is numeric (exact) since PostgreSQL 14
 _TS_SQL = "floor(extract(epoch FROM {t}.created_at) * 1000)::bigint"
 
 
-class StoreError(Exception):
-    """A deterministic failure the caller answers to the client (never retry it)."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
-
-
-@dataclass(frozen=True)
-class Incoming:
-    """One client message to store.
-
-    ``ts_ms``: milliseconds since the epoch to record as the message's time
-    (None: the store's clock). ``trusted``: skip the member check (the HTTP
-    API's admin key sends as any user, ``system`` by default); the session
-    must still exist (a ``p2p:`` one is created).
-    """
-
-    sender: str
-    client_msg_id: str
-    session_id: str
-    body: Any
-    ts_ms: int | None = None
-    trusted: bool = False
+#: what the driver and the pool raise when PostgreSQL is down, slow or lost mid-work
+#: (OperationalError covers statement timeouts and deadlocks run out of retries too)
+_DRIVER_ERRORS: tuple[type[BaseException], ...] = (
+    DatabaseUnavailable, ConnectionDead, RollbackFailed, psycopg2.OperationalError, psycopg2.InterfaceError,
+    ierror.ConnectionDone, ierror.ConnectionLost,
+)
 
 
-@dataclass(frozen=True)
-class Stored:
-    """A message that is in ``messagerecv`` (just now, or before: ``duplicate``).
-
-    ``recipients``: the users to deliver it to, i.e. whose ``messagesend``
-    row is undelivered: every member but the sender for a new message, and
-    those who have not acknowledged it yet for a duplicate. ``session_id``,
-    ``seq``, ``ts_ms`` and ``body`` of a duplicate are the original's.
-    """
-
-    msg_id: str
-    session_id: str
-    seq: int
-    ts_ms: int
-    sender: str
-    client_msg_id: str
-    body: Any
-    recipients: list[str] = field(default_factory=list)
-    duplicate: bool = False
-    ok = True
+def _unavailable(e: BaseException) -> BaseException:
+    """``e`` as the store's :class:`StoreUnavailable` when it is the driver's outage error, else ``e``."""
+    if not isinstance(e, _DRIVER_ERRORS):
+        return e
+    text = str(e).strip().splitlines()
+    wrapped = StoreUnavailable(f"PostgreSQL unavailable: {text[0] if text else type(e).__name__}")
+    wrapped.__cause__ = e
+    return wrapped
 
 
-@dataclass(frozen=True)
-class Rejected:
-    """A message refused on its own: ``code`` is a PROTOCOL.md ``message_reply`` code."""
-
-    client_msg_id: str
-    code: str
-    message: str
-    ok = False
+def _translate(failure: Failure) -> Failure:
+    wrapped = _unavailable(failure.value)
+    return failure if wrapped is failure.value else Failure(wrapped)
 
 
-# --- ids ---------------------------------------------------------------------
-
-
-def valid_user_id(user_id: Any) -> bool:
-    """True for a PROTOCOL.md user id: 1-128 characters of ``A-Z a-z 0-9 _ . @ -``."""
-    return isinstance(user_id, str) and USER_ID_RE.fullmatch(user_id) is not None
-
-
-def p2p_session_id(a: str, b: str) -> str:
-    """The id of the 1:1 session of two users: ``p2p:<a>:<b>`` sorted by bytes."""
-    a, b = sorted((a, b), key=lambda u: u.encode())
-    return f"{P2P_PREFIX}{a}:{b}"
-
-
-def parse_p2p(session_id: str) -> tuple[str, str] | None:
-    """``(a, b)`` of a canonical ``p2p:<a>:<b>`` id, else None.
-
-    Canonical: both valid user ids (they cannot contain ':'), ``a < b`` in
-    byte order (so ``a != b``).
-    """
-    if not session_id.startswith(P2P_PREFIX):
-        return None
-    parts = session_id[len(P2P_PREFIX):].split(":")
-    if len(parts) != 2:
-        return None
-    a, b = parts
-    if not (valid_user_id(a) and valid_user_id(b)) or not a.encode() < b.encode():
-        return None
-    return a, b
-
-
-def valid_session_id(session_id: Any) -> bool:
-    """True for an id a session may have (a ``p2p:`` id must also be canonical)."""
-    if not isinstance(session_id, str) or SESSION_ID_RE.fullmatch(session_id) is None:
-        return False
-    return not session_id.startswith(P2P_PREFIX) or parse_p2p(session_id) is not None
-
-
-def parse_msg_id(msg_id: Any) -> int | None:
-    """The ``messagerecv.id`` of a client-supplied ``msgId`` (str or int), else None."""
-    if isinstance(msg_id, bool):
-        return None
-    if isinstance(msg_id, int):
-        value = msg_id
-    elif isinstance(msg_id, str) and _DIGITS_RE.fullmatch(msg_id):
-        value = int(msg_id)
-    else:
-        return None
-    return value if 0 < value <= _BIGINT_MAX else None
-
-
-def _has_nul(value: Any) -> bool:
-    """True when a string anywhere in a JSON value holds U+0000 (jsonb refuses it)."""
-    stack = [value]
-    while stack:
-        v = stack.pop()
-        if isinstance(v, str):
-            if "\x00" in v:
-                return True
-        elif isinstance(v, dict):
-            for k, item in v.items():
-                if isinstance(k, str) and "\x00" in k:
-                    return True
-                stack.append(item)
-        elif isinstance(v, (list, tuple)):
-            stack.extend(v)
-    return False
-
-
-def _json(body: Any) -> str | None:
-    """``body`` as JSON text for a jsonb column, or None when it cannot be stored."""
-    if _has_nul(body):
-        return None
-    try:
-        text = json.dumps(body, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
-        text.encode("utf-8")  # a lone surrogate would fail the whole batch's statement
-    except (TypeError, ValueError, RecursionError):
-        return None
-    return text
-
-
-def valid_client_msg_id(client_msg_id: Any) -> bool:
-    """True for a storable ``clientMsgId``: 1-64 characters, no NUL or lone surrogate."""
-    return (isinstance(client_msg_id, str) and 0 < len(client_msg_id) <= CLIENT_MSG_ID_MAX
-            and _BAD_CHARS.search(client_msg_id) is None)
-
-
-def check_new_session(creator: str | None, members: Iterable[str], session_id: str | None, kind: str,
-                      max_group_size: int) -> tuple[str, str, list[str]]:
-    """Validate a new session: ``(session_id, kind, members sorted)`` or :class:`StoreError`."""
-    if isinstance(members, (str, bytes)):
-        raise StoreError("bad_request", "members must be a list of user ids")
-    members = list(members)
-    for u in members + ([creator] if creator is not None else []):
-        if not valid_user_id(u):
-            raise StoreError("bad_request", f"bad user id {u!r}")
-    everyone = sorted(set(members) | ({creator} if creator is not None else set()), key=_bytes_key)
-    if kind not in ("group", "p2p"):
-        raise StoreError("bad_request", f"kind must be group or p2p, not {kind!r}")
-    if session_id is None and kind == "p2p":
-        if len(everyone) != 2 or creator is None:
-            raise StoreError("bad_request", "a p2p session is the creator and one other member")
-        session_id = p2p_session_id(*everyone)
-    if session_id is None:
-        session_id = uuid.uuid4().hex
-    if not isinstance(session_id, str) or SESSION_ID_RE.fullmatch(session_id) is None:
-        raise StoreError("bad_request", "a session id is 1-128 characters of A-Z a-z 0-9 _ . @ - :")
-    if session_id.startswith(P2P_PREFIX):
-        pair = parse_p2p(session_id)
-        if pair is None or everyone != list(pair) or (creator is not None and creator not in pair):
-            raise StoreError("bad_request", "a p2p: id must be p2p:<a>:<b> of its two members, sorted")
-        kind = "p2p"
-    elif kind == "p2p":
-        raise StoreError("bad_request", "a p2p session has the id p2p:<a>:<b>")
-    if not everyone:
-        raise StoreError("bad_request", "a session needs at least one member")
-    if len(everyone) > max_group_size:
-        raise StoreError("too_large", f"a session has at most {max_group_size} members")
-    return session_id, kind, everyone
-
-
-def check_member_change(add: Iterable[str], remove: Iterable[str]) -> tuple[list[str], list[str]]:
-    """Validate a membership change: ``(add, remove)`` de-duplicated and sorted, or :class:`StoreError`."""
-    if isinstance(add, (str, bytes)) or isinstance(remove, (str, bytes)):
-        raise StoreError("bad_request", "add and remove are lists of user ids")
-    add, remove = list(add), list(remove)
-    for u in add + remove:
-        if not valid_user_id(u):
-            raise StoreError("bad_request", f"bad user id {u!r}")
-    if set(add) & set(remove):
-        raise StoreError("bad_request", "a user is both added and removed")
-    return sorted(set(add), key=_bytes_key), sorted(set(remove), key=_bytes_key)
-
-
-def copy_answer(first: Stored | Rejected) -> Stored | Rejected:
-    """The answer to a later copy of a message sent twice in one batch: like the first copy's."""
-    if isinstance(first, Stored):
-        return Stored(first.msg_id, first.session_id, first.seq, first.ts_ms, first.sender,
-                      first.client_msg_id, first.body, list(first.recipients), duplicate=True)
-    return first
-
-
-def _clamp_bigint(value: Any) -> int:
-    """``value`` as an int within PostgreSQL's bigint (a client's seq may be any JSON number)."""
-    return max(-_BIGINT_MAX, min(int(value), _BIGINT_MAX))
+def _store_errors(method: Callable[..., defer.Deferred]) -> Callable[..., defer.Deferred]:
+    """A public method whose driver errors reach the caller as :class:`StoreUnavailable`."""
+    @functools.wraps(method)
+    def wrapper(*args: Any, **kwargs: Any) -> defer.Deferred:
+        return method(*args, **kwargs).addErrback(_translate)
+    return wrapper
 
 
 def _race(failure_or_exc: Any) -> bool:
     exc = getattr(failure_or_exc, "value", failure_or_exc)
     return getattr(exc, "pgcode", None) in _RACE_PGCODES
-
-
-def _bytes_key(s: str) -> bytes:
-    return s.encode()
 
 
 # --- the store -----------------------------------------------------------------
@@ -361,33 +172,41 @@ class MessageStore:
 
     # -- messages ----------------------------------------------------------------
 
-    def store_messages(self, batch: Sequence[Incoming],
-                       locate: Callable[[list[str]], Any] | None = None,
-                       locked: Callable[[], Any] | None = None) -> defer.Deferred:
-        """Store a batch in one transaction; fires with ``[Stored | Rejected]`` in batch order.
+    def begin_window(self, batch: Sequence[Incoming]) -> defer.Deferred:
+        """Begin a window's transaction: fires with a :class:`WindowTransaction` once its sessions are locked.
 
         Idempotent: a batch run again (after a crash, a retry, or by another
         processor) answers every message already stored as a duplicate.
 
-        ``locate(users)``, when given, is called inside the transaction with
-        the recipients of the new messages (once members are known; for a
-        batch of 1:1 sessions only, beside the first round trip, with the
-        other party of each, since it is in the session id) and
-        returns (or fires with) the users that are online: their
-        ``messagesend`` rows are inserted ``sending`` at once, which spares
-        the caller a ``mark_sending`` for them. A failure of ``locate`` fails
-        the batch (nothing is stored).
+        The transaction's first round trip takes the locks and reads what
+        the batch needs (module docstring); the Deferred fires then, with
+        :attr:`WindowTransaction.recipients`, the users the new messages go
+        to. The pipeline begins the next window's transaction only then, so
+        that windows in flight together take seq numbers in the order they
+        started, and asks the registry which recipients are online. Its
+        ``commit(online)`` sends the second round trip: the rows of
+        ``online`` recipients are inserted ``sending`` at once (sparing a
+        ``mark_sending``), then COMMIT. ``abort()`` rolls back.
 
-        ``locked()``, when given, is called as soon as the batch's sessions
-        are locked (again if the batch runs again after a lost race). The
-        pipeline starts the next window's transaction only then, so that
-        windows in flight together take seq numbers in the order they
-        started.
+        Should the transaction run again (a lost race on the clientMsgId
+        key, a deadlock, a lost connection), it does so on its own, with the
+        ``online`` users already given. PostgreSQL down or slow:
+        :class:`StoreUnavailable`.
         """
-        return defer.Deferred.fromCoroutine(self._store_messages(list(batch), locate, locked))
+        txn = WindowTransaction(list(batch))
+        d = defer.Deferred.fromCoroutine(self._store_messages(txn))
+        d.addBoth(txn.settle)
+        return txn.started
 
-    async def _store_messages(self, batch: list[Incoming], locate: Any = None,
-                              locked: Callable[[], Any] | None = None) -> list[Stored | Rejected]:
+    def store_messages(self, batch: Sequence[Incoming]) -> defer.Deferred:
+        """Store a batch in one transaction; fires with ``[Stored | Rejected]`` in batch order.
+
+        :meth:`begin_window`, then ``commit(())`` (every row ``pending``).
+        """
+        return self.begin_window(batch).addCallback(lambda txn: txn.commit(()))
+
+    async def _store_messages(self, txn: WindowTransaction) -> list[Stored | Rejected]:
+        batch = txn.batch
         if not batch:
             return []
         now_ms = int(self.clock.seconds() * 1000)
@@ -395,15 +214,14 @@ class MessageStore:
         while True:
             attempt += 1
             try:
-                results = await self.db.run_interaction(self._store_in, batch, now_ms, locate, locked,
-                                                        idempotent=True)
+                results = await self.db.run_interaction(self._store_in, batch, now_ms, txn, idempotent=True)
                 break
             except _StaleP2P:
                 self.p2p_known.clear()
                 continue
             except Exception as e:
                 if not _race(e) or attempt > RACE_RETRIES:
-                    raise
+                    raise _unavailable(e)
                 self.race_retries += 1
                 self.log.info("store batch of {n} lost a race ({code}); attempt {attempt} of {retries}",
                               n=len(batch), code=getattr(e, "pgcode", None), attempt=attempt + 1,
@@ -423,8 +241,8 @@ class MessageStore:
         return results
 
     async def _store_in(self, cursor: Any, batch: list[Incoming], now_ms: int,
-                        locate: Any = None, locked: Callable[[], Any] | None = None) -> list[Stored | Rejected]:
-        """The transaction of :meth:`store_messages` (runs again from scratch on a retry)."""
+                        txn: WindowTransaction) -> list[Stored | Rejected]:
+        """The transaction of :meth:`begin_window` (runs again from scratch on a retry)."""
         results: list[Stored | Rejected | None] = [None] * len(batch)
         bodies: dict[int, str] = {}
         candidates: list[int] = []  # indexes still to decide, in batch order
@@ -434,7 +252,7 @@ class MessageStore:
             if not valid_client_msg_id(m.client_msg_id) or not valid_user_id(m.sender):
                 results[i] = Rejected(str(m.client_msg_id), "bad_frame", "bad sender or clientMsgId")
                 continue
-            body = _json(m.body)
+            body = storable_json(m.body)
             if body is None:
                 results[i] = Rejected(m.client_msg_id, "bad_frame",
                                       "body is not storable JSON (U+0000 in a string, NaN or Infinity)")
@@ -485,18 +303,10 @@ class MessageStore:
         keys = sorted(keys_seen)
         if not keys:
             return results  # type: ignore[return-value]
-        # a 1:1 session's recipient is in its id: when every session is one,
-        # ask who is online now, while the locks are taken, not after
-        early = None
-        if locate is not None and session_ids and all(s.startswith(P2P_PREFIX) for s in session_ids):
-            early_users = sorted({u for i, c in checks.items() if c is None
-                                  for u in parse_p2p(batch[i].session_id) if u != batch[i].sender})  # type: ignore[union-attr]
-            # its error is kept as a value: raised below if used, never an unhandled Deferred error
-            early = defer.maybeDeferred(locate, early_users).addErrback(lambda f: f.value)
         ids = sorted(session_ids)
         sql = b""
         if p2p_new:
-            sql += self._create_p2p_sql(cursor, sorted(p2p_new, key=_bytes_key)) + b"; "
+            sql += self._create_p2p_sql(cursor, sorted(p2p_new, key=bytes_key)) + b"; "
         if ids:
             sql += cursor.mogrify('SELECT 1 FROM session WHERE id = ANY(%s) ORDER BY id COLLATE "C" FOR UPDATE; ',
                                   (ids,))
@@ -512,8 +322,6 @@ class MessageStore:
             "ARRAY(SELECT nextval('messagerecv_id_seq') FROM generate_series(1, %s))",
             ([k[0] for k in keys], [k[1] for k in keys], ids, sum(1 for c in checks.values() if c is None)))
         await cursor.execute(sql)
-        if locked is not None:
-            locked()
         found, session_rows, reserved = cursor.fetchall()[0]
         originals: dict[tuple[str, str], Stored] = {}
         for sender, cmid, msg_id, session_id, seq, ts, body, pending in found or ():
@@ -568,19 +376,14 @@ class MessageStore:
             next_seq[m.session_id] = seq
             new_rows.append((i, seq))
 
+        # 5. the caller's turn: the locks are held, the recipients known; it
+        # asks who of them is online (the store never calls another role)
+        # and answers with commit(online), or abort()
+        recipients = sorted({u for i, _ in new_rows for u in sessions[batch[i].session_id][1]
+                             if u != batch[i].sender})
+        txn.ready(recipients, results)
         if new_rows:
-            online: list[str] = []
-            if locate is not None:
-                recipients = sorted({u for i, _ in new_rows for u in sessions[batch[i].session_id][1]
-                                     if u != batch[i].sender})
-                if recipients and early is not None and set(recipients) <= set(early_users):
-                    found = await early
-                    if isinstance(found, BaseException):
-                        raise found
-                    wanted = set(recipients)
-                    online = sorted(u for u in found if u in wanted)
-                elif recipients:
-                    online = sorted(await defer.maybeDeferred(locate, recipients))
+            online = await txn.online(recipients)
             msg_ids = reserved[:len(new_rows)]
             await self._write(cursor, batch, bodies, new_rows, msg_ids, next_seq, now_ms, online)
             for (i, seq), msg_id in zip(new_rows, msg_ids):
@@ -640,6 +443,7 @@ class MessageStore:
             b"JOIN session_member m ON m.session_id = ins.session_id AND m.user_id <> ins.sender_id",
             commit=True)
 
+    @_store_errors
     def mark_sending(self, pairs: Iterable[tuple[str, Any]]) -> defer.Deferred:
         """``pending`` -> ``sending`` for ``(user_id, msg_id)`` pairs; fires with the count changed.
 
@@ -648,7 +452,7 @@ class MessageStore:
         operators a delivery was attempted, sync sends both states, and not
         waiting means this statement can never take part in a deadlock.
         """
-        users, ids = self._pairs(pairs)
+        users, ids = sorted_pairs(pairs)
         if not users:
             return defer.succeed(0)
         return self.db.run_query(
@@ -659,6 +463,7 @@ class MessageStore:
             "WHERE m.user_id = t.user_id AND m.msg_id = t.msg_id AND m.status = 'pending' RETURNING 1) "
             "SELECT count(*) FROM u", (users, ids)).addCallback(lambda rows: rows[0][0])
 
+    @_store_errors
     def mark_delivered(self, acks: Iterable[tuple[str, Iterable[Any]]]) -> defer.Deferred:
         """Mark acknowledged messages ``delivered``: ``acks`` is ``[(user_id, [msgId, ...]), ...]``.
 
@@ -675,7 +480,7 @@ class MessageStore:
         touched every row twice and made acknowledgements twice as costly as
         inserting the rows (fan-out trace: 11.8 ms a statement).
         """
-        users, ids = self._pairs((user, msg_id) for user, msg_ids in acks for msg_id in msg_ids)
+        users, ids = sorted_pairs((user, msg_id) for user, msg_ids in acks for msg_id in msg_ids)
         if not users:
             return defer.succeed(0)
         return self.db.run_operation(
@@ -684,17 +489,7 @@ class MessageStore:
             "WHERE m.user_id = a.user_id AND m.msg_id = a.msg_id AND m.status <> 'delivered'",
             (users, ids), idempotent=True)
 
-    @staticmethod
-    def _pairs(pairs: Iterable[tuple[str, Any]]) -> tuple[list[str], list[int]]:
-        """Distinct, valid ``(user_id, id)`` as two parallel sorted lists (for ``unnest``)."""
-        seen = set()
-        for user, msg_id in pairs:
-            n = parse_msg_id(msg_id)
-            if n is not None and valid_user_id(user):
-                seen.add((user, n))
-        ordered = sorted(seen, key=lambda p: (p[0].encode(), p[1]))
-        return [p[0] for p in ordered], [p[1] for p in ordered]
-
+    @_store_errors
     def undelivered_page(self, user_id: str, after: tuple[str, int] | None, limit: int) -> defer.Deferred:
         """One page of a user's undelivered messages (``pending`` or ``sending``).
 
@@ -717,6 +512,7 @@ class MessageStore:
 
     # -- sessions ------------------------------------------------------------------
 
+    @_store_errors
     def history(self, user_id: str, session_id: str, before_seq: int | None = None,
                 limit: int | None = None) -> defer.Deferred:
         """A page of a session's messages, ascending ``seq`` (PROTOCOL.md "History").
@@ -730,7 +526,7 @@ class MessageStore:
         Fires with ``[{"msgId","seq","from","clientMsgId","body","ts"}]``.
         """
         limit = HISTORY_DEFAULT_LIMIT if limit is None else max(1, min(int(limit), HISTORY_MAX_LIMIT))
-        before = _BIGINT_MAX if before_seq is None else _clamp_bigint(before_seq)
+        before = BIGINT_MAX if before_seq is None else clamp_bigint(before_seq)
 
         async def run() -> list[dict]:
             if not valid_session_id(session_id):
@@ -762,6 +558,7 @@ class MessageStore:
 
         return defer.Deferred.fromCoroutine(run())
 
+    @_store_errors
     def read(self, user_id: str, session_id: str, seq: int) -> defer.Deferred:
         """Move ``user_id``'s read cursor to ``seq``: fires with ``(cursor, members)``.
 
@@ -783,7 +580,7 @@ class MessageStore:
                 "SELECT (SELECT read_seq FROM u), s.id IS NOT NULL, "
                 'ARRAY(SELECT user_id FROM session_member WHERE session_id = %s ORDER BY user_id COLLATE "C") '
                 "FROM (SELECT 1) one LEFT JOIN session s ON s.id = %s",
-                (_clamp_bigint(seq), session_id, user_id, session_id, session_id), idempotent=True)
+                (clamp_bigint(seq), session_id, user_id, session_id, session_id), idempotent=True)
             cursor, exists, members = rows[0]
             if not exists:
                 pair = parse_p2p(session_id)
@@ -799,6 +596,7 @@ class MessageStore:
 
         return defer.Deferred.fromCoroutine(run())
 
+    @_store_errors
     def create_session(self, creator: str | None, members: Iterable[str], session_id: str | None = None,
                        kind: str = "group") -> defer.Deferred:
         """Create a session: fires with ``(session_id, members sorted)``.
@@ -838,6 +636,7 @@ class MessageStore:
             + b") AS v(session_id, user_id, role) JOIN s ON s.id = v.session_id RETURNING user_id")
         return cursor.fetchall()
 
+    @_store_errors
     def add_remove_members(self, session_id: str, add: Iterable[str] = (),
                            remove: Iterable[str] = ()) -> defer.Deferred:
         """Change a group's members; fires with the members, sorted.
@@ -879,6 +678,7 @@ class MessageStore:
 
         return self.db.run_interaction(change_members, idempotent=True)
 
+    @_store_errors
     def session_members(self, session_ids: Iterable[str]) -> defer.Deferred:
         """``{session_id: [user_id, ...] sorted}`` for the sessions that exist."""
         ids = sorted({sid for sid in session_ids if valid_session_id(sid)})
@@ -889,6 +689,7 @@ class MessageStore:
             'ORDER BY m.user_id COLLATE "C") FROM session s WHERE s.id = ANY(%s)', (ids,))
         return d.addCallback(lambda rows: {sid: members for sid, members in rows})
 
+    @_store_errors
     def get_session(self, session_id: str) -> defer.Deferred:
         """``{"sessionId","kind","members","owners","lastSeq"}`` (GET /v1/sessions/{id}).
 
@@ -909,6 +710,7 @@ class MessageStore:
             "ARRAY(SELECT user_id FROM session_member WHERE session_id = s.id AND role = 'owner' "
             'ORDER BY user_id COLLATE "C") FROM session s WHERE s.id = %s', (session_id,)).addCallback(shape)
 
+    @_store_errors
     def user_sessions(self, user_id: str) -> defer.Deferred:
         """A user's sessions: ``[{"sessionId","kind","lastSeq","unread"}]`` by sessionId (bytes).
 

@@ -1,0 +1,29 @@
+"""One handler per frame type the processors answer, in a table keyed by frame type.
+
+The :class:`~imcluster.processor.pipeline.Pipeline` runs a window's stages
+by asking the handlers of the types present (``base.Handler`` lists the
+hooks), in the order of :data:`HANDLERS`: that order is the order of each
+stage's work (deliveries before read receipts). Adding a frame type is a
+validator in ``imcluster/protocol.py`` and a module here
+(docs/internals.rst "How to add a frame type").
+
+``sync`` is not a frame of a window: a sync request is paged by the
+:class:`~imcluster.processor.pipeline.Syncer`.
+"""
+
+from __future__ import annotations
+
+from imcluster.processor.handlers.ack import AckHandler
+from imcluster.processor.handlers.base import Handler
+from imcluster.processor.handlers.history import HistoryHandler
+from imcluster.processor.handlers.message import MessageHandler
+from imcluster.processor.handlers.read import ReadHandler
+from imcluster.processor.handlers.session_create import SessionCreateHandler
+
+#: frame type -> its handler, in stage order
+HANDLERS: dict[str, Handler] = {h.type: h for h in (
+    MessageHandler(), AckHandler(), HistoryHandler(), ReadHandler(), SessionCreateHandler(),
+)}
+
+__all__ = ["HANDLERS", "AckHandler", "Handler", "HistoryHandler", "MessageHandler", "ReadHandler",
+           "SessionCreateHandler"]
