@@ -272,6 +272,9 @@ OPTIONS: list[Option] = [
     _opt("idle_timeout", _positive(_float), 90.0, G, "seconds without any frame before a connection is closed"),
     _opt("ws_ping_interval", _non_negative(_float), 30.0, G, "seconds between WebSocket pings (0: none)"),
     _opt("handshake_timeout", _positive(_float), 10.0, G, "seconds a WebSocket opening handshake may take"),
+    _opt("max_handshake_size", _positive(_int), 16384, G,
+         "bytes of a WebSocket opening handshake (request line and headers); a larger one is "
+         "answered HTTP 431 and closed"),
     _opt("output_buffer_limit", _positive(_int), 1048576, G,
          "bytes of pending output after which a client that does not read is closed"),
     _opt("rate_limit", _positive(_float), 50.0, G, "client frames per second per connection (token bucket rate)"),
@@ -281,6 +284,9 @@ OPTIONS: list[Option] = [
          "port clients see when behind a load balancer (0: the listening port)"),
     _opt("trust_proxy", _bool, False, G, "take the client address from X-Forwarded-For / X-Real-IP"),
     _opt("publish_batch", _positive(_int), 200, G | A, "client frames coalesced into one AMQP publish"),
+    _opt("resync_rate", _positive(_float), 2000.0, G,
+         "connections per second a gateway asks the processors to sync again after its queue or its "
+         "Redis entries were lost (deliveries routed meanwhile were lost with them)"),
     _opt("close_timeout", _positive(_float), 5.0, G,
          "seconds a closing client connection may take to flush its last frames before it is dropped"),
     _opt("max_json_depth", _positive(_int), 64, G | P | A,

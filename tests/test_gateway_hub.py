@@ -268,8 +268,8 @@ def test_sync_request_after_auth_and_retried():
     h.reactor.advance(0.5)  # ... and is retried
     h.turn()
     assert done.called
-    assert len(h.items) == 1
-    item = h.items[0]["items"][0]
+    # the reconnect also asks for a sync of every connection again (tests/test_gateway_healing.py)
+    [item] = [i for body in h.items for i in body["items"] if not i.get("resync")]
     assert item["kind"] == "sync" and "frame" not in item
     assert item["userId"] == "alice" and item["connId"] == a.conn_id and item["serverId"] == h.uuid
 
@@ -431,6 +431,22 @@ def test_max_connections_and_refusal_while_stopping():
     assert not h.gw.connection_made(FakeConnection(port=3, server_id=h.uuid))
     h.gw.stopService()
     assert not h.gw.connection_made(FakeConnection(port=4, server_id=h.uuid))
+
+
+def test_socket_slots_bound_every_socket_and_count_refusals():
+    """Sockets still in their handshake count towards max_connections; each refusal shows in the metrics."""
+    from prometheus_client import REGISTRY
+
+    def refused():
+        return REGISTRY.get_sample_value("imcluster_closes_total", {"reason": "max_connections"}) or 0.0
+
+    h = Hub(max_connections=2)
+    before = refused()
+    assert h.gw.socket_opened() and h.gw.socket_opened()
+    assert not h.gw.socket_opened() and not h.gw.socket_opened()
+    assert refused() == before + 2 and h.gw.open_sockets == 2
+    h.gw.socket_closed()
+    assert h.gw.socket_opened()
 
 
 def test_graceful_stop():
