@@ -17,8 +17,10 @@
 // With {"mode":"socketio"} the same scenarios drive the reference peer
 // (bench/peers/socketio.js) with socket.io-client: each frame becomes the
 // socket.io event named by its `type` (payload: the other fields), each event
-// received becomes the frame {type: event, ...payload}, and the token travels
-// in the handshake (`auth.token`), so `auth` only waits for `sync_done`.
+// received becomes the frame {type: event, ...payload}, the token travels
+// in the handshake (`auth.token`), so `auth` only waits for `sync_done`, and
+// each message_send is acknowledged with socket.io's ack callback (the peer
+// replies to the sender once its recipients acked).
 
 const WebSocket = require('ws');
 const crypto = require('crypto');
@@ -160,7 +162,11 @@ class SioClient extends Client {
       this.sock = s;
       s.on('connect', resolve);
       s.on('connect_error', (e) => reject(e));
-      s.onAny((type, payload) => this.frame({ type, ...payload }));
+      s.onAny((type, payload, ack) => {
+        this.frame({ type, ...payload });
+        // the peer asks for socket.io's acknowledgement of each message_send (as ack() below would)
+        if (typeof ack === 'function') ack();
+      });
       s.on('disconnect', (reason) => {
         if (!this.closing) { stats.closes++; count(stats.closeCodes, reason); }
         if (this.authWait) this.authWait.reject(new Error(`closed ${reason} before sync_done`));
@@ -172,6 +178,9 @@ class SioClient extends Client {
     const { type, ...rest } = obj;
     this.sock.emit(type, rest);
   }
+
+  // acknowledged through socket.io's ack callback as each message_send arrives
+  ack() {}
 
   auth() {
     if (this.syncedEarly !== undefined) return Promise.resolve(this.syncedEarly);

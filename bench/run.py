@@ -49,7 +49,7 @@ TARGETS = {
     "p2p-throughput": ("delivered msgs/s >= 7000", lambda r: r["delivered_per_s"] >= 7000),
     "p2p-latency": ("p99 <= 10 ms", lambda r: r["latency_ms"]["p99"] is not None and r["latency_ms"]["p99"] <= 10),
     "fanout": ("max >= 50000 deliveries/s", lambda r: r["max"]["deliveries_per_s"] >= 50000),
-    "conn": ("<= 20 KB RSS/conn", lambda r: r["rss_kb_per_conn"] <= 20),
+    "conn": ("<= 12 KB RSS/conn", lambda r: r["rss_kb_per_conn"] <= 12),
     "sync": ("<= 2 s per 10k backlog", lambda r: r["seconds"] * 10000 / max(1, r["backlog"]) <= 2.0),
 }
 
