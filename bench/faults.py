@@ -109,7 +109,7 @@ async def main(reactor, argv: list[str]) -> None:
         for name in args.faults.split(","):
             kw = {"down": args.down}
             if args.quiet and name == "broker-restart":
-                kw["gateway_lags"] = (0.0, 4.0)
+                kw["gateway_lags"] = (0.0, 1.0)
             log(f"{name}: {args.steady:g}s of load, then the fault")
             report, fault_s = await run_fault(fc, load, name, steady=args.steady, after=args.after,
                                               quiet=args.quiet, **kw)

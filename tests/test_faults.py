@@ -107,7 +107,7 @@ async def test_broker_restart_quiet_gateway_resync_delivers_what_its_missing_que
     """Messages routed to a gateway whose queue was not declared again yet would wait for a reconnect."""
     fc, load = quiet_env
     # gateway 0 is back (and its users send) for seconds while gateway 1's queue is still missing
-    report, _ = await run_fault(fc, load, "broker-restart", down=1.0, quiet=True, gateway_lags=(0.0, 4.0))
+    report, _ = await run_fault(fc, load, "broker-restart", down=1.0, quiet=True, gateway_lags=(0.0, 1.0))
     check("broker-restart (quiet)", report, load, quiet=True)
 
 

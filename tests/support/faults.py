@@ -24,9 +24,12 @@ way to it is):
 ``gateway_amqp_cut``   gateway 0's AMQP connection cut for ``down`` s (its
                        exclusive queue goes with it), then allowed again
 
-``before_heal`` (a callable) runs just before the last gateway may reach the
-dependency again: the "quiet" variants stop the load there, so that what
-heals is exactly what was stored while deliveries could not be routed.
+``before_heal(back_at)`` runs (and is awaited) just before the last gateway
+may reach the dependency again, ``back_at`` being when the dependency itself
+answered again: the "quiet" variants wait there until the cluster has taken
+a message since ``back_at`` (the gateways that are back work), let the load
+run a little longer, and stop it, so that what must heal is exactly what was
+stored while deliveries could not be routed to the last gateway.
 
 ``run_fault`` drives one of them under a :class:`~tests.support.load.Load`
 and returns the ledger's :class:`~tests.support.ledger.Report`. Used by
@@ -39,7 +42,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Sequence
 
-from twisted.internet import reactor, task
+from twisted.internet import defer, reactor, task
 
 from tests.support.ledger import Report
 from tests.support.load import Load
@@ -51,7 +54,7 @@ async def _sleep(seconds: float) -> None:
     await task.deferLater(reactor, seconds, lambda: None)
 
 
-def _nothing() -> None:
+def _nothing(back_at: float) -> None:
     return None
 
 
@@ -94,8 +97,9 @@ async def start_fault_cluster(cluster: Any, rabbit: PrivateRabbit, redis: Privat
 
 
 async def _restore_in_turn(proxies: Sequence[CuttableProxy], lags: Sequence[float],
-                           before_heal: Callable[[], Any]) -> float:
-    """Restore proxy *i* ``lags[i]`` s from now (in order of lag); ``before_heal`` before the last.
+                           before_heal: Callable[[float], Any]) -> float:
+    """Restore proxy *i* ``lags[i]`` s from now (in order of lag); ``before_heal(started)`` (awaited
+    when it returns a Deferred or coroutine) before the last.
 
     Returns when the last one was restored.
     """
@@ -105,16 +109,21 @@ async def _restore_in_turn(proxies: Sequence[CuttableProxy], lags: Sequence[floa
         lag = lags[i] if i < len(lags) else 0.0
         await _sleep(max(0.0, began + lag - time.monotonic()))
         if n == len(order) - 1:
-            before_heal()
+            await _maybe_await(before_heal(began))
         proxies[i].restore()
     return time.monotonic()
+
+
+async def _maybe_await(result: Any) -> None:
+    if hasattr(result, "__await__") or isinstance(result, defer.Deferred):
+        await result
 
 
 # --- the faults ------------------------------------------------------------------
 
 
 async def broker_restart(fc: FaultCluster, down: float = 2.0, gateway_lags: Sequence[float] = (1.0, 3.0),
-                         before_heal: Callable[[], Any] = _nothing) -> float:
+                         before_heal: Callable[[float], Any] = _nothing) -> float:
     for p in fc.amqp_proxies:
         await p.cut()
     await fc.rabbit.stop()
@@ -124,7 +133,7 @@ async def broker_restart(fc: FaultCluster, down: float = 2.0, gateway_lags: Sequ
 
 
 async def redis_restart(fc: FaultCluster, down: float = 2.0, gateway_lags: Sequence[float] = (0.0, 3.0),
-                        before_heal: Callable[[], Any] = _nothing) -> float:
+                        before_heal: Callable[[float], Any] = _nothing) -> float:
     for p in fc.redis_proxies:
         await p.cut()
     await fc.redis.stop()
@@ -134,11 +143,12 @@ async def redis_restart(fc: FaultCluster, down: float = 2.0, gateway_lags: Seque
 
 
 async def gateway_amqp_cut(fc: FaultCluster, down: float = 2.0, gateway: int = 0,
-                           before_heal: Callable[[], Any] = _nothing) -> float:
+                           before_heal: Callable[[float], Any] = _nothing) -> float:
     proxy = fc.amqp_proxies[gateway]
     await proxy.cut()
-    await _sleep(down)
-    before_heal()
+    began = time.monotonic()
+    await _maybe_await(before_heal(began))
+    await _sleep(max(0.0, began + down - time.monotonic()))
     proxy.restore()
     return time.monotonic()
 
@@ -151,11 +161,13 @@ FAULTS: dict[str, Callable[..., Awaitable[float]]] = {
 
 
 async def run_fault(fc: FaultCluster, load: Load, name: str, steady: float = 2.0, after: float = 3.0,
-                    recover_timeout: float = 20.0, quiet: bool = False, **fault_kw: Any) -> tuple[Report, float]:
+                    recover_timeout: float = 20.0, quiet: bool = False, quiet_load: float = 1.5,
+                    **fault_kw: Any) -> tuple[Report, float]:
     """Load, ``steady`` s, the fault, more load until a message is acknowledged again (at most
     ``recover_timeout`` s) and ``after`` s beyond, then wait for the rule's deadline.
 
-    ``quiet``: the load stops just before the last gateway may reach the
+    ``quiet``: once the cluster takes messages again, the load runs
+    ``quiet_load`` s more and stops, then the last gateway may reach the
     dependency again (see the module docstring). Returns the report and how
     long the fault itself took (s).
     """
@@ -164,7 +176,14 @@ async def run_fault(fc: FaultCluster, load: Load, name: str, steady: float = 2.0
     await _sleep(steady)
     began = time.monotonic()
     if quiet:
-        fault_kw["before_heal"] = load.stop
+        async def stop_once_taking_messages(back_at: float) -> None:
+            deadline = time.monotonic() + recover_timeout
+            while time.monotonic() < deadline and not any(s.replied_at >= back_at for s in ledger.sent.values()):
+                await _sleep(0.1)
+            await _sleep(quiet_load)
+            load.stop()
+
+        fault_kw["before_heal"] = stop_once_taking_messages
     healed_at = await FAULTS[name](fc, **fault_kw)
     took = time.monotonic() - began
     if not quiet:
