@@ -33,10 +33,11 @@ remembers what it completed (the stored results, the gateways already
 published to), so a retry after a transient failure resumes where it stopped
 and never stores, answers or routes twice.
 
-``sync`` items do not go through windows: :class:`Syncer` pages a user's
+``sync`` items do not go through windows: their handler,
+:class:`~imcluster.processor.handlers.sync.Syncer`, pages a user's
 undelivered messages (``sync_page_size`` at a time, never the whole backlog
 in memory), publishes each page to the connection's gateway and ends with
-``sync_done``.
+``sync_done``. What fails is isolated in ``service.py`` (poison).
 """
 
 from __future__ import annotations
@@ -81,7 +82,6 @@ class Envelope:
     items: list[Item]
     received: float = 0.0
     parts: int = 0
-    attempts: int = 0
     settled: bool = False
 
     @property

@@ -17,7 +17,7 @@ Settling
     a queue message is acknowledged only once all its items are applied:
     its window (stored, answered, routed, marked) and each of its ``sync``
     items (run beside the windows by the
-    :class:`~imcluster.processor.pipeline.Syncer`, at most
+    :class:`~imcluster.processor.handlers.sync.Syncer`, at most
     ``sync_concurrency`` at once, so a 100k backlog never holds up other
     work).
 Transient failures
@@ -25,14 +25,20 @@ Transient failures
     same window runs again after ``retry_delay`` doubling up to
     ``retry_max_delay`` (one timer, no hot loop), resuming at the stage that
     failed.
-Unexplained failures
-    (a bug, or data PostgreSQL refuses): a window of several queue
-    messages is split and each runs alone, so good messages are not held
-    hostage; a message that fails alone waits (backoff) aside while the
-    windows behind it go on, and after ``max_attempts`` failures it is
-    rejected without requeue (``<ns>.dead``) with a log line. A message that is not a
-    v1 batch at all is dead-lettered at once. One bad item is answered with
-    ``bad_frame`` and its batch-mates go on.
+    One that lasts ``poison_after`` is set aside so that the windows behind
+    it go on (if they fail too, a dependency is down for everyone).
+Unexplained failures (poison)
+    (a bug, a constraint PostgreSQL enforces, a refused publish): the
+    window is split in halves, each run alone at the front, down to the one
+    failing item, which waits aside (backoff) while the windows behind it
+    go on. Once it has failed for ``poison_after`` and another window
+    succeeded meanwhile, it is answered with an error, dead-lettered to
+    ``<ns>.dead`` with its reason (:func:`dead_letter_body`, header
+    ``x-imcluster-reason``) and counted; its queue message is acknowledged
+    once its other items are done. Nothing is dead-lettered while nothing
+    else succeeds. A message that is not a v1 batch at all is dead-lettered
+    at once. One malformed item is answered with ``bad_frame`` and its
+    batch-mates go on.
 Several processors
     compete on the queue; the store's unique keys and per-session row
     locks make the result the same as with one.
@@ -262,7 +268,9 @@ class ProcessorService(service.Service):
             return
         # items of envelopes settled meanwhile (dead-lettered as a whole) need nothing more
         if any(e.settled for e in window.envelopes):
-            window = Window([], [i for i in window.items if not i.envelope.settled])
+            kept = Window([], [i for i in window.items if not i.envelope.settled])
+            kept.first_failed, kept.failures, kept.attempts = window.first_failed, window.failures, window.attempts
+            window = kept
             if not window.items:
                 self._kick()
                 return
