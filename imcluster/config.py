@@ -104,6 +104,16 @@ def _positive(kind: Callable[[Any], Any]) -> Callable[[Any], Any]:
     return parse
 
 
+def _at_least(least: int, kind: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    def parse(value: Any) -> Any:
+        v = kind(value)
+        if v < least:
+            raise ValueError(f"must be at least {least}, got {v!r}")
+        return v
+
+    return parse
+
+
 def _non_negative(kind: Callable[[Any], Any]) -> Callable[[Any], Any]:
     def parse(value: Any) -> Any:
         v = kind(value)
@@ -235,6 +245,9 @@ OPTIONS: list[Option] = [
          "seconds a publish waits for the broker (connection and confirm) before it fails"),
     _opt("publish_backlog", _positive(_int), 10000, G | P | A,
          "publishes held while RabbitMQ is unreachable; past it a publish fails at once"),
+    _opt("max_publish_bytes", _at_least(262144, _int), 8388608, G | P | A,
+         "largest AMQP message body a daemon publishes (bytes; below the broker's max_message_size): "
+         "gateway batches, deliveries, sync pages and history replies are split or capped to fit"),
     _opt("postgres", _postgres_dsn, "postgresql://root@127.0.0.1:5432/root", P | A | M, "PostgreSQL DSN"),
     _opt("postgres_password", _str, None, P | A | M, "PostgreSQL password (overrides the DSN's)", secret=True),
     _opt("postgres_schema", _identifier, "public", P | A | M, "PostgreSQL schema holding imcluster's tables"),
@@ -320,6 +333,15 @@ OPTIONS: list[Option] = [
          "syncs (paged undelivered backlogs) one processor runs at once"),
     _opt("unroutable_hold", _positive(_float), 5.0, P,
          "seconds a processor stops routing to a gateway whose queue was unroutable"),
+    _opt("poison_after", _positive(_float), 60.0, P,
+         "seconds an item may keep failing while other work succeeds before it is answered with an "
+         "error and dead-lettered to <ns>.dead (it never holds up the items behind it longer)"),
+    _opt("redeliver_interval", _non_negative(_float), 2.0, P,
+         "seconds between sweeps that deliver again rows left pending/sending to users who are "
+         "online (0: no sweep)"),
+    _opt("redeliver_age", _positive(_float), 3.0, P,
+         "seconds a row must have been left undelivered before the sweep delivers it again"),
+    _opt("redeliver_batch", _positive(_int), 2000, P, "rows one sweep pass reads at most"),
     _opt("moderation_action", _choice("reject", "replace"), "reject", P | A,
          "what the keyword filter does with a match: reject the message, or replace the words with *"),
     _opt("filters", _str_list, ["keyword"], P | A,

@@ -37,6 +37,7 @@ class IMessageBus(Interface):
 
     namespace = Attribute("the namespace <ns>")
     connected = Attribute("True while a channel to the broker is open")
+    max_publish_bytes = Attribute("largest body ``publish`` sends (``TooLarge`` above it)")
 
     def publish(routing_key, body, mandatory=False, persistent=True):
         """Publish ``body`` (bytes) to ``<ns>.exchange`` with publisher confirms.
@@ -45,8 +46,14 @@ class IMessageBus(Interface):
         or fails with :class:`imcluster.bus.PublishError` (``Unavailable`` when
         no confirm arrived within ``publish_timeout`` seconds, including while
         disconnected; ``Nacked``; ``Unroutable`` for a ``mandatory`` publish
-        that no queue took). Never hangs, never drops silently.
+        that no queue took). Never hangs, never drops silently. A body above
+        ``max_publish_bytes`` fails at once with ``TooLarge``, and a message
+        the broker refuses for good (406) with ``Refused``: those are not
+        transient (``interfaces.Unavailable``), retrying cannot cure them.
         """
+
+    def dead_letter(body, reason):
+        """Publish ``body`` to ``<ns>.dead`` with the header ``x-imcluster-reason`` (confirmed)."""
 
     def consume(queue, callback, prefetch=100, exclusive=False):
         """Declare ``queue`` (see ``queue_spec``) and consume it, now and after every reconnect.
@@ -199,6 +206,12 @@ class IMessageStore(Interface):
 
     def undelivered_page(user_id, after, limit):
         """A page of undelivered message dicts by (sessionId in byte order, seq), after ``after``."""
+
+    def recent_messages(user_id, since_ms, per_session, limit):
+        """Message dicts of the user's sessions stored since ``since_ms`` (delivered or not, own too)."""
+
+    def stale_undelivered(after, age, horizon, limit):
+        """Rows left undelivered ``age`` s, after the cursor ``after``: message dicts with ``userId``, ``cursor``."""
 
     def history(user_id, session_id, before_seq=None, limit=None):
         """Message dicts in ascending seq; ``no_session`` / ``not_member``."""
