@@ -292,15 +292,20 @@ class LoopbackGateway:
         config.setdefault("ws_ping_interval", 0)
         self.hub = FakeHub(config=gateway_config(**config), clock=reactor)
         self.ports = []
+        self.factories = []
 
     async def listen(self, kind, endpoint="tcp:0:interface=127.0.0.1"):
         from twisted.internet.endpoints import serverFromString
         if kind == "ws":
             from imcluster.gateway.websocket import make_websocket_factory
             factory = make_websocket_factory(self.hub)
+        elif kind == "stream":
+            from imcluster.gateway.stream import make_stream_factory
+            factory = make_stream_factory(self.hub)
         else:
             from imcluster.gateway.rawsocket import make_rawsocket_factory
             factory = make_rawsocket_factory(self.hub)
+        self.factories.append(factory)
         port = await serverFromString(self.reactor, endpoint).listen(factory)
         self.ports.append(port)
         return port.getHost().port
@@ -314,7 +319,11 @@ class LoopbackGateway:
             await port.stopListening()
         self.ports = []
         for conn in self.open_connections():
-            conn._adapter.transport.abortConnection()
+            adapter = conn._adapter
+            if adapter.transport_name == "stream":
+                adapter._end()  # a streaming connection has no socket of its own
+            else:
+                adapter.transport.abortConnection()
         deadline = self.reactor.seconds() + timeout
         while self.open_connections():
             if self.reactor.seconds() > deadline:
