@@ -2,9 +2,12 @@
 
 Written against /work/shared/PROTOCOL.md alone, as an independent client
 author would: real ``twistd imgateway`` / ``twistd improcessor`` processes,
-raw WebSocket and TCP clients (tests/support/clients.py), nothing of
-imcluster imported. Transport-independent statements run on both
-transports. One cluster serves the whole module (two ordinary gateways, one
+raw WebSocket, TCP and HTTP streaming clients (tests/support/clients.py),
+nothing of imcluster imported. Transport-independent statements run on every
+transport: ``ws``, ``tcp``, ``stream`` (Server-Sent Events) and ``poll``
+(long polling); the statements about a connection before its ``auth`` run on
+the socket transports only (a streaming connection is born by its ``auth``:
+``POST /stream``). One cluster serves the whole module (two ordinary gateways, one
 "strict" gateway with short timers and a small rate limit, one processor);
 every test uses its own users and sessions so tests never see each other.
 """
@@ -25,7 +28,7 @@ from psycopg2 import sql
 from twisted.internet import defer
 
 from tests.support.bus import cleanup_namespace
-from tests.support.clients import FrameTimeout, connect_tcp, connect_ws
+from tests.support.clients import FrameTimeout, connect_stream, connect_tcp, connect_ws
 from tests.support.cluster import Cluster, _delete_redis_prefix
 from tests.support.http import http_call, metric_value
 from tests.support.ids import POSTGRES_DSN, unique
@@ -34,7 +37,11 @@ from tests.support.waiting import eventually, sleep
 
 pytestmark = pytest.mark.slow
 
-TRANSPORTS = ["ws", "tcp"]
+TRANSPORTS = ["ws", "tcp", "stream", "poll"]
+#: transports on which a connection exists before its auth (and is idle unless it sends)
+SOCKETS = ["ws", "tcp"]
+#: the HTTP streaming transport, as an event stream and as long polling
+STREAMS = ("stream", "poll")
 WAIT = 15.0
 #: how long "nothing more arrives" is watched for
 QUIET = 0.4
@@ -128,6 +135,8 @@ async def slow_consumer_closes(gw) -> float:
 async def connect(gw, transport: str, path: str = "/ws"):
     if transport == "ws":
         return await connect_ws(f"ws://127.0.0.1:{gw.ws_port}{path}")
+    if transport in STREAMS:
+        return connect_stream(gw.stream_port, "sse" if transport == "stream" else "poll")
     return await connect_tcp(gw.tcp_port)
 
 
@@ -232,6 +241,7 @@ def canon(value):
 
 
 def local_peer(client) -> tuple[str, int]:
+    """The client's end of the socket that named the connection (a streaming one: its POST /stream)."""
     host = client.transport.getHost()
     return host.host, host.port
 
@@ -334,6 +344,8 @@ async def test_framing_malformed_frames_are_bad_frame_and_stay_open(env, transpo
     if authed:
         conn = await login(env, unique("u"), transport)
         client = conn.client
+    elif transport in STREAMS:
+        pytest.skip("a streaming connection is born by its auth (POST /stream)")
     else:
         client = await connect(env.gw, transport)
     texts = [
@@ -349,6 +361,9 @@ async def test_framing_malformed_frames_are_bad_frame_and_stay_open(env, transpo
         '{"type":"no_such_type"}',
         '{"kind":"message"}',
     ]
+    if transport in STREAMS:
+        # a POST body that is a JSON array is that many frames: one non-object here
+        texts[texts.index("[1,2,3]")] = "[1]"
     for text in texts:
         if transport == "ws":
             client.send_text(text)
@@ -408,10 +423,11 @@ async def test_framing_tcp_ping_gets_pong(env):
     conn.close()
 
 
-@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize("transport", ["ws", "tcp", "stream"])
 @pytest_twisted.ensureDeferred
 async def test_framing_idle_connection_is_closed(env, transport):
     """A connection that sends nothing would be kept open forever."""
+    # (a long-polling client is never idle: each poll is traffic, as a WebSocket pong is)
     client = await connect(env.strict, transport)
     reply = await client.auth(env.strict_token(unique("u")))
     assert reply["ok"] is True
@@ -495,7 +511,7 @@ async def test_auth_sub_of_128_allowed_characters_is_accepted(env):
     client.close()
 
 
-@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize("transport", SOCKETS)
 @pytest_twisted.ensureDeferred
 async def test_auth_other_frames_before_auth_get_not_authenticated_and_stay_open(env, transport):
     """Frames before auth would be processed, dropped silently, or close the connection."""
@@ -519,7 +535,7 @@ async def test_auth_other_frames_before_auth_get_not_authenticated_and_stay_open
     client.close()
 
 
-@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize("transport", SOCKETS)
 @pytest_twisted.ensureDeferred
 async def test_auth_timeout_closes(env, transport):
     """A connection that never authenticates would be kept open."""
@@ -1370,7 +1386,7 @@ async def test_slow_consumer_is_closed(env, transport):
     # bob reads nothing, so only the gateway can tell that it closed him
     await eventually(lambda: defer.ensureDeferred(slow_consumer_closes(env.strict)).addCallback(
         lambda n: n > before), WAIT, what="the strict gateway closing a slow consumer")
-    b.client.transport.resumeProducing()
+    b.client.resume_reading()
     closed = await wait_closed(b.client, 30)
     if transport == "ws":
         assert closed[0] == 4003, closed

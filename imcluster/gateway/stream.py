@@ -137,6 +137,7 @@ class StreamConnection:
         self._producer: _StreamProducer | None = None
         self._poll: Any = None  # the open poll's request
         self._poll_call: Any = None  # the poll's timeout, or its answer scheduled this turn
+        self._poll_due = False  # the answer is scheduled
         self._idle_call: Any = None  # stream_resume (or close_timeout while closing) without a stream
         self._slot = False  # holds one of the hub's max_connections slots
         self._farewell_allowed = False  # close_for is writing the last frame
@@ -162,8 +163,10 @@ class StreamConnection:
         else:
             self.pending.append(item)
             self.pending_bytes += len(data)
-            if self._poll is not None and self._poll_call is None:
+            if self._poll is not None and not self._poll_due:
                 # answered at the end of this reactor turn: a burst goes in one answer
+                self._poll_due = True
+                self._cancel_poll_call()
                 self._poll_call = self.site.clock.callLater(0, self._answer_poll)
 
     def buffered_bytes(self) -> int | None:
@@ -339,8 +342,15 @@ class StreamConnection:
         if self._sse is not None:
             self._sse.write(_KEEPALIVE)
 
+    def _cancel_poll_call(self) -> None:
+        if self._poll_call is not None:
+            call, self._poll_call = self._poll_call, None
+            if call.active():
+                call.cancel()
+
     def _answer_poll(self) -> None:
-        self._poll_call = None
+        self._cancel_poll_call()
+        self._poll_due = False
         request, self._poll = self._poll, None
         if request is None:
             return
@@ -360,10 +370,8 @@ class StreamConnection:
     def _poll_dropped(self, _: Failure, request: Any) -> None:
         if self._poll is request:
             self._poll = None
-            if self._poll_call is not None:
-                call, self._poll_call = self._poll_call, None
-                if call.active():
-                    call.cancel()
+            self._poll_due = False
+            self._cancel_poll_call()
             self._stream_closed()
 
     def _events_ended(self, _: Any, request: Any) -> None:
@@ -385,10 +393,8 @@ class StreamConnection:
             request.unregisterProducer()
             request.finish()
         if self._poll is not None:
-            if self._poll_call is not None:
-                call, self._poll_call = self._poll_call, None
-                if call.active():
-                    call.cancel()
+            self._poll_due = False
+            self._cancel_poll_call()
             request, self._poll = self._poll, None
             _answer(request, 200, b"[]")
 
