@@ -1,4 +1,4 @@
-"""PROTOCOL.md's framing and auth rules, each on every transport adapter (WebSocket and raw TCP).
+"""PROTOCOL.md's framing and auth rules, each on every transport adapter (WebSocket, raw TCP, HTTP streaming).
 
 Unit tests: the real adapters over a StringTransport, time on a task.Clock,
 a FakeHub. Every test ends by checking that the connection left no delayed
@@ -32,8 +32,14 @@ class Unavailable(Exception):
     pass
 
 
-@pytest.fixture(params=["ws", "tcp"])
+@pytest.fixture(params=["ws", "tcp", "stream"])
 def kind(request):
+    return request.param
+
+
+@pytest.fixture(params=["ws", "tcp"])
+def socket_kind(request):
+    """The transports on which a connection exists before its auth (a streaming one is born by it)."""
     return request.param
 
 
@@ -161,9 +167,9 @@ def test_good_frame_resets_bad_count(hub, kind):
     assert h.frames()[10] == {"type": "pong"}
 
 
-def test_bad_frames_before_auth_also_count(hub, kind):
+def test_bad_frames_before_auth_also_count(hub, socket_kind):
     """An unauthenticated client spewing garbage is closed as well."""
-    h = client(hub, kind)
+    h = client(hub, socket_kind)
     for _ in range(11):
         h.send(b"[")
     closed_with(h, 1008, "bad_frame")
@@ -248,9 +254,9 @@ def test_websocket_client_not_answering_pings_is_dropped(make_hub):
     h.finish()
 
 
-def test_auth_timeout_closes_4001(hub, kind):
+def test_auth_timeout_closes_4001(hub, socket_kind):
     """A connection that never authenticates is closed after auth_timeout (4001 / auth_timeout)."""
-    h = client(hub, kind)
+    h = client(hub, socket_kind)
     hub.clock.advance(9.9)
     assert not h.closed
     hub.clock.advance(0.2)
@@ -341,9 +347,9 @@ def test_auth_failure_replies_and_closes_4001(hub, kind, token, code):
     assert hub.auths == []
 
 
-def test_not_authenticated_before_auth(hub, kind):
+def test_not_authenticated_before_auth(hub, socket_kind):
     """Frames before auth get not_authenticated (with their ref) and the connection stays open."""
-    h = client(hub, kind)
+    h = client(hub, socket_kind)
     h.send({"type": "message", "clientMsgId": "c-1", "sessionId": "s", "body": 1})
     h.send({"type": "history", "sessionId": "s", "id": "q-1"})
     h.send({"type": "ping"})
@@ -374,10 +380,10 @@ def test_failed_refresh_closes(hub, kind):
     assert frames[0]["error"]["code"] == "token_expired"
 
 
-def test_hub_cannot_record_auth(hub, kind):
+def test_hub_cannot_record_auth(hub, socket_kind):
     """When Redis is down the client gets auth_reply unavailable, stays open, and may retry."""
     hub.auth_failure = Unavailable("redis down")
-    h = client(hub, kind)
+    h = client(hub, socket_kind)
     h.send({"type": "auth", "token": A1})
     h.send({"type": "ping"})
     frames = h.frames()
@@ -489,7 +495,8 @@ def test_slow_consumer_closed_4003(make_hub, kind):
     hub = make_hub(output_buffer_limit=5000, slow_consumer_grace=1.0)
     h = authed(hub, kind)
     conn = h.conn
-    assert h.transport.producer is conn  # registered on the transport
+    if kind != "stream":  # (an event stream's channel relays to it)
+        assert h.transport.producer is conn  # registered on the transport
     conn.pauseProducing()  # the transport's buffer is full
     for _ in range(6):
         conn.send_frame(MESSAGE_SEND)
@@ -586,6 +593,9 @@ def test_refused_connection(hub, kind):
     """A gateway at capacity refuses: WebSocket handshake 503, TCP error unavailable then close."""
     hub.refuse = True
     h = client(hub, kind)
+    if kind == "stream":
+        h.send({"type": "auth", "token": A1})  # POST /stream
+        assert h.status == 503
     if kind == "ws":
         assert h.status == 503
         assert h.transport.disconnecting
@@ -602,7 +612,10 @@ def test_connection_lost_once_on_client_drop(hub, kind):
     """A vanished client is removed from the hub exactly once, timers and all."""
     h = authed(hub, kind)
     h.drop()
-    h.proto.connectionLost(Failure(ConnectionDone()))  # a second notification changes nothing
+    if kind == "stream":
+        h.conn.connection_lost()  # a second notification changes nothing
+    else:
+        h.proto.connectionLost(Failure(ConnectionDone()))  # a second notification changes nothing
     assert hub.lost == [h.conn]
 
 

@@ -141,6 +141,7 @@ class StreamConnection:
         self._idle_call: Any = None  # stream_resume (or close_timeout while closing) without a stream
         self._slot = False  # holds one of the hub's max_connections slots
         self._farewell_allowed = False  # close_for is writing the last frame
+        self._in_open = False  # the engine is handling the POST /stream body
 
     def __repr__(self) -> str:
         # never the stream id: it is a capability
@@ -170,11 +171,15 @@ class StreamConnection:
                 self._poll_call = self.site.clock.callLater(0, self._answer_poll)
 
     def buffered_bytes(self) -> int | None:
-        """Frames not yet taken by the client: held for the next stream, and in the event stream's socket."""
-        held = self.pending_bytes
+        """Frames not yet taken by the client: held for the next stream, and in the event stream's socket.
+
+        None while an event stream is open on a transport that cannot tell
+        (the engine counts what it wrote since the pause instead).
+        """
         if self._sse is not None:
-            held += buffered_bytes(self._sse.channel.transport) or 0
-        return held
+            in_socket = buffered_bytes(self._sse.channel.transport)
+            return None if in_socket is None else self.pending_bytes + in_socket
+        return self.pending_bytes
 
     def close_for(self, reason: CloseReason) -> None:
         """The reason's ``error`` frame as the last event; then the stream ends and the id answers 404."""
@@ -216,7 +221,14 @@ class StreamConnection:
         conn.pauseProducing()  # no stream yet
         self._arm_idle(self.site.resume)
         request.notifyFinish().addErrback(lambda _: None)
-        conn.frame_received(body)
+        self._in_open = True
+        try:
+            conn.frame_received(body)
+        finally:
+            self._in_open = False
+        if self.state == CLOSED:
+            # refused while the engine handled the body: it has finished its turn now
+            self._lost()
 
     def _answer_opening(self, data: bytes) -> None:
         request, self._opening = self._opening, None
@@ -246,8 +258,9 @@ class StreamConnection:
         self._disarm_idle()
         if request is not None:
             _answer(request, status, data, close=True)
-        # after the engine's own turn (it may be closing for this very reason right now)
-        self.site.clock.callLater(0, self._lost)
+        if not self._in_open:
+            # (inside open(), the engine is still handling the auth frame: open() ends it after)
+            self._lost()
 
     # --- streams (GET /stream/<id>)
 
