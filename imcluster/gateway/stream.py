@@ -196,7 +196,7 @@ class StreamConnection:
             write_farewell(self, reason)
         finally:
             self._farewell_allowed = False
-        if self._sse is not None:
+        if self._sse is not None or not self.pending:
             self._end()
         elif self._poll is not None:
             self._answer_poll()

@@ -437,7 +437,7 @@ class StreamHarness:
         self._sse_text = b""
         self.last_id = 0
         self._conn = None
-        self._last_transport = None
+        self.opening_transport = None
 
     # --- HTTP over StringTransports
 
@@ -486,7 +486,7 @@ class StreamHarness:
         """The socket of the open event stream (before it: of the POST /stream)."""
         if self._events is not None:
             return self._events[1]
-        return self._last_transport
+        return self.opening_transport
 
     def send(self, frame):
         """One frame: a dict (JSON), str or bytes payload."""
@@ -496,7 +496,7 @@ class StreamHarness:
         if self.stream_id is None:
             if self._opening is None and not self._queue:
                 self._opening = self._connect(self.port)
-                self._last_transport = self._opening[1]
+                self.opening_transport = self._opening[1]
                 self._send_request(self._opening[0], "POST", "/stream", data)
                 self._read()
             else:
@@ -556,6 +556,13 @@ class StreamHarness:
                 self._close_channel(channel)
 
     def _open_events(self):
+        """Open an event stream from ``last_id`` (the previous one's socket, if any, is closed)."""
+        if self._events is not None:
+            self._read()
+            if self._events is not None:
+                channel, _ = self._events
+                self._events = None
+                channel.connectionLost(Failure(error.ConnectionLost()))
         self._seen = 0
         self._sse_text = b""
         self._events = self._connect(next(self._ports))
@@ -596,5 +603,10 @@ class StreamHarness:
             channel, _ = self._events
             self._events = None
             channel.connectionLost(Failure(error.ConnectionLost()))
-        if self.adapter is not None:
-            self.hub.clock.advance(self.hub.config.stream_resume)
+        from imcluster.gateway.stream import CLOSED
+        config = self.hub.config
+        for _ in range(5):
+            if self.adapter is None or self.adapter.state == CLOSED:
+                break
+            # stream_resume; or close_timeout, when another timer closed it meanwhile
+            self.hub.clock.advance(max(config.stream_resume, config.close_timeout))
