@@ -173,6 +173,10 @@ def _ws_urls(value: Any) -> list[str]:
     return [_url("ws", "wss")(u) for u in v]
 
 
+def _http_urls(value: Any) -> list[str]:
+    return [_url("http", "https")(u) for u in _str_list(value)]
+
+
 class PerDaemon(dict):
     """A default that differs between daemons: ``PerDaemon(gateway=50000, api=10000)``.
 
@@ -346,6 +350,9 @@ OPTIONS: list[Option] = [
          "seconds each dependency (Redis, RabbitMQ, PostgreSQL) has to answer a /healthz probe"),
     _opt("public_ws_urls", _ws_urls, ["ws://127.0.0.1:8080/ws"], A,
          "gateway WebSocket URL(s) that the web chat at /app/ connects to (browsers reach them)", multi=True),
+    _opt("public_stream_urls", _http_urls, ["http://127.0.0.1:8082"], A,
+         "gateway HTTP streaming (--stream) URL(s) the web chat falls back to, Server-Sent Events then "
+         "long polling, where WebSocket cannot connect (empty: WebSocket only)", multi=True),
     _opt("dev_login", _bool, False, A,
          "DEVELOPMENT ONLY: serve POST /v1/dev/login, which hands anyone a token for any user "
          "(needs jwt_secret)", flag=True),
