@@ -262,22 +262,47 @@ class Cluster:
                       lambda: port_open(mport) and consumer_count(a.amqp, queue) > before)
             self.processors.append(p)
             self.metrics_ports.append(mport)
+        self.start_gateways()
+        log(f"cluster up: namespace {self.namespace}, schema {self.schema}, "
+            f"gateways {[g['proc'].pid for g in self.gateways]}, processors {[p.pid for p in self.processors]}")
+
+    def start_gateways(self) -> None:
+        a = self.args
+        twistd = [str(BIN / "twistd"), "-n", "--pidfile="]
+        if a.trace:
+            twistd = [sys.executable, str(BENCH / "trace.py"), "{trace}", *twistd]
+        self.generation = getattr(self, "generation", 0) + 1
         for i in range(2):
             ws, tcp, stream, mport = free_port(), free_port(), free_port(), free_port()
-            p = self.spawn(f"imgateway-{i + 1}", twistd + [
+            name = f"imgateway-{i + 1}" + (f".{self.generation}" if self.generation > 1 else "")
+            p = self.spawn(name, twistd + [
                 "imgateway", *self.common(), f"--jwt-secret={self.secret}", "--advertise=127.0.0.1",
                 f"--ws=tcp:{ws}:interface=127.0.0.1", f"--tcp=tcp:{tcp}:interface=127.0.0.1",
                 f"--stream=tcp:{stream}:interface=127.0.0.1",
                 # the generator's senders run above a phone's rate on purpose
                 f"--rate-limit={a.rate_limit}", f"--rate-burst={a.rate_limit}",
                 f"--metrics=tcp:{mport}:interface=127.0.0.1", *a.gateway_arg])
-            self.wait(f"imgateway-{i + 1}", p,
+            self.wait(name, p,
                       lambda: port_open(ws) and port_open(tcp) and port_open(stream) and port_open(mport))
             self.metrics_ports.append(mport)
-            self.gateways.append({"proc": p, "url": f"ws://127.0.0.1:{ws}/ws",
+            self.gateways.append({"proc": p, "url": f"ws://127.0.0.1:{ws}/ws", "metrics": mport,
                                   "sse": f"http://127.0.0.1:{stream}", "poll": f"http://127.0.0.1:{stream}"})
-        log(f"cluster up: namespace {self.namespace}, schema {self.schema}, "
-            f"gateways {[g['proc'].pid for g in self.gateways]}, processors {[p.pid for p in self.processors]}")
+
+    def restart_gateways(self) -> None:
+        """Fresh gateway processes: a connection scenario measures RSS growth, which memory freed
+        by an earlier scenario (and reused without growing) would hide."""
+        for g in self.gateways:
+            g["proc"].send_signal(signal.SIGTERM)
+        for g in self.gateways:
+            try:
+                g["proc"].wait(30)
+            except subprocess.TimeoutExpired:
+                g["proc"].kill()
+                g["proc"].wait(5)
+            self.metrics_ports.remove(g["metrics"])
+        self.gateways = []
+        self.start_gateways()
+        log(f"fresh gateways {[g['proc'].pid for g in self.gateways]}")
 
     def stop(self) -> None:
         for _name, p in self.procs:
@@ -751,7 +776,13 @@ def main(argv=None) -> int:
     interrupted = False
     try:
         cluster.start()
+        previous = None
         for name in [s for s in ORDER if s in wanted]:
+            # a connection scenario on fresh gateways, and none after it (its clients' streaming
+            # connections live on for stream_resume)
+            if previous is not None and "conn" in (split_name(name)[0], split_name(previous)[0]):
+                cluster.restart_gateways()
+            previous = name
             log(f"{name}: {params[name]}")
             started = time.monotonic()
             try:

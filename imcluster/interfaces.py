@@ -298,13 +298,15 @@ class ITransportAdapter(Interface):
       HTTP request: it outlives the requests that carry it, and calls
       ``connection_lost()`` only when the connection ends (closed, or no
       stream open for ``stream_resume``), exactly like a closed socket;
-    * ``client_address`` from the ``POST /stream`` request that opened it
-      (``forwarded_ip`` behind a trusted proxy). ``(ip, port)`` names the
+    * ``client_address``: the ip of the ``POST /stream`` request that opened
+      it (``forwarded_ip`` behind a trusted proxy). ``(ip, port)`` names the
       connection in ``connId`` and in Redis, and the hub refuses a second
       live connection with the same pair; the opening request's socket
-      closes long before the streaming connection does, and the client may
-      reuse its port meanwhile, so such a refusal is to be expected and
-      handled (answered 503, as a WebSocket handshake is);
+      closes long before the streaming connection does, and the client (or
+      anyone behind the same NAT) reuses its port meanwhile, so the adapter
+      names the connection with a number of its own above 65535 instead of
+      that port (``imcluster.gateway.stream.FIRST_PORT``): no real socket can
+      collide with it. A refusal by the hub is answered 503;
     * ``write_message`` queues the frame with its event id in a resume buffer
       (for ``Last-Event-ID`` and ``?after=n``) and writes it to the open
       event stream, if any; ``buffered_bytes`` counts the frames held and

@@ -14,7 +14,7 @@ from prometheus_client import REGISTRY
 from twisted.internet.error import ConnectionLost
 from twisted.python.failure import Failure
 
-from imcluster.testing import FakeHub, StreamHarness, gateway_config
+from imcluster.testing import ClientHarness, FakeHub, StreamHarness, gateway_config
 from imcluster.testing.wire import sse_events
 
 A1 = "user:alice:3600"
@@ -148,11 +148,17 @@ def test_gateway_at_capacity_is_503(hub):
     assert slots["free"] == 1  # the slot comes back with the connection's end
 
 
-def test_post_stream_answer_closes_its_socket(hub):
-    """A kept-alive socket would carry a second POST /stream with the same (ip, port): one connId."""
-    h = harness(hub)
-    h.send({"type": "auth", "token": A1})
-    assert h.opening_transport.disconnecting  # (the event stream opened on a socket of its own)
+def test_connections_are_named_apart_from_real_sockets(hub):
+    """A streaming connection named by its POST's socket would squat on a port the client (or its NAT) reuses."""
+    names = set()
+    for _ in range(3):
+        h = authed(hub, ip="10.1.2.3", port=40001)  # the same socket each time: kept alive
+        assert h.conn.ip == "10.1.2.3" and h.conn.port > 65535
+        names.add(h.conn.conn_id)
+    assert len(names) == 3
+    ws = ClientHarness(hub, "ws", ip="10.1.2.3", port=40001)  # a WebSocket from that port now
+    assert ws.status == 101
+    ws.drop()
 
 
 # --- frames up: POST /stream/<id>
@@ -419,3 +425,14 @@ def test_sse_parser_helper():
     """(the test helper itself) an event stream is split into (id, data) events; comments skipped."""
     events, rest = sse_events(b"retry: 1000\n\n:\n\nid: 1\ndata: {}\n\nid: 2\ndata: {")
     assert events == [(1, b"{}")] and rest == b"id: 2\ndata: {"
+
+
+def test_posted_array_elements_reach_the_engine_as_written():
+    """A frame posted in an array would reach the engine altered (numbers, escapes) or split wrong."""
+    from imcluster.gateway.stream import split_array
+    assert split_array('[{"a":1.50}, 2 ,"x\\"]"]') == ['{"a":1.50}', "2", '"x\\"]"']
+    assert split_array(" [ ] ") == []
+    assert split_array('[[1,[2]],{"k":"\\u0000"}]') == ["[1,[2]]", '{"k":"\\u0000"}']
+    for bad in ("[1,]", "[1 2]", "[1]x", "{", "["):
+        with pytest.raises(ValueError):
+            split_array(bad)

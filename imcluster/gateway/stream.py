@@ -34,7 +34,14 @@ that stream's HTTP channel, so a client that stops reading its event stream
 is measured by what its socket holds, as on WebSocket.
 
 The stream id is 192 random bits (``secrets.token_urlsafe``), never the
-token; nothing here logs it, nor any URL, nor any body. The HTTP listener is
+token; nothing here logs it, nor any URL, nor any body.
+
+A streaming connection is named (``connId``, its ``UCIR`` field) by the
+client's address and a number of its own above 65535 (:data:`FIRST_PORT`),
+never by the port of an HTTP socket: the sockets that carry it come and go,
+and the client (or, behind a NAT, anyone sharing its address) reuses their
+ports at once for other sockets, which the hub would then have to refuse as
+duplicates of a connection that may live for hours. The HTTP listener is
 a :class:`~imcluster.web.GuardedSite` (header and body deadlines, bodies
 bounded by ``max_frame_size``: 413 above it, ``max_connections`` sockets).
 Answers carry CORS headers for the origins in ``allowed_origins``; a request
@@ -43,6 +50,7 @@ from another origin is answered 403.
 
 from __future__ import annotations
 
+import itertools
 import json
 import secrets
 from collections import deque
@@ -67,6 +75,11 @@ RESUME_LOST = CloseReason("resume_lost", p.CLOSE_POLICY, "resume_lost",
 
 # connection states
 OPENING, OPEN, CLOSING, CLOSED = range(4)
+
+#: the first "port" of a streaming connection's (ip, port) name: above every TCP port
+FIRST_PORT = 65536
+# one sequence for the process: unique whatever the number of sites and hubs
+_numbers = itertools.count(FIRST_PORT)
 
 _SSE_HEADERS = {
     b"content-type": b"text/event-stream; charset=utf-8",
@@ -241,7 +254,7 @@ class StreamConnection:
             frame["stream"] = self.stream_id
             self.site.opened(self)
             if request is not None:
-                _answer(request, 200, p.encode_bytes(frame), close=True)
+                _answer(request, 200, p.encode_bytes(frame))
             return
         if frame.get("type") == "auth_reply":
             code = (frame.get("error") or {}).get("code")
@@ -257,7 +270,7 @@ class StreamConnection:
         self.state = CLOSED
         self._disarm_idle()
         if request is not None:
-            _answer(request, status, data, close=True)
+            _answer(request, status, data)
         if not self._in_open:
             # (inside open(), the engine is still handling the auth frame: open() ends it after)
             self._lost()
@@ -425,23 +438,18 @@ class StreamConnection:
         if conn is None:
             return
         conn.activity()
-        stripped = body.lstrip()
-        if not stripped.startswith(b"["):
+        if not body.lstrip().startswith(b"["):
             conn.frame_received(body)
             return
         try:
-            frames = json.loads(stripped)
+            frames = split_array(body.decode("utf-8"))
         except (ValueError, RecursionError):
-            conn.frame_received(body)  # not JSON: the engine says bad_frame
+            conn.frame_received(body)  # not a JSON array: the engine says bad_frame
             return
         for frame in frames:
             if self.state != OPEN:
                 return
-            try:
-                data = json.dumps(frame, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-            except (ValueError, RecursionError):
-                data = b"\x00"
-            conn.frame_received(data)
+            conn.frame_received(frame.encode("utf-8"))
 
     # --- the end
 
@@ -481,15 +489,55 @@ class StreamConnection:
             conn.connection_lost()
 
 
-def _answer(request: Any, status: int, body: bytes, close: bool = False) -> None:
+_DECODER = json.JSONDecoder()
+_SPACE = " \t\n\r"
+
+
+def split_array(text: str) -> list[str]:
+    """The texts of the elements of the JSON array ``text``, as the client wrote them.
+
+    Each element is scanned by the C decoder only to find where it ends; the
+    engine parses (and judges) each one as it does any frame. ValueError
+    when ``text`` is not a JSON array.
+    """
+    n = len(text)
+    i = 0
+    while i < n and text[i] in _SPACE:
+        i += 1
+    if i == n or text[i] != "[":
+        raise ValueError("not an array")
+    i += 1
+    out: list[str] = []
+    while True:
+        while i < n and text[i] in _SPACE:
+            i += 1
+        if i < n and text[i] == "]" and not out:
+            i += 1
+            break
+        _, end = _DECODER.raw_decode(text, i)
+        out.append(text[i:end])
+        i = end
+        while i < n and text[i] in _SPACE:
+            i += 1
+        if i < n and text[i] == ",":
+            i += 1
+            continue
+        if i < n and text[i] == "]":
+            i += 1
+            break
+        raise ValueError("expected , or ] in the array")
+    if text[i:].strip(_SPACE):
+        raise ValueError("data after the array")
+    return out
+
+
+def _answer(request: Any, status: int, body: bytes) -> None:
     """A JSON answer (``body`` already encoded), unless the client has gone."""
     if getattr(request, "_disconnected", False) or request.finished:
         return
     request.setResponseCode(status)
     request.setHeader(b"content-type", b"application/json")
     request.setHeader(b"cache-control", b"no-store")
-    if close:
-        request.setHeader(b"connection", b"close")
     request.setHeader(b"content-length", b"%d" % len(body))
     request.write(body)
     request.finish()
@@ -618,23 +666,21 @@ class StreamResource(resource.Resource):
     def render_open(self, request: Any) -> Any:
         """``POST /stream``: a new connection, authenticated by the body's ``auth`` frame.
 
-        The answer closes its HTTP connection: ``(ip, port)`` of the socket
-        names the streaming connection (``connId``), and a kept-alive socket
-        would carry a second ``POST /stream`` with the same pair.
+        Named by the client's address and the next number of :data:`FIRST_PORT`'s
+        range (see the module docstring).
         """
-        request.channel.persistent = False
         if request.body_too_large:
-            return self._too_large(request, close=True)
+            return self._too_large(request)
         hub = self.hub
         slot = getattr(hub, "socket_opened", None)
         if slot is not None and not slot():
             _answer(request, 503, p.encode_bytes(p.error_frame(
-                p.UNAVAILABLE, "the server takes no new connections; try again later")), close=True)
+                p.UNAVAILABLE, "the server takes no new connections; try again later")))
             return server.NOT_DONE_YET
-        ip, port = peer_address(request.channel.transport)
+        ip, _ = peer_address(request.channel.transport)
         if self.trust_proxy:
             ip = forwarded_ip(_proxy_headers(request)) or ip
-        adapter = StreamConnection(self, secrets.token_urlsafe(24), (ip, port))
+        adapter = StreamConnection(self, secrets.token_urlsafe(24), (ip, next(_numbers)))
         adapter._slot = slot is not None
         adapter.open(request, request.content.getvalue())
         return server.NOT_DONE_YET
@@ -651,10 +697,10 @@ class StreamResource(resource.Resource):
             return self._error(request, 400, "bad_request", "Last-Event-ID must be an event id")
         return adapter.open_events(request, after)
 
-    def _too_large(self, request: Any, close: bool = False) -> Any:
+    def _too_large(self, request: Any) -> Any:
         metrics.ERRORS.labels(code=p.TOO_LARGE).inc()
         _answer(request, 413, p.encode_bytes(p.error_frame(
-            p.TOO_LARGE, f"a body may hold at most {self.hub.config.max_frame_size} bytes")), close=close)
+            p.TOO_LARGE, f"a body may hold at most {self.hub.config.max_frame_size} bytes")))
         return server.NOT_DONE_YET
 
     def _error(self, request: Any, status: int, code: str, message: str) -> Any:
@@ -687,6 +733,9 @@ class StreamSite(GuardedSite):
                          idle_timeout=config.http_idle_timeout, header_timeout=config.http_header_timeout,
                          body_timeout=config.http_body_timeout, max_connections=config.max_connections,
                          reactor=hub.clock)
+        # a body is frames, never a form: Twisted would parse the Content-Type of every POST with
+        # the email package to look for one (a third of the cost of a small POST)
+        self._parsePOSTFormSubmission = False
 
 
 def make_stream_factory(hub: Any) -> StreamSite:
