@@ -245,7 +245,7 @@ class IWindowTransaction(Interface):
 class IClientConnection(Interface):
     """One client connection on a gateway, whatever the transport."""
 
-    transport_name = Attribute("'ws' or 'tcp': the ITransportAdapter's name")
+    transport_name = Attribute("'ws', 'tcp' or 'stream': the ITransportAdapter's name")
     peer_key = Attribute("'<ip>##<port>' of the client")
     user_id = Attribute("the authenticated user id, or None")
 
@@ -288,11 +288,11 @@ class ITransportAdapter(Interface):
     4. call ``connection_lost()`` once the transport is gone, whatever the
        reason (the engine ignores repeats).
 
-    A third transport (the HTTP streaming transport of PROTOCOL.md:
+    The third transport (the HTTP streaming transport of PROTOCOL.md:
     ``POST /stream``, ``GET /stream/<id>`` as Server-Sent Events or long
-    polling, ``POST /stream/<id>`` for frames up) provides this same
-    interface, and the engine, the hub and the rules stay as they are.
-    What it must provide:
+    polling, ``POST /stream/<id>`` for frames up;
+    :mod:`imcluster.gateway.stream`) provides this same interface, and the
+    engine, the hub and the rules stay as they are. What it provides:
 
     * one adapter object per logical connection (per stream id), not per
       HTTP request: it outlives the requests that carry it, and calls
@@ -323,7 +323,7 @@ class ITransportAdapter(Interface):
     """
 
     transport_name = Attribute(
-        "short name of the transport ('ws', 'tcp'; 'stream' next): "
+        "short name of the transport ('ws', 'tcp', 'stream'): "
         "the connection's transport_name and the 'transport' label of the metrics")
     client_address = Attribute(
         "(ip, port) of the client as the gateway records it (a trusted proxy's forwarded "
