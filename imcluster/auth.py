@@ -42,6 +42,12 @@ MIN_SECRET_BYTES = 32
 INVALID_TOKEN = "invalid_token"
 TOKEN_EXPIRED = "token_expired"
 
+#: the latest time a token's ``exp``, ``iat`` or ``nbf`` may name: 9999-12-31T23:59:59Z
+MAX_TIMESTAMP = 253402300799
+
+#: the registered time claims; each one a token carries must pass :func:`usable_timestamp`
+TIME_CLAIMS = ("exp", "iat", "nbf")
+
 HMAC_ALGORITHMS = ("HS256", "HS384", "HS512")
 RSA_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512")
 #: an EC key verifies only the algorithm of its curve
@@ -49,6 +55,28 @@ EC_ALGORITHMS = {"secp256r1": "ES256", "secp384r1": "ES384", "secp521r1": "ES512
 
 DEFAULT_SECRET_ALGORITHMS = ["HS256"]
 DEFAULT_PUBLIC_KEY_ALGORITHMS = ["RS256", "ES256"]
+
+
+def usable_timestamp(value: Any) -> bool:
+    """True when ``value`` is a time the server can compute with (PROTOCOL.md "Authentication").
+
+    A number (int or float, not bool) of seconds since the epoch between 0
+    and :data:`MAX_TIMESTAMP`. PyJWT lets through what ``int()`` accepts, so
+    a validly signed ``exp`` of ``10**400`` (no float holds it), a string, or
+    a time past year 9999 would reach timers and Redis; every such claim is
+    ``invalid_token`` instead. NaN and infinities fail the range test.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return 0 <= value <= MAX_TIMESTAMP
+
+
+def check_time_claims(claims: dict) -> None:
+    """Raise ``invalid_token`` for an ``exp``/``iat``/``nbf`` claim that is not :func:`usable_timestamp`."""
+    for name in TIME_CLAIMS:
+        if name in claims and not usable_timestamp(claims[name]):
+            raise AuthError(INVALID_TOKEN, f"token '{name}' must be a number of seconds since the "
+                                           f"epoch between 0 and {MAX_TIMESTAMP}")
 
 
 @dataclass(frozen=True)
@@ -178,7 +206,10 @@ class JWTAuthenticator:
         """Verify ``token``; returns an :class:`Identity` or raises :class:`AuthError`."""
         if not isinstance(token, str) or not token:
             raise AuthError(INVALID_TOKEN, "token must be a non-empty string")
-        options: dict[str, Any] = {"require": ["exp", "sub"], "verify_aud": self.audience is not None}
+        # the times are checked below, once they are known to be usable: PyJWT lets
+        # through whatever int() takes (10**400, "9999999999", true)
+        options: dict[str, Any] = {"require": ["exp", "sub"], "verify_aud": self.audience is not None,
+                                   "verify_exp": False, "verify_nbf": False, "verify_iat": False}
         try:
             claims = jwt.decode(token, self._key, algorithms=self.algorithms, options=options,
                                 audience=self.audience, issuer=self.issuer, leeway=self.leeway)
@@ -204,11 +235,13 @@ class JWTAuthenticator:
         sub = claims.get("sub")
         if not valid_user_id(sub):
             raise AuthError(INVALID_TOKEN, "token 'sub' is not a valid user id (1-128 of A-Z a-z 0-9 _ . @ -)")
-        exp = claims.get("exp")
-        if isinstance(exp, bool) or not isinstance(exp, (int, float)):
-            # PyJWT accepts any int()-able value, such as the string "9999999999"
-            raise AuthError(INVALID_TOKEN, "token 'exp' must be a number")
-        return Identity(sub, exp, claims)
+        check_time_claims(claims)
+        now = time.time()
+        if claims["exp"] <= now - self.leeway:
+            raise AuthError(TOKEN_EXPIRED, "token has expired")
+        if claims.get("nbf", 0) > now + self.leeway or claims.get("iat", 0) > now + self.leeway:
+            raise AuthError(INVALID_TOKEN, "token is not valid yet")
+        return Identity(sub, claims["exp"], claims)
 
 
 def mint_token(secret: str | bytes, user_id: str, ttl: float, algorithm: str = "HS256",

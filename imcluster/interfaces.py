@@ -270,22 +270,29 @@ class ITransportAdapter(Interface):
 
     What an adapter does for its engine, in order:
 
-    1. set ``client_address``, then create ``ClientConnection(hub, adapter)``
+    1. take one of the hub's ``max_connections`` slots as soon as its
+       transport connects (``hub.socket_opened()``, before reading a byte,
+       so handshakes count too); False: abort the transport at once and
+       never create an engine. Give the slot back (``hub.socket_closed()``)
+       exactly once, when the transport is gone;
+    2. set ``client_address``, then create ``ClientConnection(hub, adapter)``
        and call its ``open()``; False means the hub refused the connection:
        the adapter says so in its transport's terms (WebSocket handshake 503;
        TCP ``error`` ``unavailable`` then close) and never calls the engine
        again;
-    2. register the engine (an ``IPushProducer``) on its transport, or call
+    3. register the engine (an ``IPushProducer``) on its transport, or call
        its ``pauseProducing()`` / ``resumeProducing()`` itself: pause when
        the output it holds for the client passes its buffer size, resume
        when that output has drained. This drives the slow-consumer rule;
-    3. feed it: ``frame_received(data)`` for every complete text frame (JSON
+    4. feed it: ``frame_received(data)`` for every complete text frame (JSON
        as bytes, any size: the engine checks ``max_frame_size``),
        ``frame_too_large()`` as soon as a frame is known to be over the
        limit (before buffering it), ``binary_received(size)`` for a message
        the transport marks as binary, ``activity()`` for client traffic that
-       is not a frame (a WebSocket ping or pong);
-    4. call ``connection_lost()`` once the transport is gone, whatever the
+       is not a frame (a WebSocket ping or pong), and ``output_written(size)``
+       for bytes it writes to the client on its own, not through
+       ``write_message`` (a WebSocket pong): they are pending output too;
+    5. call ``connection_lost()`` once the transport is gone, whatever the
        reason (the engine ignores repeats).
 
     The third transport (the HTTP streaming transport of PROTOCOL.md:
@@ -298,6 +305,9 @@ class ITransportAdapter(Interface):
       HTTP request: it outlives the requests that carry it, and calls
       ``connection_lost()`` only when the connection ends (closed, or no
       stream open for ``stream_resume``), exactly like a closed socket;
+    * one ``max_connections`` slot per logical connection, taken when
+      ``POST /stream`` opens it and given back when it ends, not one per
+      HTTP request;
     * ``client_address``: the ip of the ``POST /stream`` request that opened
       it (``forwarded_ip`` behind a trusted proxy). ``(ip, port)`` names the
       connection in ``connId`` and in Redis, and the hub refuses a second

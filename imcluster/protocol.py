@@ -27,8 +27,9 @@ project's protocol reference for those points):
 * ``message``: ``sessionId`` is 1-300 characters without control characters
   (a ``p2p:<a>:<b>`` id of two 128-character user ids fits); ``body`` is
   required (``null`` is a value).
-* ``message_send_reply``: ``msgIds`` is a list of strings of 1-64 characters
-  (possibly empty). Ids that are not decimal msgIds are ignored like unknown ones.
+* ``message_send_reply``: ``msgIds`` is a list of at most 1000 strings of
+  1-64 characters (possibly empty). Ids that are not decimal msgIds are
+  ignored like unknown ones.
 * ``history``: ``beforeSeq`` is absent, ``null`` or an integer >= 0;
   ``limit`` is absent, ``null`` (50) or an integer >= 1, capped at 200.
 * ``read``: ``seq`` is an integer >= 0.
@@ -41,7 +42,9 @@ project's protocol reference for those points):
   (PROTOCOL.md: "any other frame").
 * A frame over the rate limit is answered like a failed one: a ``message``
   gets ``message_reply`` ``ok:false`` code ``rate_limited``, other frames an
-  ``error`` frame with that code; the frame is not processed.
+  ``error`` frame with that code; the frame is not processed. Which frames
+  draw from the bucket is :data:`RATE_COST` (``auth``, ``ping`` and
+  ``message_send_reply`` never do); an invalid frame draws like a valid one.
 * Every failed ``auth`` (``invalid_token``, ``token_expired``, including a
   refresh whose token names another user) is followed by close 4001. The one
   exception is ``auth_reply`` ``ok:false`` code ``unavailable`` (the server
@@ -53,7 +56,12 @@ project's protocol reference for those points):
   ``idle_timeout``), 1008 after too many bad frames in a row (TCP: the last
   ``bad_frame`` error, then close), 1001 going away (TCP: ``error``
   ``going_away``), 503 on the WebSocket handshake when the gateway refuses
-  new connections (TCP: ``error`` ``unavailable``, then close).
+  new connections (TCP: ``error`` ``unavailable``, then close). A gateway
+  that already holds ``max_connections`` sockets (handshakes included) closes
+  a new one right after accepting it, before reading a byte.
+* A WebSocket opening handshake over ``max_handshake_size`` bytes (default
+  16 KiB) is answered ``HTTP/1.1 431`` and closed; one not complete within
+  ``handshake_timeout`` is dropped.
 """
 
 from __future__ import annotations
@@ -121,10 +129,28 @@ CLIENT_TYPES = frozenset({AUTH, PING, MESSAGE, MESSAGE_SEND_REPLY, HISTORY, READ
 # what gateways forward to the processors (docs/internals.rst)
 FORWARDED_TYPES = frozenset({MESSAGE, MESSAGE_SEND_REPLY, HISTORY, READ, SESSION_CREATE})
 
+#: tokens a frame draws from its connection's bucket (``rate_limit``, ``rate_burst``;
+#: PROTOCOL.md "Framing"): the frames that make the server work draw one;
+#: acknowledgements, keepalive and authentication never do (a refused
+#: ``message_send_reply`` would leave its messages undelivered; one carries at
+#: most MSG_IDS_MAX ids instead). A type not listed draws one, so a new frame
+#: type (``typing``, ``recall``, ``edit``, ``presence_subscribe``) is limited
+#: until it is listed here; invalid frames draw one too.
+RATE_COST = {
+    AUTH: 0,
+    PING: 0,
+    MESSAGE_SEND_REPLY: 0,
+    MESSAGE: 1,
+    SESSION_CREATE: 1,
+    HISTORY: 1,
+    READ: 1,
+}
+
 # --- limits fixed by the protocol (sizes and rates are configuration)
 CLIENT_MSG_ID_MAX = 64
 ID_MAX = 64
 MSG_ID_MAX = 64
+MSG_IDS_MAX = 1000  # msgIds in one message_send_reply (PROTOCOL.md "Framing")
 DEVICE_MAX = 256
 SESSION_ID_MAX = 300
 USER_ID_MAX = 128
@@ -468,9 +494,9 @@ def _v_message(frame: dict, out: dict) -> None:
 
 def _v_message_send_reply(frame: dict, out: dict) -> None:
     ids = frame.get("msgIds")
-    if not isinstance(ids, list) or not all(
+    if not isinstance(ids, list) or len(ids) > MSG_IDS_MAX or not all(
             isinstance(i, str) and 0 < len(i) <= MSG_ID_MAX for i in ids):
-        raise _bad("'msgIds' must be a list of strings of 1-64 characters", frame)
+        raise _bad(f"'msgIds' must be a list of at most {MSG_IDS_MAX} strings of 1-64 characters", frame)
     out["msgIds"] = ids
 
 

@@ -87,19 +87,6 @@ async def test_openapi_matches_the_live_api(cluster, pg_schema, pg_factory, bus_
     assert processor.items  # ... including posting messages
 
 
-def _processor_honours_api_items() -> bool:
-    """True once the processors' pipeline implements docs/internals.rst's ``trusted`` items (integration step)."""
-    try:
-        import inspect
-
-        from imcluster.processor import pipeline, tap  # noqa: F401
-    except ImportError:
-        return False
-    return "trusted" in inspect.getsource(pipeline)
-
-
-@pytest.mark.skipif(not _processor_honours_api_items(),
-                    reason="improcessor does not handle API items ('trusted', replies to <uuid>##api##<n>) yet")
 @pytest_twisted.ensureDeferred
 async def test_http_publish_end_to_end(cluster, pg_schema):
     """A message posted over HTTP arrives live on the members' WebSocket and TCP connections and is in sync and history."""

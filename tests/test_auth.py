@@ -215,6 +215,38 @@ def test_missing_exp_or_sub_is_invalid():
     refused(auth, jwt.encode({"sub": "alice", "exp": "9999999999"}, SECRET, algorithm="HS256"))
 
 
+@pytest.mark.parametrize("claim, value", [
+    ("exp", 10**400), ("exp", 1e300), ("exp", 253402300800), ("exp", "9999999999"), ("exp", True),
+    ("iat", 10**400), ("iat", -1), ("iat", "0"), ("nbf", -(10**400)), ("nbf", "0"), ("nbf", [1]),
+])
+def test_time_claims_the_server_cannot_use_are_invalid_token(claim, value):
+    """A signed exp of 10**400 used to pass PyJWT and then break the gateway's timer: any unusable exp/iat/nbf is invalid_token."""
+    auth = JWTAuthenticator(secret=SECRET)
+    payload = {"sub": "alice", "exp": int(time.time()) + 60, claim: value}
+    err = refused(auth, forge({"alg": "HS256", "typ": "JWT"}, payload, SECRET.encode()))
+    assert claim in err.message
+
+
+def test_infinite_and_nan_time_claims_are_invalid_token():
+    """JSON has no Infinity or NaN, but Python's parser reads them: such a token is invalid_token."""
+    auth = JWTAuthenticator(secret=SECRET)
+    for literal in ("Infinity", "NaN", "1e400"):
+        now = int(time.time())
+        raw = f'{{"sub":"alice","exp":{literal},"iat":{now}}}'.encode()
+        signing_input = f"{b64(json.dumps({'alg': 'HS256', 'typ': 'JWT'}).encode())}.{b64(raw)}"
+        sig = hmac.new(SECRET.encode(), signing_input.encode(), hashlib.sha256).digest()
+        refused(auth, f"{signing_input}.{b64(sig)}")
+
+
+def test_time_claims_at_the_edges_are_accepted():
+    """Ordinary and far-future (year 9999) times still authenticate."""
+    auth = JWTAuthenticator(secret=SECRET)
+    payload = {"sub": "alice", "exp": 253402300799, "iat": int(time.time()) - 5, "nbf": 0}
+    assert auth.authenticate(jwt.encode(payload, SECRET, algorithm="HS256")).exp == 253402300799
+    payload["exp"] = time.time() + 60.5  # a float is a number too
+    auth.authenticate(jwt.encode(payload, SECRET, algorithm="HS256"))
+
+
 def test_audience_and_issuer_are_checked_when_configured():
     """A token for another service (aud) or from another issuer (iss) is refused when they are configured."""
     auth = JWTAuthenticator(secret=SECRET, audience="im", issuer="https://login.example")
@@ -302,4 +334,6 @@ def test_fake_tokens_follow_its_clock():
     refused(auth, "expired:alice", TOKEN_EXPIRED)
     auth.clock.advance(100)
     refused(auth, FakeAuthenticator.token("bob", 100), TOKEN_EXPIRED)
+    for exp in ("1e400", "nan", "inf", "253402300800"):
+        refused(auth, f"user:bob:{exp}")
     assert auth.tokens[0] == "user:alice"

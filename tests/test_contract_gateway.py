@@ -158,6 +158,25 @@ def test_accepted_connections_are_counted_until_they_end(side):
     assert side.open_count() == 0
 
 
+def test_sockets_over_max_connections_are_closed_before_a_byte(side):
+    """A full gateway would spend a socket (and a handshake) on every newcomer, and count lost ones forever."""
+    side.hub.config = side.hub.config.replace(max_connections=2)
+    a, b = client(side, 40001), client(side, 40002)
+    c = client(side, 40003)
+    assert c.transport.disconnecting and c.transport.value() == b""
+    c.drop()
+    assert side.open_count() == 2
+    a.drop()
+    side.settle()
+    d = client(side, 40004)
+    assert not d.transport.disconnecting and side.open_count() == 2
+    for h in (b, d):
+        h.drop()
+    side.settle()
+    e, f = client(side, 40005), client(side, 40006)
+    assert not (e.transport.disconnecting or f.transport.disconnecting)
+
+
 def test_not_accepting_refuses_with_unavailable(side):
     """A stopping gateway would take new clients that it is about to drop."""
     side.hub.accepting = False

@@ -237,6 +237,52 @@ def test_idle_timeout_closes(hub, kind):
     closed_with(h, 1000, "idle_timeout")
 
 
+def test_websocket_ping_flood_without_reading_closed_as_slow_consumer(make_hub):
+    """Pongs are pending output: a client flooding pings and not reading is closed 4003, before auth too."""
+    from imcluster.testing import ws_frame
+    hub = make_hub(output_buffer_limit=5000, slow_consumer_grace=1.0)
+    for authenticate in (True, False):
+        h = authed(hub, "ws") if authenticate else client(hub, "ws")
+        h.conn.pauseProducing()  # the transport's buffer is full: the client does not read
+        ping = ws_frame(b"p" * 125, opcode=9)
+        for _ in range(50):  # 6 KB of pongs
+            h.send_raw(ping)
+        assert not h.closed  # within the grace
+        hub.clock.advance(1.0)
+        closed_with(h, 4003, "slow_consumer")
+        h.controls.clear()
+
+
+def test_websocket_slow_consumer_is_no_longer_read(make_hub):
+    """Closed 4003, a WebSocket client is not read any more (as TCP's loseConnection does); other closes still are."""
+    hub = make_hub(output_buffer_limit=5000, slow_consumer_grace=1.0)
+    h = authed(hub, "ws")
+    h.conn.pauseProducing()  # the client does not read
+    for _ in range(3):
+        h.conn.send_frame({"type": "message", "body": "x" * 3000})
+    hub.clock.advance(1.0)
+    closed_with(h, 4003, "slow_consumer")
+    assert h.transport.producerState == "paused"
+    h.finish()
+    other = authed(hub, "ws")
+    other.conn.close(4003, "told by the hub")  # the same code, but not the engine's slow-consumer rule
+    assert other.closed and other.transport.producerState == "producing"
+    other.finish()
+
+
+def test_websocket_no_pongs_once_closing(make_hub):
+    """A client being closed gets no more pongs: its pending output stays bounded."""
+    from imcluster.testing import ws_frame
+    hub = make_hub()
+    h = authed(hub, "ws")
+    h.conn.close(4003, "slow consumer")
+    h.frames()
+    h.controls.clear()
+    h.send_raw(ws_frame(b"p" * 125, opcode=9))
+    assert h.controls == []
+    h.finish()
+
+
 def test_websocket_pongs_keep_connection_alive(make_hub):
     """A browser that only answers the server's pings is not closed as idle."""
     from imcluster.testing import ws_frame
@@ -478,20 +524,79 @@ def test_forward_failure_answers_unavailable(hub, kind):
 def test_rate_limit(make_hub, kind):
     """Frames over the per-connection rate get rate_limited instead of being processed."""
     hub = make_hub(rate_limit=2, rate_burst=3)
-    h = authed(hub, kind)  # auth took one token
-    for i in range(3):
+    h = authed(hub, kind)  # auth takes no token
+    for i in range(4):
         h.send({"type": "message", "clientMsgId": f"c-{i}", "sessionId": "s", "body": i})
     h.send({"type": "history", "sessionId": "s", "id": "h"})
     frames = h.frames()
-    assert [f["clientMsgId"] for _, f in hub.forwarded] == ["c-0", "c-1"]
+    assert [f["clientMsgId"] for _, f in hub.forwarded] == ["c-0", "c-1", "c-2"]
     assert frames[0]["type"] == "message_reply" and frames[0]["error"]["code"] == "rate_limited"
-    assert frames[0]["clientMsgId"] == "c-2"
+    assert frames[0]["clientMsgId"] == "c-3"
     assert frames[1] == {"type": "error", "code": "rate_limited", "message": frames[1]["message"],
                          "ref": "h"}
     hub.clock.advance(1)  # two tokens back
     h.send({"type": "history", "sessionId": "s"})
     assert hub.forwarded[-1][1]["type"] == "history"
     assert not h.closed
+
+
+def test_acks_pings_and_auth_never_rate_limited(make_hub, kind):
+    """A member acknowledging each delivery in its own frame must not get rate_limited (its messages would stay undelivered)."""
+    hub = make_hub(rate_limit=1, rate_burst=2)
+    h = authed(hub, kind)
+    for i in range(2):
+        h.send({"type": "read", "sessionId": "s", "seq": i})
+    h.send({"type": "read", "sessionId": "s", "seq": 9, "id": "r"})  # the bucket is empty now
+    assert h.frames()[0]["code"] == "rate_limited"
+    for i in range(200):
+        h.send({"type": "message_send_reply", "msgIds": [str(i + 1)]})
+        h.send({"type": "ping"})
+    h.send({"type": "auth", "token": A2})
+    frames = h.frames()
+    assert [f for f in frames if f.get("code") == "rate_limited" or "error" in f] == []
+    assert sum(f["type"] == "pong" for f in frames) == 200
+    assert frames[-1]["type"] == "auth_reply" and frames[-1]["ok"]
+    acks = [f for _, f in hub.forwarded if f["type"] == "message_send_reply"]
+    assert len(acks) == 200
+    h.send({"type": "read", "sessionId": "s", "seq": 10, "id": "r2"})  # still limited: no token came back
+    assert h.frames()[0]["code"] == "rate_limited"
+
+
+def test_ack_with_more_than_1000_msg_ids_is_a_bad_frame(hub, kind):
+    """An acknowledgement is exempt from the rate limit, so its size is capped (PROTOCOL.md: 1000 msgIds)."""
+    h = authed(hub, kind)
+    h.send({"type": "message_send_reply", "msgIds": ["1"] * 1000})
+    h.send({"type": "message_send_reply", "msgIds": ["1"] * 1001})
+    frames = h.frames()
+    assert [f["code"] for f in frames] == ["bad_frame"]
+    assert len(hub.forwarded) == 1
+
+
+@pytest.mark.parametrize("exp", ["1e400", "nan", "inf", "253402300800"])
+def test_token_with_unusable_exp_is_invalid_token(hub, kind, exp):
+    """A token whose exp no timer can hold is refused outright, never left half-authenticated."""
+    h = client(hub, kind)
+    h.send({"type": "auth", "token": f"user:alice:{exp}"})
+    frames = closed_with(h, 4001, None)
+    assert frames[0]["type"] == "auth_reply" and frames[0]["error"]["code"] == "invalid_token"
+    assert hub.auths == []
+
+
+def test_engine_refuses_unusable_exp_even_from_a_lax_authenticator(make_hub, kind):
+    """Whatever an authenticator lets through, an exp of 10**400 must not leave the connection half-authenticated."""
+    from imcluster.auth import Identity
+
+    class Lax:
+        def authenticate(self, token):
+            return Identity("alice", 10**400, {})
+
+    hub = make_hub()
+    hub.authenticator = Lax()
+    h = client(hub, kind)
+    h.send({"type": "auth", "token": "x"})
+    frames = closed_with(h, 4001, None)
+    assert frames[0]["error"]["code"] == "invalid_token"
+    assert hub.auths == []
 
 
 MESSAGE_SEND = {"type": "message_send", "msgId": "1", "sessionId": "s", "seq": 1, "from": "bob",

@@ -433,6 +433,22 @@ def test_max_connections_and_refusal_while_stopping():
     assert not h.gw.connection_made(FakeConnection(port=4, server_id=h.uuid))
 
 
+def test_socket_slots_bound_every_socket_and_count_refusals():
+    """Sockets still in their handshake count towards max_connections; each refusal shows in the metrics."""
+    from prometheus_client import REGISTRY
+
+    def refused():
+        return REGISTRY.get_sample_value("imcluster_closes_total", {"reason": "max_connections"}) or 0.0
+
+    h = Hub(max_connections=2)
+    before = refused()
+    assert h.gw.socket_opened() and h.gw.socket_opened()
+    assert not h.gw.socket_opened() and not h.gw.socket_opened()
+    assert refused() == before + 2 and h.gw.open_sockets == 2
+    h.gw.socket_closed()
+    assert h.gw.socket_opened()
+
+
 def test_graceful_stop():
     """SIGTERM: listeners stop first, every client goes away, every Redis entry is removed."""
     h = Hub()

@@ -186,8 +186,18 @@ def test_message_send_reply_shape():
     f = p.parse_client_frame(enc({"type": "message_send_reply", "msgIds": ["1", "2"]}))
     assert f["msgIds"] == ["1", "2"]
     assert p.parse_client_frame(enc({"type": "message_send_reply", "msgIds": []}))["msgIds"] == []
-    for ids in (None, "1", [1], [""], ["x" * 65]):
+    for ids in (None, "1", [1], [""], ["x" * 65], ["1"] * 1001):
         bad(enc({"type": "message_send_reply", "msgIds": ids}))
+    assert len(p.parse_client_frame(enc({"type": "message_send_reply", "msgIds": ["1"] * 1000}))["msgIds"]) == 1000
+
+
+def test_rate_cost_follows_protocol_md():
+    """PROTOCOL.md "Framing": work frames draw from the bucket; acks, pings and auth never do."""
+    assert {t for t in p.CLIENT_TYPES if p.RATE_COST.get(t, 1)} == {
+        p.MESSAGE, p.SESSION_CREATE, p.HISTORY, p.READ}
+    for free in (p.AUTH, p.PING, p.MESSAGE_SEND_REPLY):
+        assert p.RATE_COST[free] == 0
+    assert p.RATE_COST.get("typing", 1) == 1  # a type not listed yet is limited
 
 
 def test_session_create_shape():

@@ -170,6 +170,11 @@ async def test_slow_consumer_closed_4003_over_loopback(gateways):
     # grace rule, not from the output_buffer_max backstop
     assert written < SLOW_BOUND, f"the gateway took {written} bytes for a client that reads nothing"
     client.transport.resumeProducing()
+    # the gateway no longer reads a slow consumer, so it never sees the client's close
+    # reply and drops the socket only close_timeout later: the 4003 is the close frame
+    await wait_for(lambda: client.remoteCloseCode is not None)
+    assert client.remoteCloseCode == 4003
+    client.abort()
     code, _ = await client.closed.addTimeout(TIMEOUT, reactor)
     assert code == 4003
 
@@ -253,3 +258,66 @@ def test_autobahn_debug_arguments_are_not_coloured():
 
     assert autobahn.util.hltype(test_autobahn_debug_arguments_are_not_coloured) == \
         f"<{__name__}.test_autobahn_debug_arguments_are_not_coloured>"
+
+
+def test_handshake_over_max_handshake_size_gets_431():
+    """An endless header would fill the gateway's memory: past max_handshake_size the client gets 431 and is closed."""
+    from imcluster.testing import ws_handshake
+    hub = FakeHub(config=gateway_config(ws_ping_interval=0, max_handshake_size=4096))
+    h = ClientHarness(hub, "ws", handshake=False)
+    h.send_raw(b"GET /ws HTTP/1.1\r\nHost: x\r\nX-Pad: ")
+    for _ in range(4):
+        h.send_raw(b"a" * 1000)
+    assert not h.transport.disconnecting  # 4033 bytes
+    h.send_raw(b"a" * 100)  # 4133 bytes, no end of header
+    assert h.status == 431
+    assert h.transport.disconnecting and h.conn is None
+    h.drop()
+    assert hub.made == [] and hub.sockets == 0
+    assert hub.clock.getDelayedCalls() == []
+    # a handshake of exactly the limit, byte by byte, and a frame right behind it, is fine
+    request = ws_handshake(headers={"X-Pad": ""})
+    request = request[:-4] + b"a" * (4096 - len(request)) + b"\r\n\r\n"
+    assert len(request) == 4096
+    h = ClientHarness(hub, "ws", handshake=False)
+    for i in range(len(request) - 1):
+        h.send_raw(request[i:i + 1])
+    from imcluster.testing import ws_frame
+    h.send_raw(request[-1:] + ws_frame(b'{"type":"auth","token":"user:alice:3600"}'))
+    assert h.status == 101
+    assert h.frames()[0]["ok"] is True
+    h.drop()
+
+
+def test_handshake_timeout_drops_a_slow_handshake():
+    """A client trickling its handshake is dropped after handshake_timeout."""
+    hub, h = FakeHub(config=gateway_config(ws_ping_interval=0, handshake_timeout=5)), None
+    h = ClientHarness(hub, "ws", handshake=False)
+    h.send_raw(b"GET /ws HTTP/1.1\r\n")
+    hub.clock.advance(4.9)
+    assert not h.transport.disconnecting
+    hub.clock.advance(0.2)
+    assert h.transport.disconnecting
+    h.drop()
+    assert hub.clock.getDelayedCalls() == [] and hub.sockets == 0
+
+
+def test_over_max_connections_closed_before_the_handshake():
+    """A gateway at max_connections spends nothing on a newcomer: closed right after accept, handshakes counted."""
+    hub = FakeHub(config=gateway_config(ws_ping_interval=0, max_connections=2))
+    first = ClientHarness(hub, "ws", handshake=False)  # a handshake in progress holds a slot
+    second = ClientHarness(hub, "tcp")
+    third = ClientHarness(hub, "ws", handshake=False)
+    assert third.transport.disconnecting and third.transport.value() == b""
+    third.send_raw(b"GET /ws HTTP/1.1\r\n")  # never read
+    third.drop()
+    fourth = ClientHarness(hub, "tcp")
+    assert fourth.transport.disconnecting and fourth.transport.value() == b""
+    fourth.drop()
+    assert hub.sockets == 2 and hub.made == [second.conn]
+    first.drop()
+    fifth = ClientHarness(hub, "ws")
+    assert fifth.status == 101
+    for h in (second, fifth):
+        h.drop()
+    assert hub.sockets == 0

@@ -29,7 +29,9 @@ the kernel yet; a client draining it at ``output_buffer_limit`` bytes per
 grace period or faster is reading, is not slow, and gets another period.
 Whatever the client does, pending output above ``output_buffer_max`` closes
 it at once: that bounds the gateway's memory per connection. Nothing of this
-runs while the client keeps up.
+runs while the client keeps up. What an adapter writes on its own (Autobahn's
+pongs) it reports with :meth:`ClientConnection.output_written`, so a client
+flooding pings and not reading is measured and closed the same way.
 
 The hub (``imcluster.gateway.service.GatewayService``) is described in
 ``/work/notes/GATEWAY.md``: ``server_id``, ``authenticator``, ``clock``,
@@ -52,7 +54,7 @@ from zope.interface import implementer
 
 from imcluster import metrics
 from imcluster import protocol as p
-from imcluster.auth import AuthError
+from imcluster.auth import AuthError, usable_timestamp
 from imcluster.gateway import transport as closes
 from imcluster.gateway.transport import CloseReason, transport_counters
 from imcluster.interfaces import IClientConnection
@@ -214,17 +216,18 @@ class ClientConnection:
         if len(data) > self._max_frame_size:
             self.frame_too_large()
             return
-        allowed = self._bucket.take(now)
         try:
             frame = p.parse_client_frame(data, self._max_depth)
         except p.FrameError as e:
+            self._bucket.take(now)
             _frames_in(self.transport_name, "invalid").inc()
             self._bad_frame(e.reply())
             return
         frame_type = frame["type"]
         _frames_in(self.transport_name, frame_type).inc()
         self._bad_in_a_row = 0
-        if not allowed:
+        # PROTOCOL.md: acknowledgements, pings and auth never draw from the bucket
+        if p.RATE_COST.get(frame_type, 1) and not self._bucket.take(now):
             self._reply_error(frame, p.RATE_LIMITED, "too many frames; slow down")
             return
         if self._auth_pending:
@@ -320,14 +323,27 @@ class ClientConnection:
 
     # --- output
 
+    def output_written(self, size: int) -> None:
+        """The adapter wrote ``size`` bytes of its own (a WebSocket pong): pending output too.
+
+        Autobahn answers a ping by writing the pong straight to the transport;
+        counted here, a client flooding pings and not reading is closed as a
+        slow consumer like any other (PROTOCOL.md "Framing").
+        """
+        if self._state == OPEN:
+            self._account(size)
+
     def _deliver(self, data: bytes) -> None:
         self._adapter.write_message(data)
         self._frames_out.inc()
         self._bytes_out.inc(len(data))
-        self._written += len(data)
+        self._account(len(data))
+
+    def _account(self, size: int) -> None:
+        self._written += size
         if self._paused:
             # only while the transport says the client is not keeping up
-            self._paused_bytes += len(data)
+            self._paused_bytes += size
             pending = self._pending_output()
             if pending > self._output_max:
                 # reading or not, one connection may not hold more than this
@@ -422,6 +438,7 @@ class ClientConnection:
         self._expiry_call = None
         if exp is None:
             return
+        # _auth refused an exp that is not usable_timestamp(): float() cannot overflow here
         delay = max(0.0, float(exp) - self._clock.seconds())
         self._expiry_call = self._clock.callLater(delay, self._token_expired)
 
@@ -484,6 +501,12 @@ class ClientConnection:
             return
         if self._authed and identity.user_id != self.user_id:
             self._auth_refused(p.INVALID_TOKEN, "token is for another user than this connection's")
+            return
+        exp = getattr(identity, "exp", None)
+        if exp is not None and not usable_timestamp(exp):
+            # an authenticator should have refused it; decided before the hub records
+            # anything, so the connection is never left half-authenticated
+            self._auth_refused(p.INVALID_TOKEN, "token 'exp' is not a usable time")
             return
         refresh = self._authed
         if not refresh:

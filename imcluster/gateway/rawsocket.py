@@ -42,9 +42,16 @@ class RawSocketProtocol(Protocol):
         self._need = _HEADER.size
         self._closing = False
         self._abort_call: Any = None
+        self._slot = False  # holds one of the hub's max_connections slots
 
     def connectionMade(self) -> None:  # noqa: N802 (Twisted API)
         hub = self.factory.hub
+        if not hub.socket_opened():
+            # over max_connections: closed before reading or writing a byte
+            self._closing = True
+            self.transport.abortConnection()
+            return
+        self._slot = True
         self.client_address = peer_address(self.transport)
         conn = ClientConnection(hub, self)
         if not conn.open():
@@ -93,6 +100,9 @@ class RawSocketProtocol(Protocol):
 
     def connectionLost(self, reason: Any = None) -> None:  # noqa: N802
         self._closing = True
+        if self._slot:
+            self._slot = False
+            self.factory.hub.socket_closed()
         if self._abort_call is not None:
             call, self._abort_call = self._abort_call, None
             if call.active():

@@ -2,7 +2,9 @@
 
 :class:`GatewayService` implements the hub interface the connection engine
 calls (``notes``: ``connection_made``, ``authenticated``, ``request_sync``,
-``forward``, ``connection_lost``) and runs ARCHITECTURE.md's flows:
+``forward``, ``connection_lost``), hands out the ``max_connections`` slots
+the transport adapters take per accepted socket (``socket_opened``,
+``socket_closed``), and runs ARCHITECTURE.md's flows:
 
 1. start: a new uuid; ``WSSERVER_<uuid>`` + ``WSSERVERS``; declare and
    consume ``<ns>.gateway.<uuid>``; then start the children: the heartbeat
@@ -37,7 +39,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from imcluster import envelope
+from imcluster import envelope, metrics
 from imcluster.protocol import encode_bytes
 from imcluster.gateway.connections import ConnectionRegistry
 from imcluster.registry import conn_meta, server_info
@@ -312,6 +314,10 @@ class GatewayService(AsyncMultiService):
         self._needs_resync = False
         self._retries: dict[defer.Deferred, tuple[Any, str | None]] = {}  # done -> (DelayedCall, owner)
         self._all_closed: defer.Deferred | None = None
+        #: client sockets open on every listener, handshakes included (max_connections)
+        self.open_sockets = 0
+        self._refused_sockets = 0
+        self._refusal_logged_at: float | None = None
         # a timer that survives a failing refresh (a TimerService would stop for good)
         self._heartbeat = GuardedLoop(config.heartbeat, self.heartbeat, "heartbeat", clock=self.clock, now=False)
         self._heartbeat.setServiceParent(self)
@@ -518,6 +524,38 @@ class GatewayService(AsyncMultiService):
         user_id, ip, port = key
         conn = self.connections.get(f"{self.server_id}##{ip}##{port}")
         return conn is not None and self.connections.user_of(conn) == user_id
+
+    # --- socket slots (called by the transport adapters, before there is an engine)
+
+    #: seconds between two log lines about sockets refused over max_connections
+    REFUSAL_LOG_INTERVAL = 10.0
+
+    def socket_opened(self) -> bool:
+        """A listener accepted a client socket: take one of ``max_connections`` slots.
+
+        Called before the socket is read (before any WebSocket handshake), so
+        a gateway at its cap spends nothing on a newcomer: False tells the
+        adapter to close it at once. Counted in ``imcluster_closes_total``
+        (reason ``max_connections``) and logged at most every
+        :data:`REFUSAL_LOG_INTERVAL` seconds. Every True is matched by one
+        :meth:`socket_closed`.
+        """
+        if self.open_sockets < self.config.max_connections:
+            self.open_sockets += 1
+            return True
+        metrics.CLOSES.labels(reason="max_connections").inc()
+        self._refused_sockets += 1
+        now = self.clock.seconds()
+        if self._refusal_logged_at is None or now - self._refusal_logged_at >= self.REFUSAL_LOG_INTERVAL:
+            self.log.warn("refused {n} new sockets: {limit} open is max_connections",
+                          n=self._refused_sockets, limit=self.config.max_connections)
+            self._refused_sockets = 0
+            self._refusal_logged_at = now
+        return False
+
+    def socket_closed(self) -> None:
+        """A socket that :meth:`socket_opened` admitted is gone."""
+        self.open_sockets -= 1
 
     # --- the hub interface (called by the connection engine)
 

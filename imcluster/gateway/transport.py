@@ -7,6 +7,15 @@ way (a WebSocket close code; on raw TCP, and on any transport without close
 codes, the reason's ``error`` frame then a close: :func:`write_farewell`).
 PROTOCOL.md fixes both renderings, so they are written here once.
 
+Not every close is the engine's: a socket over ``max_connections``
+(refused by the hub's ``socket_opened`` before a byte is read) and a
+WebSocket opening handshake over ``max_handshake_size`` (HTTP 431) or not
+complete within ``handshake_timeout`` end before there is an engine to ask,
+so they are no :class:`CloseReason`: the hub or the adapter counts them in
+``imcluster_closes_total`` as ``max_connections``, ``handshake_too_large``
+and ``handshake_timeout``, as ``ClientConnection.open`` counts a connection
+the hub refused as ``refused``.
+
 The helpers below (:func:`peer_address`, :func:`forwarded_ip`,
 :func:`buffered_bytes`) serve every adapter built on a Twisted transport;
 an adapter imports them from here, never from another adapter.

@@ -25,8 +25,10 @@ from autobahn.websocket.compress import PerMessageDeflateOffer, PerMessageDeflat
 from autobahn.websocket.types import ConnectionDeny
 from zope.interface import implementer
 
+from imcluster import metrics
 from imcluster.gateway.engine import ClientConnection
-from imcluster.gateway.transport import CloseReason, buffered_bytes, forwarded_ip, peer_address
+from imcluster.gateway.transport import (SLOW_CONSUMER, CloseReason, buffered_bytes, forwarded_ip,
+                                         peer_address)
 from imcluster.interfaces import ITransportAdapter
 
 # Autobahn builds the arguments of its debug log lines on every frame it
@@ -62,15 +64,76 @@ class _Call:
             self.call.cancel()
 
 
+_END_OF_HEADER = b"\r\n\r\n"
+
+
 @implementer(ITransportAdapter)
 class GatewayWebSocketProtocol(WebSocketServerProtocol):
-    """One WebSocket client: Autobahn below, a :class:`ClientConnection` above."""
+    """One WebSocket client: Autobahn below, a :class:`ClientConnection` above.
+
+    Autobahn buffers the opening handshake without a limit and searches the
+    whole buffer again on every chunk (DEPENDENCIES.md "Autobahn, beyond the
+    handshake"), so the handshake is collected here first, up to
+    ``max_handshake_size`` bytes (then ``HTTP 431`` and close), and handed
+    to Autobahn once its header is complete; ``handshake_timeout`` is
+    Autobahn's own ``openHandshakeTimeout``. Pongs, which Autobahn writes
+    straight to the transport, are counted as the connection's pending
+    output (:meth:`ClientConnection.output_written`).
+    """
 
     transport_name = "ws"
     # (Autobahn's txaio ``log`` is left alone: its calls rely on it)
     conn: ClientConnection | None = None
     # (Autobahn's own ``peer`` is a string: ours has another name)
     client_address: tuple[str, int] | None = None
+    #: this socket holds one of the hub's max_connections slots
+    _slot = False
+    #: the opening handshake received so far; None once handed to Autobahn
+    _handshake: bytearray | None = None
+    #: the handshake was too large: answered 431, nothing more is read
+    _refused = False
+
+    def connectionMade(self) -> None:  # noqa: N802 (Twisted API)
+        if not self.factory.hub.socket_opened():
+            # over max_connections: gone before Autobahn allocates anything for it
+            self.transport.abortConnection()
+            return
+        self._slot = True
+        self._handshake = bytearray()
+        super().connectionMade()
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        buf = self._handshake
+        if buf is None:
+            if self._slot and not self._refused:
+                super().dataReceived(data)
+            return
+        # only the new bytes (and the 3 before them) can complete the header: linear
+        start = max(0, len(buf) - 3)
+        buf += data
+        end = buf.find(_END_OF_HEADER, start)
+        size = len(buf) if end < 0 else end + len(_END_OF_HEADER)
+        if size > self.factory.max_handshake_size:
+            self._refuse_handshake()
+            return
+        if end >= 0:
+            self._handshake = None
+            super().dataReceived(bytes(buf))
+
+    def _refuse_handshake(self) -> None:
+        """HTTP 431 and close, quietly: Autobahn's failHandshake would log two lines per
+        refusal, and a flood of refusals must not become a flood of log lines."""
+        self._handshake = None
+        self._refused = True
+        metrics.CLOSES.labels(reason="handshake_too_large").inc()
+        self.transport.write(b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
+                             b"Connection: close\r\nContent-Length: 0\r\n\r\n")
+        self.transport.loseConnection()
+
+    def onOpenHandshakeTimeout(self) -> None:  # noqa: N802 (Autobahn API)
+        if self.state == self.STATE_CONNECTING:
+            metrics.CLOSES.labels(reason="handshake_timeout").inc()
+        super().onOpenHandshakeTimeout()
 
     def onConnect(self, request: Any) -> None:  # noqa: N802 (Autobahn API)
         hub = self.factory.hub
@@ -95,15 +158,24 @@ class GatewayWebSocketProtocol(WebSocketServerProtocol):
             conn.frame_received(payload)
 
     def onPing(self, payload: bytes) -> None:  # noqa: N802
-        super().onPing(payload)
-        if self.conn is not None:
-            self.conn.activity()
+        conn = self.conn
+        if conn is None or not conn.is_open:
+            # closing (a slow consumer, say): no more output for this client
+            return
+        conn.activity()
+        super().onPing(payload)  # Autobahn's sendPong: straight to the transport
+        conn.output_written(2 + len(payload))
 
     def onPong(self, payload: bytes) -> None:  # noqa: N802
         if self.conn is not None:
             self.conn.activity()
 
     def connectionLost(self, reason: Any = None) -> None:  # noqa: N802
+        if not self._slot:
+            return  # refused in connectionMade: Autobahn never started
+        self._slot = False
+        self._handshake = None
+        self.factory.hub.socket_closed()
         try:
             super().connectionLost(reason)
         finally:
@@ -143,6 +215,11 @@ class GatewayWebSocketProtocol(WebSocketServerProtocol):
         if self.state == self.STATE_OPEN:
             # sendClose() only allows 1000 and 3000-4999; the protocol needs 1001/1008/1009 too
             self.sendCloseFrame(code=reason.code, reasonUtf8=encode_truncate(reason.text, 123), isReply=False)
+            if reason.name == SLOW_CONSUMER.name:
+                # it does not read, so it will not answer the close before close_timeout:
+                # stop reading it too (as TCP's loseConnection does), or whatever it keeps
+                # sending (a ping flood) costs the reactor until then
+                self.transport.pauseProducing()
         elif self.state != self.STATE_CLOSED:
             self.dropConnection(abort=True)
 
@@ -161,6 +238,7 @@ class GatewayWebSocketFactory(WebSocketServerFactory):
         super().__init__(externalPort=config.external_port or None)
         self.hub = hub
         self._batched_timer = _ClockTimer(hub.clock)
+        self.max_handshake_size = config.max_handshake_size
         max_size = config.max_frame_size
 
         def accept_compression(offers: list[Any]) -> Any:

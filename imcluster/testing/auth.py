@@ -9,6 +9,7 @@ from imcluster.auth import INVALID_TOKEN
 from imcluster.auth import TOKEN_EXPIRED
 from imcluster.auth import AuthError
 from imcluster.auth import Identity
+from imcluster.auth import check_time_claims
 from imcluster.auth import valid_user_id
 from imcluster.interfaces import IAuthenticator as _IAuthenticator
 
@@ -24,7 +25,9 @@ class FakeAuthenticator:
         ``token_expired`` once ``clock.seconds() >= exp``.
     ``"expired:<id>"``
         ``token_expired``.
-    anything else, or an ``<id>`` outside PROTOCOL.md's charset
+    anything else, an ``<id>`` outside PROTOCOL.md's charset, or an
+    ``<exp>`` the real authenticator would not take (``1e400``, ``nan``,
+    past year 9999: :func:`imcluster.auth.usable_timestamp`)
         ``invalid_token``.
 
     ``clock`` (default: a fresh ``Clock`` at 0) lets tests move time;
@@ -60,6 +63,7 @@ class FakeAuthenticator:
                 exp = float(exp_text)
             except ValueError:
                 raise AuthError(INVALID_TOKEN, "token 'exp' must be a number") from None
+            check_time_claims({"exp": exp})
             if now >= exp:
                 raise AuthError(TOKEN_EXPIRED, "token has expired")
         else:

@@ -29,7 +29,9 @@ class FakeHub:
     The default authenticator is a :class:`FakeAuthenticator` on the hub's
     clock (tokens ``"user:alice"``, ``"user:alice:<exp>"``, ``"expired:alice"``).
 
-    ``refuse``: connection_made answers False. ``forward_failure`` /
+    ``refuse``: connection_made answers False. ``sockets``: sockets holding
+    a ``max_connections`` slot (``socket_opened`` refuses past
+    ``config.max_connections``). ``forward_failure`` /
     ``auth_failure`` / ``sync_failure``: an exception the corresponding call
     fails with (None: succeeds). ``hold_auth``: hub.authenticated returns a
     Deferred kept in ``held`` for the test to fire.
@@ -59,10 +61,20 @@ class FakeHub:
         self.hold_auth = False
         self.held = []
         self._users = {}
+        self.sockets = 0
 
     def user_of(self, conn):
         """The user ``conn`` is recorded for (None: unauthenticated, refused, failed or lost)."""
         return self._users.get(conn)
+
+    def socket_opened(self):
+        if self.sockets >= self.config.max_connections:
+            return False
+        self.sockets += 1
+        return True
+
+    def socket_closed(self):
+        self.sockets -= 1
 
     def connection_made(self, conn):
         if self.refuse or not self.accepting:
