@@ -311,11 +311,11 @@ class StreamConnection:
         request.registerProducer(producer, True)
         request.notifyFinish().addBoth(self._events_ended, request)
         self.site.stream_opened(self)
-        pending, self.pending = self.pending, deque()
-        self.pending_bytes = 0
-        for item in pending:
-            if self._sse is not request:
-                break
+        pending = self.pending
+        while pending and self._sse is request:
+            item = pending.popleft()
+            self.pending_bytes -= len(item[1])
+            # (what is left, should this stream fail while writing, waits for the next one)
             self._write_event(item)
         if self.state == CLOSING:
             self._end()
@@ -417,7 +417,8 @@ class StreamConnection:
             self._producer = None
             self.site.stream_closed(self)
             request.unregisterProducer()
-            request.finish()
+            if not request.finished and not getattr(request, "_disconnected", False):
+                request.finish()
         if self._poll is not None:
             self._poll_due = False
             self._cancel_poll_call()
