@@ -391,9 +391,39 @@ class Consumer:
         self._failures = 0
         self._retry: Any = None
         self._starting: _Protocol | None = None
+        #: called after every start of this consumer but the first (see add_restart_listener)
+        self._restart_listeners: list[Callable[[float | None], Any]] = []
+        self.starts = 0
+        #: when the consumer stopped consuming (clock seconds), until it is active again
+        self.inactive_since: float | None = None
 
     def __repr__(self) -> str:
         return f"<Consumer {self.queue.name} active={self.active}>"
+
+    def add_restart_listener(self, fn: Callable[[float | None], Any]) -> None:
+        """Call ``fn(down_since)`` each time the consumer is active again after a reconnect or a channel loss.
+
+        The queue has been declared again by then: an exclusive, auto-delete
+        queue (a gateway's) may have been gone meanwhile, with whatever was
+        routed to it (ARCHITECTURE.md, "deliveries heal by themselves").
+        ``down_since``: when this consumer noticed it had stopped consuming
+        (clock seconds; None if unknown).
+        """
+        self._restart_listeners.append(fn)
+
+    def _stopped(self) -> None:
+        if self.inactive_since is None:
+            self.inactive_since = self.bus._clock.seconds()
+
+    def _started(self) -> None:
+        self.starts += 1
+        down_since, self.inactive_since = self.inactive_since, None
+        if self.starts == 1:
+            return
+        for fn in list(self._restart_listeners):
+            d = defer.maybeDeferred(fn, down_since)
+            d.addErrback(lambda f: self.log.failure("restart listener of {queue} failed", f,
+                                                    queue=self.queue.name))
 
     @defer.inlineCallbacks
     def start(self, conn: "_Protocol"):
@@ -435,6 +465,7 @@ class Consumer:
         self.log.info("AMQP consuming {queue} (prefetch {prefetch})", queue=q.name, prefetch=self.prefetch)
         if not self.ready.called:
             self.ready.callback(self)
+        self._started()
 
     def _start_failed(self, conn: "_Protocol", e: Exception) -> None:
         bus = self.bus
@@ -465,6 +496,7 @@ class Consumer:
         self._channel = None
         self._tag = None
         was_active, self.active = self.active, False
+        self._stopped()
         conn = self.bus._conn
         if self.cancelled or not self.bus.running or conn is None or not conn._impl.is_open:
             return  # stopping, or the connection is gone: the next connection restarts us
@@ -487,6 +519,7 @@ class Consumer:
         self._channel = None
         self._tag = None
         self.active = False
+        self._stopped()
         if self._retry is not None and self._retry.active():
             self._retry.cancel()
 
@@ -565,10 +598,12 @@ class AMQPService(service.Service):
 
     log = Logger()
 
-    #: reconnection backoff (seconds): first retry, growth, ceiling
+    #: reconnection backoff (seconds): first retry, growth, ceiling. The ceiling is
+    #: short: deliveries must heal within 10 s of the broker answering again
+    #: (PROTOCOL.md), and a connection attempt to a broker that is down costs nothing
     reconnect_initial_delay = 0.5
     reconnect_factor = 2.0
-    reconnect_max_delay = 10.0
+    reconnect_max_delay = 2.0
 
     def __init__(self, url: str, namespace: str, publish_timeout: float = 5.0,
                  password: str | None = None, clock: Any = None, name: str = "amqp",

@@ -307,6 +307,9 @@ OPTIONS: list[Option] = [
          "port clients see when behind a load balancer (0: the listening port)"),
     _opt("trust_proxy", _bool, False, G, "take the client address from X-Forwarded-For / X-Real-IP"),
     _opt("publish_batch", _positive(_int), 200, G | A, "client frames coalesced into one AMQP publish"),
+    _opt("resync_rate", _positive(_float), 2000.0, G,
+         "connections per second a gateway asks the processors to sync again after its queue or its "
+         "Redis entries were lost (deliveries routed meanwhile were lost with them)"),
     _opt("close_timeout", _positive(_float), 5.0, G,
          "seconds a closing client connection may take to flush its last frames before it is dropped"),
     _opt("max_json_depth", _positive(_int), 64, G | P | A,

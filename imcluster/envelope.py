@@ -194,6 +194,10 @@ class Item:
     api: bool = False
     #: skip the sender's membership check (only ever on an API item)
     trusted: bool = False
+    #: a ``sync`` a gateway asks for again after it lost its queue or its Redis entries
+    resync: bool = False
+    #: with ``resync``: ms since the epoch when that loss may have begun (None: unknown)
+    since: int | None = None
 
     @property
     def type(self) -> str | None:
@@ -208,6 +212,10 @@ class Item:
             doc["frame"] = self.frame
         if self.trusted:
             doc["trusted"] = True
+        if self.resync:
+            doc["resync"] = True
+            if self.since is not None:
+                doc["since"] = self.since
         return doc
 
     def encode(self) -> bytes:
@@ -221,9 +229,15 @@ def frame_item(user_id: str, server_id: str, conn_id: str, ts: int, frame: dict,
     return Item(FRAME, user_id, server_id, conn_id, ts, frame, trusted=trusted)
 
 
-def sync_item(user_id: str, server_id: str, conn_id: str, ts: int) -> Item:
-    """A ``sync`` item: send ``conn_id`` its user's undelivered messages, then ``sync_done``."""
-    return Item(SYNC, user_id, server_id, conn_id, ts)
+def sync_item(user_id: str, server_id: str, conn_id: str, ts: int, resync: bool = False,
+              since: int | None = None) -> Item:
+    """A ``sync`` item: send ``conn_id`` its user's undelivered messages, then ``sync_done``.
+
+    ``resync``: the gateway asks again for a connection that stayed open,
+    because what was routed to it since ``since`` (ms, when known) may have
+    been lost (docs/internals.rst).
+    """
+    return Item(SYNC, user_id, server_id, conn_id, ts, resync=resync, since=since if resync else None)
 
 
 def parse_item(raw: Any, max_depth: int = protocol.DEFAULT_MAX_DEPTH) -> Item | None:
@@ -243,7 +257,11 @@ def parse_item(raw: Any, max_depth: int = protocol.DEFAULT_MAX_DEPTH) -> Item | 
     if not isinstance(ts, int) or isinstance(ts, bool) or not TS_RANGE[0] <= ts < TS_RANGE[1]:
         ts = None
     if kind == SYNC:
-        return Item(SYNC, user, server, conn, ts)
+        resync = raw.get("resync") is True
+        since = raw.get("since") if resync else None
+        if not isinstance(since, int) or isinstance(since, bool) or not TS_RANGE[0] <= since < TS_RANGE[1]:
+            since = None
+        return Item(SYNC, user, server, conn, ts, resync=resync, since=since)
     api = is_api_conn(conn)
     # only an imapi may vouch for a sender (it checked authorization itself)
     trusted = api and raw.get("trusted") is True

@@ -54,7 +54,11 @@ class IMessageBus(Interface):
         ``queue`` is one of ``processor_queue()`` or ``gateway_queue(uuid)``.
         ``callback(message)`` receives an :class:`IBusMessage`; the consumer
         must ``ack`` or ``nack`` every message (manual acks, ``prefetch``
-        window). Returns a Deferred that fires once the consumer is active.
+        window). Returns a Deferred that fires once the consumer is active,
+        with the consumer: its ``add_restart_listener(fn)`` calls
+        ``fn(down_since)`` each time it is active again after a reconnect
+        (the queue declared again; an exclusive queue may have lost what was
+        routed meanwhile, since about ``down_since``, in clock seconds).
         """
 
     def processor_queue():

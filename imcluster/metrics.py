@@ -111,3 +111,5 @@ API_MESSAGES = Counter(
 
 # --- shared clients
 RECONNECTS = Counter("imcluster_reconnects_total", "Reconnections to a shared service", ["service"])
+RESYNCS = Counter("imcluster_resync_requests_total",
+                  "Connections a gateway asked to sync again after its queue or Redis entries were lost")

@@ -297,7 +297,8 @@ class RedisService(service.Service):
     #: reconnection backoff (seconds): first retry, growth, ceiling
     reconnect_initial_delay = 0.5
     reconnect_factor = 2.0
-    reconnect_max_delay = 10.0
+    #: short: deliveries must heal within 10 s of Redis answering again (PROTOCOL.md)
+    reconnect_max_delay = 2.0
 
     def __init__(self, url: str, prefix: str = "", timeout: float = 5.0,
                  password: str | None = None, clock: Any = None, name: str = "redis",

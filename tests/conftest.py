@@ -12,4 +12,5 @@ pytest_plugins = [
     "tests.support.postgres",
     "tests.support.cluster",
     "tests.support.services",
+    "tests.support.private",
 ]

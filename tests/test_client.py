@@ -302,6 +302,26 @@ def test_sync_and_live_deliveries_are_merged_in_seq_order():
     assert handled[-1]["seq"] == 10
 
 
+def test_a_second_sync_done_from_a_server_resync_is_harmless():
+    """A re-sync after a server-side loss would confuse a client that took sync_done for 'just connected'."""
+    handled = []
+    synced = []
+    client, clock, connector = make(on_message=handled.append, on_sync_done=synced.append)
+    client.start()
+    link = connect(client, clock, connector)
+    link.receive({"type": "sync_done", "count": 0})
+    link.receive(message("5", 5))  # live
+    link.receive(message("5", 5))  # the re-sync brings it again, with one it had missed
+    link.receive(message("4", 4))
+    link.receive({"type": "sync_done", "count": 2})
+    clock.advance(0)
+    assert [f["seq"] for f in handled] == [5, 4]  # each once, nothing held back
+    assert synced == [0, 2]
+    assert client.state == "ready"
+    acked = [m for f in link.of_type("message_send_reply") for m in f["msgIds"]]
+    assert sorted(set(acked)) == ["4", "5"]
+
+
 def test_sync_hold_is_bounded():
     """A sync_done that never comes must not keep messages from the application for ever."""
     handled = []

@@ -299,6 +299,31 @@ async def test_consumers_survive_a_lost_connection(kind, bus):
 
 
 @pytest_twisted.ensureDeferred
+async def test_restart_listeners_run_once_the_queue_is_back(kind, bus):
+    """A gateway that is not told its queue came back cannot ask for what was routed while it was gone."""
+    uuid = unique("gw")
+    deliveries = Inbox(auto_ack=True)
+    consumer = await bus.consume(bus.gateway_queue(uuid), deliveries, prefetch=10, exclusive=True)
+    restarts = []
+
+    async def queue_back():
+        # the queue exists again when the listener runs: a delivery routed now arrives
+        await bus.publish(bus.gateway_key(uuid), b"after the restart", mandatory=True)
+        restarts.append(consumer.active)
+
+    down = []
+    consumer.add_restart_listener(lambda since: (down.append(since), defer.ensureDeferred(queue_back()))[1])
+    assert restarts == []  # the first start is no restart
+    before = time.time()
+    await break_connection(kind, bus)
+    await until(lambda: restarts, 5.0, "restart listener")
+    assert restarts == [True]
+    # when the queue stopped being consumed (fake bus: its clock is the reactor too)
+    assert before - 1 <= down[0] <= time.time()
+    assert (await deliveries.wait(1))[0].body == b"after the restart"
+
+
+@pytest_twisted.ensureDeferred
 async def test_publish_after_stop_fails_at_once(bus):
     """A gateway shutting down would wait publish_timeout for every publish, or lose them silently."""
     await bus.stopService()

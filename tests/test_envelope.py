@@ -66,6 +66,19 @@ def test_sync_item_round_trip():
     assert (got.kind, got.user_id, got.server_id, got.conn_id, got.ts, got.frame) == (e.SYNC, "bob", GW, CONN, TS, None)
 
 
+def test_resync_item_round_trip():
+    """A gateway's re-sync would lose the time its loss began, and a processor could not heal other devices."""
+    sent = e.sync_item("bob", GW, CONN, TS, resync=True, since=TS - 60_000)
+    assert sent.encode().endswith(b',"resync":true,"since":%d}' % (TS - 60_000))
+    [got] = round_trip(sent)
+    assert (got.kind, got.resync, got.since) == (e.SYNC, True, TS - 60_000)
+    [plain] = round_trip(e.sync_item("bob", GW, CONN, TS))
+    assert (plain.resync, plain.since) == (False, None)
+    raw = {**e.sync_item("bob", GW, CONN, TS, resync=True).to_json(), "since": "yesterday"}
+    [odd] = e.parse_items(json.dumps({"v": 1, "items": [raw]}).encode())
+    assert (odd.resync, odd.since) == (True, None)  # an implausible since is ignored, the sync kept
+
+
 def test_api_item_round_trip_and_trust():
     """An imapi's admin message would be refused, or a gateway's client could claim imapi's trust."""
     conn = e.api_conn_id(API, 17)

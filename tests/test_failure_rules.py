@@ -14,7 +14,6 @@ import json
 import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor
-from twisted.protocols import portforward
 
 from imcluster.db import PostgresService
 from imcluster.store import Incoming
@@ -22,46 +21,11 @@ from imcluster.store.postgres import MessageStore
 from tests.support.clients import connect_tcp, connect_ws
 from tests.support.http import http_call, metric_value
 from tests.support.ids import POSTGRES_DSN, REDIS_URL
+from tests.support.proxy import CuttableProxy
 from tests.support.redis import delete_prefix
 from tests.test_e2e_cluster import WAIT, User, eventually, query, sleep
 
 pytestmark = pytest.mark.slow
-
-
-class CuttableProxy:
-    """A loopback TCP forwarder to a real service that a test can cut and restore.
-
-    Cut: stop listening (new connections are refused) and abort every
-    forwarded connection, as a dependency that went down. Restore: listen on
-    the same port again.
-    """
-
-    def __init__(self, host: str, port: int) -> None:
-        self.factory = portforward.ProxyFactory(host, port)
-        self.servers: set = set()
-        build = self.factory.buildProtocol
-
-        def build_protocol(addr):
-            p = build(addr)
-            made, lost = p.connectionMade, p.connectionLost
-            p.connectionMade = lambda: (self.servers.add(p), made())[1]
-            p.connectionLost = lambda reason: (self.servers.discard(p), lost(reason))[1]
-            return p
-
-        self.factory.buildProtocol = build_protocol
-        self.listening = reactor.listenTCP(0, self.factory, interface="127.0.0.1")
-        self.port = self.listening.getHost().port
-
-    async def cut(self) -> None:
-        await self.listening.stopListening()
-        for p in list(self.servers):
-            p.transport.abortConnection()
-
-    def restore(self) -> None:
-        self.listening = reactor.listenTCP(self.port, self.factory, interface="127.0.0.1")
-
-    async def close(self) -> None:
-        await self.cut()
 
 
 async def redis_state(redis: RedisService, prefix: str, server_id: str, users: list[str]) -> tuple:

@@ -26,6 +26,16 @@ the transport adapters take per accepted socket (``socket_opened``,
 A heartbeat (a :class:`~imcluster.service.GuardedLoop` child) refreshes
 ``WSSERVER_<uuid>``; when Redis has lost it (or after a Redis reconnect) the
 gateway writes its key and every live connection again.
+
+Healing (ARCHITECTURE.md, "deliveries heal by themselves"): whatever the
+processors routed while this gateway's queue was gone (a broker restart, a
+lost AMQP connection) or while its Redis entries were gone (the processors
+saw its users offline) never reached its clients. So once its queue is
+declared again, and once it is re-registered in Redis, the gateway asks the
+processors to sync every connection it holds again (:meth:`GatewayService.resync_connections`):
+one ``sync`` item per connection, ``publish_batch`` items a publish, at most
+``resync_rate`` connections a second. Clients get what they missed, possibly
+twice (same ``msgId``), and another ``sync_done``.
 """
 
 from __future__ import annotations
@@ -145,6 +155,11 @@ class TransportListener(ListenerService):
         self.kind = kind
         self.configured = description
         self.setName(f"{kind} {description}")
+
+
+#: seconds subtracted from the time a loss began, in a re-sync's ``since``: the
+#: processors' clocks (and PostgreSQL's) may differ a little from the gateway's
+RESYNC_MARGIN = 10.0
 
 
 def _chunks(items: list, size: int) -> Iterable[list]:
@@ -313,6 +328,15 @@ class GatewayService(AsyncMultiService):
         self._resync_again = False
         self._needs_resync = False
         self._retries: dict[defer.Deferred, tuple[Any, str | None]] = {}  # done -> (DelayedCall, owner)
+        #: the current pass of resync_connections; a newer pass supersedes an older one
+        self._conn_resync_generation = 0
+        self._conn_resync_call: Any = None
+        self._conn_resync_since: float | None = None
+        self.conn_resyncs = 0  # passes started (tests, operators' logs)
+        #: last time Redis was seen holding our entries (clock seconds), and the
+        #: earliest time they may have been lost since, while a re-registration is due
+        self._redis_ok_at: float | None = None
+        self._redis_lost_since: float | None = None
         self._all_closed: defer.Deferred | None = None
         #: client sockets open on every listener, handshakes included (max_connections)
         self.open_sockets = 0
@@ -362,11 +386,13 @@ class GatewayService(AsyncMultiService):
             int(self.clock.seconds()))
         self.log.info("gateway {uuid} starting: registering in Redis", uuid=self.server_id)
         yield self.registry.register_server(self.server_id, self.info, c.server_ttl)
+        self._redis_ok_at = self.clock.seconds()
         if not self._listening_reconnects:
             self._listening_reconnects = True
             self.registry.add_reconnect_listener(self._redis_reconnected)
         queue = self.bus.gateway_queue(self.server_id)
-        yield self.bus.consume(queue, self._on_delivery, prefetch=c.prefetch, exclusive=True)
+        consumer = yield self.bus.consume(queue, self._on_delivery, prefetch=c.prefetch, exclusive=True)
+        self._watch_queue(consumer)
         self.log.info("gateway {uuid} consuming its queue; opening listeners", uuid=self.server_id)
         self.accepting = True
         try:
@@ -416,6 +442,9 @@ class GatewayService(AsyncMultiService):
         # re-create the key after it
         yield self.stop_children()
         self._cancel_retries()
+        self._conn_resync_generation += 1
+        if self._conn_resync_call is not None and self._conn_resync_call.active():
+            self._conn_resync_call.cancel()
         conns = list(self.connections)
         self.log.info("gateway {uuid} stopping: {n} clients going away", uuid=self.server_id, n=len(conns))
         for conn in conns:
@@ -461,8 +490,13 @@ class GatewayService(AsyncMultiService):
         """Refresh ``WSSERVER_<uuid>``; if Redis had lost it, write everything of ours again."""
         d = self.registry.refresh_server(self.server_id, self.info, self.config.server_ttl)
 
+        checked_at = self.clock.seconds()
+
         def refreshed(existed: bool) -> Any:
+            if existed and not self._needs_resync:
+                self._redis_ok_at = checked_at
             if not existed:
+                self._redis_lost(self._redis_ok_at)
                 self.log.warn("gateway {uuid}: WSSERVER_ key was gone (Redis lost its data?); "
                               "re-registering {n} connections",
                               uuid=self.server_id, n=self.connections.count(authenticated=True))
@@ -479,6 +513,7 @@ class GatewayService(AsyncMultiService):
         if not self.running or self._stopping or self.server_id is None:
             return None
         self.log.info("gateway {uuid}: Redis reconnected; re-registering", uuid=self.server_id)
+        self._redis_lost(self._redis_ok_at)
         self._needs_resync = True
         return self.resync()
 
@@ -516,9 +551,94 @@ class GatewayService(AsyncMultiService):
                     self._needs_resync = False
                     self.log.info("gateway {uuid}: re-registered with {n} connections",
                                   uuid=self.server_id, n=written)
+                    # routed while our entries were missing: lost; only now does routing see them again
+                    since, self._redis_lost_since = self._redis_lost_since, None
+                    self._redis_ok_at = self.clock.seconds()
+                    self.resync_connections("re-registered in Redis", since)
                     return
         finally:
             self._resync_running = False
+
+    # --- healing: sync every connection again after a loss
+
+    def _redis_lost(self, since: float | None) -> None:
+        """Our Redis entries may have been lost at any time after ``since`` (None: unknown)."""
+        if since is None:
+            since = self.clock.seconds()
+        if self._redis_lost_since is None or since < self._redis_lost_since:
+            self._redis_lost_since = since
+
+    def _watch_queue(self, consumer: Any) -> None:
+        add = getattr(consumer, "add_restart_listener", None)
+        if add is not None:
+            add(self._queue_declared_again)
+
+    def _queue_declared_again(self, down_since: float | None = None) -> None:
+        if not self.running or self._stopping:
+            return
+        self.log.warn("gateway {uuid}: its queue was declared again (new AMQP connection or channel); "
+                      "deliveries routed meanwhile were lost", uuid=self.server_id)
+        self.resync_connections("queue declared again", down_since)
+
+    def resync_connections(self, why: str, since: float | None = None) -> int:
+        """Ask the processors to sync every authenticated connection again; returns how many.
+
+        One ``sync`` item per connection, marked ``"resync": true`` and, when
+        the loss began at a known time, ``"since"``: milliseconds since the
+        epoch, :data:`RESYNC_MARGIN` earlier than ``since`` (clock seconds).
+        A processor that honours ``since`` sends the connection every message
+        of its user's sessions stored from then on, delivered or not (another
+        device of the same user may have acknowledged what this connection
+        never got); one that does not sends the undelivered ones, as after
+        ``auth``. Published with the others of the reactor turn,
+        ``publish_batch`` connections a turn and at most ``resync_rate`` a
+        second; each request is retried while its connection lives (like the
+        sync after ``auth``). A newer pass (another loss meanwhile)
+        supersedes this one: it covers every connection again, from the
+        earlier of the two ``since``.
+        """
+        if self._stopping or self._publisher is None:
+            return 0
+        pending = self._conn_resync_since
+        if self._conn_resync_call is not None and pending is not None and since is not None:
+            since = min(since, pending)  # the pass being superseded had not covered everyone
+        elif self._conn_resync_call is not None and since is not None:
+            since = None  # the older pass did not know when its loss began: neither do we
+        self._conn_resync_since = since
+        since_ms = None if since is None else int((since - RESYNC_MARGIN) * 1000)
+        self._conn_resync_generation += 1
+        generation = self._conn_resync_generation
+        if self._conn_resync_call is not None and self._conn_resync_call.active():
+            self._conn_resync_call.cancel()
+        self._conn_resync_call = None
+        snapshot = [conn for _, conn in self.connections.authenticated()]
+        self.conn_resyncs += 1
+        metrics.RESYNCS.inc(len(snapshot))
+        self.log.info("gateway {uuid}: {why}; asking the processors to sync {n} connections again",
+                      uuid=self.server_id, why=why, n=len(snapshot))
+        batch = max(1, min(self.config.publish_batch, int(self.config.resync_rate) or 1))
+        pause = batch / self.config.resync_rate
+
+        def send(start: int) -> None:
+            self._conn_resync_call = None
+            if generation != self._conn_resync_generation or self._stopping:
+                return
+            for conn in snapshot[start:start + batch]:
+                user_id = self.connections.user_of(conn)
+                if user_id is None:
+                    continue  # gone meanwhile (or no longer authenticated)
+                item = envelope.sync_item(user_id, self.server_id, conn.conn_id,
+                                          int(self.clock.seconds() * 1000), resync=True, since=since_ms)
+                # a newer pass asks again for everyone: this request is then no longer wanted
+                self._publish_retrying(item, lambda conn=conn: generation == self._conn_resync_generation
+                                       and self.connections.user_of(conn) is not None, owner=conn.conn_id)
+            if start + batch < len(snapshot):
+                self._conn_resync_call = self.clock.callLater(pause, send, start + batch)
+            else:
+                self._conn_resync_since = None
+
+        send(0)
+        return len(snapshot)
 
     def _entry_live(self, key: tuple) -> bool:
         user_id, ip, port = key

@@ -187,6 +187,13 @@ class _FakeConsumer:
         self.unacked = {}  # delivery tag -> (queue, item)
         self._channel = None  # a fresh object per "channel": messages of an old one are stale
         self._tags = 0
+        self._restart_listeners = []
+        self.starts = 0
+        self.inactive_since = None
+
+    def add_restart_listener(self, fn):
+        """Call ``fn(down_since)`` each time the consumer is active again after a reconnect (as Consumer does)."""
+        self._restart_listeners.append(fn)
 
     def __repr__(self):
         return f"<FakeConsumer {self.queue.name} active={self.active}>"
@@ -216,10 +223,18 @@ class _FakeConsumer:
         self.active = True
         if not self.ready.called:
             self.ready.callback(self)
+        self.starts += 1
+        down_since, self.inactive_since = self.inactive_since, None
+        if self.starts > 1:
+            for fn in list(self._restart_listeners):
+                defer.maybeDeferred(fn, down_since).addErrback(
+                    lambda f: self.bus.log.failure("restart listener failed", f))
         broker.dispatch()
 
     def stop_channel(self, requeue=True):
         """The channel closes: unacknowledged messages go back (redelivered) to their queue."""
+        if self.inactive_since is None:
+            self.inactive_since = self.bus.clock.seconds()
         self.active = False
         self._channel = None
         broker = self.bus.broker

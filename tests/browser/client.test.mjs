@@ -121,6 +121,24 @@ test("messages are handled once each, acknowledged after the handler, sync merge
   await client.stop();
 });
 
+test("a second sync_done (a server re-sync) holds nothing back and is reported again", async () => {
+  const handled = [];
+  const synced = [];
+  const client = make({ onMessage: (m) => { handled.push(m.seq); }, onSyncDone: (n) => synced.push(n) });
+  client.start();
+  const ws = await connected(client, 1);
+  const msg = (id, seq) => ({ type: "message_send", msgId: id, sessionId: SESSION, seq, from: "bob", body: {} });
+  ws.recv({ type: "sync_done", count: 0 });
+  ws.recv(msg("5", 5));
+  ws.recv(msg("5", 5));
+  ws.recv(msg("4", 4));
+  ws.recv({ type: "sync_done", count: 2 });
+  await until(() => handled.length === 2, "both handled");
+  assert.deepEqual(handled, [5, 4]);
+  assert.deepEqual(synced, [0, 2]);
+  await client.stop();
+});
+
 test("history is matched by id and repeated after a reconnect; reads are repeated too", async () => {
   const client = make();
   client.start();
