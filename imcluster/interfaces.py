@@ -262,7 +262,7 @@ class IWindowTransaction(Interface):
 class IClientConnection(Interface):
     """One client connection on a gateway, whatever the transport."""
 
-    transport_name = Attribute("'ws' or 'tcp': the ITransportAdapter's name")
+    transport_name = Attribute("'ws', 'tcp' or 'stream': the ITransportAdapter's name")
     peer_key = Attribute("'<ip>##<port>' of the client")
     user_id = Attribute("the authenticated user id, or None")
 
@@ -312,11 +312,11 @@ class ITransportAdapter(Interface):
     5. call ``connection_lost()`` once the transport is gone, whatever the
        reason (the engine ignores repeats).
 
-    A third transport (the HTTP streaming transport of PROTOCOL.md:
+    The third transport (the HTTP streaming transport of PROTOCOL.md:
     ``POST /stream``, ``GET /stream/<id>`` as Server-Sent Events or long
-    polling, ``POST /stream/<id>`` for frames up) provides this same
-    interface, and the engine, the hub and the rules stay as they are.
-    What it must provide:
+    polling, ``POST /stream/<id>`` for frames up;
+    :mod:`imcluster.gateway.stream`) provides this same interface, and the
+    engine, the hub and the rules stay as they are. What it provides:
 
     * one adapter object per logical connection (per stream id), not per
       HTTP request: it outlives the requests that carry it, and calls
@@ -325,13 +325,15 @@ class ITransportAdapter(Interface):
     * one ``max_connections`` slot per logical connection, taken when
       ``POST /stream`` opens it and given back when it ends, not one per
       HTTP request;
-    * ``client_address`` from the ``POST /stream`` request that opened it
-      (``forwarded_ip`` behind a trusted proxy). ``(ip, port)`` names the
+    * ``client_address``: the ip of the ``POST /stream`` request that opened
+      it (``forwarded_ip`` behind a trusted proxy). ``(ip, port)`` names the
       connection in ``connId`` and in Redis, and the hub refuses a second
       live connection with the same pair; the opening request's socket
-      closes long before the streaming connection does, and the client may
-      reuse its port meanwhile, so such a refusal is to be expected and
-      handled (answered 503, as a WebSocket handshake is);
+      closes long before the streaming connection does, and the client (or
+      anyone behind the same NAT) reuses its port meanwhile, so the adapter
+      names the connection with a number of its own above 65535 instead of
+      that port (``imcluster.gateway.stream.FIRST_PORT``): no real socket can
+      collide with it. A refusal by the hub is answered 503;
     * ``write_message`` queues the frame with its event id in a resume buffer
       (for ``Last-Event-ID`` and ``?after=n``) and writes it to the open
       event stream, if any; ``buffered_bytes`` counts the frames held and
@@ -348,7 +350,7 @@ class ITransportAdapter(Interface):
     """
 
     transport_name = Attribute(
-        "short name of the transport ('ws', 'tcp'; 'stream' next): "
+        "short name of the transport ('ws', 'tcp', 'stream'): "
         "the connection's transport_name and the 'transport' label of the metrics")
     client_address = Attribute(
         "(ip, port) of the client as the gateway records it (a trusted proxy's forwarded "
