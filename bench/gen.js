@@ -4,7 +4,10 @@
 //   node bench/gen.js '<json config>'
 //
 // Speaks PROTOCOL.md over WebSocket with the `ws` package (no compression:
-// the figures measure imcluster, not zlib). Writes one JSON object a line on
+// the figures measure imcluster, not zlib), or, with cfg.transport "sse" or
+// "poll", over the HTTP streaming transport (node's http module, keep-alive:
+// POST /stream, frames up as POST /stream/<id>, those queued meanwhile as one
+// JSON array, frames down as Server-Sent Events or long polls). Writes one JSON object a line on
 // stdout: {"event":"mark","name":...} when a measurement window opens or
 // closes (run.py samples the daemons' CPU then), {"event":"connected"} in the
 // `conn` scenario (run.py samples RSS, then writes "close" on stdin), and
@@ -23,6 +26,7 @@
 // replies to the sender once its recipients acked).
 
 const WebSocket = require('ws');
+const http = require('http');
 const crypto = require('crypto');
 const readline = require('readline');
 const { performance } = require('perf_hooks');
@@ -190,7 +194,129 @@ class SioClient extends Client {
   close() { this.closing = true; this.sock.disconnect(); }
 }
 
-const newClient = (url, user) => (MODE === 'socketio' ? new SioClient(url, user) : new Client(url, user));
+// the HTTP streaming transport: the same surface as Client (open, send, auth, close)
+const httpAgent = new http.Agent({ keepAlive: true, maxSockets: Infinity, maxFreeSockets: 1024 });
+
+class StreamClient extends Client {
+  constructor(url, user, mode) {
+    super(url, user);
+    this.mode = mode;
+    this.base = new URL(url);
+    this.id = null;
+    this.queue = [];
+    this.posting = false;
+    this.lastId = 0;
+    this.listening = null;
+  }
+
+  open() { return Promise.resolve(); }
+
+  request(method, path, body, headers, onResponse) {
+    const req = http.request({ agent: httpAgent, host: this.base.hostname, port: this.base.port, method, path,
+      headers: { ...(body !== null ? { 'content-type': 'application/json', 'content-length': Buffer.byteLength(body) } : {}),
+        ...headers } }, onResponse);
+    req.on('error', (e) => { if (!this.closing) { stats.closes++; count(stats.closeCodes, `http ${e.code}`); } });
+    if (body !== null) req.end(body); else req.end();
+    return req;
+  }
+
+  send(obj) {
+    if (this.closing) return;
+    this.queue.push(JSON.stringify(obj));
+    this.pump();
+  }
+
+  pump() {
+    if (this.posting || !this.queue.length || this.closing) return;
+    this.posting = true;
+    const readAll = (res, done) => {
+      let text = '';
+      res.setEncoding('utf8');
+      res.on('data', (c) => { text += c; });
+      res.on('end', () => done(res.statusCode, text));
+    };
+    if (this.id === null) {
+      this.request('POST', '/stream', this.queue.shift(), {}, (res) => readAll(res, (status, text) => {
+        this.posting = false;
+        const f = JSON.parse(text);
+        this.id = f.stream;
+        delete f.stream;
+        this.frame(f);
+        if (status === 200 && this.id) { this.listen(); this.pump(); }
+      }));
+      return;
+    }
+    const batch = [this.queue.shift()];
+    let size = batch[0].length;
+    while (this.queue.length && size + this.queue[0].length + batch.length + 2 < 60000) {
+      size += this.queue[0].length;
+      batch.push(this.queue.shift());
+    }
+    const body = batch.length === 1 ? batch[0] : `[${batch.join(',')}]`;
+    this.request('POST', `/stream/${this.id}`, body, {}, (res) => {
+      res.resume();
+      res.on('end', () => {
+        this.posting = false;
+        if (res.statusCode !== 204 && !this.closing) { stats.closes++; count(stats.closeCodes, `post ${res.statusCode}`); }
+        this.pump();
+      });
+    });
+  }
+
+  listen() {
+    if (this.closing) return;
+    if (this.mode === 'poll') {
+      this.listening = this.request('GET', `/stream/${this.id}?after=${this.lastId}`, null, {}, (res) => {
+        let text = '';
+        res.setEncoding('utf8');
+        res.on('data', (c) => { text += c; });
+        res.on('end', () => {
+          if (res.statusCode === 404) { if (!this.closing) { stats.closes++; count(stats.closeCodes, 404); } return; }
+          for (const item of JSON.parse(text)) { this.lastId = item.id; this.frame(item.frame); }
+          this.listen();
+        });
+      });
+      return;
+    }
+    this.listening = this.request('GET', `/stream/${this.id}`, null,
+      { accept: 'text/event-stream', 'last-event-id': String(this.lastId) }, (res) => {
+        let buffer = '';
+        res.setEncoding('utf8');
+        res.on('data', (chunk) => {
+          buffer += chunk;
+          let end;
+          while ((end = buffer.indexOf('\n\n')) >= 0) {
+            const block = buffer.slice(0, end);
+            buffer = buffer.slice(end + 2);
+            let data = null;
+            for (const line of block.split('\n')) {
+              if (line.startsWith('id: ')) this.lastId = Number(line.slice(4));
+              else if (line.startsWith('data: ')) data = line.slice(6);
+            }
+            if (data !== null) this.frame(JSON.parse(data));
+          }
+        });
+        res.on('end', () => {
+          if (res.statusCode === 404 || this.closing) {
+            if (!this.closing) { stats.closes++; count(stats.closeCodes, 404); }
+            return;
+          }
+          setTimeout(() => this.listen(), 50); // as EventSource: again, with Last-Event-ID
+        });
+      });
+  }
+
+  close() {
+    this.closing = true;
+    if (this.listening) this.listening.destroy();
+  }
+}
+
+function newClient(url, user) {
+  if (MODE === 'socketio') return new SioClient(url, user);
+  return cfg.transport === 'sse' || cfg.transport === 'poll' ? new StreamClient(url, user, cfg.transport)
+    : new Client(url, user);
+}
 
 // open + auth + sync_done for every spec, `concurrency` at a time
 async function connectAll(specs, concurrency = 200) {
@@ -235,7 +361,10 @@ function sendAtRate(rate, seconds, sendOne) {
 }
 
 const gw = (i) => cfg.gateways[i % cfg.gateways.length];
-const user = (kind, i) => `${cfg.run}.${kind}${i}`;
+// a streamed twin of a scenario (p2p-latency-sse) has users and clientMsgIds of its own: the same
+// ids again would be duplicates of its WebSocket twin's messages
+const RUN = cfg.transport && cfg.transport !== 'ws' ? `${cfg.run}-${cfg.transport}` : cfg.run;
+const user = (kind, i) => `${RUN}.${kind}${i}`;
 let cmid = 0;
 
 // ---------------------------------------------------------------- scenarios
@@ -295,7 +424,7 @@ function p2pTracker(pairs) {
     };
   }
   t.send = (p) => {
-    const id = `${cfg.run}-${cmid++}`;
+    const id = `${RUN}-${cmid++}`;
     const ts = now();
     t.sentAt.set(id, ts);
     p.s.send({ type: 'message', clientMsgId: id, sessionId: p.session, body: { t: ts } });
@@ -378,7 +507,7 @@ async function fanout() {
     };
   }
   function send(s) {
-    s.send({ type: 'message', clientMsgId: `${cfg.run}-${cmid++}`, sessionId, body: { t: now(), p: phase } });
+    s.send({ type: 'message', clientMsgId: `${RUN}-${cmid++}`, sessionId, body: { t: now(), p: phase } });
     sent++;
   }
   async function drain() {
@@ -435,7 +564,7 @@ async function sync() {
   let sent = 0, ok = 0, replied = 0;
   s.onReply = (f) => { replied++; if (f.ok) ok++; if (sent < backlog) fill(); };
   const fill = () => {
-    s.send({ type: 'message', clientMsgId: `${cfg.run}-${cmid++}`, sessionId: session, body: { t: now(), text: 'backlog' } });
+    s.send({ type: 'message', clientMsgId: `${RUN}-${cmid++}`, sessionId: session, body: { t: now(), text: 'backlog' } });
     sent++;
   };
   const tf = now();
@@ -474,11 +603,11 @@ async function echo() {
     c.ws.on('message', (data) => {
       const f = JSON.parse(data);
       if (inWindow) { done++; lat.add(now() - f.body.t); }
-      if (running) c.send({ type: 'message', clientMsgId: `${cfg.run}-${cmid++}`, sessionId: 'p2p:a:b', body: { t: now() } });
+      if (running) c.send({ type: 'message', clientMsgId: `${RUN}-${cmid++}`, sessionId: 'p2p:a:b', body: { t: now() } });
     });
   }
   for (const c of conns) for (let k = 0; k < P.window; k++) {
-    c.send({ type: 'message', clientMsgId: `${cfg.run}-${cmid++}`, sessionId: 'p2p:a:b', body: { t: now() } });
+    c.send({ type: 'message', clientMsgId: `${RUN}-${cmid++}`, sessionId: 'p2p:a:b', body: { t: now() } });
   }
   await sleep(P.warmup * 1000);
   inWindow = true;
@@ -498,7 +627,7 @@ const SCENARIOS = { conn, 'p2p-latency': p2pLatency, 'p2p-throughput': p2pThroug
 
 (async () => {
   try {
-    const result = await SCENARIOS[cfg.scenario]();
+    const result = await SCENARIOS[cfg.scenario.replace(/-(sse|poll)$/, '')]();
     emit({ event: 'result', scenario: cfg.scenario, ...result, errors: stats });
     process.exit(0);
   } catch (e) {

@@ -16,6 +16,12 @@ Every figure is printed with its parameters, the generator's own CPU share
 (of one core) and the CPU of the gateways, the processors and the whole
 machine over the same window.
 
+The scenarios ending in ``-sse`` run the same load over the HTTP streaming
+transport (the gateways' ``--stream`` endpoints, Server-Sent Events), beside
+their WebSocket twins on the same cluster: their figures add the gateways'
+CPU per delivered message as a multiple of WebSocket's (the aim: 1.5x or
+less).
+
 ``--peer socketio`` also starts the reference peer (bench/peers/socketio.js:
 2 Node socket.io 4 nodes on @socket.io/redis-adapter, storing nothing) and
 runs each scenario it has (conn, p2p-latency, p2p-throughput, fanout) on it
@@ -265,19 +271,47 @@ class Cluster:
                       lambda: port_open(mport) and consumer_count(a.amqp, queue) > before)
             self.processors.append(p)
             self.metrics_ports.append(mport)
+        self.start_gateways()
+        log(f"cluster up: namespace {self.namespace}, schema {self.schema}, "
+            f"gateways {[g['proc'].pid for g in self.gateways]}, processors {[p.pid for p in self.processors]}")
+
+    def start_gateways(self) -> None:
+        a = self.args
+        twistd = [str(BIN / "twistd"), "-n", "--pidfile="]
+        if a.trace:
+            twistd = [sys.executable, str(BENCH / "trace.py"), "{trace}", *twistd]
+        self.generation = getattr(self, "generation", 0) + 1
         for i in range(2):
-            ws, tcp, mport = free_port(), free_port(), free_port()
-            p = self.spawn(f"imgateway-{i + 1}", twistd + [
+            ws, tcp, stream, mport = free_port(), free_port(), free_port(), free_port()
+            name = f"imgateway-{i + 1}" + (f".{self.generation}" if self.generation > 1 else "")
+            p = self.spawn(name, twistd + [
                 "imgateway", *self.common(), f"--jwt-secret={self.secret}", "--advertise=127.0.0.1",
                 f"--ws=tcp:{ws}:interface=127.0.0.1", f"--tcp=tcp:{tcp}:interface=127.0.0.1",
+                f"--stream=tcp:{stream}:interface=127.0.0.1",
                 # the generator's senders run above a phone's rate on purpose
                 f"--rate-limit={a.rate_limit}", f"--rate-burst={a.rate_limit}",
                 f"--metrics=tcp:{mport}:interface=127.0.0.1", *a.gateway_arg])
-            self.wait(f"imgateway-{i + 1}", p, lambda: port_open(ws) and port_open(tcp) and port_open(mport))
+            self.wait(name, p,
+                      lambda: port_open(ws) and port_open(tcp) and port_open(stream) and port_open(mport))
             self.metrics_ports.append(mport)
-            self.gateways.append({"proc": p, "url": f"ws://127.0.0.1:{ws}/ws"})
-        log(f"cluster up: namespace {self.namespace}, schema {self.schema}, "
-            f"gateways {[g['proc'].pid for g in self.gateways]}, processors {[p.pid for p in self.processors]}")
+            self.gateways.append({"proc": p, "url": f"ws://127.0.0.1:{ws}/ws", "metrics": mport,
+                                  "sse": f"http://127.0.0.1:{stream}", "poll": f"http://127.0.0.1:{stream}"})
+
+    def restart_gateways(self) -> None:
+        """Fresh gateway processes: a connection scenario measures RSS growth, which memory freed
+        by an earlier scenario (and reused without growing) would hide."""
+        for g in self.gateways:
+            g["proc"].send_signal(signal.SIGTERM)
+        for g in self.gateways:
+            try:
+                g["proc"].wait(30)
+            except subprocess.TimeoutExpired:
+                g["proc"].kill()
+                g["proc"].wait(5)
+            self.metrics_ports.remove(g["metrics"])
+        self.gateways = []
+        self.start_gateways()
+        log(f"fresh gateways {[g['proc'].pid for g in self.gateways]}")
 
     def stop(self) -> None:
         for _name, p in self.procs:
@@ -451,7 +485,32 @@ class Generator:
 
 # --- scenarios -----------------------------------------------------------------------
 
+#: the scenarios that also run over the HTTP streaming transport (name-sse)
+STREAMED = ("conn", "p2p-latency", "p2p-throughput")
+
+
+def split_name(name: str) -> tuple[str, str]:
+    """``(base scenario, transport)``: ``p2p-latency-sse`` is ``p2p-latency`` over ``sse``."""
+    for transport in ("sse", "poll"):
+        if name.endswith("-" + transport):
+            return name[:-len(transport) - 1], transport
+    return name, "ws"
+
+
+def gateway_urls(cluster, name: str) -> tuple[list[str], str]:
+    """The gateway URLs a scenario's clients use, and its transport."""
+    _, transport = split_name(name)
+    return [g["url" if transport == "ws" else transport] for g in cluster.gateways], transport
+
 def scenario_params(args: argparse.Namespace) -> dict[str, dict]:
+    """Each scenario's sizes; a streamed twin (``name-sse``) runs with its WebSocket one's."""
+    params = _scenario_params(args)
+    for name in STREAMED:
+        params[f"{name}-sse"] = params[name]
+    return params
+
+
+def _scenario_params(args: argparse.Namespace) -> dict[str, dict]:
     if args.tiny:
         return {
             "echo": {"conns": 4, "window": 8, "warmup": 0.3, "seconds": 0.7},
@@ -496,7 +555,7 @@ def run_echo(args, cluster, params) -> dict:
         server.wait(10)
 
 
-def run_conn(args, cluster, params) -> dict:
+def run_conn(args, cluster, params, name="conn") -> dict:
     n = params["n"]
     # one node process holds at most ~8000 sockets (the fd limit is shared with nothing else then)
     per = 8000
@@ -522,9 +581,9 @@ def run_conn(args, cluster, params) -> dict:
     offset = 0
     for i in range(procs):
         k = base + (1 if i < n % procs else 0)
-        gens.append(Generator({"scenario": "conn", "run": cluster.run_id, "secret": cluster.secret,
-                               "mode": cluster.mode,
-                               "gateways": [g["url"] for g in cluster.gateways],
+        urls, transport = gateway_urls(cluster, name)
+        gens.append(Generator({"scenario": name, "run": cluster.run_id, "secret": cluster.secret,
+                               "mode": cluster.mode, "gateways": urls, "transport": transport,
                                "params": {"n": k, "offset": offset}}, None, on_event))
         offset += k
     window.groups["generator"] = [g.proc.pid for g in gens]
@@ -586,8 +645,9 @@ def run_cluster_scenario(name, args, cluster, params) -> dict:
     profiler = Profiler(args.profile if cluster.mode == "imcluster" else None, name, cluster)
     before = scrape(cluster.metrics_ports)
     try:
+        urls, transport = gateway_urls(cluster, name)
         gen = Generator({"scenario": name, "run": cluster.run_id, "secret": cluster.secret, "mode": cluster.mode,
-                         "gateways": [g["url"] for g in cluster.gateways], "params": params}, window)
+                         "gateways": urls, "transport": transport, "params": params}, window)
         result = gen.wait(900)
     finally:
         profiler.stop()
@@ -603,6 +663,12 @@ def fmt_lat(lat: dict) -> str:
 
 
 def figures(name: str, r: dict, ceiling: float | None) -> list[str]:
+    base, _ = split_name(name)
+    if base != name:
+        lines = figures(base, r, ceiling)
+        if "vs_ws" in r:
+            lines.append(r["vs_ws"])
+        return lines
     frac = (lambda x: f" ({100 * x / ceiling:.0f}% of echo)") if ceiling else (lambda x: "")
     if name == "echo":
         return [f"{r['echoes_per_s']:,.0f} echoes/s", fmt_lat(r["latency_ms"])]
@@ -642,16 +708,17 @@ def table(results: dict, params: dict, meta: dict, peer: str | None = None) -> s
     else:
         lines = [f"the reference peer, same run: {peer}, 2 nodes, stores nothing; generator: the same, "
                  "socket.io-client over WebSocket; gw = both peer nodes", ""]
-    head = (f"{'scenario':<15} {'parameters':<44} {'result':<78} {'target':<28} "
+    head = (f"{'scenario':<19} {'parameters':<44} {'result':<78} {'target':<28} "
             f"{'gen':>5} {'gw':>5} {'proc':>5} {'svc':>5} {'other':>5} {'mach':>5}")
     lines += [head, "-" * len(head)]
     for name, r in results.items():
         if "error" in r:
-            lines.append(f"{name:<15} FAILED: {r['error'][:200]}")
+            lines.append(f"{name:<19} FAILED: {r['error'][:200]}")
             continue
-        target, check = TARGETS.get(name, ("(ceiling)", None)) if peer is None else ("-", None)
+        target, check = TARGETS.get(split_name(name)[0], ("(ceiling)", None)) if peer is None else ("-", None)
         verdict = "" if check is None else (" OK" if check(r) else " MISSED")
-        if name in ("p2p-latency", "p2p-throughput", "fanout", "sync") and (r.get("lost") or r.get("duplicated")):
+        if split_name(name)[0] in ("p2p-latency", "p2p-throughput", "fanout", "sync") and (
+                r.get("lost") or r.get("duplicated")):
             verdict = " LOST/DUP"
         p = " ".join(f"{k}={v}" for k, v in params[name].items() if k != "drain")
         cpu = r.get("cpu", {})
@@ -663,9 +730,9 @@ def table(results: dict, params: dict, meta: dict, peer: str | None = None) -> s
         other = f"{cpu.get('other', 0):.0f}%"
         for i, fig in enumerate(figures(name, r, ceiling)):
             if i == 0:
-                lines.append(f"{name:<15} {p[:44]:<44} {fig:<78} {(target + verdict):<28} {gen:>5} {gwc:>5} {prc:>5} {svc:>5} {other:>5} {mach:>5}")
+                lines.append(f"{name:<19} {p[:44]:<44} {fig:<78} {(target + verdict):<28} {gen:>5} {gwc:>5} {prc:>5} {svc:>5} {other:>5} {mach:>5}")
             else:
-                lines.append(f"{'':<15} {p[44 * i:44 * (i + 1)]:<44} {fig:<78}")
+                lines.append(f"{'':<19} {p[44 * i:44 * (i + 1)]:<44} {fig:<78}")
     return "\n".join(lines)
 
 
@@ -720,6 +787,36 @@ def ratio_table(rows: list[dict], peer: str) -> str:
     return "\n".join(lines)
 
 
+def gateway_us_per_msg(r: dict) -> float | None:
+    """Gateway CPU (both gateways, microseconds of one core) per delivered message, or None."""
+    rate = r.get("delivered_per_s") or (r.get("params", {}).get("rate") if "latency_ms" in r else None)
+    cpu = r.get("cpu", {}).get("gateways")
+    if not rate or cpu is None:
+        return None
+    return 1e6 * (cpu / 100) / rate
+
+
+def compare_transports(results: dict) -> None:
+    """Put each streamed scenario's cost beside its WebSocket twin's (``vs_ws``: a line of the table)."""
+    for name, r in results.items():
+        base, transport = split_name(name)
+        ws = results.get(base)
+        if transport == "ws" or not ws or "error" in r or "error" in ws:
+            continue
+        if base == "conn":
+            if ws.get("rss_kb_per_conn"):
+                ratio = r["rss_kb_per_conn"] / ws["rss_kb_per_conn"]
+                r["vs_ws"] = (f"{r['rss_kb_per_conn']} KB/conn vs WebSocket's {ws['rss_kb_per_conn']} KB/conn: "
+                              f"{ratio:.2f}x")
+            continue
+        mine, theirs = gateway_us_per_msg(r), gateway_us_per_msg(ws)
+        if mine and theirs:
+            r["gateway_us_per_msg"], r["ws_gateway_us_per_msg"] = round(mine, 1), round(theirs, 1)
+            r["cost_vs_ws"] = round(mine / theirs, 2)
+            r["vs_ws"] = (f"gateway CPU {mine:.0f} us/msg vs WebSocket's {theirs:.0f} us/msg: "
+                          f"{mine / theirs:.2f}x (aim <= 1.5x)")
+
+
 def machine() -> str:
     model = "unknown CPU"
     try:
@@ -752,7 +849,8 @@ def settle(limit: float) -> float:
 
 # fan-out last: its millions of row writes keep PostgreSQL busy (autovacuum,
 # checkpoint) longer than --settle waits, which made a sync after it 10x slower
-ORDER = ["echo", "conn", "p2p-latency", "p2p-throughput", "sync", "fanout"]
+ORDER = ["echo", "conn", "conn-sse", "p2p-latency", "p2p-latency-sse", "p2p-throughput", "p2p-throughput-sse",
+         "sync", "fanout"]
 
 
 def main(argv=None) -> int:
@@ -814,8 +912,8 @@ def main(argv=None) -> int:
         try:
             if name == "echo":
                 into[name] = run_echo(args, target, params[name])
-            elif name == "conn":
-                into[name] = run_conn(args, target, params[name])
+            elif split_name(name)[0] == "conn":
+                into[name] = run_conn(args, target, params[name], name)
             else:
                 into[name] = run_cluster_scenario(name, args, target, params[name])
         except RuntimeError as e:
@@ -829,7 +927,13 @@ def main(argv=None) -> int:
         cluster.start()
         if peer is not None:
             peer.start()
+        previous = None
         for name in [s for s in ORDER if s in wanted]:
+            # a connection scenario on fresh gateways, and none after it (its clients' streaming
+            # connections live on for stream_resume)
+            if previous is not None and "conn" in (split_name(name)[0], split_name(previous)[0]):
+                cluster.restart_gateways()
+            previous = name
             run(cluster, name, results)
             # back to back with ours: both see the same machine
             if peer is not None and name in peer.SCENARIOS:
@@ -840,6 +944,7 @@ def main(argv=None) -> int:
         if peer is not None:
             peer.stop()
         cluster.stop()
+    compare_transports(results)
     text = table(results, params, meta)
     document = {"meta": meta, "results": results}
     if peer is not None:

@@ -41,6 +41,7 @@ import collections
 import itertools
 import os
 import random
+import re
 import socket
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
@@ -83,6 +84,27 @@ class Nacked(PublishError):
 
 class Unroutable(PublishError):
     """A ``mandatory`` publish reached no queue (basic.return)."""
+
+
+class Refused(Exception):
+    """The broker can never take this message (its size, or a 406 that came back): poison, not transient.
+
+    Not an ``interfaces.Unavailable``: retrying it fails the same way
+    (ARCHITECTURE.md "Failure rules"). ``TooLarge`` is refused here, before
+    it reaches the broker.
+    """
+
+
+class TooLarge(Refused):
+    """The body is larger than ``max_publish_bytes``: never sent."""
+
+
+#: the broker's 406 for a message above its max_message_size names that size
+_MAX_SIZE_RE = re.compile(r"max size (\d+)")
+
+#: a publish in flight while the broker closed the publishing channel this many
+#: times (channel errors, not lost connections) is refused as poison
+REFUSED_AFTER_CLOSES = 3
 
 
 class ChannelError(interfaces.Unavailable):
@@ -344,11 +366,15 @@ def _reason_text(reason: Any) -> str:
 class _Publish:
     """One publish until the broker confirms it (or its deadline passes)."""
 
-    __slots__ = ("d", "routing_key", "body", "props", "mandatory", "msg_id", "deadline", "done", "sent")
+    __slots__ = ("d", "routing_key", "body", "props", "mandatory", "msg_id", "deadline", "done", "sent",
+                 "exchange", "closes")
 
     def __init__(self, routing_key: str, body: bytes, props: Any, mandatory: bool,
-                 msg_id: str | None, deadline: float) -> None:
+                 msg_id: str | None, deadline: float, exchange: str) -> None:
         self.d: defer.Deferred = defer.Deferred()
+        self.exchange = exchange
+        #: broker channel errors (a 406...) that closed the channel while this was in flight
+        self.closes = 0
         self.routing_key = routing_key
         self.body = body
         self.props = props
@@ -608,7 +634,8 @@ class AMQPService(service.Service):
     def __init__(self, url: str, namespace: str, publish_timeout: float = 5.0,
                  password: str | None = None, clock: Any = None, name: str = "amqp",
                  retry_policy: Callable[[int], float] | None = None,
-                 publish_backlog: int = 10000, connection_name: str | None = None) -> None:
+                 publish_backlog: int = 10000, connection_name: str | None = None,
+                 max_publish_bytes: int = 8 * 1024 * 1024) -> None:
         params = pika.URLParameters(url)
         self.tls = url.startswith("amqps:")
         self.host = params.host
@@ -624,6 +651,8 @@ class AMQPService(service.Service):
         self.exchange = self.names.exchange
         self.publish_timeout = publish_timeout
         self.publish_backlog = publish_backlog
+        #: no body above this is ever sent (TooLarge): the broker would close the channel with 406
+        self.max_publish_bytes = max_publish_bytes
         if clock is None:
             from twisted.internet import reactor as clock
         self._clock = clock
@@ -660,6 +689,7 @@ class AMQPService(service.Service):
     def from_config(cls, config: Any, **kw: Any) -> "AMQPService":
         """Build from a Config (``amqp``, ``amqp_password``, ``namespace``, ``publish_timeout``, ``publish_backlog``)."""
         kw.setdefault("publish_backlog", getattr(config, "publish_backlog", 10000))
+        kw.setdefault("max_publish_bytes", getattr(config, "max_publish_bytes", 8 * 1024 * 1024))
         return cls(config.amqp, config.namespace, publish_timeout=config.publish_timeout,
                    password=getattr(config, "amqp_password", None), **kw)
 
@@ -893,6 +923,8 @@ class AMQPService(service.Service):
         if ch is not self._pub:
             return
         self._pub = None
+        if ChannelError(reason).by_broker:
+            self._refuse_in_flight(reason)
         self._requeue_unconfirmed()
         conn = self._conn
         if not self._is_current(conn):
@@ -1021,15 +1053,25 @@ class AMQPService(service.Service):
     # --- publishing
 
     def publish(self, routing_key: str, body: bytes, mandatory: bool = False,
-                persistent: bool = True, headers: dict | None = None) -> defer.Deferred:
-        """Publish ``body`` to ``<ns>.exchange``; fires on the broker's confirm.
+                persistent: bool = True, headers: dict | None = None,
+                exchange: str | None = None) -> defer.Deferred:
+        """Publish ``body`` to ``<ns>.exchange`` (or ``exchange``); fires on the broker's confirm.
 
         Fails with :class:`Unavailable` (no confirm within ``publish_timeout``,
         backlog full, service stopped), :class:`Nacked` or :class:`Unroutable`
-        (``mandatory`` and no queue bound to ``routing_key``).
+        (``mandatory`` and no queue bound to ``routing_key``), all transient;
+        and with :class:`Refused` when the message can never be taken:
+        :class:`TooLarge` above ``max_publish_bytes`` (never sent), or a
+        message the broker refused with a channel error (406: above its
+        ``max_message_size``, or in flight through
+        :data:`REFUSED_AFTER_CLOSES` channel errors).
         """
         if not isinstance(body, (bytes, bytearray)):
             return defer.fail(TypeError(f"AMQP body must be bytes, not {type(body).__name__}"))
+        if len(body) > self.max_publish_bytes:
+            metrics.PUBLISH_REFUSED.inc()
+            return defer.fail(TooLarge(f"a message of {len(body)} bytes to {routing_key!r} is above "
+                                       f"max_publish_bytes ({self.max_publish_bytes})"))
         if not self.running:
             return defer.fail(Unavailable("RabbitMQ did not confirm: the AMQP service is not running"))
         msg_id = None
@@ -1041,7 +1083,7 @@ class AMQPService(service.Service):
         else:
             props = self._props[bool(persistent)]
         rec = _Publish(routing_key, bytes(body), props, mandatory, msg_id,
-                       self._clock.seconds() + self.publish_timeout)
+                       self._clock.seconds() + self.publish_timeout, exchange or self.exchange)
         if self._pub is None and len(self._waiting) >= self.publish_backlog:
             return defer.fail(Unavailable(
                 f"RabbitMQ unreachable ({self._last_error}) and {len(self._waiting)} publishes already waiting"))
@@ -1053,10 +1095,19 @@ class AMQPService(service.Service):
             self._sweep_call = self._clock.callLater(self.publish_timeout, self._sweep)
         return rec.d
 
+    def dead_letter(self, body: bytes, reason: str) -> defer.Deferred:
+        """Publish ``body`` to ``<ns>.dead`` (through the fanout ``<ns>.dlx``) with header ``x-imcluster-reason``.
+
+        Persistent and confirmed, like any publish. A body above
+        ``max_publish_bytes`` is cut to it (a dead letter is for operators).
+        """
+        body = bytes(body)[:self.max_publish_bytes]
+        return self.publish("", body, headers={"x-imcluster-reason": reason[:1000]}, exchange=self.names.dlx)
+
     def _send(self, rec: _Publish) -> bool:
         pub = self._pub
         try:
-            pub.raw.basic_publish(self.exchange, rec.routing_key, rec.body, rec.props, rec.mandatory)
+            pub.raw.basic_publish(rec.exchange, rec.routing_key, rec.body, rec.props, rec.mandatory)
         except Exception as e:  # the channel is closing; its close callback requeues
             self.log.debug("AMQP publish on a closing channel: {err}", err=e)
             return False
@@ -1072,6 +1123,27 @@ class AMQPService(service.Service):
             if not rec.done and not self._send(rec):
                 return
             waiting.popleft()
+
+    def _refuse_in_flight(self, reason: Any) -> None:
+        """The broker closed the publishing channel (406...): fail what it can never take.
+
+        Sending it again would close the new channel the same way, for ever
+        (issue 12). A 406 for a size names the broker's limit: everything in
+        flight above it is refused. Otherwise a publish that was in flight
+        through :data:`REFUSED_AFTER_CLOSES` such closes is refused; the rest
+        is sent again as usual.
+        """
+        text = str(getattr(reason, "reply_text", "") or reason)
+        m = _MAX_SIZE_RE.search(text)
+        limit = int(m.group(1)) if m else None
+        for rec in list(self._unconfirmed.values()):
+            if rec.done:
+                continue
+            rec.closes += 1
+            if (limit is not None and len(rec.body) > limit) or rec.closes >= REFUSED_AFTER_CLOSES:
+                metrics.PUBLISH_REFUSED.inc()
+                rec.finish(Refused(f"RabbitMQ refused a message of {len(rec.body)} bytes to "
+                                   f"{rec.routing_key!r}: {_reason_text(reason)}"))
 
     def _requeue_unconfirmed(self) -> None:
         # sent but never confirmed: the broker may or may not have it; send again (at-least-once)

@@ -104,6 +104,16 @@ def _positive(kind: Callable[[Any], Any]) -> Callable[[Any], Any]:
     return parse
 
 
+def _at_least(least: int, kind: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    def parse(value: Any) -> Any:
+        v = kind(value)
+        if v < least:
+            raise ValueError(f"must be at least {least}, got {v!r}")
+        return v
+
+    return parse
+
+
 def _non_negative(kind: Callable[[Any], Any]) -> Callable[[Any], Any]:
     def parse(value: Any) -> Any:
         v = kind(value)
@@ -173,6 +183,10 @@ def _ws_urls(value: Any) -> list[str]:
     return [_url("ws", "wss")(u) for u in v]
 
 
+def _http_urls(value: Any) -> list[str]:
+    return [_url("http", "https")(u) for u in _str_list(value)]
+
+
 class PerDaemon(dict):
     """A default that differs between daemons: ``PerDaemon(gateway=50000, api=10000)``.
 
@@ -235,6 +249,9 @@ OPTIONS: list[Option] = [
          "seconds a publish waits for the broker (connection and confirm) before it fails"),
     _opt("publish_backlog", _positive(_int), 10000, G | P | A,
          "publishes held while RabbitMQ is unreachable; past it a publish fails at once"),
+    _opt("max_publish_bytes", _at_least(262144, _int), 8388608, G | P | A,
+         "largest AMQP message body a daemon publishes (bytes; below the broker's max_message_size): "
+         "gateway batches, deliveries, sync pages and history replies are split or capped to fit"),
     _opt("postgres", _postgres_dsn, "postgresql://root@127.0.0.1:5432/root", P | A | M, "PostgreSQL DSN"),
     _opt("postgres_password", _str, None, P | A | M, "PostgreSQL password (overrides the DSN's)", secret=True),
     _opt("postgres_schema", _identifier, "public", P | A | M, "PostgreSQL schema holding imcluster's tables"),
@@ -259,11 +276,30 @@ OPTIONS: list[Option] = [
          "endpoint string(s) serving /metrics and /healthz (empty: off)", multi=True),
     _opt("max_connections", _positive(_int), PerDaemon(gateway=50000, api=10000), G | A,
          "client connections one daemon holds open (gateway: WebSocket and TCP sockets, handshakes "
-         "included; api: HTTP connections); past it a new one is closed at once "
-         "(imcluster_http_connections_refused_total in the api)"),
+         "included, and HTTP streaming connections; its --stream listeners also hold at most this "
+         "many HTTP sockets; api: HTTP connections); past it a new one is closed at once "
+         "(imcluster_http_connections_refused_total in the api and on --stream)"),
     # --- gateway
     _opt("ws", _endpoints, ["tcp:8080"], G, "WebSocket listening endpoint(s)", multi=True),
     _opt("tcp", _endpoints, ["tcp:8081"], G, "raw TCP listening endpoint(s)", multi=True),
+    _opt("stream", _str_list, ["tcp:8082"], G,
+         "HTTP streaming endpoint(s) (POST /stream, Server-Sent Events and long polling at "
+         "/stream/<id>) for web clients whose WebSocket is blocked (empty: off)", multi=True),
+    _opt("stream_resume", _positive(_float), 30.0, G,
+         "seconds an HTTP streaming connection lives without an open event stream or poll; then it "
+         "is closed as a closed socket is (imcluster_closes_total{reason=\"stream_resume\"})"),
+    _opt("stream_resume_bytes", _positive(_int), 1048576, G,
+         "bytes of frames already sent on an event stream kept for a resume with Last-Event-ID; a "
+         "resume from before them closes the connection with error resume_lost (the client "
+         "reconnects and gets the rest by sync; imcluster_closes_total{reason=\"resume_lost\"})"),
+    _opt("stream_poll_timeout", _positive(_float), 25.0, G,
+         "seconds a long poll (GET /stream/<id>?after=n) waits for a frame before it answers []"),
+    _opt("stream_keepalive", _positive(_float), 15.0, G,
+         "seconds between comment lines on an idle event stream (proxies drop silent responses)"),
+    _opt("allowed_origins", _str_list, ["*"], G,
+         "web origins (scheme://host[:port]) whose pages may use the --stream endpoints (CORS); "
+         "* is any origin, as the WebSocket endpoint accepts any; a request from another origin "
+         "is answered 403", multi=True),
     _opt("advertise", _str, None, G, "the ip written to WSSERVER_<uuid> (default: first non-loopback address)"),
     _opt("max_frame_size", _positive(_int), 65536, G | A,
          "largest client frame in bytes of JSON (imapi holds a posted message to the same size)"),
@@ -320,6 +356,15 @@ OPTIONS: list[Option] = [
          "syncs (paged undelivered backlogs) one processor runs at once"),
     _opt("unroutable_hold", _positive(_float), 5.0, P,
          "seconds a processor stops routing to a gateway whose queue was unroutable"),
+    _opt("poison_after", _positive(_float), 60.0, P,
+         "seconds an item may keep failing while other work succeeds before it is answered with an "
+         "error and dead-lettered to <ns>.dead (it never holds up the items behind it longer)"),
+    _opt("redeliver_interval", _non_negative(_float), 2.0, P,
+         "seconds between sweeps that deliver again rows left pending/sending to users who are "
+         "online (0: no sweep)"),
+    _opt("redeliver_age", _positive(_float), 3.0, P,
+         "seconds a row must have been left undelivered before the sweep delivers it again"),
+    _opt("redeliver_batch", _positive(_int), 2000, P, "rows one sweep pass reads at most"),
     _opt("moderation_action", _choice("reject", "replace"), "reject", P | A,
          "what the keyword filter does with a match: reject the message, or replace the words with *"),
     _opt("filters", _str_list, ["keyword"], P | A,
@@ -334,6 +379,9 @@ OPTIONS: list[Option] = [
          "seconds each dependency (Redis, RabbitMQ, PostgreSQL) has to answer a /healthz probe"),
     _opt("public_ws_urls", _ws_urls, ["ws://127.0.0.1:8080/ws"], A,
          "gateway WebSocket URL(s) that the web chat at /app/ connects to (browsers reach them)", multi=True),
+    _opt("public_stream_urls", _http_urls, ["http://127.0.0.1:8082"], A,
+         "gateway HTTP streaming (--stream) URL(s) the web chat falls back to, Server-Sent Events then "
+         "long polling, where WebSocket cannot connect (empty: WebSocket only)", multi=True),
     _opt("dev_login", _bool, False, A,
          "DEVELOPMENT ONLY: serve POST /v1/dev/login, which hands anyone a token for any user "
          "(needs jwt_secret)", flag=True),

@@ -148,6 +148,34 @@ def delivery_body(conn_ids: Sequence[str], frames: Sequence[str]) -> bytes:
             % (json.dumps(conn_ids), ",".join(frames))).encode("utf-8")
 
 
+#: bytes a batch or delivery body adds around its items and frames (connection ids aside)
+BODY_OVERHEAD = 64
+
+
+def text_size(text: str) -> int:
+    """UTF-8 bytes of ``text`` (without encoding it when it is ASCII)."""
+    return len(text) if text.isascii() else len(text.encode("utf-8"))
+
+
+def split_frames(frames: Sequence[str], budget: int) -> list[list[str]]:
+    """``frames`` in order, cut into runs whose text (with a comma each) stays within ``budget`` bytes.
+
+    A frame larger than ``budget`` alone is a run of its own (the bus
+    refuses it: ``imcluster.bus.TooLarge``). Never an empty run, but ``[[]]``
+    for no frames.
+    """
+    runs: list[list[str]] = [[]]
+    used = 0
+    for frame in frames:
+        size = text_size(frame) + 1
+        if runs[-1] and used + size > budget:
+            runs.append([])
+            used = 0
+        runs[-1].append(frame)
+        used += size
+    return runs
+
+
 def _batch_items(body: bytes) -> list:
     """The ``items`` of a v1 batch; :class:`MalformedBatch` when ``body`` is not one."""
     try:
@@ -352,11 +380,17 @@ class Publisher:
 
     log = Logger()
 
-    def __init__(self, bus: Any, routing_key: str, clock: Any, max_items: int) -> None:
+    def __init__(self, bus: Any, routing_key: str, clock: Any, max_items: int,
+                 max_bytes: int | None = None) -> None:
         self.bus = bus
         self.routing_key = routing_key
         self.clock = clock
         self.max_items = max_items
+        #: a batch's body stays within this (the bus' ``max_publish_bytes``)
+        if max_bytes is None:
+            max_bytes = getattr(bus, "max_publish_bytes", None)
+        self.max_bytes = max_bytes if isinstance(max_bytes, int) else 8 << 20
+        self._bytes = 0
         self._items: list[bytes] = []
         self._waiters: list[defer.Deferred] = []
         self._call: Any = None
@@ -369,7 +403,11 @@ class Publisher:
         except (TypeError, ValueError) as e:
             return defer.fail(e)
         d = defer.Deferred()
+        size = len(encoded) + 1
+        if self._items and self._bytes + size + BODY_OVERHEAD > self.max_bytes:
+            self.flush()  # no AMQP message above max_publish_bytes (ARCHITECTURE.md)
         self._items.append(encoded)
+        self._bytes += size
         self._waiters.append(d)
         if len(self._items) >= self.max_items:
             self.flush()
@@ -392,6 +430,7 @@ class Publisher:
             return
         items, self._items = self._items, []
         waiters, self._waiters = self._waiters, []
+        self._bytes = 0
         body = items_body(items)
         metrics.PUBLISH_BATCH.observe(len(items))
         d = defer.maybeDeferred(self.bus.publish, self.routing_key, body, mandatory=False, persistent=True)

@@ -37,6 +37,7 @@ class IMessageBus(Interface):
 
     namespace = Attribute("the namespace <ns>")
     connected = Attribute("True while a channel to the broker is open")
+    max_publish_bytes = Attribute("largest body ``publish`` sends (``TooLarge`` above it)")
 
     def publish(routing_key, body, mandatory=False, persistent=True):
         """Publish ``body`` (bytes) to ``<ns>.exchange`` with publisher confirms.
@@ -45,8 +46,14 @@ class IMessageBus(Interface):
         or fails with :class:`imcluster.bus.PublishError` (``Unavailable`` when
         no confirm arrived within ``publish_timeout`` seconds, including while
         disconnected; ``Nacked``; ``Unroutable`` for a ``mandatory`` publish
-        that no queue took). Never hangs, never drops silently.
+        that no queue took). Never hangs, never drops silently. A body above
+        ``max_publish_bytes`` fails at once with ``TooLarge``, and a message
+        the broker refuses for good (406) with ``Refused``: those are not
+        transient (``interfaces.Unavailable``), retrying cannot cure them.
         """
+
+    def dead_letter(body, reason):
+        """Publish ``body`` to ``<ns>.dead`` with the header ``x-imcluster-reason`` (confirmed)."""
 
     def consume(queue, callback, prefetch=100, exclusive=False):
         """Declare ``queue`` (see ``queue_spec``) and consume it, now and after every reconnect.
@@ -200,6 +207,12 @@ class IMessageStore(Interface):
     def undelivered_page(user_id, after, limit):
         """A page of undelivered message dicts by (sessionId in byte order, seq), after ``after``."""
 
+    def recent_messages(user_id, since_ms, per_session, limit):
+        """Message dicts of the user's sessions stored since ``since_ms`` (delivered or not, own too)."""
+
+    def stale_undelivered(after, age, horizon, limit):
+        """Rows left undelivered ``age`` s, after the cursor ``after``: message dicts with ``userId``, ``cursor``."""
+
     def history(user_id, session_id, before_seq=None, limit=None):
         """Message dicts in ascending seq; ``no_session`` / ``not_member``."""
 
@@ -249,7 +262,7 @@ class IWindowTransaction(Interface):
 class IClientConnection(Interface):
     """One client connection on a gateway, whatever the transport."""
 
-    transport_name = Attribute("'ws' or 'tcp': the ITransportAdapter's name")
+    transport_name = Attribute("'ws', 'tcp' or 'stream': the ITransportAdapter's name")
     peer_key = Attribute("'<ip>##<port>' of the client")
     user_id = Attribute("the authenticated user id, or None")
 
@@ -299,11 +312,11 @@ class ITransportAdapter(Interface):
     5. call ``connection_lost()`` once the transport is gone, whatever the
        reason (the engine ignores repeats).
 
-    A third transport (the HTTP streaming transport of PROTOCOL.md:
+    The third transport (the HTTP streaming transport of PROTOCOL.md:
     ``POST /stream``, ``GET /stream/<id>`` as Server-Sent Events or long
-    polling, ``POST /stream/<id>`` for frames up) provides this same
-    interface, and the engine, the hub and the rules stay as they are.
-    What it must provide:
+    polling, ``POST /stream/<id>`` for frames up;
+    :mod:`imcluster.gateway.stream`) provides this same interface, and the
+    engine, the hub and the rules stay as they are. What it provides:
 
     * one adapter object per logical connection (per stream id), not per
       HTTP request: it outlives the requests that carry it, and calls
@@ -312,13 +325,15 @@ class ITransportAdapter(Interface):
     * one ``max_connections`` slot per logical connection, taken when
       ``POST /stream`` opens it and given back when it ends, not one per
       HTTP request;
-    * ``client_address`` from the ``POST /stream`` request that opened it
-      (``forwarded_ip`` behind a trusted proxy). ``(ip, port)`` names the
+    * ``client_address``: the ip of the ``POST /stream`` request that opened
+      it (``forwarded_ip`` behind a trusted proxy). ``(ip, port)`` names the
       connection in ``connId`` and in Redis, and the hub refuses a second
       live connection with the same pair; the opening request's socket
-      closes long before the streaming connection does, and the client may
-      reuse its port meanwhile, so such a refusal is to be expected and
-      handled (answered 503, as a WebSocket handshake is);
+      closes long before the streaming connection does, and the client (or
+      anyone behind the same NAT) reuses its port meanwhile, so the adapter
+      names the connection with a number of its own above 65535 instead of
+      that port (``imcluster.gateway.stream.FIRST_PORT``): no real socket can
+      collide with it. A refusal by the hub is answered 503;
     * ``write_message`` queues the frame with its event id in a resume buffer
       (for ``Last-Event-ID`` and ``?after=n``) and writes it to the open
       event stream, if any; ``buffered_bytes`` counts the frames held and
@@ -335,7 +350,7 @@ class ITransportAdapter(Interface):
     """
 
     transport_name = Attribute(
-        "short name of the transport ('ws', 'tcp'; 'stream' next): "
+        "short name of the transport ('ws', 'tcp', 'stream'): "
         "the connection's transport_name and the 'transport' label of the metrics")
     client_address = Attribute(
         "(ip, port) of the client as the gateway records it (a trusted proxy's forwarded "

@@ -88,7 +88,15 @@ END_TO_END = Histogram(
     "imcluster_end_to_end_seconds", "From the gateway's receipt to the routing publish",
     buckets=_LATENCY_BUCKETS)
 REAPED = Counter("imcluster_reaped_gateways_total", "Dead gateways whose entries were reaped")
-DEAD_LETTERED = Counter("imcluster_dead_lettered_total", "Queue messages dead-lettered as poison")
+DEAD_LETTERED = Counter("imcluster_dead_lettered_total",
+                        "Queue messages and items dead-lettered to <ns>.dead as poison")
+POISON = Counter("imcluster_poison_items_total", "Items answered with an error as poison, by reason",
+                 ["reason"])
+PUBLISH_REFUSED = Counter("imcluster_publish_refused_total",
+                          "AMQP publishes refused for good (above max_publish_bytes, or a 406 from the broker)")
+REDELIVERED = Counter("imcluster_redelivered_total",
+                      "message_send deliveries sent again by the sweep of rows left undelivered")
+SWEEP_ROWS = Counter("imcluster_redeliver_rows_total", "Undelivered rows the sweep looked at")
 RETRIES = Counter("imcluster_retries_total", "Batches retried after a transient failure")
 
 # --- HTTP listeners (imcluster.web.GuardedSite) and the HTTP API (imapi); route is the path

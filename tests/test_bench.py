@@ -29,14 +29,20 @@ def test_bench_tiny_run_prints_table_and_writes_json(tmp_path):
     proc = subprocess.run([sys.executable, str(BENCH / "run.py"), "--tiny", "--peer", "socketio", "--json", str(out)],
                           capture_output=True, text=True, timeout=150, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    for name in ("echo", "conn", "p2p-latency", "p2p-throughput", "fanout", "sync"):
+    names = ("echo", "conn", "conn-sse", "p2p-latency", "p2p-latency-sse", "p2p-throughput", "p2p-throughput-sse",
+             "fanout", "sync")
+    for name in names:
         assert f"\n{name} " in proc.stdout, proc.stdout
     data = json.loads(out.read_text())
     results = data["results"]
-    assert set(results) == {"echo", "conn", "p2p-latency", "p2p-throughput", "fanout", "sync"}
-    assert results["conn"]["connected"] == results["conn"]["params"]["n"]
-    for name in ("p2p-latency", "p2p-throughput", "fanout", "sync"):
+    assert set(results) == set(names)
+    for name in ("conn", "conn-sse"):
+        assert results[name]["connected"] == results[name]["params"]["n"]
+    for name in ("p2p-latency", "p2p-latency-sse", "p2p-throughput", "p2p-throughput-sse", "fanout", "sync"):
         assert results[name]["lost"] == 0 and results[name]["duplicated"] == 0, (name, results[name])
+    # the HTTP streaming transport beside WebSocket, on the same run
+    assert results["p2p-throughput-sse"]["cost_vs_ws"] > 0
+    assert "vs WebSocket's" in proc.stdout
     assert results["sync"]["received"] == results["sync"]["params"]["backlog"]
     assert 0 < results["p2p-latency"]["gen_cpu"] < 4
     # the reference peer ran the scenarios it has, with the same generator, nothing lost

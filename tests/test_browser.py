@@ -83,3 +83,28 @@ async def test_web_chat_in_chromium(cluster):
     assert code == 0, f"{output}\n(screenshots in {ARTIFACTS})"
     assert (ARTIFACTS / "chat-desktop.png").stat().st_size > 10_000
     assert (ARTIFACTS / "chat-phone.png").stat().st_size > 10_000
+
+
+@needs_node
+@needs_chromium
+@pytest.mark.slow
+@pytest_twisted.ensureDeferred
+async def test_web_chat_over_sse_when_websocket_is_blocked(cluster):
+    """A browser whose WebSocket is blocked (or whose event streams are buffered) could not chat."""
+    ensure_npm_packages(BROWSER_DIR, "playwright-core")
+    gw1, gw2, _ = await defer.gatherResults(
+        [cluster.start_gateway(), cluster.start_gateway(), cluster.start_processor()])
+    stream_a = f"http://127.0.0.1:{gw1.stream_port}"
+    api = await cluster.start_api(dev_login=True, public_ws_urls=[gw1.ws_url, gw2.ws_url],
+                                  public_stream_urls=[stream_a])
+    app = f"http://127.0.0.1:{api.http_port}/app/"
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    for old in ARTIFACTS.glob("stream-*.png"):
+        old.unlink()
+    code, output = await run_node(["stream.e2e.mjs"], {
+        "IMTEST_APP_URL": app, "IMTEST_WS_A": gw1.ws_url, "IMTEST_WS_B": gw2.ws_url, "IMTEST_STREAM_A": stream_a,
+        "IMTEST_ARTIFACTS": str(ARTIFACTS), "CHROMIUM": CHROMIUM,
+    }, E2E_TIMEOUT)
+    assert code == 0, f"{output}\n(screenshots in {ARTIFACTS})"
+    assert (ARTIFACTS / "stream-desktop.png").stat().st_size > 10_000
+    assert (ARTIFACTS / "poll-phone.png").stat().st_size > 10_000

@@ -563,6 +563,8 @@ def test_stop_fails_pending_and_leaves_no_timer():
 def test_bad_urls_are_refused_at_once():
     """A typo in a gateway URL would otherwise show only as endless reconnects."""
     with pytest.raises(ValueError):
-        Client(["http://gw/ws"], "t")
+        Client(["ftp://gw/ws"], "t")
     with pytest.raises(ValueError):
         Client([], "t")
+    # http(s):// is a gateway's --stream endpoint (long polling)
+    assert Client(["http://gw:8082", "https://gw"], "t").urls == ["http://gw:8082", "https://gw"]

@@ -163,3 +163,45 @@ async def test_errors_history_read_and_sessions(cluster):
         assert getattr(e.value, "code", None) == "no_session"
     finally:
         await within(defer.gatherResults([alice.stop(), carol.stop()]))
+
+
+@pytest_twisted.ensureDeferred
+async def test_long_polling_client_chats_with_a_websocket_client(cluster):
+    """A Python client on the HTTP streaming endpoint (long polling) could not chat, sync or reconnect."""
+    gw1, gw2, _ = await defer.gatherResults(
+        [cluster.start_gateway(), cluster.start_gateway(), cluster.start_processor()])
+    a_inbox, b_inbox = Inbox(), Inbox()
+    stream_url = f"http://127.0.0.1:{gw1.stream_port}"
+    alice = make_client(stream_url, cluster, "alice", a_inbox)
+    bob = make_client(gw2.ws_url, cluster, "bob", b_inbox)
+    session = p2p_session_id("alice", "bob")
+    try:
+        reply = await within(alice.start())
+        assert alice.url == stream_url and "stream" not in reply
+        await within(bob.start())
+        # both ways, in order, once each
+        sends = []
+        for i in range(20):
+            sends.append(alice.send(session, {"text": f"a{i}"}))
+            sends.append(bob.send(session, {"text": f"b{i}"}))
+        await within(defer.gatherResults(sends))
+        await eventually(lambda: len(a_inbox.frames) >= 20 and len(b_inbox.frames) >= 20, what="both ways")
+        assert b_inbox.texts_from("alice") == [f"a{i}" for i in range(20)]
+        assert a_inbox.texts_from("bob") == [f"b{i}" for i in range(20)]
+
+        # alice goes away; bob writes; alice's next connection (a "reload") gets it by sync
+        await within(alice.stop())
+        missed = await within(bob.send(session, {"text": "while you were away"}))
+        a_inbox2 = Inbox()
+        alice = make_client(stream_url, cluster, "alice", a_inbox2)
+        await within(alice.start())
+        await eventually(lambda: a_inbox2.frames, what="the missed message, by sync")
+        assert [f["msgId"] for f in a_inbox2.frames] == [missed["msgId"]]
+        page = await within(alice.history(session, limit=100))
+        assert len(page) == 41
+        alice.read(session, page[-1]["seq"])
+        back = await within(alice.send(session, {"text": "back"}))
+        await eventually(lambda: "back" in b_inbox.texts_from("alice"), what="bob got alice's answer")
+        assert back["seq"] == 42
+    finally:
+        await within(defer.gatherResults([alice.stop(), bob.stop()]))

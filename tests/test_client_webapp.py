@@ -35,7 +35,8 @@ class StandInAPI(resource.Resource):
 
 
 def config(**options):
-    values = {"jwt_secret": SECRET, "public_ws_urls": ["ws://gw1.test:8080/ws", "wss://gw2.test/ws"]}
+    values = {"jwt_secret": SECRET, "public_ws_urls": ["ws://gw1.test:8080/ws", "wss://gw2.test/ws"],
+              "public_stream_urls": ["https://gw2.test:8443"]}
     values.update(options)
     return load_config(API, values, environ={})
 
@@ -116,14 +117,15 @@ async def test_page_and_config(serve):
     assert response.code == 200 and b'<script type="module" src="app.js">' in data
     assert response.headers.getRawHeaders(b"content-type") == [b"text/html; charset=utf-8"]
     csp = response.headers.getRawHeaders(b"content-security-policy")[0].decode()
-    assert "connect-src 'self' ws://gw1.test:8080 wss://gw2.test;" in csp
+    assert "connect-src 'self' https://gw2.test:8443 ws://gw1.test:8080 wss://gw2.test;" in csp
     for name, kind in (("imcluster.js", b"text/javascript"), ("app.js", b"text/javascript"),
                        ("app.css", b"text/css")):
         response, data = await request("GET", f"{base}/app/{name}")
         assert response.code == 200 and data == (STATIC_DIR / name).read_bytes()
         assert response.headers.getRawHeaders(b"content-type")[0].startswith(kind)
     response, data = await request("GET", base + "/app/config.json")
-    assert json.loads(data) == {"wsUrls": ["ws://gw1.test:8080/ws", "wss://gw2.test/ws"], "devLogin": True}
+    assert json.loads(data) == {"wsUrls": ["ws://gw1.test:8080/ws", "wss://gw2.test/ws"],
+                                "streamUrls": ["https://gw2.test:8443"], "devLogin": True}
     for path in ("/app", "/"):
         response, _ = await request("GET", base + path)
         assert response.code == 302 and response.headers.getRawHeaders(b"location") == [b"/app/"], path
@@ -144,6 +146,13 @@ def test_public_ws_urls_must_be_websocket_urls():
     env = {"IMCLUSTER_PUBLIC_WS_URLS": "ws://a/ws,wss://b/ws", "IMCLUSTER_DEV_LOGIN": "true"}
     cfg = load_config(API, {"jwt_secret": SECRET}, environ=env)
     assert cfg.public_ws_urls == ["ws://a/ws", "wss://b/ws"] and cfg.dev_login is True
+
+
+def test_public_stream_urls_must_be_http_urls():
+    """A ws:// URL given as the streaming fallback would only show as a page that never falls back."""
+    with pytest.raises(ConfigError, match="public_stream_urls"):
+        config(public_stream_urls=["ws://gw1:8082"])
+    assert load_config(API, {"jwt_secret": SECRET}, environ={}).public_stream_urls == ["http://127.0.0.1:8082"]
 
 
 def test_static_files_ship_in_the_package():

@@ -1,4 +1,4 @@
-"""PROTOCOL.md's framing and auth rules, each on every transport adapter (WebSocket and raw TCP).
+"""PROTOCOL.md's framing and auth rules, each on every transport adapter (WebSocket, raw TCP, HTTP streaming).
 
 Unit tests: the real adapters over a StringTransport, time on a task.Clock,
 a FakeHub. Every test ends by checking that the connection left no delayed
@@ -32,8 +32,14 @@ class Unavailable(Exception):
     pass
 
 
-@pytest.fixture(params=["ws", "tcp"])
+@pytest.fixture(params=["ws", "tcp", "stream"])
 def kind(request):
+    return request.param
+
+
+@pytest.fixture(params=["ws", "tcp"])
+def socket_kind(request):
+    """The transports on which a connection exists before its auth (a streaming one is born by it)."""
     return request.param
 
 
@@ -75,6 +81,14 @@ def authed(hub, kind, token=A1, **kw):
     frames = h.frames()
     assert frames[0]["type"] == "auth_reply" and frames[0]["ok"], frames
     return h
+
+
+def port_of(h, port=40001):
+    """The port that names ``h``'s connection: its socket's; a streaming one's number above 65535."""
+    if h.kind == "stream":
+        assert h.conn.port > 65535
+        return h.conn.port
+    return port
 
 
 def closed_with(h, ws_code, tcp_error):
@@ -161,9 +175,9 @@ def test_good_frame_resets_bad_count(hub, kind):
     assert h.frames()[10] == {"type": "pong"}
 
 
-def test_bad_frames_before_auth_also_count(hub, kind):
+def test_bad_frames_before_auth_also_count(hub, socket_kind):
     """An unauthenticated client spewing garbage is closed as well."""
-    h = client(hub, kind)
+    h = client(hub, socket_kind)
     for _ in range(11):
         h.send(b"[")
     closed_with(h, 1008, "bad_frame")
@@ -294,9 +308,9 @@ def test_websocket_client_not_answering_pings_is_dropped(make_hub):
     h.finish()
 
 
-def test_auth_timeout_closes_4001(hub, kind):
+def test_auth_timeout_closes_4001(hub, socket_kind):
     """A connection that never authenticates is closed after auth_timeout (4001 / auth_timeout)."""
-    h = client(hub, kind)
+    h = client(hub, socket_kind)
     hub.clock.advance(9.9)
     assert not h.closed
     hub.clock.advance(0.2)
@@ -332,7 +346,7 @@ def test_refresh_postpones_expiry(hub, kind):
     h.send({"type": "auth", "token": A2})
     reply = h.frames()[0]
     assert reply == {"type": "auth_reply", "ok": True, "userId": "alice",
-                     "connId": "gw-0000##10.1.2.3##40001", "serverId": "gw-0000"}
+                     "connId": f"gw-0000##10.1.2.3##{port_of(h)}", "serverId": "gw-0000"}
     assert hub.auths[-1][2] is True  # refresh=True
     assert len(hub.syncs) == 1  # a refresh does not sync again
     while hub.clock.seconds() < 7100:
@@ -364,10 +378,10 @@ def test_auth_reply_format_and_sync(hub, kind):
     h = client(hub, kind)
     h.send({"type": "auth", "token": A1, "device": "iphone"})
     assert h.frames() == [{"type": "auth_reply", "ok": True, "userId": "alice",
-                           "connId": "gw-0000##10.1.2.3##40001", "serverId": "gw-0000"}]
+                           "connId": f"gw-0000##10.1.2.3##{port_of(h)}", "serverId": "gw-0000"}]
     conn = h.conn
     assert (conn.user_id, conn.device, conn.peer_key, conn.transport_name) == (
-        "alice", "iphone", "10.1.2.3##40001", kind)
+        "alice", "iphone", f"10.1.2.3##{port_of(h)}", kind)
     assert hub.auths == [(conn, conn.identity, False)]
     assert hub.syncs == [conn]
 
@@ -387,9 +401,9 @@ def test_auth_failure_replies_and_closes_4001(hub, kind, token, code):
     assert hub.auths == []
 
 
-def test_not_authenticated_before_auth(hub, kind):
+def test_not_authenticated_before_auth(hub, socket_kind):
     """Frames before auth get not_authenticated (with their ref) and the connection stays open."""
-    h = client(hub, kind)
+    h = client(hub, socket_kind)
     h.send({"type": "message", "clientMsgId": "c-1", "sessionId": "s", "body": 1})
     h.send({"type": "history", "sessionId": "s", "id": "q-1"})
     h.send({"type": "ping"})
@@ -420,10 +434,10 @@ def test_failed_refresh_closes(hub, kind):
     assert frames[0]["error"]["code"] == "token_expired"
 
 
-def test_hub_cannot_record_auth(hub, kind):
+def test_hub_cannot_record_auth(hub, socket_kind):
     """When Redis is down the client gets auth_reply unavailable, stays open, and may retry."""
     hub.auth_failure = Unavailable("redis down")
-    h = client(hub, kind)
+    h = client(hub, socket_kind)
     h.send({"type": "auth", "token": A1})
     h.send({"type": "ping"})
     frames = h.frames()
@@ -594,7 +608,8 @@ def test_slow_consumer_closed_4003(make_hub, kind):
     hub = make_hub(output_buffer_limit=5000, slow_consumer_grace=1.0)
     h = authed(hub, kind)
     conn = h.conn
-    assert h.transport.producer is conn  # registered on the transport
+    if kind != "stream":  # (an event stream's channel relays to it)
+        assert h.transport.producer is conn  # registered on the transport
     conn.pauseProducing()  # the transport's buffer is full
     for _ in range(6):
         conn.send_frame(MESSAGE_SEND)
@@ -691,7 +706,10 @@ def test_refused_connection(hub, kind):
     """A gateway at capacity refuses: WebSocket handshake 503, TCP error unavailable then close."""
     hub.refuse = True
     h = client(hub, kind)
-    if kind == "ws":
+    if kind == "stream":
+        h.send({"type": "auth", "token": A1})  # POST /stream
+        assert h.status == 503 and h.frames()[0]["code"] == "unavailable"
+    elif kind == "ws":
         assert h.status == 503
         assert h.transport.disconnecting
     else:
@@ -707,7 +725,10 @@ def test_connection_lost_once_on_client_drop(hub, kind):
     """A vanished client is removed from the hub exactly once, timers and all."""
     h = authed(hub, kind)
     h.drop()
-    h.proto.connectionLost(Failure(ConnectionDone()))  # a second notification changes nothing
+    if kind == "stream":
+        h.conn.connection_lost()  # a second notification changes nothing
+    else:
+        h.proto.connectionLost(Failure(ConnectionDone()))  # a second notification changes nothing
     assert hub.lost == [h.conn]
 
 
@@ -759,8 +780,8 @@ def test_adapters_provide_the_transport_interface(hub, kind):
     h = authed(hub, kind, ip="10.9.8.7", port=4321)
     assert verifyObject(ITransportAdapter, h.proto)
     assert h.proto.transport_name == h.conn.transport_name == kind
-    assert h.proto.client_address == ("10.9.8.7", 4321)
-    assert h.conn.peer_key == "10.9.8.7##4321"
+    assert h.proto.client_address == ("10.9.8.7", port_of(h, 4321))
+    assert h.conn.peer_key == f"10.9.8.7##{port_of(h, 4321)}"
     pending = h.proto.buffered_bytes()  # a StringTransport cannot tell: None
     assert pending is None or pending >= 0
 

@@ -9,10 +9,10 @@ reconnecting. After each fault, every message that got an ok
 reply, or of the dependency answering again (tests/support/ledger.py counts
 lost, duplicated, seq gaps and delays; the report is printed: ``-s``).
 
-Under steady load the processors' side of healing is needed too (periodic
-re-delivery of rows left pending, a re-sync honouring ``since``, routing to a
-gateway again once its queue is back): those tests are marked xfail until it
-lands. The "quiet" variants stop the load just before the last gateway is
+Under steady load the processors' side of healing is needed too (the
+redelivery sweep of rows left pending, a re-sync honouring ``since``,
+deliveries held back for a gateway whose queue is missing and published again
+once it is back; docs/internals.rst "When things fail"). The "quiet" variants stop the load just before the last gateway is
 back, so what must heal is exactly what was stored while deliveries could
 not be routed to it: the gateway's re-sync alone heals them.
 """
@@ -28,7 +28,6 @@ from tests.support.load import Load
 
 pytestmark = pytest.mark.slow
 
-PROCESSOR_SIDE = "issue 12: processor-side healing not built yet"
 
 
 async def _env(private_rabbit, private_redis, cluster, second_device: bool):
@@ -79,7 +78,6 @@ def check(name: str, report, load, quiet: bool = False) -> None:
     assert report.late == 0 and report.worst_delay_s <= DEADLINE, report
 
 
-@pytest.mark.xfail(strict=True, reason=PROCESSOR_SIDE)
 @pytest_twisted.ensureDeferred
 async def test_broker_restart_every_acknowledged_message_reaches_connected_recipients(fault_env):
     """After a RabbitMQ restart, messages stored while gateway queues were gone would wait for a reconnect."""
@@ -88,7 +86,6 @@ async def test_broker_restart_every_acknowledged_message_reaches_connected_recip
     check("broker-restart", report, load)
 
 
-@pytest.mark.xfail(strict=True, reason=PROCESSOR_SIDE)
 @pytest_twisted.ensureDeferred
 async def test_redis_restart_empty_every_acknowledged_message_reaches_connected_recipients(fault_env):
     """After Redis came back empty, messages stored while users looked offline would wait for a reconnect."""
@@ -97,7 +94,6 @@ async def test_redis_restart_empty_every_acknowledged_message_reaches_connected_
     check("redis-restart", report, load)
 
 
-@pytest.mark.xfail(strict=True, reason=PROCESSOR_SIDE)
 @pytest_twisted.ensureDeferred
 async def test_gateway_amqp_cut_every_acknowledged_message_reaches_its_connected_clients(fault_env):
     """A gateway whose AMQP connection dropped would never deliver what was routed while its queue was gone."""

@@ -515,7 +515,7 @@ def test_tap_builds_the_tree_so_that_listeners_stop_first():
     from imcluster.gateway.tap import Options, makeService
 
     options = Options()
-    options.parseOptions(["--jwt-secret", "x" * 32, "--ws", "tcp:0", "--tcp", "tcp:0",
+    options.parseOptions(["--jwt-secret", "x" * 32, "--ws", "tcp:0", "--tcp", "tcp:0", "--stream", "tcp:0",
                           "--metrics", "tcp:0:interface=127.0.0.1"])
     root = makeService(options)
     assert [s.name for s in root] == [
@@ -524,7 +524,7 @@ def test_tap_builds_the_tree_so_that_listeners_stop_first():
     assert gateway.registry is root.getServiceNamed("redis")
     assert gateway.bus is root.getServiceNamed("amqp")
     # the gateway's own children: stopped in reverse, so the listeners stop first
-    assert [s.name for s in gateway] == ["heartbeat", "ws tcp:0", "tcp tcp:0"]
+    assert [s.name for s in gateway] == ["heartbeat", "ws tcp:0", "tcp tcp:0", "stream tcp:0"]
 
 
 def test_listeners_and_heartbeat_start_after_registration_and_stop_first():

@@ -19,8 +19,8 @@ must be answered with ``ok:false``, end in ``<ns>.dead`` with its reason, be
 counted in ``/metrics``, and hold neither its batch-mate nor the messages
 behind it up for more than ``--poison-after`` (3 s here).
 
-Options this file passes that the processor does not have yet are left out,
-so that on today's code the tests fail for the real reason.
+``known`` leaves out options a daemon does not take (this file ran, xfail,
+before the processor had them).
 """
 
 from __future__ import annotations
@@ -42,7 +42,6 @@ from tests.test_e2e_cluster import WAIT, User, connect, query
 
 pytestmark = pytest.mark.slow
 
-PROCESSOR_SIDE = "issue 12: processor-side healing not built yet"
 
 #: the broker's own limit in these tests, and what the processor is told to stay under
 BROKER_MAX_MESSAGE = 1024 * 1024
@@ -75,7 +74,6 @@ async def answers(user: User, kinds: tuple[str, ...], n: int, timeout: float) ->
     return [f for f in user.client.received if f.get("type") in kinds]
 
 
-@pytest.mark.xfail(strict=True, reason=PROCESSOR_SIDE)
 @pytest_twisted.ensureDeferred
 async def test_huge_history_attack_leaves_the_cluster_delivering(small_rabbit, cluster, pg_schema):
     """One user asking for huge history pages would stop message processing for everybody (issue 12)."""
@@ -150,7 +148,6 @@ def _reason(headers: dict, body: bytes) -> str | None:
     return doc.get("reason") if isinstance(doc, dict) else None
 
 
-@pytest.mark.xfail(strict=True, reason=PROCESSOR_SIDE)
 @pytest_twisted.ensureDeferred
 async def test_poison_item_is_answered_dead_lettered_and_holds_nothing_up(cluster, pg_schema):
     """An item that fails the same way every time would block or take down the messages sent with and after it."""

@@ -248,7 +248,7 @@ class PoisonStore(FakeStore):
 
 def test_poison_message_is_dead_lettered_and_does_not_block_its_batch_mates():
     """One message that always fails would block the queue for everyone behind it."""
-    r = Rig(store=PoisonStore(), batch_wait=0.5)
+    r = Rig(store=PoisonStore(), batch_wait=0.5, poison_after=10.0)
     r.gateway(GW1)
     group(r, "g", "alice", "bob")
     a1 = r.connect(GW1, "alice")
@@ -264,14 +264,23 @@ def test_poison_message_is_dead_lettered_and_does_not_block_its_batch_mates():
     r.clock.advance(0.5)
     assert [f["clientMsgId"] for f in r.frames_to(a1)] == ["ok1", "ok2", "ok3"]
     assert r.dead() == 0
-    for _ in range(40):
+    for _ in range(9):
         r.clock.advance(1.0)
-    assert [f["clientMsgId"] for f in r.frames_to(a1)] == ["ok1", "ok2", "ok3"]
+    assert r.dead() == 0  # not before poison_after
+    for _ in range(10):
+        r.clock.advance(1.0)
+    replies = r.frames_to(a1)
+    assert [f["clientMsgId"] for f in replies] == ["ok1", "ok2", "ok3", "boom"]
+    assert replies[-1]["ok"] is False and replies[-1]["error"]["code"] == "rejected"
     assert r.dead() == 1 and r.unacked() == 0
     assert metrics.DEAD_LETTERED._value.get() - dead == 1
-    # the poison message alone was tried max_attempts times
+    # the poison message alone was tried a few times (backoff), then never again
     alone = [args for args in r.calls("begin_window") if [m.client_msg_id for m in args[0]] == ["boom"]]
-    assert len(alone) == 3
+    assert 2 <= len(alone) <= 6
+    for _ in range(30):
+        r.clock.advance(1.0)
+    assert len([args for args in r.calls("begin_window") if [m.client_msg_id for m in args[0]] == ["boom"]]) \
+        == len(alone)
 
 
 def test_a_queue_message_that_is_not_a_batch_is_dead_lettered_at_once(rig):

@@ -2,9 +2,12 @@
 
 Written against /work/shared/PROTOCOL.md alone, as an independent client
 author would: real ``twistd imgateway`` / ``twistd improcessor`` processes,
-raw WebSocket and TCP clients (tests/support/clients.py), nothing of
-imcluster imported. Transport-independent statements run on both
-transports. One cluster serves the whole module (two ordinary gateways, one
+raw WebSocket, TCP and HTTP streaming clients (tests/support/clients.py),
+nothing of imcluster imported. Transport-independent statements run on every
+transport: ``ws``, ``tcp``, ``stream`` (Server-Sent Events) and ``poll``
+(long polling); the statements about a connection before its ``auth`` run on
+the socket transports only (a streaming connection is born by its ``auth``:
+``POST /stream``). One cluster serves the whole module (two ordinary gateways, one
 "strict" gateway with short timers and a small rate limit, one processor);
 every test uses its own users and sessions so tests never see each other.
 """
@@ -25,16 +28,21 @@ from psycopg2 import sql
 from twisted.internet import defer
 
 from tests.support.bus import cleanup_namespace
-from tests.support.clients import FrameTimeout, connect_tcp, connect_ws
+from tests.support.clients import FrameTimeout, connect_stream, connect_tcp, connect_ws
 from tests.support.cluster import Cluster, _delete_redis_prefix
 from tests.support.http import http_call, metric_value
+from tests.support.redis import TEST_TIMEOUT
 from tests.support.ids import POSTGRES_DSN, unique
 from tests.support.postgres import admin_connection, drop_schema
 from tests.support.waiting import eventually, sleep
 
 pytestmark = pytest.mark.slow
 
-TRANSPORTS = ["ws", "tcp"]
+TRANSPORTS = ["ws", "tcp", "stream", "poll"]
+#: transports on which a connection exists before its auth (and is idle unless it sends)
+SOCKETS = ["ws", "tcp"]
+#: the HTTP streaming transport, as an event stream and as long polling
+STREAMS = ("stream", "poll")
 WAIT = 15.0
 #: how long "nothing more arrives" is watched for
 QUIET = 0.4
@@ -45,6 +53,9 @@ STRICT_IDLE_TIMEOUT = 2.5
 STRICT_RATE = 1.0
 STRICT_BURST = 5
 STRICT_OUTPUT_LIMIT = 65536
+STRICT_STREAM_RESUME = 5.0
+STRICT_HEADER_TIMEOUT = 1.0
+STRICT_ORIGIN = "http://chat.example"
 STRICT_AUD = "imc-audience"
 STRICT_ISS = "imc-issuer"
 
@@ -84,7 +95,8 @@ async def env(tmp_path_factory):
                                   rate_limit=STRICT_RATE, rate_burst=STRICT_BURST,
                                   jwt_audience=STRICT_AUD, jwt_issuer=STRICT_ISS,
                                   output_buffer_limit=STRICT_OUTPUT_LIMIT, slow_consumer_grace=0.3,
-                                  metrics=True),
+                                  stream_resume=STRICT_STREAM_RESUME, http_header_timeout=STRICT_HEADER_TIMEOUT,
+                                  allowed_origins=[STRICT_ORIGIN], metrics=True),
         ], consumeErrors=True)
         await cluster.start_processor()
         yield Env(cluster, *gws)
@@ -128,6 +140,8 @@ async def slow_consumer_closes(gw) -> float:
 async def connect(gw, transport: str, path: str = "/ws"):
     if transport == "ws":
         return await connect_ws(f"ws://127.0.0.1:{gw.ws_port}{path}")
+    if transport in STREAMS:
+        return connect_stream(gw.stream_port, "sse" if transport == "stream" else "poll")
     return await connect_tcp(gw.tcp_port)
 
 
@@ -232,6 +246,7 @@ def canon(value):
 
 
 def local_peer(client) -> tuple[str, int]:
+    """The client's end of the socket that named the connection (a streaming one: its POST /stream)."""
     host = client.transport.getHost()
     return host.host, host.port
 
@@ -334,6 +349,8 @@ async def test_framing_malformed_frames_are_bad_frame_and_stay_open(env, transpo
     if authed:
         conn = await login(env, unique("u"), transport)
         client = conn.client
+    elif transport in STREAMS:
+        pytest.skip("a streaming connection is born by its auth (POST /stream)")
     else:
         client = await connect(env.gw, transport)
     texts = [
@@ -349,6 +366,9 @@ async def test_framing_malformed_frames_are_bad_frame_and_stay_open(env, transpo
         '{"type":"no_such_type"}',
         '{"kind":"message"}',
     ]
+    if transport in STREAMS:
+        # a POST body that is a JSON array is that many frames: one non-object here
+        texts[texts.index("[1,2,3]")] = "[1]"
     for text in texts:
         if transport == "ws":
             client.send_text(text)
@@ -408,10 +428,11 @@ async def test_framing_tcp_ping_gets_pong(env):
     conn.close()
 
 
-@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize("transport", ["ws", "tcp", "stream"])
 @pytest_twisted.ensureDeferred
 async def test_framing_idle_connection_is_closed(env, transport):
     """A connection that sends nothing would be kept open forever."""
+    # (a long-polling client is never idle: each poll is traffic, as a WebSocket pong is)
     client = await connect(env.strict, transport)
     reply = await client.auth(env.strict_token(unique("u")))
     assert reply["ok"] is True
@@ -434,7 +455,13 @@ async def test_auth_success_reply_shape_and_conn_id(env, transport):
     assert reply["type"] == "auth_reply" and reply["ok"] is True and reply["userId"] == user
     uuid.UUID(reply["serverId"])
     ip, port = local_peer(client)
-    assert reply["connId"] == f"{reply['serverId']}##{ip}##{port}"
+    if transport in STREAMS:
+        # named by the client's address and a number above every TCP port (docs/protocol.rst):
+        # its HTTP sockets come and go, and their ports are reused by others
+        server_id, conn_ip, conn_port = reply["connId"].split("##")
+        assert (server_id, conn_ip) == (reply["serverId"], ip) and int(conn_port) > 65535
+    else:
+        assert reply["connId"] == f"{reply['serverId']}##{ip}##{port}"
     done = await client.receive_type("sync_done")
     assert done == {"type": "sync_done", "count": 0}
     client.close()
@@ -495,7 +522,7 @@ async def test_auth_sub_of_128_allowed_characters_is_accepted(env):
     client.close()
 
 
-@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize("transport", SOCKETS)
 @pytest_twisted.ensureDeferred
 async def test_auth_other_frames_before_auth_get_not_authenticated_and_stay_open(env, transport):
     """Frames before auth would be processed, dropped silently, or close the connection."""
@@ -519,7 +546,7 @@ async def test_auth_other_frames_before_auth_get_not_authenticated_and_stay_open
     client.close()
 
 
-@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize("transport", SOCKETS)
 @pytest_twisted.ensureDeferred
 async def test_auth_timeout_closes(env, transport):
     """A connection that never authenticates would be kept open."""
@@ -551,7 +578,10 @@ async def test_auth_refresh_same_sub_and_expiry(env, transport):
     assert set(again) == {"type", "ok", "userId", "connId", "serverId"}, again
     assert again["ok"] is True and again["userId"] == user
     ip, port = local_peer(refreshed)
-    assert again["connId"] == f"{again['serverId']}##{ip}##{port}"
+    if transport in STREAMS:
+        assert again["connId"].split("##")[:2] == [again["serverId"], ip]
+    else:
+        assert again["connId"] == f"{again['serverId']}##{ip}##{port}"
     closed = await wait_closed(expiring, 10)
     if transport == "ws":
         assert closed[0] == 4002, closed
@@ -1367,10 +1397,21 @@ async def test_slow_consumer_is_closed(env, transport):
     b.client.pause_reading()
     for _ in range(4):  # ~10 MB of history_reply: more than the kernel's buffers hold
         b.send({"type": "history", "sessionId": sid, "limit": 200})
-    # bob reads nothing, so only the gateway can tell that it closed him
-    await eventually(lambda: defer.ensureDeferred(slow_consumer_closes(env.strict)).addCallback(
-        lambda n: n > before), WAIT, what="the strict gateway closing a slow consumer")
-    b.client.transport.resumeProducing()
+    keepalive = None
+    if transport == "poll":
+        # a polling client that stops polling is idle to the gateway, unlike a socket that stops
+        # reading: its keepalive pings (POSTs) go on, as a real client's would
+        from twisted.internet import task
+        keepalive = task.LoopingCall(b.send, {"type": "ping"})
+        keepalive.start(0.5)
+    try:
+        # bob reads nothing, so only the gateway can tell that it closed him
+        await eventually(lambda: defer.ensureDeferred(slow_consumer_closes(env.strict)).addCallback(
+            lambda n: n > before), WAIT, what="the strict gateway closing a slow consumer")
+    finally:
+        if keepalive is not None:
+            keepalive.stop()
+    b.client.resume_reading()
     closed = await wait_closed(b.client, 30)
     if transport == "ws":
         assert closed[0] == 4003, closed
@@ -1473,3 +1514,161 @@ async def test_message_rejected_by_moderation(env):
     assert [f["msgId"] for f in [await b.next("message_send")]] == [ok["msgId"]]
     a.close()
     b.close()
+
+
+# ====================================================================== HTTP streaming transport
+
+
+async def ucir_fields(env, user: str) -> dict:
+    """``UCIR##<user>`` in Redis (ARCHITECTURE.md): the user's live connections."""
+    from imcluster.registry import RedisService
+    from tests.support.ids import REDIS_URL
+
+    svc = RedisService(REDIS_URL, prefix=env.cluster.redis_prefix, timeout=TEST_TIMEOUT)
+    await svc.startService()
+    try:
+        fields = await svc.execute("HGETALL", env.cluster.redis_prefix + f"UCIR##{user}")
+    finally:
+        await svc.stopService()
+    if isinstance(fields, dict):
+        return fields
+    fields = list(fields or [])
+    return dict(zip(fields[::2], fields[1::2]))
+
+
+@pytest.mark.parametrize("transport", STREAMS)
+@pytest_twisted.ensureDeferred
+async def test_stream_resume_after_a_drop_gets_every_frame_once(env, transport):
+    """A client whose event stream (or poll) dropped would lose frames, or get some twice, on resuming."""
+    alice, bob = users(2)
+    a = await login(env, alice, "tcp")
+    b = await login(env, bob, transport, gw=env.gw2)
+    sid = p2p(alice, bob)
+    first = await a.message(sid, 0)
+    assert (await b.next("message_send"))["msgId"] == first["msgId"]
+    # frames written to a stream the client no longer reads, then the stream drops (a proxy,
+    # a flaky network) while messages keep coming: the client resumes from the last id it has
+    b.client.pause_reading()
+    sent = [first["msgId"]] + [(await a.message(sid, n))["msgId"] for n in range(1, 15)]
+    await sleep(QUIET)
+    listening = b.client._listening
+    if listening is not None and listening.transport is not None:
+        listening.transport.abortConnection()
+    sent += [(await a.message(sid, n))["msgId"] for n in range(15, 30)]
+    b.client.resume_reading()
+    await eventually(lambda: len(b.of_type("message_send")) >= 30, WAIT, "30 deliveries after the resume")
+    await sleep(QUIET)
+    assert [f["msgId"] for f in b.of_type("message_send")] == sent
+    a.close()
+    b.close()
+
+
+@pytest.mark.parametrize("transport", STREAMS)
+@pytest_twisted.ensureDeferred
+async def test_stream_connection_without_a_stream_is_closed_like_a_socket(env, transport):
+    """A streaming client that went away would stay online (in Redis) forever."""
+    user = unique("u")
+    b = await login(env, user, transport, gw=env.strict)
+    assert len(await ucir_fields(env, user)) == 1
+    stream_id = b.client.stream_id
+    b.close()  # no event stream, no poll from now on
+    started = time.monotonic()
+
+    async def gone() -> bool:
+        return await ucir_fields(env, user) == {}
+
+    await eventually(lambda: defer.ensureDeferred(gone()), STRICT_STREAM_RESUME + WAIT,
+                     what="the connection's UCIR entry removed")
+    assert time.monotonic() - started >= STRICT_STREAM_RESUME - 0.5
+    r = await http_call(env.strict.stream_port, "GET", f"/stream/{stream_id}?after=0")
+    assert r.status == 404
+    r = await http_call(env.strict.stream_port, "POST", f"/stream/{stream_id}", {"type": "ping"})
+    assert r.status == 404
+
+
+@pytest_twisted.ensureDeferred
+async def test_stream_resume_from_before_what_is_kept_closes_with_resume_lost(env):
+    """A resume the gateway can no longer honour would silently skip frames instead of closing."""
+    alice, bob = users(2)
+    await send_big_backlog(env, alice, bob, 30)  # 1.8 MB: more than stream_resume_bytes
+    b = await login(env, bob, "stream")
+    assert b.done["count"] == 30
+    b.client.pause_reading()
+    b.client._listening.transport.abortConnection()
+    b.client.last_id = 1  # as a client that lost everything after its first event
+    b.client.resume_reading()
+    closed = await wait_closed(b.client)
+    assert closed is None
+    assert b.client.received[-1]["type"] == "error" and b.client.received[-1]["code"] == "resume_lost"
+
+
+@pytest_twisted.ensureDeferred
+async def test_stream_id_is_an_unguessable_capability_not_the_token(env):
+    """The stream id would be guessable, the token itself, or the token/id would reach a URL or a log."""
+    user = unique("u")
+    token = env.token(user)
+    ids = []
+    for _ in range(2):
+        r = await http_call(env.gw.stream_port, "POST", "/stream", {"type": "auth", "token": token})
+        assert r.status == 200 and r.json["ok"] is True
+        ids.append(r.json["stream"])
+    for stream_id in ids:
+        assert len(stream_id) >= 22 and token not in stream_id and stream_id not in token  # >= 128 bits
+    assert ids[0] != ids[1]
+    guess = ids[0][:-2] + ("AA" if not ids[0].endswith("AA") else "BB")
+    assert (await http_call(env.gw.stream_port, "GET", f"/stream/{guess}?after=0")).status == 404
+    assert (await http_call(env.gw.stream_port, "POST", f"/stream/{guess}", {"type": "ping"})).status == 404
+    refused = await http_call(env.gw.stream_port, "POST", "/stream", {"type": "auth", "token": "not.a.jwt"})
+    assert refused.json["ok"] is False and "stream" not in refused.json
+    assert refused.json["error"]["code"] == "invalid_token"
+    # a bad auth leaves nothing: the gateway's log names neither the token nor an id
+    log = env.gw.log_text()
+    assert token not in log and not any(i in log for i in ids)
+
+
+@pytest_twisted.ensureDeferred
+async def test_stream_bodies_over_the_frame_size_are_413(env):
+    """A streaming client could make the gateway hold a body of any size."""
+    big = json.dumps({"type": "auth", "token": "x" * 70000}).encode()
+    r = await http_call(env.gw.stream_port, "POST", "/stream", raw=big)
+    assert r.status == 413
+    b = await login(env, unique("u"), "poll")
+    r = await http_call(env.gw.stream_port, "POST", f"/stream/{b.client.stream_id}", raw=b" " * 65537)
+    assert r.status == 413
+    await wait_closed(b.client)
+    assert b.client.received[-1]["code"] == "too_large"
+
+
+@pytest_twisted.ensureDeferred
+async def test_stream_listener_has_a_header_deadline(env):
+    """A client trickling its request headers (slowloris) would hold a stream socket forever."""
+    from tests.support.clients import connect_tcp as raw_connect
+    client = await raw_connect(env.strict.stream_port)
+    client.send_raw(b"GET /stream/x?after=0 HTTP/1.1\r\nHost: a\r\n")
+    started = time.monotonic()
+    for _ in range(10):
+        if not client.connected:
+            break
+        await sleep(0.3)
+        if client.connected:
+            client.send_raw(b"X-Slow: 1\r\n")
+    await wait_closed(client, 5)
+    assert time.monotonic() - started < STRICT_HEADER_TIMEOUT + 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_stream_cors_for_allowed_origins_only(env):
+    """A page of an allowed origin could not use the stream endpoint, or any other origin could."""
+    port = env.strict.stream_port
+    pre = await http_call(port, "OPTIONS", "/stream", headers={
+        "Origin": STRICT_ORIGIN, "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "content-type"})
+    assert pre.status == 204 and pre.header("access-control-allow-origin") == STRICT_ORIGIN
+    assert "POST" in pre.header("access-control-allow-methods")
+    assert "content-type" in pre.header("access-control-allow-headers").lower()
+    ok = await http_call(port, "POST", "/stream", {"type": "auth", "token": env.strict_token(unique("u"))},
+                         headers={"Origin": STRICT_ORIGIN})
+    assert ok.status == 200 and ok.header("access-control-allow-origin") == STRICT_ORIGIN
+    evil = await http_call(port, "POST", "/stream", {"type": "auth", "token": env.strict_token(unique("u"))},
+                           headers={"Origin": "http://evil.example"})
+    assert evil.status == 403 and evil.header("access-control-allow-origin") is None

@@ -6,9 +6,10 @@
     The page talks to imapi (same origin: sessions and unread counts,
     presence) and to the gateways over WebSocket.
 ``/app/config.json``
-    ``{"wsUrls": [...], "devLogin": bool}``: the gateway URLs a browser
-    reaches (option ``public_ws_urls``) and whether the development login
-    exists.
+    ``{"wsUrls": [...], "streamUrls": [...], "devLogin": bool}``: the
+    gateway URLs a browser reaches (options ``public_ws_urls``, and
+    ``public_stream_urls`` for the HTTP streaming fallback) and whether the
+    development login exists.
 ``POST /v1/dev/login`` ``{"userId": "alice"}`` -> ``{"token": "<JWT>", "userId", "expiresIn"}``
     DEVELOPMENT ONLY: anyone may log in as anyone. It exists only when
     ``dev_login`` is on and the tokens are HS256-signed with ``jwt_secret``
@@ -121,9 +122,10 @@ class ConfigJSON(resource.Resource):
 
     isLeaf = True
 
-    def __init__(self, ws_urls: list[str], dev_login: bool) -> None:
+    def __init__(self, ws_urls: list[str], dev_login: bool, stream_urls: list[str] = ()) -> None:
         super().__init__()
-        self.body = json_bytes({"wsUrls": list(ws_urls), "devLogin": bool(dev_login)})
+        self.body = json_bytes({"wsUrls": list(ws_urls), "streamUrls": list(stream_urls),
+                                "devLogin": bool(dev_login)})
 
     def render(self, request: Any) -> Any:
         return _read_only(request) or super().render(request)
@@ -137,14 +139,15 @@ class ConfigJSON(resource.Resource):
 class WebApp(resource.Resource):
     """``/app/``: the static page plus ``config.json``."""
 
-    def __init__(self, ws_urls: list[str], dev_login: bool, static_dir: Path = STATIC_DIR) -> None:
+    def __init__(self, ws_urls: list[str], dev_login: bool, static_dir: Path = STATIC_DIR,
+                 stream_urls: list[str] = ()) -> None:
         super().__init__()
-        sources = " ".join(sorted({_origin(u) for u in ws_urls}))
+        sources = " ".join(sorted({_origin(u) for u in [*ws_urls, *stream_urls]}))
         csp = (f"default-src 'self'; connect-src 'self' {sources}; img-src 'self' data:; "
                "style-src 'self'; script-src 'self'; frame-ancestors 'none'; base-uri 'none'")
         self.files = StaticFiles(str(static_dir))
         self.files.csp = csp
-        self.config = ConfigJSON(ws_urls, dev_login)
+        self.config = ConfigJSON(ws_urls, dev_login, stream_urls)
 
     def getChild(self, name: bytes, request: Any) -> resource.Resource:  # noqa: N802 (Twisted API)
         if name == b"config.json" and not request.postpath:
@@ -258,5 +261,6 @@ def mount(api: resource.Resource, config: Any) -> Root:
         else:
             log.error("dev_login needs jwt_secret (tokens verified with a public key cannot be minted "
                       "here); the development login stays off")
-    app = WebApp(values.get("public_ws_urls") or ["ws://127.0.0.1:8080/ws"], dev is not None)
+    app = WebApp(values.get("public_ws_urls") or ["ws://127.0.0.1:8080/ws"], dev is not None,
+                 stream_urls=values.get("public_stream_urls", []))
     return Root(api, app, dev)

@@ -57,7 +57,8 @@ HISTORY_DEFAULT = 20
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``imcluster chat`` (cli.py adds the subparser and calls :func:`run`)."""
     parser.add_argument("--url", action="append", required=True, metavar="URL",
-                        help="gateway URL (ws://, wss://, tcp://, tcps://); repeat for fallbacks")
+                        help="gateway URL (ws://, wss://, tcp://, tcps://; http://, https:// "
+                             "for the --stream endpoint, long polling); repeat for fallbacks")
     who = parser.add_mutually_exclusive_group(required=True)
     who.add_argument("--token", help="a JWT (or set IMCHAT_TOKEN and give --token -)")
     who.add_argument("--user", help="mint a token for this user with --secret (development)")

@@ -163,8 +163,8 @@ class _Request:
 class Client:
     """A reconnecting imcluster client (see the module docstring).
 
-    ``urls``: gateway URLs (``ws://``, ``wss://``, ``tcp://``, ``tcps://``),
-    tried in turn. ``token``: a JWT; or ``get_token()``, returning a token or
+    ``urls``: gateway URLs (``ws://``, ``wss://``, ``tcp://``, ``tcps://``;
+    ``http://``, ``https://``: a ``--stream`` endpoint, long polling), tried in turn. ``token``: a JWT; or ``get_token()``, returning a token or
     a Deferred of one, called for every connection and refresh. Callbacks:
     ``on_message(frame)`` (may return a Deferred), ``on_read_receipt(frame)``,
     ``on_sync_done(count)``, ``on_state(state)``.

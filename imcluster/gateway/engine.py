@@ -6,7 +6,8 @@ limiting, ping/pong, forwarding frames to the hub, and the slow-consumer
 rule. It knows nothing of sockets and never asks which transport it runs
 on: a thin adapter providing
 :class:`~imcluster.interfaces.ITransportAdapter`
-(:mod:`imcluster.gateway.websocket`, :mod:`imcluster.gateway.rawsocket`)
+(:mod:`imcluster.gateway.websocket`, :mod:`imcluster.gateway.rawsocket`,
+:mod:`imcluster.gateway.stream`)
 feeds it complete frames and carries out what it asks for: write an encoded
 frame (``write_message``), tell the output it holds (``buffered_bytes``),
 and close for one of PROTOCOL.md's reasons (``close_for``, with a

@@ -8,7 +8,7 @@ the transport adapters take per accepted socket (``socket_opened``,
 
 1. start: a new uuid; ``WSSERVER_<uuid>`` + ``WSSERVERS``; declare and
    consume ``<ns>.gateway.<uuid>``; then start the children: the heartbeat
-   and one :class:`TransportListener` per ``--ws`` / ``--tcp`` endpoint
+   and one :class:`TransportListener` per ``--ws`` / ``--tcp`` / ``--stream`` endpoint
    (and write ``WSSERVER_<uuid>`` again with the ports actually bound);
 2. connect / 3. auth / 7. disconnect: the connection maps
    (:class:`~imcluster.gateway.connections.ConnectionRegistry`) and the
@@ -57,8 +57,9 @@ from imcluster.service import AsyncMultiService, GuardedLoop, with_timeout
 from imcluster.web import ListenerService
 
 # the gateway's transports, in listening order: the config option holding a
-# transport's endpoints (--ws, --tcp) and the WSSERVER_ field of its first port
-TRANSPORTS = (("ws", "port"), ("tcp", "tcpPort"))
+# transport's endpoints (--ws, --tcp, --stream) and the WSSERVER_ field of its
+# first port (None: ARCHITECTURE.md fixes that JSON, and has no field for it)
+TRANSPORTS = (("ws", "port"), ("tcp", "tcpPort"), ("stream", None))
 
 
 class GatewayStopping(Exception):
@@ -134,9 +135,10 @@ def with_backlog(description: str, backlog: int) -> str:
 def default_factories() -> dict[str, Callable[[Any], Any]]:
     """The listening factory maker of each transport (each takes the hub)."""
     from imcluster.gateway.rawsocket import make_rawsocket_factory
+    from imcluster.gateway.stream import make_stream_factory
     from imcluster.gateway.websocket import make_websocket_factory
 
-    return {"ws": make_websocket_factory, "tcp": make_rawsocket_factory}
+    return {"ws": make_websocket_factory, "tcp": make_rawsocket_factory, "stream": make_stream_factory}
 
 
 class TransportListener(ListenerService):
@@ -295,7 +297,8 @@ class GatewayService(AsyncMultiService):
 
         GuardedLoop "heartbeat"            refreshes WSSERVER_<uuid> every --heartbeat s
         TransportListener "ws <endpoint>"  one per --ws endpoint ...
-        TransportListener "tcp <endpoint>" ... and per --tcp endpoint: they stop first
+        TransportListener "tcp <endpoint>" ... per --tcp endpoint ...
+        TransportListener "stream <endpoint>" ... and per --stream endpoint: they stop first
     """
 
     log = Logger()
@@ -346,10 +349,13 @@ class GatewayService(AsyncMultiService):
         self._add_listeners(factories if factories is not None else default_factories())
 
     def _add_listeners(self, factories: dict[str, Callable[[Any], Any]]) -> None:
-        """One child per configured endpoint; one factory per transport, shared by its endpoints."""
+        """One child per configured endpoint; one factory per transport, shared by its endpoints.
+
+        A transport missing from ``factories`` is not listened on.
+        """
         for kind, _ in TRANSPORTS:
             descriptions = getattr(self.config, kind, None) or []
-            if not descriptions:
+            if not descriptions or kind not in factories:
                 continue
             factory = factories[kind](self)
             for description in descriptions:
@@ -397,12 +403,13 @@ class GatewayService(AsyncMultiService):
             yield self.stop_children()
             raise
         # with tcp:0 the ports are only known now
-        bound = {field: self.port_of(kind) for kind, field in TRANSPORTS}
+        bound = {field: self.port_of(kind) for kind, field in TRANSPORTS if field}
         if any(bound[k] != self.info[k] for k in bound):
             self.info = dict(self.info, **bound)
             yield self.registry.register_server(self.server_id, self.info, c.server_ttl)
-        self.log.info("gateway {uuid} up: ws {ws} tcp {tcp} advertised as {ip}",
-                      uuid=self.server_id, ws=self._bound("ws"), tcp=self._bound("tcp"), ip=self.info["ip"])
+        self.log.info("gateway {uuid} up: ws {ws} tcp {tcp} stream {stream} advertised as {ip}",
+                      uuid=self.server_id, ws=self._bound("ws"), tcp=self._bound("tcp"),
+                      stream=self._bound("stream"), ip=self.info["ip"])
 
     @property
     def ports(self) -> list[tuple[str, str, Any]]:

@@ -10,7 +10,8 @@ The tree (children start in order and stop in reverse)::
                                            then starts its own children:
         GuardedLoop "heartbeat"              refreshes WSSERVER_<uuid> (survives failures)
         TransportListener "ws <endpoint>"    one per --ws endpoint (WebSocket) ...
-        TransportListener "tcp <endpoint>"   ... one per --tcp endpoint (raw TCP):
+        TransportListener "tcp <endpoint>"   ... one per --tcp endpoint (raw TCP) ...
+        TransportListener "stream <endpoint>" ... one per --stream endpoint (HTTP streaming):
                                              listeners last, so they stop first
 
 Stopping (SIGTERM) therefore runs: listeners stop, the heartbeat stops,

@@ -33,25 +33,24 @@ remembers what it completed (the stored results, the gateways already
 published to), so a retry after a transient failure resumes where it stopped
 and never stores, answers or routes twice.
 
-``sync`` items do not go through windows: :class:`Syncer` pages a user's
+``sync`` items do not go through windows: their handler,
+:class:`~imcluster.processor.handlers.sync.Syncer`, pages a user's
 undelivered messages (``sync_page_size`` at a time, never the whole backlog
 in memory), publishes each page to the connection's gateway and ends with
-``sync_done``.
+``sync_done``. What fails is isolated in ``service.py`` (poison).
 """
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-from twisted.internet import defer, error as ierror
+from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from imcluster import metrics, protocol
-from imcluster.envelope import FRAME, Item, delivery_body
-from imcluster.interfaces import Unavailable
+from imcluster.envelope import FRAME, Item
 from imcluster.processor.filters import Verdict
 from imcluster.processor.handlers import HANDLERS, Handler
 from imcluster.processor.handlers.base import gather
@@ -61,36 +60,10 @@ from imcluster.store import StoreError
 log = Logger(namespace="imcluster.processor.pipeline")
 
 
-
-class GatewayQueueMissing(Unavailable):
-    """A live gateway's queue is not there (a broker restart): it declares it again soon."""
-
-
-#: failures that say a dependency (PostgreSQL, Redis, RabbitMQ) is down or slow:
-#: the work is retried with backoff, never dead-lettered. Each role says so with
-#: its own subclass of ``interfaces.Unavailable`` (the store's StoreUnavailable,
-#: the registry's RegistryUnavailable, the bus' PublishError and ChannelError);
-#: the rest are timeouts and Twisted's own connection errors
-TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
-    Unavailable, TimeoutError, defer.TimeoutError, defer.CancelledError,
-    ierror.ConnectError, ierror.ConnectionLost, ierror.ConnectionDone,
-)
-
-
-def is_transient(failure: Failure | BaseException, extra: Sequence[type] = ()) -> bool:
-    """True when ``failure`` means a dependency is unavailable (retry), not a bad input (poison)."""
-    exc = failure.value if isinstance(failure, Failure) else failure
-    return isinstance(exc, TRANSIENT_ERRORS) or (bool(extra) and isinstance(exc, tuple(extra)))
-
-
-def backoff(attempt: int, first: float, most: float) -> float:
-    """Exponential delay for retry ``attempt`` (1, 2, ...): ``first`` doubling up to ``most``, jittered."""
-    delay = min(most, first * 2 ** min(max(attempt - 1, 0), 30))
-    return delay * (0.8 + random.random() * 0.4)
-
-
-class Abandoned(Exception):
-    """The service is stopping: the work is left for redelivery."""
+# the retry rules moved to imcluster.processor.retry (the sync handler uses them too)
+from imcluster.processor.retry import (  # noqa: E402,F401 (re-exported)
+    TRANSIENT_ERRORS, Abandoned, GatewayQueueMissing, backoff, is_transient)
+from imcluster.processor.handlers.sync import Syncer  # noqa: E402,F401 (re-exported)
 
 
 # --- queue messages (their items: imcluster.envelope) ------------------------------
@@ -100,25 +73,24 @@ class Abandoned(Exception):
 class Envelope:
     """One queue message: settled (acked) once every part of it is done.
 
-    ``parts`` counts what is outstanding: its window (when it holds frame
-    items) and each of its syncs. ``attempts`` counts unexplained failures
-    (poison detection).
+    ``parts`` counts what is outstanding: each of its frame items (done
+    when the window holding it is, or when it was dead-lettered as poison)
+    and each of its syncs.
     """
 
     message: Any
     items: list[Item]
     received: float = 0.0
     parts: int = 0
-    attempts: int = 0
     settled: bool = False
 
     @property
     def frames(self) -> list[Item]:
         return [i for i in self.items if i.kind == FRAME]
 
-    def part_done(self) -> None:
-        """One part is done; the last one acknowledges the message."""
-        self.parts -= 1
+    def part_done(self, n: int = 1) -> None:
+        """``n`` parts are done; the last one acknowledges the message."""
+        self.parts -= n
         if self.parts <= 0 and not self.settled:
             self.settled = True
             self.message.ack()
@@ -141,9 +113,18 @@ class Window:
     every stage already completed.
     """
 
-    def __init__(self, envelopes: list[Envelope]) -> None:
+    def __init__(self, envelopes: list[Envelope], items: list[Item] | None = None) -> None:
+        if items is None:
+            items = [i for e in envelopes for i in e.items if i.kind == FRAME]
+        else:
+            envelopes = list(dict.fromkeys(i.envelope for i in items))
         self.envelopes = envelopes
-        self.items: list[Item] = [i for e in envelopes for i in e.items if i.kind == FRAME]
+        self.items: list[Item] = items
+        #: when it first failed (clock seconds), and how often: poison isolation (service.py)
+        self.first_failed: float | None = None
+        self.failures = 0
+        #: why it is poison, once decided (its dead-lettering is retried until confirmed)
+        self.poison: str | None = None
         #: ``(handler, items of its type)`` for the types present, in the table's order
         self.groups: list[tuple[Handler, list[Item]]] = by_type(self.items)
         self.attempts = 0
@@ -162,6 +143,24 @@ class Window:
 
     def __len__(self) -> int:
         return len(self.items)
+
+    def settle(self) -> None:
+        """Every item is done: each envelope learns how many of its items were here."""
+        counts: dict[Envelope, int] = {}
+        for item in self.items:
+            counts[item.envelope] = counts.get(item.envelope, 0) + 1
+        for env, n in counts.items():
+            env.part_done(n)
+
+    def halves(self) -> list["Window"]:
+        """The items split in two windows (isolating a poison item), remembering when this one first failed."""
+        mid = len(self.items) // 2
+        out = []
+        for part in (self.items[:mid], self.items[mid:]):
+            w = Window([], part)
+            w.first_failed = self.first_failed
+            out.append(w)
+        return out
 
     def of_type(self, *types: str) -> list[Item]:
         return [i for i in self.items if i.frame is not None and i.frame["type"] in types]
@@ -329,119 +328,3 @@ class Pipeline:
             metrics.DELIVERIES.inc(delivered)
         for handler, items in w.groups:
             handler.observe(self, w, items)
-
-
-# --- sync ------------------------------------------------------------------------------
-
-
-class Syncer:
-    """Sends one connection its user's undelivered messages, page by page, then ``sync_done``.
-
-    Each page (``sync_page_size`` messages, keyset-paged by the store) is one
-    publish to the connection's gateway, confirmed before the next page is
-    read: memory stays bounded by one page, and the gateway applies the pages
-    and ``sync_done`` in order. The rows sent become ``sending``. A
-    dependency that is down is waited out with backoff (a sync request is
-    never dropped); an unexplained failure repeated ``max_attempts`` times
-    raises. An unroutable gateway ends the sync (the connection is gone)
-    once its ``WSSERVER_<uuid>`` key is gone too; while the key lives, the
-    gateway re-declares its queue (a broker restart) and the page is retried.
-    """
-
-    log = Logger()
-
-    def __init__(self, store: Any, router: Router, config: Any, clock: Any = None,
-                 stopping: Callable[[], bool] = lambda: False, transient: Sequence[type] = ()) -> None:
-        self.store = store
-        self.router = router
-        self.config = config
-        if clock is None:
-            from twisted.internet import reactor as clock
-        self.clock = clock
-        self.stopping = stopping
-        self.transient = tuple(transient)
-
-    def run(self, item: Item) -> defer.Deferred:
-        """Sync ``item``'s connection; fires with the number of messages sent (None when the gateway is gone)."""
-        return defer.Deferred.fromCoroutine(self._run(item))
-
-    async def _retrying(self, what: str, item: Item, fn: Callable[[], defer.Deferred]) -> Any:
-        failures = unexplained = 0
-        while True:
-            if self.stopping():
-                raise Abandoned()
-            try:
-                return await fn()
-            except Exception as e:
-                failures += 1
-                if is_transient(e, self.transient):
-                    metrics.RETRIES.inc()
-                else:
-                    unexplained += 1
-                    if unexplained >= self.config.max_attempts:
-                        raise
-                delay = backoff(failures, self.config.retry_delay, self.config.retry_max_delay)
-                self.log.warn("sync of {conn}: {what} failed ({err}); retrying in {delay:.2f}s",
-                              conn=item.conn_id, what=what, err=str(e) or type(e).__name__, delay=delay)
-                d: defer.Deferred = defer.Deferred()
-                self.clock.callLater(delay, d.callback, None)
-                await d
-
-    async def _publish_page(self, item: Item, body: bytes) -> bool:
-        """True when the gateway has the page, False when that gateway is gone (its key too)."""
-        if await self.router.publish_one(item.server_id, body):
-            return True
-        if item.server_id in await self.router.registry.alive([item.server_id]):
-            raise GatewayQueueMissing(f"gateway {item.server_id} is alive but its queue is missing")
-        return False
-
-    async def _run(self, item: Item) -> int | None:
-        size = self.config.sync_page_size
-
-        def read(after: tuple[str, int] | None) -> defer.Deferred:
-            return defer.Deferred.fromCoroutine(self._retrying(
-                "reading undelivered messages", item,
-                lambda: self.store.undelivered_page(item.user_id, after, size)))
-
-        def mark(pairs: list[tuple[str, str]]) -> defer.Deferred:
-            return defer.Deferred.fromCoroutine(self._retrying(
-                "marking rows sending", item, lambda: self.store.mark_sending(pairs)))
-
-        # the next page is read, and the last one marked, while a page is published:
-        # pages still go out one after the other, in order; at most one of each in flight
-        reading: defer.Deferred | None = read(None)
-        marking: defer.Deferred | None = None
-        count = 0
-        try:
-            while True:
-                page = await reading
-                reading = None
-                last = len(page) < size
-                if not last:
-                    reading = read((page[-1]["sessionId"], page[-1]["seq"]))
-                frames = [protocol.encode({"type": "message_send", **m}) for m in page]
-                if last:
-                    frames.append(protocol.encode({"type": "sync_done", "count": count + len(page)}))
-                body = delivery_body([item.conn_id], frames)
-                routed = await self._retrying("publishing a page", item,
-                                              lambda: defer.Deferred.fromCoroutine(self._publish_page(item, body)))
-                if not routed:
-                    self.log.info("sync of {conn} ended: its gateway is gone", conn=item.conn_id)
-                    return None
-                count += len(page)
-                if marking is not None:
-                    await marking
-                    marking = None
-                if page:
-                    marking = mark([(item.user_id, m["msgId"]) for m in page])
-                if last:
-                    if marking is not None:
-                        await marking
-                        marking = None
-                    metrics.SYNC_SIZE.observe(count)
-                    return count
-        finally:
-            # left behind by a failure or an ended sync: their own failures are not this sync's
-            for d in (reading, marking):
-                if d is not None:
-                    d.addErrback(lambda _: None)

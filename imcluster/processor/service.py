@@ -17,7 +17,7 @@ Settling
     a queue message is acknowledged only once all its items are applied:
     its window (stored, answered, routed, marked) and each of its ``sync``
     items (run beside the windows by the
-    :class:`~imcluster.processor.pipeline.Syncer`, at most
+    :class:`~imcluster.processor.handlers.sync.Syncer`, at most
     ``sync_concurrency`` at once, so a 100k backlog never holds up other
     work).
 Transient failures
@@ -25,14 +25,20 @@ Transient failures
     same window runs again after ``retry_delay`` doubling up to
     ``retry_max_delay`` (one timer, no hot loop), resuming at the stage that
     failed.
-Unexplained failures
-    (a bug, or data PostgreSQL refuses): a window of several queue
-    messages is split and each runs alone, so good messages are not held
-    hostage; a message that fails alone waits (backoff) aside while the
-    windows behind it go on, and after ``max_attempts`` failures it is
-    rejected without requeue (``<ns>.dead``) with a log line. A message that is not a
-    v1 batch at all is dead-lettered at once. One bad item is answered with
-    ``bad_frame`` and its batch-mates go on.
+    One that lasts ``poison_after`` is set aside so that the windows behind
+    it go on (if they fail too, a dependency is down for everyone).
+Unexplained failures (poison)
+    (a bug, a constraint PostgreSQL enforces, a refused publish): the
+    window is split in halves, each run alone at the front, down to the one
+    failing item, which waits aside (backoff) while the windows behind it
+    go on. Once it has failed for ``poison_after`` and another window
+    succeeded meanwhile, it is answered with an error, dead-lettered to
+    ``<ns>.dead`` with its reason (:func:`dead_letter_body`, header
+    ``x-imcluster-reason``) and counted; its queue message is acknowledged
+    once its other items are done. Nothing is dead-lettered while nothing
+    else succeeds. A message that is not a v1 batch at all is dead-lettered
+    at once. One malformed item is answered with ``bad_frame`` and its
+    batch-mates go on.
 Several processors
     compete on the queue; the store's unique keys and per-session row
     locks make the result the same as with one.
@@ -52,8 +58,9 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from imcluster import metrics
-from imcluster.envelope import FRAME, SYNC, MalformedBatch, parse_items
+from imcluster import metrics, protocol
+from imcluster.bus import Refused
+from imcluster.envelope import FRAME, SYNC, MalformedBatch, delivery_body, items_body, parse_items
 from imcluster.processor.pipeline import (
     Abandoned, Envelope, Pipeline, Syncer, Window, backoff, is_transient)
 from imcluster.processor.router import Router
@@ -82,7 +89,8 @@ class ProcessorService(service.Service):
         self.setName(name)
         self.transient = tuple(transient)
         self.router = Router(registry, bus, clock, config.unroutable_hold,
-                             on_unroutable=reaper.check if reaper is not None else None)
+                             on_unroutable=reaper.check if reaper is not None else None,
+                             max_bytes=config.values.get("max_publish_bytes"))
         self.pipeline = Pipeline(store, self.router, filters, config, clock)
         self.syncer = Syncer(store, self.router, config, clock, stopping=lambda: self._stopping,
                              transient=self.transient)
@@ -98,6 +106,7 @@ class ProcessorService(service.Service):
         self._timer: Any = None
         self._timer_kind = ""
         self._failures = 0  # transient failures in a row
+        self._last_success = float("-inf")  # when a window last succeeded (clock seconds)
         self._syncs = defer.DeferredSemaphore(config.sync_concurrency)
         self.syncing = 0
 
@@ -169,14 +178,17 @@ class ProcessorService(service.Service):
             self.log.error("dead-lettering a queue message that is not a v1 batch ({err}): {body!r:.200}",
                            err=str(e), body=message.body)
             metrics.DEAD_LETTERED.inc()
-            message.nack(requeue=False)
+            metrics.POISON.labels(reason="malformed").inc()
+            # with its reason when the bus can say it, else by the queue's dead-letter exchange
+            d = defer.maybeDeferred(self.bus.dead_letter, message.body, f"not a v1 batch: {e}")
+            d.addCallbacks(lambda _: message.ack(), lambda _: message.nack(requeue=False))
             return
         env = Envelope(message, items, self.clock.seconds())
         for item in items:
             item.envelope = env
         syncs = [i for i in items if i.kind == SYNC]
         frames = sum(1 for i in items if i.kind == FRAME)
-        env.parts = len(syncs) + (1 if frames else 0)
+        env.parts = len(syncs) + frames
         if env.parts == 0:
             env.settled = True
             message.ack()  # nothing usable in it (logged by parse_items)
@@ -254,11 +266,14 @@ class ProcessorService(service.Service):
         window = self._take()
         if window is None:
             return
-        # envelopes dead-lettered meanwhile (a split) need nothing more
-        window.envelopes = [e for e in window.envelopes if not e.settled]
-        if not window.envelopes:
-            self._kick()
-            return
+        # items of envelopes settled meanwhile (dead-lettered as a whole) need nothing more
+        if any(e.settled for e in window.envelopes):
+            kept = Window([], [i for i in window.items if not i.envelope.settled])
+            kept.first_failed, kept.failures, kept.attempts = window.first_failed, window.failures, window.attempts
+            window = kept
+            if not window.items:
+                self._kick()
+                return
         if window.attempts == 0:
             metrics.BATCH_SIZE.observe(len(window))
         d = self._running[window] = self.pipeline.run(window)
@@ -268,46 +283,105 @@ class ProcessorService(service.Service):
     def _done(self, _: Any, window: Window) -> None:
         self._running.pop(window, None)
         self._failures = 0
-        for env in window.envelopes:
-            env.part_done()
+        self._last_success = self.clock.seconds()
+        window.settle()
         self._kick()
 
     def _failed(self, failure: Failure, window: Window) -> None:
+        """A window failed: retry it, set it aside, split it, or dead-letter its one item (module docstring)."""
         self._running.pop(window, None)
         if self._stopping:
             return  # abandoned: redelivered after the consumer is cancelled
         config = self.config
-        if is_transient(failure, self.transient):
-            self._failures += 1
-            metrics.RETRIES.inc()
-            delay = backoff(self._failures, config.retry_delay, config.retry_max_delay)
-            self.log.warn("window of {n} items failed ({err}); retry {k} in {delay:.2f}s",
-                          n=len(window), err=failure.getErrorMessage() or failure.type.__name__,
-                          k=self._failures, delay=delay)
-            self._retry.appendleft(window)
-            self._schedule(delay, "retry")
+        now = self.clock.seconds()
+        if window.first_failed is None:
+            window.first_failed = now
+        window.failures += 1
+        elapsed = now - window.first_failed
+        transient = is_transient(failure, self.transient)
+        # other work succeeded since this window began failing: PostgreSQL, Redis and
+        # RabbitMQ answer, so what keeps failing here is this window's own
+        others_ok = self._last_success > window.first_failed
+        err = failure.getErrorMessage() or failure.type.__name__
+        if transient and not (others_ok and elapsed >= config.poison_after):
+            if elapsed < config.poison_after:
+                # a dependency is down: the same window again, after a backoff, before anything else
+                self._failures += 1
+                metrics.RETRIES.inc()
+                delay = backoff(self._failures, config.retry_delay, config.retry_max_delay)
+                self.log.warn("window of {n} items failed ({err}); retry {k} in {delay:.2f}s",
+                              n=len(window), err=err, k=self._failures, delay=delay)
+                self._retry.appendleft(window)
+                self._schedule(delay, "retry")
+                return
+            # failing for poison_after: it may be its own fault; set it aside, the windows
+            # behind it go on (if they fail too, a dependency is down for everyone)
+            self._park(window, f"window of {len(window)} items failing for {elapsed:.0f}s ({err})")
             return
-        if len(window.envelopes) > 1:
-            self.log.failure("window of {n} queue messages failed unexpectedly; running each alone",
-                             failure, n=len(window.envelopes))
-            for env in reversed(window.envelopes):
-                self._retry.appendleft(Window([env]))
+        if window.poison is None and len(window) > 1:
+            # isolate the failing item(s): each half runs alone, at the front
+            if not transient:
+                self.log.failure("window of {n} items failed unexpectedly; splitting it to isolate the "
+                                 "failing item", failure, n=len(window))
+            else:
+                self.log.warn("window of {n} items failing for {elapsed:.0f}s while other work succeeds "
+                              "({err}); splitting it", n=len(window), elapsed=elapsed, err=err)
+            for half in reversed(window.halves()):
+                self._retry.appendleft(half)
             self._schedule(0, "next")
             return
-        env = window.envelopes[0]
-        env.attempts += 1
-        if env.attempts >= config.max_attempts:
-            self.log.failure("dead-lettering a queue message that failed {n} times ({items} items)",
-                             failure, n=env.attempts, items=len(env.items))
-            env.dead_letter()
-            self._kick()
+        if window.poison is not None or (elapsed >= config.poison_after and others_ok):
+            self._poison(window, failure)
             return
-        delay = backoff(env.attempts, config.retry_delay, config.retry_max_delay)
-        self.log.failure("queue message failed unexpectedly (attempt {n} of {max}); retrying in {delay:.2f}s",
-                         failure, n=env.attempts, max=config.max_attempts, delay=delay)
-        # parked, not blocking: the windows behind it go on meanwhile
+        self.log.failure("item failed unexpectedly (failure {n}, for {elapsed:.1f}s); set aside, it is "
+                         "poison once it failed for {after}s while other work succeeds", failure,
+                         n=window.failures, elapsed=elapsed, after=config.poison_after)
+        self._park(window, err)
+
+    def _park(self, window: Window, why: str) -> None:
+        """Retry ``window`` after a backoff, aside: the windows behind it go on meanwhile."""
+        config = self.config
+        # parked work is retried at least every few seconds: a dependency back, it goes at once
+        delay = backoff(window.failures, config.retry_delay, min(config.retry_max_delay, 5.0))
+        self.log.warn("{why}: set aside, again in {delay:.2f}s", why=why, delay=delay)
         self._parked[window] = self.clock.callLater(delay, self._unpark, window)
         self._kick()
+
+    def _poison(self, window: Window, failure: Failure) -> None:
+        """Answer the window's one item with an error, dead-letter it with the reason, settle it."""
+        item = window.items[0]
+        if window.poison is None:
+            exc = failure.value
+            window.poison = f"{type(exc).__module__}.{type(exc).__name__}: {failure.getErrorMessage()}"[:1000]
+            kind = "refused" if failure.check(Refused) else (
+                "store" if type(exc).__module__.startswith("psycopg2") else type(exc).__name__)
+            metrics.POISON.labels(reason=kind[:40]).inc()
+            self.log.error("poison: {item} failed for {elapsed:.1f}s while other work succeeded ({reason}); "
+                           "answering it and dead-lettering it to {dead}", item=_describe(item),
+                           elapsed=self.clock.seconds() - window.first_failed, reason=window.poison,
+                           dead=self.bus.names.dead if hasattr(self.bus, "names") else "<ns>.dead")
+            frame = item.frame or {}
+            reply = protocol.reply_to(frame, protocol.REJECTED if frame.get("type") == protocol.MESSAGE
+                                      else protocol.BAD_FRAME,
+                                      "the server cannot process this frame (it fails every time); "
+                                      "it was set aside for the operators")
+            body = delivery_body([item.conn_id], [protocol.encode(reply)])
+            d = self.router.publish_one(item.server_id, body, api=item.api)
+            d.addErrback(lambda f: self.log.warn("the poison answer to {conn} was lost: {err}",
+                                                 conn=item.conn_id, err=f.getErrorMessage()))
+        letter = dead_letter_body(item, window.poison)
+
+        def lettered(_: Any) -> None:
+            metrics.DEAD_LETTERED.inc()
+            window.settle()
+            self._kick()
+
+        def not_yet(f: Failure) -> None:
+            if self._stopping:
+                return
+            self._park(window, f"dead-lettering a poison item failed ({f.getErrorMessage()})")
+
+        self.bus.dead_letter(letter, window.poison).addCallbacks(lettered, not_yet)
 
     def _unpark(self, window: Window) -> None:
         self._parked.pop(window, None)
@@ -337,3 +411,24 @@ class ProcessorService(service.Service):
             return d.addBoth(finished)
 
         self._syncs.run(run)
+
+
+def _describe(item: Any) -> str:
+    frame = item.frame or {}
+    ref = frame.get("clientMsgId") or frame.get("id") or ""
+    return f"{frame.get('type', item.kind)} {ref!s:.64} of {item.user_id} ({item.conn_id})"
+
+
+def dead_letter_body(item: Any, reason: str) -> bytes:
+    """A poison item as it goes to ``<ns>.dead``: a v1 batch of that one item, with its ``reason``.
+
+    An operator can publish it to ``<ns>.server`` again once the cause is
+    fixed (processors ignore the extra field).
+    """
+    try:
+        encoded = item.encode()
+    except (TypeError, ValueError):
+        encoded = protocol.encode({"kind": item.kind, "userId": item.user_id, "connId": item.conn_id,
+                                   "unencodable": True}).encode()
+    body = items_body([encoded])
+    return body[:-1] + b',"reason":' + protocol.encode(reason).encode() + b"}"

@@ -9,6 +9,7 @@ The tree (children start in order and stop in reverse)::
       AMQPService     "amqp"
       "metrics" (--metrics)            /metrics and /healthz (imcluster.web)
       GuardedLoop     "reaper"         every --heartbeat seconds
+      GuardedLoop     "redeliver"      every --redeliver-interval seconds (0: none)
       ProcessorService "processor"     ... the consumer last, so it stops first
 
 Stopping (SIGTERM) therefore runs: the consumer finishes the window in
@@ -90,5 +91,9 @@ def makeService(options: Any) -> DaemonService:  # noqa: N802 (twistd API)
     probes["processor"] = lambda: processor.healthy
     make_metrics_service(config, probes).setServiceParent(root)
     reaper.service(config.heartbeat).setServiceParent(root)
+    if config.redeliver_interval > 0:
+        from imcluster.processor.redeliver import Redeliverer
+
+        Redeliverer(store, processor.router, config).service().setServiceParent(root)
     processor.setServiceParent(root)
     return root

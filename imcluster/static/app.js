@@ -12,7 +12,7 @@ const SESSIONS_REFRESH = 30_000;
 const PRESENCE_REFRESH = 15_000;
 
 const state = {
-  config: { wsUrls: [], devLogin: false },
+  config: { wsUrls: [], streamUrls: [], devLogin: false },
   login: null,            // {userId, token, dev}
   client: null,
   sessions: new Map(),    // sessionId -> {sessionId, kind, lastSeq, unread, preview, activity}
@@ -164,6 +164,14 @@ function gatewayUrls() {
   return urls.slice(first).concat(urls.slice(0, first));
 }
 
+function streamUrls() {
+  // ?stream=http://host:8082 (repeatable) picks the HTTP streaming endpoints, as ?ws= the gateways
+  const chosen = params.getAll("stream");
+  return chosen.length ? chosen : (state.config.streamUrls || []);
+}
+
+const TRANSPORT_NAMES = { websocket: "WebSocket", sse: "SSE", poll: "long polling" };
+
 async function start() {
   const login = state.login;
   $("login").hidden = true;
@@ -172,6 +180,12 @@ async function start() {
   loadReceipts();
   const client = new IMClient({
     urls: gatewayUrls(),
+    streamUrls: streamUrls(),
+    onTransport: (t) => {
+      const badge = $("conn-transport");
+      badge.dataset.transport = t;
+      badge.textContent = TRANSPORT_NAMES[t] || t;
+    },
     device: `web ${navigator.platform || ""}`.trim().slice(0, 64),
     getToken: async () => {
       if (login.dev) {
@@ -590,7 +604,8 @@ async function boot() {
   try {
     state.config = await (await fetch("config.json")).json();
   } catch {
-    state.config = { wsUrls: [`ws://${location.hostname}:8080/ws`], devLogin: false };
+    state.config = { wsUrls: [`ws://${location.hostname}:8080/ws`], streamUrls: [`http://${location.hostname}:8082`],
+      devLogin: false };
   }
   const saved = sessionStorage.getItem(LOGIN_KEY);
   if (saved) {

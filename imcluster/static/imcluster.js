@@ -7,6 +7,8 @@
 //   import { IMClient, p2pSessionId } from "/app/imcluster.js";
 //   const client = new IMClient({
 //     urls: ["ws://127.0.0.1:8080/ws"], token,          // or getToken: async () => token
+//     streamUrls: ["http://127.0.0.1:8082"],             // optional: the gateways' --stream endpoints
+//     onTransport: (t) => show(t),                       // "websocket", "sse" or "poll"
 //     onMessage: (m) => show(m),                         // once per msgId; may return a Promise
 //     onReadReceipt: (r) => markRead(r),
 //     onState: (s) => status(s),                         // connecting, authenticating, ready, waiting, stopped, failed
@@ -30,6 +32,12 @@
 //   handler returned (or its Promise resolved). Duplicates are acknowledged
 //   again silently. Deliveries that arrive before sync_done are held and
 //   handed over sorted by session and seq (sync and live deliveries race).
+// * WebSocket first; where it cannot connect (a proxy that breaks it) and
+//   streamUrls are given, the HTTP streaming transport of PROTOCOL.md:
+//   Server-Sent Events, and long polling when no event arrives on the event
+//   stream within sseTimeout seconds (a proxy that buffers it). The client
+//   moves on by itself, keeps what works for its reconnects, and says which
+//   one it uses (client.transport, onTransport).
 // * A JSON ping every pingInterval seconds; a silent connection is replaced.
 // * A refused token with no getToken (or maxAuthFailures refusals in a row)
 //   stops the client: start() and pending calls reject with code
@@ -82,6 +90,217 @@ export function tokenExpiry(token) {
   }
 }
 
+// what a streaming connection's last error frame means as a WebSocket close code (PROTOCOL.md)
+const CLOSE_CODES = new Map([
+  ["going_away", 1001], ["too_large", 1009], ["unavailable", 1013], ["auth_timeout", 4001],
+  ["invalid_token", 4001], ["token_expired", 4002], ["slow_consumer", 4003], ["kicked", 4004],
+  ["token_revoked", 4004],
+]);
+
+/**
+ * A connection over PROTOCOL.md's HTTP streaming transport that looks like a WebSocket to IMClient
+ * (readyState, send, close, onopen, onmessage, onclose, onerror).
+ *
+ * The first frame sent (the auth) is POST /stream; its answer is the auth_reply, which carries the
+ * stream id. Frames go up with POST /stream/<id> (those queued meanwhile as one JSON array) and
+ * come down on GET /stream/<id>: an EventSource ("sse"), or long polls with ?after=<last id>
+ * ("poll"). An event stream on which nothing arrives within sseTimeout seconds of opening (the
+ * auth is always followed by sync_done) is taken for one a proxy buffers: the connection moves to
+ * long polling, from the last event id, and onmode("poll") says so. A 404 means the gateway
+ * closed the connection: onclose gets the close code of its last error frame.
+ */
+export class StreamSocket {
+  constructor(baseUrl, { mode = "sse", fetch = globalThis.fetch, EventSource = globalThis.EventSource,
+    sseTimeout = 8, pollRetry = 1, maxBody = 65536, onmode = null } = {}) {
+    this.base = String(baseUrl).replace(/\/+$/, "");
+    this.mode = mode === "poll" || !EventSource ? "poll" : "sse";
+    this.fetch = fetch.bind(globalThis);
+    this.EventSource = EventSource;
+    this.sseTimeout = sseTimeout;
+    this.pollRetry = pollRetry;
+    this.maxBody = maxBody;
+    this.onmode = onmode;
+    this.readyState = 0;
+    this.onopen = this.onmessage = this.onclose = this.onerror = null;
+    this.id = null;
+    this.lastEventId = 0;
+    this._queue = [];
+    this._posting = false;
+    this._es = null;
+    this._poll = null; // the AbortController of the poll in flight
+    this._sseTimer = null;
+    this._lastCode = null;
+    setTimeout(() => {
+      if (this.readyState !== 0) return;
+      this.readyState = 1;
+      if (this.onopen) this.onopen({});
+    }, 0);
+  }
+
+  send(text) {
+    if (this.readyState !== 1) return;
+    this._queue.push(String(text));
+    this._pump();
+  }
+
+  close(code = 1000, reason = "") {
+    this._closed(code, reason);
+  }
+
+  _deliver(data) {
+    if (this.readyState !== 1) return;
+    try {
+      const frame = JSON.parse(data);
+      if (frame && frame.type === "error" && typeof frame.code === "string") this._lastCode = frame.code;
+    } catch { /* IMClient ignores it too */ }
+    if (this.onmessage) this.onmessage({ data });
+  }
+
+  _closed(code, reason) {
+    if (this.readyState === 3) return;
+    this.readyState = 3;
+    this._queue = [];
+    if (this._es) { this._es.close(); this._es = null; }
+    if (this._poll) { this._poll.abort(); this._poll = null; }
+    clearTimeout(this._sseTimer);
+    setTimeout(() => { if (this.onclose) this.onclose({ code, reason, wasClean: code === 1000 }); }, 0);
+  }
+
+  _over() {
+    // the gateway ended the connection: its last error frame said why
+    this._closed(CLOSE_CODES.get(this._lastCode) || 1006, this._lastCode || "stream closed");
+  }
+
+  async _request(path, body) {
+    // text/plain: a "simple" cross-origin request, no preflight per frame
+    return this.fetch(this.base + path, {
+      method: "POST", body, headers: { "content-type": "text/plain;charset=UTF-8" },
+      cache: "no-store", credentials: "omit",
+    });
+  }
+
+  async _pump() {
+    if (this._posting || !this._queue.length || this.readyState !== 1) return;
+    this._posting = true;
+    try {
+      if (this.id === null) {
+        const body = this._queue.shift();
+        let response, text;
+        try {
+          response = await this._request("/stream", body);
+          text = await response.text();
+        } catch (e) {
+          this._closed(1006, "the stream endpoint cannot be reached");
+          return;
+        }
+        let frame = null;
+        try { frame = JSON.parse(text); } catch { /* not ours */ }
+        if (!frame || typeof frame !== "object") {
+          this._closed(1006, `POST /stream answered ${response.status}`);
+          return;
+        }
+        const id = frame.stream;
+        delete frame.stream;
+        this._deliver(JSON.stringify(frame));
+        if (!response.ok || typeof id !== "string") {
+          this._over();
+          return;
+        }
+        this.id = id;
+        this._listen();
+      } else {
+        const batch = [this._queue.shift()];
+        let size = batch[0].length;
+        while (this._queue.length && size + this._queue[0].length + 2 + batch.length < this.maxBody / 4) {
+          size += this._queue[0].length;
+          batch.push(this._queue.shift());
+        }
+        const body = batch.length === 1 ? batch[0] : `[${batch.join(",")}]`;
+        let response;
+        try {
+          response = await this._request(`/stream/${encodeURIComponent(this.id)}`, body);
+        } catch {
+          this._closed(1006, "the stream endpoint cannot be reached");
+          return;
+        }
+        if (response.status === 404) {
+          this._over();
+          return;
+        }
+      }
+    } finally {
+      this._posting = false;
+    }
+    this._pump();
+  }
+
+  _listen() {
+    if (this.readyState !== 1) return;
+    if (this.mode === "poll") {
+      this._nextPoll();
+      return;
+    }
+    const es = new this.EventSource(`${this.base}/stream/${encodeURIComponent(this.id)}`);
+    this._es = es;
+    let heard = false;
+    this._sseTimer = setTimeout(() => {
+      if (es !== this._es || heard) return;
+      // nothing on the event stream, where sync_done at least was due: a proxy buffers it
+      es.close();
+      this._es = null;
+      this.mode = "poll";
+      if (this.onmode) this.onmode("poll");
+      this._nextPoll();
+    }, this.sseTimeout * 1000);
+    es.onmessage = (e) => {
+      if (es !== this._es) return;
+      heard = true;
+      const n = Number(e.lastEventId);
+      if (Number.isInteger(n) && n > this.lastEventId) this.lastEventId = n;
+      this._deliver(e.data);
+    };
+    es.onerror = () => {
+      if (es !== this._es) return;
+      // CONNECTING: EventSource reconnects by itself with Last-Event-ID; CLOSED: a 404, the end
+      if (es.readyState === 2) this._over();
+    };
+  }
+
+  async _nextPoll() {
+    let failingSince = null;
+    while (this.readyState === 1) {
+      const controller = new AbortController();
+      this._poll = controller;
+      let response, items;
+      try {
+        response = await this.fetch(`${this.base}/stream/${encodeURIComponent(this.id)}?after=${this.lastEventId}`,
+          { signal: controller.signal, cache: "no-store", credentials: "omit" });
+        if (response.status === 404) {
+          this._over();
+          return;
+        }
+        items = response.ok ? await response.json() : [];
+        failingSince = null;
+      } catch (e) {
+        if (this.readyState !== 1) return;
+        failingSince = failingSince ?? Date.now();
+        if (Date.now() - failingSince > 30000) {
+          this._closed(1006, "the stream endpoint cannot be reached");
+          return;
+        }
+        await new Promise((resolve) => setTimeout(resolve, this.pollRetry * 1000));
+        continue;
+      }
+      for (const item of items) {
+        if (item && Number.isInteger(item.id) && item.id > this.lastEventId) {
+          this.lastEventId = item.id;
+          this._deliver(JSON.stringify(item.frame));
+        }
+      }
+    }
+  }
+}
+
 function deferred() {
   let resolve, reject;
   const promise = new Promise((res, rej) => { resolve = res; reject = rej; });
@@ -103,6 +322,18 @@ export class IMClient {
     for (const url of this.urls) {
       if (!/^wss?:\/\/[^/]/i.test(url)) throw new TypeError(`not a ws:// or wss:// URL: ${url}`);
     }
+    this.streamUrls = typeof o.streamUrls === "string" ? [o.streamUrls] : [...(o.streamUrls || [])];
+    for (const url of this.streamUrls) {
+      if (!/^https?:\/\/[^/]/i.test(url)) throw new TypeError(`not an http:// or https:// URL: ${url}`);
+    }
+    // the order in which transports are tried; the streaming ones only with streamUrls
+    this.transports = (o.transports || ["websocket", "sse", "poll"])
+      .filter((t) => t === "websocket" || (this.streamUrls.length && (t === "sse" || t === "poll")));
+    if (!this.transports.length) throw new TypeError("no usable transport (streaming ones need streamUrls)");
+    this.onTransport = o.onTransport || null;
+    this.sseTimeout = o.sseTimeout ?? 8;
+    this.fetch = o.fetch || globalThis.fetch;
+    this.EventSource = o.EventSource || globalThis.EventSource;
     if (!o.token && !o.getToken) throw new TypeError("give token or getToken");
     this.token = o.token || null;
     this.getToken = o.getToken || null;
@@ -132,9 +363,14 @@ export class IMClient {
     this.serverId = null;
     this.url = null;
     this.connections = 0;
+    /** The transport of the current (or last) connection: "websocket", "sse" or "poll". */
+    this.transport = null;
 
     this._running = false;
     this._ws = null;
+    this._transportIndex = 0;
+    this._reached = false; // a frame came on the current attempt (its transport works here)
+    this._wsTransport = null;
     this._attempt = 0;
     this._urlIndex = 0;
     this._failures = 0;
@@ -320,17 +556,28 @@ export class IMClient {
       return;
     }
     if (attempt !== this._attempt || !this._running) return;
+    const transport = this.transports[this._transportIndex % this.transports.length];
     let ws;
     try {
-      ws = new this.WebSocket(url);
+      if (transport === "websocket") {
+        ws = new this.WebSocket(url);
+      } else {
+        this.url = this.streamUrls[this._urlIndex % this.streamUrls.length];
+        ws = new StreamSocket(this.url, {
+          mode: transport, fetch: this.fetch, EventSource: this.EventSource, sseTimeout: this.sseTimeout,
+          onmode: (mode) => { if (ws === this._ws) this._useTransport(mode, true); },
+        });
+      }
     } catch (e) {
       this._urlIndex += 1;
       this._scheduleAttempt(this._backoff());
       return;
     }
     this._ws = ws;
+    this._reached = false;
     this._currentToken = token;
     this._timer("open", this.connectTimeout, () => this._abort(ws));
+    this._wsTransport = transport;
     ws.onopen = () => {
       if (ws !== this._ws) return;
       this._clearTimer("open");
@@ -342,6 +589,17 @@ export class IMClient {
     ws.onmessage = (event) => this._received(ws, event.data);
     ws.onclose = (event) => this._lost(ws, event.code, event.reason);
     ws.onerror = () => { /* onclose follows */ };
+  }
+
+  _useTransport(transport, sticky = false) {
+    this._reached = true;
+    const index = this.transports.indexOf(transport);
+    if (index >= 0 && (sticky || index !== this._transportIndex)) this._transportIndex = index;
+    if (transport === this.transport) return;
+    this.transport = transport;
+    if (this.onTransport) {
+      try { this.onTransport(transport); } catch (e) { console.error("onTransport failed", e); }
+    }
   }
 
   _abort(ws) {
@@ -377,6 +635,15 @@ export class IMClient {
       return;
     }
     const authFailed = code === 4001 || code === 4002 || AUTH_CODES.has(this._lastError);
+    if (!this._reached && this.transports.length > 1) {
+      // this transport does not get through from here: the next one, at once (backoff once
+      // every one of them failed)
+      this._transportIndex = (this._transportIndex + 1) % this.transports.length;
+      if (this._transportIndex !== 0) {
+        this._scheduleAttempt(0);
+        return;
+      }
+    }
     this._urlIndex += 1;
     if (authFailed) this._authFailures += 1;
     if (authFailed && (!this.getToken || (this.maxAuthFailures != null && this._authFailures >= this.maxAuthFailures))) {
@@ -396,6 +663,8 @@ export class IMClient {
   _received(ws, data) {
     if (ws !== this._ws) return;
     this._lastRx = Date.now();
+    // the transport gets through once a frame arrives (a proxy may accept a WebSocket, then cut it)
+    if (!this._reached) this._useTransport(ws instanceof StreamSocket ? ws.mode : this._wsTransport);
     let frame;
     try { frame = JSON.parse(data); } catch { return; }
     if (!frame || typeof frame !== "object" || Array.isArray(frame)) return;

@@ -146,6 +146,28 @@ UNDELIVERED_SQL = (
     'ORDER BY s.session_id COLLATE "C", s.seq LIMIT %s')
 
 
+#: undelivered rows left alone for ``age`` seconds, after a cursor (updated_at, user_id, msg_id):
+#: a range scan on messagesend_stale (0003)
+STALE_SQL = (
+    "SELECT s.updated_at::text, s.user_id, s.msg_id, s.session_id, s.seq, r.sender_id, r.client_msg_id, "
+    "r.body, " + _TS_SQL.format(t="r") + " FROM messagesend s JOIN messagerecv r ON r.id = s.msg_id "
+    "WHERE s.status <> 'delivered' AND s.updated_at <= now() - make_interval(secs => %s) "
+    "AND s.updated_at >= now() - make_interval(secs => %s) "
+    "AND (s.updated_at, s.user_id, s.msg_id) > (%s::timestamptz, %s, %s::bigint) "
+    "ORDER BY s.updated_at, s.user_id, s.msg_id LIMIT %s")
+
+#: the messages of a user's sessions stored since a time, newest ``per_session`` of each session
+#: at most (a re-sync honouring ``since``): backwards on messagerecv_session_seq per session
+RECENT_SQL = (
+    "SELECT r.id, r.session_id, r.seq, r.sender_id, r.client_msg_id, r.body, r.ts "
+    "FROM session_member m CROSS JOIN LATERAL ("
+    "SELECT r.id, r.session_id, r.seq, r.sender_id, r.client_msg_id, r.body, r.created_at, "
+    + _TS_SQL.format(t="r") + " AS ts FROM messagerecv r WHERE r.session_id = m.session_id "
+    "ORDER BY r.seq DESC LIMIT %s) r "
+    "WHERE m.user_id = %s AND r.created_at >= to_timestamp(%s / 1000.0) "
+    'ORDER BY r.session_id COLLATE "C", r.seq LIMIT %s')
+
+
 @implementer(IMessageStore)
 class MessageStore:
     """imcluster's tables in PostgreSQL, behind one batch-oriented API.
@@ -509,6 +531,43 @@ class MessageStore:
             {"msgId": str(msg_id), "sessionId": sid, "seq": seq, "from": sender,
              "clientMsgId": cmid, "body": body, "ts": ts}
             for msg_id, sid, seq, sender, cmid, body, ts in rows])
+
+    @_store_errors
+    def recent_messages(self, user_id: str, since_ms: int, per_session: int, limit: int) -> defer.Deferred:
+        """Messages of ``user_id``'s sessions stored since ``since_ms``, delivered or not, own ones too.
+
+        What a re-sync honouring ``since`` sends besides the undelivered
+        rows (docs/internals.rst): another device of the user may have
+        acknowledged what this connection never got. At most ``per_session``
+        (the newest) of each session and ``limit`` in all, ordered like
+        :meth:`undelivered_page`; the same dicts.
+        """
+        if not valid_user_id(user_id):
+            return defer.succeed([])
+        d = self.db.run_query(RECENT_SQL, (max(1, int(per_session)), user_id, int(since_ms), max(1, int(limit))))
+        return d.addCallback(lambda rows: [
+            {"msgId": str(msg_id), "sessionId": sid, "seq": seq, "from": sender,
+             "clientMsgId": cmid, "body": body, "ts": ts}
+            for msg_id, sid, seq, sender, cmid, body, ts in rows])
+
+    @_store_errors
+    def stale_undelivered(self, after: Sequence[Any] | None, age: float, horizon: float,
+                          limit: int) -> defer.Deferred:
+        """Rows left undelivered for ``age`` seconds or more, in ``updated_at`` order after the cursor ``after``.
+
+        ``after`` is the ``cursor`` of the last row of the previous page
+        (None: from the start); rows older than ``horizon`` seconds are
+        never read (the cursor of a sweep that fell behind jumps). Fires with dicts of
+        :meth:`undelivered_page` plus ``userId`` and ``cursor`` (a JSON-able
+        list). Read only: the redelivery sweep looks at each row once as
+        its cursor passes (imcluster.processor.redeliver).
+        """
+        cursor = ("-infinity", "", 0) if after is None else (str(after[0]), str(after[1]), int(after[2]))
+        d = self.db.run_query(STALE_SQL, (float(age), float(horizon), *cursor, max(1, int(limit))))
+        return d.addCallback(lambda rows: [
+            {"userId": user, "cursor": [ts_text, user, msg_id], "msgId": str(msg_id), "sessionId": sid,
+             "seq": seq, "from": sender, "clientMsgId": cmid, "body": body, "ts": ts}
+            for ts_text, user, msg_id, sid, seq, sender, cmid, body, ts in rows])
 
     # -- sessions ------------------------------------------------------------------
 

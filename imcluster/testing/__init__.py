@@ -23,13 +23,13 @@ from imcluster.testing.registry import FakeRedisStore, FakeRegistry
 from imcluster.store import StoreUnavailable  # what FakeStore raises: the real one
 from imcluster.testing.store import FakeStore
 from imcluster.testing.wire import (
-    ClientHarness, LenientStringTransport, LoopbackGateway, TcpFrameReader, WsFrameReader,
+    ClientHarness, LenientStringTransport, LoopbackGateway, StreamHarness, TcpFrameReader, WsFrameReader,
     self_signed_cert, tcp_encode, ws_close_frame, ws_frame, ws_handshake,
 )
 
 __all__ = [
     "ClientHarness", "FakeAuthenticator", "FakeBroker", "FakeBus", "FakeConnection", "FakeHub",
     "FakeRedisStore", "FakeRegistry", "FakeStore", "LenientStringTransport", "LoopbackGateway",
-    "StoreUnavailable", "TcpFrameReader", "WsFrameReader", "gateway_config", "self_signed_cert",
+    "StoreUnavailable", "StreamHarness", "TcpFrameReader", "WsFrameReader", "gateway_config", "self_signed_cert",
     "tcp_encode", "ws_close_frame", "ws_frame", "ws_handshake",
 ]

@@ -12,6 +12,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from imcluster.bus import BusMessage, BusNames, ChannelError, Nacked, QueueSpec  # noqa: F401 (re-exported)
+from imcluster.bus import TooLarge as _BusTooLarge
 from imcluster.bus import Unavailable as _BusUnavailable
 from imcluster.bus import Unroutable as _BusUnroutable
 from imcluster.interfaces import IMessageBus as _IMessageBus
@@ -326,7 +327,7 @@ class FakeBus(_bus_service.Service):
     log = Logger()
 
     def __init__(self, namespace="im", publish_timeout=5.0, clock=None, name="amqp",
-                 broker=None, publish_backlog=10000):
+                 broker=None, publish_backlog=10000, max_publish_bytes=8 * 1024 * 1024):
         self.broker = broker if broker is not None else FakeBroker(clock)
         self.clock = clock if clock is not None else self.broker.clock
         self.namespace = namespace
@@ -334,6 +335,7 @@ class FakeBus(_bus_service.Service):
         self.exchange = self.names.exchange
         self.publish_timeout = publish_timeout
         self.publish_backlog = publish_backlog
+        self.max_publish_bytes = max_publish_bytes
         self.setName(name)
         self.available = True
         self.reconnects = 0
@@ -450,12 +452,15 @@ class FakeBus(_bus_service.Service):
             d.errback(_BusUnavailable(f"RabbitMQ did not confirm: {reason}"))
 
     # -- publishing
-    def publish(self, routing_key, body, mandatory=False, persistent=True, headers=None):
+    def publish(self, routing_key, body, mandatory=False, persistent=True, headers=None, exchange=None):
         if not isinstance(body, (bytes, bytearray)):
             return defer.fail(TypeError(f"AMQP body must be bytes, not {type(body).__name__}"))
+        if len(body) > self.max_publish_bytes:
+            return defer.fail(_BusTooLarge(f"a message of {len(body)} bytes to {routing_key!r} is above "
+                                           f"max_publish_bytes ({self.max_publish_bytes})"))
         if not self.running:
             return defer.fail(_BusUnavailable("RabbitMQ did not confirm: the AMQP service is not running"))
-        args = (routing_key, bytes(body), mandatory, headers)
+        args = (routing_key, bytes(body), mandatory, headers, exchange)
         if self._connected:
             return self._publish_now(*args)
         if len(self._waiting) >= self.publish_backlog:
@@ -476,13 +481,19 @@ class FakeBus(_bus_service.Service):
         self._waiting.append(tuple(entry))
         return d
 
-    def _publish_now(self, routing_key, body, mandatory, headers):
+    def dead_letter(self, body, reason):
+        """AMQPService.dead_letter: ``body`` into ``<ns>.dead`` with header ``x-imcluster-reason``."""
+        return self.publish("", bytes(body)[:self.max_publish_bytes],
+                            headers={"x-imcluster-reason": reason[:1000]}, exchange=self.names.dlx)
+
+    def _publish_now(self, routing_key, body, mandatory, headers, exchange=None):
         b = self.broker
-        queues = b.route(self.exchange, routing_key)
+        exchange = exchange or self.exchange
+        queues = b.route(exchange, routing_key)
         if queues is None:
             # AMQPService: the 404 closes the publishing channel; the new one declares the topology again
             self._declare_topology()
-            queues = b.route(self.exchange, routing_key)
+            queues = b.route(exchange, routing_key)
         if not queues and mandatory:
             return defer.fail(_BusUnroutable(f"no queue is bound to {routing_key!r} on {self.exchange}"))
         for qname in queues:

@@ -12,10 +12,15 @@ from imcluster.testing.auth import FakeAuthenticator
 
 
 def gateway_config(**changes):
-    """A gateway Config with defaults, a test JWT secret and ``changes`` applied."""
+    """A gateway Config with defaults, a test JWT secret and ``changes`` applied.
+
+    The ``--stream`` listener is on a free loopback port unless ``stream`` is
+    given (its default, ``tcp:8082``, would clash between tests).
+    """
     from imcluster.config import GATEWAY, load_config
+    changes.setdefault("stream", ["tcp:0:interface=127.0.0.1"])
     config = load_config(GATEWAY, {"jwt_secret": "test-secret"}, environ={})
-    return config.replace(**changes) if changes else config
+    return config.replace(**changes)
 
 
 class FakeHub:

@@ -194,6 +194,28 @@ class FakeStore:
             return [self._frame(i) for _, _, i in keys[:max(1, int(limit))]]
         return self._call("undelivered_page", page)
 
+    def recent_messages(self, user_id, since_ms, per_session, limit):
+        def recent():
+            mine = {sid for sid, s in self.sessions.items() if user_id in s["members"]}
+            keys = sorted((row["session_id"].encode(), row["seq"], i) for i, row in self.messages.items()
+                          if row["session_id"] in mine and row["ts"] >= since_ms)
+            kept, per = [], {}
+            for k in reversed(keys):
+                if per.get(k[0], 0) < per_session:
+                    per[k[0]] = per.get(k[0], 0) + 1
+                    kept.append(k)
+            return [self._frame(i) for _, _, i in sorted(kept)[:max(1, int(limit))]]
+        return self._call("recent_messages", recent)
+
+    def stale_undelivered(self, after, age, horizon, limit):
+        """MessageStore.stale_undelivered without time: every undelivered row is stale, in (msg_id, user) order."""
+        def page():
+            keys = sorted((i, u) for (u, i), status in self.sends.items() if status != "delivered")
+            if after is not None:
+                keys = [k for k in keys if (k[0], k[1]) > (int(after[2]), after[1])]
+            return [{"userId": u, "cursor": ["", u, i], **self._frame(i)} for i, u in keys[:max(1, int(limit))]]
+        return self._call("stale_undelivered", page)
+
     # -- sessions
     def _member_of(self, user_id, session_id):
         session = self.sessions.get(session_id)

@@ -131,6 +131,9 @@ class LenientStringTransport(_CcStringTransport):
 class ClientHarness:
     """Drives a gateway adapter (``'ws'`` or ``'tcp'``) over a StringTransport, as a client.
 
+    ``ClientHarness(hub, "stream")`` is a :class:`StreamHarness` (the HTTP
+    streaming transport) with the same surface.
+
     ``send(frame)`` writes one frame (dict, str or bytes payload);
     ``frames()`` returns the JSON frames the server wrote since the last call;
     ``closed`` tells whether the server closed, ``close_code`` the WebSocket
@@ -138,6 +141,11 @@ class ClientHarness:
     (answering the close handshake, then delivering connectionLost);
     ``drop()`` simulates the client vanishing.
     """
+
+    def __new__(cls, hub, kind, *args, **kwargs):
+        if kind == "stream":
+            return StreamHarness(hub, kind, *args, **kwargs)
+        return super().__new__(cls)
 
     def __init__(self, hub, kind, factory=None, ip="10.1.2.3", port=40001, path="/ws", headers=None,
                  host="localhost:8080", handshake=True):
@@ -292,15 +300,20 @@ class LoopbackGateway:
         config.setdefault("ws_ping_interval", 0)
         self.hub = FakeHub(config=gateway_config(**config), clock=reactor)
         self.ports = []
+        self.factories = []
 
     async def listen(self, kind, endpoint="tcp:0:interface=127.0.0.1"):
         from twisted.internet.endpoints import serverFromString
         if kind == "ws":
             from imcluster.gateway.websocket import make_websocket_factory
             factory = make_websocket_factory(self.hub)
+        elif kind == "stream":
+            from imcluster.gateway.stream import make_stream_factory
+            factory = make_stream_factory(self.hub)
         else:
             from imcluster.gateway.rawsocket import make_rawsocket_factory
             factory = make_rawsocket_factory(self.hub)
+        self.factories.append(factory)
         port = await serverFromString(self.reactor, endpoint).listen(factory)
         self.ports.append(port)
         return port.getHost().port
@@ -314,9 +327,286 @@ class LoopbackGateway:
             await port.stopListening()
         self.ports = []
         for conn in self.open_connections():
-            conn._adapter.transport.abortConnection()
+            adapter = conn._adapter
+            if adapter.transport_name == "stream":
+                adapter._end()  # a streaming connection has no socket of its own
+            else:
+                adapter.transport.abortConnection()
         deadline = self.reactor.seconds() + timeout
         while self.open_connections():
             if self.reactor.seconds() > deadline:
                 raise AssertionError(f"connections never ended: {self.open_connections()}")
             await task.deferLater(self.reactor, 0.01, lambda: None)
+
+
+def _http_response(data):
+    """``(status, headers, body, rest)`` of the first complete HTTP/1.1 response in ``data``, or None.
+
+    Content-Length and chunked bodies; a chunked body not yet terminated is
+    returned as ``body`` so far with ``rest`` None (an open event stream).
+    """
+    end = data.find(b"\r\n\r\n")
+    if end < 0:
+        return None
+    lines = data[:end].decode("latin-1").split("\r\n")
+    status = int(lines[0].split(" ", 2)[1])
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    pos = end + 4
+    if headers.get("transfer-encoding", "").lower() == "chunked":
+        body = b""
+        while True:
+            eol = data.find(b"\r\n", pos)
+            if eol < 0:
+                return status, headers, body, None
+            size = int(data[pos:eol].split(b";")[0], 16)
+            if size == 0:
+                return status, headers, body, data[eol + 4:]
+            if len(data) < eol + 2 + size + 2:
+                return status, headers, body, None
+            body += data[eol + 2:eol + 2 + size]
+            pos = eol + 2 + size + 2
+    length = int(headers.get("content-length", "0"))
+    if len(data) < pos + length:
+        return None
+    return status, headers, data[pos:pos + length], data[pos + length:]
+
+
+def sse_events(text):
+    """The complete events of an event stream: ``[(id or None, data)]`` and the unparsed rest."""
+    events = []
+    while True:
+        end = text.find(b"\n\n")
+        if end < 0:
+            return events, text
+        block, text = text[:end], text[end + 2:]
+        event_id, data = None, []
+        for line in block.split(b"\n"):
+            if line.startswith(b":"):
+                continue
+            name, _, value = line.partition(b":")
+            value = value[1:] if value.startswith(b" ") else value
+            if name == b"id":
+                event_id = int(value)
+            elif name == b"data":
+                data.append(value)
+        if data:
+            events.append((event_id, b"\n".join(data)))
+
+
+class StreamHarness:
+    """Drives the HTTP streaming adapter (``'stream'``) over StringTransports, as an SSE client.
+
+    The same surface as :class:`ClientHarness`: the first frame sent is the
+    body of ``POST /stream`` (from ``ip``:``port``); once it is answered
+    with a stream id, an event stream is opened and later frames are posted
+    to ``/stream/<id>`` in order (those sent before the id is known wait).
+    ``frames()`` returns the frames received (the ``auth_reply`` without its
+    ``stream`` field, then the events); ``closed`` is True once the POST was
+    refused or the connection is closing; ``drop()`` is the client vanishing
+    for good (its event stream lost, then ``stream_resume`` seconds).
+    """
+
+    kind = "stream"
+    close_code = None
+    close_reason = None
+
+    def __init__(self, hub, kind="stream", factory=None, ip="10.1.2.3", port=40001, **_ignored):
+        if factory is None:
+            from imcluster.gateway.stream import make_stream_factory
+            factory = make_stream_factory(hub)
+        self.factory = factory
+        self.hub = hub
+        self.ip = ip
+        self.port = port
+        self._ports = iter(range(port + 1, port + 100000))
+        self.stream_id = None
+        self.adapter = None
+        self.status = None  # the HTTP status of POST /stream
+        self.statuses = []  # of every later POST
+        self.refused = False
+        self.lost = False
+        self.controls = []
+        self._pending = []
+        self._queue = []
+        self._opening = None  # (channel, transport) of POST /stream until answered
+        self._events = None  # (channel, transport) of the open event stream
+        self._seen = 0  # bytes of the event stream's body parsed
+        self._sse_text = b""
+        self.last_id = 0
+        self._conn = None
+        self.opening_transport = None
+
+    # --- HTTP over StringTransports
+
+    def _connect(self, port):
+        addr = address.IPv4Address("TCP", self.ip, port)
+        channel = self.factory.buildProtocol(addr)
+        transport = LenientStringTransport(peerAddress=addr)
+        channel.makeConnection(transport)
+        return channel, transport
+
+    def _send_request(self, channel, method, path, body=None, headers=None):
+        lines = [f"{method} {path} HTTP/1.1", "Host: gateway"]
+        for name, value in (headers or {}).items():
+            lines.append(f"{name}: {value}")
+        if body is not None:
+            lines.append(f"Content-Length: {len(body)}")
+        channel.dataReceived(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (body or b""))
+
+    def _close_channel(self, channel):
+        channel.connectionLost(Failure(error.ConnectionDone()))
+
+    def request(self, method, path, body=None, headers=None):
+        """One request on a socket of its own; ``(status, headers, body)`` or None while unanswered."""
+        channel, transport = self._connect(next(self._ports))
+        self._send_request(channel, method, path, body, headers)
+        answer = _http_response(transport.value())
+        if answer is None or answer[3] is None:
+            self._close_channel(channel)
+            return None
+        self._close_channel(channel)
+        return answer[:3]
+
+    # --- the client
+
+    @property
+    def conn(self):
+        """The engine of the connection (kept after it ended, as the other harnesses keep theirs)."""
+        return self._conn
+
+    @property
+    def proto(self):
+        return self.adapter
+
+    @property
+    def transport(self):
+        """The socket of the open event stream (before it: of the POST /stream)."""
+        if self._events is not None:
+            return self._events[1]
+        return self.opening_transport
+
+    def send(self, frame):
+        """One frame: a dict (JSON), str or bytes payload."""
+        data = _payload(frame)
+        if self.lost or self.refused:
+            return
+        if self.stream_id is None:
+            if self._opening is None and not self._queue:
+                self._opening = self._connect(self.port)
+                self.opening_transport = self._opening[1]
+                self._send_request(self._opening[0], "POST", "/stream", data)
+                self._read()
+            else:
+                self._queue.append(data)
+            return
+        self._post(data)
+
+    def send_raw(self, data):
+        self.send(data)
+
+    def _post(self, data):
+        answer = self.request("POST", f"/stream/{self.stream_id}", data)
+        self.statuses.append(answer[0] if answer else None)
+        self._read()
+
+    def _read(self):
+        import json
+        if self._opening is not None:
+            channel, transport = self._opening
+            answer = _http_response(transport.value())
+            if answer is not None and answer[3] is not None:
+                self._opening = None
+                self._close_channel(channel)
+                self.status, _, body, _ = answer
+                frame = json.loads(body)
+                stream_id = frame.pop("stream", None)
+                self._pending.append(frame)
+                if self.status != 200 or stream_id is None:
+                    self.refused = True
+                    return
+                self.stream_id = stream_id
+                self.adapter = self.factory.stream.connections[stream_id]
+                self._conn = self.adapter.conn
+                self._open_events()
+                queued, self._queue = self._queue, []
+                for data in queued:
+                    self._post(data)
+        if self._events is not None:
+            channel, transport = self._events
+            answer = _http_response(transport.value())
+            if answer is None:
+                return
+            status, _, body, rest = answer
+            if status != 200:
+                self._events = None
+                self._close_channel(channel)
+                return
+            self._sse_text += body[self._seen:]
+            self._seen = len(body)
+            events, self._sse_text = sse_events(self._sse_text)
+            for event_id, data in events:
+                if event_id is not None:
+                    self.last_id = event_id
+                self._pending.append(json.loads(data))
+            if rest is not None:  # the server ended the stream
+                self._events = None
+                self._close_channel(channel)
+
+    def _open_events(self):
+        """Open an event stream from ``last_id`` (the previous one's socket, if any, is closed)."""
+        if self._events is not None:
+            self._read()
+            if self._events is not None:
+                channel, _ = self._events
+                self._events = None
+                channel.connectionLost(Failure(error.ConnectionLost()))
+        self._seen = 0
+        self._sse_text = b""
+        self._events = self._connect(next(self._ports))
+        self._send_request(self._events[0], "GET", f"/stream/{self.stream_id}",
+                           headers={"Accept": "text/event-stream", "Last-Event-ID": str(self.last_id)})
+
+    def frames(self):
+        self._read()
+        out, self._pending = self._pending, []
+        return out
+
+    @property
+    def closed(self):
+        """True once the POST /stream was refused, or the server is closing the connection."""
+        from imcluster.gateway.stream import OPEN
+        self._read()
+        return self.refused or self.lost or (self.adapter is not None and self.adapter.state != OPEN)
+
+    def finish(self):
+        """The client's side of a close: it has read the last event; its sockets are closed."""
+        self._read()
+        self.lost = True
+        if self._events is not None:
+            channel, _ = self._events
+            self._events = None
+            self._close_channel(channel)
+
+    def drop(self):
+        """The client vanishes: its event stream is lost and it never comes back."""
+        if self.lost:
+            return
+        self.lost = True
+        if self._opening is not None:
+            channel, _ = self._opening
+            self._opening = None
+            self._close_channel(channel)
+        if self._events is not None:
+            channel, _ = self._events
+            self._events = None
+            channel.connectionLost(Failure(error.ConnectionLost()))
+        from imcluster.gateway.stream import CLOSED
+        config = self.hub.config
+        for _ in range(5):
+            if self.adapter is None or self.adapter.state == CLOSED:
+                break
+            # stream_resume; or close_timeout, when another timer closed it meanwhile
+            self.hub.clock.advance(max(config.stream_resume, config.close_timeout))

@@ -193,3 +193,92 @@ test("token expiry is read from the JWT", () => {
   assert.equal(tokenExpiry("garbage"), null);
   assert.equal(p2pSessionId("bob", "alice"), "p2p:alice:bob");
 });
+
+// --- the HTTP streaming fallback (PROTOCOL.md "HTTP streaming transport") -------------------
+
+/** A gateway's --stream endpoint, as fetch and EventSource see it: the test plays the server. */
+class FakeStreamGateway {
+  constructor() {
+    this.posts = []; // frames posted to /stream/<id>, parsed
+    this.sources = []; // EventSources opened
+    this.polls = []; // {after, resolve} of polls waiting
+    const gateway = this;
+    this.EventSource = class {
+      constructor(url) { this.url = url; this.readyState = 0; gateway.sources.push(this); }
+      close() { this.readyState = 2; }
+      emit(id, frame) { this.readyState = 1; this.onmessage({ data: JSON.stringify(frame), lastEventId: String(id) }); }
+    };
+    this.fetch = async (url, init = {}) => {
+      const { pathname, searchParams } = new URL(url);
+      if (init.method === "POST" && pathname === "/stream") {
+        const auth = JSON.parse(init.body);
+        assert.equal(auth.type, "auth");
+        const body = JSON.stringify({ type: "auth_reply", ok: true, userId: "alice", connId: "c", serverId: "gw",
+          stream: "s1" });
+        return { ok: true, status: 200, text: async () => body };
+      }
+      if (init.method === "POST") {
+        const parsed = JSON.parse(init.body);
+        this.posts.push(...(Array.isArray(parsed) ? parsed : [parsed]));
+        return { ok: true, status: 204, text: async () => "" };
+      }
+      const after = Number(searchParams.get("after"));
+      return new Promise((resolve) => {
+        this.polls.push({ after, resolve: (items) => resolve({ ok: true, status: 200, json: async () => items }) });
+      });
+    };
+  }
+}
+
+function makeStreaming(gateway, options = {}) {
+  FakeWS.all = [];
+  const transports = [];
+  const client = new IMClient({
+    urls: ["ws://gw1.test/ws"], streamUrls: ["http://gw1.test:8082"], token: "t", WebSocket: FakeWS,
+    fetch: gateway.fetch, EventSource: gateway.EventSource, onTransport: (t) => transports.push(t),
+    retryInitial: 0.01, retryMax: 0.05, pingInterval: 0, syncHold: 0, ...options,
+  });
+  return { client, transports };
+}
+
+test("a blocked WebSocket falls back to Server-Sent Events by itself, and says so", async () => {
+  const gateway = new FakeStreamGateway();
+  const { client, transports } = makeStreaming(gateway);
+  const started = client.start();
+  await until(() => FakeWS.all.length === 1, "a WebSocket first");
+  FakeWS.all[0].drop(1006); // a proxy breaks it: no frame ever arrives
+  await until(() => gateway.sources.length === 1, "an event stream");
+  assert.equal(gateway.sources[0].url, "http://gw1.test:8082/stream/s1");
+  const reply = await started;
+  assert.equal(reply.userId, "alice");
+  assert.equal(client.transport, "sse");
+  assert.deepEqual(transports, ["sse"]);
+  gateway.sources[0].emit(1, { type: "sync_done", count: 0 });
+  const sent = client.send(SESSION, { text: "hi" });
+  await until(() => gateway.posts.some((f) => f.type === "message"), "the message posted");
+  const frame = gateway.posts.find((f) => f.type === "message");
+  gateway.sources[0].emit(2, { type: "message_reply", ok: true, clientMsgId: frame.clientMsgId, msgId: "m1",
+    sessionId: SESSION, seq: 1, ts: 1 });
+  assert.equal((await sent).msgId, "m1");
+  await client.stop();
+});
+
+test("an event stream on which nothing arrives moves the connection to long polling", async () => {
+  const gateway = new FakeStreamGateway();
+  const { client, transports } = makeStreaming(gateway, { transports: ["sse", "poll"], sseTimeout: 0.05 });
+  const received = [];
+  client.onMessage = (m) => { received.push(m.msgId); };
+  await client.start();
+  await until(() => gateway.polls.length === 1, "a poll once the event stream stayed silent");
+  assert.equal(gateway.sources[0].readyState, 2); // the silent one was closed
+  assert.equal(client.transport, "poll");
+  assert.deepEqual(transports, ["sse", "poll"]);
+  assert.equal(gateway.polls[0].after, 0);
+  gateway.polls[0].resolve([{ id: 1, frame: { type: "sync_done", count: 0 } },
+    { id: 2, frame: { type: "message_send", msgId: "m9", sessionId: SESSION, seq: 1, from: "bob", body: {}, ts: 1 } }]);
+  await until(() => gateway.polls.length === 2, "the next poll");
+  assert.equal(gateway.polls[1].after, 2); // from the last event id
+  await until(() => received.includes("m9"), "the delivery handed over");
+  await until(() => gateway.posts.some((f) => f.type === "message_send_reply"), "the ack posted");
+  await client.stop();
+});

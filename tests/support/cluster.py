@@ -212,6 +212,10 @@ class DaemonProcess:
         return self.ports["tcp"]
 
     @property
+    def stream_port(self) -> int:
+        return self.ports["stream"]
+
+    @property
     def http_port(self) -> int:
         return self.ports["http"]
 
@@ -369,10 +373,11 @@ class Cluster:
     def start_gateway(self, timeout: float = START_TIMEOUT, env: dict[str, str] | None = None,
                       metrics: bool = False, **opts: Any) -> defer.Deferred:
         """Start a gateway on free loopback ports; fires with its :class:`DaemonProcess`
-        once its WebSocket and TCP ports (and metrics port, with ``metrics=True``) accept."""
-        ports = {"ws": free_port(), "tcp": free_port()}
+        once its WebSocket, TCP and HTTP streaming ports (and metrics port, with ``metrics=True``) accept."""
+        ports = {"ws": free_port(), "tcp": free_port(), "stream": free_port()}
         opts.setdefault("ws", endpoint(ports["ws"]))
         opts.setdefault("tcp", endpoint(ports["tcp"]))
+        opts.setdefault("stream", endpoint(ports["stream"]))
         if metrics:
             ports["metrics"] = free_port()
             opts.setdefault("metrics", endpoint(ports["metrics"]))

@@ -7,8 +7,10 @@ stage's work (deliveries before read receipts). Adding a frame type is a
 validator in ``imcluster/protocol.py`` and a module here
 (docs/internals.rst "How to add a frame type").
 
-``sync`` is not a frame of a window: a sync request is paged by the
-:class:`~imcluster.processor.pipeline.Syncer`.
+``sync`` is not a frame of a window: a sync request (after ``auth``, or a
+gateway's re-sync) is paged by its own handler, the
+:class:`~imcluster.processor.handlers.sync.Syncer` (``sync.py``), which the
+service runs beside the windows; :data:`ITEM_HANDLERS` names it.
 """
 
 from __future__ import annotations
@@ -19,11 +21,15 @@ from imcluster.processor.handlers.history import HistoryHandler
 from imcluster.processor.handlers.message import MessageHandler
 from imcluster.processor.handlers.read import ReadHandler
 from imcluster.processor.handlers.session_create import SessionCreateHandler
+from imcluster.processor.handlers.sync import Syncer
 
 #: frame type -> its handler, in stage order
 HANDLERS: dict[str, Handler] = {h.type: h for h in (
     MessageHandler(), AckHandler(), HistoryHandler(), ReadHandler(), SessionCreateHandler(),
 )}
 
-__all__ = ["HANDLERS", "AckHandler", "Handler", "HistoryHandler", "MessageHandler", "ReadHandler",
+#: item kinds that are not frames of a window -> the class that answers them
+ITEM_HANDLERS: dict[str, type] = {"sync": Syncer}
+
+__all__ = ["HANDLERS", "ITEM_HANDLERS", "Syncer", "AckHandler", "Handler", "HistoryHandler", "MessageHandler", "ReadHandler",
            "SessionCreateHandler"]
