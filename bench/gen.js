@@ -16,6 +16,14 @@
 // Latency is measured from the moment a frame is written to the moment its
 // message_send is parsed: the send time travels in the body ({"t": ms}),
 // taken from performance.timeOrigin + performance.now().
+//
+// With {"mode":"socketio"} the same scenarios drive the reference peer
+// (bench/peers/socketio.js) with socket.io-client: each frame becomes the
+// socket.io event named by its `type` (payload: the other fields), each event
+// received becomes the frame {type: event, ...payload}, the token travels
+// in the handshake (`auth.token`), so `auth` only waits for `sync_done`, and
+// each message_send is acknowledged with socket.io's ack callback (the peer
+// replies to the sender once its recipients acked).
 
 const WebSocket = require('ws');
 const http = require('http');
@@ -24,6 +32,7 @@ const readline = require('readline');
 const { performance } = require('perf_hooks');
 
 const cfg = JSON.parse(process.argv[2]);
+const MODE = cfg.mode || 'imcluster';
 const P = cfg.params || {};
 const now = () => performance.timeOrigin + performance.now();
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
@@ -122,6 +131,7 @@ class Client {
         break;
       case 'sync_done':
         if (this.authWait) { const w = this.authWait; this.authWait = null; w.resolve(f.count); }
+        else this.syncedEarly = f.count;
         break;
       case 'error':
         stats.errors++; count(stats.errorCodes, f.code);
@@ -143,6 +153,45 @@ class Client {
   }
 
   close() { this.closing = true; this.ws.close(1000); }
+}
+
+// the same client over socket.io (the reference peer): see the header
+class SioClient extends Client {
+  open() {
+    const { io } = require('socket.io-client');
+    return new Promise((resolve, reject) => {
+      // forceNew: one connection per client (socket.io-client multiplexes a URL otherwise)
+      const s = io(this.url, { transports: ['websocket'], forceNew: true, reconnection: false, timeout: 30000,
+        auth: { token: token(this.user) } });
+      this.sock = s;
+      s.on('connect', resolve);
+      s.on('connect_error', (e) => reject(e));
+      s.onAny((type, payload, ack) => {
+        this.frame({ type, ...payload });
+        // the peer asks for socket.io's acknowledgement of each message_send (as ack() below would)
+        if (typeof ack === 'function') ack();
+      });
+      s.on('disconnect', (reason) => {
+        if (!this.closing) { stats.closes++; count(stats.closeCodes, reason); }
+        if (this.authWait) this.authWait.reject(new Error(`closed ${reason} before sync_done`));
+      });
+    });
+  }
+
+  send(obj) {
+    const { type, ...rest } = obj;
+    this.sock.emit(type, rest);
+  }
+
+  // acknowledged through socket.io's ack callback as each message_send arrives
+  ack() {}
+
+  auth() {
+    if (this.syncedEarly !== undefined) return Promise.resolve(this.syncedEarly);
+    return new Promise((resolve, reject) => { this.authWait = { resolve, reject }; });
+  }
+
+  close() { this.closing = true; this.sock.disconnect(); }
 }
 
 // the HTTP streaming transport: the same surface as Client (open, send, auth, close)
@@ -264,6 +313,7 @@ class StreamClient extends Client {
 }
 
 function newClient(url, user) {
+  if (MODE === 'socketio') return new SioClient(url, user);
   return cfg.transport === 'sse' || cfg.transport === 'poll' ? new StreamClient(url, user, cfg.transport)
     : new Client(url, user);
 }

@@ -3,6 +3,7 @@
     .venv/bin/python bench/run.py                 # every scenario, default sizes
     .venv/bin/python bench/run.py --tiny          # a few seconds (what CI runs)
     .venv/bin/python bench/run.py --scenarios p2p-latency,fanout --conns 20000
+    .venv/bin/python bench/run.py --peer socketio # beside Node socket.io 4 + redis-adapter
 
 Starts its own cluster on the local Redis/RabbitMQ/PostgreSQL (2 gateways,
 ``--processors`` processors, a private namespace, Redis prefix and PostgreSQL
@@ -20,6 +21,12 @@ transport (the gateways' ``--stream`` endpoints, Server-Sent Events), beside
 their WebSocket twins on the same cluster: their figures add the gateways'
 CPU per delivered message as a multiple of WebSocket's (the aim: 1.5x or
 less).
+
+``--peer socketio`` also starts the reference peer (bench/peers/socketio.js:
+2 Node socket.io 4 nodes on @socket.io/redis-adapter, storing nothing) and
+runs each scenario it has (conn, p2p-latency, p2p-throughput, fanout) on it
+right after ours, with the same generator (its socketio mode); the peer's
+table and the ratios ours / peer's follow ours.
 """
 
 from __future__ import annotations
@@ -48,7 +55,7 @@ TARGETS = {
     "p2p-throughput": ("delivered msgs/s >= 7000", lambda r: r["delivered_per_s"] >= 7000),
     "p2p-latency": ("p99 <= 10 ms", lambda r: r["latency_ms"]["p99"] is not None and r["latency_ms"]["p99"] <= 10),
     "fanout": ("max >= 50000 deliveries/s", lambda r: r["max"]["deliveries_per_s"] >= 50000),
-    "conn": ("<= 20 KB RSS/conn", lambda r: r["rss_kb_per_conn"] <= 20),
+    "conn": ("<= 12 KB RSS/conn", lambda r: r["rss_kb_per_conn"] <= 12),
     "sync": ("<= 2 s per 10k backlog", lambda r: r["seconds"] * 10000 / max(1, r["backlog"]) <= 2.0),
 }
 
@@ -201,6 +208,8 @@ def histogram_delta(before: dict, after: dict) -> dict[str, dict]:
 class Cluster:
     """2 gateways + N processors as real twistd processes, on private names; stop() removes all."""
 
+    mode = "imcluster"  # what gen.js speaks to it
+
     def __init__(self, args: argparse.Namespace, workdir: Path) -> None:
         self.args = args
         self.workdir = workdir
@@ -317,6 +326,63 @@ class Cluster:
                 p.wait(5)
         self.procs.clear()
         cleanup(self.args, self.namespace, self.redis_prefix, self.schema)
+
+
+class SocketIOPeer:
+    """The reference peer: 2 nodes of bench/peers/socketio.js (socket.io 4 + redis-adapter) on our Redis.
+
+    Looks like a :class:`Cluster` to the scenarios (``gateways``, ``processors``,
+    ``run_id``, ``secret``, ``mode``); it stores nothing, so it has no processors.
+    """
+
+    mode = "socketio"
+    label = "Node socket.io 4 + @socket.io/redis-adapter"
+    #: the scenarios it has (echo is ours alone, sync needs storage)
+    SCENARIOS = ("conn", "p2p-latency", "p2p-throughput", "fanout")
+
+    def __init__(self, args: argparse.Namespace, workdir: Path, run_id: str, secret: str) -> None:
+        self.args = args
+        self.workdir = workdir
+        self.run_id = run_id + "p"
+        self.secret = secret
+        self.procs: list[tuple[str, subprocess.Popen]] = []
+        self.gateways: list[dict] = []
+        self.processors: list[subprocess.Popen] = []
+        self.metrics_ports: list[int] = []
+
+    def start(self) -> None:
+        for i in range(2):
+            port = free_port()
+            name = f"socketio-{i + 1}"
+            config = {"port": port, "secret": self.secret, "redis": self.args.redis,
+                      "prefix": f"bench:{self.run_id}:sio"}
+            logf = open(self.workdir / f"{name}.log", "ab")
+            p = subprocess.Popen(["node", str(BENCH / "peers" / "socketio.js"), json.dumps(config)],
+                                 stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT, cwd=BENCH)
+            logf.close()
+            self.procs.append((name, p))
+            deadline = time.monotonic() + 30
+            while not port_open(port):
+                if p.poll() is not None or time.monotonic() > deadline:
+                    raise SystemExit(f"bench: {name} did not start; see {self.workdir}/{name}.log")
+                time.sleep(0.05)
+            self.gateways.append({"proc": p, "url": f"http://127.0.0.1:{port}"})
+        log(f"peer up: {self.label}, nodes {[g['proc'].pid for g in self.gateways]}")
+
+    def stop(self) -> None:
+        for _name, p in self.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for _name, p in self.procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(5)
+        self.procs.clear()
+
+
+PEERS = {"socketio": SocketIOPeer}
 
 
 def consumer_count(url: str, queue: str) -> int:
@@ -517,16 +583,21 @@ def run_conn(args, cluster, params, name="conn") -> dict:
         k = base + (1 if i < n % procs else 0)
         urls, transport = gateway_urls(cluster, name)
         gens.append(Generator({"scenario": name, "run": cluster.run_id, "secret": cluster.secret,
-                               "gateways": urls, "transport": transport,
+                               "mode": cluster.mode, "gateways": urls, "transport": transport,
                                "params": {"n": k, "offset": offset}}, None, on_event))
         offset += k
     window.groups["generator"] = [g.proc.pid for g in gens]
     window.start()
-    if not connected.wait(600):
-        for g in gens:
-            g.proc.kill()
-        raise RuntimeError("connections not established within 600s: "
-                           + " ".join(str((g.result or {}).get("error", ""))[:500] for g in gens))
+    # the connect phase only: what setting a connection up costs
+    profiler = Profiler(args.profile if cluster.mode == "imcluster" else None, "conn", cluster)
+    try:
+        if not connected.wait(600):
+            for g in gens:
+                g.proc.kill()
+            raise RuntimeError("connections not established within 600s: "
+                               + " ".join(str((g.result or {}).get("error", ""))[:500] for g in gens))
+    finally:
+        profiler.stop()
     window.stop()
     gen_cpu = sum(cpu_ticks(g.proc.pid) for g in gens) / CLK_TCK / waiting["seconds"]
     time.sleep(1.0)  # let the gateways settle (sync replies, Redis writes)
@@ -571,11 +642,11 @@ class Profiler:
 def run_cluster_scenario(name, args, cluster, params) -> dict:
     window = CpuWindow({"gateways": [g["proc"].pid for g in cluster.gateways],
                         "processors": [p.pid for p in cluster.processors]})
-    profiler = Profiler(args.profile, name, cluster)
+    profiler = Profiler(args.profile if cluster.mode == "imcluster" else None, name, cluster)
     before = scrape(cluster.metrics_ports)
     try:
         urls, transport = gateway_urls(cluster, name)
-        gen = Generator({"scenario": name, "run": cluster.run_id, "secret": cluster.secret,
+        gen = Generator({"scenario": name, "run": cluster.run_id, "secret": cluster.secret, "mode": cluster.mode,
                          "gateways": urls, "transport": transport, "params": params}, window)
         result = gen.wait(900)
     finally:
@@ -625,14 +696,18 @@ def figures(name: str, r: dict, ceiling: float | None) -> list[str]:
     return [json.dumps(r)]
 
 
-def table(results: dict, params: dict, meta: dict) -> str:
+def table(results: dict, params: dict, meta: dict, peer: str | None = None) -> str:
     ceiling = results.get("echo", {}).get("echoes_per_s")
-    lines = [f"imcluster benchmark {meta['run']} on {meta['machine']}",
-             f"cluster: 2 gateways, {meta['processors']} processor(s); generator: node {meta['node']} ws "
-             f"(no compression)",
-             "CPU over each measured window, % of one core: gen = the load generator, gw = both gateways, "
-             "proc = processors, svc = PostgreSQL + RabbitMQ + Redis, other = everything else on the machine; "
-             f"mach = % of all {os.cpu_count()} cores busy", ""]
+    if peer is None:
+        lines = [f"imcluster benchmark {meta['run']} on {meta['machine']}",
+                 f"cluster: 2 gateways, {meta['processors']} processor(s); generator: node {meta['node']} ws "
+                 f"(no compression)",
+                 "CPU over each measured window, % of one core: gen = the load generator, gw = both gateways, "
+                 "proc = processors, svc = PostgreSQL + RabbitMQ + Redis, other = everything else on the machine; "
+                 f"mach = % of all {os.cpu_count()} cores busy", ""]
+    else:
+        lines = [f"the reference peer, same run: {peer}, 2 nodes, stores nothing; generator: the same, "
+                 "socket.io-client over WebSocket; gw = both peer nodes", ""]
     head = (f"{'scenario':<19} {'parameters':<44} {'result':<78} {'target':<28} "
             f"{'gen':>5} {'gw':>5} {'proc':>5} {'svc':>5} {'other':>5} {'mach':>5}")
     lines += [head, "-" * len(head)]
@@ -640,7 +715,7 @@ def table(results: dict, params: dict, meta: dict) -> str:
         if "error" in r:
             lines.append(f"{name:<19} FAILED: {r['error'][:200]}")
             continue
-        target, check = TARGETS.get(split_name(name)[0], ("(ceiling)", None))
+        target, check = TARGETS.get(split_name(name)[0], ("(ceiling)", None)) if peer is None else ("-", None)
         verdict = "" if check is None else (" OK" if check(r) else " MISSED")
         if split_name(name)[0] in ("p2p-latency", "p2p-throughput", "fanout", "sync") and (
                 r.get("lost") or r.get("duplicated")):
@@ -658,6 +733,57 @@ def table(results: dict, params: dict, meta: dict) -> str:
                 lines.append(f"{name:<19} {p[:44]:<44} {fig:<78} {(target + verdict):<28} {gen:>5} {gwc:>5} {prc:>5} {svc:>5} {other:>5} {mach:>5}")
             else:
                 lines.append(f"{'':<19} {p[44 * i:44 * (i + 1)]:<44} {fig:<78}")
+    return "\n".join(lines)
+
+
+def _server_cpu_us(r: dict, delivered_per_s: float) -> float | None:
+    """CPU of the servers and the services they use (% of one core), per delivered message, in µs."""
+    cpu = r.get("cpu", {})
+    if not delivered_per_s:
+        return None
+    busy = cpu.get("gateways", 0) + cpu.get("processors", 0) + cpu.get("services", 0)
+    return round(busy / 100 / delivered_per_s * 1e6, 1)
+
+
+#: (scenario, figure, how to read it from a result, True when higher is better)
+RATIOS = [
+    ("conn", "RSS KB per idle authenticated conn", lambda r: r["rss_kb_per_conn"], False),
+    ("conn", "connection setup conn/s", lambda r: r["rate"], True),
+    ("p2p-latency", "p50 ms at the fixed rate", lambda r: r["latency_ms"]["p50"], False),
+    ("p2p-latency", "p99 ms at the fixed rate", lambda r: r["latency_ms"]["p99"], False),
+    ("p2p-throughput", "max delivered msgs/s", lambda r: r["delivered_per_s"], True),
+    ("p2p-throughput", "server+services CPU µs per msg", lambda r: _server_cpu_us(r, r["delivered_per_s"]), False),
+    ("fanout", "max deliveries/s", lambda r: r["max"]["deliveries_per_s"], True),
+]
+
+
+def ratio_rows(ours: dict, theirs: dict) -> list[dict]:
+    """Each comparable figure of both runs with ours / theirs (the JSON's ``peer.ratios``)."""
+    rows = []
+    for name, figure, get, higher in RATIOS:
+        a, b = ours.get(name, {}), theirs.get(name, {})
+        if "error" in a or "error" in b or not a or not b:
+            continue
+        try:
+            x, y = get(a), get(b)
+        except (KeyError, TypeError):
+            continue
+        if x is None or y is None:
+            continue
+        rows.append({"scenario": name, "figure": figure, "imcluster": x, "peer": y,
+                     "ratio": round(x / y, 2) if y else None, "higher_is_better": higher})
+    return rows
+
+
+def ratio_table(rows: list[dict], peer: str) -> str:
+    lines = [f"imcluster beside {peer} (same run, same generator; ratio = imcluster / peer)", ""]
+    head = f"{'scenario':<15} {'figure':<36} {'imcluster':>12} {'peer':>12} {'ratio':>7}"
+    lines += [head, "-" * len(head)]
+    for row in rows:
+        ratio = "-" if row["ratio"] is None else f"{row['ratio']:.2f}"
+        better = "higher is better" if row["higher_is_better"] else "lower is better"
+        lines.append(f"{row['scenario']:<15} {row['figure']:<36} {row['imcluster']:>12,.2f} "
+                     f"{row['peer']:>12,.2f} {ratio:>7}  {better}")
     return "\n".join(lines)
 
 
@@ -736,6 +862,8 @@ def main(argv=None) -> int:
     parser.add_argument("--backlog", type=int, default=10000, help="sync: undelivered messages")
     parser.add_argument("--duration", type=float, default=15.0, help="seconds each measured phase runs")
     parser.add_argument("--processors", type=int, default=1, help="processes running improcessor")
+    parser.add_argument("--peer", choices=sorted(PEERS),
+                        help="also run the scenarios on this reference peer (bench/peers/), right after ours")
     parser.add_argument("--settle", type=float, default=20.0,
                         help="seconds at most to wait after each scenario for the services to go idle")
     parser.add_argument("--rate-limit", type=int, default=1000000, help="gateways' --rate-limit/--rate-burst")
@@ -757,8 +885,9 @@ def main(argv=None) -> int:
         parser.error(f"unknown scenarios: {', '.join(sorted(unknown))}")
     if not shutil.which("node"):
         raise SystemExit("bench: node is not installed (Node 18+ needed for bench/gen.js)")
-    if not (BENCH / "node_modules" / "ws").is_dir():
-        raise SystemExit("bench: bench/node_modules is missing: run `npm ci --prefix bench`")
+    for package in ("ws",) + (("socket.io", "socket.io-client", "@socket.io/redis-adapter") if args.peer else ()):
+        if not (BENCH / "node_modules" / package).is_dir():
+            raise SystemExit(f"bench: bench/node_modules/{package} is missing: run `npm ci --prefix bench`")
 
     results_dir = BENCH / "results"
     results_dir.mkdir(exist_ok=True)
@@ -773,9 +902,31 @@ def main(argv=None) -> int:
             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "tiny": args.tiny,
             "argv": sys.argv[1:]}
     results: dict[str, dict] = {}
+    peer = PEERS[args.peer](args, workdir, cluster.run_id, cluster.secret) if args.peer else None
+    peer_results: dict[str, dict] = {}
     interrupted = False
+
+    def run(target, name: str, into: dict) -> None:
+        log(f"{name}{'' if target is cluster else ' on the peer'}: {params[name]}")
+        started = time.monotonic()
+        try:
+            if name == "echo":
+                into[name] = run_echo(args, target, params[name])
+            elif split_name(name)[0] == "conn":
+                into[name] = run_conn(args, target, params[name], name)
+            else:
+                into[name] = run_cluster_scenario(name, args, target, params[name])
+        except RuntimeError as e:
+            into[name] = {"error": str(e)}
+        into[name]["params"] = params[name]
+        into[name]["wall_seconds"] = round(time.monotonic() - started, 1)
+        log(f"{name}: done in {into[name]['wall_seconds']}s")
+        into[name]["settled_seconds"] = settle(args.settle)
+
     try:
         cluster.start()
+        if peer is not None:
+            peer.start()
         previous = None
         for name in [s for s in ORDER if s in wanted]:
             # a connection scenario on fresh gateways, and none after it (its clients' streaming
@@ -783,32 +934,29 @@ def main(argv=None) -> int:
             if previous is not None and "conn" in (split_name(name)[0], split_name(previous)[0]):
                 cluster.restart_gateways()
             previous = name
-            log(f"{name}: {params[name]}")
-            started = time.monotonic()
-            try:
-                if name == "echo":
-                    results[name] = run_echo(args, cluster, params[name])
-                elif split_name(name)[0] == "conn":
-                    results[name] = run_conn(args, cluster, params[name], name)
-                else:
-                    results[name] = run_cluster_scenario(name, args, cluster, params[name])
-            except RuntimeError as e:
-                results[name] = {"error": str(e)}
-            results[name]["params"] = params[name]
-            results[name]["wall_seconds"] = round(time.monotonic() - started, 1)
-            log(f"{name}: done in {results[name]['wall_seconds']}s")
-            results[name]["settled_seconds"] = settle(args.settle)
+            run(cluster, name, results)
+            # back to back with ours: both see the same machine
+            if peer is not None and name in peer.SCENARIOS:
+                run(peer, name, peer_results)
     except KeyboardInterrupt:
         interrupted = True
     finally:
+        if peer is not None:
+            peer.stop()
         cluster.stop()
     compare_transports(results)
     text = table(results, params, meta)
+    document = {"meta": meta, "results": results}
+    if peer is not None:
+        rows = ratio_rows(results, peer_results)
+        text += "\n\n" + table(peer_results, params, meta, peer=peer.label) + "\n\n" + ratio_table(rows, peer.label)
+        document["peer"] = {"name": args.peer, "label": peer.label, "results": peer_results, "ratios": rows}
     print(text)
+    document["table"] = text
     out = Path(args.json) if args.json else results_dir / f"{cluster.run_id}.json"
-    out.write_text(json.dumps({"meta": meta, "results": results, "table": text}, indent=2))
+    out.write_text(json.dumps(document, indent=2))
     log(f"results written to {out}")
-    failed = interrupted or any("error" in r for r in results.values())
+    failed = interrupted or any("error" in r for r in [*results.values(), *peer_results.values()])
     return 1 if failed else 0
 
 

@@ -70,6 +70,11 @@ import json
 import re
 from typing import Any
 
+try:  # the fast path of encode/parse (setup.cfg installs it); the standard library otherwise
+    import orjson
+except ImportError:  # pragma: no cover
+    orjson = None
+
 VERSION = 1
 
 # --- error codes (PROTOCOL.md; the last group is imcluster's own)
@@ -295,11 +300,32 @@ _encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan
 
 def encode(frame: Any) -> str:
     """Compact JSON text of ``frame`` (UTF-8 characters kept as they are)."""
+    if orjson is not None:
+        try:
+            return orjson.dumps(frame).decode("utf-8")
+        except TypeError:
+            pass
     return _encoder.encode(frame)
 
 
 def encode_bytes(frame: Any) -> bytes:
-    """:func:`encode`, as the UTF-8 bytes that go on the wire."""
+    """:func:`encode`, as the UTF-8 bytes that go on the wire.
+
+    orjson writes what the standard library's compact ``ensure_ascii=False``
+    encoder writes, 10-15 times faster: characters beyond ASCII as UTF-8,
+    only ``"``, ``\\`` and control characters escaped (U+0000 as
+    ``\\u0000``), object keys in insertion order. What it refuses (integers
+    beyond 64 bits, keys that are not strings, strings with lone
+    surrogates) goes through the standard library, which writes the first
+    two as before and refuses the third (``UnicodeEncodeError``) as before.
+    It would write NaN and Infinity as ``null`` where the standard library
+    raised: no frame holds them, since :func:`parse_frame` refuses them.
+    """
+    if orjson is not None:
+        try:
+            return orjson.dumps(frame)
+        except TypeError:
+            pass
     return _encoder.encode(frame).encode("utf-8")
 
 
@@ -322,6 +348,37 @@ def _reject_constant(name: str) -> Any:
 
 
 _decoder = json.JSONDecoder(parse_constant=_reject_constant)
+
+# runs of digits orjson reads differently: it makes a float of an integer
+# beyond 64 bits, where the standard library keeps the integer (19 digits
+# catch every negative one below -2**63; a long string of digits only costs
+# the standard library's path)
+_LONG_NUMBER = re.compile(rb"[0-9]{19}")
+_SUSPECT_ESCAPE_BYTES = re.compile(rb"\\u(?:0000|[dD][89abcdefABCDEF])")
+
+
+def _fast_parse(data: bytes, max_depth: int) -> Any:
+    """The frame orjson reads in ``data``, checked; None to take the standard library's path.
+
+    Valid frames only: whatever orjson refuses (bad UTF-8, a raw control
+    character, a lone surrogate escape, NaN, a number out of range, bad
+    JSON) is left to the standard library's path, which names the fault
+    as it always did.
+    """
+    if _LONG_NUMBER.search(data) is not None:
+        return None
+    try:
+        frame = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(frame, dict):
+        raise FrameError(BAD_FRAME, "frame must be a JSON object")
+    if (_SUSPECT_ESCAPE_BYTES.search(data) is not None
+            or data.count(b"[") + data.count(b"{") > max_depth):
+        why = check_json_value(frame, max_depth)
+        if why is not None:
+            raise _bad(why, frame)
+    return frame
 
 
 def _bad(message: str, frame: Any = None) -> FrameError:
@@ -377,6 +434,12 @@ def parse_frame(data: bytes | str, max_depth: int = DEFAULT_MAX_DEPTH) -> dict:
     frames are never walked). Raises :class:`FrameError` ``bad_frame``.
     """
     if isinstance(data, (bytes, bytearray, memoryview)):
+        if orjson is not None:
+            frame = _fast_parse(bytes(data), max_depth)
+            if frame is not None:
+                if not isinstance(frame.get("type"), str):
+                    raise _bad("frame needs a string field 'type'", frame)
+                return frame
         try:
             text = bytes(data).decode("utf-8")
         except UnicodeDecodeError:

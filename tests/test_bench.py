@@ -23,8 +23,10 @@ BENCH = ROOT / "bench"
 def test_bench_tiny_run_prints_table_and_writes_json(tmp_path):
     """A broken bench/run.py or gen.js would leave the performance docs without a way to re-measure them."""
     ensure_npm_packages(BENCH, "ws")
+    # the reference peer's packages came later: an older node_modules may have ws alone
+    ensure_npm_packages(BENCH, "@socket.io/redis-adapter")
     out = tmp_path / "bench.json"
-    proc = subprocess.run([sys.executable, str(BENCH / "run.py"), "--tiny", "--json", str(out)],
+    proc = subprocess.run([sys.executable, str(BENCH / "run.py"), "--tiny", "--peer", "socketio", "--json", str(out)],
                           capture_output=True, text=True, timeout=150, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     names = ("echo", "conn", "conn-sse", "p2p-latency", "p2p-latency-sse", "p2p-throughput", "p2p-throughput-sse",
@@ -43,3 +45,11 @@ def test_bench_tiny_run_prints_table_and_writes_json(tmp_path):
     assert "vs WebSocket's" in proc.stdout
     assert results["sync"]["received"] == results["sync"]["params"]["backlog"]
     assert 0 < results["p2p-latency"]["gen_cpu"] < 4
+    # the reference peer ran the scenarios it has, with the same generator, nothing lost
+    peer = data["peer"]
+    assert set(peer["results"]) == {"conn", "p2p-latency", "p2p-throughput", "fanout"}
+    assert peer["results"]["conn"]["connected"] == peer["results"]["conn"]["params"]["n"]
+    for name in ("p2p-latency", "p2p-throughput", "fanout"):
+        assert peer["results"][name]["lost"] == 0 and peer["results"][name]["duplicated"] == 0, (name, peer)
+    assert {row["scenario"] for row in peer["ratios"]} == {"conn", "p2p-latency", "p2p-throughput", "fanout"}
+    assert "imcluster beside Node socket.io" in proc.stdout

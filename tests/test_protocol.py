@@ -249,3 +249,66 @@ def test_builders():
     assert p.reply_to(msg(), "rate_limited", "slow")["type"] == "message_reply"
     assert p.reply_to({"type": "history", "id": "q"}, "unavailable", "later") == {
         "type": "error", "code": "unavailable", "message": "later", "ref": "q"}
+
+
+# --- the orjson fast path agrees with the standard library (encode_bytes, parse_frame)
+
+_SAME_FRAMES = [
+    {"type": "message_send", "msgId": "12", "sessionId": "p2p:a:b", "seq": 3, "from": "a", "ts": 1765000000000,
+     "body": {"t": 1765000000000.123, "text": "héllo \u2028 \u2029 😀 \x00 \x1f \x7f \"q\" \\ </script>"}},
+    {"type": "error", "code": "bad_frame", "message": "x", "ref": 7},
+    {"type": "message_send", "body": {"big": 2**70, "neg": -2**63 - 1, "list": [1, 2.5, None, True, False, []]}},
+    {"type": "x", "body": {1: "int key", "nested": {"a": {"b": [{"c": ""}]}}}},
+]
+
+
+@pytest.mark.parametrize("frame", _SAME_FRAMES)
+def test_encode_bytes_writes_what_the_standard_library_writes(frame, monkeypatch):
+    """Same bytes as the compact ensure_ascii=False encoder: UTF-8 kept, only quotes, backslashes and controls escaped."""
+    fast = p.encode_bytes(frame)
+    monkeypatch.setattr(p, "orjson", None)
+    assert fast == p.encode_bytes(frame)
+    assert p.encode(frame) == fast.decode("utf-8")
+
+
+def test_encode_still_refuses_lone_surrogates():
+    with pytest.raises(UnicodeEncodeError):
+        p.encode_bytes({"type": "x", "s": "\ud800"})
+
+
+_SAME_INPUTS = [
+    b'{"type":"message","clientMsgId":"c1","sessionId":"p2p:a:b","body":{"t":1.5,"x":"\\u00e9"}}',
+    b'{"type":"read","sessionId":"s","seq":123456789012345678901234567890}',
+    b'{"type":"read","sessionId":"s","seq":-9223372036854775809}',
+    b'{"type":"message","clientMsgId":"12345678901234567890","sessionId":"s","body":1}',
+    b'{"type":"message","clientMsgId":"c","sessionId":"s","body":"\\u0000"}',
+    b'{"type":"message","clientMsgId":"c","sessionId":"s","body":"\\ud800"}',
+    b'{"type":"message","clientMsgId":"c","sessionId":"s","body":"\\ud83d\\ude00"}',
+    b'{"type":"message","clientMsgId":"c","sessionId":"s","body":"a\x00b"}',
+    b'{"type":"message","clientMsgId":"c","sessionId":"s","body":NaN}',
+    b'{"type":"message","clientMsgId":"c","sessionId":"s","body":1e400}',
+    b'{"type":"message","clientMsgId":"c","sessionId":"s","body":' + b"[" * 70 + b"]" * 70 + b"}",
+    b'{"type":"message","clientMsgId":"c","sessionId":"s","body":' + b"[" * 2000 + b"]" * 2000 + b"}",
+    b'{"type":"a","type":"ping"}',
+    b'\xef\xbb\xbf{"type":"ping"}',
+    b'{"type":"ping"',
+    b'{"type":"ping"} x',
+    b'\xff{"type":"ping"}',
+    b'["type","ping"]',
+    b'{"type":5}',
+    b'  {"type":"ping"}\n',
+]
+
+
+@pytest.mark.parametrize("data", _SAME_INPUTS)
+def test_parse_frame_fast_path_agrees_with_the_standard_library(data, monkeypatch):
+    """The same frame, or the same bad_frame with the same message, with and without orjson."""
+    def outcome():
+        try:
+            return ("ok", p.parse_client_frame(data))
+        except p.FrameError as e:
+            return ("error", e.code, e.message, e.ref)
+
+    fast = outcome()
+    monkeypatch.setattr(p, "orjson", None)
+    assert fast == outcome()

@@ -56,6 +56,7 @@ from imcluster import metrics
 from imcluster import protocol as p
 from imcluster.auth import AuthError, usable_timestamp
 from imcluster.gateway import transport as closes
+from imcluster.gateway.timers import wheel
 from imcluster.gateway.transport import CloseReason, transport_counters
 from imcluster.interfaces import IClientConnection
 
@@ -138,6 +139,15 @@ class ClientConnection:
 
     log = Logger()
 
+    # tens of thousands of these live in one gateway: no __dict__ (about 1.3 KB each)
+    __slots__ = ("hub", "transport_name", "ip", "port", "peer_key", "conn_id", "user_id", "device", "identity",
+                 "connected_at", "_adapter", "_clock", "_timers", "_max_frame_size", "_max_bad", "_max_depth",
+                 "_auth_timeout", "_idle_timeout", "_output_limit", "_output_max", "_slow_grace", "_queue_limit",
+                 "_bucket", "_bytes_in", "_frames_out", "_bytes_out", "_state", "_authed", "_auth_pending",
+                 "_held", "_bad_in_a_row", "_last_activity", "_paused", "_paused_bytes", "_written",
+                 "_grace_pending", "_grace_written", "_auth_call", "_idle_call", "_expiry_call", "_slow_call",
+                 "_accepted")
+
     def __init__(self, hub: Any, adapter: Any) -> None:
         self.hub = hub
         transport_name = adapter.transport_name
@@ -152,6 +162,8 @@ class ClientConnection:
         self.identity: Any = None
         self._adapter = adapter
         self._clock = hub.clock
+        # the auth, idle and expiry deadlines: coarse timers shared by every connection
+        self._timers = wheel(hub.clock)
         self.connected_at = self._clock.seconds()
         config = hub.config
         self._max_frame_size = config.max_frame_size
@@ -169,7 +181,7 @@ class ClientConnection:
         self._state = NEW
         self._authed = False
         self._auth_pending = False
-        self._held: deque[dict] = deque()
+        self._held: deque[dict] | None = None  # frames waiting for an auth's outcome
         self._bad_in_a_row = 0
         self._last_activity = self.connected_at
         self._paused = False
@@ -202,8 +214,8 @@ class ClientConnection:
             return False
         self._accepted = True
         self._state = OPEN
-        self._auth_call = self._clock.callLater(self._auth_timeout, self._auth_timed_out)
-        self._idle_call = self._clock.callLater(self._idle_timeout, self._idle_check)
+        self._auth_call = self._timers.call_later(self._auth_timeout, self._auth_timed_out)
+        self._idle_call = self._timers.call_later(self._idle_timeout, self._idle_check)
         return True
 
     def frame_received(self, data: bytes) -> None:
@@ -231,7 +243,9 @@ class ClientConnection:
             self._reply_error(frame, p.RATE_LIMITED, "too many frames; slow down")
             return
         if self._auth_pending:
-            if len(self._held) >= self._queue_limit:
+            if self._held is None:
+                self._held = deque()
+            elif len(self._held) >= self._queue_limit:
                 self._reply_error(frame, p.RATE_LIMITED, "too many frames before auth_reply")
                 return
             self._held.append(frame)
@@ -261,7 +275,7 @@ class ClientConnection:
             return
         self._state = CLOSED
         self._cancel_timers()
-        self._held.clear()
+        self._held = None
         if self._accepted:
             self._accepted = False
             try:
@@ -400,7 +414,7 @@ class ClientConnection:
             return
         self._state = CLOSING
         self._cancel_timers()
-        self._held.clear()
+        self._held = None
         metrics.CLOSES.labels(reason=reason.name).inc()
         self.log.debug("closing {conn}: {why} ({code} {reason})", conn=self.conn_id, why=reason.name,
                        code=reason.code, reason=reason.text)
@@ -428,7 +442,7 @@ class ClientConnection:
             return
         remaining = self._last_activity + self._idle_timeout - self._clock.seconds()
         if remaining > 0:
-            self._idle_call = self._clock.callLater(remaining, self._idle_check)
+            self._idle_call = self._timers.call_later(remaining, self._idle_check)
             return
         self._close(closes.IDLE_TIMEOUT)
 
@@ -440,7 +454,7 @@ class ClientConnection:
             return
         # _auth refused an exp that is not usable_timestamp(): float() cannot overflow here
         delay = max(0.0, float(exp) - self._clock.seconds())
-        self._expiry_call = self._clock.callLater(delay, self._token_expired)
+        self._expiry_call = self._timers.call_later(delay, self._token_expired)
 
     def _token_expired(self) -> None:
         self._expiry_call = None

@@ -16,9 +16,13 @@ auto-ping, close handshake) on ``hub.clock``.
 
 from __future__ import annotations
 
+import functools
+import types
+from collections import deque
 from typing import Any
 
 import autobahn.util
+import autobahn.websocket.protocol
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.util import encode_truncate
 from autobahn.websocket.compress import PerMessageDeflateOffer, PerMessageDeflateOfferAccept
@@ -27,6 +31,7 @@ from zope.interface import implementer
 
 from imcluster import metrics
 from imcluster.gateway.engine import ClientConnection
+from imcluster.gateway.timers import wheel
 from imcluster.gateway.transport import (SLOW_CONSUMER, CloseReason, buffered_bytes, forwarded_ip,
                                          peer_address)
 from imcluster.interfaces import ITransportAdapter
@@ -38,30 +43,57 @@ from imcluster.interfaces import ITransportAdapter
 autobahn.util._HAS_CLICK = False
 
 
+class _Pretty:
+    """``pformat(obj)`` formatted only if a log line is ever rendered."""
+
+    __slots__ = ("obj",)
+
+    def __init__(self, obj: Any) -> None:
+        self.obj = obj
+
+    def __str__(self) -> str:
+        from pprint import pformat
+
+        return pformat(self.obj)
+
+    __repr__ = __str__
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self), spec)
+
+
+# Autobahn pretty-prints its 29 configuration attributes into a debug log
+# line for every connection it accepts, logged or not: 14 % of a gateway's
+# CPU while clients connect (bench/run.py --scenarios conn --profile). Its
+# pformat is only ever called for that and for timing reports.
+autobahn.websocket.protocol.pformat = _Pretty
+
+# what a connection's send queue is while nothing waits in it (see sendData)
+_NO_QUEUE: tuple = ()
+
+# the handshake's leftovers that a connection no longer needs once open
+_HANDSHAKE_LEFTOVERS = ("http_request_data", "http_response_data", "http_headers", "http_status_line")
+
+
 class _ClockTimer:
-    """What Autobahn's protocols expect of ``factory._batched_timer``, on an ``IReactorTime``.
+    """What Autobahn's protocols expect of ``factory._batched_timer``, on ``hub.clock``.
 
     Autobahn otherwise schedules its timers on txaio's global reactor, out
-    of reach of ``hub.clock`` (and of tests driving a ``task.Clock``).
+    of reach of ``hub.clock`` (and of tests driving a ``task.Clock``). Its
+    timers (opening and closing handshake, auto-ping and its timeout) are
+    coarse, one or two per connection: they go on the clock's
+    :class:`~imcluster.gateway.timers.TimerWheel`, whose calls cost a
+    fraction of a ``DelayedCall`` and may be cancelled after they ran.
     """
 
     def __init__(self, clock: Any) -> None:
         self.clock = clock
+        self.wheel = wheel(clock)
 
-    def call_later(self, delay: float, fn: Any, *args: Any, **kwargs: Any) -> "_Call":
-        return _Call(self.clock.callLater(delay, fn, *args, **kwargs))
-
-
-class _Call:
-    __slots__ = ("call",)
-
-    def __init__(self, call: Any) -> None:
-        self.call = call
-
-    def cancel(self) -> None:
-        # Autobahn may cancel a call that already ran
-        if self.call.active():
-            self.call.cancel()
+    def call_later(self, delay: float, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        if kwargs:
+            return self.wheel.call_later(delay, functools.partial(fn, *args, **kwargs))
+        return self.wheel.call_later(delay, fn, *args)
 
 
 _END_OF_HEADER = b"\r\n\r\n"
@@ -101,6 +133,11 @@ class GatewayWebSocketProtocol(WebSocketServerProtocol):
         self._slot = True
         self._handshake = bytearray()
         super().connectionMade()
+        # Autobahn gives every connection a deque (760 bytes) for chopped and
+        # synchronous writes, which the gateway never makes: sendData creates
+        # one the first time it would be used
+        if not self.send_queue:
+            self.send_queue = _NO_QUEUE
 
     def dataReceived(self, data: bytes) -> None:  # noqa: N802
         buf = self._handshake
@@ -147,6 +184,21 @@ class GatewayWebSocketProtocol(WebSocketServerProtocol):
         self.conn = conn
         self.transport.registerProducer(conn, True)
         return None
+
+    def onOpen(self) -> None:  # noqa: N802 (Autobahn API)
+        # the raw request and response and the parsed headers (about 1 KB)
+        # served the handshake; Autobahn keeps them for its test suite
+        for name in _HANDSHAKE_LEFTOVERS:
+            setattr(self, name, None)
+
+    def sendData(self, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:  # noqa: N802
+        """Autobahn's, without its per-write debug line's arguments on the usual path."""
+        if not sync and not chopsize and not self.send_queue:
+            self.transport.write(data)
+            return
+        if self.send_queue is _NO_QUEUE:
+            self.send_queue = deque()
+        super().sendData(data, sync, chopsize)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:  # noqa: N802,N803
         conn = self.conn
@@ -262,6 +314,15 @@ class GatewayWebSocketFactory(WebSocketServerFactory):
         if config.compression:
             options["perMessageCompressionAccept"] = accept_compression
         self.setProtocolOptions(**options)
+        # Autobahn copies its ~30 options from the factory into every protocol
+        # instance that does not have them: as class attributes of a protocol
+        # class of this factory's own they are shared, and each connection's
+        # __dict__ is about 2 KB smaller (it stays below 86 keys)
+        # (functions, such as perMessageCompressionAccept, must not become methods)
+        shared = {name: getattr(self, name) for name in self.protocol.CONFIG_ATTRS}
+        self.protocol = type(self.protocol.__name__, (self.protocol,),
+                             {name: staticmethod(v) if isinstance(v, types.FunctionType) else v
+                              for name, v in shared.items()})
 
 
 def make_websocket_factory(hub: Any) -> GatewayWebSocketFactory:
