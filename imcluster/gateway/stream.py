@@ -601,9 +601,7 @@ class StreamResource(resource.Resource):
             del self.connections[adapter.stream_id]
         if adapter._slot:
             adapter._slot = False
-            closed = getattr(self.hub, "socket_closed", None)
-            if closed is not None:
-                closed()
+            self.hub.socket_closed()
 
     def stream_opened(self, adapter: StreamConnection) -> None:
         self._streams.add(adapter)
@@ -673,8 +671,7 @@ class StreamResource(resource.Resource):
         if request.body_too_large:
             return self._too_large(request)
         hub = self.hub
-        slot = getattr(hub, "socket_opened", None)
-        if slot is not None and not slot():
+        if not hub.socket_opened():
             _answer(request, 503, p.encode_bytes(p.error_frame(
                 p.UNAVAILABLE, "the server takes no new connections; try again later")))
             return server.NOT_DONE_YET
@@ -682,7 +679,7 @@ class StreamResource(resource.Resource):
         if self.trust_proxy:
             ip = forwarded_ip(_proxy_headers(request)) or ip
         adapter = StreamConnection(self, secrets.token_urlsafe(24), (ip, next(_numbers)))
-        adapter._slot = slot is not None
+        adapter._slot = True
         adapter.open(request, request.content.getvalue())
         return server.NOT_DONE_YET
 
