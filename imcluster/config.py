@@ -187,6 +187,18 @@ def _http_urls(value: Any) -> list[str]:
     return [_url("http", "https")(u) for u in _str_list(value)]
 
 
+#: the events a business server may receive at webhook_url (HTTP-API.md)
+WEBHOOK_EVENTS = ("message.stored", "session.members", "user.online", "user.offline")
+
+
+def _webhook_events(value: Any) -> list[str]:
+    v = _str_list(value)
+    unknown = [e for e in v if e not in WEBHOOK_EVENTS]
+    if unknown:
+        raise ValueError(f"unknown event(s) {', '.join(unknown)}; known: {', '.join(WEBHOOK_EVENTS)}")
+    return v
+
+
 class PerDaemon(dict):
     """A default that differs between daemons: ``PerDaemon(gateway=50000, api=10000)``.
 
@@ -338,6 +350,11 @@ OPTIONS: list[Option] = [
          "accept queue of --ws/--tcp listeners without an explicit backlog= (reconnect storms need room)"),
     _opt("goodbye_timeout", _positive(_float), 5.0, G,
          "seconds a stopping gateway waits for its clients to close after 'going away'"),
+    _opt("typing_interval", _non_negative(_float), 1.0, G,
+         "seconds between two typing frames a connection may send for one session; the gateway drops "
+         "the others silently (0: forward every one)"),
+    _opt("presence_max", _positive(_int), 500, G,
+         "users one connection may follow with presence_subscribe (too_large beyond)"),
     # --- processor
     _opt("migrate", _bool, False, P, "apply pending migrations on start", flag=True),
     _opt("prefetch", _positive(_int), 1000, G | P | A,
@@ -370,6 +387,17 @@ OPTIONS: list[Option] = [
     _opt("filters", _str_list, ["keyword"], P | A,
          "moderation filters in order: plugin names or dotted names"),
     _opt("moderation_words", _str, None, P | A, "word list file for the keyword filter (one word a line)"),
+    _opt("presence_check", _non_negative(_float), 1.0, P,
+         "seconds between a processor's checks that each gateway's presence connection to Redis is "
+         "open (0: none; dead gateways then go offline only when WSSERVER_<uuid> expires)"),
+    _opt("presence_grace", _positive(_float), 4.0, P,
+         "seconds a gateway's presence connection may stay closed before its users are offline and "
+         "its entries are removed (a gateway killed without exiting)"),
+    _opt("webhook_url", _url("http", "https"), None, G | P | A,
+         "business server receiving the events (message.stored, session.members, user.online, "
+         "user.offline) as signed JSON POSTs, at least once, in order per session (empty: none)"),
+    _opt("webhook_events", _webhook_events, list(WEBHOOK_EVENTS),
+         G | P | A, "the events sent to webhook_url"),
     # --- api
     _opt("http", _endpoints, ["tcp:8090"], A, "HTTP API listening endpoint(s)", multi=True),
     _opt("api_key", _str_list, [], A, "admin key(s) for the HTTP API", secret=True, multi=True),

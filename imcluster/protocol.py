@@ -129,10 +129,16 @@ MESSAGE_SEND_REPLY = "message_send_reply"
 HISTORY = "history"
 READ = "read"
 SESSION_CREATE = "session_create"
+# version 1.1: typing and live presence (PROTOCOL.md "Typing", "Presence")
+TYPING = "typing"
+PRESENCE_SUBSCRIBE = "presence_subscribe"
+PRESENCE_UNSUBSCRIBE = "presence_unsubscribe"
 
-CLIENT_TYPES = frozenset({AUTH, PING, MESSAGE, MESSAGE_SEND_REPLY, HISTORY, READ, SESSION_CREATE})
-# what gateways forward to the processors (docs/internals.rst)
-FORWARDED_TYPES = frozenset({MESSAGE, MESSAGE_SEND_REPLY, HISTORY, READ, SESSION_CREATE})
+CLIENT_TYPES = frozenset({AUTH, PING, MESSAGE, MESSAGE_SEND_REPLY, HISTORY, READ, SESSION_CREATE,
+                          TYPING, PRESENCE_SUBSCRIBE, PRESENCE_UNSUBSCRIBE})
+# what gateways forward to the processors (docs/internals.rst); presence frames are
+# answered by the gateway itself (imcluster/gateway/presence.py)
+FORWARDED_TYPES = frozenset({MESSAGE, MESSAGE_SEND_REPLY, HISTORY, READ, SESSION_CREATE, TYPING})
 
 #: tokens a frame draws from its connection's bucket (``rate_limit``, ``rate_burst``;
 #: PROTOCOL.md "Framing"): the frames that make the server work draw one;
@@ -149,6 +155,9 @@ RATE_COST = {
     SESSION_CREATE: 1,
     HISTORY: 1,
     READ: 1,
+    TYPING: 1,
+    PRESENCE_SUBSCRIBE: 1,
+    PRESENCE_UNSUBSCRIBE: 0,  # work only a gateway does, and less of it
 }
 
 # --- limits fixed by the protocol (sizes and rates are configuration)
@@ -587,6 +596,17 @@ def _v_session_create(frame: dict, out: dict) -> None:
     _session_id(frame, out, required=False)
 
 
+def _v_typing(frame: dict, out: dict) -> None:
+    _session_id(frame, out)
+
+
+def _v_presence_users(frame: dict, out: dict) -> None:
+    users = frame.get("users")
+    if not isinstance(users, list) or not all(is_user_id(u) for u in users):
+        raise _bad("'users' must be a list of user ids (1-128 characters of A-Z a-z 0-9 _ . @ -)", frame)
+    out["users"] = list(dict.fromkeys(users))  # a user named twice is one subscription
+
+
 _VALIDATORS = {
     AUTH: _v_auth,
     PING: _v_ping,
@@ -595,4 +615,7 @@ _VALIDATORS = {
     HISTORY: _v_history,
     READ: _v_read,
     SESSION_CREATE: _v_session_create,
+    TYPING: _v_typing,
+    PRESENCE_SUBSCRIBE: _v_presence_users,
+    PRESENCE_UNSUBSCRIBE: _v_presence_users,
 }
