@@ -376,6 +376,10 @@ class _SubscriberProtocol(txredisapi.RedisProtocol):
                 return
             if kind in ("subscribe", "unsubscribe"):
                 return
+        if reply == "PONG":  # PING before any SUBSCRIBE: a plain reply
+            if self.pings:
+                self.pings.popleft().callback(None)
+            return
         if isinstance(reply, Exception):
             self.owner.log.warn("Redis pub/sub error: {err}", err=reply)
 
