@@ -162,6 +162,9 @@ def run_load(args: argparse.Namespace, gw_ports: list[int], secret: str, gw_pids
                     self.authed.errback(RuntimeError(str(frame)))
             elif kind == "presence_reply":
                 counts["replies"] += 1
+                if not frame.get("ok"):
+                    code = frame["error"]["code"]
+                    counts[f"reply_{code}"] = counts.get(f"reply_{code}", 0) + 1
                 if not self.replied.called:
                     self.replied.callback(frame)
             elif kind == "presence":
@@ -175,6 +178,7 @@ def run_load(args: argparse.Namespace, gw_ports: list[int], secret: str, gw_pids
                         break
             elif kind == "error":
                 counts["errors"] += 1
+                counts[f"error_{frame.get('code')}"] = counts.get(f"error_{frame.get('code')}", 0) + 1
 
     class Factory(protocol.ClientFactory):
         def __init__(self, user: str) -> None:
@@ -203,9 +207,12 @@ def run_load(args: argparse.Namespace, gw_ports: list[int], secret: str, gw_pids
                                   consumeErrors=True)
         connected = time.monotonic() - began
         began = time.monotonic()
-        for u in users:
+        def subscribe(u: str) -> defer.Deferred:
             clients[u].send({"type": "presence_subscribe", "id": "s", "users": follows[u]})
-        await defer.gatherResults([c.replied for c in clients.values()], consumeErrors=True)
+            return clients[u].replied
+
+        # at most 200 waiting at once, as the logins: a steady arrival, not one burst
+        await defer.gatherResults([sem.run(subscribe, u) for u in users], consumeErrors=True)
         subscribed = time.monotonic() - began
         await task.deferLater(reactor, 1.0, lambda: None)
         counts["presence"] = 0
@@ -251,6 +258,7 @@ def run_load(args: argparse.Namespace, gw_ports: list[int], secret: str, gw_pids
             "transitions": transitions,
             "presence_frames": counts["presence"], "presence_frames_expected_at_most": expected,
             "same_state_repeats": repeats, "errors": counts["errors"],
+            **{k: v for k, v in counts.items() if k.startswith(("reply_", "error_"))},
             "delay_p50_ms": round(pct(0.5) * 1000, 1), "delay_p99_ms": round(pct(0.99) * 1000, 1),
             "delay_max_ms": round(delays[-1] * 1000, 1) if delays else None,
             "redis_commands": rd["commands"], "redis_bytes_in": rd["bytes_in"], "redis_bytes_out": rd["bytes_out"],

@@ -38,6 +38,12 @@ project's protocol reference for those points):
 * ``session_create``: ``members`` is a list of user ids (PROTOCOL.md's
   ``sub`` rule); ``sessionId`` is optional (absent or ``null``: the server
   picks one).
+* ``typing``: ``sessionId`` as for ``message``; refusals are ``error``
+  frames (``not_member``, ``no_session``), success has no reply.
+* ``presence_subscribe`` / ``presence_unsubscribe``: ``users`` is a list of
+  user ids (a user named twice counts once; the list may be empty). Both
+  are answered ``presence_reply`` (``ok:false`` with ``too_large`` or
+  ``unavailable``); ``presence_unsubscribe`` does not draw from the bucket.
 * ``ping`` before ``auth`` gets ``not_authenticated`` like any other frame
   (PROTOCOL.md: "any other frame").
 * A frame over the rate limit is answered like a failed one: a ``message``

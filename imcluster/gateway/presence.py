@@ -80,6 +80,38 @@ class TypingGate:
         self._last.pop(conn, None)
 
 
+class _Load:
+    """Users subscribed then read together; the frames waiting for them."""
+
+    __slots__ = ("users", "waiters", "result", "done")
+
+    def __init__(self) -> None:
+        self.users: set[str] = set()
+        self.waiters: list[defer.Deferred] = []
+        self.done = False
+        self.result: Any = None
+
+    def wait(self) -> defer.Deferred:
+        d = defer.Deferred()
+        if self.done:
+            self._give(d)
+        else:
+            self.waiters.append(d)
+        return d
+
+    def fire(self, result: Any) -> None:
+        self.done, self.result = True, result
+        waiters, self.waiters = self.waiters, []
+        for d in waiters:
+            self._give(d)
+
+    def _give(self, d: defer.Deferred) -> None:
+        if isinstance(self.result, Failure):
+            d.errback(self.result)
+        else:
+            d.callback(None)
+
+
 class PresenceHub:
     """Presence subscriptions of one gateway's connections (module docstring)."""
 
@@ -100,9 +132,10 @@ class PresenceHub:
         self._followers: dict[str, set[Any]] = {}
         #: user -> (ts, online): the latest state known, for the users followed here
         self._known: dict[str, tuple[int, bool]] = {}
-        #: user -> waiters of the subscribe-then-read in flight (or due this turn)
-        self._loading: dict[str, list[defer.Deferred]] = {}
-        self._to_load: dict[str, list[defer.Deferred]] = {}
+        #: user -> the subscribe-then-read in flight for it
+        self._loading: dict[str, _Load] = {}
+        #: the users to subscribe and read at the end of this turn
+        self._next_load: _Load | None = None
         self._to_drop: set[str] = set()
         self._call: Any = None
         self._liveness: str | None = None
@@ -150,18 +183,24 @@ class PresenceHub:
             if not follows:
                 del self._follows[conn]
             return defer.succeed(None)
-        waits = []
         for u in new:
             follows[u] = None
             self._followers.setdefault(u, set()).add(conn)
             self._to_drop.discard(u)
+        # one wait per batch of loads the frame's users are in (usually one), not one per user
+        waits = {}
         for u in users:
-            if u in self._known and u not in self._loading:
-                continue
-            waits.append(self._load(u))
+            batch = self._loading.get(u)
+            if batch is None:
+                if u in self._known:
+                    continue
+                batch = self._batch_to_load()
+                batch.users.add(u)
+            waits[id(batch)] = batch
         if not waits:
             self._answer(conn, frame, users)
             return defer.succeed(None)
+        waits = [b.wait() for b in waits.values()]
         d = defer.gatherResults(waits, consumeErrors=True)
 
         def loaded(_: Any) -> None:
@@ -213,17 +252,12 @@ class PresenceHub:
                 self._to_drop.add(user)
                 self._schedule()
 
-    def _load(self, user: str) -> defer.Deferred:
-        """Subscribe ``user``'s channel, then read its state (batched with the others of this turn)."""
-        done = defer.Deferred()
-        waiters = self._loading.get(user)
-        if waiters is None:
-            waiters = self._to_load.get(user)
-        if waiters is None:
-            waiters = self._to_load[user] = []
+    def _batch_to_load(self) -> "_Load":
+        """The batch of users to subscribe and read at the end of this reactor turn."""
+        if self._next_load is None:
+            self._next_load = _Load()
             self._schedule()
-        waiters.append(done)
-        return done
+        return self._next_load
 
     def _schedule(self) -> None:
         if self._call is None:
@@ -237,25 +271,21 @@ class PresenceHub:
             for u in drop:
                 self._known.pop(u, None)
             self.subscriber.unsubscribe([state_key(self.prefix, u) for u in drop])
-        batch, self._to_load = self._to_load, {}
-        if not batch:
+        batch, self._next_load = self._next_load, None
+        if batch is None:
             return
-        users = list(batch)
-        self._loading.update(batch)
+        users = list(batch.users)
+        for u in users:
+            self._loading[u] = batch
         d = self.subscriber.subscribe([state_key(self.prefix, u) for u in users])
         d.addCallback(lambda _: self.tracker.states(users))
         d.addCallback(lambda result: self._apply_read(*result))
 
         def finish(r: Any) -> None:
             for u in users:
-                waiters = batch[u]
-                if self._loading.get(u) is waiters:
+                if self._loading.get(u) is batch:
                     del self._loading[u]
-                for w in waiters:
-                    if isinstance(r, Failure):
-                        w.errback(r)
-                    else:
-                        w.callback(None)
+            batch.fire(r)
 
         d.addBoth(finish)
 
