@@ -142,6 +142,7 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--json")
+    ap.add_argument("--keep", action="store_true", help="keep the daemons' logs (printed path)")
     args = ap.parse_args()
     if args.tiny:
         args.senders, args.sessions, args.seconds = 20, 5, 4.0
@@ -199,7 +200,10 @@ def main() -> int:
             conn.close()
         except Exception as e:  # noqa: BLE001
             print(f"cleanup: {e}", file=sys.stderr)
-        shutil.rmtree(workdir, ignore_errors=True)
+        if args.keep:
+            print(f"logs in {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
     width = max(len(k) for k in figures)
     print("typing: senders on gateway1, receivers on gateway2, one processor")
     for k, v in figures.items():

@@ -304,3 +304,42 @@ def test_liveness_watch_reaps_a_gateway_whose_presence_connection_is_gone():
     assert tracker.states(["alice"]).result[1]["alice"][1] is False
     assert registry.servers().result == {"gw2"}
     assert watch.run().result == []
+
+
+# --- the processors' typing handler (fakes)
+
+
+def test_typing_handler_routes_a_big_window_with_one_membership_lookup():
+    """Hundreds of typing frames in one window must be routed (not overflow the stack) for one store call."""
+    from imcluster.testing import FakeStore
+    from tests.test_processor_service import GW1, GW2, Rig, frame_item, group
+
+    class SlowStore(FakeStore):
+        """PostgreSQL answers on a later turn: the window's items queue behind the query semaphore."""
+
+        def session_members(self, session_ids):
+            d = super().session_members(session_ids)
+            return task.deferLater(rig.clock, 0.01, lambda: d)
+
+    rig = Rig(batch_size=1000, store=SlowStore())
+    rig.gateway(GW1)
+    rig.gateway(GW2)
+    group(rig, "g", "alice", "bob")
+    a1, a2, b = rig.connect(GW1, "alice"), rig.connect(GW2, "alice"), rig.connect(GW2, "bob")
+    e = rig.connect(GW1, "eve")
+    items = [frame_item(a1, "alice", {"type": "typing", "sessionId": "g"}) for _ in range(400)]
+    items.append(frame_item(e, "eve", {"type": "typing", "sessionId": "g", "id": 9}))
+    items.append(frame_item(e, "eve", {"type": "typing", "sessionId": "nope"}))
+    items.append(frame_item(a1, "alice", {"type": "typing", "sessionId": "p2p:alice:zed"}))
+    before = len(rig.calls("session_members"))
+    rig.send(*items)
+    assert len(rig.calls("session_members")) - before == 1
+    typing = {"type": "typing", "sessionId": "g", "userId": "alice"}
+    assert rig.frames_to(b) == [typing] * 400
+    # the sender's other device gets its 1:1 typing too
+    assert rig.frames_to(a2) == [typing] * 400 + [{"type": "typing", "sessionId": "p2p:alice:zed", "userId": "alice"}]
+    assert rig.frames_to(a1) == []
+    errors = rig.frames_to(e)
+    assert [(f["code"], f.get("ref")) for f in errors] == [("not_member", 9), ("no_session", None)]
+    assert rig.unacked() == 0
+    assert rig.store.calls and not [n for n, _ in rig.store.calls if n in ("store_messages", "begin_window")]

@@ -151,6 +151,8 @@ class PresenceHub:
         Done before the gateway registers: a processor never sees it
         registered without that subscription.
         """
+        if self._liveness is not None:
+            self.subscriber.unsubscribe([self._liveness])  # a restart: a new uuid
         self._liveness = liveness_channel(self.prefix, server_id)
         d = defer.maybeDeferred(self.subscriber.start)
         d.addCallback(lambda _: self.subscriber.subscribe([self._liveness]))

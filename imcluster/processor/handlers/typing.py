@@ -56,7 +56,7 @@ class TypingHandler(Handler):
         shared = self._lookups.pop(item, None)
         if shared is None:  # pragma: no cover (prepare always runs first)
             shared = _Shared(p.store.session_members([item.frame["sessionId"]]))
-        return shared.wait().addCallback(self._members_of, item)
+        return shared.wait(p.clock).addCallback(self._members_of, item)
 
     @staticmethod
     def _members_of(members: dict, item: "Item") -> list[str]:
@@ -112,10 +112,12 @@ class _Shared:
         else:
             w.callback(self.result)
 
-    def wait(self) -> defer.Deferred:
+    def wait(self, clock: Any) -> defer.Deferred:
         w = defer.Deferred()
         if self.done:
-            self._give(w)
+            # on the next turn: answered at once, the pipeline's query semaphore would run the
+            # next item from this one's callback, and so on, one stack frame deeper each
+            clock.callLater(0, self._give, w)
         else:
             self.waiters.append(w)
         return w
