@@ -74,7 +74,9 @@ class LivenessWatch:
         dead = []
         for uuid, value in zip(servers, values):
             if value is None:
-                self.reaper.check(uuid)  # expired: the ordinary reap, now rather than at the next heartbeat
+                # expired: the ordinary reap, now rather than at the next heartbeat
+                self.reaper.check(uuid).addErrback(
+                    lambda f, u=uuid: self.log.warn("reaping {uuid}: {err}", uuid=u, err=f.getErrorMessage()))
                 continue
             if counts.get(liveness_channel(self.prefix, uuid), 0) > 0:
                 self._seen.add(uuid)
