@@ -23,7 +23,8 @@ from tests.support.cluster import Cluster, _delete_redis_prefix
 from tests.support.ids import POSTGRES_DSN, unique
 from tests.support.postgres import drop_schema
 from tests.support.waiting import eventually, sleep
-from tests.test_protocol_conformance import Conn, create_session, login, p2p
+from tests.test_protocol_conformance import Conn, create_session, p2p
+from tests.test_protocol_conformance import login as _login
 
 pytestmark = pytest.mark.slow
 
@@ -71,6 +72,24 @@ async def env(tmp_path_factory):
         await cleanup_namespace(namespace, [f"{namespace}.webhooks", *cluster.extra_queues], cluster.amqp_url)
         await _delete_redis_prefix(prefix)
         drop_schema(schema)
+
+
+_OPEN: list[Conn] = []
+
+
+async def login(*args, **kw) -> Conn:
+    """The conformance suite's login; the connection is closed after the test."""
+    conn = await _login(*args, **kw)
+    _OPEN.append(conn)
+    return conn
+
+
+@pytest.fixture(autouse=True)
+def _close_connections():
+    """A streaming client left open polls a gateway that is gone after the module: close them all."""
+    yield
+    while _OPEN:
+        _OPEN.pop().close()
 
 
 async def quiet(conn: Conn, frame_type: str, seconds: float = 0.6) -> list[dict]:
