@@ -375,3 +375,23 @@ async def test_presence_of_a_killed_gateways_users_turns_offline_fast(cluster, p
     await login(env, bob, "ws")
     await next_presence(a, bob, True, timeout=PRESENCE_BOUND)
     assert c2.client.connected
+
+
+@pytest_twisted.ensureDeferred
+async def test_presence_of_a_killed_gateway_without_the_liveness_watch_within_server_ttl(cluster, pg_schema):
+    """Without the liveness watch, a crashed gateway's users must still go offline within --server-ttl."""
+    ttl = 4.0
+    gw1 = await cluster.start_gateway(server_ttl=ttl, heartbeat=1.0)
+    gw2 = await cluster.start_gateway(server_ttl=ttl, heartbeat=1.0)
+    await cluster.start_processor(presence_check=0, server_ttl=ttl, heartbeat=1.0)
+    env = Env(cluster, gw1, gw2)
+    alice, bob = unique("alice"), unique("bob")
+    a = await login(env, alice, "tcp")
+    await login(env, bob, "ws", gw=gw2)
+    assert (await subscribe(a, [bob]))["users"][0]["online"] is True
+    start = time.monotonic()
+    assert await gw2.kill() == -9
+    await next_presence(a, bob, False, timeout=ttl + 10)
+    took = time.monotonic() - start
+    # the key expires at most --server-ttl after the last refresh; the reaper runs every --heartbeat
+    assert took <= ttl + 1.0 + 1.5, f"offline after {took:.1f}s (--server-ttl {ttl}s, --heartbeat 1s)"
