@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer, task
+from twisted.internet import task
 
 from imcluster import presence as pr
 from imcluster.gateway.presence import PresenceHub, TypingGate

@@ -18,7 +18,6 @@ import pytest_twisted
 from twisted.internet import defer, threads
 
 from tests.support.bus import cleanup_namespace
-from tests.support.clients import FrameTimeout
 from tests.support.cluster import Cluster, _delete_redis_prefix
 from tests.support.ids import POSTGRES_DSN, unique
 from tests.support.postgres import drop_schema
