@@ -23,6 +23,13 @@ the transport adapters take per accepted socket (``socket_opened``,
    heartbeat), clients are told "going away", every Redis entry of this
    gateway is removed, then the AMQP connection closes.
 
+Typing and live presence (PROTOCOL.md 1.1) live in
+:mod:`imcluster.gateway.presence`: ``typing`` frames pass a per-connection
+and per-session gate before they are forwarded, ``presence_subscribe`` /
+``presence_unsubscribe`` are answered here, and every change of connection
+entries is followed by ``Tracker.reconcile`` for its users (transitions,
+detected once in Redis: :mod:`imcluster.presence`).
+
 A heartbeat (a :class:`~imcluster.service.GuardedLoop` child) refreshes
 ``WSSERVER_<uuid>``; when Redis has lost it (or after a Redis reconnect) the
 gateway writes its key and every live connection again.
@@ -482,12 +489,16 @@ class GatewayService(AsyncMultiService):
                 removed = yield self.registry.unregister_server(self.server_id)
                 self.log.info("gateway {uuid}: removed its Redis entries ({n} connections)",
                               uuid=self.server_id, n=removed)
-                # its users without a connection elsewhere are offline now
-                yield self.tracker.reconcile(users)
             except Exception as e:
                 self.log.error("gateway {uuid}: could not remove its Redis entries ({err}); "
                                "the reaper removes them once WSSERVER_ expires",
                                uuid=self.server_id, err=e)
+            try:
+                # its users without a connection elsewhere are offline now (presence frames, user.offline)
+                yield self.tracker.reconcile(users)
+            except Exception as e:
+                self.log.warn("gateway {uuid}: presence of its {n} users not checked at exit ({err}); "
+                              "their next login or logout corrects it", uuid=self.server_id, n=len(users), err=e)
         try:
             yield self._with_timeout(closed, c.goodbye_timeout, "clients closing")
         except TimeoutError:
