@@ -170,7 +170,8 @@ def main() -> int:
                                   "--jwt-secret", secret, "--tcp", f"tcp:{port}:interface=127.0.0.1",
                                   "--ws", "tcp:0:interface=127.0.0.1", "--stream", "tcp:0:interface=127.0.0.1",
                                   "--advertise", "127.0.0.1"],
-                                 stdout=open(workdir / f"gw{i}.log", "w"), stderr=subprocess.STDOUT, env=env, cwd=workdir)
+                                 stdout=open(workdir / f"gw{i}.log", "w"), stderr=subprocess.STDOUT,
+                                 env=env, cwd=workdir)
             procs.append(p)
             pids[f"gateway{i + 1}"] = p.pid
             ports.append(port)
