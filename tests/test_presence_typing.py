@@ -368,6 +368,7 @@ async def test_presence_of_a_killed_gateways_users_turns_offline_fast(cluster, p
     assert await gw2.kill() == -9
     frame, _ = await next_presence(a, bob, False, timeout=ttl)
     took = time.monotonic() - start
+    print(f"offline {took:.2f}s after SIGKILL (presence_grace {grace}s, --server-ttl {ttl}s)")
     assert took < grace + 4.0 < ttl, f"offline after {took:.1f}s (grace {grace}s, --server-ttl {ttl}s)"
     assert [f for f in await quiet(a, "presence", 1.0) if f["userId"] == carol] == []
     # and the presence of a user who comes back on the surviving gateway follows
@@ -392,5 +393,6 @@ async def test_presence_of_a_killed_gateway_without_the_liveness_watch_within_se
     assert await gw2.kill() == -9
     await next_presence(a, bob, False, timeout=ttl + 10)
     took = time.monotonic() - start
+    print(f"offline {took:.2f}s after SIGKILL without the liveness watch (--server-ttl {ttl}s)")
     # the key expires at most --server-ttl after the last refresh; the reaper runs every --heartbeat
     assert took <= ttl + 1.0 + 1.5, f"offline after {took:.1f}s (--server-ttl {ttl}s, --heartbeat 1s)"
