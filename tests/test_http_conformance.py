@@ -116,7 +116,8 @@ async def start(cluster, gateway=False, processor=False, **api_opts):
 @pytest_twisted.ensureDeferred
 async def test_errors_sessions_and_members(cluster, pg_schema):
     """A client written against HTTP-API.md gets the documented status and error body on every route and case."""
-    api, _, c = await start(cluster, max_body_size=SMALL_BODY)
+    # member changes are members events the processors store (PROTOCOL.md 1.1)
+    api, _, c = await start(cluster, processor=True, max_body_size=SMALL_BODY)
     port = api.http_port
     alice, bob, carol = (cluster.token(u) for u in ("alice", "bob", "carol"))
 
@@ -236,6 +237,23 @@ async def test_errors_sessions_and_members(cluster, pg_schema):
                    "/v1/sessions")
     assert r.status == 201 and r.json == {"sessionId": "g2", "kind": "group", "members": ["alice", "bob"]}
     r = await call(port, "POST", "/v1/sessions/g2/members", {"add": ["carol"]}, alice, c, "/v1/sessions/{id}/members")
+    assert r.status == 403
+
+    # read cursors: members and the admin; recall: no such message is 404, a non-member 403
+    read = "/v1/sessions/{id}/read"
+    for credential in (alice, carol, ADMIN_KEY):
+        r = await call(port, "GET", "/v1/sessions/g1/read", None, credential, c, read)
+        assert r.status == 200 and r.json == {"sessionId": "g1", "cursors": [
+            {"userId": "alice", "seq": 0}, {"userId": "carol", "seq": 0}]}
+    r = await call(port, "GET", "/v1/sessions/g1/read", None, bob, c, read)
+    assert r.status == 403
+    r = await call(port, "GET", "/v1/sessions/nope/read", None, ADMIN_KEY, c, read)
+    assert r.status == 404
+    recall = "/v1/sessions/{id}/messages/{msgId}/recall"
+    for msg_id in ("123456789", "x"):
+        r = await call(port, "POST", f"/v1/sessions/g1/messages/{msg_id}/recall", None, alice, c, recall)
+        assert r.status == 404 and r.error_code == "not_found", msg_id
+    r = await call(port, "POST", "/v1/sessions/g1/messages/1/recall", None, bob, c, recall)
     assert r.status == 403
 
     # a user's sessions: that user or the admin; presence: any user or the admin
