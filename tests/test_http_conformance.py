@@ -95,6 +95,8 @@ async def next_message(client):
     seen = client.__dict__.setdefault("_seen_msg_ids", set())
     while True:
         frame = await client.receive_type("message_send")
+        if "kind" in frame:  # a 1:1 event (PROTOCOL.md 1.1: members changes here), not a message
+            continue
         if frame["msgId"] not in seen:
             seen.add(frame["msgId"])
             return frame
@@ -425,7 +427,8 @@ async def test_messages_dedup_delivery_and_unread(cluster, pg_schema):
     reply = await bob.receive_type("session_reply", skip=("message_send", "read_receipt"))
     assert reply["ok"] and reply["members"] == ["bob", "carol"]
     r = await call(port, "GET", "/v1/sessions/wire-made", None, tok["carol"], c, "/v1/sessions/{id}")
-    assert r.json == {"sessionId": "wire-made", "kind": "group", "members": ["bob", "carol"], "lastSeq": 0}
+    # lastSeq 1: the group's members event (PROTOCOL.md 1.1)
+    assert r.json == {"sessionId": "wire-made", "kind": "group", "members": ["bob", "carol"], "lastSeq": 1}
     r = await call(port, "POST", "/v1/sessions/wire-made/members", {"add": ["alice"]}, tok["carol"], c,
                    "/v1/sessions/{id}/members")
     assert r.status == 403
@@ -444,6 +447,9 @@ async def test_messages_dedup_delivery_and_unread(cluster, pg_schema):
     assert r.status == 201
     for client in (alice, carol):
         assert (await next_message(client))["clientMsgId"] == "after"
+    # the removal reached bob as his last entry of the session (PROTOCOL.md 1.1)
+    room = [f for f in bob.received if f.get("type") == "message_send" and f["sessionId"] == "room"]
+    assert room[-1]["kind"] == "members" and room[-1]["body"] == {"added": [], "removed": ["bob"]}
     r = await call(port, "POST", "/v1/sessions/p2p:bob:carol/messages", {"clientMsgId": "mark", "body": 1},
                    tok["carol"], c, msgs)
     assert r.status == 201
