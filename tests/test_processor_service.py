@@ -673,3 +673,28 @@ def test_acks_in_a_p2p_session_send_the_sender_a_delivery_receipt(rig):
     assert [f for f in rig.frames_to(b1) if f["type"] == "delivery_receipt"] == []
     rig.send(frame_item(b1, "bob", {"type": "message_send_reply", "msgIds": ids}))  # again: nothing new
     assert len([f for f in rig.frames_to(a1) if f["type"] == "delivery_receipt"]) == 1
+
+
+def test_edits_pass_the_moderation_filters():
+    """An edit would smuggle in what moderation refuses in a message."""
+    class Shout:
+        name = "shout"
+
+        def check(self, message):
+            if message["body"] == {"text": "quiet"}:
+                return defer.succeed(Verdict.replace({"text": "QUIET"}))
+            return Verdict.accept()
+
+    r = Rig(filters=[KeywordFilter(["darn"]), Shout()])
+    r.gateway(GW1)
+    group(r, "g", "alice", "bob")
+    a1, b1 = r.connect(GW1, "alice"), r.connect(GW1, "bob")
+    r.send(message(a1, "alice", "m", "g", {"text": "fine"}))
+    msg_id = r.frames_to(a1)[0]["msgId"]
+    r.send(frame_item(a1, "alice", {"type": "edit", "id": 1, "msgId": msg_id, "body": {"text": "darn"}}),
+           frame_item(a1, "alice", {"type": "edit", "id": 2, "msgId": msg_id, "body": {"text": "quiet"}}))
+    replies = {f["id"]: f for f in r.frames_to(a1) if f["type"] == "edit_reply"}
+    assert replies[1]["ok"] is False and replies[1]["error"]["code"] == "rejected"
+    assert replies[2]["ok"] is True
+    assert [f["body"] for f in r.frames_to(b1) if f.get("kind") == "edit"] == [{"text": "QUIET"}]
+    assert r.store.messages[int(msg_id)]["body"] == {"text": "QUIET"}

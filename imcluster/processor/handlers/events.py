@@ -26,7 +26,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Iterable
 
-from imcluster import protocol
 from imcluster.processor.handlers.base import Handler, client_code
 from imcluster.processor.handlers.message import MessageHandler
 from imcluster.store import Event, StoreError
@@ -43,7 +42,7 @@ class EventHandler(Handler):
     #: the reply's type
     reply_type = ""
 
-    def event(self, p: "Pipeline", item: "Item") -> Event:
+    def event(self, p: "Pipeline", w: "Window", item: "Item") -> Event:
         raise NotImplementedError
 
     async def store(self, p: "Pipeline", w: "Window", items: list["Item"], locked: "_Turn") -> None:
@@ -51,7 +50,7 @@ class EventHandler(Handler):
             if id(item) in w.answers:
                 continue  # stored by a run before this one
             try:
-                w.answers[id(item)] = ("ok", await p.store.store_event(self.event(p, item)))
+                w.answers[id(item)] = ("ok", await p.store.store_event(self.event(p, w, item)))
             except StoreError as e:
                 w.answers[id(item)] = ("error", e)
 

@@ -26,7 +26,7 @@ class MembersHandler(EventHandler):
     type = protocol.MEMBERS
     reply_type = "members_reply"
 
-    def event(self, p: "Pipeline", item: "Item") -> Event:
+    def event(self, p: "Pipeline", w: "Window", item: "Item") -> Event:
         f = item.frame
         return Event(MEMBERS, item.user_id, f["clientMsgId"], session_id=f["sessionId"],
                      add=tuple(f.get("add", ())), remove=tuple(f.get("remove", ())), ts_ms=item.ts,

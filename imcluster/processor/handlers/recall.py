@@ -16,14 +16,14 @@ from imcluster.processor.handlers.events import EventHandler
 from imcluster.store import RECALL, Event
 
 if TYPE_CHECKING:
-    from imcluster.processor.pipeline import Item, Pipeline
+    from imcluster.processor.pipeline import Item, Pipeline, Window
 
 
 class RecallHandler(EventHandler):
     type = protocol.RECALL
     reply_type = "recall_reply"
 
-    def event(self, p: "Pipeline", item: "Item") -> Event:
+    def event(self, p: "Pipeline", w: "Window", item: "Item") -> Event:
         f = item.frame
         return Event(RECALL, item.user_id, f"recall:{f['msgId']}"[:64], session_id=f.get("sessionId"),
                      ref=f["msgId"], ts_ms=item.ts, trusted=item.trusted,
