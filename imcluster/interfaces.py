@@ -198,6 +198,9 @@ class IMessageStore(Interface):
     def store_messages(batch):
         """``begin_window(batch)`` then ``commit(())``: ``[Stored | Rejected]`` in batch order."""
 
+    def stored_keys(keys):
+        """The ``(sender, clientMsgId)`` keys of ``keys`` stored already, as a set (de-duplication before moderation)."""
+
     def mark_sending(pairs):
         """``pending`` -> ``sending`` for ``(user_id, msg_id)`` pairs; fires with the count."""
 

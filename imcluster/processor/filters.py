@@ -105,8 +105,13 @@ _ASCII_WORD = "A-Za-z0-9_"
 
 
 def default_words_path() -> Path:
-    """``etc/badwords.txt`` of the source tree (the default word list when ``moderation_words`` is unset)."""
-    return Path(__file__).resolve().parents[2] / "etc" / "badwords.txt"
+    """``imcluster/data/badwords.txt``, shipped as package data: the word list when ``moderation_words`` is unset.
+
+    An installed processor (a wheel, no source tree) moderates as a checkout does.
+    """
+    from importlib import resources
+
+    return Path(str(resources.files("imcluster").joinpath("data", "badwords.txt")))
 
 
 def read_words(path: str | Path) -> list[str]:
@@ -218,7 +223,7 @@ def _map_strings(value: Any, fn: Callable[[str], str]) -> Any:
 
 
 def keyword_filter(config: Any) -> KeywordFilter:
-    """The ``keyword`` plugin: words from ``moderation_words`` (default ``etc/badwords.txt``)."""
+    """The ``keyword`` plugin: words from ``moderation_words`` (default: the shipped ``imcluster/data/badwords.txt``)."""
     path = config.values.get("moderation_words")
     action = config.values.get("moderation_action") or REJECT
     if path is None:
