@@ -54,7 +54,9 @@ from twisted.application import service
 from twisted.internet import defer, task
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool, readBody
+from twisted.internet import protocol as tprotocol
+from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
+from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
@@ -92,6 +94,37 @@ class _Bytes:
         pass
 
 
+class _Collect(tprotocol.Protocol):
+    """Reads a response body up to ``limit`` bytes (more: the call fails)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.parts: list[bytes] = []
+        self.size = 0
+        self.done: defer.Deferred = defer.Deferred(lambda _: self._abort())
+
+    def _abort(self) -> None:
+        if self.transport is not None:
+            self.transport.stopProducing()
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802 (Twisted API)
+        self.size += len(data)
+        if self.size > self.limit:
+            self._abort()
+            if not self.done.called:
+                self.done.errback(CallFailed(f"answer above {self.limit} bytes"))
+            return
+        self.parts.append(data)
+
+    def connectionLost(self, reason: Failure = None) -> None:  # noqa: N802 (Twisted API)
+        if self.done.called:
+            return
+        if reason is None or reason.check(ResponseDone, PotentialDataLoss):
+            self.done.callback(b"".join(self.parts))
+        else:
+            self.done.errback(reason)
+
+
 class CallFailed(Exception):
     """A call to a business server that did not succeed (error, timeout, status)."""
 
@@ -104,11 +137,12 @@ class HTTPCaller:
     ``timeout`` seconds: the request is cancelled).
     """
 
-    def __init__(self, secret: str, reactor: Any = None, persistent: int = 32) -> None:
+    def __init__(self, secret: str, reactor: Any = None, persistent: int = 32, limit: int = 1048576) -> None:
         if reactor is None:
             from twisted.internet import reactor
         self.reactor = reactor
         self.secret = secret or ""
+        self.limit = limit
         self.pool = HTTPConnectionPool(reactor, persistent=True)
         self.pool.maxPersistentPerHost = persistent
         self.pool.retryAutomatically = False  # a POST is not retried behind our back
@@ -127,7 +161,9 @@ class HTTPCaller:
 
         async def call() -> tuple[int, bytes]:
             response = await self.agent.request(b"POST", url.encode(), headers, _Bytes(body))
-            return response.code, await readBody(response)
+            reader = _Collect(self.limit)
+            response.deliverBody(reader)
+            return response.code, await reader.done
 
         d = defer.Deferred.fromCoroutine(call())
         d.addTimeout(timeout, self.reactor)
@@ -367,7 +403,7 @@ class WebhookService(service.Service):
         self.first_delay = float(v.get("retry_delay", 0.5))
         self.max_delay = float(v.get("retry_max_delay", 30.0))
         self.prefetch = int(v.get("webhook_prefetch", 200))
-        self.caller = caller or HTTPCaller(v.get("webhook_secret") or "")
+        self.caller = caller or HTTPCaller(v.get("webhook_secret") or "", limit=v.get("max_body_size", 1048576))
         if clock is None:
             from twisted.internet import reactor as clock
         self.clock = clock
@@ -532,7 +568,7 @@ def build(config: Any, bus: Any) -> tuple[list, Outgoing | None, WebhookService 
     caller = None
     filters: list = []
     if v.get("moderation_url"):
-        caller = HTTPCaller(v.get("webhook_secret") or "")
+        caller = HTTPCaller(v.get("webhook_secret") or "", limit=v.get("max_body_size", 1048576))
         filters.append(ModerationService.from_config(config, caller))
     outgoing = Outgoing(bus, config)
     webhooks = WebhookService(config, bus) if v.get("webhook_url") else None

@@ -1,0 +1,314 @@
+"""Calls to business servers (HTTP-API.md): moderation service, webhooks, push requests.
+
+The real ProcessorService on the real RabbitMQ, Redis and PostgreSQL (the
+rig of tests/test_processor_integration.py), with a fake business server in
+the test's process (tests/support/business.py): the shipped example
+moderation server and a webhook receiver that checks every signature.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest_twisted
+from twisted.internet import defer, endpoints, reactor
+
+from imcluster import metrics
+from imcluster.processor.business import HTTPCaller, ModerationService, Outgoing, WebhookService
+from imcluster.store import Incoming
+from tests.support.business import BusinessServer
+from tests.support.waiting import sleep
+from tests.test_processor_integration import (  # noqa: F401 (fixtures)
+    eventually, frame, message, processor_config, rig, rows)
+
+
+@pytest_twisted.async_yield_fixture
+async def biz():
+    server = await BusinessServer().start()
+    yield server
+    await server.stop()
+
+
+async def _closed_port_url() -> str:
+    """The URL of a port nobody listens on (a moderation service that is down)."""
+    from twisted.web import resource, server
+
+    port = await endpoints.TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+        server.Site(resource.Resource()))
+    n = port.getHost().port
+    await port.stopListening()
+    return f"http://127.0.0.1:{n}/moderate"
+
+
+def _moderator(url, secret="s3cret", timeout=2.0, failure="reject"):
+    return ModerationService(url, HTTPCaller(secret), timeout, failure)
+
+
+async def _with_outgoing(svc, **changes):
+    """Give ``svc`` (a started ProcessorService) its Outgoing, as twistd improcessor does."""
+    outgoing = Outgoing(svc.bus, svc.config)
+    await outgoing.declare()
+    svc.pipeline.outgoing = outgoing
+    return outgoing
+
+
+def _metric(name, **labels):
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+# --- moderation --------------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_retry_of_a_stored_message_is_never_moderated_and_gets_the_original_reply(rig):
+    """With the moderation service down (moderation_failure reject), a client's retry was answered rejected."""
+    await rig.store.create_session("alice", ["bob"], "team")
+    [original] = await rig.store.store_messages([Incoming("alice", "m1", "team", {"text": "hi"})])
+    moderator = _moderator(await _closed_port_url(), failure="reject")
+    await rig.processor(filters=[moderator])
+    gw = rig.gw
+    g1 = await gw.add()
+    a1 = await gw.connect(g1, "alice")
+    await gw.send(message(a1, "alice", "m1", "team"))
+    [reply] = await gw.wait(a1, "message_reply")
+    assert reply["ok"] and reply["msgId"] == original.msg_id and reply["seq"] == original.seq, reply
+    assert moderator.calls == 0
+    # the service is down indeed: a new message is refused, after one call
+    await gw.send(message(a1, "alice", "m2", "team"))
+    replies = await gw.wait(a1, "message_reply", 2)
+    assert replies[1]["ok"] is False and replies[1]["error"]["code"] == "rejected"
+    assert moderator.calls == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_moderation_calls_of_a_window_run_at_once_signed_with_their_verdicts(rig, biz):
+    """Ten messages in a window with a 1 s moderator took 10 s, or went unsigned, or verdicts were ignored."""
+    biz.moderation.delay = 1.0
+    moderator = _moderator(biz.url("moderate"), timeout=5.0)
+    await rig.processor(filters=[moderator], batch_wait=0.05)
+    gw = rig.gw
+    g1 = await gw.add()
+    a1 = await gw.connect(g1, "alice")
+    await rig.store.create_session("alice", ["bob"], "team")
+    items = [message(a1, "alice", f"m{n}", "team") for n in range(9)]
+    items.append(message(a1, "alice", "bad", "team", {"text": "buy SPAM now"}))
+    started = time.monotonic()
+    await gw.send(*items)
+    replies = await gw.wait(a1, "message_reply", 10, timeout=15)
+    took = time.monotonic() - started
+    assert took < 3.0, f"10 moderation calls of 1 s took {took:.1f}s: not concurrent"
+    assert biz.moderation.most >= 5
+    by = {r["clientMsgId"]: r for r in replies}
+    assert all(by[f"m{n}"]["ok"] for n in range(9))  # a bad signature is answered 401: rejected
+    assert by["bad"]["ok"] is False and by["bad"]["error"]["code"] == "rejected"
+    assert "spam" in by["bad"]["error"]["message"]
+    assert [c["clientMsgId"] for c in biz.moderation.calls if c["clientMsgId"] == "bad"] == ["bad"]
+    assert biz.moderation.calls[0].keys() == {"sessionId", "from", "clientMsgId", "body"}
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_replace_verdict_is_what_is_stored_and_delivered(rig, biz, pg):
+    """A replace verdict was ignored: the unmasked body reached the recipients."""
+    biz.moderation.action = "replace"
+    await rig.processor(filters=[_moderator(biz.url("moderate"))])
+    gw = rig.gw
+    g1 = await gw.add()
+    a1, b1 = await gw.connect(g1, "alice"), await gw.connect(g1, "bob")
+    await rig.store.create_session("alice", ["bob"], "team")
+    await gw.send(message(a1, "alice", "m1", "team", {"text": "no spam here"}))
+    [sent] = await gw.wait(b1, "message_send")
+    assert sent["body"] == {"text": "no **** here"}
+    assert await rows(pg, "SELECT body FROM messagerecv") == [({"text": "no **** here"},)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_slow_moderation_service_is_cut_at_the_timeout_and_the_policy_applies(rig, biz):
+    """A moderator that never answers held messages forever, or the failure policy was not applied."""
+    biz.moderation.delay = 5.0
+    before = _metric("imcluster_business_calls_total", kind="moderation", outcome="failed")
+    await rig.processor(filters=[_moderator(biz.url("moderate"), timeout=0.5, failure="reject")])
+    await rig.processor(filters=[_moderator(biz.url("moderate"), timeout=0.5, failure="accept")])
+    gw = rig.gw
+    g1 = await gw.add()
+    a1 = await gw.connect(g1, "alice")
+    await rig.store.create_session("alice", ["bob"], "team")
+    started = time.monotonic()
+    for n in range(6):  # the two processors share the queue: both policies answer some
+        await gw.send(message(a1, "alice", f"m{n}", "team"))
+    replies = await gw.wait(a1, "message_reply", 6, timeout=10)
+    assert time.monotonic() - started < 4.0
+    outcomes = {r["ok"] for r in replies}
+    for r in replies:
+        if not r["ok"]:
+            assert r["error"]["code"] == "rejected" and "unavailable" in r["error"]["message"]
+    assert outcomes <= {True, False}
+    assert _metric("imcluster_business_calls_total", kind="moderation", outcome="failed") - before == 6
+
+
+@pytest_twisted.ensureDeferred
+async def test_moderation_failure_accept_stores_and_reject_refuses(rig):
+    """The moderation_failure policy was not what the option says."""
+    url = await _closed_port_url()
+    gw = rig.gw
+    g1 = await gw.add()
+    a1 = await gw.connect(g1, "alice")
+    await rig.store.create_session("alice", ["bob"], "team")
+    svc = await rig.processor(filters=[_moderator(url, failure="accept")])
+    await gw.send(message(a1, "alice", "m1", "team"))
+    [r1] = await gw.wait(a1, "message_reply")
+    assert r1["ok"]
+    await svc.stopService()
+    await rig.processor(filters=[_moderator(url, failure="reject")])
+    await gw.send(message(a1, "alice", "m2", "team"))
+    r2 = (await gw.wait(a1, "message_reply", 2))[1]
+    assert r2["ok"] is False and r2["error"]["code"] == "rejected"
+
+
+# --- webhooks ----------------------------------------------------------------------------------
+
+
+async def _webhook_processor(rig, biz, **changes):
+    values = dict(webhook_url=biz.url("hooks"), webhook_secret=biz.secret, retry_delay=0.1,
+                  retry_max_delay=0.3)
+    values.update(changes)
+    svc = await rig.processor(**values)
+    await _with_outgoing(svc)
+    hooks = WebhookService(svc.config, svc.bus)
+    hooks.startService()
+    await hooks.consuming
+    rig.stops = getattr(rig, "stops", []) + [hooks]
+    return svc, hooks
+
+
+@pytest_twisted.ensureDeferred
+async def test_webhooks_arrive_signed_once_each_in_order_per_session_across_retries(rig, biz):
+    """Events were lost, reordered within a session by retries, unsigned, or shared an eventId."""
+    svc, hooks = await _webhook_processor(rig, biz)
+    try:
+        # every event's first two attempts fail: each is retried
+        biz.hooks.fail = lambda body, attempt: 503 if attempt <= 2 and body["event"] == "message.stored" else None
+        gw = rig.gw
+        g1 = await gw.add()
+        a1 = await gw.connect(g1, "alice")
+        await gw.send(frame(a1, "alice", {"type": "session_create", "members": ["bob"], "sessionId": "s1"}),
+                      frame(a1, "alice", {"type": "session_create", "members": ["carol"], "sessionId": "s2"}))
+        await gw.wait(a1, "session_reply", 2)
+        for n in range(10):
+            await gw.send(message(a1, "alice", f"a{n}", "s1"), message(a1, "alice", f"b{n}", "s2"))
+        await gw.wait(a1, "message_reply", 20)
+        await eventually(lambda: len(biz.hooks.got) >= 22, timeout=20, what="22 webhooks")
+        await sleep(0.5)
+        got = biz.hooks.got
+        assert len(got) == 22 and biz.hooks.bad_signatures == 0
+        ids = [body["eventId"] for _, body in got]
+        assert len(set(ids)) == 22 and all(len(i) == 32 for i in ids)
+        members = [body["data"] for name, body in got if name == "session.members"]
+        assert sorted(members, key=lambda d: d["sessionId"]) == [
+            {"sessionId": "s1", "added": ["alice", "bob"], "removed": []},
+            {"sessionId": "s2", "added": ["alice", "carol"], "removed": []}]
+        for sid, prefix in (("s1", "a"), ("s2", "b")):
+            stored = [body["data"] for name, body in got
+                      if name == "message.stored" and body["data"]["sessionId"] == sid]
+            assert [d["seq"] for d in stored] == list(range(1, 11))
+            assert [d["clientMsgId"] for d in stored] == [f"{prefix}{n}" for n in range(10)]
+            assert stored[0].keys() == {"sessionId", "msgId", "seq", "from", "clientMsgId", "body", "ts"}
+        assert all(biz.hooks.attempts[body["eventId"]] == 3 for name, body in got if name == "message.stored")
+        assert all(h["x-imcluster-event-id"] for h in biz.hooks.headers)
+    finally:
+        await hooks.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_event_that_keeps_failing_is_dead_lettered_after_webhook_retry(rig, biz):
+    """A dead receiver held its events forever (or lost them silently) instead of dead-lettering them."""
+    dead = []
+    gw = rig.gw
+    await gw.bus.consume(gw.bus.dead_queue(), lambda m: (dead.append(m), m.ack()), prefetch=10)
+    before = _metric("imcluster_business_dead_lettered_total", kind="webhook")
+    svc, hooks = await _webhook_processor(rig, biz, webhook_retry=1.0)
+    try:
+        biz.hooks.fail = lambda body, attempt: 500
+        g1 = await gw.add()
+        a1 = await gw.connect(g1, "alice")
+        await rig.store.create_session("alice", ["bob"], "team")
+        await gw.send(message(a1, "alice", "m1", "team"))
+        await gw.wait(a1, "message_reply")
+        await eventually(lambda: dead, timeout=10, what="a dead letter")
+        [event] = json.loads(dead[0].body)
+        assert event["event"] == "message.stored" and event["data"]["clientMsgId"] == "m1"
+        assert "webhook message.stored failed" in dead[0].headers["x-imcluster-reason"]
+        assert biz.hooks.attempts[event["eventId"]] >= 3  # retried with backoff before
+        assert _metric("imcluster_business_dead_lettered_total", kind="webhook") - before == 1
+        # the queue message was acknowledged: nothing is left on <ns>.webhooks
+        await sleep(0.3)
+        assert not hooks._keys
+    finally:
+        await hooks.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_slow_webhook_receiver_never_slows_message_delivery(rig, biz):
+    """A receiver answering after 5 s slowed the replies and deliveries of later messages."""
+    biz.hooks.delay = 5.0
+    svc, hooks = await _webhook_processor(rig, biz, webhook_timeout=10.0)
+    try:
+        gw = rig.gw
+        g1 = await gw.add()
+        a1, b1 = await gw.connect(g1, "alice"), await gw.connect(g1, "bob")
+        await rig.store.create_session("alice", ["bob"], "team")
+        started = time.monotonic()
+        for n in range(20):
+            await gw.send(message(a1, "alice", f"m{n}", "team"))
+        await gw.wait(b1, "message_send", 20, timeout=10)
+        assert time.monotonic() - started < 2.0
+        assert biz.hooks.got == []  # the first is still waiting for its answer
+    finally:
+        await hooks.stopService()
+
+
+# --- push requests -----------------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_push_requests_go_to_offline_recipients_only_one_amqp_message_per_window(rig):
+    """Online recipients got push requests, offline ones none, or each message cost an AMQP message."""
+    pushed = []
+    gw = rig.gw
+    svc = await rig.processor(push_url="http://127.0.0.1:9/push", batch_wait=0.05)
+    outgoing = await _with_outgoing(svc)
+    await gw.bus.consume(outgoing.push_queue, lambda m: (pushed.append(m), m.ack()), prefetch=10)
+    g1 = await gw.add()
+    a1, b1 = await gw.connect(g1, "alice"), await gw.connect(g1, "bob")
+    await rig.store.create_session("alice", ["bob", "carol", "dave"], "team")
+    long = "x" * 150
+    await gw.send(message(a1, "alice", "m1", "team", {"text": long}),
+                  message(a1, "alice", "m2", "team", {"image": "https://example.com/a.png"}))
+    await gw.wait(a1, "message_reply", 2)
+    await eventually(lambda: pushed, what="a push message")
+    await sleep(0.3)
+    assert len(pushed) == 1
+    requests = json.loads(pushed[0].body)
+    assert sorted((r["userId"], r["seq"]) for r in requests) == [("carol", 1), ("carol", 2), ("dave", 1), ("dave", 2)]
+    for r in requests:
+        assert r["sessionId"] == "team" and r["from"] == "alice" and len(r["eventId"]) == 32
+        assert set(r) == {"eventId", "userId", "sessionId", "msgId", "from", "seq", "preview"} if r["seq"] == 1 \
+            else set(r) == {"eventId", "userId", "sessionId", "msgId", "from", "seq"}
+        if r["seq"] == 1:
+            assert r["preview"] == "x" * 100
+    assert len({r["eventId"] for r in requests}) == 4
+    # a client's retry of m1 publishes nothing again
+    await gw.send(message(a1, "alice", "m1", "team", {"text": long}))
+    await gw.wait(a1, "message_reply", 3)
+    await sleep(0.3)
+    assert len(pushed) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_nothing_is_published_without_webhook_url_or_push_url(rig):
+    """A processor without business servers configured published to <ns>.webhooks or <ns>.push."""
+    svc = await rig.processor()
+    assert not Outgoing(svc.bus, svc.config).enabled
+    assert svc.pipeline.outgoing is None
