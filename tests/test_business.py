@@ -312,3 +312,45 @@ async def test_nothing_is_published_without_webhook_url_or_push_url(rig):
     svc = await rig.processor()
     assert not Outgoing(svc.bus, svc.config).enabled
     assert svc.pipeline.outgoing is None
+
+
+# --- imapi: session.members of HTTP changes -----------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_imapi_publishes_session_members_of_http_creations_and_changes(pg_schema, namespace, redis_prefix,
+                                                                            bus_factory):
+    """A session created or changed over HTTP never reached the business server's webhook."""
+    from imcluster.api.tap import build
+    from imcluster.config import API, load_config
+    from tests.support.cluster import endpoint, free_port
+    from tests.support.ids import AMQP_URL, POSTGRES_DSN, REDIS_URL
+    from tests.test_api_http import ADMIN_KEY, SECRET, RunningAPI
+
+    port = free_port()
+    config = load_config(API, {
+        "namespace": namespace, "redis": REDIS_URL, "redis_prefix": redis_prefix, "amqp": AMQP_URL,
+        "postgres": POSTGRES_DSN, "postgres_schema": pg_schema, "postgres_pool_size": 2,
+        "jwt_secret": SECRET, "api_key": [ADMIN_KEY], "http": [endpoint(port)], "publish_timeout": 2.0,
+        "webhook_url": "http://127.0.0.1:9/hooks", "shutdown_timeout": 10.0}, environ={})
+    root, resource = build(config)
+    await root.startService()
+    try:
+        api = RunningAPI(port, config, resource, root, resource.store, None)
+        bus = await bus_factory()
+        got = []
+        await bus.consume(bus.names.webhooks_queue(), lambda m: (got.extend(json.loads(m.body)), m.ack()))
+        r = await api.admin("POST", "/v1/sessions", {"sessionId": "g1", "members": ["bob", "carol"]})
+        assert r.status == 201
+        r = await api.admin("POST", "/v1/sessions/g1/members", {"add": ["dave"], "remove": ["bob"]})
+        assert r.status == 200
+        await eventually(lambda: len(got) >= 2, what="two session.members events")
+        assert [(e["event"], e["key"], e["data"]) for e in got] == [
+            ("session.members", "g1", {"sessionId": "g1", "added": ["bob", "carol"], "removed": []}),
+            ("session.members", "g1", {"sessionId": "g1", "added": ["dave"], "removed": ["bob"]})]
+        assert got[0]["eventId"] != got[1]["eventId"]
+    finally:
+        await root.stopService()
+        from tests.support.bus import cleanup_namespace
+
+        await cleanup_namespace(namespace, [f"{namespace}.webhooks"])

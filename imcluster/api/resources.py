@@ -225,6 +225,8 @@ class APIResource(resource.Resource):
         self.metrics = metrics_resource()
         self._openapi: bytes | None = None
         self._decoder = json.JSONDecoder(parse_constant=_reject_constant)
+        #: publishes session.members for webhooks (imcluster.api.events.SessionEvents; None: off)
+        self.session_events: Any = None
 
     # --- dispatch
 
@@ -411,6 +413,8 @@ class APIResource(resource.Resource):
         creator = None if principal.admin else principal.user_id
         session_id, everyone = await self.store.create_session(creator, members, session_id, kind)
         kind = "p2p" if parse_p2p(session_id) is not None else "group"
+        if self.session_events is not None:
+            await self.session_events.members(session_id, everyone, [])
         self.log.info("session {session} created by {who} with {n} members", session=session_id,
                       who=str(principal), n=len(everyone))
         return 201, {"sessionId": session_id, "kind": kind, "members": everyone}
@@ -433,6 +437,10 @@ class APIResource(resource.Resource):
                 raise APIError(400, "the members of a p2p session do not change")
             return 200, {"members": info["members"]}
         members = await self.store.add_remove_members(session_id, add, remove)
+        if self.session_events is not None:
+            before = set(info["members"])
+            await self.session_events.members(session_id, [u for u in members if u not in before],
+                                              sorted(before - set(members)))
         self.log.info("session {session} members changed by {who}: +{add} -{remove}", session=session_id,
                       who=str(principal), add=len(add), remove=len(remove))
         return 200, {"members": members}
