@@ -354,3 +354,32 @@ async def test_imapi_publishes_session_members_of_http_creations_and_changes(pg_
         from tests.support.bus import cleanup_namespace
 
         await cleanup_namespace(namespace, [f"{namespace}.webhooks"])
+
+
+@pytest_twisted.ensureDeferred
+async def test_one_processor_at_a_time_delivers_webhooks_and_another_takes_over(rig, biz):
+    """Two processors delivering one session's events at once reorder them; or none took over when one went."""
+    svc, first = await _webhook_processor(rig, biz)
+    other = await rig.processor(webhook_url=biz.url("hooks"), webhook_secret=biz.secret)
+    await _with_outgoing(other)
+    second = WebhookService(other.config, other.bus)
+    second.standby_interval = 0.2
+    second.startService()
+    try:
+        await sleep(0.5)
+        assert first.consumer is not None and second.consumer is None  # standing by
+        gw = rig.gw
+        g1 = await gw.add()
+        a1 = await gw.connect(g1, "alice")
+        await rig.store.create_session("alice", ["bob"], "team")
+        await gw.send(message(a1, "alice", "m1", "team"))
+        await eventually(lambda: len(biz.hooks.got) == 1, what="the first webhook")
+        await first.stopService()
+        await second.consuming
+        await gw.send(message(a1, "alice", "m2", "team"))
+        await eventually(lambda: len(biz.hooks.got) == 2, what="the second webhook, by the other processor")
+        assert [b["data"]["seq"] for _, b in biz.hooks.got] == [1, 2]
+    finally:
+        await first.stopService()
+        await second.stopService()
+
