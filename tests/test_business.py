@@ -383,3 +383,35 @@ async def test_one_processor_at_a_time_delivers_webhooks_and_another_takes_over(
         await first.stopService()
         await second.stopService()
 
+
+
+# --- what a window publishes (unit) ------------------------------------------------------------
+
+
+def test_a_redelivered_duplicate_publishes_its_event_again_with_the_same_id_and_a_retry_nothing():
+    """A processor dying between commit and ack lost the window's events; or a client's retry re-sent them."""
+    from types import SimpleNamespace
+
+    from imcluster.config import PROCESSOR, load_config
+    from imcluster.store import Stored
+    from imcluster.testing import FakeBus
+
+    config = load_config(PROCESSOR, {"webhook_url": "http://127.0.0.1:9/", "push_url": "http://127.0.0.1:9/"},
+                         environ={})
+    outgoing = Outgoing(FakeBus("ns1"), config)
+
+    def window(duplicate, redelivered):
+        item = SimpleNamespace(frame={"type": "message"}, envelope=SimpleNamespace(
+            message=SimpleNamespace(redelivered=redelivered)))
+        stored = Stored("42", "team", 7, 1764160000000, "alice", "c1", {"text": "hi"}, ["bob", "carol"],
+                        duplicate=duplicate)
+        return SimpleNamespace(of_type=lambda *t: [item] if "message" in t else [], stored={id(item): stored},
+                               online={"bob"}, answers={})
+
+    events, pushes = outgoing.collect(window(False, False))
+    [event] = events
+    assert event["key"] == "team" and event["data"]["seq"] == 7 and len(event["eventId"]) == 32
+    assert [(p["userId"], p["preview"]) for p in pushes] == [("carol", "hi")]
+    again, _ = outgoing.collect(window(True, True))
+    assert [e["eventId"] for e in again] == [event["eventId"]]
+    assert outgoing.collect(window(True, False)) == ([], [])
