@@ -12,9 +12,8 @@ import json
 import time
 
 import pytest_twisted
-from twisted.internet import defer, endpoints, reactor
+from twisted.internet import endpoints, reactor
 
-from imcluster import metrics
 from imcluster.processor.business import HTTPCaller, ModerationService, Outgoing, WebhookService
 from imcluster.store import Incoming
 from tests.support.business import BusinessServer
