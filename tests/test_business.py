@@ -125,25 +125,20 @@ async def test_a_replace_verdict_is_what_is_stored_and_delivered(rig, biz, pg):
 
 @pytest_twisted.ensureDeferred
 async def test_a_slow_moderation_service_is_cut_at_the_timeout_and_the_policy_applies(rig, biz):
-    """A moderator that never answers held messages forever, or the failure policy was not applied."""
+    """A moderator that answers late held messages until it answered, or the failure policy was not applied."""
     biz.moderation.delay = 5.0
     before = _metric("imcluster_business_calls_total", kind="moderation", outcome="failed")
     await rig.processor(filters=[_moderator(biz.url("moderate"), timeout=0.5, failure="reject")])
-    await rig.processor(filters=[_moderator(biz.url("moderate"), timeout=0.5, failure="accept")])
     gw = rig.gw
     g1 = await gw.add()
     a1 = await gw.connect(g1, "alice")
     await rig.store.create_session("alice", ["bob"], "team")
     started = time.monotonic()
-    for n in range(6):  # the two processors share the queue: both policies answer some
-        await gw.send(message(a1, "alice", f"m{n}", "team"))
+    await gw.send(*[message(a1, "alice", f"m{n}", "team") for n in range(6)])
     replies = await gw.wait(a1, "message_reply", 6, timeout=10)
-    assert time.monotonic() - started < 4.0
-    outcomes = {r["ok"] for r in replies}
+    assert time.monotonic() - started < 3.0
     for r in replies:
-        if not r["ok"]:
-            assert r["error"]["code"] == "rejected" and "unavailable" in r["error"]["message"]
-    assert outcomes <= {True, False}
+        assert r["ok"] is False and r["error"]["code"] == "rejected" and "unavailable" in r["error"]["message"]
     assert _metric("imcluster_business_calls_total", kind="moderation", outcome="failed") - before == 6
 
 
