@@ -409,3 +409,30 @@ def test_a_redelivered_duplicate_publishes_its_event_again_with_the_same_id_and_
     again, _ = outgoing.collect(window(True, True))
     assert [e["eventId"] for e in again] == [event["eventId"]]
     assert outgoing.collect(window(True, False)) == ([], [])
+
+
+def test_a_message_stored_by_another_processor_while_moderated_gets_the_original_reply():
+    """The original committed elsewhere while this copy was moderated: the refusal won over the stored original."""
+    from imcluster.processor.filters import Verdict
+    from tests.test_processor_service import GW1, Rig, group, message as fake_message
+
+    class StoredMeanwhile:
+        """Another processor commits the original while this filter thinks; then it refuses (service down)."""
+
+        def __init__(self):
+            self.store = None
+
+        def check(self, msg):
+            self.store.store_messages([Incoming(msg["from"], msg["clientMsgId"], msg["sessionId"], msg["body"])])
+            return Verdict.reject("the moderation service is unavailable")
+
+    flt = StoredMeanwhile()
+    rig = Rig(filters=[flt])
+    flt.store = rig.store
+    rig.gateway(GW1)
+    group(rig, "g", "alice", "bob")
+    a1 = rig.connect(GW1, "alice")
+    rig.send(fake_message(a1, "alice", "c1", "g"))
+    [reply] = [f for f in rig.frames_to(a1) if f["type"] == "message_reply"]
+    assert reply["ok"] is True and reply["msgId"] == "1", reply
+    assert [n for n, _ in rig.store.calls].count("stored_keys") == 2
