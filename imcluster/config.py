@@ -390,6 +390,8 @@ OPTIONS: list[Option] = [
          "seconds a moderation call may take; then moderation_failure applies"),
     _opt("moderation_failure", _choice("accept", "reject"), "reject", P,
          "what a message gets when the moderation service times out, errs or answers nonsense"),
+    _opt("moderation_concurrency", _positive(_int), 100, P,
+         "moderation calls one processor has in flight at once (a window's calls run together up to it)"),
     _opt("webhook_url", _url("http", "https"), None, G | P | A,
          "business server receiving the events (message.stored, session.members, user.online, "
          "user.offline) as signed JSON POSTs, at least once, in order per session (empty: none)"),

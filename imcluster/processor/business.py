@@ -190,11 +190,12 @@ class ModerationService:
     log = Logger()
 
     def __init__(self, url: str, caller: HTTPCaller, timeout: float = 2.0, failure: str = "reject",
-                 clock: Any = None) -> None:
+                 clock: Any = None, concurrency: int = 100) -> None:
         self.url = url
         self.caller = caller
         self.timeout = timeout
         self.failure = failure
+        self._slots = defer.DeferredSemaphore(concurrency)
         self.clock = clock if clock is not None else caller.reactor
         #: calls made (tests: a duplicate never comes here)
         self.calls = 0
@@ -203,7 +204,8 @@ class ModerationService:
     def from_config(cls, config: Any, caller: HTTPCaller | None = None) -> "ModerationService":
         v = config.values
         return cls(v["moderation_url"], caller or HTTPCaller(v.get("webhook_secret") or ""),
-                   v.get("moderation_timeout", 2.0), v.get("moderation_failure", "reject"))
+                   v.get("moderation_timeout", 2.0), v.get("moderation_failure", "reject"),
+                   concurrency=v.get("moderation_concurrency", 100))
 
     def check(self, message: dict) -> defer.Deferred:
         self.calls += 1
@@ -231,7 +233,9 @@ class ModerationService:
                           err=f.getErrorMessage(), policy=self.failure)
             return self._fallback()
 
-        return self.caller.post(self.url, MODERATION, body, self.timeout).addCallbacks(answered, failed)
+        # the timeout counts from the call, not from the wait for a slot
+        return self._slots.run(self.caller.post, self.url, MODERATION, body, self.timeout).addCallbacks(
+            answered, failed)
 
     def _fallback(self) -> Verdict:
         if self.failure == "accept":
@@ -568,7 +572,8 @@ def build(config: Any, bus: Any) -> tuple[list, Outgoing | None, WebhookService 
     caller = None
     filters: list = []
     if v.get("moderation_url"):
-        caller = HTTPCaller(v.get("webhook_secret") or "", limit=v.get("max_body_size", 1048576))
+        caller = HTTPCaller(v.get("webhook_secret") or "", limit=v.get("max_body_size", 1048576),
+                            persistent=v.get("moderation_concurrency", 100))
         filters.append(ModerationService.from_config(config, caller))
     outgoing = Outgoing(bus, config)
     webhooks = WebhookService(config, bus) if v.get("webhook_url") else None
