@@ -68,6 +68,9 @@ class IMessageBus(Interface):
         routed meanwhile, since about ``down_since``, in clock seconds).
         """
 
+    def declare_queue(queue):
+        """Declare ``queue`` (a ``QueueSpec``) now if connected and again on every reconnect (queues published to)."""
+
     def processor_queue():
         """The spec (name, routing key, durable) of ``<ns>.processor``."""
 
