@@ -400,7 +400,7 @@ def test_a_redelivered_duplicate_publishes_its_event_again_with_the_same_id_and_
         stored = Stored("42", "team", 7, 1764160000000, "alice", "c1", {"text": "hi"}, ["bob", "carol"],
                         duplicate=duplicate)
         return SimpleNamespace(of_type=lambda *t: [item] if "message" in t else [], stored={id(item): stored},
-                               online={"bob"}, answers={})
+                               online={"bob"}, answers={}, first_failed=None)
 
     events, pushes = outgoing.collect(window(False, False))
     [event] = events
@@ -409,6 +409,9 @@ def test_a_redelivered_duplicate_publishes_its_event_again_with_the_same_id_and_
     again, _ = outgoing.collect(window(True, True))
     assert [e["eventId"] for e in again] == [event["eventId"]]
     assert outgoing.collect(window(True, False)) == ([], [])
+    split = window(True, False)
+    split.first_failed = 1.0  # a half of a window that failed after storing
+    assert [e["eventId"] for e in outgoing.collect(split)[0]] == [event["eventId"]]
 
 
 def test_a_message_stored_by_another_processor_while_moderated_gets_the_original_reply():

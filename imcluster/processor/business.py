@@ -316,11 +316,14 @@ class Outgoing:
         pushes: list[dict] = []
         seen: set[str] = set()
         online = w.online
+        # a window split out of one that failed (poison isolation) may hold messages its
+        # parent stored but never published: they come back as duplicates
+        again = getattr(w, "first_failed", None) is not None
         for item in w.of_type(protocol.MESSAGE):
             result = w.stored.get(id(item))
             if result is None or not result.ok or result.msg_id in seen:
                 continue
-            if result.duplicate and not _redelivered(item):
+            if result.duplicate and not (again or _redelivered(item)):
                 continue  # a client's retry: its events went out with the original
             seen.add(result.msg_id)
             if envelope.MESSAGE_STORED in self.events:
