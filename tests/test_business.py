@@ -439,3 +439,22 @@ def test_a_message_stored_by_another_processor_while_moderated_gets_the_original
     [reply] = [f for f in rig.frames_to(a1) if f["type"] == "message_reply"]
     assert reply["ok"] is True and reply["msgId"] == "1", reply
     assert [n for n, _ in rig.store.calls].count("stored_keys") == 2
+
+
+def test_pure_filters_spare_the_lookup_and_a_refused_retry_still_gets_the_original():
+    """The keyword filter alone cost every window a read; or a retry it refuses (its list changed) was answered rejected."""
+    from imcluster.processor.filters import KeywordFilter
+    from tests.test_processor_service import GW1, Rig, group, message as fake_message
+
+    rig = Rig(filters=[KeywordFilter(["darn"])])
+    rig.gateway(GW1)
+    group(rig, "g", "alice", "bob")
+    a1 = rig.connect(GW1, "alice")
+    rig.store.store_messages([Incoming("alice", "old", "g", {"text": "darn"})])  # stored before the list had it
+    rig.send(fake_message(a1, "alice", "c1", "g"))
+    assert [n for n, _ in rig.store.calls].count("stored_keys") == 0
+    rig.send(fake_message(a1, "alice", "old", "g", {"text": "darn"}), fake_message(a1, "alice", "c2", "g", {"text": "darn"}))
+    replies = {f["clientMsgId"]: f for f in rig.frames_to(a1) if f["type"] == "message_reply"}
+    assert replies["old"]["ok"] is True and replies["old"]["seq"] == 1
+    assert replies["c2"]["ok"] is False and replies["c2"]["error"]["code"] == "rejected"
+    assert [n for n, _ in rig.store.calls].count("stored_keys") == 1

@@ -12,6 +12,12 @@ gets ``{"from", "sessionId", "clientMsgId", "body"}`` and returns a
 ``Verdict.replace(body)``
     the message goes on with ``body`` instead (the next filters see it).
 
+A message already stored (a client's retry) is never given to a filter,
+except to one that declares ``pure = True`` (its only effect is its verdict,
+as the keyword filter's): then a refusal of a stored message is replaced by
+the original's reply. The moderation service
+(:mod:`imcluster.processor.business`) is not pure.
+
 Filters are configured by name, in order (``--filters keyword,...``). A name
 without a dot is a Twisted plugin providing :class:`IMessageFilterFactory`
 (``twisted/plugins/imcluster_filters.py`` provides ``keyword``); a dotted
@@ -140,6 +146,9 @@ class KeywordFilter:
     """
 
     name = "keyword"
+    #: calling it has no effect but its verdict: the pipeline may run it on a duplicate
+    #: and look the message up only when it refuses (handlers/message.py)
+    pure = True
 
     def __init__(self, words: Iterable[str], action: str = REJECT) -> None:
         if action not in (REJECT, REPLACE):

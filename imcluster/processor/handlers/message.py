@@ -4,7 +4,9 @@
    rejection is answered ``rejected`` and nothing is stored; a replacement
    changes the body). A message already stored (same sender and
    ``clientMsgId``: one ``stored_keys`` read) is never moderated again: the
-   store answers it with its original (ARCHITECTURE.md flow 5);
+   store answers it with its original (ARCHITECTURE.md flow 5). With only
+   pure filters (``pure = True``: the keyword filter) the read is made for
+   refused messages only, after the filters: the answer is the same;
 2. ``store``, in the window's lock turn: ALL the window's messages in ONE
    store transaction (:meth:`~imcluster.interfaces.IMessageStore.begin_window`).
    Once the store holds its locks the turn is given up, the registry is
@@ -60,8 +62,14 @@ class MessageHandler(Handler):
             w.verdicts = {id(item): Verdict.accept() for item in items}
             return
         # de-duplication before moderation (ARCHITECTURE.md flow 5): a retry of a stored
-        # message is never moderated again; the store answers it with its original
-        stored = await p.store.stored_keys({(i.user_id, i.frame["clientMsgId"]) for i in items})
+        # message is never moderated again; the store answers it with its original. When
+        # every filter is pure (filters.py: the keyword filter), running it on a duplicate
+        # changes nothing but its verdict, and only a refusal needs the read (below): the
+        # window spares a round trip
+        if all(getattr(f, "pure", False) for f in p.filters):
+            stored: set = set()
+        else:
+            stored = await p.store.stored_keys({(i.user_id, i.frame["clientMsgId"]) for i in items})
         verdicts: list[Any] = []
         for item in items:
             f = item.frame
@@ -77,8 +85,8 @@ class MessageHandler(Handler):
             results = await gather([v for _, v in waiting])
             for (n, _), v in zip(waiting, results):
                 verdicts[n] = v
-        # a message stored meanwhile (its original still in flight at another processor
-        # when we looked): its original answers it, not the moderator's refusal
+        # a refused message that is stored (a duplicate a pure filter saw, or one whose
+        # original another processor committed since we looked): its original answers it
         refused = {(i.user_id, i.frame["clientMsgId"]) for i, v in zip(items, verdicts) if v.action == REJECT}
         if refused:
             late = await p.store.stored_keys(refused)
