@@ -295,8 +295,9 @@ def parse_item(raw: Any, max_depth: int = protocol.DEFAULT_MAX_DEPTH) -> Item | 
     trusted = api and raw.get("trusted") is True
     frame = raw.get("frame")
     try:
-        frame = protocol.validate_client_frame(frame, max_depth)
-        if frame["type"] not in protocol.FORWARDED_TYPES:
+        # an imapi's item may also carry the frames only it sends (protocol.API_TYPES)
+        frame = (protocol.validate_api_frame if api else protocol.validate_client_frame)(frame, max_depth)
+        if frame["type"] not in protocol.FORWARDED_TYPES and not (api and frame["type"] in protocol.API_TYPES):
             raise protocol.FrameError(protocol.BAD_FRAME, f"{frame['type']!r} frames are not for the processors",
                                       protocol.frame_ref(frame), frame["type"])
     except protocol.FrameError as e:
@@ -498,10 +499,19 @@ def event(name: str, key: str, data: dict, event_id: str | None = None) -> dict:
 
 
 def message_stored_event(stored: Any) -> dict:
-    """``message.stored`` of a :class:`~imcluster.store.Stored`: the history entry, with ``sessionId``."""
-    return event(MESSAGE_STORED, stored.session_id, {
-        "sessionId": stored.session_id, "msgId": stored.msg_id, "seq": stored.seq, "from": stored.sender,
-        "clientMsgId": stored.client_msg_id, "body": stored.body, "ts": stored.ts_ms})
+    """``message.stored`` of a :class:`~imcluster.store.Stored`: the history entry, with ``sessionId``.
+
+    A ``recall`` or ``edit`` entry (PROTOCOL.md 1.1) carries ``kind`` and ``ref`` as in history.
+    """
+    data = {"sessionId": stored.session_id, "msgId": stored.msg_id, "seq": stored.seq, "from": stored.sender,
+            "clientMsgId": stored.client_msg_id, "body": stored.body, "ts": stored.ts_ms}
+    kind = getattr(stored, "kind", "message")
+    if kind != "message":
+        data["kind"] = kind
+        ref = getattr(stored, "ref", None)
+        if ref is not None:
+            data["ref"] = str(ref)
+    return event(MESSAGE_STORED, stored.session_id, data)
 
 
 def session_members_event(session_id: str, added: Sequence[str], removed: Sequence[str]) -> dict:

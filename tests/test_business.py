@@ -45,8 +45,8 @@ def _moderator(url, secret="s3cret", timeout=2.0, failure="reject"):
 
 
 async def _with_outgoing(svc, **changes):
-    """Give ``svc`` (a started ProcessorService) its Outgoing, as twistd improcessor does."""
-    outgoing = Outgoing(svc.bus, svc.config)
+    """Give ``svc`` (a started ProcessorService) its Outgoing, as twistd improcessor does (``changes``: config)."""
+    outgoing = Outgoing(svc.bus, svc.config.replace(**changes) if changes else svc.config)
     await outgoing.declare()
     svc.pipeline.outgoing = outgoing
     return outgoing
@@ -204,9 +204,11 @@ async def test_webhooks_arrive_signed_once_each_in_order_per_session_across_retr
             {"sessionId": "s1", "added": ["alice", "bob"], "removed": []},
             {"sessionId": "s2", "added": ["alice", "carol"], "removed": []}]
         for sid, prefix in (("s1", "a"), ("s2", "b")):
-            stored = [body["data"] for name, body in got
-                      if name == "message.stored" and body["data"]["sessionId"] == sid]
-            assert [d["seq"] for d in stored] == list(range(1, 11))
+            # the group's members event is its seq 1 (PROTOCOL.md 1.1), and comes first
+            ours = [(name, body["data"]) for name, body in got if body["data"]["sessionId"] == sid]
+            assert ours[0][0] == "session.members"
+            stored = [d for name, d in ours if name == "message.stored"]
+            assert [d["seq"] for d in stored] == list(range(2, 12))
             assert [d["clientMsgId"] for d in stored] == [f"{prefix}{n}" for n in range(10)]
             assert stored[0].keys() == {"sessionId", "msgId", "seq", "from", "clientMsgId", "body", "ts"}
         assert all(biz.hooks.attempts[body["eventId"]] == 3 for name, body in got if name == "message.stored")
@@ -312,8 +314,8 @@ async def test_nothing_is_published_without_webhook_url_or_push_url(rig):
 
 
 @pytest_twisted.ensureDeferred
-async def test_imapi_publishes_session_members_of_http_creations_and_changes(pg_schema, namespace, redis_prefix,
-                                                                            bus_factory):
+async def test_imapi_creations_and_member_changes_reach_the_webhooks_queue(pg_schema, namespace, redis_prefix,
+                                                                          bus_factory):
     """A session created or changed over HTTP never reached the business server's webhook."""
     from imcluster.api.tap import build
     from imcluster.config import API, load_config
@@ -322,22 +324,25 @@ async def test_imapi_publishes_session_members_of_http_creations_and_changes(pg_
     from tests.test_api_http import ADMIN_KEY, SECRET, RunningAPI
 
     port = free_port()
+    hooks = {"webhook_url": "http://127.0.0.1:9/hooks"}
     config = load_config(API, {
         "namespace": namespace, "redis": REDIS_URL, "redis_prefix": redis_prefix, "amqp": AMQP_URL,
         "postgres": POSTGRES_DSN, "postgres_schema": pg_schema, "postgres_pool_size": 2,
         "jwt_secret": SECRET, "api_key": [ADMIN_KEY], "http": [endpoint(port)], "publish_timeout": 2.0,
-        "webhook_url": "http://127.0.0.1:9/hooks", "shutdown_timeout": 10.0}, environ={})
+        "shutdown_timeout": 10.0, **hooks}, environ={})
     root, resource = build(config)
     await root.startService()
     try:
         api = RunningAPI(port, config, resource, root, resource.store, None)
+        processor = (await api.start_processor()).service  # member changes go through the processors
+        await _with_outgoing(processor, **hooks)
         bus = await bus_factory()
         got = []
         await bus.consume(bus.names.webhooks_queue(), lambda m: (got.extend(json.loads(m.body)), m.ack()))
         r = await api.admin("POST", "/v1/sessions", {"sessionId": "g1", "members": ["bob", "carol"]})
         assert r.status == 201
         r = await api.admin("POST", "/v1/sessions/g1/members", {"add": ["dave"], "remove": ["bob"]})
-        assert r.status == 200
+        assert r.status == 200, r.body
         await eventually(lambda: len(got) >= 2, what="two session.members events")
         assert [(e["event"], e["key"], e["data"]) for e in got] == [
             ("session.members", "g1", {"sessionId": "g1", "added": ["bob", "carol"], "removed": []}),
@@ -458,3 +463,30 @@ def test_pure_filters_spare_the_lookup_and_a_refused_retry_still_gets_the_origin
     assert replies["old"]["ok"] is True and replies["old"]["seq"] == 1
     assert replies["c2"]["ok"] is False and replies["c2"]["error"]["code"] == "rejected"
     assert [n for n, _ in rig.store.calls].count("stored_keys") == 1
+
+
+def test_recall_and_edit_entries_are_message_stored_with_kind_and_members_events_session_members():
+    """A recall never reached the business server, or got a push notification, or a members event looked like a message."""
+    from types import SimpleNamespace
+
+    from imcluster.config import PROCESSOR, load_config
+    from imcluster.store import Stored
+    from imcluster.testing import FakeBus
+
+    config = load_config(PROCESSOR, {"webhook_url": "http://127.0.0.1:9/", "push_url": "http://127.0.0.1:9/"},
+                         environ={})
+    outgoing = Outgoing(FakeBus("ns1"), config)
+    recall, members = SimpleNamespace(frame={"type": "recall"}), SimpleNamespace(frame={"type": "members"})
+    recalled = Stored("43", "team", 8, 1, "alice", "r1", None, ["bob"], kind="recall", ref="42")
+    changed = Stored("44", "team", 9, 2, "alice", "k1", {"added": ["dave"], "removed": ["bob"]}, ["bob", "carol"],
+                     kind="members")
+    items = {"recall": [recall], "members": [members]}
+    w = SimpleNamespace(of_type=lambda *t: [i for k in t for i in items.get(k, [])], stored={},
+                        answers={id(members): ("ok", (changed, ["alice", "carol", "dave"])),
+                                 id(recall): ("ok", (recalled, ["alice", "bob"]))},
+                        online=set(), first_failed=None)
+    events, pushes = outgoing.collect(w)
+    assert pushes == []
+    assert [(e["event"], e["data"].get("kind"), e["data"].get("ref")) for e in events] == [
+        ("message.stored", "recall", "42"), ("session.members", None, None)]
+    assert events[1]["data"] == {"sessionId": "team", "added": ["dave"], "removed": ["bob"]}

@@ -1,9 +1,11 @@
-"""imapi's events for business servers: ``session.members`` of HTTP session changes (HTTP-API.md).
+"""imapi's events for business servers: ``session.members`` of sessions created over HTTP (HTTP-API.md).
 
-A session created with ``POST /v1/sessions`` or changed with ``POST
-/v1/sessions/{id}/members`` is one ``session.members`` event on
-``<ns>.webhooks`` (the processors deliver it to ``webhook_url``), published
-persistent and confirmed before the request is answered.
+A group created with ``POST /v1/sessions`` is one ``session.members``
+event on ``<ns>.webhooks`` (the processors deliver it to ``webhook_url``),
+published persistent and confirmed before the request is answered. Member
+changes (``POST /v1/sessions/{id}/members``) are ``members`` events stored
+by the processors, which publish their ``session.members`` with the window
+that stores them.
 """
 
 from __future__ import annotations

@@ -311,37 +311,46 @@ class Outgoing:
         return defer.gatherResults(ds, consumeErrors=True).addErrback(lambda f: f.value.subFailure)
 
     def collect(self, w: Any) -> tuple[list[dict], list[dict]]:
-        """``(events, push requests)`` of a stored window."""
+        """``(events, push requests)`` of a stored window.
+
+        Every entry the window stored, in each session's seq order: a
+        message, a ``recall`` or ``edit`` is ``message.stored`` (the latter
+        two with ``kind``/``ref``, as in history); a ``members`` event
+        (``session_create``, imapi's member changes) is ``session.members``.
+        Push requests are for plain messages only.
+        """
         events: list[dict] = []
         pushes: list[dict] = []
         seen: set[str] = set()
         online = w.online
-        # a window split out of one that failed (poison isolation) may hold messages its
+        # a window split out of one that failed (poison isolation) may hold entries its
         # parent stored but never published: they come back as duplicates
         again = getattr(w, "first_failed", None) is not None
-        for item in w.of_type(protocol.MESSAGE):
-            result = w.stored.get(id(item))
-            if result is None or not result.ok or result.msg_id in seen:
+        for item, result in sorted(_entries(w), key=lambda e: (e[1].session_id, e[1].seq)):
+            if result.msg_id in seen:
                 continue
             if result.duplicate and not (again or _redelivered(item)):
                 continue  # a client's retry: its events went out with the original
             seen.add(result.msg_id)
+            kind = getattr(result, "kind", "message")
+            if kind == "members":
+                if envelope.SESSION_MEMBERS in self.events:
+                    body = result.body if isinstance(result.body, dict) else {}
+                    e = envelope.session_members_event(result.session_id, body.get("added") or [],
+                                                       body.get("removed") or [])
+                    e["eventId"] = stable_event_id(self.namespace, envelope.SESSION_MEMBERS, result.msg_id)
+                    events.append(e)
+                continue
             if envelope.MESSAGE_STORED in self.events:
                 e = envelope.message_stored_event(result)
                 e["eventId"] = stable_event_id(self.namespace, envelope.MESSAGE_STORED, result.msg_id)
                 events.append(e)
-            if self.push and not result.duplicate and getattr(result, "kind", None) not in _EVENT_KINDS:
+            if self.push and not result.duplicate and kind not in _EVENT_KINDS:
                 for user in result.recipients:
                     if user not in online:
                         req = envelope.push_request(result, user)
                         req["eventId"] = stable_event_id(self.namespace, "push", result.msg_id, user)
                         pushes.append(req)
-        if envelope.SESSION_MEMBERS in self.events:
-            for item in w.of_type(protocol.SESSION_CREATE):
-                status, value = w.answers.get(id(item), ("error", None))
-                if status == "ok":
-                    session_id, members = value
-                    events.append(envelope.session_members_event(session_id, members, []))
         return events, pushes
 
     async def publish(self, w: Any) -> None:
@@ -364,6 +373,23 @@ class Outgoing:
             metrics.BUSINESS_PUBLISHED.labels(queue="webhooks").inc(len(events))
         if pushes:
             metrics.BUSINESS_PUBLISHED.labels(queue="push").inc(len(pushes))
+
+
+def _entries(w: Any) -> list[tuple[Any, Any]]:
+    """``(item, Stored)`` of every session entry the window stored (messages and events)."""
+    out = []
+    for item in w.of_type(protocol.MESSAGE):
+        result = w.stored.get(id(item))
+        if result is not None and result.ok:
+            out.append((item, result))
+    # session_create answers (session_id, members, members event); recall, edit and
+    # members answer (event, members); no event: None
+    for types, at in (((protocol.SESSION_CREATE,), 2), (tuple(_EVENT_KINDS), 0)):
+        for item in w.of_type(*types):
+            status, value = w.answers.get(id(item), ("error", None))
+            if status == "ok" and isinstance(value, tuple) and len(value) > at and value[at] is not None:
+                out.append((item, value[at]))
+    return out
 
 
 def _redelivered(item: Any) -> bool:
