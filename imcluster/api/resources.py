@@ -233,6 +233,9 @@ class APIResource(resource.Resource):
         self.metrics = metrics_resource()
         self._openapi: bytes | None = None
         self._decoder = json.JSONDecoder(parse_constant=_reject_constant)
+        #: publishes session.members of sessions created here (imcluster.api.events.SessionEvents; None:
+        #: off); member changes go through the processors, which publish theirs
+        self.session_events: Any = None
 
     # --- dispatch
 
@@ -419,6 +422,8 @@ class APIResource(resource.Resource):
         creator = None if principal.admin else principal.user_id
         session_id, everyone = await self.store.create_session(creator, members, session_id, kind)
         kind = "p2p" if parse_p2p(session_id) is not None else "group"
+        if self.session_events is not None and kind == "group":
+            await self.session_events.members(session_id, everyone, [])
         self.log.info("session {session} created by {who} with {n} members", session=session_id,
                       who=str(principal), n=len(everyone))
         return 201, {"sessionId": session_id, "kind": kind, "members": everyone}
