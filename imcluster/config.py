@@ -406,6 +406,10 @@ OPTIONS: list[Option] = [
          "seconds a push request is retried (with backoff) before it is dead-lettered to <ns>.dead"),
     _opt("push_retry_delay", _positive(_float), 1.0, {PUSH}, "first retry delay of a failed push request"),
     _opt("push_retry_max_delay", _positive(_float), 300.0, {PUSH}, "longest retry delay of a push request"),
+    _opt("push_hold", _positive(_float), 600.0, {PUSH},
+         "seconds an impush keeps one AMQP message of <ns>.push unacknowledged while its requests are "
+         "retried; then they are published again with their first attempt's time (below RabbitMQ's "
+         "consumer_timeout, 30 min by default)"),
     _opt("push_concurrency", _positive(_int), 16, {PUSH}, "push requests one impush has in flight at once"),
     _opt("push_prefetch", _positive(_int), 64, {PUSH},
          "unacknowledged AMQP messages of <ns>.push one impush holds (each may hold many requests)"),

@@ -247,6 +247,9 @@ class PushService(service.Service):
         while True:
             try:
                 await self.bus.publish(self.queue.routing_key, envelope.push_body([request]), headers=headers)
+                self.log.info("push {event} to {user}: still failing after push_hold; handed on to {queue} "
+                              "(attempt {n})", event=request["eventId"], user=request["userId"],
+                              queue=self.queue.name, n=attempts)
                 return
             except Exception as e:
                 if self._stopping:

@@ -45,7 +45,7 @@ def build(config: Any) -> tuple[DaemonService, Any]:
     amqp = AMQPService.from_config(config, name="amqp")
     amqp.setServiceParent(root)
     client = PushClient(config.push_url, config.webhook_secret, config.push_timeout, config.push_concurrency)
-    push = PushService(config, amqp, DeviceStore(db), client)
+    push = PushService(config, amqp, DeviceStore(db), client, push_hold=config.push_hold)
     probes = dependency_probes(amqp=amqp, postgres=db)
     probes["push"] = lambda: push.healthy
     make_metrics_service(config, probes).setServiceParent(root)

@@ -419,17 +419,24 @@ class Cluster:
             proc.wait_ready(lambda: all(port_open(p) for p in ports.values()), timeout))
 
     def start_push(self, timeout: float = START_TIMEOUT, env: dict[str, str] | None = None,
-                   **opts: Any) -> defer.Deferred:
-        """Start ``twistd impush``; fires once ``<ns>.push`` has one more consumer than before."""
+                   metrics: bool = False, **opts: Any) -> defer.Deferred:
+        """Start ``twistd impush``; fires once ``<ns>.push`` has one more consumer than before
+        (and its metrics port accepts, with ``metrics=True``)."""
         queue = f"{opts.get('namespace', self.namespace)}.push"
         if queue not in self.extra_queues:
             self.extra_queues.append(queue)
+        ports = {}
+        if metrics:
+            ports["metrics"] = free_port()
+            opts.setdefault("metrics", endpoint(ports["metrics"]))
 
         async def starting() -> DaemonProcess:
             before = await threads.deferToThread(consumer_count, queue, self.amqp_url)
-            proc = self.spawn(PUSH, opts, {}, env)
+            proc = self.spawn(PUSH, opts, ports, env)
 
             async def ready() -> bool:
+                if not all(port_open(p) for p in ports.values()):
+                    return False
                 return await threads.deferToThread(consumer_count, queue, self.amqp_url) > before
 
             return await proc.wait_ready(lambda: defer.Deferred.fromCoroutine(ready()), timeout)
