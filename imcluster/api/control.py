@@ -83,7 +83,7 @@ class ControlResources:
         self._user_param(user_id)
         body = self.json_object(request) if _has_body(request) else {}
         reason = body.get("reason")
-        if reason is not None and not isinstance(reason, str):
+        if "reason" in body and not isinstance(reason, str):
             raise _api_error(400, "reason must be a string")
         found = await self.registry.connections_of([user_id])
         told = await self._tell_gateways(user_id, found.get(user_id) or {},
