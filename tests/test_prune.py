@@ -120,3 +120,21 @@ async def test_processors_apply_retention_days(cluster, pg_schema):
     await eventually(lambda: counts(pg_schema)[:2] == (10, 20), 20, "old messages pruned")
     logs = "".join(p.log_text() for p in cluster.processes)
     assert "retention: pruned" in logs
+
+
+@pytest.mark.slow
+def test_prune_bench_tiny():
+    """bench/prune.py --tiny runs: the prune's time and p2p latency before, during and after are printed."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "bench" / "node_modules" / "ws").is_dir():
+        from tests.support.node import ensure_npm_packages
+
+        ensure_npm_packages(root / "bench", "ws")
+    out = subprocess.run([sys.executable, str(root / "bench" / "prune.py"), "--tiny"], capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "pruned 20000 messages" in out.stdout
+    assert "p2p latency during the prune, window 1: p50 " in out.stdout
+    assert "(0 delivered)" not in out.stdout
