@@ -7,11 +7,13 @@
 Starts bench/run.py's cluster (2 gateways, 1 processor, its own namespace,
 Redis prefix and PostgreSQL schema), fills ``messagerecv`` with ``--rows``
 messages 40 days old (100 a session, each with one ``delivered``
-``messagesend`` row) and as many young ones' worth of live traffic, then:
+``messagesend`` row; with ``--delivered``, 10 days old, so that only their
+delivered rows go), then:
 
 1. p2p latency with nothing else running (the generator's p2p-latency
    scenario, ``--pairs`` pairs at ``--rate`` messages/s for ``--seconds``);
-2. ``imcluster prune --older-than 30`` (``--batch``, ``--pause``) in the
+2. ``imcluster prune --older-than 30`` (``--batch``, ``--pause``;
+   ``--delivered-older-than 5`` with ``--delivered``) in the
    background and, at the same time, p2p latency windows of ``--seconds``
    each until the prune has finished;
 
@@ -39,7 +41,7 @@ SEED_SQL = """
 INSERT INTO session (id) SELECT 'old-' || g FROM generate_series(1, %(sessions)s) g;
 INSERT INTO messagerecv (session_id, seq, sender_id, client_msg_id, body, created_at)
   SELECT 'old-' || (1 + (g - 1) / 100), 1 + (g - 1) %% 100, 'old-sender', 'old-' || g,
-         '{"text":"an old message"}', now() - interval '40 days'
+         '{"text":"an old message"}', now() - make_interval(days => %(age)s)
   FROM generate_series(1, %(rows)s) g;
 INSERT INTO messagesend (user_id, msg_id, session_id, seq, status, updated_at)
   SELECT 'old-reader', id, session_id, seq, 'delivered', created_at FROM messagerecv
@@ -59,7 +61,7 @@ def seed(args, schema: str, rows: int) -> float:
         conn.autocommit = False
         with conn.cursor() as c:
             c.execute(f'SET search_path TO "{schema}"')
-            c.execute(SEED_SQL, {"rows": rows, "sessions": -(-rows // 100)})
+            c.execute(SEED_SQL, {"rows": rows, "sessions": -(-rows // 100), "age": 10 if args.delivered else 40})
         conn.commit()
     finally:
         conn.close()
@@ -83,6 +85,9 @@ def main(argv=None) -> int:
     parser.add_argument("--tiny", action="store_true", help="20,000 rows and short windows")
     parser.add_argument("--rows", type=int, default=1_000_000, help="old messages to prune")
     parser.add_argument("--batch", type=int, default=1000, help="imcluster prune --batch")
+    parser.add_argument("--delivered", action="store_true",
+                        help="the messages are 10 days old and kept (--older-than 30): prune only their "
+                             "delivered rows (--delivered-older-than 5), walking messagesend's key")
     parser.add_argument("--pause", type=float, default=0.0, help="imcluster prune --pause")
     parser.add_argument("--pairs", type=int, default=100, help="p2p pairs")
     parser.add_argument("--rate", type=int, default=500, help="p2p messages per second (all pairs)")
@@ -113,7 +118,8 @@ def main(argv=None) -> int:
         benchrun.log(f"seeded in {out['seed_seconds']}s; p2p latency alone")
         out["before"] = latency(cluster, params)
         prune = subprocess.Popen(
-            [str(benchrun.BIN / "imcluster"), "prune", "--older-than", "30", f"--batch={args.batch}",
+            [str(benchrun.BIN / "imcluster"), "prune", "--older-than", "30",
+             *(["--delivered-older-than", "5"] if args.delivered else []), f"--batch={args.batch}",
              f"--pause={args.pause}", f"--postgres={args.postgres}", f"--postgres-schema={cluster.schema}"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         started = time.monotonic()
