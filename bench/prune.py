@@ -52,6 +52,24 @@ ANALYZE messagesend;
 """
 
 
+def left(args, schema: str) -> dict:
+    """What the prune should have removed and did not: seeded rows still there, by status."""
+    import psycopg2
+
+    conn = psycopg2.connect(args.postgres)
+    try:
+        with conn.cursor() as c:
+            c.execute(f'SET search_path TO "{schema}"')
+            c.execute("SELECT count(*) FROM messagerecv WHERE sender_id = 'old-sender'")
+            messages = c.fetchone()[0]
+            c.execute("SELECT status, count(*) FROM messagesend WHERE user_id = 'old-reader' GROUP BY status")
+            rows = dict(c.fetchall())
+        conn.rollback()
+    finally:
+        conn.close()
+    return {"messages": messages, "delivery_rows": rows}
+
+
 def seed(args, schema: str, rows: int) -> float:
     import psycopg2
 
@@ -139,6 +157,7 @@ def main(argv=None) -> int:
         waiter.join()
         out["prune"] = {"seconds": round(done["seconds"], 1), "output": done["stdout"], "rc": done["rc"],
                         "stderr": done["stderr"][-2000:]}
+        out["left"] = left(args, cluster.schema)
         out["during"] = during
         benchrun.log("p2p latency after the prune")
         out["after"] = latency(cluster, params)
@@ -151,7 +170,7 @@ def main(argv=None) -> int:
                 f"({r.get('delivered')} delivered)")
 
     print(f"prune of {args.rows} messages + {args.rows} delivered rows, batch {args.batch}, pause {args.pause}s: "
-          f"{out['prune']['seconds']} s  [{out['prune']['output']}]")
+          f"{out['prune']['seconds']} s  [{out['prune']['output']}]; seeded rows left: {out['left']}")
     print(f"p2p latency before ({args.pairs} pairs, {args.rate} msgs/s, {args.seconds:g} s windows): "
           f"{fmt(out['before'])}")
     for i, r in enumerate(out["during"], 1):
