@@ -88,8 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--older-than", type=float, metavar="DAYS", required=True,
                        help="delete messages created more than DAYS days ago")
     prune.add_argument("--delivered-older-than", type=float, metavar="DAYS",
-                       help="also delete messagesend rows delivered more than DAYS days ago "
-                            "(default: --older-than)")
+                       help="also delete messagesend rows delivered more than DAYS days ago while "
+                            "their message is kept (default: none; they go with their message)")
     prune.add_argument("--batch", type=int, default=1000, metavar="N",
                        help="messages (or delivery rows) one statement deletes at most [default: 1000]")
     prune.add_argument("--pause", type=float, default=0.0, metavar="SECONDS",
@@ -173,8 +173,7 @@ def run_prune(args: argparse.Namespace) -> int:
         conn.autocommit = True  # every statement its own short transaction
         with conn.cursor() as c:
             c.execute(f'SET search_path TO "{schema}"')
-        delivered = args.delivered_older_than if args.delivered_older_than is not None else args.older_than
-        result = prune_sync(conn, args.older_than, delivered, args.batch, args.pause)
+        result = prune_sync(conn, args.older_than, args.delivered_older_than, args.batch, args.pause)
     except psycopg2.Error as e:
         return _fail(f"PostgreSQL at {describe_dsn(dsn)}: {_first_line(e)}")
     finally:

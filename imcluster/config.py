@@ -416,6 +416,9 @@ OPTIONS: list[Option] = [
     _opt("retention_days", _non_negative(_float), 0.0, P,
          "days after which processors delete delivered messagesend rows and messagerecv rows, in "
          "small batches, one processor at a time (0: keep everything; imcluster prune does it by hand)"),
+    _opt("retention_delivered_days", _non_negative(_float), 0.0, P,
+         "with retention_days: also delete messagesend rows delivered more than this many days ago "
+         "while their message is kept (0: they go with their message)"),
     _opt("retention_batch", _positive(_int), 1000, P, "rows one retention (prune) delete removes at most"),
     _opt("retention_interval", _positive(_float), 60.0, P, "seconds between retention passes of a processor"),
     # --- http

@@ -116,8 +116,11 @@ async def test_processors_apply_retention_days(cluster, pg_schema):
     seed(pg_schema, 4, 100, age_days=3)
     seed(pg_schema, 1, 10, age_days=0)
     for _ in range(2):
-        await cluster.start_processor(retention_days=2, retention_interval=0.5, retention_batch=50)
+        await cluster.start_processor(retention_days=2, retention_delivered_days=1, retention_interval=0.5,
+                                      retention_batch=50)
     await eventually(lambda: counts(pg_schema)[:2] == (10, 20), 20, "old messages pruned")
+    seed(pg_schema, 1, 30, age_days=1.5)  # kept (younger than 2 days), delivered 1.5 days ago: their rows go
+    await eventually(lambda: counts(pg_schema)[:2] == (40, 20), 20, "old delivered rows pruned")
     logs = "".join(p.log_text() for p in cluster.processes)
     assert "retention: pruned" in logs
 

@@ -4,8 +4,9 @@ Every ``retention_interval`` seconds, the processor that takes the Redis
 lock ``<prefix>RETENTION_LOCK`` (``SET NX PX``, like the redelivery sweep's)
 runs :func:`imcluster.store.prune.prune` with ``retention_batch`` rows a
 statement for at most half an interval: ``messagerecv`` rows older than
-``retention_days`` (and their ``messagesend`` rows), then ``messagesend``
-rows delivered longer ago than that, from the key where the last pass
+``retention_days`` (and their ``messagesend`` rows, delivered or not) and,
+with ``retention_delivered_days``, ``messagesend`` rows delivered longer ago
+than that while their message is kept, from the key where the last pass
 stopped (``<prefix>RETENTION_CURSOR``). Each statement is short, so the
 windows of the processors never wait long on it. Off while
 ``retention_days`` is 0.
@@ -83,7 +84,8 @@ class Retention:
             start = None
         deadline = self.clock.seconds() + interval / 2
         days = self.config.retention_days
-        result = await prune(self.db, days, days, self.config.retention_batch, pause=0.0,
+        delivered = self.config.retention_delivered_days or None
+        result = await prune(self.db, days, delivered, self.config.retention_batch, pause=0.0,
                              keep_going=lambda: not self._stopping and self.clock.seconds() < deadline,
                              start_key=start)
         if result.next_key is not None:
