@@ -137,3 +137,21 @@ API_MESSAGES = Counter(
 RECONNECTS = Counter("imcluster_reconnects_total", "Reconnections to a shared service", ["service"])
 RESYNCS = Counter("imcluster_resync_requests_total",
                   "Connections a gateway asked to sync again after its queue or Redis entries were lost")
+
+
+# --- impush (offline push, HTTP-API.md 1.1)
+PUSH_CALLS = Counter(
+    "imcluster_push_calls_total",
+    "Push requests POSTed to push_url, by outcome: ok, invalid (404/410: devices removed), failed "
+    "(will be retried), refused (a 4xx that a retry cannot cure: dead-lettered)", ["result"])
+PUSH_RETRIES = Counter("imcluster_push_retries_total", "Push requests scheduled again after a failed call")
+PUSH_DEAD = Counter("imcluster_push_dead_lettered_total",
+                    "Push requests dead-lettered to <ns>.dead (push_retry passed, or refused)")
+PUSH_DEVICES_REMOVED = Counter("imcluster_push_devices_removed_total",
+                               "Devices removed because the push provider called them invalid")
+PUSH_SKIPPED = Counter("imcluster_push_skipped_total",
+                       "Push requests not sent: the user has no device (or the request was malformed)",
+                       ["reason"])
+PUSH_LATENCY = Histogram("imcluster_push_call_seconds", "Duration of one call to push_url",
+                         buckets=_LATENCY_BUCKETS)
+

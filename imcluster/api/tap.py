@@ -63,6 +63,11 @@ def build(config: Any, authenticator: Any = None) -> tuple[DaemonService, Any]:
     if events.enabled:
         events.declare()
         api.session_events = events
+    # HTTP-API.md 1.1: push targets and revocations (imcluster/api/control.py)
+    from imcluster.store.devices import DeviceStore
+
+    api.devices = DeviceStore(db)
+    api.revoke_ttl = config.revoke_ttl
     # the web chat page (/app/) and, with --dev-login only, POST /v1/dev/login
     site = make_site(mount(api, config), config)
     for description in config.http:

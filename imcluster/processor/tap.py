@@ -11,6 +11,7 @@ The tree (children start in order and stop in reverse)::
       GuardedLoop     "reaper"         every --heartbeat seconds
       GuardedLoop     "redeliver"      every --redeliver-interval seconds (0: none)
       WebhookService  "webhooks"       (--webhook-url) calls the business server
+      GuardedLoop     "retention"      every --retention-interval seconds (with --retention-days)
       ProcessorService "processor"     ... the consumer last, so it stops first
 
 Stopping (SIGTERM) therefore runs: the consumer finishes the window in
@@ -105,5 +106,9 @@ def makeService(options: Any) -> DaemonService:  # noqa: N802 (twistd API)
         Redeliverer(store, processor.router, config).service().setServiceParent(root)
     if webhooks is not None:
         webhooks.setServiceParent(root)
+    if config.retention_days > 0:
+        from imcluster.processor.retention import Retention
+
+        Retention(db, redis, config).service().setServiceParent(root)
     processor.setServiceParent(root)
     return root
