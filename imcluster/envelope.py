@@ -336,7 +336,53 @@ class Delivery:
         return {"connIds": self.conn_ids, "frames": self.frames}
 
 
-def parse_delivery(raw: Any) -> Delivery | None:
+#: control actions, imapi -> the gateways holding a user (HTTP-API.md kick and revoke)
+KICK = "kick"
+REVOKE = "revoke"
+
+
+@dataclass(eq=False)
+class Control:
+    """An item of a batch to ``<ns>.wsserver.<uuid>`` that is no delivery: an operator's order.
+
+    ``{"control":"kick","userId"}`` closes every connection of that user on
+    the gateway (``error`` ``kicked``, then close 4004);
+    ``{"control":"revoke","userId","notBefore"}`` closes those authenticated
+    with a token issued (``iat``) before ``notBefore`` (ms; ``error``
+    ``token_revoked``). A reader that knows no control (an imapi's reply
+    queue) sees a delivery to nobody: ``conn_ids`` and ``frames`` are empty.
+    """
+
+    action: str
+    user_id: str
+    not_before: int | None = None
+    conn_ids: tuple = ()
+    frames: tuple = ()
+
+    def to_json(self) -> dict:
+        doc = {"control": self.action, "userId": self.user_id}
+        if self.not_before is not None:
+            doc["notBefore"] = self.not_before
+        return doc
+
+
+def control_body(action: str, user_id: str, not_before: int | None = None) -> bytes:
+    """A batch of one :class:`Control` item (``kick``, or ``revoke`` with ``not_before`` ms)."""
+    item = Control(action, user_id, not_before).to_json()
+    return json.dumps({"v": VERSION, "items": [item]}, separators=(",", ":")).encode("utf-8")
+
+
+def _parse_control(raw: dict) -> Control | None:
+    action, user = raw.get("control"), raw.get("userId")
+    if action not in (KICK, REVOKE) or not protocol.is_user_id(user):
+        return None
+    not_before = raw.get("notBefore")
+    if action == REVOKE and (not isinstance(not_before, int) or isinstance(not_before, bool)):
+        return None
+    return Control(action, user, not_before if action == REVOKE else None)
+
+
+def parse_delivery(raw: Any) -> Delivery | Control | None:
     """A :class:`Delivery` from one element of ``items``; None when malformed.
 
     ``connIds`` must be a list and ``frames`` a list of objects; ids that
@@ -344,6 +390,8 @@ def parse_delivery(raw: Any) -> Delivery | None:
     """
     if not isinstance(raw, dict):
         return None
+    if "control" in raw:
+        return _parse_control(raw)
     conn_ids, frames = raw.get("connIds"), raw.get("frames")
     if not isinstance(conn_ids, list) or not isinstance(frames, list) \
             or not all(isinstance(f, dict) for f in frames):
@@ -499,10 +547,19 @@ def event(name: str, key: str, data: dict, event_id: str | None = None) -> dict:
 
 
 def message_stored_event(stored: Any) -> dict:
-    """``message.stored`` of a :class:`~imcluster.store.Stored`: the history entry, with ``sessionId``."""
-    return event(MESSAGE_STORED, stored.session_id, {
-        "sessionId": stored.session_id, "msgId": stored.msg_id, "seq": stored.seq, "from": stored.sender,
-        "clientMsgId": stored.client_msg_id, "body": stored.body, "ts": stored.ts_ms})
+    """``message.stored`` of a :class:`~imcluster.store.Stored`: the history entry, with ``sessionId``.
+
+    A ``recall`` or ``edit`` entry (PROTOCOL.md 1.1) carries ``kind`` and ``ref`` as in history.
+    """
+    data = {"sessionId": stored.session_id, "msgId": stored.msg_id, "seq": stored.seq, "from": stored.sender,
+            "clientMsgId": stored.client_msg_id, "body": stored.body, "ts": stored.ts_ms}
+    kind = getattr(stored, "kind", "message")
+    if kind != "message":
+        data["kind"] = kind
+        ref = getattr(stored, "ref", None)
+        if ref is not None:
+            data["ref"] = str(ref)
+    return event(MESSAGE_STORED, stored.session_id, data)
 
 
 def session_members_event(session_id: str, added: Sequence[str], removed: Sequence[str]) -> dict:
@@ -575,3 +632,41 @@ def push_request(stored: Any, user_id: str) -> dict:
 def push_bodies(requests: Sequence[dict], budget: int = 8 * 1024 * 1024) -> list[bytes]:
     """The ``<ns>.push`` bodies of ``requests`` (JSON arrays, each within ``budget`` bytes)."""
     return _json_array(requests, budget)
+# --- processors -> impush: offline push requests ----------------------------------------
+
+#: the fields of one push request as the processors publish it to ``<ns>.push``
+PUSH_FIELDS = ("eventId", "userId", "sessionId", "msgId", "from", "seq", "preview")
+
+
+def push_body(requests: Sequence[dict]) -> bytes:
+    """One AMQP message to ``<ns>.push``: a JSON array of ``{"eventId","userId","sessionId","msgId","from","seq","preview"}``.
+
+    ``preview`` is absent when the body has no ``text`` (HTTP-API.md). Any
+    number of requests (one per recipient without a live connection) share
+    one message: impush looks their devices up in one statement.
+    """
+    return json.dumps(list(requests), separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def parse_push_body(body: bytes) -> tuple[list[dict], int]:
+    """The usable push requests of a ``<ns>.push`` message, and how many were not usable.
+
+    :class:`MalformedBatch` when the body is not a JSON array at all.
+    A request needs a string ``eventId`` and a valid ``userId``; the other
+    fields travel as they came.
+    """
+    try:
+        doc = json.loads(body)
+    except (TypeError, ValueError, RecursionError) as e:
+        raise MalformedBatch(f"not JSON: {e}") from None
+    if not isinstance(doc, list):
+        raise MalformedBatch("not a JSON array of push requests")
+    good, bad = [], 0
+    for raw in doc:
+        if (isinstance(raw, dict) and isinstance(raw.get("eventId"), str) and raw["eventId"]
+                and protocol.is_user_id(raw.get("userId"))):
+            good.append({k: raw[k] for k in PUSH_FIELDS if k in raw})
+        else:
+            bad += 1
+    return good, bad
+

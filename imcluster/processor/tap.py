@@ -12,6 +12,8 @@ The tree (children start in order and stop in reverse)::
       GuardedLoop     "liveness"       every --presence-check seconds (0: none): gateways killed
                                        without exiting are reaped within --presence-grace
       GuardedLoop     "redeliver"      every --redeliver-interval seconds (0: none)
+      WebhookService  "webhooks"       (--webhook-url) calls the business server
+      GuardedLoop     "retention"      every --retention-interval seconds (with --retention-days)
       ProcessorService "processor"     ... the consumer last, so it stops first
 
 Stopping (SIGTERM) therefore runs: the consumer finishes the window in
@@ -93,7 +95,14 @@ def makeService(options: Any) -> DaemonService:  # noqa: N802 (twistd API)
     tracker = Tracker(redis, amqp, config)
     tracker.start()  # declares <ns>.webhooks with the topology when user.* events are published
     reaper = Reaper(redis, tracker)
-    processor = ProcessorService(config, amqp, redis, store, filters, reaper=reaper)
+    # calls to business servers (business.py): the moderation service is the last filter
+    from imcluster.processor import business
+
+    more_filters, outgoing, webhooks = business.build(config, amqp)
+    processor = ProcessorService(config, amqp, redis, store, [*filters, *more_filters], reaper=reaper)
+    if outgoing is not None:
+        outgoing.declare()  # on every connection: a publish to a queue not there would be lost
+        processor.pipeline.outgoing = outgoing
     probes = dependency_probes(redis=redis, amqp=amqp, postgres=db)
     probes["processor"] = lambda: processor.healthy
     make_metrics_service(config, probes).setServiceParent(root)
@@ -106,5 +115,11 @@ def makeService(options: Any) -> DaemonService:  # noqa: N802 (twistd API)
         from imcluster.processor.redeliver import Redeliverer
 
         Redeliverer(store, processor.router, config).service().setServiceParent(root)
+    if webhooks is not None:
+        webhooks.setServiceParent(root)
+    if config.retention_days > 0:
+        from imcluster.processor.retention import Retention
+
+        Retention(db, redis, config).service().setServiceParent(root)
     processor.setServiceParent(root)
     return root
