@@ -176,13 +176,19 @@ class MessageStore:
     ``run_operation``, ``run_interaction(fn, idempotent=...)``);
     ``max_group_size`` caps the members of a session (config
     ``max_group_size``); ``clock`` gives ``seconds()`` for messages without
-    ``ts_ms`` (default: the reactor).
+    ``ts_ms`` (default: the reactor). ``reader`` (``run_query`` only; default
+    ``db``) serves :meth:`history`, :meth:`get_session` and
+    :meth:`user_sessions`: a replica may answer those. Everything that
+    writes, assigns seq, de-duplicates or syncs uses ``db``, the primary.
     """
 
     log = Logger()
 
-    def __init__(self, db: Any, max_group_size: int, clock: Any = None) -> None:
+    def __init__(self, db: Any, max_group_size: int, clock: Any = None, reader: Any = None) -> None:
         self.db = db
+        #: where history and the HTTP API's reads go (``run_query``): an
+        #: :class:`imcluster.db.ReadPool` over ``--postgres-replica``; default ``db``
+        self.reader = reader if reader is not None else db
         self.max_group_size = max_group_size
         if clock is None:
             from twisted.internet import reactor as clock
@@ -592,7 +598,7 @@ class MessageStore:
                 raise StoreError("no_session", "no such session")
             if user_id is not None and not valid_user_id(user_id):
                 raise StoreError("not_member", "not a member of this session")
-            rows = await self.db.run_query(
+            rows = await self.reader.run_query(
                 "SELECT s.id, EXISTS (SELECT 1 FROM session_member m "
                 "WHERE m.session_id = s.id AND m.user_id = %s) FROM session s WHERE s.id = %s",
                 (user_id, session_id))
@@ -607,7 +613,7 @@ class MessageStore:
                 raise StoreError("not_member", "not a member of this session")
             if user_id is not None and not rows[0][1]:
                 raise StoreError("not_member", "not a member of this session")
-            rows = await self.db.run_query(
+            rows = await self.reader.run_query(
                 "SELECT id, seq, sender_id, client_msg_id, body, ts FROM ("
                 "SELECT r.id, r.seq, r.sender_id, r.client_msg_id, r.body, " + _TS_SQL.format(t="r")
                 + " AS ts FROM messagerecv r WHERE r.session_id = %s AND r.seq < %s "
@@ -763,7 +769,7 @@ class MessageStore:
             sid, kind, last_seq, members, owners = rows[0]
             return {"sessionId": sid, "kind": kind, "members": members, "owners": owners, "lastSeq": last_seq}
 
-        return self.db.run_query(
+        return self.reader.run_query(
             "SELECT s.id, s.kind, s.last_seq, "
             'ARRAY(SELECT user_id FROM session_member WHERE session_id = s.id ORDER BY user_id COLLATE "C"), '
             "ARRAY(SELECT user_id FROM session_member WHERE session_id = s.id AND role = 'owner' "
@@ -779,7 +785,7 @@ class MessageStore:
         """
         if not valid_user_id(user_id):
             return defer.succeed([])
-        d = self.db.run_query(
+        d = self.reader.run_query(
             "SELECT s.id, s.kind, s.last_seq, (s.last_seq - m.read_seq) - ("
             "SELECT count(*) FROM messagerecv r WHERE r.session_id = s.id AND r.sender_id = m.user_id "
             "AND r.seq > m.read_seq) FROM session_member m JOIN session s ON s.id = m.session_id "
