@@ -23,6 +23,7 @@ when it fails). Exits 0 whatever the figures (it measures; the test judges),
 from __future__ import annotations
 
 import argparse
+import atexit
 import shutil
 import sys
 import tempfile
@@ -69,6 +70,9 @@ async def main(reactor, argv: list[str]) -> None:
         log(f"cannot build hosts here: {why}")
         raise SystemExit(1)
     base = Path(tempfile.mkdtemp(prefix="imscaleout-"))
+    if not args.keep:
+        # also when SIGTERM/SIGINT stop the reactor before the finally below runs
+        atexit.register(shutil.rmtree, base, True)
     sc = ScaleoutCluster(base, queue_type=args.queue_type, log=log)
     # SIGTERM/SIGINT: stop the reactor; the finally below (and the Net's atexit) remove everything
     began = time.monotonic()
