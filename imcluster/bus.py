@@ -171,8 +171,11 @@ def queue_arguments(config: Any = None, **arguments: Any) -> dict:
     never exclusive nor auto-delete (gateway queues stay classic), no
     ``global`` basic.qos (a per-consumer prefetch is fine), dead-lettering
     through ``x-dead-letter-exchange`` works, and a redelivered message
-    carries ``x-delivery-count``. ``classic`` adds nothing, so queues declared
-    before this option existed stay equivalent.
+    carries ``x-delivery-count``. No ``x-delivery-limit`` is set: the
+    processors isolate poison themselves (``poison_after``, dead-lettered to
+    ``<ns>.dead``), and a limit would dead-letter sound messages whose
+    processors crashed a few times. ``classic`` adds nothing, so queues
+    declared before this option existed stay equivalent.
     """
     if config is None or isinstance(config, str):
         queue_type = config or "classic"
