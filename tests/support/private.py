@@ -76,9 +76,20 @@ async def _sleep(seconds: float) -> None:
     await task.deferLater(reactor, seconds, lambda: None)
 
 
-def _die_with_parent() -> None:
-    """In the child: a new process group (stopped as a whole), and SIGKILL if the test run dies."""
+def _die_with_parent(user: str | None = None) -> None:
+    """In the child: a new process group (stopped as a whole), and SIGKILL if the test run dies.
+
+    ``user``: run as that user; the death signal is set after the switch, as
+    changing credentials clears it (a ``setpriv`` in the command would).
+    """
     os.setsid()
+    if user is not None and os.geteuid() == 0:
+        import pwd
+
+        pw = pwd.getpwnam(user)
+        os.setgroups([])
+        os.setgid(pw.pw_gid)
+        os.setuid(pw.pw_uid)
     try:
         import ctypes
 
@@ -90,14 +101,15 @@ def _die_with_parent() -> None:
 class _Process:
     """One private server process (and its process group), logged to a file."""
 
-    def __init__(self, name: str, argv: list[str], env: dict[str, str], log_path: Path, cwd: Path) -> None:
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], log_path: Path, cwd: Path,
+                 user: str | None = None) -> None:
         self.name = name
         self.argv = argv
         self.log_path = log_path
         self._log = open(log_path, "ab")
         self.popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=self._log,
                                       stderr=subprocess.STDOUT, env=env, cwd=cwd,
-                                      preexec_fn=_die_with_parent)
+                                      preexec_fn=lambda: _die_with_parent(user))
         self.pid = self.popen.pid  # also its process group id (setsid)
         _LIVE[self.pid] = self.popen
 
@@ -492,9 +504,16 @@ class PrivatePostgres:
         began = time.monotonic()
         await threads.deferToThread(self._prepare)
         env = {k: v for k, v in os.environ.items() if not k.startswith(("PG", "IMCLUSTER_"))}
-        self.proc = _Process(f"postgres {self.host}:{self.port}",
-                             [*self.prefix, *_as_user(self.user), str(PG_BIN / "postgres"), "-D", str(self.data)],
-                             env, self.base / "server.log", self.base)
+        argv = [str(PG_BIN / "postgres"), "-D", str(self.data)]
+        if self.prefix:
+            # in a network namespace: `ip netns exec` needs root, setpriv drops it after (the
+            # namespace's clean-up, tests/support/netns.py, ends what outlives the run)
+            self.proc = _Process(f"postgres {self.host}:{self.port}", [*self.prefix, *_as_user(self.user), *argv],
+                                 env, self.base / "server.log", self.base)
+        else:
+            # here the user is switched before exec: the death signal survives it
+            self.proc = _Process(f"postgres {self.host}:{self.port}", argv, env, self.base / "server.log",
+                                 self.base, user=self.user if os.geteuid() == 0 else None)
         while not await threads.deferToThread(self._ready):
             if not self.proc.running:
                 raise AssertionError(f"postgres exited while starting:\n{self.proc.log_tail()}")
