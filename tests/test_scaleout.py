@@ -39,6 +39,9 @@ def test_scaleout_tiny_loses_nothing_when_a_rabbitmq_node_and_a_processor_host_d
     text = stdout[-4000:] + stderr[-6000:]
     assert proc.returncode == 0, text
     data = json.loads(out.read_text())
+    # the processor queue is a quorum queue with a member on each of the 3 nodes
+    assert data["queues"]["im.processor"]["type"] == "quorum", data["queues"]
+    assert len(data["queues"]["im.processor"]["members"]) == 3, data["queues"]
     faults = {f["name"]: f for f in data["faults"]}
     assert list(faults) == ["rabbit-node-kill", "processor-host-kill"], text
     for f in faults.values():

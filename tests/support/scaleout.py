@@ -98,6 +98,8 @@ class ScaleoutCluster:
     processors: list[NetDaemon] = field(default_factory=list)
     #: seconds each part took to start
     timings: dict[str, float] = field(default_factory=dict)
+    #: the shared queues as RabbitMQ lists them: name -> {"type", "members"}
+    queues: dict[str, Any] = field(default_factory=dict)
     log: Callable[[str], None] = print
 
     async def start(self) -> None:
@@ -142,6 +144,12 @@ class ScaleoutCluster:
             self.processors.append(await self._start_processor(h))
         self.timings["daemons_s"] = now() - t2
         self.timings["start_s"] = now() - t
+        # what the broker says of the shared queues (quorum: replicated on every node)
+        out = await threads.deferToThread(self.rabbits.nodes[1].ctl, "list_queues", "name", "type", "members",
+                                          "--formatter", "json")
+        self.queues = {q["name"]: {"type": q["type"], "members": q.get("members") or []}
+                       for q in json.loads(out) if not q["name"].startswith("im.gateway.")}
+        self.log(f"queues: {self.queues}")
 
     def _opts(self, daemon: str, host: Host) -> dict[str, Any]:
         opts = self.cluster.common_options(daemon)
@@ -286,7 +294,7 @@ async def run_scaleout(sc: ScaleoutCluster, faults: list[str], users: int = 4, r
 
 def as_json(report: Report, results: list[FaultResult], db: dict, sc: ScaleoutCluster, params: dict) -> str:
     return json.dumps({
-        "params": params, "timings": sc.timings,
+        "params": params, "timings": sc.timings, "queues": sc.queues,
         "faults": [r.__dict__ for r in results],
         "report": report.as_dict(), "db": db,
     }, indent=2, default=str)
