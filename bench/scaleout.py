@@ -6,11 +6,13 @@
 
 Needs root (``ip netns``). Builds the hosts of tests/support/scaleout.py on
 a private 10.213.x.0/24 bridge that it creates: a 3-node RabbitMQ cluster
-(quorum queues), a PostgreSQL primary and its streaming replica, Redis, two
-gateway hosts and two processor hosts, each in a network namespace of its
-own. It connects the acknowledging load of tests/support/load.py across
-both gateways, then in turn SIGKILLs the RabbitMQ node every daemon is
-connected to, and one processor host, and prints for each fault the
+(quorum queues), a PostgreSQL primary and its streaming replica, Redis (a
+primary, a replica and 3 Sentinels when the daemons take a
+``redis+sentinel://`` URL, else one Redis), two gateway hosts and two
+processor hosts, each in a network namespace of its own. It connects the
+acknowledging load of tests/support/load.py across both gateways, then in
+turn SIGKILLs the RabbitMQ node every daemon is connected to, the Redis
+primary (with Sentinels), and one processor host, and prints for each fault the
 seconds until deliveries resumed; at the end it accounts for every
 acknowledged message at every connection (tests/support/ledger.py: lost,
 duplicated, mismatched copies of a msgId, seq gaps) and checks the primary's
@@ -36,7 +38,8 @@ sys.path.insert(0, str(ROOT))
 from twisted.internet import defer, task  # noqa: E402
 
 from tests.support.netns import available  # noqa: E402
-from tests.support.scaleout import FAULTS, ScaleoutCluster, as_json, run_scaleout  # noqa: E402
+from tests.support.scaleout import (  # noqa: E402
+    FAULTS, ScaleoutCluster, as_json, default_faults, run_scaleout, sentinel_supported)
 
 
 def log(msg: str) -> None:
@@ -45,7 +48,11 @@ def log(msg: str) -> None:
 
 def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--faults", default=",".join(FAULTS), help=f"comma-separated, in order, of {', '.join(FAULTS)}")
+    p.add_argument("--faults", default=None,
+                   help=f"comma-separated, in order, of {', '.join(FAULTS)} (default: every one the topology has)")
+    p.add_argument("--redis-mode", default="auto", choices=("auto", "sentinel", "single"),
+                   help="sentinel: Redis primary + replica + 3 Sentinels; auto: sentinel when the daemons "
+                        "take a redis+sentinel:// URL, else one Redis")
     p.add_argument("--users", type=int, default=6)
     p.add_argument("--rate", type=float, default=3.0, help="messages a second per user")
     p.add_argument("--steady", type=float, default=4.0, help="seconds of load before the first fault")
@@ -57,6 +64,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.tiny:
         args.users, args.rate, args.steady, args.after = 4, 2.0, 2.0, 3.0
+    if args.redis_mode == "auto":
+        args.redis_mode = "sentinel" if sentinel_supported() else "single"
+    if args.faults is None:
+        args.faults = ",".join(default_faults(args.redis_mode))
     unknown = [f for f in args.faults.split(",") if f not in FAULTS]
     if unknown:
         p.error(f"unknown fault(s) {unknown}; known: {list(FAULTS)}")
@@ -73,7 +84,7 @@ async def main(reactor, argv: list[str]) -> None:
     if not args.keep:
         # also when SIGTERM/SIGINT stop the reactor before the finally below runs
         atexit.register(shutil.rmtree, base, True)
-    sc = ScaleoutCluster(base, queue_type=args.queue_type, log=log)
+    sc = ScaleoutCluster(base, queue_type=args.queue_type, redis_mode=args.redis_mode, log=log)
     # SIGTERM/SIGINT: stop the reactor; the finally below (and the Net's atexit) remove everything
     began = time.monotonic()
     ok = False

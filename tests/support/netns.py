@@ -41,7 +41,6 @@ import socket
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
 
 from twisted.internet import threads
 
@@ -49,7 +48,7 @@ from tests.support.private import RABBIT_SERVER, _Process, _sleep, port_open
 
 NS_PREFIX = "imso"
 RABBIT_CTL = "/usr/lib/rabbitmq/bin/rabbitmqctl"
-#: a 3-node cluster on two busy cores: each node took 4-15 s to start here
+#: a 3-node cluster on two busy cores: each node took 15-20 s to start here
 NET_RABBIT_START_TIMEOUT = float(os.environ.get("IMTEST_RABBIT_START_TIMEOUT", "120"))
 
 
@@ -383,7 +382,8 @@ class NetRedis:
         except OSError:
             return False
 
-    async def start(self, timeout: float = 15.0, *extra: str) -> None:
+    async def start(self, timeout: float = 15.0, extra: tuple[str, ...] = ()) -> None:
+        """Start it and wait for ``PONG``; ``extra``: more redis-server arguments (``--replicaof`` ...)."""
         began = time.monotonic()
         exe = shutil.which("redis-server") or "/usr/bin/redis-server"
         env = {k: v for k, v in os.environ.items() if not k.startswith("IMCLUSTER_")}
@@ -401,3 +401,84 @@ class NetRedis:
     async def kill(self) -> None:
         if self.proc is not None:
             await self.proc.stop(signal.SIGKILL)
+
+
+def _redis_cli(host: str, port: int, *args: str) -> str:
+    exe = shutil.which("redis-cli") or "/usr/bin/redis-cli"
+    out = subprocess.run([exe, "-h", host, "-p", str(port), *args], capture_output=True, text=True, timeout=5)
+    return out.stdout.strip()
+
+
+class NetRedisSentinels:
+    """A Redis primary (host ``redis``), its replica (``redis2``) and 3 Sentinels (``redis``, ``redis2``, ``sentinel3``).
+
+    ``url`` is the ``--redis`` value ``redis+sentinel://<ip>:26379,.../<master>``
+    (the form of ARCHITECTURE.md "Scale-out"). ``kill_primary()`` SIGKILLs
+    the primary's process; ``master()`` is the address the Sentinels name.
+    """
+
+    SENTINEL_PORT = 26379
+
+    def __init__(self, net: Net, base: Path, master: str = "immaster", down_after_ms: int = 1000) -> None:
+        self.net = net
+        self.base = Path(base)
+        self.master_name = master
+        self.down_after_ms = down_after_ms
+        h1, h2 = net.add_host("redis"), net.add_host("redis2")
+        self.primary = NetRedis(net, h1, self.base / "primary")
+        self.replica = NetRedis(net, h2, self.base / "replica")
+        self.sentinel_hosts = [h1, h2, net.add_host("sentinel3")]
+        self.sentinels: list[_Process] = []
+        self.url = ("redis+sentinel://" + ",".join(f"{h.ip}:{self.SENTINEL_PORT}" for h in self.sentinel_hosts)
+                    + f"/{master}")
+
+    def master(self) -> str | None:
+        """``ip:port`` of the primary as the first Sentinel that answers names it (blocking)."""
+        for h in self.sentinel_hosts:
+            out = _redis_cli(h.ip, self.SENTINEL_PORT, "SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.master_name).split()
+            if len(out) == 2:
+                return f"{out[0]}:{out[1]}"
+        return None
+
+    def _ready(self) -> bool:
+        for h in self.sentinel_hosts:
+            info = _redis_cli(h.ip, self.SENTINEL_PORT, "SENTINEL", "MASTER", self.master_name).split("\n")
+            state = dict(zip(info[::2], info[1::2]))
+            if state.get("num-slaves") != "1" or state.get("num-other-sentinels") != "2":
+                return False
+        return True
+
+    async def start(self, timeout: float = 60.0) -> None:
+        began = time.monotonic()
+        await self.primary.start()
+        await self.replica.start(extra=("--replicaof", self.primary.host.ip, str(self.primary.port)))
+        while "master_link_status:up" not in await threads.deferToThread(
+                _redis_cli, self.replica.host.ip, self.replica.port, "INFO", "replication"):
+            if time.monotonic() - began > timeout:
+                raise AssertionError("the Redis replica did not sync")
+            await _sleep(0.05)
+        exe = shutil.which("redis-server") or "/usr/bin/redis-server"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("IMCLUSTER_")}
+        for i, h in enumerate(self.sentinel_hosts, 1):
+            folder = self.base / f"sentinel{i}"
+            folder.mkdir(parents=True, exist_ok=True)
+            conf = folder / "sentinel.conf"
+            conf.write_text(
+                f"port {self.SENTINEL_PORT}\nbind {h.ip}\nprotected-mode no\ndir {folder}\ndaemonize no\n"
+                f"sentinel monitor {self.master_name} {self.primary.host.ip} {self.primary.port} 2\n"
+                f"sentinel down-after-milliseconds {self.master_name} {self.down_after_ms}\n"
+                f"sentinel failover-timeout {self.master_name} 10000\n"
+                f"sentinel parallel-syncs {self.master_name} 1\n")
+            self.sentinels.append(self.net.spawn(h, "sentinel", [exe, str(conf), "--sentinel"], env,
+                                                 folder / "sentinel.log", folder))
+        while not await threads.deferToThread(self._ready):
+            for s in self.sentinels:
+                if not s.running:
+                    raise AssertionError(f"a Sentinel exited:\n{s.log_tail()}")
+            if time.monotonic() - began > timeout:
+                raise AssertionError("the Sentinels did not see each other and the replica:\n"
+                                     + "\n".join(s.log_tail(10) for s in self.sentinels))
+            await _sleep(0.1)
+
+    async def kill_primary(self) -> None:
+        await self.primary.kill()

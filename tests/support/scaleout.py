@@ -4,7 +4,9 @@ Hosts (tests/support/netns.py), each a namespace of its own on a private
 /24: ``rabbit1..3`` (one RabbitMQ cluster, joined with ``rabbitmqctl
 join_cluster``), ``pg1`` (PostgreSQL primary) and ``pg2`` (its streaming
 replica, ``pg_basebackup -R``), ``redis``, ``gw1``/``gw2`` (``twistd
-imgateway``) and ``proc1``/``proc2`` (``twistd improcessor``). Every daemon
+imgateway``) and ``proc1``/``proc2`` (``twistd improcessor``); with
+``redis_mode="sentinel"``, ``redis``/``redis2`` (primary, replica) and
+Sentinels on ``redis``, ``redis2`` and ``sentinel3``. Every daemon
 gets the three RabbitMQ URLs (``--amqp`` repeated) and ``--queue-type
 quorum``; processors read history from the replica (``--postgres-replica``).
 The test process reaches the gateways through the bridge, as clients on
@@ -17,6 +19,10 @@ user's operator would see happen to a host):
                         (the first URL): daemons fail over to the next node, the
                         quorum queue elects a new leader, gateways declare their
                         exclusive queues again and re-sync their connections
+``redis-primary-kill``  SIGKILL of the Redis primary (with ``redis_mode="sentinel"``:
+                        a primary, a replica and 3 Sentinels, the daemons on
+                        ``--redis redis+sentinel://...``): the Sentinels promote the
+                        replica, the daemons follow it and re-register
 ``processor-host-kill`` SIGKILL of processor host 1: its unacknowledged window is
                         redelivered to the other processor
 
@@ -42,12 +48,23 @@ from imcluster.config import GATEWAY, PROCESSOR
 from tests.support.cluster import PLUGIN, TWISTD, Cluster, DaemonProcess, cli_args, consumer_count, port_open
 from tests.support.ledger import Ledger, Report
 from tests.support.load import Load
-from tests.support.netns import Host, Net, NetRabbitCluster, NetRedis
+from tests.support.netns import Host, Net, NetRabbitCluster, NetRedis, NetRedisSentinels
 from tests.support.private import PrivatePostgres, _sleep
 
 
 def now() -> float:
     return time.monotonic()
+
+
+def sentinel_supported() -> bool:
+    """Whether this imcluster takes ``--redis redis+sentinel://...`` (issue 18's Redis part)."""
+    from imcluster.config import ConfigError, load_config
+
+    try:
+        load_config(PROCESSOR, {"redis": "redis+sentinel://10.0.0.1:26379,10.0.0.2:26379/immaster"})
+    except ConfigError:
+        return False
+    return True
 
 
 class NetDaemon:
@@ -88,11 +105,14 @@ class ScaleoutCluster:
     gateways_n: int = 2
     processors_n: int = 2
     queue_type: str = "quorum"
+    #: "sentinel": a Redis primary, replica and 3 Sentinels (when the daemons take a Sentinel URL); "single"
+    redis_mode: str = "single"
     net: Net | None = None
     rabbits: NetRabbitCluster | None = None
     primary: PrivatePostgres | None = None
     replica: PrivatePostgres | None = None
     redis: NetRedis | None = None
+    sentinels: NetRedisSentinels | None = None
     cluster: Cluster | None = None
     gateways: list[NetDaemon] = field(default_factory=list)
     processors: list[NetDaemon] = field(default_factory=list)
@@ -112,7 +132,13 @@ class ScaleoutCluster:
                                        trusted=net.subnet)
         self.replica = PrivatePostgres(self.base / "pg2", host=pg2.ip, port=5432, prefix=pg2.prefix,
                                        trusted=net.subnet, primary=self.primary)
-        self.redis = NetRedis(net, net.add_host("redis"), self.base / "redis")
+        if self.redis_mode == "sentinel":
+            self.sentinels = NetRedisSentinels(net, self.base / "redis")
+            self.redis = self.sentinels.primary
+            redis_url, start_redis = self.sentinels.url, self.sentinels.start
+        else:
+            self.redis = NetRedis(net, net.add_host("redis"), self.base / "redis")
+            redis_url, start_redis = self.redis.url, self.redis.start
         gw_hosts = [net.add_host(f"gw{i}") for i in range(1, self.gateways_n + 1)]
         proc_hosts = [net.add_host(f"proc{i}") for i in range(1, self.processors_n + 1)]
         self.log(f"hosts on {net.subnet}: " + ", ".join(f"{h.name} {h.ip}" for h in net.hosts.values()))
@@ -127,14 +153,14 @@ class ScaleoutCluster:
         t1 = now()
         await defer.gatherResults([defer.Deferred.fromCoroutine(self.rabbits.start()),
                                    defer.Deferred.fromCoroutine(postgres()),
-                                   defer.Deferred.fromCoroutine(self.redis.start())], consumeErrors=True)
+                                   defer.Deferred.fromCoroutine(start_redis())], consumeErrors=True)
         self.timings["engines_s"] = now() - t1
         self.log(f"RabbitMQ cluster {[n.node for n in self.rabbits.nodes]} (nodes started in "
                  f"{', '.join(f'{s:.1f}' for s in self.rabbits.start_times)} s), PostgreSQL primary "
-                 f"{self.primary.host} + replica {self.replica.host}, Redis {self.redis.host.ip}: "
+                 f"{self.primary.host} + replica {self.replica.host}, Redis {redis_url}: "
                  f"{self.timings['engines_s']:.1f} s")
         c = self.cluster = Cluster(self.base, "im", "", "public")
-        c.redis_url = self.redis.url
+        c.redis_url = redis_url
         c.amqp_url = self.rabbits.urls[0]
         c.postgres_dsn = self.primary.dsn
         t2 = now()
@@ -218,6 +244,14 @@ async def rabbit_node_kill(sc: ScaleoutCluster) -> str:
     return f"SIGKILL RabbitMQ {node.node}"
 
 
+async def redis_primary_kill(sc: ScaleoutCluster) -> str:
+    if sc.sentinels is None:
+        raise RuntimeError("redis-primary-kill needs the Sentinel topology (redis_mode 'sentinel')")
+    before = await threads.deferToThread(sc.sentinels.master)
+    await sc.sentinels.kill_primary()
+    return f"SIGKILL Redis primary {before} (Sentinels promote {sc.sentinels.replica.host.ip})"
+
+
 async def processor_host_kill(sc: ScaleoutCluster) -> str:
     p = sc.processors[0]
     await p.kill()
@@ -226,8 +260,14 @@ async def processor_host_kill(sc: ScaleoutCluster) -> str:
 
 FAULTS: dict[str, Callable[[ScaleoutCluster], Awaitable[str]]] = {
     "rabbit-node-kill": rabbit_node_kill,
+    "redis-primary-kill": redis_primary_kill,
     "processor-host-kill": processor_host_kill,
 }
+
+
+def default_faults(redis_mode: str) -> list[str]:
+    """Every fault the topology has, in order (the Redis one needs Sentinels)."""
+    return [f for f in FAULTS if f != "redis-primary-kill" or redis_mode == "sentinel"]
 
 
 def resumed_at(ledger: Ledger, since: float) -> float | None:
@@ -294,7 +334,7 @@ async def run_scaleout(sc: ScaleoutCluster, faults: list[str], users: int = 4, r
 
 def as_json(report: Report, results: list[FaultResult], db: dict, sc: ScaleoutCluster, params: dict) -> str:
     return json.dumps({
-        "params": params, "timings": sc.timings, "queues": sc.queues,
+        "params": params, "timings": sc.timings, "queues": sc.queues, "redis_mode": sc.redis_mode,
         "faults": [r.__dict__ for r in results],
         "report": report.as_dict(), "db": db,
     }, indent=2, default=str)
