@@ -109,9 +109,10 @@ async def main(reactor, argv: list[str]) -> None:
             log(f"kept {base}")
         if not args.keep:
             shutil.rmtree(base, ignore_errors=True)
-    print(f"{'fault':<22}{'resume_s':>10}  what")
+    print(f"{'fault':<22}{'resume_s':>10}{'gap_s':>8}  what")
     for r in results:
-        print(f"{r.name:<22}{'-' if r.resume_s is None else f'{r.resume_s:.2f}':>10}  {r.what}")
+        print(f"{r.name:<22}{'-' if r.resume_s is None else f'{r.resume_s:.2f}':>10}"
+              f"{'-' if r.longest_gap_s is None else f'{r.longest_gap_s:.2f}':>8}  {r.what}")
     print(report.line())
     print(f"database: {db}")
     print(f"total {time.monotonic() - began:.1f} s (cluster start {sc.timings.get('start_s', 0):.1f} s)")

@@ -29,8 +29,10 @@ user's operator would see happen to a host):
 :func:`run_scaleout` drives them in turn under the acknowledging load of
 tests/support/load.py across both gateways and accounts for every
 acknowledged message at every connection (tests/support/ledger.py); for each
-fault it measures the seconds from the fault until deliveries resume (the
-first delivery of a message acknowledged after the fault). Used by
+fault it measures the seconds from the fault until deliveries resume: the
+end of the longest silence in deliveries after the fault when that was a
+stall (over :data:`STALL_S`), else the first delivery of a message
+acknowledged after it (a fault the cluster did not stall on). Used by
 bench/scaleout.py (and so by tests/test_scaleout.py).
 """
 
@@ -279,12 +281,31 @@ def resumed_at(ledger: Ledger, since: float) -> float | None:
     return min(arrivals) if arrivals else None
 
 
+def longest_gap(ledger: Ledger, since: float, until: float) -> tuple[float, float]:
+    """The longest silence in deliveries (first copies, every connection) between ``since`` and ``until``:
+    ``(length, end)``; the silence from ``since`` to the first delivery counts."""
+    arrivals = sorted(t for rec in ledger.conns.values() for t in rec.first.values() if since <= t <= until)
+    prev, gap, end = since, 0.0, since
+    for t in arrivals:
+        if t - prev > gap:
+            gap, end = t - prev, t
+        prev = t
+    return gap, end
+
+
+#: a silence in deliveries longer than this is a stall (the load delivers several times a second)
+STALL_S = 1.0
+
+
 @dataclass
 class FaultResult:
     name: str
     what: str
+    #: seconds from the fault until deliveries flowed again: the end of the longest silence in
+    #: deliveries after it when that was a stall (> STALL_S), else the first delivery of a message
+    #: acknowledged after the fault
     resume_s: float | None
-    #: seconds the load went without any acknowledged message delivered
+    #: the longest silence in deliveries (any connection) from the fault to ``after`` s past the resume
     longest_gap_s: float | None = None
 
 
@@ -312,12 +333,18 @@ async def run_scaleout(sc: ScaleoutCluster, faults: list[str], users: int = 4, r
                 if back is not None:
                     break
                 await _sleep(0.1)
-            resume = None if back is None else back - t0
-            results.append(FaultResult(name, what, resume))
-            log(f"{name}: {what}; deliveries resumed after "
-                f"{'-' if resume is None else f'{resume:.2f}'} s")
-            last_heal = back if back is not None else now()
             await _sleep(after)
+            gap, gap_end = longest_gap(ledger, t0, now() - 0.5)
+            if back is None:
+                resume = None
+            elif gap > STALL_S:
+                resume = gap_end - t0
+            else:
+                resume = back - t0
+            results.append(FaultResult(name, what, resume, gap))
+            log(f"{name}: {what}; deliveries resumed after {'-' if resume is None else f'{resume:.2f}'} s "
+                f"(longest silence {gap:.2f} s)")
+            last_heal = t0 + resume if resume is not None else now()
         load.stop()
         await load.settle(ledger, last_heal)
         report = ledger.report(last_heal)
