@@ -155,7 +155,7 @@ class QueueSpec:
 QUEUE_TYPES = ("classic", "quorum")
 
 
-def queue_arguments(config: Any = None, **arguments: Any) -> dict:
+def queue_arguments(config: Any = None, single_active: bool = False, **arguments: Any) -> dict:
     """The ``x-``arguments of a shared durable queue: ``<ns>.processor``, ``<ns>.webhooks``, ``<ns>.push``, ``<ns>.dead``.
 
     ``config`` is a Config (its ``queue_type``), a queue type (``"classic"``
@@ -176,6 +176,13 @@ def queue_arguments(config: Any = None, **arguments: Any) -> dict:
     ``<ns>.dead``), and a limit would dead-letter sound messages whose
     processors crashed a few times. ``classic`` adds nothing, so queues
     declared before this option existed stay equivalent.
+
+    ``single_active``: the queue is consumed by one consumer at a time (the
+    webhook sender). On a classic queue an exclusive consumer does that; a
+    quorum queue does not enforce exclusive consumers (RabbitMQ 3.10, seen
+    here: a second consumer was accepted and got half the messages), so a
+    quorum queue gets ``x-single-active-consumer`` instead: the broker
+    delivers to one consumer and hands over to the next when it goes.
     """
     if config is None or isinstance(config, str):
         queue_type = config or "classic"
@@ -186,6 +193,8 @@ def queue_arguments(config: Any = None, **arguments: Any) -> dict:
     args = dict(arguments)
     if queue_type == "quorum":
         args["x-queue-type"] = "quorum"
+        if single_active:
+            args["x-single-active-consumer"] = True
     return args
 
 
@@ -214,10 +223,10 @@ class BusNames:
                          arguments=queue_arguments(self.queue_type, **{"x-dead-letter-exchange": self.dlx}))
 
     def shared_queue(self, name: str, routing_key: str | None, exchange: str | None = None,
-                     **arguments: Any) -> QueueSpec:
+                     single_active: bool = False, **arguments: Any) -> QueueSpec:
         """A durable queue shared by every daemon (``<ns>.webhooks``, ``<ns>.push``...), of ``queue_type``."""
         return QueueSpec(name, routing_key, durable=True, exchange=exchange,
-                         arguments=queue_arguments(self.queue_type, **arguments))
+                         arguments=queue_arguments(self.queue_type, single_active, **arguments))
 
     def gateway_queue(self, uuid: str) -> QueueSpec:
         """``<ns>.gateway.<uuid>``: exclusive, auto-delete, bound to ``<ns>.wsserver.<uuid>``."""
@@ -230,11 +239,13 @@ class BusNames:
 
     def webhooks_queue(self) -> QueueSpec:
         """``<ns>.webhooks``: durable, bound to ``<ns>.webhooks`` (events for business servers, HTTP-API.md)."""
-        return QueueSpec(f"{self.namespace}.webhooks", f"{self.namespace}.webhooks", durable=True)
+        # one sender at a time (imcluster.processor.business): an exclusive consumer, or on a
+        # quorum queue x-single-active-consumer (queue_arguments)
+        return self.shared_queue(f"{self.namespace}.webhooks", f"{self.namespace}.webhooks", single_active=True)
 
     def push_queue(self) -> QueueSpec:
         """``<ns>.push``: durable, bound to ``<ns>.push`` (offline push requests for ``twistd impush``)."""
-        return QueueSpec(f"{self.namespace}.push", f"{self.namespace}.push", durable=True)
+        return self.shared_queue(f"{self.namespace}.push", f"{self.namespace}.push")
 
 
 # --- messages ------------------------------------------------------------------

@@ -287,7 +287,7 @@ OPTIONS: list[Option] = [
     _opt("postgres_password", _str, None, P | A | M, "PostgreSQL password (overrides the DSN's)", secret=True),
     _opt("postgres_replica", _postgres_dsns, [], P | A,
          "DSN(s) of PostgreSQL streaming replicas (repeat the option; a TOML list) that serve "
-         "history and the HTTP API's reads (sessions, a user's sessions); sync, seq assignment, "
+         "history and the HTTP API's reads (sessions, a user's sessions, read cursors); sync, seq assignment, "
          "de-duplication and every write stay on --postgres, as do reads while no replica "
          "answers (empty: everything on --postgres)", multi=True),
     _opt("postgres_schema", _identifier, "public", P | A | M, "PostgreSQL schema holding imcluster's tables"),

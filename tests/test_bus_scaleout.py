@@ -34,6 +34,11 @@ def test_queue_arguments_build_every_shared_queue_from_the_config():
     names = BusNames("im", "quorum")
     for q in (names.processor_queue(), names.dead_queue(), names.shared_queue("im.webhooks", "im.webhooks")):
         assert q.arguments["x-queue-type"] == "quorum" and q.durable and not q.exclusive and not q.auto_delete
+    # <ns>.webhooks and <ns>.push too; the webhooks' one sender at a time needs x-single-active-consumer
+    assert names.webhooks_queue().arguments == {"x-queue-type": "quorum", "x-single-active-consumer": True}
+    assert names.push_queue().arguments == {"x-queue-type": "quorum"}
+    classic_names = BusNames("im")
+    assert classic_names.webhooks_queue().arguments == {} and classic_names.push_queue().arguments == {}
     # a gateway's own queue can never be a quorum queue (exclusive, auto-delete)
     assert names.gateway_queue("u1").arguments == {}
     with pytest.raises(ConfigError, match="queue_type"):
@@ -104,6 +109,29 @@ async def test_quorum_processor_queue_is_a_quorum_queue_and_counts_redeliveries(
     finally:
         await bus.stopService()
         await cleanup_namespace(namespace, [])
+
+
+@pytest_twisted.ensureDeferred
+async def test_one_webhook_sender_at_a_time_on_a_quorum_queue(namespace):
+    """Two processors would both send webhooks (out of order) from a quorum queue, which ignores exclusive consumers."""
+    buses = [AMQPService(AMQP_URL, namespace, publish_timeout=5.0, retry_policy=FAST_RETRY,
+                         connection_name=unique("imcluster-test-"), queue_type="quorum") for _ in range(2)]
+    got: dict[int, list] = {0: [], 1: []}
+    try:
+        for i, bus in enumerate(buses):
+            await bus.startService()
+            # what imcluster.processor.business.WebhookService does
+            await bus.consume(bus.names.webhooks_queue(), lambda m, i=i: (got[i].append(m.body), m.ack()),
+                              prefetch=10, exclusive=True)
+        for n in range(20):
+            await buses[0].publish(buses[0].names.webhooks_queue().routing_key, b"%d" % n)
+        await eventually(lambda: len(got[0]) + len(got[1]) == 20, 10.0, "20 webhook events")
+        assert sorted(len(v) for v in got.values()) == [0, 20], got
+    finally:
+        for bus in buses:
+            if bus.running:
+                await bus.stopService()
+        await cleanup_namespace(namespace, [f"{namespace}.webhooks"])
 
 
 @pytest.mark.slow
