@@ -154,6 +154,18 @@ def _postgres_dsn(value: Any) -> str:
     return v
 
 
+def _amqp_urls(value: Any) -> list[str]:
+    urls = [u.strip() for v in _str_list(value) for u in v.split(",") if u.strip()]
+    if not urls:
+        raise ValueError("needs at least one amqp:// or amqps:// URL")
+    return [_url("amqp", "amqps")(u) for u in urls]
+
+
+def _postgres_dsns(value: Any) -> list[str]:
+    # a key=value DSN has no commas of its own; a URL's query would be percent-encoded
+    return [_postgres_dsn(v) for v in _str_list(value)]
+
+
 def _identifier(value: Any) -> str:
     v = _str(value)
     if not re.match(r"^[a-z_][a-z0-9_]{0,62}$", v):
@@ -257,7 +269,14 @@ OPTIONS: list[Option] = [
     _opt("redis_timeout", _positive(_float), 5.0, G | P | A, "seconds before a Redis command fails"),
     _opt("redis_batch", _positive(_int), 1000, G | P | A,
          "connections one Redis script removes at once when a gateway unregisters or is reaped"),
-    _opt("amqp", _url("amqp", "amqps"), "amqp://guest:guest@127.0.0.1:5672/%2F", G | P | A, "RabbitMQ URL"),
+    _opt("amqp", _amqp_urls, ["amqp://guest:guest@127.0.0.1:5672/%2F"], G | P | A,
+         "RabbitMQ URL, or the URLs of a RabbitMQ cluster's nodes (repeat --amqp, or separate them "
+         "with commas; a TOML list): a daemon connects to the first and moves on to the next when "
+         "its node goes", multi=True),
+    _opt("queue_type", _choice("classic", "quorum"), "classic", G | P | A,
+         "how the shared queues (<ns>.processor, <ns>.webhooks, <ns>.push, <ns>.dead) are declared: "
+         "quorum queues survive a RabbitMQ node's loss (needs a cluster of 3 or more); a queue's "
+         "type never changes once it exists, and every daemon must give the same"),
     _opt("amqp_password", _str, None, G | P | A, "RabbitMQ password (overrides the URL's)", secret=True),
     _opt("publish_timeout", _positive(_float), 5.0, G | P | A,
          "seconds a publish waits for the broker (connection and confirm) before it fails"),
@@ -268,6 +287,11 @@ OPTIONS: list[Option] = [
          "gateway batches, deliveries, sync pages and history replies are split or capped to fit"),
     _opt("postgres", _postgres_dsn, "postgresql://root@127.0.0.1:5432/root", P | A | M, "PostgreSQL DSN"),
     _opt("postgres_password", _str, None, P | A | M, "PostgreSQL password (overrides the DSN's)", secret=True),
+    _opt("postgres_replica", _postgres_dsns, [], P | A,
+         "DSN(s) of PostgreSQL streaming replicas (repeat the option; a TOML list) that serve "
+         "history and the HTTP API's reads (sessions, a user's sessions, read cursors); sync, seq assignment, "
+         "de-duplication and every write stay on --postgres, as do reads while no replica "
+         "answers (empty: everything on --postgres)", multi=True),
     _opt("postgres_schema", _identifier, "public", P | A | M, "PostgreSQL schema holding imcluster's tables"),
     _opt("postgres_pool_size", _positive(_int), 4, P | A, "PostgreSQL connections per daemon"),
     _opt("postgres_timeout", _positive(_float), 10.0, P | A | M, "seconds to connect to PostgreSQL"),
@@ -659,9 +683,9 @@ def with_password(url: str, password: str | None) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
-def postgres_dsn(config: Config) -> str:
-    """The libpq DSN of ``config`` with password and schema applied."""
-    dsn = config.postgres
+def postgres_dsn(config: Config, dsn: str | None = None) -> str:
+    """The libpq DSN of ``config`` (or ``dsn``, e.g. a replica's) with ``postgres_password`` applied."""
+    dsn = config.postgres if dsn is None else dsn
     password = config.values.get("postgres_password")
     if "://" in dsn:
         return with_password(dsn, password)
