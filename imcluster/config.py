@@ -496,7 +496,7 @@ OPTIONS: list[Option] = [
 
 #: the shared options twistd impush reads too (it has no Redis and no client listener)
 _PUSH_SHARED = frozenset({
-    "namespace", "amqp", "amqp_password", "publish_timeout", "publish_backlog", "max_publish_bytes",
+    "namespace", "amqp", "amqp_password", "queue_type", "publish_timeout", "publish_backlog", "max_publish_bytes",
     "postgres", "postgres_password", "postgres_schema", "postgres_pool_size", "postgres_timeout",
     "postgres_statement_timeout", "shutdown_timeout", "metrics", "health_timeout", "max_json_depth",
     "max_body_size", "http_idle_timeout", "http_header_timeout", "http_body_timeout",
