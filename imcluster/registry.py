@@ -132,8 +132,8 @@ class RedisKeys:
         return self.global_key("WSSERVERS")
 
     def ucir(self, user_id: str) -> str:
-        """``<prefix>UCIR##{<userId>}``."""
-        return self.user_key(f"UCIR{SEP}", user_id)
+        """``<prefix>UCIR##{<userId>}`` (``user_key("UCIR##", user_id)``, inlined: a window builds hundreds)."""
+        return f"{self.prefix}UCIR##{{{user_id}}}"
 
     def wsconns(self, uuid: str) -> str:
         """``<prefix>WSCONNS##{<uuid>}``."""
@@ -518,6 +518,9 @@ class _SentinelMasterEndpoint:
         self.node = node
         self.sentinel = sentinel
 
+    def __repr__(self) -> str:
+        return f"<Redis master {self.node.where}>"
+
     def connect(self, factory: protocol.Factory) -> defer.Deferred:
         node = self.node
         d = self.sentinel.discover_master(node.spec.master)
@@ -859,7 +862,9 @@ class RedisService(service.Service):
         self.setName(name)
         self.nodes = [RedisNode(s, timeout=timeout, clock=clock, name=name) for s in self.specs]
         self._single = self.nodes[0] if len(self.nodes) == 1 else None
-        # txredisapi's ring (ShardedConnection's placement) over our nodes
+        # txredisapi's ring (ShardedConnection's placement) over our nodes; its
+        # ShardedConnection itself cannot serve: no pipelines or scripts, and on
+        # Python 3 its ring fails on str keys (zlib.crc32 of a str): we hash bytes
         self._ring = txredisapi.HashRing([
             types.SimpleNamespace(_factory=types.SimpleNamespace(uuid=n.spec.name), node=n)
             for n in self.nodes])

@@ -17,7 +17,6 @@ from twisted.internet import defer, reactor, task
 from imcluster.config import GATEWAY, ConfigError, load_config
 from imcluster.registry import (
     REFRESH_SCRIPT,
-    RedisKeys,
     RedisService,
     RegistryUnavailable,
     hash_tag,

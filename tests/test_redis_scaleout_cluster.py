@@ -122,6 +122,18 @@ async def test_a_cluster_on_two_sharded_primaries(sharded_redis, cluster, pg_sch
                 owners.add(owner)
             await _sleep(0.1)
         assert owners, "no processor took the redelivery lock"
+        # the sweep delivers again what a connected recipient leaves unacknowledged (redeliver_age 3 s)
+        ann = await connect_ws(gws[0].ws_url)
+        await ann.auth(cluster.token("ann"))
+        ben = await connect_ws(gws[1].ws_url)
+        await ben.auth(cluster.token("ben"))
+        ann.send({"type": "message", "clientMsgId": "r1", "sessionId": "p2p:ann:ben", "body": "again?"})
+        assert (await ann.receive_type("message_reply"))["ok"]
+        first = await ben.receive_type("message_send", 5.0)
+        again = await ben.receive_type("message_send", 15.0)  # never acknowledged: sent again
+        assert again["msgId"] == first["msgId"]
+        ann.abort()
+        ben.abort()
         # a gateway that dies: the reaper removes its entries on both shards
         doomed = await cluster.start_gateway()
         clients = []
