@@ -49,7 +49,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import txredisapi
 from twisted.application import service
 from twisted.application.internet import ClientService
-from twisted.internet import defer, protocol
+from twisted.internet import defer, protocol, task
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.logger import Logger
@@ -506,12 +506,18 @@ class _ProtocolFactory(protocol.Factory):
 class _SentinelMasterEndpoint:
     """Connects to the address Sentinel gives for the master, asked again before every attempt.
 
-    txredisapi's ``Sentinel`` asks every sentinel (``SENTINEL MASTERS``) and
-    takes the first answer that knows the master and does not see it down;
-    none within ``timeout``: ``MasterNotFoundError`` (the connection attempt
-    fails and is retried with the node's backoff). So a daemon follows a
-    failover at its next reconnect: the old master's death, or Sentinel's
-    ``CLIENT KILL`` of the demoted one's clients, drops the link.
+    Every sentinel connected (txredisapi's ``Sentinel`` keeps a connection to
+    each) is asked ``SENTINEL MASTERS``; the first answer that knows the
+    master and does not see it down (txredisapi's ``check_master_state``)
+    wins. Once every sentinel said no (the master is down and not replaced
+    yet), or after ``timeout``, the attempt fails with ``MasterNotFoundError``
+    and is retried with the node's backoff (txredisapi's own
+    ``discover_master`` waits the whole timeout even when all sentinels have
+    answered, which delayed the reconnect after a failover by up to 5 s; and
+    it queues a command on a sentinel that is down, which never answers).
+    So a daemon follows a failover at its next reconnect: the old master's
+    death, or Sentinel's ``CLIENT KILL`` of the demoted one's clients, drops
+    the link.
     """
 
     def __init__(self, node: "RedisNode", sentinel: txredisapi.Sentinel) -> None:
@@ -521,9 +527,56 @@ class _SentinelMasterEndpoint:
     def __repr__(self) -> str:
         return f"<Redis master {self.node.where}>"
 
+    async def _connected_sentinels(self) -> list:
+        """The sentinels connected now; at start (none yet), waits for one, up to ``timeout``."""
+        node = self.node
+        deadline = node._clock.seconds() + node.timeout
+        while True:
+            asked = [s for s in self.sentinel.sentinels if s._factory.size]
+            if asked or node._clock.seconds() >= deadline or not node.running:
+                return asked
+            await task.deferLater(node._clock, 0.05, lambda: None)
+
+    def discover(self) -> defer.Deferred:
+        """``(host, port)`` of the master, as the sentinels see it now (see the class docstring)."""
+        return defer.Deferred.fromCoroutine(self._connected_sentinels()).addCallback(self._ask)
+
+    def _ask(self, asked: list) -> defer.Deferred:
+        node, sentinel = self.node, self.sentinel
+        name = node.spec.master
+        result: defer.Deferred = defer.Deferred()
+        left = [len(asked)]
+
+        def no_master(why: str) -> None:
+            if not result.called:
+                result.errback(txredisapi.MasterNotFoundError(f"no master {name!r} from Sentinel: {why}"))
+
+        def answered(response: Any) -> None:
+            if result.called:
+                return
+            state = response.get(name) if isinstance(response, dict) else None
+            if state and sentinel.check_master_state(state):
+                if timer.active():
+                    timer.cancel()
+                result.callback((state["ip"], int(state["port"])))
+                return
+            left[0] -= 1
+            if left[0] <= 0:
+                if timer.active():
+                    timer.cancel()
+                no_master("every sentinel sees it down, or does not know it")
+
+        timer = node._clock.callLater(node.timeout, no_master, f"no answer within {node.timeout:g}s")
+        if not asked:
+            timer.cancel()
+            no_master("no sentinel connected")
+        for s in asked:
+            s.sentinel_masters().addCallbacks(answered, lambda _: answered(None))
+        return result
+
     def connect(self, factory: protocol.Factory) -> defer.Deferred:
         node = self.node
-        d = self.sentinel.discover_master(node.spec.master)
+        d = self.discover()
 
         def found(addr: tuple[str, int]) -> defer.Deferred:
             host, port = addr
@@ -580,6 +633,10 @@ class RedisNode(service.Service):
         self._listeners: list[Callable[[], Any]] = []
         self._client: ClientService | None = None
         self._sentinel: txredisapi.Sentinel | None = None
+        if spec.master:
+            # an attempt only asks the sentinels (the dead master is not dialled): retry
+            # sooner, so that a daemon is on the promoted replica within a second of it
+            self.reconnect_initial_delay, self.reconnect_max_delay = 0.2, 1.0
 
     @property
     def where(self) -> str:
@@ -612,7 +669,6 @@ class RedisNode(service.Service):
         if self.spec.master:
             self._sentinel = txredisapi.Sentinel(
                 list(self.spec.sentinels), password=self.spec.sentinel_password, convertNumbers=False)
-            self._sentinel.discovery_timeout = self.timeout
             endpoint = _SentinelMasterEndpoint(self, self._sentinel)
         else:
             endpoint = HostnameEndpoint(reactor, self.host, self.port, timeout=self.timeout)
