@@ -32,10 +32,10 @@ UUID2 = "3f0c2a4e-0000-4000-8000-000000000002"
 INFO = server_info("10.0.0.9", 8080, 8081, 1764160000)
 
 
-@pytest.fixture(params=["fake", "real", "sharded"])
+@pytest.fixture(params=["fake", "real", pytest.param("sharded", marks=pytest.mark.slow)])
 def registry(request, redis_prefix):
     """The registry under test: the fake, a started RedisService on this test's prefix, or one
-    over two private Redis primaries (client-side sharding by hash tag)."""
+    over two private Redis primaries (client-side sharding by hash tag; slow: it starts them)."""
     if request.param == "fake":
         return FakeRegistry(redis_prefix)
     if request.param == "sharded":

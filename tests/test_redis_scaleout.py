@@ -1,9 +1,9 @@
 """Issue 18, Redis part: Sentinel failover and client-side sharding (ARCHITECTURE.md "Scale-out").
 
 Private Redis instances only (tests/support/private.py): two primaries for
-sharding, or a primary, its replica and three Sentinels. The registry-level
-tests here are quick; the ones with real gateways and processors under load
-are in tests/test_redis_scaleout_cluster.py (slow).
+sharding, or a primary, its replica and three Sentinels (the tests that start
+them are marked slow; each takes a second or a few). The ones with real
+gateways and processors under load are in tests/test_redis_scaleout_cluster.py.
 """
 
 from __future__ import annotations
@@ -99,6 +99,7 @@ async def _keys_of(port: int, prefix: str) -> set[str]:
     return set(out.split()) if out else set()
 
 
+@pytest.mark.slow  # starts private redis-server processes
 @pytest_twisted.ensureDeferred
 async def test_every_key_lands_on_the_shard_of_its_hash_tag(sharded_redis, sharded_redis_service, redis_prefix):
     """Keys would land where no other daemon looks (or all on one shard)."""
@@ -126,6 +127,7 @@ async def test_every_key_lands_on_the_shard_of_its_hash_tag(sharded_redis, shard
     assert left == {svc.keys.redeliver_lock()}
 
 
+@pytest.mark.slow  # starts private redis-server processes
 @pytest_twisted.ensureDeferred
 async def test_a_script_never_spans_shards(sharded_redis_service):
     """A script given keys of two shards would read or write the wrong Redis silently."""
@@ -165,6 +167,7 @@ async def _routing_commands(svc, ports: list[int], users: list[str], gateways: l
     return stats
 
 
+@pytest.mark.slow  # starts private redis-server processes
 @pytest.mark.parametrize("shards", [1, 2])
 @pytest_twisted.ensureDeferred
 async def test_routing_a_100_member_group_is_one_command_per_shard(tmp_path, redis_factory, shards):
@@ -196,6 +199,7 @@ async def test_routing_a_100_member_group_is_one_command_per_shard(tmp_path, red
             await s.close()
 
 
+@pytest.mark.slow  # starts private redis-server processes
 @pytest_twisted.ensureDeferred
 async def test_sharded_reap_removes_a_dead_gateways_entries_on_every_shard(sharded_redis_service, sharded_redis_peer):
     """A dead gateway's connections on the other shard would stay forever; two reapers would both report it."""
@@ -217,6 +221,7 @@ async def test_sharded_reap_removes_a_dead_gateways_entries_on_every_shard(shard
     assert await svc.execute("EXISTS", svc.keys.wsconns(UUID1)) == 0
 
 
+@pytest.mark.slow  # starts private redis-server processes
 @pytest_twisted.ensureDeferred
 async def test_shard_restarted_empty_triggers_reregistration(sharded_redis, sharded_redis_service):
     """A shard that came back empty would leave its users looking offline: nobody would re-register."""
@@ -236,6 +241,7 @@ async def test_shard_restarted_empty_triggers_reregistration(sharded_redis, shar
 # --- Sentinel
 
 
+@pytest.mark.slow  # starts private redis-server processes
 @pytest_twisted.ensureDeferred
 async def test_sentinel_failover_is_followed(private_sentinels, redis_factory):
     """After the primary died, the daemons would stay cut off instead of following the promoted replica."""
@@ -268,6 +274,7 @@ async def test_sentinel_failover_is_followed(private_sentinels, redis_factory):
     assert await svc.alive([UUID1]) == {UUID1}
 
 
+@pytest.mark.slow  # starts private redis-server processes
 @pytest_twisted.ensureDeferred
 async def test_sentinel_graceful_failover_drops_the_demoted_primary(private_sentinels, redis_factory):
     """After SENTINEL FAILOVER, writes would go on hitting the demoted (read-only) primary."""
@@ -290,3 +297,27 @@ async def test_sentinel_graceful_failover_drops_the_demoted_primary(private_sent
         await _sleep(0.1)
     assert await threads.deferToThread(s.replica.command, "ROLE") != ""
     assert await svc.alive([UUID1]) == {UUID1}
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_gateway_back_during_its_reap_is_made_to_write_everything_again(redis_service):
+    """The reap is per-shard steps now: a gateway that re-registered between them would keep a
+    WSCONNS set whose UCIR fields the reaper had just removed, its users looking offline for good."""
+    svc = redis_service
+    await svc.register_server(UUID1, INFO, 300)
+    await svc.add_connections(UUID1, [("alice", "10.0.0.1", 1, meta())])
+    await svc.execute("DEL", svc.keys.server(UUID1))  # its key expired: the reaper starts
+    real_pipeline = svc.pipeline
+
+    async def back_then_hdel(commands):
+        # between the reap's read and its HDELs, the gateway's heartbeat re-creates everything
+        del svc.pipeline
+        assert await svc.refresh_server(UUID1, INFO, 300) is False
+        await svc.add_connections(UUID1, [("alice", "10.0.0.1", 1, meta())])
+        return await real_pipeline(commands)
+
+    svc.pipeline = lambda commands: defer.ensureDeferred(back_then_hdel(commands))
+    assert await svc.reap_server(UUID1) is False
+    # its key is gone again, so its next heartbeat finds out and writes every entry again
+    assert await svc.refresh_server(UUID1, INFO, 300) is False
+    assert UUID1 in await svc.servers()
