@@ -214,6 +214,18 @@ def _http_urls(value: Any) -> list[str]:
     return [_url("http", "https")(u) for u in _str_list(value)]
 
 
+#: the events a business server may receive at webhook_url (HTTP-API.md)
+WEBHOOK_EVENTS = ("message.stored", "session.members", "user.online", "user.offline")
+
+
+def _webhook_events(value: Any) -> list[str]:
+    v = _str_list(value)
+    unknown = [e for e in v if e not in WEBHOOK_EVENTS]
+    if unknown:
+        raise ValueError(f"unknown event(s) {', '.join(unknown)}; known: {', '.join(WEBHOOK_EVENTS)}")
+    return v
+
+
 class PerDaemon(dict):
     """A default that differs between daemons: ``PerDaemon(gateway=50000, api=10000)``.
 
@@ -378,6 +390,10 @@ OPTIONS: list[Option] = [
     _opt("windows", _positive(_int), 2, P,
          "batches a processor runs at once, the second only when a full batch waits (seq numbers and deliveries keep the order they started in)"),
     _opt("max_group_size", _positive(_int), 1000, P | A, "members a session may have"),
+    _opt("recall_window", _non_negative(_float), 120.0, P,
+         "seconds after a message's ts within which its sender may recall it (the HTTP API's admin: any time)"),
+    _opt("edit_window", _non_negative(_float), 86400.0, P,
+         "seconds after a message's ts within which its sender may edit it"),
     _opt("sync_page_size", _positive(_int), 500, P, "undelivered messages read per sync page"),
     _opt("retry_delay", _positive(_float), 0.5, G | P, "first retry delay in seconds after a failure"),
     _opt("retry_max_delay", _positive(_float), 30.0, G | P, "longest retry delay in seconds"),
@@ -401,6 +417,34 @@ OPTIONS: list[Option] = [
     _opt("filters", _str_list, ["keyword"], P | A,
          "moderation filters in order: plugin names or dotted names"),
     _opt("moderation_words", _str, None, P | A, "word list file for the keyword filter (one word a line)"),
+    # --- calls to business servers (HTTP-API.md "Calls the cluster makes to business servers")
+    _opt("moderation_url", _url("http", "https"), None, P,
+         "moderation service called (signed JSON POST) for each message before it is stored, after the "
+         "filters; it answers accept, reject or replace (empty: no call)"),
+    _opt("moderation_timeout", _positive(_float), 2.0, P,
+         "seconds a moderation call may take; then moderation_failure applies"),
+    _opt("moderation_failure", _choice("accept", "reject"), "reject", P,
+         "what a message gets when the moderation service times out, errs or answers nonsense"),
+    _opt("moderation_concurrency", _positive(_int), 100, P,
+         "moderation calls one processor has in flight at once (a window's calls run together up to it)"),
+    _opt("webhook_url", _url("http", "https"), None, G | P | A,
+         "business server receiving the events (message.stored, session.members, user.online, "
+         "user.offline) as signed JSON POSTs, at least once, in order per session (empty: none)"),
+    _opt("webhook_events", _webhook_events, list(WEBHOOK_EVENTS),
+         G | P | A, "the events sent to webhook_url"),
+    _opt("webhook_secret", _str, "", P,
+         "HMAC-SHA256 key of the X-Imcluster-Signature header of moderation calls and webhooks",
+         secret=True),
+    _opt("webhook_retry", _positive(_float), 3600.0, P,
+         "seconds an event is retried (with backoff) before it is dead-lettered to <ns>.dead"),
+    _opt("webhook_timeout", _positive(_float), 10.0, P, "seconds one webhook call may take"),
+    _opt("webhook_concurrency", _positive(_int), 32, P,
+         "webhook calls one processor makes at once (at most one per session or user at a time)"),
+    _opt("webhook_prefetch", _positive(_int), 200, P,
+         "queue messages of <ns>.webhooks a processor holds unacknowledged (each a window's events)"),
+    _opt("push_url", _url("http", "https"), None, P,
+         "push relay for offline recipients (twistd impush): with it set, the processors publish a push "
+         "request to <ns>.push for every recipient not connected when a message is stored"),
     # --- api
     _opt("http", _endpoints, ["tcp:8090"], A, "HTTP API listening endpoint(s)", multi=True),
     _opt("api_key", _str_list, [], A, "admin key(s) for the HTTP API", secret=True, multi=True),

@@ -68,6 +68,9 @@ class IMessageBus(Interface):
         routed meanwhile, since about ``down_since``, in clock seconds).
         """
 
+    def declare_queue(queue):
+        """Declare ``queue`` (a ``QueueSpec``) now if connected and again on every reconnect (queues published to)."""
+
     def processor_queue():
         """The spec (name, routing key, durable) of ``<ns>.processor``."""
 
@@ -200,6 +203,9 @@ class IMessageStore(Interface):
     def store_messages(batch):
         """``begin_window(batch)`` then ``commit(())``: ``[Stored | Rejected]`` in batch order."""
 
+    def stored_keys(keys):
+        """The ``(sender, clientMsgId)`` keys of ``keys`` stored already, as a set (de-duplication before moderation)."""
+
     def mark_sending(pairs):
         """``pending`` -> ``sending`` for ``(user_id, msg_id)`` pairs; fires with the count."""
 
@@ -234,7 +240,23 @@ class IMessageStore(Interface):
         """``{"sessionId","kind","members","owners","lastSeq"}``; ``no_session``."""
 
     def user_sessions(user_id):
-        """``[{"sessionId","kind","lastSeq","unread"}]`` sorted by sessionId."""
+        """``[{"sessionId","kind","lastSeq","unread"}]`` sorted by sessionId (events never unread)."""
+
+    def store_event(event):
+        """A recall, edit or members :class:`imcluster.store.Event` as the session's next entry.
+
+        ``(Stored | None, members after)``; ``no_message`` / ``not_allowed`` / ``no_session`` /
+        ``bad_request`` / ``too_large``.
+        """
+
+    def create_session_with_event(creator, members, session_id=None, client_msg_id=None, ts_ms=None):
+        """``create_session`` of a group with its ``members`` event as seq 1: ``(session_id, members, Stored|None)``."""
+
+    def mark_delivered_receipts(acks):
+        """``mark_delivered``: ``(count, [{"sessionId","userId","msgIds"}])`` of the 1:1 rows it delivered."""
+
+    def read_cursors(session_id):
+        """``[{"userId","seq"}]`` of every member; ``no_session``."""
 
 
 class IWindowTransaction(Interface):

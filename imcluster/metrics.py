@@ -99,6 +99,22 @@ REDELIVERED = Counter("imcluster_redelivered_total",
 SWEEP_ROWS = Counter("imcluster_redeliver_rows_total", "Undelivered rows the sweep looked at")
 RETRIES = Counter("imcluster_retries_total", "Batches retried after a transient failure")
 
+# --- calls to business servers (moderation service, webhooks; kind: moderation | webhook)
+BUSINESS_CALLS = Counter(
+    "imcluster_business_calls_total", "HTTP calls made to business servers, by kind and outcome "
+    "(ok, failed: an error, a timeout or an answer that is not 2xx)", ["kind", "outcome"])
+BUSINESS_RETRIES = Counter(
+    "imcluster_business_retries_total", "Calls to business servers made again after a failure", ["kind"])
+BUSINESS_DEAD = Counter(
+    "imcluster_business_dead_lettered_total", "Events given up after webhook_retry and dead-lettered to "
+    "<ns>.dead", ["kind"])
+BUSINESS_LATENCY = Histogram(
+    "imcluster_business_call_seconds", "Durations of calls to business servers (failed ones too)", ["kind"],
+    buckets=_LATENCY_BUCKETS)
+BUSINESS_PUBLISHED = Counter(
+    "imcluster_business_published_total", "Webhook events and push requests published to <ns>.webhooks and "
+    "<ns>.push", ["queue"])
+
 # --- HTTP listeners (imcluster.web.GuardedSite) and the HTTP API (imapi); route is the path
 # template, e.g. /v1/sessions/{id}
 HTTP_REQUESTS = Counter(
