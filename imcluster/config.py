@@ -147,6 +147,33 @@ def _url(*schemes: str) -> Callable[[Any], str]:
     return parse
 
 
+_REDIS_SCHEMES = ("redis", "rediss", "redis+sentinel", "rediss+sentinel")
+
+
+def _redis_urls(value: Any) -> str:
+    """One or several shard URLs (comma separated, repeated, or a TOML list) -> one comma-joined string.
+
+    A piece without ``://`` continues a ``redis+sentinel://`` URL's host list.
+    The full parsing is :func:`imcluster.registry.parse_redis_urls`' (this floor cannot import it).
+    """
+    items = [value] if isinstance(value, str) else _str_list(value)
+    pieces = [p.strip() for item in items for p in item.split(",") if p.strip()]
+    if not pieces:
+        raise ValueError("needs at least one redis:// URL")
+    sentinel_hosts = False
+    for p in pieces:
+        if "://" in p:
+            scheme = p.split("://", 1)[0]
+            if scheme not in _REDIS_SCHEMES:
+                raise ValueError(f"must be URLs with scheme {', '.join(_REDIS_SCHEMES)}, got {p!r}")
+            sentinel_hosts = scheme.endswith("+sentinel") and "/" not in p.split("://", 1)[1]
+        elif not sentinel_hosts:
+            raise ValueError(f"{p!r} is not a redis URL (only redis+sentinel:// lists several hosts)")
+        else:
+            sentinel_hosts = "/" not in p
+    return ",".join(pieces)
+
+
 def _postgres_dsn(value: Any) -> str:
     v = _str(value)
     if "://" in v and urlsplit(v).scheme not in ("postgres", "postgresql"):
@@ -263,7 +290,11 @@ OPTIONS: list[Option] = [
     # --- shared state
     _opt("namespace", _namespace, "im", G | P | A,
          "business namespace: AMQP names <ns>.exchange, <ns>.server, <ns>.processor, <ns>.wsserver.<uuid>"),
-    _opt("redis", _url("redis", "rediss"), "redis://127.0.0.1:6379/0", G | P | A, "Redis URL"),
+    _opt("redis", _redis_urls, "redis://127.0.0.1:6379/0", G | P | A,
+         "Redis URL: redis[s]://[[user]:password@]host[:port][/db], or "
+         "redis+sentinel://host:port,host:port/<master>[/db] (Sentinel: follows failovers); several "
+         "(comma separated, repeated, or a list) shard the keys by hash tag, and every daemon must "
+         "be given the same shards", multi=True),
     _opt("redis_password", _str, None, G | P | A, "Redis password (overrides the URL's)", secret=True),
     _opt("redis_prefix", _str, "", G | P | A, "prepended to every Redis key"),
     _opt("redis_timeout", _positive(_float), 5.0, G | P | A, "seconds before a Redis command fails"),
@@ -507,7 +538,7 @@ OPTIONS: list[Option] = [
 
 #: the shared options twistd impush reads too (it has no Redis and no client listener)
 _PUSH_SHARED = frozenset({
-    "namespace", "amqp", "amqp_password", "publish_timeout", "publish_backlog", "max_publish_bytes",
+    "namespace", "amqp", "amqp_password", "queue_type", "publish_timeout", "publish_backlog", "max_publish_bytes",
     "postgres", "postgres_password", "postgres_schema", "postgres_pool_size", "postgres_timeout",
     "postgres_statement_timeout", "shutdown_timeout", "metrics", "health_timeout", "max_json_depth",
     "max_body_size", "http_idle_timeout", "http_header_timeout", "http_body_timeout",

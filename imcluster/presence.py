@@ -6,7 +6,7 @@ authenticated connection on a live gateway, i.e. while its
 gateway's fields go when it is reaped). This module turns changes of that
 hash into *transitions*, in Redis, atomically, exactly once each:
 
-``PRESENCE##<userId>`` (a string, after ``redis_prefix``)
+``PRESENCE##{<userId>}`` (a string, after ``redis_prefix``)
     ``"<ts>:1"`` while the user is online, ``"<ts>:0"`` once it went offline
     (then with a TTL of :data:`OFFLINE_KEEP`). ``<ts>`` is the time of the
     last transition in ms (Redis' ``TIME``), and strictly increases per user:
@@ -14,7 +14,7 @@ hash into *transitions*, in Redis, atomically, exactly once each:
 
 :data:`SYNC_SCRIPT` compares ``EXISTS UCIR##<user>`` with that state and,
 when they differ, writes the new state and ``PUBLISH``\\ es it on the channel
-of the same name (``PRESENCE##<userId>``). It touches one user's two keys
+of the same name (``PRESENCE##{<userId>}``). It touches one user's two keys
 only (one shard, one hash tag) and is idempotent: whoever changes a
 ``UCIR`` hash runs it afterwards for the users it touched (the gateway's
 connection writer, its re-registration and its unregistration at exit, the
@@ -68,8 +68,19 @@ LIVENESS_PREFIX = "WSALIVE" + SEP
 
 
 def state_key(prefix: str, user_id: str) -> str:
-    """``<prefix>PRESENCE##<userId>``: the user's state (and the channel of its transitions)."""
-    return f"{prefix}{STATE_PREFIX}{user_id}"
+    """``<prefix>PRESENCE##{<userId>}``: the user's state (and the channel of its transitions).
+
+    The hash tag is the user's, as ``UCIR##{<userId>}``'s (``RedisKeys.user_key``): the
+    script touching both runs on one shard.
+    """
+    return f"{prefix}{STATE_PREFIX}{{{user_id}}}"
+
+
+def user_of_channel(channel_tail: str) -> str:
+    """The user of a channel name after ``<prefix>PRESENCE##``: ``{alice}`` -> ``alice``."""
+    if channel_tail.startswith("{") and channel_tail.endswith("}"):
+        return channel_tail[1:-1]
+    return channel_tail
 
 
 def liveness_channel(prefix: str, uuid: str) -> str:
@@ -158,7 +169,9 @@ class Tracker:
                  batch: int | None = None) -> None:
         self.registry = registry
         self.prefix = getattr(registry, "prefix", "") or ""
-        self.ucir_prefix = registry.keys.ucir("")
+        self.ucir = registry.keys.ucir
+        #: several shards: each user's script goes to its shard (run_script), TIME to the first
+        self.sharded = len(getattr(registry, "nodes", ()) or ()) > 1
         self.batch = batch or getattr(registry, "batch", 1000) or 1000
         if clock is None:
             from twisted.internet import reactor as clock
@@ -207,8 +220,15 @@ class Tracker:
         return d.addCallback(collected)
 
     def _sync(self, users: list[str]) -> defer.Deferred:
-        sha, ttl, ucir, prefix = SYNC_SCRIPT.sha, OFFLINE_KEEP, self.ucir_prefix, self.prefix
-        commands = [("EVALSHA", sha, 2, ucir + u, state_key(prefix, u), ttl) for u in users]
+        sha, ttl, ucir, prefix = SYNC_SCRIPT.sha, OFFLINE_KEEP, self.ucir, self.prefix
+        if self.sharded:
+            d = defer.gatherResults([self.registry.run_script(SYNC_SCRIPT, [ucir(u), state_key(prefix, u)], [ttl])
+                                     for u in users], consumeErrors=True)
+            d.addErrback(lambda f: f.value.subFailure if isinstance(f.value, defer.FirstError) else f)
+            return d.addCallback(lambda replies: [Transition(u, st[1], st[0]) for u, st in
+                                                  ((u, parse_state(v)) for u, v in zip(users, replies))
+                                                  if st is not None])
+        commands = [("EVALSHA", sha, 2, ucir(u), state_key(prefix, u), ttl) for u in users]
 
         def decode(replies: list) -> list[Transition]:
             out = []
@@ -237,7 +257,12 @@ class Tracker:
         users = list(user_ids)
         if not users:
             return defer.succeed((0, {}))
-        d = self.registry.pipeline([("TIME",), ("MGET", *[state_key(self.prefix, u) for u in users])])
+        keys = [state_key(self.prefix, u) for u in users]
+        if self.sharded:
+            d = defer.gatherResults([self.registry.nodes[0].execute("TIME"), self.registry.execute("MGET", *keys)],
+                                    consumeErrors=True)
+        else:
+            d = self.registry.pipeline([("TIME",), ("MGET", *keys)])
 
         def decode(replies: list) -> tuple[int, dict]:
             t = replies[0]
@@ -461,9 +486,14 @@ class RedisSubscriber:
 
     @classmethod
     def for_registry(cls, registry: Any, **kw: Any) -> "RedisSubscriber":
-        """A subscriber to the Redis that ``registry`` (a RedisService) talks to."""
-        return cls(registry.host, registry.port, password=registry.password, username=registry.username,
-                   tls=registry.tls, timeout=registry.timeout, **kw)
+        """A subscriber to the Redis that ``registry`` (a RedisService) talks to (its first shard)."""
+        nodes = getattr(registry, "nodes", None)
+        node = nodes[0] if nodes else registry
+        if len(nodes or ()) > 1:
+            cls.log.warn("--redis names {n} shards: live presence subscribes on the first one only, so "
+                         "presence frames follow only the users whose keys are there", n=len(nodes))
+        return cls(node.host, node.port, password=node.password, username=node.username,
+                   tls=node.tls, timeout=node.timeout, **kw)
 
     @property
     def connected(self) -> bool:

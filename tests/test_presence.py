@@ -226,15 +226,15 @@ def test_hub_newer_version_wins_between_a_read_and_a_published_change():
     r.hub.subscribe(a, {"type": "presence_subscribe", "users": ["bob"]})
     r.turn()
     ts, online = r.hub._known["bob"]
-    r.hub._on_message("p:PRESENCE##bob", f"{ts + 5}:0")
+    r.hub._on_message("p:PRESENCE##{bob}", f"{ts + 5}:0")
     assert frames(a, "presence")[-1]["online"] is False
     r.hub._apply_read(ts + 3, {"bob": (ts, True)})  # an older read arriving late
     r.hub._apply_read(ts + 3, {"bob": None})
     assert len(frames(a, "presence")) == 1
-    r.hub._on_message("p:PRESENCE##bob", f"{ts + 2}:1")  # an older message arriving late
+    r.hub._on_message("p:PRESENCE##{bob}", f"{ts + 2}:1")  # an older message arriving late
     assert len(frames(a, "presence")) == 1
     # after a reconnect, a read of newer data (Redis lost the state: offline) applies
-    r.hub._on_message("p:PRESENCE##bob", f"{ts + 9}:1")
+    r.hub._on_message("p:PRESENCE##{bob}", f"{ts + 9}:1")
     r.hub._apply_read(ts + 20, {"bob": None})
     assert [f["online"] for f in frames(a, "presence")] == [False, True, False]
 

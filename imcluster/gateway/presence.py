@@ -39,7 +39,7 @@ from twisted.python.failure import Failure
 
 from imcluster import metrics
 from imcluster import protocol as p
-from imcluster.presence import STATE_PREFIX, liveness_channel, state_key
+from imcluster.presence import STATE_PREFIX, liveness_channel, state_key, user_of_channel
 
 PRESENCE_REPLY = "presence_reply"
 
@@ -354,7 +354,7 @@ class PresenceHub:
     def _on_message(self, channel: str, data: str) -> None:
         if not channel.startswith(self._channel_prefix):
             return
-        user = channel[len(self._channel_prefix):]
+        user = user_of_channel(channel[len(self._channel_prefix):])
         ts, sep, flag = data.partition(":")
         if not sep or not ts.isdigit():
             return

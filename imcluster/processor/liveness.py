@@ -66,9 +66,16 @@ class LivenessWatch:
             self._gone_since.clear()
             return []
         keys = self.registry.keys
-        numsub, values = yield self.registry.pipeline([
-            ("PUBSUB", "NUMSUB", *[liveness_channel(self.prefix, u) for u in servers]),
-            ("MGET", *[keys.server(u) for u in servers])])
+        channels = [liveness_channel(self.prefix, u) for u in servers]
+        nodes = getattr(self.registry, "nodes", None) or ()
+        if len(nodes) > 1:
+            # gateways subscribe on the first shard (imcluster.presence.RedisSubscriber.for_registry)
+            numsub, values = yield defer.gatherResults([
+                nodes[0].execute("PUBSUB", "NUMSUB", *channels),
+                self.registry.execute("MGET", *[keys.server(u) for u in servers])], consumeErrors=True)
+        else:
+            numsub, values = yield self.registry.pipeline([
+                ("PUBSUB", "NUMSUB", *channels), ("MGET", *[keys.server(u) for u in servers])])
         counts = {numsub[i]: int(numsub[i + 1]) for i in range(0, len(numsub) - 1, 2)}
         now = self.clock.seconds()
         dead = []

@@ -300,11 +300,13 @@ class PrivateRabbit:
 class PrivateRedis:
     """A ``redis-server --port N --save ''`` of the test's own: every restart comes back empty."""
 
-    def __init__(self, base: Path, port: int | None = None) -> None:
+    def __init__(self, base: Path, port: int | None = None, args: list[str] | None = None) -> None:
         self.base = Path(base)
         self.base.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
+        #: more redis-server arguments (``["--replicaof", "127.0.0.1", "6380"]``)
+        self.args = list(args or [])
         self.proc: _Process | None = None
         self.start_times: list[float] = []
 
@@ -328,7 +330,8 @@ class PrivateRedis:
         exe = shutil.which("redis-server") or "/usr/bin/redis-server"
         env = {k: v for k, v in os.environ.items() if not k.startswith("IMCLUSTER_")}
         self.proc = _Process("redis", [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                                       "--appendonly", "no", "--dir", str(self.base), "--daemonize", "no"],
+                                       "--appendonly", "no", "--dir", str(self.base), "--daemonize", "no",
+                                       *self.args],
                              env, self.base / "redis.log", self.base)
         while not self._ping():
             if not self.proc.running:
@@ -345,6 +348,15 @@ class PrivateRedis:
         if self.proc is not None:
             await self.proc.stop(signal.SIGTERM)
 
+    async def kill(self) -> None:
+        """Crash it (SIGKILL): connections just drop."""
+        if self.proc is not None:
+            await self.proc.stop(signal.SIGKILL)
+
+    def command(self, *args: str) -> str:
+        """``redis-cli -p <port> <args>``'s output (blocking: call it in a thread)."""
+        return redis_cli(self.port, *args)
+
     async def restart(self, down: float = 0.0) -> float:
         """Stop, stay down ``down`` seconds, start again empty on the same port."""
         await self.stop()
@@ -360,6 +372,123 @@ class PrivateRedis:
 
     async def __aexit__(self, *exc: Any) -> None:
         await self.close()
+
+
+def redis_cli(port: int, *args: str, timeout: float = 5.0) -> str:
+    """``redis-cli -p <port> <args>`` on 127.0.0.1 (blocking); its output, stripped."""
+    exe = shutil.which("redis-cli") or "/usr/bin/redis-cli"
+    out = subprocess.run([exe, "-h", "127.0.0.1", "-p", str(port), *args], capture_output=True,
+                         text=True, timeout=timeout)
+    return out.stdout.strip()
+
+
+class PrivateSentinels:
+    """A Redis primary, its replica and three Sentinels of the test's own, on free loopback ports.
+
+    ``url`` is the ``--redis`` value (``redis+sentinel://h:p,h:p,h:p/<master>``).
+    Each Sentinel is ``redis-server <own config> --sentinel`` with its own port,
+    folder and config file (Sentinel rewrites it); ``down_after_ms`` is how
+    long the master must be silent before it is seen down. ``kill_primary()``
+    SIGKILLs the primary, ``failover()`` asks a Sentinel for a graceful one;
+    ``wait_promoted()`` returns once every Sentinel names the other instance
+    as master. Everything is stopped by PID in ``close()``.
+    """
+
+    def __init__(self, base: Path, master: str = "immaster", down_after_ms: int = 1000) -> None:
+        self.base = Path(base)
+        self.master = master
+        self.down_after_ms = down_after_ms
+        self.primary = PrivateRedis(self.base / "primary")
+        self.replica = PrivateRedis(self.base / "replica",
+                                    args=["--replicaof", "127.0.0.1", str(self.primary.port)])
+        self.ports = [free_port() for _ in range(3)]
+        self.sentinels: list[_Process] = []
+        self.url = (f"redis+sentinel://{','.join(f'127.0.0.1:{p}' for p in self.ports)}/{master}")
+
+    def _master_port(self, sentinel_port: int) -> int | None:
+        out = redis_cli(sentinel_port, "SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.master).split()
+        return int(out[1]) if len(out) == 2 and out[1].isdigit() else None
+
+    def _ready(self) -> bool:
+        for port in self.ports:
+            info = redis_cli(port, "SENTINEL", "MASTER", self.master).split("\n")
+            state = dict(zip(info[::2], info[1::2]))
+            if state.get("num-slaves") != "1" or state.get("num-other-sentinels") != "2":
+                return False
+        return True
+
+    async def start(self, timeout: float = 30.0) -> float:
+        """Primary, replica (in sync), then the Sentinels (each knowing the replica and the others)."""
+        began = time.monotonic()
+        await self.primary.start()
+        await self.replica.start()
+        while "master_link_status:up" not in await threads.deferToThread(self.replica.command, "INFO", "replication"):
+            if time.monotonic() - began > timeout:
+                raise AssertionError("the replica did not sync")
+            await _sleep(0.05)
+        exe = shutil.which("redis-server") or "/usr/bin/redis-server"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("IMCLUSTER_")}
+        for port in self.ports:
+            folder = self.base / f"sentinel-{port}"
+            folder.mkdir(parents=True, exist_ok=True)
+            conf = folder / "sentinel.conf"
+            conf.write_text(
+                f"port {port}\nbind 127.0.0.1\ndir {folder}\ndaemonize no\n"
+                f"sentinel monitor {self.master} 127.0.0.1 {self.primary.port} 2\n"
+                f"sentinel down-after-milliseconds {self.master} {self.down_after_ms}\n"
+                f"sentinel failover-timeout {self.master} 10000\n"
+                f"sentinel parallel-syncs {self.master} 1\n")
+            self.sentinels.append(_Process(f"sentinel {port}", [exe, str(conf), "--sentinel"], env,
+                                           folder / "sentinel.log", folder))
+        while not await threads.deferToThread(self._ready):
+            for s in self.sentinels:
+                if not s.running:
+                    raise AssertionError(f"a sentinel exited:\n{s.log_tail()}")
+            if time.monotonic() - began > timeout:
+                raise AssertionError("the sentinels did not see each other and the replica:\n"
+                                     + "\n".join(s.log_tail(10) for s in self.sentinels))
+            await _sleep(0.1)
+        return time.monotonic() - began
+
+    async def kill_primary(self) -> None:
+        """SIGKILL the primary: the Sentinels promote the replica after ``down_after_ms``."""
+        await self.primary.kill()
+
+    def failover(self) -> str:
+        """``SENTINEL FAILOVER`` (graceful: the old primary becomes a replica; blocking)."""
+        return redis_cli(self.ports[0], "SENTINEL", "FAILOVER", self.master)
+
+    async def wait_promoted(self, port: int | None = None, timeout: float = 30.0) -> float:
+        """Until every Sentinel names ``port`` (default: the replica's) as master; the seconds it took."""
+        port = self.replica.port if port is None else port
+        began = time.monotonic()
+        while True:
+            ports = [await threads.deferToThread(self._master_port, p) for p in self.ports]
+            if all(p == port for p in ports):
+                return time.monotonic() - began
+            if time.monotonic() - began > timeout:
+                raise AssertionError(f"no failover to {port} within {timeout:g}s: the sentinels say {ports}")
+            await _sleep(0.1)
+
+    async def close(self) -> None:
+        for s in self.sentinels:
+            await s.stop(signal.SIGTERM)
+        await self.replica.close()
+        await self.primary.close()
+
+    async def __aenter__(self) -> "PrivateSentinels":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.close()
+
+
+@pytest_twisted.async_yield_fixture
+async def private_sentinels(tmp_path):
+    """A started :class:`PrivateSentinels` (primary, replica, 3 Sentinels); stopped afterwards."""
+    async with PrivateSentinels(tmp_path / "sentinels") as s:
+        yield s
 
 
 @pytest_twisted.async_yield_fixture
