@@ -337,13 +337,27 @@ async function connectAll(specs, concurrency = 200, failures = null) {
         clients[i] = c;
         continue;
       }
+      // a client that is neither set up nor refused within P.clientTimeout s is given up
+      let stage = 'open', timer = null;
+      const limit = new Promise((_, reject) => {
+        timer = setTimeout(() => reject(new Error(`no ${stage} within ${P.clientTimeout || 60}s`)),
+          (P.clientTimeout || 60) * 1000);
+      });
       try {
-        await c.open();
-        await c.auth();
+        const work = (async () => {
+          await c.open();
+          stage = 'sync_done';
+          await c.auth();
+        })();
+        work.catch(() => {}); // it may still fail after the limit: already counted
+        await Promise.race([work, limit]);
         clients[i] = c;
       } catch (e) {
         failures.push(String(e && e.message || e));
+        c.authWait = null;
         try { c.close(); } catch (_) { /* never opened */ }
+      } finally {
+        clearTimeout(timer);
       }
     }
   }
