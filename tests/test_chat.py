@@ -172,3 +172,39 @@ async def test_chat_refused_token_exits_with_failure(server):
         assert "refused the token" in chat.text
     finally:
         chat.kill()
+
+
+@pytest_twisted.ensureDeferred
+async def test_chat_rejoining_shows_the_synced_message_after_the_history(server):
+    """Rejoining a 1:1 after being offline printed the synced message before the history (#3, then
+    #1, #2): the open session's live messages wait for its history and show in seq order."""
+    port = await server.listen("ws")
+    url = f"ws://127.0.0.1:{port}/ws"
+    bob = Client(url, server.token("bob"))
+    seen = []
+    alice = Client(url, server.token("alice"), on_message=seen.append)
+    chat = None
+    try:
+        await within(defer.gatherResults([bob.start(), alice.start()]))
+        await within(bob.send(SESSION, {"text": "one"}))
+        await within(bob.send(SESSION, {"text": "two"}))
+        while len(seen) < 2:
+            await sleep(0.02)
+        await within(alice.stop())  # #1 and #2 acknowledged: alice goes offline
+        await within(bob.send(SESSION, {"text": "three"}))
+        chat = ChatProcess.spawn(["--url", url, "--token", server.token("alice"), "--to", "bob"])
+        await chat.wait_for(r"#3 bob: three")
+        await sleep(0.3)
+        order = [int(n) for n in re.findall(r"#(\d) bob:", chat.text)]
+        assert order == [1, 2, 3], chat.text
+        chat.type("/recall\n")
+        await chat.wait_for(r"no message of yours")
+        chat.type("x" * 70_000 + "\n")
+        await chat.wait_for(r"✗ not sent \(too_large: the message is \d+ bytes; the limit is 65536\): x{60}\.\.\. "
+                            r"\(70000 characters\)")
+        chat.type("after the big one\n")
+        await chat.wait_for(r"#4 alice: after the big one ✓")
+    finally:
+        if chat is not None:
+            chat.kill()
+        await within(bob.stop())
