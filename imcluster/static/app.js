@@ -272,6 +272,7 @@ async function start() {
       const banner = $("conv-conn");
       banner.dataset.state = s;
       banner.hidden = s === "ready";
+      if (state.current) renderSub();
       banner.textContent = s === "ready" ? "" : { waiting: "Connection lost · reconnecting…",
         connecting: "Connecting…", authenticating: "Connecting…", failed: "Disconnected",
         stopped: "Disconnected" }[s] || s;
@@ -653,6 +654,8 @@ function messageMenu(key, m) {
   });
   wrap.append(button);
   if (state.menu === key) {
+    button.classList.add("open");
+    button.setAttribute("aria-expanded", "true");
     const menu = el("div", "menu");
     menu.setAttribute("role", "menu");
     if (m.body && typeof m.body === "object" && typeof m.body.text === "string") {
@@ -734,7 +737,11 @@ function renderSub() {
   const peer = peerOf(sessionId);
   const sub = $("conv-sub");
   const typing = typingUsers(sessionId);
-  if (peer && typing.length) {
+  if (peer && state.connState !== "ready") {
+    // one's own connection is down: the peer's last known state would be a guess
+    sub.textContent = "";
+    delete sub.dataset.presence;
+  } else if (peer && typing.length) {
     sub.textContent = "typing…";
     sub.dataset.presence = "typing";
   } else if (peer && state.online.has(peer)) {
