@@ -436,7 +436,9 @@ class ChatApp:
         self.delivered.update(ids)
         if frame.get("sessionId") != self.session:
             return
-        seqs = sorted(self.seq_of[i] for i in ids if i in self.seq_of)
+        # what the user already read needs no "delivered" line (receipts may come in either order)
+        read = self.receipts.get((self.session, frame.get("userId")), 0)
+        seqs = sorted(self.seq_of[i] for i in ids if i in self.seq_of and self.seq_of[i] > read)
         if seqs:
             self.say(f"✓ delivered to {frame.get('userId')}: " + ", ".join(f"#{n}" for n in seqs))
 
