@@ -135,7 +135,7 @@ try {
   await message(alice, "Hello Bob").and(alice.locator("[data-status=read]")).waitFor({ timeout: WAIT });
 
   step = "typing: bob types, alice sees the typing line and 'typing…' in the header; gone once he sends";
-  await bob.locator("#text").pressSequentially("Typing on a phone", { delay: 60 });
+  await bob.locator("#text").pressSequentially("Typing on a phone", { delay: 120 });
   await alice.locator("#typing", { hasText: "bob is typing" }).waitFor({ timeout: WAIT });
   await alice.locator("#conv-sub[data-presence=typing]").waitFor({ timeout: WAIT });
   await bob.locator("#text").press("Enter");
@@ -247,7 +247,7 @@ try {
   step = "screenshots: desktop and phone with a conversation open";
   await open(bob, P2P);
   await message(bob, "While you were away 5").waitFor({ timeout: WAIT });
-  await bob.locator("#text").pressSequentially("On my w", { delay: 60 });
+  await bob.locator("#text").pressSequentially("On my way", { delay: 150 });
   await alice.locator("#typing", { hasText: "bob is typing" }).waitFor({ timeout: WAIT });
   await alice.screenshot({ path: join(ARTIFACTS, "features-desktop.png") });
   await bob.screenshot({ path: join(ARTIFACTS, "features-phone.png") });
@@ -304,11 +304,11 @@ try {
   await message(noah, "sending them").and(noah.locator("[data-status=read]")).waitFor({ timeout: WAIT });
   await say(emma, "Thanks!");
   await message(emma, "Thanks!").and(emma.locator("[data-status=read]")).waitFor({ timeout: WAIT });
-  await noah.locator("#text").pressSequentially("Here they", { delay: 60 });
+  await noah.locator("#text").pressSequentially("Here they are", { delay: 150 });
   await emma.locator("#typing", { hasText: "noah is typing" }).waitFor({ timeout: WAIT });
   await emma.screenshot({ path: join(ARTIFACTS, "docs-desktop.png") });
   await noah.locator("#text").fill("");
-  await emma.locator("#text").pressSequentially("One more th", { delay: 60 });
+  await emma.locator("#text").pressSequentially("One more thing", { delay: 150 });
   await noah.locator("#typing", { hasText: "emma is typing" }).waitFor({ timeout: WAIT });
   await noah.screenshot({ path: join(ARTIFACTS, "docs-phone.png") });
 
