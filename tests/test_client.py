@@ -757,3 +757,38 @@ def test_delivery_receipts_reach_the_application():
     frame = {"type": "delivery_receipt", "sessionId": SESSION, "userId": "bob", "msgIds": ["m1"]}
     link.receive(frame)
     assert receipts == [frame]
+
+
+def test_stream_link_413_fails_the_one_frame_and_splits_a_batch():
+    """On the streaming transport a frame over the gateway's limit is answered 413: silently dropped,
+    the message stayed "sending" until a reconnect sent it again."""
+    from imcluster.client.links import StreamLink, _encode
+
+    class Handler:
+        def __init__(self):
+            self.frames = []
+
+        def frame_received(self, link, frame):
+            self.frames.append(frame)
+
+        def link_lost(self, link, code, reason):
+            pass
+
+    handler = Handler()
+    link = StreamLink(task.Clock(), "http://gw.test:8082", handler)
+    posted = []
+    link._request = lambda method, path, body=None, timeout=None: posted.append(body) or defer.Deferred()
+    link.stream_id = "s1"
+    a = {"type": "message", "clientMsgId": "a", "sessionId": SESSION, "body": {"text": "x" * 100}}
+    b = {"type": "message", "clientMsgId": "b", "sessionId": SESSION, "body": {"text": "y"}}
+    link._queue = [_encode(a), _encode(b)]
+    link._pump()
+    assert posted[-1].startswith(b"[")  # one batch of two
+    link._posted((413, b""))
+    assert posted[-1] == _encode(a)  # then one by one
+    link._posted((413, b""))
+    assert handler.frames == [{"type": "error", "code": "too_large", "ref": "a",
+                               "message": "the gateway refused the frame for its size (413)"}]
+    assert posted[-1] == _encode(b)
+    link._posted((204, b""))
+    assert len(posted) == 3
