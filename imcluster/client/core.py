@@ -1027,8 +1027,7 @@ class Client:
         for request in list(self._requests.values()):
             if request.retry_call is None:
                 self._send_request(request)
-        if self.connections > 1 and self._presence_users and not any(
-                r.kind == "presence" for r in self._requests.values()):
+        if self.connections > 1 and self._presence_users:
             # subscriptions end with the connection: made again, and the reply tells what changed
             users = sorted(self._presence_users)
             self._request("presence", {"type": "presence_subscribe", "users": users}, repeatable=True

@@ -1066,8 +1066,7 @@ export class IMClient {
       this._send({ type: "read", sessionId, seq });
     }
     for (const request of this._requests.values()) if (!request.retry) this._sendRequest(request);
-    const pending = [...this._requests.values()].some((r) => r.kind === "presence");
-    if (this.connections > 1 && this._presenceUsers.size && !pending) {
+    if (this.connections > 1 && this._presenceUsers.size) {
       // subscriptions end with the connection: made again; the reply tells what changed meanwhile
       this._request("presence", { type: "presence_subscribe", users: [...this._presenceUsers].sort() }, true)
         .catch((e) => console.warn("presence_subscribe failed", e));
