@@ -365,7 +365,11 @@ function renderSessions() {
     const title = titleOf(s.sessionId);
     const avatar = makeAvatar(s.sessionId, title);
     const main = el("span", "s-main");
-    main.append(el("span", "s-name", title), el("span", "s-last", s.preview || (s.kind === "group" ? "group" : "")));
+    const typing = typingUsers(s.sessionId);
+    const last = typing.length
+      ? el("span", "s-last typing-now", s.kind === "p2p" ? "typing…" : `${typing.join(", ")} typing…`)
+      : el("span", "s-last", s.preview || (s.kind === "group" ? "group" : ""));
+    main.append(el("span", "s-name", title), last);
     button.append(avatar, main);
     if (s.unread > 0) button.append(el("span", "badge", String(s.unread)));
     button.addEventListener("click", () => openSession(s.sessionId));
@@ -778,12 +782,15 @@ function onTyping(t) {
   if (typeof t.sessionId !== "string" || typeof t.userId !== "string" || t.userId === state.login.userId) return;
   let typing = state.typing.get(t.sessionId);
   if (!typing) state.typing.set(t.sessionId, (typing = new Map()));
+  const fresh = !typing.has(t.userId);
   typing.set(t.userId, Date.now() + TYPING_SHOWN);
   if (t.sessionId === state.current) {
     renderTyping();
     renderSub();
     setTimeout(() => { if (t.sessionId === state.current) { renderTyping(); renderSub(); } }, TYPING_SHOWN + 50);
   }
+  if (fresh) renderSessions();  // the list says "typing…" too
+  setTimeout(() => { if (!typingUsers(t.sessionId).includes(t.userId)) renderSessions(); }, TYPING_SHOWN + 50);
 }
 
 function stopTyping(sessionId, userId) {
@@ -792,7 +799,7 @@ function stopTyping(sessionId, userId) {
     renderTyping();
     renderSub();
   }
-}
+}  // (the caller renders the list)
 
 function onPresence(p) {
   if (typeof p.userId !== "string") return;
