@@ -3,7 +3,7 @@
     .venv/bin/python bench/trace.py OUT.json twistd -n --pidfile= improcessor ...
 
 Wraps, without editing them, the Deferred-returning calls a processor
-window waits on (store_messages, mark_sending, mark_delivered,
+window waits on (store_messages, mark_sending, mark_delivered[_receipts],
 undelivered_page, connections_of, alive, publish, the pipeline's run) and
 the gateway's publish, and writes count / mean / p50 / p99 / max of each
 (milliseconds) to OUT.json when the daemon stops. bench/run.py uses it with
@@ -45,7 +45,8 @@ def install(out: str) -> None:
     from imcluster.store.postgres import MessageStore
     from imcluster.registry import RedisService
 
-    for cls, names in ((MessageStore, ("store_messages", "mark_sending", "mark_delivered", "undelivered_page")),
+    for cls, names in ((MessageStore, ("store_messages", "mark_sending", "mark_delivered",
+                                     "mark_delivered_receipts", "undelivered_page")),
                        (RedisService, ("connections_of", "alive")),
                        (AMQPService, ("publish",)),
                        (Router, ("lookup", "publish")),

@@ -295,8 +295,9 @@ def parse_item(raw: Any, max_depth: int = protocol.DEFAULT_MAX_DEPTH) -> Item | 
     trusted = api and raw.get("trusted") is True
     frame = raw.get("frame")
     try:
-        frame = protocol.validate_client_frame(frame, max_depth)
-        if frame["type"] not in protocol.FORWARDED_TYPES:
+        # an imapi's item may also carry the frames only it sends (protocol.API_TYPES)
+        frame = (protocol.validate_api_frame if api else protocol.validate_client_frame)(frame, max_depth)
+        if frame["type"] not in protocol.FORWARDED_TYPES and not (api and frame["type"] in protocol.API_TYPES):
             raise protocol.FrameError(protocol.BAD_FRAME, f"{frame['type']!r} frames are not for the processors",
                                       protocol.frame_ref(frame), frame["type"])
     except protocol.FrameError as e:

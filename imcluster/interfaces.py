@@ -232,7 +232,23 @@ class IMessageStore(Interface):
         """``{"sessionId","kind","members","owners","lastSeq"}``; ``no_session``."""
 
     def user_sessions(user_id):
-        """``[{"sessionId","kind","lastSeq","unread"}]`` sorted by sessionId."""
+        """``[{"sessionId","kind","lastSeq","unread"}]`` sorted by sessionId (events never unread)."""
+
+    def store_event(event):
+        """A recall, edit or members :class:`imcluster.store.Event` as the session's next entry.
+
+        ``(Stored | None, members after)``; ``no_message`` / ``not_allowed`` / ``no_session`` /
+        ``bad_request`` / ``too_large``.
+        """
+
+    def create_session_with_event(creator, members, session_id=None, client_msg_id=None, ts_ms=None):
+        """``create_session`` of a group with its ``members`` event as seq 1: ``(session_id, members, Stored|None)``."""
+
+    def mark_delivered_receipts(acks):
+        """``mark_delivered``: ``(count, [{"sessionId","userId","msgIds"}])`` of the 1:1 rows it delivered."""
+
+    def read_cursors(session_id):
+        """``[{"userId","seq"}]`` of every member; ``no_session``."""
 
 
 class IWindowTransaction(Interface):

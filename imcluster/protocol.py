@@ -94,11 +94,15 @@ CONFLICT = "conflict"
 GOING_AWAY = "going_away"
 IDLE_TIMEOUT = "idle_timeout"
 
+# version 1.1: recall and edit (PROTOCOL.md "Events in the session's order")
+NOT_ALLOWED = "not_allowed"
+NO_MESSAGE = "no_message"
+
 ERROR_CODES = frozenset({
     BAD_FRAME, TOO_LARGE, NOT_AUTHENTICATED, AUTH_TIMEOUT, INVALID_TOKEN, TOKEN_EXPIRED,
     SLOW_CONSUMER, RATE_LIMITED, UNAVAILABLE, NOT_MEMBER, NO_SESSION, REJECTED, CONFLICT,
     GOING_AWAY, IDLE_TIMEOUT,
-})
+}) | {NOT_ALLOWED, NO_MESSAGE}
 
 # --- WebSocket close codes
 CLOSE_NORMAL = 1000
@@ -134,6 +138,18 @@ CLIENT_TYPES = frozenset({AUTH, PING, MESSAGE, MESSAGE_SEND_REPLY, HISTORY, READ
 # what gateways forward to the processors (docs/internals.rst)
 FORWARDED_TYPES = frozenset({MESSAGE, MESSAGE_SEND_REPLY, HISTORY, READ, SESSION_CREATE})
 
+# version 1.1: events stored in the session's order (PROTOCOL.md "Events in the session's order")
+RECALL = "recall"
+EDIT = "edit"
+CLIENT_TYPES = CLIENT_TYPES | {RECALL, EDIT}
+FORWARDED_TYPES = FORWARDED_TYPES | {RECALL, EDIT}
+#: frames only an imapi sends to the processors (never a client: a gateway refuses them as
+#: unknown); ``members`` is HTTP-API.md's ``POST /v1/sessions/{id}/members``
+MEMBERS = "members"
+API_TYPES = frozenset({MEMBERS})
+#: what a ``message_send`` of an event carries in ``kind`` (a plain message has none)
+EVENT_KINDS = frozenset({"recall", "edit", "members"})
+
 #: tokens a frame draws from its connection's bucket (``rate_limit``, ``rate_burst``;
 #: PROTOCOL.md "Framing"): the frames that make the server work draw one;
 #: acknowledgements, keepalive and authentication never do (a refused
@@ -149,6 +165,8 @@ RATE_COST = {
     SESSION_CREATE: 1,
     HISTORY: 1,
     READ: 1,
+    RECALL: 1,
+    EDIT: 1,
 }
 
 # --- limits fixed by the protocol (sizes and rates are configuration)
@@ -587,6 +605,40 @@ def _v_session_create(frame: dict, out: dict) -> None:
     _session_id(frame, out, required=False)
 
 
+def _msg_id(frame: dict, out: dict) -> None:
+    msg_id = frame.get("msgId")
+    if not isinstance(msg_id, str) or not 0 < len(msg_id) <= MSG_ID_MAX or _BAD_CHARS.search(msg_id):
+        raise _bad("'msgId' must be a string of 1-64 characters", frame)
+    out["msgId"] = msg_id
+
+
+def _v_recall(frame: dict, out: dict) -> None:
+    # sessionId is optional: the msgId names the message (imapi's recall gives the path's session)
+    _msg_id(frame, out)
+    _session_id(frame, out, required=False)
+
+
+def _v_edit(frame: dict, out: dict) -> None:
+    _msg_id(frame, out)
+    _session_id(frame, out, required=False)
+    if "body" not in frame:
+        raise _bad("'edit' needs a 'body'", frame)
+    out["body"] = frame["body"]
+
+
+def _v_members(frame: dict, out: dict) -> None:
+    _session_id(frame, out)
+    for name in ("add", "remove"):
+        users = frame.get(name, [])
+        if not isinstance(users, list) or not all(is_user_id(u) for u in users):
+            raise _bad(f"'{name}' must be a list of user ids", frame)
+        out[name] = users
+    key = frame.get("clientMsgId")
+    if not is_client_msg_id(key):
+        raise _bad("'clientMsgId' must be a string of 1-64 characters", frame)
+    out["clientMsgId"] = key
+
+
 _VALIDATORS = {
     AUTH: _v_auth,
     PING: _v_ping,
@@ -595,4 +647,26 @@ _VALIDATORS = {
     HISTORY: _v_history,
     READ: _v_read,
     SESSION_CREATE: _v_session_create,
+    RECALL: _v_recall,
+    EDIT: _v_edit,
 }
+
+#: validators of :data:`API_TYPES` (:func:`validate_api_frame`; never a gateway's)
+_API_VALIDATORS = {MEMBERS: _v_members}
+
+
+def validate_api_frame(frame: Any, max_depth: int = DEFAULT_MAX_DEPTH) -> dict:
+    """:func:`validate_client_frame` for the frames only an imapi sends (:data:`API_TYPES`), and the others."""
+    if isinstance(frame, dict) and frame.get("type") in _API_VALIDATORS:
+        why = check_json_value(frame, max_depth)
+        if why is not None:
+            raise _bad(why, frame)
+        out = {"type": frame["type"]}
+        fid = frame.get("id")
+        if fid is not None:
+            if not _usable_id(fid):
+                raise _bad("'id' must be a string of 1-64 characters or an integer", frame)
+            out["id"] = fid
+        _API_VALIDATORS[frame["type"]](frame, out)
+        return out
+    return validate_client_frame(frame, max_depth)

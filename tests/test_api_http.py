@@ -197,6 +197,7 @@ async def test_get_session(api):
 @pytest_twisted.ensureDeferred
 async def test_change_members(api):
     """Only owners and the admin change members; members, outsiders and 1:1 sessions cannot."""
+    await api.start_processor()  # a change is a members event the processors store (PROTOCOL.md 1.1)
     await api.store.create_session("alice", ["bob"], "g-3")
     r = await api.as_user("alice", "POST", "/v1/sessions/g-3/members", {"add": ["carol", "dave"], "remove": ["bob"]})
     assert r.status == 200 and r.json == {"members": ["alice", "carol", "dave"]}

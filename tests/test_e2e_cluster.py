@@ -91,6 +91,11 @@ async def replies_of(users: list[User], n: int) -> list[dict]:
     return [r for u in users for r in u.of_type("message_reply")]
 
 
+def plain(frames: list[dict]) -> list[dict]:
+    """``message_send`` frames of messages, not of the 1.1 events (which carry a ``kind``)."""
+    return [f for f in frames if "kind" not in f]
+
+
 @pytest_twisted.ensureDeferred
 async def test_200_concurrent_messages_from_4_senders_land_in_order_once_for_everyone(cluster, pg_schema):
     """Concurrent senders on two gateways and two processors would get gaps, duplicates or lost deliveries."""
@@ -105,21 +110,22 @@ async def test_200_concurrent_messages_from_4_senders_land_in_order_once_for_eve
     await send_all(senders, "room", 50)
     replies = await replies_of(senders, 50)
     assert all(r["ok"] for r in replies), [r for r in replies if not r["ok"]][:3]
-    assert sorted(r["seq"] for r in replies) == list(range(1, 201))  # nothing answered twice either
+    # seq 1 is the group's members event (PROTOCOL.md 1.1); nothing answered twice either
+    assert sorted(r["seq"] for r in replies) == list(range(2, 202))
     by_msg = {r["msgId"]: r for r in replies}
     assert len(by_msg) == 200
     for u in users:
         expected = {m for m, r in by_msg.items() if not r["clientMsgId"].startswith(u.name + "-")}
-        await eventually(lambda u=u, e=expected: len(u.of_type("message_send")) >= len(e), WAIT,
+        await eventually(lambda u=u, e=expected: len(plain(u.of_type("message_send"))) >= len(e), WAIT,
                          f"{u.name} receives {len(expected)} messages")
-        got = Counter(f["msgId"] for f in u.of_type("message_send"))
+        got = Counter(f["msgId"] for f in plain(u.of_type("message_send")))
         assert set(got) == expected and max(got.values()) == 1, u.name  # each exactly once
         # per sender, in the order sent (one session, seq increasing)
         for s in senders:
             seqs = [f["seq"] for f in u.of_type("message_send") if f["from"] == s.name]
             assert seqs == sorted(seqs)
     rows = query(pg_schema, "SELECT seq FROM messagerecv WHERE session_id = 'room' ORDER BY seq")
-    assert [s for (s,) in rows] == list(range(1, 201))
+    assert [s for (s,) in rows] == list(range(1, 202))
     for u in users:
         u.client.close()
 
@@ -143,8 +149,9 @@ async def test_kill_9_of_a_processor_mid_stream_loses_and_duplicates_nothing(clu
     for r in replies:
         by_cmid[r["clientMsgId"]].add((r["msgId"], r["seq"]))
     assert len(by_cmid) == 200 and all(len(v) == 1 for v in by_cmid.values())  # a resend repeats the original
-    rows = query(pg_schema, "SELECT seq, sender_id, client_msg_id FROM messagerecv ORDER BY seq")
-    assert [r[0] for r in rows] == list(range(1, 201))
+    rows = query(pg_schema, "SELECT seq, sender_id, client_msg_id FROM messagerecv WHERE kind = 'message' "
+                            "ORDER BY seq")
+    assert [r[0] for r in rows] == list(range(2, 202))  # seq 1: the group's members event (PROTOCOL.md 1.1)
     assert len({(r[1], r[2]) for r in rows}) == 200
     msg_ids = {m for v in by_cmid.values() for m, _ in v}
     for u in users:

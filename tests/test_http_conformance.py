@@ -95,6 +95,8 @@ async def next_message(client):
     seen = client.__dict__.setdefault("_seen_msg_ids", set())
     while True:
         frame = await client.receive_type("message_send")
+        if "kind" in frame:  # a 1:1 event (PROTOCOL.md 1.1: members changes here), not a message
+            continue
         if frame["msgId"] not in seen:
             seen.add(frame["msgId"])
             return frame
@@ -116,7 +118,8 @@ async def start(cluster, gateway=False, processor=False, **api_opts):
 @pytest_twisted.ensureDeferred
 async def test_errors_sessions_and_members(cluster, pg_schema):
     """A client written against HTTP-API.md gets the documented status and error body on every route and case."""
-    api, _, c = await start(cluster, max_body_size=SMALL_BODY)
+    # member changes are members events the processors store (PROTOCOL.md 1.1)
+    api, _, c = await start(cluster, processor=True, max_body_size=SMALL_BODY)
     port = api.http_port
     alice, bob, carol = (cluster.token(u) for u in ("alice", "bob", "carol"))
 
@@ -236,6 +239,23 @@ async def test_errors_sessions_and_members(cluster, pg_schema):
                    "/v1/sessions")
     assert r.status == 201 and r.json == {"sessionId": "g2", "kind": "group", "members": ["alice", "bob"]}
     r = await call(port, "POST", "/v1/sessions/g2/members", {"add": ["carol"]}, alice, c, "/v1/sessions/{id}/members")
+    assert r.status == 403
+
+    # read cursors: members and the admin; recall: no such message is 404, a non-member 403
+    read = "/v1/sessions/{id}/read"
+    for credential in (alice, carol, ADMIN_KEY):
+        r = await call(port, "GET", "/v1/sessions/g1/read", None, credential, c, read)
+        assert r.status == 200 and r.json == {"sessionId": "g1", "cursors": [
+            {"userId": "alice", "seq": 0}, {"userId": "carol", "seq": 0}]}
+    r = await call(port, "GET", "/v1/sessions/g1/read", None, bob, c, read)
+    assert r.status == 403
+    r = await call(port, "GET", "/v1/sessions/nope/read", None, ADMIN_KEY, c, read)
+    assert r.status == 404
+    recall = "/v1/sessions/{id}/messages/{msgId}/recall"
+    for msg_id in ("123456789", "x"):
+        r = await call(port, "POST", f"/v1/sessions/g1/messages/{msg_id}/recall", None, alice, c, recall)
+        assert r.status == 404 and r.error_code == "not_found", msg_id
+    r = await call(port, "POST", "/v1/sessions/g1/messages/1/recall", None, bob, c, recall)
     assert r.status == 403
 
     # a user's sessions: that user or the admin; presence: any user or the admin
@@ -407,7 +427,8 @@ async def test_messages_dedup_delivery_and_unread(cluster, pg_schema):
     reply = await bob.receive_type("session_reply", skip=("message_send", "read_receipt"))
     assert reply["ok"] and reply["members"] == ["bob", "carol"]
     r = await call(port, "GET", "/v1/sessions/wire-made", None, tok["carol"], c, "/v1/sessions/{id}")
-    assert r.json == {"sessionId": "wire-made", "kind": "group", "members": ["bob", "carol"], "lastSeq": 0}
+    # lastSeq 1: the group's members event (PROTOCOL.md 1.1)
+    assert r.json == {"sessionId": "wire-made", "kind": "group", "members": ["bob", "carol"], "lastSeq": 1}
     r = await call(port, "POST", "/v1/sessions/wire-made/members", {"add": ["alice"]}, tok["carol"], c,
                    "/v1/sessions/{id}/members")
     assert r.status == 403
@@ -426,6 +447,9 @@ async def test_messages_dedup_delivery_and_unread(cluster, pg_schema):
     assert r.status == 201
     for client in (alice, carol):
         assert (await next_message(client))["clientMsgId"] == "after"
+    # the removal reached bob as his last entry of the session (PROTOCOL.md 1.1)
+    room = [f for f in bob.received if f.get("type") == "message_send" and f["sessionId"] == "room"]
+    assert room[-1]["kind"] == "members" and room[-1]["body"] == {"added": [], "removed": ["bob"]}
     r = await call(port, "POST", "/v1/sessions/p2p:bob:carol/messages", {"clientMsgId": "mark", "body": 1},
                    tok["carol"], c, msgs)
     assert r.status == 201

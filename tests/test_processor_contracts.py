@@ -55,5 +55,5 @@ def test_every_forwarded_frame_type_has_a_handler():
     from imcluster import protocol
     from imcluster.processor.handlers import HANDLERS, Handler
 
-    assert set(HANDLERS) == set(protocol.FORWARDED_TYPES)
+    assert set(HANDLERS) == set(protocol.FORWARDED_TYPES) | set(protocol.API_TYPES)
     assert all(isinstance(h, Handler) and h.type == t for t, h in HANDLERS.items())

@@ -145,32 +145,33 @@ async def test_messages_acks_history_reads_sessions_and_moderation(rig, pg):
     await gw.send(message(a1, "alice", "m1", "team"), message(a1, "alice", "m2", "team", {"t": "darn"}),
                   message(z1, "zed", "z1", "team"), message(a1, "alice", "m3", "nope"))
     replies = await gw.wait(a1, "message_reply", 3)
-    assert replies[0]["ok"] and replies[0]["seq"] == 1
+    assert replies[0]["ok"] and replies[0]["seq"] == 2  # seq 1: the group's members event
     assert replies[1]["error"]["code"] == "rejected"
     assert replies[2]["error"]["code"] == "no_session"
     [zr] = await gw.wait(z1, "message_reply")
     assert zr["error"]["code"] == "not_member"
-    [sent] = await gw.wait(b1, "message_send")
+    event, sent = await gw.wait(b1, "message_send", 2)
+    assert event["kind"] == "members" and event["seq"] == 1 and event["from"] == "alice"
     assert sent["msgId"] == replies[0]["msgId"] and sent["body"] == {"text": "hi m1"}
-    assert [f["msgId"] for f in await gw.wait(a2, "message_send")] == [sent["msgId"]]
+    assert [f["msgId"] for f in await gw.wait(a2, "message_send", 2)] == [event["msgId"], sent["msgId"]]
     assert gw.of_type(a1, "message_send") == []
     # rows become sending once the publish is confirmed (the frames may arrive first)
     await eventually(lambda: rows(pg, "SELECT user_id, status FROM messagesend ORDER BY user_id").addCallback(
-        lambda r: r == [("bob", "sending"), ("carol", "pending")]), what="bob sending, carol pending")
+        lambda r: r == [("bob", "sending")] * 2 + [("carol", "pending")] * 2), what="bob sending, carol pending")
     # acknowledgement, history, read receipt, errors
-    await gw.send(frame(b1, "bob", {"type": "message_send_reply", "msgIds": [sent["msgId"], "12345"]}),
+    await gw.send(frame(b1, "bob", {"type": "message_send_reply", "msgIds": [event["msgId"], sent["msgId"], "12345"]}),
                   frame(b1, "bob", {"type": "history", "sessionId": "team", "id": "h1"}),
                   frame(z1, "zed", {"type": "history", "sessionId": "team"}),
                   frame(b1, "bob", {"type": "read", "sessionId": "team", "seq": 7}))
     [history] = await gw.wait(b1, "history_reply")
-    assert [m["seq"] for m in history["messages"]] == [1] and history["id"] == "h1"
+    assert [m["seq"] for m in history["messages"]] == [1, 2] and history["id"] == "h1"
     [err] = await gw.wait(z1, "error")
     assert err["code"] == "not_member"
-    receipt = {"type": "read_receipt", "sessionId": "team", "userId": "bob", "seq": 1}
+    receipt = {"type": "read_receipt", "sessionId": "team", "userId": "bob", "seq": 2}
     assert (await gw.wait(a1, "read_receipt")) == [receipt] == await gw.wait(a2, "read_receipt")
     assert gw.of_type(b1, "read_receipt") == []
     await eventually(lambda: rows(pg, "SELECT status FROM messagesend WHERE user_id = 'bob'")
-                     .addCallback(lambda r: r == [("delivered",)]), what="bob's row delivered")
+                     .addCallback(lambda r: r == [("delivered",)] * 2), what="bob's rows delivered")
 
 
 @pytest_twisted.ensureDeferred

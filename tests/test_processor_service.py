@@ -345,7 +345,7 @@ def test_acks_of_a_window_are_one_statement_and_others_ids_are_ignored(rig):
     rig.send(frame_item(b1, "bob", {"type": "message_send_reply", "msgIds": ["1"]}),
              frame_item(c1, "carol", {"type": "message_send_reply", "msgIds": ["1", "2", "999", "x"]}),
              frame_item(a1, "alice", {"type": "message_send_reply", "msgIds": ["2"]}))
-    assert len(rig.calls("mark_delivered")) == 1
+    assert len(rig.calls("mark_delivered_receipts")) == 1
     assert rig.store.sends == {("bob", 1): "delivered", ("bob", 2): "sending",
                                ("carol", 1): "delivered", ("carol", 2): "delivered"}
 
@@ -617,3 +617,84 @@ def test_one_to_one_recipients_are_looked_up_while_the_store_takes_its_locks():
     assert store.sends[("bob", msg_id)] == "sending"  # no mark_sending needed
     assert store.calls[-1][0] != "mark_sending"
     assert [f["type"] for f in r.frames_to(b1)] == ["message_send"] and r.unacked() == 0
+
+
+# --- events in the session's order, delivery receipts (PROTOCOL.md 1.1) -------------------------
+
+
+def _api_item(user, frame, trusted=True):
+    conn = "0f0c2a4e-0000-4000-8000-0000000000aa##api##1"
+    item = frame_item(conn, user, frame)
+    item["trusted"] = trusted
+    return item
+
+
+def test_recall_and_edit_are_answered_and_routed_after_the_window_messages(rig):
+    """A recall or an edit would not reach the members, or arrive before the message stored beside it."""
+    a1, a2, b1 = rig.connect(GW1, "alice"), rig.connect(GW2, "alice"), rig.connect(GW1, "bob")
+    rig.send(message(a1, "alice", "m1", "g"))
+    [m1] = [f for f in rig.frames_to(a1) if f["type"] == "message_reply"]
+    rig.send(message(a1, "alice", "m2", "g"),
+             frame_item(a1, "alice", {"type": "recall", "id": "r", "msgId": m1["msgId"]}),
+             frame_item(b1, "bob", {"type": "edit", "id": "e", "msgId": m1["msgId"], "body": 1}))
+    replies = {f["type"]: f for f in rig.frames_to(a1) + rig.frames_to(b1) if f["type"].endswith("_reply")}
+    assert replies["recall_reply"]["ok"] is True and replies["recall_reply"]["seq"] == 3
+    assert replies["edit_reply"]["error"]["code"] == "not_allowed"
+    got = [(f["seq"], f.get("kind")) for f in rig.frames_to(b1) if f["type"] == "message_send"]
+    assert got == [(1, None), (2, None), (3, "recall")]
+    assert [(f["seq"], f.get("kind")) for f in rig.frames_to(a2) if f["type"] == "message_send"] == got
+    assert rig.store.messages[int(m1["msgId"])]["recalled"] is True
+
+
+def test_members_frames_come_only_from_an_imapi(rig):
+    """A client could change a group's members by sending imapi's frame through a gateway."""
+    a1, b1 = rig.connect(GW1, "alice"), rig.connect(GW1, "bob")
+    frame = {"type": "members", "id": "m", "sessionId": "g", "remove": ["bob"], "clientMsgId": "k1"}
+    rig.send(frame_item(a1, "alice", frame))
+    assert [f["code"] for f in rig.frames_to(a1) if f["type"] == "error"] == ["bad_frame"]
+    assert "bob" in rig.store.sessions["g"]["members"]
+    rig.send(_api_item("alice", frame))
+    assert "bob" not in rig.store.sessions["g"]["members"]
+    [removal] = [f for f in rig.frames_to(b1) if f["type"] == "message_send"]
+    assert removal["kind"] == "members" and removal["body"] == {"added": [], "removed": ["bob"]}
+    rig.send(message(a1, "alice", "after", "g"))
+    assert [f for f in rig.frames_to(b1) if f["type"] == "message_send"] == [removal]
+
+
+def test_acks_in_a_p2p_session_send_the_sender_a_delivery_receipt(rig):
+    """The sender of a 1:1 message would never learn that the other phone got it."""
+    a1, a2, b1 = rig.connect(GW1, "alice"), rig.connect(GW2, "alice"), rig.connect(GW1, "bob")
+    rig.send(message(a1, "alice", "p1", "p2p:alice:bob"), message(a1, "alice", "p2", "p2p:alice:bob"))
+    ids = [f["msgId"] for f in rig.frames_to(b1) if f["type"] == "message_send"]
+    rig.send(frame_item(b1, "bob", {"type": "message_send_reply", "msgIds": ids}))
+    want = {"type": "delivery_receipt", "sessionId": "p2p:alice:bob", "userId": "bob", "msgIds": ids}
+    for conn in (a1, a2):
+        assert [f for f in rig.frames_to(conn) if f["type"] == "delivery_receipt"] == [want]
+    assert [f for f in rig.frames_to(b1) if f["type"] == "delivery_receipt"] == []
+    rig.send(frame_item(b1, "bob", {"type": "message_send_reply", "msgIds": ids}))  # again: nothing new
+    assert len([f for f in rig.frames_to(a1) if f["type"] == "delivery_receipt"]) == 1
+
+
+def test_edits_pass_the_moderation_filters():
+    """An edit would smuggle in what moderation refuses in a message."""
+    class Shout:
+        name = "shout"
+
+        def check(self, message):
+            if message["body"] == {"text": "quiet"}:
+                return defer.succeed(Verdict.replace({"text": "QUIET"}))
+            return Verdict.accept()
+
+    r = Rig(filters=[KeywordFilter(["darn"]), Shout()])
+    r.gateway(GW1)
+    group(r, "g", "alice", "bob")
+    a1, b1 = r.connect(GW1, "alice"), r.connect(GW1, "bob")
+    r.send(message(a1, "alice", "m", "g", {"text": "fine"}))
+    msg_id = r.frames_to(a1)[0]["msgId"]
+    r.send(frame_item(a1, "alice", {"type": "edit", "id": 1, "msgId": msg_id, "body": {"text": "darn"}}),
+           frame_item(a1, "alice", {"type": "edit", "id": 2, "msgId": msg_id, "body": {"text": "quiet"}}))
+    replies = {f["id"]: f for f in r.frames_to(a1) if f["type"] == "edit_reply"}
+    assert replies[1]["ok"] is False and replies[1]["error"]["code"] == "rejected"
+    assert replies[2]["ok"] is True
+    assert [f["body"] for f in r.frames_to(b1) if f.get("kind") == "edit"] == [{"text": "QUIET"}]
+    assert r.store.messages[int(msg_id)]["body"] == {"text": "QUIET"}

@@ -206,6 +206,18 @@ async def create_session(conn: Conn, members: list[str], session: str | None = N
     return reply
 
 
+async def members_event(conn: Conn, sid: str) -> dict:
+    """The ``members`` event a new group's members get first (PROTOCOL.md 1.1: ``session_create``, seq 1)."""
+    frame = await conn.next("message_send")
+    assert frame["sessionId"] == sid and frame["kind"] == "members" and frame["seq"] == 1, frame
+    return frame
+
+
+def messages_only(frames: list[dict]) -> list[dict]:
+    """``frames`` without the 1.1 events (entries with a ``kind``)."""
+    return [f for f in frames if "kind" not in f]
+
+
 def p2p(a: str, b: str) -> str:
     x, y = sorted((a, b), key=lambda u: u.encode("utf-8"))
     return f"p2p:{x}:{y}"
@@ -608,7 +620,7 @@ async def test_sync_order_count_and_own_messages(env, transport):
     ids = [f"B{tag}", f"_{tag}", f"a{tag}", f"c-{tag}"]
     for sid in ids:
         await create_session(a, [bob], sid)
-    sent = {}
+    sent = {f"event-{sid}": (sid, 1) for sid in ids}  # each group's members event (PROTOCOL.md 1.1)
     # interleaved across sessions, so that store order is not the expected order
     for n in range(3):
         for sid in reversed(ids + [p2p(alice, bob)]):
@@ -727,6 +739,8 @@ async def test_message_duplicate_repeats_reply_and_skips_acknowledged_recipients
     b = await login(env, bob, transport)
     c = await login(env, carol, transport)
     sid = (await create_session(a, [bob, carol]))["sessionId"]
+    for conn in (b, c):
+        await members_event(conn, sid)
     first = await a.message(sid, {"v": 1}, cmid="dup-1")
     got_b = await b.next("message_send")
     await c.next("message_send")
@@ -743,15 +757,15 @@ async def test_message_duplicate_repeats_reply_and_skips_acknowledged_recipients
     # bob acknowledged: his next frame is the next message, not the duplicate
     following = await b.next("message_send")
     assert following["msgId"] == nxt["msgId"]
-    assert [f["msgId"] for f in b.of_type("message_send")] == [first["msgId"], nxt["msgId"]]
+    assert [f["msgId"] for f in messages_only(b.of_type("message_send"))] == [first["msgId"], nxt["msgId"]]
     # carol did not: she may get it again, with the same msgId
     await c.next("message_send")
-    for f in c.of_type("message_send"):
+    for f in messages_only(c.of_type("message_send")):
         assert f["msgId"] in (first["msgId"], nxt["msgId"])
         if f["msgId"] == first["msgId"]:
             assert f["seq"] == first["seq"] and f["body"] == {"v": 1}
     page = await a.history(sid)
-    assert [(m["seq"], m["body"]) for m in page["messages"]] == [(1, {"v": 1}), (2, {"v": 3})]
+    assert [(m["seq"], m["body"]) for m in messages_only(page["messages"])] == [(2, {"v": 1}), (3, {"v": 3})]
     for x in (a, b, c):
         x.close()
 
@@ -879,7 +893,7 @@ async def test_message_not_member_and_no_session(env, transport):
         assert reply["ok"] is False and reply["error"]["code"] == code, (sid, reply)
         assert isinstance(reply["error"]["message"], str)
     # nothing was stored in the session alice may not write to
-    assert (await b.history(group))["messages"] == []
+    assert messages_only((await b.history(group))["messages"]) == []
     a.close()
     b.close()
 
@@ -918,6 +932,8 @@ async def test_delivery_every_connection_of_every_member_except_the_sending_one(
     c1 = await login(env, carol, "ws", gw=env.gw2)
     d1 = await login(env, dave, "ws")
     sid = (await create_session(a1, [bob, carol]))["sessionId"]
+    for conn in (a2, b1, b2, c1):  # the creator's other device too
+        await members_event(conn, sid)
     reply = await a1.message(sid, {"text": "hi"}, cmid="c-123")
     expected = {"type": "message_send", "msgId": reply["msgId"], "sessionId": sid, "seq": reply["seq"],
                 "from": alice, "clientMsgId": "c-123", "body": {"text": "hi"}, "ts": reply["ts"]}
@@ -928,7 +944,7 @@ async def test_delivery_every_connection_of_every_member_except_the_sending_one(
     assert a1.of_type("message_send") == []
     assert d1.of_type("message_send") == []
     for conn in (a2, b1, b2, c1):
-        assert len(conn.of_type("message_send")) == 1
+        assert len(messages_only(conn.of_type("message_send"))) == 1
     for conn in (a1, a2, b1, b2, c1, d1):
         conn.close()
 
@@ -941,11 +957,13 @@ async def test_delivery_ack_from_one_device_and_foreign_acks_ignored(env):
     b = await login(env, bob, "ws")
     c = await login(env, carol, "ws")
     sid = (await create_session(a, [bob, carol]))["sessionId"]
+    event_b, event_c = await members_event(b, sid), await members_event(c, sid)
     m = await a.message(sid, "x")
     await b.next("message_send")
     await c.next("message_send")
     # carol acknowledges it (for herself) and junk; alice acknowledges her own; none counts for bob
-    c.send({"type": "message_send_reply", "msgIds": [m["msgId"], "999999999999", "not-a-msg-id", "0"]})
+    c.send({"type": "message_send_reply", "msgIds": [event_c["msgId"], m["msgId"], "999999999999", "not-a-msg-id",
+                                                      "0"]})
     a.send({"type": "message_send_reply", "msgIds": [m["msgId"]]})
     b.send({"type": "message_send_reply", "msgIds": []})
     await a.history(sid)
@@ -955,7 +973,7 @@ async def test_delivery_ack_from_one_device_and_foreign_acks_ignored(env):
         assert conn.of_type("error") == [], conn.client.received
     b.close()
     b2 = await login(env, bob, "tcp", gw=env.gw2)
-    assert [f["msgId"] for f in b2.sync] == [m["msgId"]]
+    assert [f["msgId"] for f in b2.sync] == [event_b["msgId"], m["msgId"]]
     c2 = await login(env, carol, "tcp", gw=env.gw2)
     assert c2.sync == []
     for conn in (a, b2, c, c2):
@@ -1046,17 +1064,17 @@ async def test_read_receipts(env):
     b2.send({"type": "read", "sessionId": sid, "seq": 1})
     for conn in (a, b1, c):
         assert await conn.next("read_receipt") == expected
-    # beyond the last seq: clamped to 3
+    # beyond the last seq: clamped to 4 (seq 1 is the group's members event)
     b1.send({"type": "read", "sessionId": sid, "seq": 99})
-    clamped = {"type": "read_receipt", "sessionId": sid, "userId": bob, "seq": 3}
+    clamped = {"type": "read_receipt", "sessionId": sid, "userId": bob, "seq": 4}
     for conn in (a, b2, c):
         assert await conn.next("read_receipt") == clamped
     await sleep(QUIET)
     # every connection but the sending one, once per read
-    assert [f["seq"] for f in a.of_type("read_receipt")] == [2, 2, 3]
-    assert [f["seq"] for f in c.of_type("read_receipt")] == [2, 2, 3]
+    assert [f["seq"] for f in a.of_type("read_receipt")] == [2, 2, 4]
+    assert [f["seq"] for f in c.of_type("read_receipt")] == [2, 2, 4]
     assert [f["seq"] for f in b1.of_type("read_receipt")] == [2]
-    assert [f["seq"] for f in b2.of_type("read_receipt")] == [2, 3]
+    assert [f["seq"] for f in b2.of_type("read_receipt")] == [2, 4]
     for conn in (a, b1, b2, c):
         conn.close()
 
@@ -1142,8 +1160,9 @@ async def test_session_create_reply_and_creator_member(env, transport):
     reply = await a.request({"type": "session_create", "id": "r-3", "members": [alice, bob]}, "session_reply")
     assert reply["members"] == sorted([alice, bob])
     # members may send; the creator and others receive
+    await members_event(b, sid)  # PROTOCOL.md 1.1: the new group's seq 1
     m = await b.message(sid, "hello")
-    assert m["ok"] is True and m["seq"] == 1
+    assert m["ok"] is True and m["seq"] == 2
     assert (await a.next("message_send"))["msgId"] == m["msgId"]
     a.close()
     b.close()
@@ -1319,8 +1338,9 @@ async def test_sync_across_pages_keeps_byte_order(env):
     assert all(r["ok"] for r in replies)
     b = await login(env, bob, "ws")
     got = [(f["sessionId"], f["seq"]) for f in b.sync]
-    assert got == [(sid, seq) for sid in sessions for seq in range(1, 331)]
-    assert b.done["count"] == n
+    # seq 1 of each group is its members event (PROTOCOL.md 1.1)
+    assert got == [(sid, seq) for sid in sessions for seq in range(1, 332)]
+    assert b.done["count"] == n + len(sessions)
     a.close()
     b.close()
 

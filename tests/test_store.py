@@ -493,3 +493,140 @@ async def test_session_members_and_get_session(store):
         "g1": ["alice", "bob", "carol"], "g2": ["dave", "erin"]}
     assert await store.session_members([]) == {}
     await expect_error(store.get_session("nope"), "no_session")
+
+
+# --- events in the session's order (PROTOCOL.md 1.1) ------------------------------------------
+
+from imcluster.store import Event  # noqa: E402
+
+
+def recall(sender, msg_id, ts=TS + 1000, window=120.0, **kw):
+    return Event("recall", sender, f"recall:{msg_id}", ref=msg_id, ts_ms=ts, window=window, **kw)
+
+
+def edit(sender, msg_id, body, key="e1", ts=TS + 1000, window=86400.0, **kw):
+    return Event("edit", sender, key, ref=msg_id, body=body, ts_ms=ts, window=window, **kw)
+
+
+@pytest_twisted.ensureDeferred
+async def test_recall_is_the_next_entry_and_the_original_shows_it(store):
+    """A recall would not take the next seq, reach the members, or leave the original's body readable."""
+    await group(store)
+    [m] = await store.store_messages([msg("alice", "a1", "g1")])
+    stored, members = await store.store_event(recall("alice", m.msg_id))
+    assert (stored.seq, stored.kind, stored.ref, stored.body) == (2, "recall", m.msg_id, None)
+    assert stored.recipients == ["bob", "carol"] and members == ["alice", "bob", "carol"]
+    page = await store.history("bob", "g1")
+    assert page[0]["msgId"] == m.msg_id and page[0]["recalled"] is True and page[0]["body"] is None
+    assert page[1]["kind"] == "recall" and page[1]["ref"] == m.msg_id and page[1]["seq"] == 2
+    # the same recall again: the first one (a window run again stores nothing twice)
+    again, _ = await store.store_event(recall("alice", m.msg_id))
+    assert again.duplicate and again.msg_id == stored.msg_id
+    # synced like a message, with its kind
+    sync = await store.undelivered_page("bob", None, 10)
+    assert [(e["seq"], e.get("kind")) for e in sync] == [(1, None), (2, "recall")]
+    [next_one] = await store.store_messages([msg("bob", "b1", "g1")])
+    assert next_one.seq == 3
+
+
+@pytest_twisted.ensureDeferred
+async def test_recall_and_edit_refusals(store):
+    """Someone else, a late sender, an event, an unknown id or an outsider could change a message."""
+    await group(store)
+    await store.create_session("dave", [], "g2")
+    [m] = await store.store_messages([msg("alice", "a1", "g1")])
+    await expect_error(store.store_event(recall("bob", m.msg_id)), "not_allowed")
+    await expect_error(store.store_event(recall("alice", m.msg_id, ts=TS + 121000)), "not_allowed")
+    await expect_error(store.store_event(edit("bob", m.msg_id, "x")), "not_allowed")
+    await expect_error(store.store_event(edit("alice", m.msg_id, "x", ts=TS + 86401000)), "not_allowed")
+    await expect_error(store.store_event(recall("alice", "999999999")), "no_message")
+    await expect_error(store.store_event(recall("alice", "junk")), "no_message")
+    await expect_error(store.store_event(recall("dave", m.msg_id)), "no_message")
+    await expect_error(store.store_event(Event("recall", "alice", "r:x", session_id="g2", ref=m.msg_id)),
+                       "no_message")
+    ev, _ = await store.store_event(edit("alice", m.msg_id, "fixed"))
+    await expect_error(store.store_event(recall("alice", ev.msg_id)), "not_allowed")
+    await expect_error(store.store_event(edit("alice", ev.msg_id, "y", key="e2")), "not_allowed")
+    # the admin (trusted) recalls any message at any time
+    admin, _ = await store.store_event(recall("system", m.msg_id, ts=TS + 10**9, window=None, trusted=True))
+    assert admin.seq == 3
+    await expect_error(store.store_event(edit("alice", m.msg_id, "z", key="e3")), "not_allowed")
+
+
+@pytest_twisted.ensureDeferred
+async def test_edit_shows_the_latest_body_and_events_are_not_unread(store):
+    """History would show the first body, or the unread badge would count recalls, edits and joins."""
+    await group(store)
+    [m] = await store.store_messages([msg("alice", "a1", "g1")])
+    await store.store_event(edit("alice", m.msg_id, {"text": "v2"}, key="e1"))
+    await store.store_event(edit("alice", m.msg_id, {"text": "v3"}, key="e2"))
+    page = await store.history("carol", "g1")
+    assert page[0]["body"] == {"text": "v3"} and page[0]["edited"] is True
+    assert [e.get("kind") for e in page] == [None, "edit", "edit"] and page[2]["body"] == {"text": "v3"}
+    listing = {s["sessionId"]: s for s in await store.user_sessions("bob")}
+    assert listing["g1"]["unread"] == 1 and listing["g1"]["lastSeq"] == 3
+
+
+@pytest_twisted.ensureDeferred
+async def test_members_event_reaches_the_removed_member_last(store):
+    """A removed member would miss its removal, or keep getting the session's messages after it."""
+    await group(store)
+    [before] = await store.store_messages([msg("alice", "a1", "g1")])
+    stored, members = await store.store_event(
+        Event("members", "alice", "m1", session_id="g1", add=("dave",), remove=("bob",), ts_ms=TS))
+    assert stored.kind == "members" and stored.body == {"added": ["dave"], "removed": ["bob"]}
+    assert stored.seq == 2 and stored.recipients == ["bob", "carol", "dave"]
+    assert members == ["alice", "carol", "dave"]
+    [after] = await store.store_messages([msg("carol", "c1", "g1")])
+    assert after.recipients == ["alice", "dave"]
+    sync = await store.undelivered_page("bob", None, 10)
+    assert [e["seq"] for e in sync] == [1, 2] and sync[-1]["kind"] == "members"
+    nothing, members = await store.store_event(Event("members", "alice", "m2", session_id="g1", add=("dave",)))
+    assert nothing is None and members == ["alice", "carol", "dave"]
+    await expect_error(store.store_event(Event("members", "alice", "m3", session_id="nope", add=("x",))),
+                       "no_session")
+
+
+@pytest_twisted.ensureDeferred
+async def test_session_created_with_its_members_event(store):
+    """The members of a new group would not learn of it: no event at seq 1."""
+    sid, members, stored = await store.create_session_with_event("alice", ["bob", "carol"], "g9", ts_ms=TS)
+    assert (sid, members) == ("g9", ["alice", "bob", "carol"])
+    assert stored.seq == 1 and stored.kind == "members" and stored.recipients == ["bob", "carol"]
+    assert stored.body == {"added": ["alice", "bob", "carol"], "removed": []}
+    assert (await store.get_session("g9"))["lastSeq"] == 1
+    [m] = await store.store_messages([msg("bob", "b1", "g9")])
+    assert m.seq == 2
+    await expect_error(store.create_session_with_event("alice", [], "g9"), "conflict")
+
+
+@pytest_twisted.ensureDeferred
+async def test_delivered_flag_and_receipts_in_p2p(store):
+    """The sender would never learn that the other phone got its 1:1 message."""
+    sid = "p2p:alice:bob"
+    [m1, m2] = await store.store_messages([msg("alice", "a1", sid), msg("alice", "a2", sid)])
+    [g] = await store.store_messages([msg("bob", "b1", sid)])
+    page = await store.history("alice", sid)
+    assert [e.get("delivered") for e in page] == [False, False, None]
+    count, receipts = await store.mark_delivered_receipts([("bob", [m1.msg_id])])
+    assert count == 1 and receipts == [{"sessionId": sid, "userId": "bob", "msgIds": [m1.msg_id]}]
+    page = await store.history("alice", sid)
+    assert [e.get("delivered") for e in page] == [True, False, None]
+    assert [e.get("delivered") for e in await store.history("bob", sid)] == [None, None, False]
+    assert await store.mark_delivered_receipts([("bob", [m1.msg_id])]) == (0, [])
+    await group(store)
+    [gm] = await store.store_messages([msg("alice", "x1", "g1")])
+    assert await store.mark_delivered_receipts([("bob", [gm.msg_id])]) == (1, [])  # groups: no receipt
+    assert "delivered" not in (await store.history("alice", "g1"))[0]
+
+
+@pytest_twisted.ensureDeferred
+async def test_read_cursors_of_every_member(store):
+    """GET /v1/sessions/{id}/read would miss members or show stale cursors."""
+    await group(store)
+    await store.store_messages([msg("alice", "a1", "g1"), msg("alice", "a2", "g1")])
+    await store.read("bob", "g1", 2)
+    assert await store.read_cursors("g1") == [
+        {"userId": "alice", "seq": 0}, {"userId": "bob", "seq": 2}, {"userId": "carol", "seq": 0}]
+    assert await store.read_cursors("p2p:x:y") == [{"userId": "x", "seq": 0}, {"userId": "y", "seq": 0}]
+    await expect_error(store.read_cursors("nope"), "no_session")

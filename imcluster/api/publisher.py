@@ -144,14 +144,24 @@ class MessagePublisher(service.Service):
         :class:`PublishUnavailable` when RabbitMQ does not take the message
         or no reply comes within ``timeout``.
         """
+        ts = int(self.clock.seconds() * 1000)
+        d = self._request(user_id, {"type": "message", "clientMsgId": client_msg_id, "sessionId": session_id,
+                                    "body": body}, trusted, ts)
+        return d.addCallback(lambda reply: (reply, _is_duplicate(reply, ts)))
+
+    def request(self, user_id: str, frame: dict, trusted: bool = False) -> defer.Deferred:
+        """Send any frame the processors answer (``recall``, imapi's ``members``) as ``user_id``.
+
+        Fires with the reply frame (``<type>_reply``, or an ``error``
+        frame); :class:`PublishUnavailable` as for :meth:`publish`.
+        """
+        return self._request(user_id, frame, trusted, int(self.clock.seconds() * 1000))
+
+    def _request(self, user_id: str, frame: dict, trusted: bool, ts: int) -> defer.Deferred:
         if not self.running:
             return defer.fail(PublishUnavailable("the API is not running"))
         conn_id = envelope.api_conn_id(self.server_id, next(self._ids))
-        ts = int(self.clock.seconds() * 1000)
-        item = envelope.frame_item(
-            user_id, self.server_id, conn_id, ts,
-            {"type": "message", "clientMsgId": client_msg_id, "sessionId": session_id, "body": body},
-            trusted=trusted)
+        item = envelope.frame_item(user_id, self.server_id, conn_id, ts, frame, trusted=trusted)
         waiter: defer.Deferred = defer.Deferred()
         self._waiting[conn_id] = waiter
 
@@ -172,9 +182,7 @@ class MessagePublisher(service.Service):
             if timer.active():
                 timer.cancel()
             self._waiting.pop(conn_id, None)
-            if isinstance(result, Failure):
-                return result
-            return result, _is_duplicate(result, ts)
+            return result
 
         return waiter.addBoth(finished)
 
@@ -196,7 +204,7 @@ class MessagePublisher(service.Service):
             return
         for delivery in deliveries:
             frames = delivery.frames
-            reply = next((f for f in frames if f.get("type") == "message_reply"), None)
+            reply = next((f for f in frames if f.get("type") in _REPLY_TYPES), None)
             if reply is None:
                 reply = next((f for f in frames if f.get("type") == "error"), None)
             if reply is None:
@@ -205,6 +213,10 @@ class MessagePublisher(service.Service):
                 waiter = self._waiting.pop(conn_id, None)
                 if waiter is not None and not waiter.called:
                     waiter.callback(reply)
+
+
+#: the replies a request waits for (an ``error`` frame answers any of them)
+_REPLY_TYPES = frozenset({"message_reply", "recall_reply", "members_reply"})
 
 
 def _is_duplicate(reply: dict, item_ts: int) -> bool:

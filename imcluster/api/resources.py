@@ -28,6 +28,7 @@ import hmac
 import json
 import re
 import time
+import uuid
 from dataclasses import dataclass
 from importlib import resources as package_resources
 from typing import Any, Callable, Iterable
@@ -41,7 +42,9 @@ from twisted.web import resource, server
 from imcluster import metrics
 from imcluster.auth import AuthError
 from imcluster.protocol import check_json_value, is_client_msg_id, message_frame_size
-from imcluster.store import StoreError, StoreUnavailable, parse_p2p, valid_session_id, valid_user_id
+from imcluster.store import (
+    StoreError, StoreUnavailable, check_member_change, parse_msg_id, parse_p2p, valid_session_id, valid_user_id,
+)
 from imcluster.web import GuardedSite, HealthResource, metrics_resource, write_json
 
 #: HTTP-API.md "Errors": status -> code
@@ -57,6 +60,8 @@ STORE_STATUS = {"no_session": 404, "not_member": 403, "conflict": 409, "too_larg
 REPLY_STATUS = {
     "not_member": 403, "rejected": 403, "no_session": 404, "bad_frame": 400, "too_large": 413,
     "rate_limited": 429, "unavailable": 503,
+    # recall (PROTOCOL.md 1.1)
+    "not_allowed": 403, "no_message": 404,
 }
 
 #: the sender of messages the admin key posts without ``from``
@@ -153,6 +158,9 @@ ROUTES = [
     Route("POST", ("v1", "sessions", ID, "members"), "/v1/sessions/{id}/members", "change_members"),
     Route("GET", ("v1", "sessions", ID, "messages"), "/v1/sessions/{id}/messages", "history"),
     Route("POST", ("v1", "sessions", ID, "messages"), "/v1/sessions/{id}/messages", "publish"),
+    Route("POST", ("v1", "sessions", ID, "messages", ID, "recall"), "/v1/sessions/{id}/messages/{msgId}/recall",
+          "recall"),
+    Route("GET", ("v1", "sessions", ID, "read"), "/v1/sessions/{id}/read", "read_cursors"),
     Route("GET", ("v1", "users", ID, "sessions"), "/v1/users/{id}/sessions", "user_sessions"),
     Route("GET", ("v1", "users", ID, "presence"), "/v1/users/{id}/presence", "presence"),
     Route("GET", ("healthz",), "/healthz", "healthz", auth=False),
@@ -432,10 +440,46 @@ class APIResource(resource.Resource):
             if add or remove:
                 raise APIError(400, "the members of a p2p session do not change")
             return 200, {"members": info["members"]}
-        members = await self.store.add_remove_members(session_id, add, remove)
+        try:
+            add, remove = check_member_change(add, remove)
+        except StoreError as e:
+            raise APIError(400, e.message) from None
+        if not add and not remove:
+            return 200, {"members": info["members"]}
+        # through the processors: the change is a ``members`` event in the session's seq,
+        # delivered to the members (and to those removed) like a message (PROTOCOL.md 1.1)
+        frame = {"type": "members", "sessionId": session_id, "add": add, "remove": remove,
+                 "clientMsgId": f"members:{uuid.uuid4().hex}"}
+        reply = await self._processed(SYSTEM_USER if principal.admin else principal.user_id, frame, True)
         self.log.info("session {session} members changed by {who}: +{add} -{remove}", session=session_id,
                       who=str(principal), add=len(add), remove=len(remove))
-        return 200, {"members": members}
+        return 200, {"members": reply["members"]}
+
+    async def _processed(self, user_id: str, frame: dict, trusted: bool) -> dict:
+        """The processors' ``ok`` reply to ``frame`` (imapi's publisher), else the APIError its code says."""
+        reply = await self.publisher.request(user_id, frame, trusted=trusted)
+        if reply.get("ok") is not True:
+            error = reply.get("error") if isinstance(reply.get("error"), dict) else reply
+            code = str(error.get("code") or "unavailable")
+            raise APIError(REPLY_STATUS.get(code, 503), f"{code}: {error.get('message') or code}")
+        return reply
+
+    async def recall(self, request: Any, principal: Principal, session_id: str, msg_id: str) -> tuple[int, dict]:
+        """HTTP-API.md: the sender within ``recall_window``, or the admin key at any time."""
+        await self.session(session_id, principal)
+        if parse_msg_id(msg_id) is None:
+            raise APIError(404, "no such message")
+        frame = {"type": "recall", "msgId": str(parse_msg_id(msg_id)), "sessionId": session_id}
+        reply = await self._processed(SYSTEM_USER if principal.admin else principal.user_id, frame,
+                                      principal.admin)
+        self.log.info("message {msg} of {session} recalled by {who}", msg=msg_id, session=session_id,
+                      who=str(principal))
+        return 201, {"msgId": reply["msgId"], "seq": reply["seq"]}
+
+    async def read_cursors(self, request: Any, principal: Principal, session_id: str) -> tuple[int, dict]:
+        """Every member's read cursor (HTTP-API.md); members and the admin key."""
+        await self.session(session_id, principal)
+        return 200, {"sessionId": session_id, "cursors": await self.store.read_cursors(session_id)}
 
     async def history(self, request: Any, principal: Principal, session_id: str) -> tuple[int, dict]:
         before = self.query_int(request, "beforeSeq", 0)

@@ -46,7 +46,7 @@ HORIZON = 120.0
 
 
 #: the fields of a stale row that make its ``message_send`` (as a sync page's)
-_FIELDS = ("msgId", "sessionId", "seq", "from", "clientMsgId", "body", "ts")
+_FIELDS = ("msgId", "sessionId", "seq", "from", "clientMsgId", "body", "ts", "kind", "ref")
 
 
 class Redeliverer:
@@ -127,7 +127,7 @@ class Redeliverer:
                     entry[1].append(r["userId"])
             for first, recipients in sorted(by_msg.values(),
                                             key=lambda e: (e[0]["sessionId"].encode(), e[0]["seq"])):
-                frame = protocol.encode({"type": "message_send", **{k: first[k] for k in _FIELDS}})
+                frame = protocol.encode({"type": "message_send", **{k: first[k] for k in _FIELDS if k in first}})
                 for uuid, (conn_ids, _users) in lookup.targets(recipients).items():
                     outbox.add(uuid, conn_ids, frame, delivery=True)
         if outbox.gateways:

@@ -14,3 +14,6 @@ from imcluster.store.base import (  # noqa: F401 (the package's API)
     StoreUnavailable, WindowAborted, WindowTransaction, bytes_key, check_member_change, check_new_session, clamp_bigint, copy_answer, p2p_session_id,
     p2p_recipients, parse_msg_id, parse_p2p, sorted_pairs, storable_json, valid_client_msg_id, valid_session_id, valid_user_id,
 )
+from imcluster.store.base import (  # noqa: F401 (1.1: events in the session's order)
+    EDIT, EVENT_KINDS, MEMBERS, MESSAGE_KIND, NO_MESSAGE, NOT_ALLOWED, RECALL, Event, entry_fields,
+)

@@ -62,7 +62,18 @@ NOT_MEMBER = "not_member"
 CONFLICT = "conflict"
 TOO_LARGE = "too_large"
 BAD_REQUEST = "bad_request"
-ERROR_CODES = frozenset({NO_SESSION, NOT_MEMBER, CONFLICT, TOO_LARGE, BAD_REQUEST})
+#: a recall or an edit refused: not the sender, past its window, an event (PROTOCOL.md 1.1)
+NOT_ALLOWED = "not_allowed"
+#: a recall or an edit of a msgId unknown, or of a session the user is not in
+NO_MESSAGE = "no_message"
+ERROR_CODES = frozenset({NO_SESSION, NOT_MEMBER, CONFLICT, TOO_LARGE, BAD_REQUEST, NOT_ALLOWED, NO_MESSAGE})
+
+#: the kinds of entries of a session (PROTOCOL.md 1.1): a plain message, and the events
+MESSAGE_KIND = "message"
+RECALL = "recall"
+EDIT = "edit"
+MEMBERS = "members"
+EVENT_KINDS = frozenset({RECALL, EDIT, MEMBERS})
 
 
 class WindowAborted(Exception):
@@ -127,7 +138,38 @@ class Stored:
     body: Any
     recipients: list[str] = field(default_factory=list)
     duplicate: bool = False
+    #: ``message``, or an event's kind (``recall``, ``edit``, ``members``), and the msgId it is about
+    kind: str = MESSAGE_KIND
+    ref: str | None = None
     ok = True
+
+
+@dataclass(frozen=True)
+class Event:
+    """An event to store as an entry of a session (PROTOCOL.md 1.1 "Events in the session's order").
+
+    ``kind`` ``recall`` or ``edit``: ``ref`` is the msgId it is about
+    (``session_id``, when given, must be that message's session),
+    ``body`` an edit's new body, ``window`` the seconds after the
+    message's ``ts`` within which it is allowed (None: any time).
+    ``members``: ``session_id``, and ``add``/``remove`` (only the users
+    that change are in the event). ``client_msg_id`` is the event's key:
+    the same ``(sender, client_msg_id)`` stored again is answered as a
+    duplicate, as for messages. ``trusted``: the HTTP API's admin (any
+    message, any time, no member check).
+    """
+
+    kind: str
+    sender: str
+    client_msg_id: str
+    session_id: str | None = None
+    ref: str | None = None
+    body: Any = None
+    add: tuple = ()
+    remove: tuple = ()
+    ts_ms: int | None = None
+    window: float | None = None
+    trusted: bool = False
 
 
 @dataclass(frozen=True)
@@ -282,8 +324,27 @@ def copy_answer(first: Stored | Rejected) -> Stored | Rejected:
     """The answer to a later copy of a message sent twice in one batch: like the first copy's."""
     if isinstance(first, Stored):
         return Stored(first.msg_id, first.session_id, first.seq, first.ts_ms, first.sender,
-                      first.client_msg_id, first.body, list(first.recipients), duplicate=True)
+                      first.client_msg_id, first.body, list(first.recipients), duplicate=True,
+                      kind=first.kind, ref=first.ref)
     return first
+
+
+def entry_fields(entry: dict, kind: str | None, ref: Any, recalled: bool = False, edited: bool = False) -> dict:
+    """``entry`` (a message as history and sync list it) with the 1.1 fields it needs, in place.
+
+    An event gets ``kind`` (and ``ref``, a msgId as a string); a plain
+    message has none; an original shows ``recalled`` or ``edited`` when
+    it was (its body is the latest already). A version 1 client ignores them.
+    """
+    if kind and kind != MESSAGE_KIND:
+        entry["kind"] = kind
+        if ref is not None:
+            entry["ref"] = str(ref)
+    if recalled:
+        entry["recalled"] = True
+    if edited:
+        entry["edited"] = True
+    return entry
 
 
 def clamp_bigint(value: Any) -> int:

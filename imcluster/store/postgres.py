@@ -76,6 +76,9 @@ from imcluster.store.base import (
     StoreUnavailable, WindowTransaction, bytes_key, check_member_change, check_new_session, clamp_bigint,
     copy_answer, parse_p2p, sorted_pairs, storable_json, valid_client_msg_id, valid_session_id, valid_user_id,
 )
+from imcluster.store.base import (
+    EDIT, MEMBERS, MESSAGE_KIND, NO_MESSAGE, NOT_ALLOWED, RECALL, Event, entry_fields, parse_msg_id,
+)
 
 #: how often a batch is run again after losing a race on the clientMsgId key
 #: (unique violation). Each retry sees what the winner committed, so a second
@@ -140,7 +143,7 @@ def _race(failure_or_exc: Any) -> bool:
 #: an index range scan on messagesend_undelivered (0002), no sort (tests EXPLAIN it)
 UNDELIVERED_SQL = (
     "SELECT s.msg_id, s.session_id, s.seq, r.sender_id, r.client_msg_id, r.body, "
-    + _TS_SQL.format(t="r") + " FROM messagesend s JOIN messagerecv r ON r.id = s.msg_id "
+    + _TS_SQL.format(t="r") + ", r.kind, r.ref, r.recalled, r.edited FROM messagesend s JOIN messagerecv r ON r.id = s.msg_id "
     "WHERE s.user_id = %s AND s.status <> 'delivered' "
     'AND (s.session_id COLLATE "C", s.seq) > (%s COLLATE "C", %s::bigint) '
     'ORDER BY s.session_id COLLATE "C", s.seq LIMIT %s')
@@ -150,7 +153,7 @@ UNDELIVERED_SQL = (
 #: a range scan on messagesend_stale (0003)
 STALE_SQL = (
     "SELECT s.updated_at::text, s.user_id, s.msg_id, s.session_id, s.seq, r.sender_id, r.client_msg_id, "
-    "r.body, " + _TS_SQL.format(t="r") + " FROM messagesend s JOIN messagerecv r ON r.id = s.msg_id "
+    "r.body, " + _TS_SQL.format(t="r") + ", r.kind, r.ref, r.recalled, r.edited FROM messagesend s JOIN messagerecv r ON r.id = s.msg_id "
     "WHERE s.status <> 'delivered' AND s.updated_at <= now() - make_interval(secs => %s) "
     "AND s.updated_at >= now() - make_interval(secs => %s) "
     "AND (s.updated_at, s.user_id, s.msg_id) > (%s::timestamptz, %s, %s::bigint) "
@@ -159,10 +162,10 @@ STALE_SQL = (
 #: the messages of a user's sessions stored since a time, newest ``per_session`` of each session
 #: at most (a re-sync honouring ``since``): backwards on messagerecv_session_seq per session
 RECENT_SQL = (
-    "SELECT r.id, r.session_id, r.seq, r.sender_id, r.client_msg_id, r.body, r.ts "
-    "FROM session_member m CROSS JOIN LATERAL ("
-    "SELECT r.id, r.session_id, r.seq, r.sender_id, r.client_msg_id, r.body, r.created_at, "
-    + _TS_SQL.format(t="r") + " AS ts FROM messagerecv r WHERE r.session_id = m.session_id "
+    "SELECT r.id, r.session_id, r.seq, r.sender_id, r.client_msg_id, r.body, r.ts, r.kind, r.ref, r.recalled, "
+    "r.edited FROM session_member m CROSS JOIN LATERAL ("
+    "SELECT r.id, r.session_id, r.seq, r.sender_id, r.client_msg_id, r.body, r.created_at, r.kind, r.ref, "
+    "r.recalled, r.edited, " + _TS_SQL.format(t="r") + " AS ts FROM messagerecv r WHERE r.session_id = m.session_id "
     "ORDER BY r.seq DESC LIMIT %s) r "
     "WHERE m.user_id = %s AND r.created_at >= to_timestamp(%s / 1000.0) "
     'ORDER BY r.session_id COLLATE "C", r.seq LIMIT %s')
@@ -528,9 +531,9 @@ class MessageStore:
         after_sid, after_seq = ("", 0) if after is None else (str(after[0]), int(after[1]))
         d = self.db.run_query(UNDELIVERED_SQL, (user_id, after_sid, after_seq, max(1, int(limit))))
         return d.addCallback(lambda rows: [
-            {"msgId": str(msg_id), "sessionId": sid, "seq": seq, "from": sender,
-             "clientMsgId": cmid, "body": body, "ts": ts}
-            for msg_id, sid, seq, sender, cmid, body, ts in rows])
+            entry_fields({"msgId": str(msg_id), "sessionId": sid, "seq": seq, "from": sender,
+                          "clientMsgId": cmid, "body": body, "ts": ts}, kind, ref, recalled, edited)
+            for msg_id, sid, seq, sender, cmid, body, ts, kind, ref, recalled, edited in rows])
 
     @_store_errors
     def recent_messages(self, user_id: str, since_ms: int, per_session: int, limit: int) -> defer.Deferred:
@@ -546,9 +549,9 @@ class MessageStore:
             return defer.succeed([])
         d = self.db.run_query(RECENT_SQL, (max(1, int(per_session)), user_id, int(since_ms), max(1, int(limit))))
         return d.addCallback(lambda rows: [
-            {"msgId": str(msg_id), "sessionId": sid, "seq": seq, "from": sender,
-             "clientMsgId": cmid, "body": body, "ts": ts}
-            for msg_id, sid, seq, sender, cmid, body, ts in rows])
+            entry_fields({"msgId": str(msg_id), "sessionId": sid, "seq": seq, "from": sender,
+                          "clientMsgId": cmid, "body": body, "ts": ts}, kind, ref, recalled, edited)
+            for msg_id, sid, seq, sender, cmid, body, ts, kind, ref, recalled, edited in rows])
 
     @_store_errors
     def stale_undelivered(self, after: Sequence[Any] | None, age: float, horizon: float,
@@ -565,9 +568,10 @@ class MessageStore:
         cursor = ("-infinity", "", 0) if after is None else (str(after[0]), str(after[1]), int(after[2]))
         d = self.db.run_query(STALE_SQL, (float(age), float(horizon), *cursor, max(1, int(limit))))
         return d.addCallback(lambda rows: [
-            {"userId": user, "cursor": [ts_text, user, msg_id], "msgId": str(msg_id), "sessionId": sid,
-             "seq": seq, "from": sender, "clientMsgId": cmid, "body": body, "ts": ts}
-            for ts_text, user, msg_id, sid, seq, sender, cmid, body, ts in rows])
+            entry_fields({"userId": user, "cursor": [ts_text, user, msg_id], "msgId": str(msg_id), "sessionId": sid,
+                          "seq": seq, "from": sender, "clientMsgId": cmid, "body": body, "ts": ts},
+                         kind, ref, recalled, edited)
+            for ts_text, user, msg_id, sid, seq, sender, cmid, body, ts, kind, ref, recalled, edited in rows])
 
     # -- sessions ------------------------------------------------------------------
 
@@ -607,13 +611,26 @@ class MessageStore:
                 raise StoreError("not_member", "not a member of this session")
             if user_id is not None and not rows[0][1]:
                 raise StoreError("not_member", "not a member of this session")
+            # in a 1:1 session the requester's own messages say whether the other user
+            # acknowledged them (PROTOCOL.md 1.1 "Delivery state of one's own messages")
+            p2p = user_id is not None and session_id.startswith(P2P_PREFIX)
             rows = await self.db.run_query(
-                "SELECT id, seq, sender_id, client_msg_id, body, ts FROM ("
-                "SELECT r.id, r.seq, r.sender_id, r.client_msg_id, r.body, " + _TS_SQL.format(t="r")
+                "SELECT id, seq, sender_id, client_msg_id, body, ts, kind, ref, recalled, edited, "
+                + ("CASE WHEN sender_id = %s AND kind = 'message' THEN EXISTS (SELECT 1 FROM messagesend s "
+                   "WHERE s.msg_id = page.id AND s.status = 'delivered') END " if p2p else "NULL ")
+                + "FROM (SELECT r.id, r.seq, r.sender_id, r.client_msg_id, r.body, r.kind, r.ref, r.recalled, "
+                "r.edited, " + _TS_SQL.format(t="r")
                 + " AS ts FROM messagerecv r WHERE r.session_id = %s AND r.seq < %s "
-                "ORDER BY r.seq DESC LIMIT %s) page ORDER BY seq", (session_id, before, limit))
-            return [{"msgId": str(msg_id), "seq": seq, "from": sender, "clientMsgId": cmid,
-                     "body": body, "ts": ts} for msg_id, seq, sender, cmid, body, ts in rows]
+                "ORDER BY r.seq DESC LIMIT %s) page ORDER BY seq",
+                ((user_id,) if p2p else ()) + (session_id, before, limit))
+            out = []
+            for msg_id, seq, sender, cmid, body, ts, kind, ref, recalled, edited, delivered in rows:
+                entry = entry_fields({"msgId": str(msg_id), "seq": seq, "from": sender, "clientMsgId": cmid,
+                                      "body": body, "ts": ts}, kind, ref, recalled, edited)
+                if delivered is not None:
+                    entry["delivered"] = delivered
+                out.append(entry)
+            return out
 
         return defer.Deferred.fromCoroutine(run())
 
@@ -775,15 +792,259 @@ class MessageStore:
 
         ``unread``: messages above the user's read cursor that the user did
         not send (``seq`` is gap-free, so ``last_seq - read_seq`` minus the
-        user's own, counted on ``messagerecv_session_sender_seq``).
+        user's own, counted on ``messagerecv_session_sender_seq``, and minus
+        the events, counted on ``messagerecv_session_events``: events never
+        count as unread).
         """
         if not valid_user_id(user_id):
             return defer.succeed([])
         d = self.db.run_query(
             "SELECT s.id, s.kind, s.last_seq, (s.last_seq - m.read_seq) - ("
             "SELECT count(*) FROM messagerecv r WHERE r.session_id = s.id AND r.sender_id = m.user_id "
+            "AND r.seq > m.read_seq AND r.kind = 'message') - ("
+            "SELECT count(*) FROM messagerecv r WHERE r.session_id = s.id AND r.kind <> 'message' "
             "AND r.seq > m.read_seq) FROM session_member m JOIN session s ON s.id = m.session_id "
             'WHERE m.user_id = %s ORDER BY s.id COLLATE "C"', (user_id,))
         return d.addCallback(lambda rows: [
             {"sessionId": sid, "kind": kind, "lastSeq": last_seq, "unread": unread}
             for sid, kind, last_seq, unread in rows])
+
+    # -- events in the session's order (PROTOCOL.md 1.1) ----------------------------
+
+    @_store_errors
+    def store_event(self, event: Event) -> defer.Deferred:
+        """Store a ``recall``, ``edit`` or ``members`` event as the session's next entry.
+
+        Fires with ``(stored, members)``: the event's :class:`Stored` (its
+        ``recipients`` the members but the sender, and for ``members`` the
+        users it removes too: their last entry of the session) and the
+        session's members after it. ``stored`` is None for a membership
+        change that changes nothing. The same ``(sender, client_msg_id)``
+        again is answered as a duplicate (``recipients``: those who have
+        not acknowledged it), so a window run again stores nothing twice.
+
+        One transaction of its own, a few round trips (events are rare; the
+        messages' window transaction stays as it is): the session row is
+        locked ``FOR UPDATE`` first, as :meth:`begin_window` does, so the
+        event takes the next ``seq`` in order with the messages, and the
+        members it reads are those of that ``seq``. A recall erases the
+        original's body (null) and sets ``recalled``; an edit writes the
+        new body in the original and sets ``edited``. :class:`StoreError`:
+        ``no_message``, ``not_allowed``, ``no_session``, ``not_member``,
+        ``bad_request``, ``too_large``.
+        """
+        if not valid_user_id(event.sender) or not valid_client_msg_id(event.client_msg_id):
+            return defer.fail(StoreError("bad_request", "bad sender or key"))
+        body = storable_json(event.body)
+        if body is None:
+            return defer.fail(StoreError("bad_request", "body is not storable JSON"))
+        now_ms = int(self.clock.seconds() * 1000)
+        return self.db.run_interaction(self._event_in, event, body, now_ms, idempotent=True)
+
+    async def _event_in(self, cursor: Any, ev: Event, body: str, now_ms: int) -> tuple:
+        ts = ev.ts_ms if ev.ts_ms is not None else now_ms
+        await cursor.execute(
+            "SELECT r.id, r.session_id, r.seq, " + _TS_SQL.format(t="r") + ", r.body, r.kind, r.ref, "
+            "ARRAY(SELECT s.user_id FROM messagesend s WHERE s.msg_id = r.id AND s.status <> 'delivered' "
+            'ORDER BY s.user_id COLLATE "C") FROM messagerecv r WHERE r.sender_id = %s AND r.client_msg_id = %s',
+            (ev.sender, ev.client_msg_id))
+        row = cursor.fetchone()
+        if row is not None:
+            msg_id, sid, seq, rts, rbody, kind, ref, pending = row
+            if kind != ev.kind or (ev.ref is not None and str(ref) != str(parse_msg_id(ev.ref))):
+                raise StoreError(NOT_ALLOWED, "this key names another entry of this sender")
+            await cursor.execute('SELECT ARRAY(SELECT user_id FROM session_member WHERE session_id = %s '
+                                 'ORDER BY user_id COLLATE "C")', (sid,))
+            members = cursor.fetchone()[0]
+            return (Stored(str(msg_id), sid, seq, rts, ev.sender, ev.client_msg_id, rbody, list(pending),
+                           duplicate=True, kind=kind, ref=None if ref is None else str(ref)), members)
+
+        target = None
+        if ev.kind in (RECALL, EDIT):
+            target = parse_msg_id(ev.ref)
+            if target is None:
+                raise StoreError(NO_MESSAGE, "no such message")
+            await cursor.execute("SELECT session_id FROM messagerecv WHERE id = %s", (target,))
+            row = cursor.fetchone()
+            if row is None or (ev.session_id is not None and row[0] != ev.session_id):
+                raise StoreError(NO_MESSAGE, "no such message")
+            session_id = row[0]
+        else:
+            session_id = ev.session_id
+            if not valid_session_id(session_id):
+                raise StoreError("no_session", "no such session")
+        # the session's lock: this event's seq, in order with the messages' windows
+        await cursor.execute(
+            "SELECT kind, last_seq, ARRAY(SELECT user_id FROM session_member WHERE session_id = s.id "
+            'ORDER BY user_id COLLATE "C") FROM session s WHERE id = %s FOR UPDATE', (session_id,))
+        row = cursor.fetchone()
+        if row is None:
+            if target is not None:
+                raise StoreError(NO_MESSAGE, "no such message")
+            raise StoreError("no_session", "no such session")
+        session_kind, last_seq, members = row
+        members = list(members)
+        after = members
+        removed: list[str] = []
+        event_body = body
+        if target is not None:
+            if not ev.trusted and ev.sender not in members:
+                raise StoreError(NO_MESSAGE, "no such message")
+            await cursor.execute(
+                "SELECT sender_id, kind, recalled, " + _TS_SQL.format(t="r") + " FROM messagerecv r WHERE id = %s",
+                (target,))
+            sender, kind, recalled, target_ts = cursor.fetchone()
+            what = "recalled" if ev.kind == RECALL else "edited"
+            if kind != MESSAGE_KIND:
+                raise StoreError(NOT_ALLOWED, f"an event cannot be {what}")
+            if not ev.trusted and sender != ev.sender:
+                raise StoreError(NOT_ALLOWED, f"only its sender may have a message {what}")
+            if recalled:
+                raise StoreError(NOT_ALLOWED, "the message is recalled")
+            if ev.window is not None and ts - target_ts > ev.window * 1000:
+                raise StoreError(NOT_ALLOWED, f"a message may be {what} within {ev.window:g} s of its ts")
+            if ev.kind == RECALL:
+                event_body = "null"
+        else:
+            add, remove = check_member_change(ev.add, ev.remove)
+            if session_kind == "p2p" and (add or remove):
+                raise StoreError("bad_request", "the members of a p2p session do not change")
+            added = [u for u in add if u not in members]
+            removed = [u for u in remove if u in members]
+            after = sorted((set(members) | set(added)) - set(removed), key=bytes_key)
+            if len(after) > self.max_group_size:
+                raise StoreError("too_large", f"a session has at most {self.max_group_size} members")
+            if not added and not removed:
+                return None, members
+            if removed:
+                await cursor.execute("DELETE FROM session_member WHERE session_id = %s AND user_id = ANY(%s)",
+                                     (session_id, removed))
+            if added:
+                await cursor.execute(
+                    "INSERT INTO session_member (session_id, user_id) SELECT %s, u FROM unnest(%s::text[]) u "
+                    "ON CONFLICT DO NOTHING", (session_id, added))
+            event_body = storable_json({"added": added, "removed": removed})
+        # a removed member gets the event that removes it, and nothing after it
+        recipients = sorted({u for u in list(after) + removed if u != ev.sender}, key=bytes_key)
+        seq = last_seq + 1
+        await cursor.execute(
+            "WITH upd AS (UPDATE session SET last_seq = %s WHERE id = %s RETURNING id), "
+            "ins AS (INSERT INTO messagerecv (session_id, seq, sender_id, client_msg_id, body, created_at, kind, ref) "
+            "VALUES (%s, %s, %s, %s, %s::jsonb, timestamptz 'epoch' + %s::bigint * interval '1 millisecond', %s, %s) "
+            "RETURNING id), "
+            "snd AS (INSERT INTO messagesend (user_id, msg_id, session_id, seq) "
+            "SELECT u, ins.id, %s, %s FROM ins, unnest(%s::text[]) u RETURNING 1) "
+            "SELECT id FROM ins",
+            (seq, session_id, session_id, seq, ev.sender, ev.client_msg_id, event_body, ts, ev.kind, target,
+             session_id, seq, recipients))
+        msg_id = cursor.fetchone()[0]
+        if ev.kind == RECALL:
+            await cursor.execute("UPDATE messagerecv SET body = 'null'::jsonb, recalled = true WHERE id = %s",
+                                 (target,))
+        elif ev.kind == EDIT:
+            await cursor.execute("UPDATE messagerecv SET body = %s::jsonb, edited = true WHERE id = %s",
+                                 (body, target))
+        stored_body = None if ev.kind == RECALL else (ev.body if ev.kind == EDIT else
+                                                       {"added": added, "removed": removed})
+        return (Stored(str(msg_id), session_id, seq, ts, ev.sender, ev.client_msg_id, stored_body, recipients,
+                       kind=ev.kind, ref=None if target is None else str(target)), after)
+
+    @_store_errors
+    def create_session_with_event(self, creator: str, members: Iterable[str], session_id: str | None = None,
+                                  client_msg_id: str | None = None, ts_ms: int | None = None) -> defer.Deferred:
+        """:meth:`create_session` (a group, by a user) with its ``members`` event as ``seq`` 1.
+
+        Fires with ``(session_id, members, stored)``: the event's
+        :class:`Stored` (``{"added": members}`` from the creator, to every
+        other member), None for a ``p2p:`` session (its members never
+        change, and it exists implicitly). One transaction.
+        """
+        try:
+            session_id, kind, everyone = check_new_session(creator, members, session_id, "group",
+                                                             self.max_group_size)
+        except StoreError as e:
+            return defer.fail(e)
+        rows = [(session_id, u, "owner" if u == creator else "member") for u in everyone]
+        ts = ts_ms if ts_ms is not None else int(self.clock.seconds() * 1000)
+        cmid = client_msg_id or f"members:{uuid_hex()}"
+
+        async def create(cursor: Any) -> tuple:
+            created = await self._insert_session(cursor, session_id, kind, rows)
+            if not created:
+                raise StoreError("conflict", f"session {session_id} exists")
+            if kind == "p2p":
+                return session_id, everyone, None
+            recipients = [u for u in everyone if u != creator]
+            body = {"added": everyone, "removed": []}
+            await cursor.execute(
+                "WITH upd AS (UPDATE session SET last_seq = 1 WHERE id = %s RETURNING id), "
+                "ins AS (INSERT INTO messagerecv (session_id, seq, sender_id, client_msg_id, body, created_at, kind) "
+                "VALUES (%s, 1, %s, %s, %s::jsonb, timestamptz 'epoch' + %s::bigint * interval '1 millisecond', "
+                "'members') RETURNING id), "
+                "snd AS (INSERT INTO messagesend (user_id, msg_id, session_id, seq) "
+                "SELECT u, ins.id, %s, 1 FROM ins, unnest(%s::text[]) u RETURNING 1) SELECT id FROM ins",
+                (session_id, session_id, creator, cmid, storable_json(body), ts, session_id, recipients))
+            msg_id = cursor.fetchone()[0]
+            return session_id, everyone, Stored(str(msg_id), session_id, 1, ts, creator, cmid, body, recipients,
+                                                kind=MEMBERS)
+
+        # not idempotent: run again after a lost commit it would report a conflict with itself
+        return self.db.run_interaction(create, idempotent=False)
+
+    @_store_errors
+    def mark_delivered_receipts(self, acks: Iterable[tuple[str, Iterable[Any]]]) -> defer.Deferred:
+        """:meth:`mark_delivered`, also saying which rows of ``p2p:`` sessions became delivered.
+
+        Fires with ``(count, receipts)``: ``receipts`` is
+        ``[{"sessionId", "userId" (who acknowledged), "msgIds"}]`` for the
+        1:1 sessions' rows that this statement moved to ``delivered`` (the
+        senders' ``delivery_receipt``, PROTOCOL.md 1.1). Same single UPDATE
+        (same lock order) as :meth:`mark_delivered`, with its rows counted
+        and the 1:1 ones returned in one answer.
+        """
+        users, ids = sorted_pairs((user, msg_id) for user, msg_ids in acks for msg_id in msg_ids)
+        if not users:
+            return defer.succeed((0, []))
+        d = self.db.run_query(
+            "WITH u AS (UPDATE messagesend m SET status = 'delivered', updated_at = now() "
+            "FROM unnest(%s::text[], %s::bigint[]) AS a(user_id, msg_id) "
+            "WHERE m.user_id = a.user_id AND m.msg_id = a.msg_id AND m.status <> 'delivered' "
+            "RETURNING m.user_id, m.msg_id, m.session_id, m.seq) "
+            "SELECT (SELECT count(*) FROM u), (SELECT json_agg(json_build_array(session_id, user_id, msg_id::text) "
+            "ORDER BY session_id, seq) FROM u WHERE session_id LIKE 'p2p:%%')", (users, ids), idempotent=True)
+
+        def shape(rows: list) -> tuple[int, list[dict]]:
+            count, found = rows[0]
+            receipts: dict[tuple[str, str], list[str]] = {}
+            for sid, user, msg_id in found or ():
+                receipts.setdefault((sid, user), []).append(msg_id)
+            return count, [{"sessionId": sid, "userId": user, "msgIds": ids}
+                           for (sid, user), ids in receipts.items()]
+
+        return d.addCallback(shape)
+
+    @_store_errors
+    def read_cursors(self, session_id: str) -> defer.Deferred:
+        """Every member's read cursor: ``[{"userId", "seq"}]`` by user id (GET /v1/sessions/{id}/read).
+
+        A ``p2p:`` session not created yet: both users at 0. :class:`StoreError` ``no_session``.
+        """
+        if not valid_session_id(session_id):
+            return defer.fail(StoreError("no_session", "no such session"))
+
+        def shape(rows: list) -> list[dict]:
+            if not rows:
+                pair = parse_p2p(session_id)
+                if pair is None:
+                    raise StoreError("no_session", "no such session")
+                return [{"userId": u, "seq": 0} for u in pair]
+            return [{"userId": u, "seq": seq} for u, seq in rows if u is not None]
+
+        return self.db.run_query(
+            "SELECT m.user_id, m.read_seq FROM session s LEFT JOIN session_member m ON m.session_id = s.id "
+            'WHERE s.id = %s ORDER BY m.user_id COLLATE "C"', (session_id,)).addCallback(shape)
+
+
+def uuid_hex() -> str:
+    import uuid
+    return uuid.uuid4().hex

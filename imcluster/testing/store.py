@@ -183,7 +183,8 @@ class FakeStore:
                  "clientMsgId": row["client_msg_id"], "body": self._copy(row["body"]), "ts": row["ts"]}
         if not with_session:
             del frame["sessionId"]
-        return frame
+        return _st.entry_fields(frame, row.get("kind"), row.get("ref"), row.get("recalled", False),
+                                row.get("edited", False))
 
     def undelivered_page(self, user_id, after, limit):
         def page():
@@ -238,7 +239,15 @@ class FakeStore:
             before = _st.BIGINT_MAX if before_seq is None else int(before_seq)
             rows = sorted((row["seq"], i) for i, row in self.messages.items()
                           if row["session_id"] == session_id and row["seq"] < before)
-            return [self._frame(i, with_session=False) for _, i in rows[-n:]]
+            out = []
+            for _, i in rows[-n:]:
+                entry = self._frame(i, with_session=False)
+                row = self.messages[i]
+                if (user_id is not None and session_id.startswith(_st.P2P_PREFIX) and row["sender"] == user_id
+                        and row.get("kind", "message") == "message"):
+                    entry["delivered"] = any(st == "delivered" for (u, m), st in self.sends.items() if m == i)
+                out.append(entry)
+            return out
         return self._call("history", page)
 
     def read(self, user_id, session_id, seq):
@@ -308,8 +317,144 @@ class FakeStore:
                     continue
                 read_seq = session["members"][user_id]["read_seq"]
                 unread = sum(1 for row in self.messages.values()
-                             if row["session_id"] == sid and row["seq"] > read_seq and row["sender"] != user_id)
+                             if row["session_id"] == sid and row["seq"] > read_seq and row["sender"] != user_id
+                             and row.get("kind", "message") == "message")
                 out.append({"sessionId": sid, "kind": session["kind"], "lastSeq": session["last_seq"],
                             "unread": unread})
             return out
         return self._call("user_sessions", listing)
+
+    # -- events in the session's order (PROTOCOL.md 1.1)
+    def store_event(self, event):
+        return self._call("store_event", self._event, event)
+
+    def _event(self, ev):
+        if not _st.valid_user_id(ev.sender) or not _st.valid_client_msg_id(ev.client_msg_id):
+            raise _st.StoreError("bad_request", "bad sender or key")
+        if _st.storable_json(ev.body) is None:
+            raise _st.StoreError("bad_request", "body is not storable JSON")
+        ts = ev.ts_ms if ev.ts_ms is not None else self.now_ms
+        key = (ev.sender, ev.client_msg_id)
+        if key in self.by_key:
+            i = self.by_key[key]
+            row = self.messages[i]
+            if row.get("kind", "message") != ev.kind or (
+                    ev.ref is not None and str(row.get("ref")) != str(_st.parse_msg_id(ev.ref))):
+                raise _st.StoreError("not_allowed", "this key names another entry of this sender")
+            pending = sorted((u for (u, m), st in self.sends.items() if m == i and st != "delivered"), key=str.encode)
+            stored = _st.Stored(str(i), row["session_id"], row["seq"], row["ts"], ev.sender, ev.client_msg_id,
+                                self._copy(row["body"]), pending, duplicate=True, kind=row["kind"],
+                                ref=None if row.get("ref") is None else str(row["ref"]))
+            return stored, sorted(self.sessions[row["session_id"]]["members"], key=str.encode)
+        target = None
+        if ev.kind in ("recall", "edit"):
+            target = _st.parse_msg_id(ev.ref)
+            row = self.messages.get(target)
+            if row is None or (ev.session_id is not None and row["session_id"] != ev.session_id):
+                raise _st.StoreError("no_message", "no such message")
+            session_id = row["session_id"]
+            session = self.sessions[session_id]
+            if not ev.trusted and ev.sender not in session["members"]:
+                raise _st.StoreError("no_message", "no such message")
+            what = "recalled" if ev.kind == "recall" else "edited"
+            if row.get("kind", "message") != "message":
+                raise _st.StoreError("not_allowed", f"an event cannot be {what}")
+            if not ev.trusted and row["sender"] != ev.sender:
+                raise _st.StoreError("not_allowed", f"only its sender may have a message {what}")
+            if row.get("recalled"):
+                raise _st.StoreError("not_allowed", "the message is recalled")
+            if ev.window is not None and ts - row["ts"] > ev.window * 1000:
+                raise _st.StoreError("not_allowed", f"a message may be {what} within {ev.window:g} s of its ts")
+            members = sorted(session["members"], key=str.encode)
+            removed = []
+            body = None if ev.kind == "recall" else ev.body
+        else:
+            session_id = ev.session_id
+            session = self.sessions.get(session_id)
+            if session is None:
+                raise _st.StoreError("no_session", "no such session")
+            add, remove = _st.check_member_change(ev.add, ev.remove)
+            if session["kind"] == "p2p" and (add or remove):
+                raise _st.StoreError("bad_request", "the members of a p2p session do not change")
+            added = [u for u in add if u not in session["members"]]
+            removed = [u for u in remove if u in session["members"]]
+            after = (set(session["members"]) | set(added)) - set(removed)
+            if len(after) > self.max_group_size:
+                raise _st.StoreError("too_large", f"a session has at most {self.max_group_size} members")
+            if not added and not removed:
+                return None, sorted(session["members"], key=str.encode)
+            for u in removed:
+                session["members"].pop(u)
+            for u in added:
+                session["members"][u] = {"role": "member", "read_seq": 0}
+            members = sorted(session["members"], key=str.encode)
+            body = {"added": added, "removed": removed}
+        recipients = sorted({u for u in members + removed if u != ev.sender}, key=str.encode)
+        session["last_seq"] += 1
+        msg_id, self._next_id = self._next_id, self._next_id + 1
+        self.messages[msg_id] = {"session_id": session_id, "seq": session["last_seq"], "sender": ev.sender,
+                                 "client_msg_id": ev.client_msg_id, "body": self._copy(body), "ts": ts,
+                                 "kind": ev.kind, "ref": target}
+        self.by_key[key] = msg_id
+        for u in recipients:
+            self.sends[(u, msg_id)] = "pending"
+        if ev.kind == "recall":
+            self.messages[target].update(body=None, recalled=True)
+        elif ev.kind == "edit":
+            self.messages[target].update(body=self._copy(ev.body), edited=True)
+        return (_st.Stored(str(msg_id), session_id, session["last_seq"], ts, ev.sender, ev.client_msg_id, body,
+                           recipients, kind=ev.kind, ref=None if target is None else str(target)), members)
+
+    def create_session_with_event(self, creator, members, session_id=None, client_msg_id=None, ts_ms=None):
+        def create():
+            sid, k, everyone = _st.check_new_session(creator, members, session_id, "group", self.max_group_size)
+            if sid in self.sessions:
+                raise _st.StoreError("conflict", f"session {sid} exists")
+            self.sessions[sid] = {"kind": k, "last_seq": 0, "members": {
+                u: {"role": "owner" if u == creator else "member", "read_seq": 0} for u in everyone}}
+            if k == "p2p":
+                return sid, everyone, None
+            import uuid
+            cmid = client_msg_id or f"members:{uuid.uuid4().hex}"
+            ts = ts_ms if ts_ms is not None else self.now_ms
+            body = {"added": everyone, "removed": []}
+            self.sessions[sid]["last_seq"] = 1
+            msg_id, self._next_id = self._next_id, self._next_id + 1
+            self.messages[msg_id] = {"session_id": sid, "seq": 1, "sender": creator, "client_msg_id": cmid,
+                                     "body": self._copy(body), "ts": ts, "kind": "members", "ref": None}
+            self.by_key[(creator, cmid)] = msg_id
+            recipients = [u for u in everyone if u != creator]
+            for u in recipients:
+                self.sends[(u, msg_id)] = "pending"
+            return sid, everyone, _st.Stored(str(msg_id), sid, 1, ts, creator, cmid, body, recipients,
+                                             kind="members")
+        return self._call("create_session_with_event", create)
+
+    def mark_delivered_receipts(self, acks):
+        def mark():
+            users, ids = _st.sorted_pairs((user, m) for user, msg_ids in acks for m in msg_ids)
+            changed, receipts = 0, {}
+            for key in zip(users, ids):
+                current = self.sends.get(key)
+                if current is None or current == "delivered":
+                    continue
+                self.sends[key] = "delivered"
+                changed += 1
+                row = self.messages[key[1]]
+                if row["session_id"].startswith(_st.P2P_PREFIX):
+                    receipts.setdefault((row["session_id"], key[0]), []).append((row["seq"], str(key[1])))
+            return changed, [{"sessionId": sid, "userId": u, "msgIds": [m for _, m in sorted(v)]}
+                             for (sid, u), v in sorted(receipts.items())]
+        return self._call("mark_delivered_receipts", mark)
+
+    def read_cursors(self, session_id):
+        def cursors():
+            session = self.sessions.get(session_id)
+            if session is None:
+                pair = _st.parse_p2p(session_id) if isinstance(session_id, str) else None
+                if pair is None:
+                    raise _st.StoreError("no_session", "no such session")
+                return [{"userId": u, "seq": 0} for u in pair]
+            return [{"userId": u, "seq": session["members"][u]["read_seq"]}
+                    for u in sorted(session["members"], key=str.encode)]
+        return self._call("read_cursors", cursors)

@@ -22,14 +22,19 @@ from imcluster.processor.handlers.message import MessageHandler
 from imcluster.processor.handlers.read import ReadHandler
 from imcluster.processor.handlers.session_create import SessionCreateHandler
 from imcluster.processor.handlers.sync import Syncer
+from imcluster.processor.handlers.recall import RecallHandler
+from imcluster.processor.handlers.edit import EditHandler
+from imcluster.processor.handlers.members import MembersHandler
 
 #: frame type -> its handler, in stage order
 HANDLERS: dict[str, Handler] = {h.type: h for h in (
     MessageHandler(), AckHandler(), HistoryHandler(), ReadHandler(), SessionCreateHandler(),
+    # 1.1 events: stored after the window's messages, delivered after them (events.py)
+    RecallHandler(), EditHandler(), MembersHandler(),
 )}
 
 #: item kinds that are not frames of a window -> the class that answers them
 ITEM_HANDLERS: dict[str, type] = {"sync": Syncer}
 
 __all__ = ["HANDLERS", "ITEM_HANDLERS", "Syncer", "AckHandler", "Handler", "HistoryHandler", "MessageHandler", "ReadHandler",
-           "SessionCreateHandler"]
+           "SessionCreateHandler", "RecallHandler", "EditHandler", "MembersHandler"]

@@ -33,10 +33,16 @@ if TYPE_CHECKING:
 
 
 def message_send(stored: Any) -> dict:
-    """The ``message_send`` frame of a stored message."""
-    return {"type": "message_send", "msgId": stored.msg_id, "sessionId": stored.session_id,
-            "seq": stored.seq, "from": stored.sender, "clientMsgId": stored.client_msg_id,
-            "body": stored.body, "ts": stored.ts_ms}
+    """The ``message_send`` frame of a stored message (an event's has ``kind`` and ``ref``, PROTOCOL.md 1.1)."""
+    frame = {"type": "message_send", "msgId": stored.msg_id, "sessionId": stored.session_id,
+             "seq": stored.seq, "from": stored.sender, "clientMsgId": stored.client_msg_id,
+             "body": stored.body, "ts": stored.ts_ms}
+    kind = getattr(stored, "kind", "message")
+    if kind != "message":
+        frame["kind"] = kind
+        if stored.ref is not None:
+            frame["ref"] = stored.ref
+    return frame
 
 
 def _message_reply_ok(stored: Any) -> dict:
