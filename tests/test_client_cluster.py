@@ -211,8 +211,11 @@ async def test_long_polling_client_chats_with_a_websocket_client(cluster):
         await within(defer.gatherResults([alice.stop(), bob.stop()]))
 
 
-@pytest.mark.skipif(not {"recall", "typing", "presence_subscribe"} <= CLIENT_TYPES,
-                    reason="the server side of PROTOCOL.md 1.1 is not in this tree yet")
+#: typing and live presence (PROTOCOL.md 1.1) are in the tree: their steps run
+LIVE = {"typing", "presence_subscribe"} <= CLIENT_TYPES
+
+
+@pytest.mark.skipif("recall" not in CLIENT_TYPES, reason="the server side of PROTOCOL.md 1.1 is not in this tree yet")
 @pytest_twisted.ensureDeferred
 async def test_version_1_1_features_between_two_gateways(cluster):
     """The Python client would miss what version 1.1 adds: recall and edit (also in history), typing,
@@ -228,10 +231,12 @@ async def test_version_1_1_features_between_two_gateways(cluster):
     bob = make_client([f"tcp://127.0.0.1:{gw2.tcp_port}"], cluster, "bob", b_in)
     try:
         await within(alice.start())
-        reply = await within(alice.subscribe_presence(["bob"]))
-        assert reply["users"][0]["online"] is False
+        if LIVE:
+            reply = await within(alice.subscribe_presence(["bob"]))
+            assert reply["users"][0]["online"] is False
         await within(bob.start())
-        await eventually(lambda: alice.presence.get("bob", {}).get("online") is True, 6.0, "bob online")
+        if LIVE:
+            await eventually(lambda: alice.presence.get("bob", {}).get("online") is True, 6.0, "bob online")
 
         sent = await within(alice.send(session, {"text": "meet at 10"}))
         await eventually(lambda: b_in.frames, what="bob received")
@@ -240,9 +245,10 @@ async def test_version_1_1_features_between_two_gateways(cluster):
         page = await within(alice.history(session))
         assert page[-1]["delivered"] is True
 
-        assert bob.typing(session) is True and bob.typing(session) is False  # throttled
-        await eventually(lambda: a_typing, 5.0, "typing forwarded")
-        assert a_typing[0]["userId"] == "bob" and a_typing[0]["sessionId"] == session
+        if LIVE:
+            assert bob.typing(session) is True and bob.typing(session) is False  # throttled
+            await eventually(lambda: a_typing, 5.0, "typing forwarded")
+            assert a_typing[0]["userId"] == "bob" and a_typing[0]["sessionId"] == session
 
         edited = await within(alice.edit(sent["msgId"], {"text": "meet at 11"}))
         oops = await within(alice.send(session, {"text": "wrong chat"}))
@@ -269,7 +275,8 @@ async def test_version_1_1_features_between_two_gateways(cluster):
         assert after["seq"] == recalled["seq"] + 1 and alice.connections == 1
 
         await within(bob.stop())
-        await eventually(lambda: alice.presence["bob"]["online"] is False, 6.0, "bob offline")
-        assert [p["online"] for p in a_presence] == [False, True, False]
+        if LIVE:
+            await eventually(lambda: alice.presence["bob"]["online"] is False, 6.0, "bob offline")
+            assert [p["online"] for p in a_presence] == [False, True, False]
     finally:
         await within(defer.gatherResults([alice.stop(), bob.stop()]))
