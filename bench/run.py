@@ -525,7 +525,7 @@ def _scenario_params(args: argparse.Namespace) -> dict[str, dict]:
     return {
         "echo": {"conns": 200, "window": 32, "warmup": 2, "seconds": min(d, 10)},
         "conn": {"n": args.conns},
-        "p2p-latency": {"pairs": 200, "rate": 1000, "seconds": d, "drain": 30},
+        "p2p-latency": {"pairs": 200, "rate": args.p2p_rate, "seconds": d, "drain": 30},
         "p2p-throughput": {"pairs": 200, "window": 32, "warmup": 3, "seconds": d, "drain": 60},
         "fanout": {"members": args.members, "senders": 5, "rate": 50, "windows": [16, 32, 64], "warmup": 3,
                    "seconds": d, "drain": 60},
@@ -861,6 +861,7 @@ def main(argv=None) -> int:
     parser.add_argument("--members", type=int, default=100, help="fanout: group size")
     parser.add_argument("--backlog", type=int, default=10000, help="sync: undelivered messages")
     parser.add_argument("--duration", type=float, default=15.0, help="seconds each measured phase runs")
+    parser.add_argument("--p2p-rate", type=int, default=1000, help="p2p-latency: messages per second sent")
     parser.add_argument("--processors", type=int, default=1, help="processes running improcessor")
     parser.add_argument("--peer", choices=sorted(PEERS),
                         help="also run the scenarios on this reference peer (bench/peers/), right after ours")

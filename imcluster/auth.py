@@ -105,6 +105,28 @@ class AuthError(Exception):
         return self.message
 
 
+class TokenRevoked(AuthError):
+    """The token was issued before its user's revocation (HTTP-API.md revoke): ``token_revoked``."""
+
+    def __init__(self, message: str = "this token was revoked; get a new one") -> None:
+        super().__init__("token_revoked", message)
+
+
+def is_revoked(claims: Any, not_before_ms: Any) -> bool:
+    """Whether a token with ``claims`` falls under a revocation at ``not_before_ms`` (None: none).
+
+    Refused: ``iat`` before ``notBefore`` (``iat`` is in seconds, often whole:
+    a token issued in the same second as the revoke is refused too), and a
+    token without a usable ``iat`` (nothing says it is newer).
+    """
+    if not_before_ms is None:
+        return False
+    iat = claims.get("iat") if isinstance(claims, dict) else None
+    if not isinstance(iat, (int, float)) or isinstance(iat, bool):
+        return True
+    return iat * 1000 < not_before_ms
+
+
 def load_public_key(pem: bytes | str) -> Any:
     """A ``cryptography`` public key from a PEM public key or X.509 certificate; ValueError otherwise."""
     data = pem.encode("ascii") if isinstance(pem, str) else pem

@@ -174,6 +174,14 @@ class BusNames:
         """``<ns>.dead``: durable, bound to the fanout ``<ns>.dlx``."""
         return QueueSpec(self.dead, "", durable=True, exchange=self.dlx)
 
+    def webhooks_queue(self) -> QueueSpec:
+        """``<ns>.webhooks``: durable, bound to ``<ns>.webhooks`` (events for business servers, HTTP-API.md)."""
+        return QueueSpec(f"{self.namespace}.webhooks", f"{self.namespace}.webhooks", durable=True)
+
+    def push_queue(self) -> QueueSpec:
+        """``<ns>.push``: durable, bound to ``<ns>.push`` (offline push requests for ``twistd impush``)."""
+        return QueueSpec(f"{self.namespace}.push", f"{self.namespace}.push", durable=True)
+
 
 # --- messages ------------------------------------------------------------------
 
@@ -684,6 +692,9 @@ class AMQPService(service.Service):
         self._sweep_call: Any = None
         self._props = {True: spec.BasicProperties(delivery_mode=2),
                        False: spec.BasicProperties(delivery_mode=1)}
+        #: queues declared with the topology on every connection, besides the processor and dead ones
+        #: (:meth:`declare_queue`: e.g. ``<ns>.webhooks`` and ``<ns>.push`` where processors publish)
+        self.extra_queues: list[QueueSpec] = []
 
     @classmethod
     def from_config(cls, config: Any, **kw: Any) -> "AMQPService":
@@ -850,7 +861,26 @@ class AMQPService(service.Service):
               ch.rpc("exchange_declare", exchange=n.dlx, exchange_type="fanout", durable=True),
               self._declare_queue(ch, n.dead_queue()),
               self._declare_queue(ch, n.processor_queue())]
+        ds += [self._declare_queue(ch, q) for q in self.extra_queues]
         return defer.gatherResults(ds, consumeErrors=True).addErrback(lambda f: f.value.subFailure)
+
+    @defer.inlineCallbacks
+    def declare_queue(self, queue: QueueSpec):
+        """Declare ``queue`` (and its binding) now if connected, and again on every new connection.
+
+        For queues a daemon publishes to but may not consume (a publish to
+        an undeclared queue would be dropped).
+        """
+        if all(q.name != queue.name for q in self.extra_queues):
+            self.extra_queues.append(queue)
+        conn = self._conn
+        if conn is None:
+            return
+        ch = yield _Channel.open(conn)
+        try:
+            yield self._declare_queue(ch, queue)
+        finally:
+            ch.close()
 
     def _declare_queue(self, ch: _Channel, q: QueueSpec) -> defer.Deferred:
         self.declared_queues.add(q.name)

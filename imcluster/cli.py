@@ -4,6 +4,9 @@
     applies pending schema migrations (the same configuration loader as the
     daemons: command line, then ``IMCLUSTER_*`` environment, then
     ``--config`` file, then defaults).
+``imcluster prune``
+    deletes old messages and delivered delivery rows in small batches
+    (:mod:`imcluster.store.prune`).
 ``imcluster token``
     prints a signed JWT for development and tests.
 
@@ -75,6 +78,24 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("--algorithm", help="signing algorithm (default HS256; RS256/ES256 with --private-key)")
     token.set_defaults(run=run_token)
 
+    prune = sub.add_parser(
+        "prune", help="delete old messages and delivered delivery rows, in small batches",
+        description="Delete messagerecv rows older than --older-than days (their messagesend rows go with "
+                    "them) and messagesend rows delivered more than --delivered-older-than days ago, in "
+                    "primary-key ranges of --batch rows, each its own short transaction (no long locks). "
+                    "Processors can do the same by themselves: retention_days.")
+    _add_config_options(prune, MIGRATE)
+    prune.add_argument("--older-than", type=float, metavar="DAYS", required=True,
+                       help="delete messages created more than DAYS days ago")
+    prune.add_argument("--delivered-older-than", type=float, metavar="DAYS",
+                       help="also delete messagesend rows delivered more than DAYS days ago while "
+                            "their message is kept (default: none; they go with their message)")
+    prune.add_argument("--batch", type=int, default=1000, metavar="N",
+                       help="messages (or delivery rows) one statement deletes at most [default: 1000]")
+    prune.add_argument("--pause", type=float, default=0.0, metavar="SECONDS",
+                       help="pause between two statements, to leave room to live traffic [default: 0]")
+    prune.set_defaults(run=run_prune)
+
     from imcluster.client import chat as chat_module  # the terminal chat lives with the client
     chat = sub.add_parser(
         "chat", help="terminal chat over a gateway (WebSocket or TCP)",
@@ -122,6 +143,43 @@ def run_migrate(args: argparse.Namespace) -> int:
         return _fail(f"PostgreSQL at {where}: {_first_line(e)}")
     if not done:
         print(f"nothing to apply: schema {config.postgres_schema} is up to date")
+    return 0
+
+
+def run_prune(args: argparse.Namespace) -> int:
+    """``imcluster prune``: retention by hand; prints what it deleted and how long it took."""
+    from imcluster.db import check_schema, describe_dsn
+    from imcluster.store.prune import prune_sync
+
+    if args.older_than < 0 or (args.delivered_older_than is not None and args.delivered_older_than < 0):
+        return _fail("--older-than and --delivered-older-than must be >= 0")
+    if args.batch < 1:
+        return _fail("--batch must be at least 1")
+    cli = {o.name: getattr(args, o.name, None) for o in options_for(MIGRATE)}
+    cli.update({o.name + "_path": getattr(args, o.name + "_path", None)
+                for o in options_for(MIGRATE) if o.secret})
+    try:
+        config = load_config(MIGRATE, cli, args.config, warn=_warn)
+        schema = check_schema(config.postgres_schema)
+    except (ConfigError, ValueError) as e:
+        return _fail(str(e), EXIT_FAILURE)
+    dsn = postgres_dsn(config)
+    try:
+        conn = psycopg2.connect(dsn, connect_timeout=max(1, int(round(config.postgres_timeout))),
+                                application_name="imcluster-prune")
+    except psycopg2.Error as e:
+        return _fail(f"cannot reach PostgreSQL at {describe_dsn(dsn)}: {_first_line(e)}")
+    try:
+        conn.autocommit = True  # every statement its own short transaction
+        with conn.cursor() as c:
+            c.execute(f'SET search_path TO "{schema}"')
+        result = prune_sync(conn, args.older_than, args.delivered_older_than, args.batch, args.pause)
+    except psycopg2.Error as e:
+        return _fail(f"PostgreSQL at {describe_dsn(dsn)}: {_first_line(e)}")
+    finally:
+        conn.close()
+    print(f"pruned {result.messages} messages and {result.deliveries} delivered rows from schema {schema} "
+          f"in {result.seconds:.1f}s ({result.statements} statements)", flush=True)
     return 0
 
 

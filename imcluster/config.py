@@ -28,8 +28,10 @@ GATEWAY = "gateway"
 PROCESSOR = "processor"
 API = "api"
 MIGRATE = "migrate"
+#: twistd impush: offline push requests to the business's push relay (HTTP-API.md 1.1)
+PUSH = "push"
 
-ALL_DAEMONS = frozenset({GATEWAY, PROCESSOR, API})
+ALL_DAEMONS = frozenset({GATEWAY, PROCESSOR, API, PUSH})
 
 ENV_PREFIX = "IMCLUSTER_"
 
@@ -185,6 +187,18 @@ def _ws_urls(value: Any) -> list[str]:
 
 def _http_urls(value: Any) -> list[str]:
     return [_url("http", "https")(u) for u in _str_list(value)]
+
+
+#: the events a business server may receive at webhook_url (HTTP-API.md)
+WEBHOOK_EVENTS = ("message.stored", "session.members", "user.online", "user.offline")
+
+
+def _webhook_events(value: Any) -> list[str]:
+    v = _str_list(value)
+    unknown = [e for e in v if e not in WEBHOOK_EVENTS]
+    if unknown:
+        raise ValueError(f"unknown event(s) {', '.join(unknown)}; known: {', '.join(WEBHOOK_EVENTS)}")
+    return v
 
 
 class PerDaemon(dict):
@@ -374,6 +388,35 @@ OPTIONS: list[Option] = [
     _opt("filters", _str_list, ["keyword"], P | A,
          "moderation filters in order: plugin names or dotted names"),
     _opt("moderation_words", _str, None, P | A, "word list file for the keyword filter (one word a line)"),
+    # --- calls to business servers (HTTP-API.md "Calls the cluster makes to business servers")
+    _opt("moderation_url", _url("http", "https"), None, P,
+         "moderation service called (signed JSON POST) for each message before it is stored, after the "
+         "filters; it answers accept, reject or replace (empty: no call)"),
+    _opt("moderation_timeout", _positive(_float), 2.0, P,
+         "seconds a moderation call may take; then moderation_failure applies"),
+    _opt("moderation_failure", _choice("accept", "reject"), "reject", P,
+         "what a message gets when the moderation service times out, errs or answers nonsense"),
+    _opt("moderation_concurrency", _positive(_int), 100, P,
+         "moderation calls one processor has in flight at once (a window's calls run together up to it)"),
+    _opt("webhook_url", _url("http", "https"), None, G | P | A,
+         "business server receiving the events (message.stored, session.members, user.online, "
+         "user.offline) as signed JSON POSTs, at least once, in order per session (empty: none)"),
+    _opt("webhook_events", _webhook_events, list(WEBHOOK_EVENTS),
+         G | P | A, "the events sent to webhook_url"),
+    _opt("webhook_secret", _str, "", P | {PUSH},
+         "HMAC-SHA256 key of the X-Imcluster-Signature header of moderation calls and webhooks",
+         secret=True),
+    _opt("webhook_retry", _positive(_float), 3600.0, P,
+         "seconds an event is retried (with backoff) before it is dead-lettered to <ns>.dead"),
+    _opt("webhook_timeout", _positive(_float), 10.0, P, "seconds one webhook call may take"),
+    _opt("webhook_concurrency", _positive(_int), 32, P,
+         "webhook calls one processor makes at once (at most one per session or user at a time)"),
+    _opt("webhook_prefetch", _positive(_int), 200, P,
+         "queue messages of <ns>.webhooks a processor holds unacknowledged (each a window's events)"),
+    _opt("push_url", _url("http", "https"), None, P | {PUSH},
+         "push relay for offline recipients (HTTP-API.md; your FCM/APNs relay): with it set, the "
+         "processors publish a push request to <ns>.push for every recipient not connected when a message "
+         "is stored, and twistd impush POSTs them there (push is off until set)"),
     # --- api
     _opt("http", _endpoints, ["tcp:8090"], A, "HTTP API listening endpoint(s)", multi=True),
     _opt("api_key", _str_list, [], A, "admin key(s) for the HTTP API", secret=True, multi=True),
@@ -390,6 +433,30 @@ OPTIONS: list[Option] = [
          "DEVELOPMENT ONLY: serve POST /v1/dev/login, which hands anyone a token for any user "
          "(needs jwt_secret)", flag=True),
     _opt("dev_login_ttl", _positive(_float), 86400.0, A, "seconds a development login token is valid"),
+    # --- push and operator controls
+    _opt("revoke_ttl", _positive(_float), 2592000.0, A,
+         "seconds a revocation (POST /v1/users/{id}/revoke) is kept in Redis (REVOKED##<user>): at "
+         "least the longest lifetime of a token you issue"),
+    _opt("push_timeout", _positive(_float), 10.0, {PUSH}, "seconds one push request may take"),
+    _opt("push_retry", _positive(_float), 3600.0, {PUSH},
+         "seconds a push request is retried (with backoff) before it is dead-lettered to <ns>.dead"),
+    _opt("push_retry_delay", _positive(_float), 1.0, {PUSH}, "first retry delay of a failed push request"),
+    _opt("push_retry_max_delay", _positive(_float), 300.0, {PUSH}, "longest retry delay of a push request"),
+    _opt("push_hold", _positive(_float), 600.0, {PUSH},
+         "seconds an impush keeps one AMQP message of <ns>.push unacknowledged while its requests are "
+         "retried; then they are published again with their first attempt's time (below RabbitMQ's "
+         "consumer_timeout, 30 min by default)"),
+    _opt("push_concurrency", _positive(_int), 16, {PUSH}, "push requests one impush has in flight at once"),
+    _opt("push_prefetch", _positive(_int), 64, {PUSH},
+         "unacknowledged AMQP messages of <ns>.push one impush holds (each may hold many requests)"),
+    _opt("retention_days", _non_negative(_float), 0.0, P,
+         "days after which processors delete delivered messagesend rows and messagerecv rows, in "
+         "small batches, one processor at a time (0: keep everything; imcluster prune does it by hand)"),
+    _opt("retention_delivered_days", _non_negative(_float), 0.0, P,
+         "with retention_days: also delete messagesend rows delivered more than this many days ago "
+         "while their message is kept (0: they go with their message)"),
+    _opt("retention_batch", _positive(_int), 1000, P, "rows one retention (prune) delete removes at most"),
+    _opt("retention_interval", _positive(_float), 60.0, P, "seconds between retention passes of a processor"),
     # --- http
     _opt("max_body_size", _positive(_int), 1048576, G | P | A,
          "largest HTTP request body in bytes (imapi, and every --metrics listener)"),
@@ -402,6 +469,16 @@ OPTIONS: list[Option] = [
     _opt("http_body_timeout", _positive(_float), 60.0, G | P | A,
          "seconds in which an HTTP request body must arrive once its headers have; then 408 and close"),
 ]
+
+#: the shared options twistd impush reads too (it has no Redis and no client listener)
+_PUSH_SHARED = frozenset({
+    "namespace", "amqp", "amqp_password", "publish_timeout", "publish_backlog", "max_publish_bytes",
+    "postgres", "postgres_password", "postgres_schema", "postgres_pool_size", "postgres_timeout",
+    "postgres_statement_timeout", "shutdown_timeout", "metrics", "health_timeout", "max_json_depth",
+    "max_body_size", "http_idle_timeout", "http_header_timeout", "http_body_timeout",
+})
+OPTIONS = [Option(o.name, o.parse, o.default, o.daemons | {PUSH}, o.help, o.secret, o.multi, o.flag)
+           if o.name in _PUSH_SHARED else o for o in OPTIONS]
 
 OPTIONS_BY_NAME: dict[str, Option] = {o.name: o for o in OPTIONS}
 SECRET_PATH_KEYS: dict[str, Option] = {o.name + "_path": o for o in OPTIONS if o.secret}

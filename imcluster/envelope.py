@@ -336,7 +336,53 @@ class Delivery:
         return {"connIds": self.conn_ids, "frames": self.frames}
 
 
-def parse_delivery(raw: Any) -> Delivery | None:
+#: control actions, imapi -> the gateways holding a user (HTTP-API.md kick and revoke)
+KICK = "kick"
+REVOKE = "revoke"
+
+
+@dataclass(eq=False)
+class Control:
+    """An item of a batch to ``<ns>.wsserver.<uuid>`` that is no delivery: an operator's order.
+
+    ``{"control":"kick","userId"}`` closes every connection of that user on
+    the gateway (``error`` ``kicked``, then close 4004);
+    ``{"control":"revoke","userId","notBefore"}`` closes those authenticated
+    with a token issued (``iat``) before ``notBefore`` (ms; ``error``
+    ``token_revoked``). A reader that knows no control (an imapi's reply
+    queue) sees a delivery to nobody: ``conn_ids`` and ``frames`` are empty.
+    """
+
+    action: str
+    user_id: str
+    not_before: int | None = None
+    conn_ids: tuple = ()
+    frames: tuple = ()
+
+    def to_json(self) -> dict:
+        doc = {"control": self.action, "userId": self.user_id}
+        if self.not_before is not None:
+            doc["notBefore"] = self.not_before
+        return doc
+
+
+def control_body(action: str, user_id: str, not_before: int | None = None) -> bytes:
+    """A batch of one :class:`Control` item (``kick``, or ``revoke`` with ``not_before`` ms)."""
+    item = Control(action, user_id, not_before).to_json()
+    return json.dumps({"v": VERSION, "items": [item]}, separators=(",", ":")).encode("utf-8")
+
+
+def _parse_control(raw: dict) -> Control | None:
+    action, user = raw.get("control"), raw.get("userId")
+    if action not in (KICK, REVOKE) or not protocol.is_user_id(user):
+        return None
+    not_before = raw.get("notBefore")
+    if action == REVOKE and (not isinstance(not_before, int) or isinstance(not_before, bool)):
+        return None
+    return Control(action, user, not_before if action == REVOKE else None)
+
+
+def parse_delivery(raw: Any) -> Delivery | Control | None:
     """A :class:`Delivery` from one element of ``items``; None when malformed.
 
     ``connIds`` must be a list and ``frames`` a list of objects; ids that
@@ -344,6 +390,8 @@ def parse_delivery(raw: Any) -> Delivery | None:
     """
     if not isinstance(raw, dict):
         return None
+    if "control" in raw:
+        return _parse_control(raw)
     conn_ids, frames = raw.get("connIds"), raw.get("frames")
     if not isinstance(conn_ids, list) or not isinstance(frames, list) \
             or not all(isinstance(f, dict) for f in frames):
@@ -454,3 +502,171 @@ class Publisher:
         """Flush, then fire when every publish so far is confirmed or failed."""
         self.flush()
         return defer.DeferredList(list(self._in_flight), consumeErrors=True)
+
+
+# --- events for business servers (HTTP-API.md "Calls the cluster makes to business servers") --
+
+#: the event names (webhook_events)
+MESSAGE_STORED = "message.stored"
+SESSION_MEMBERS = "session.members"
+USER_ONLINE = "user.online"
+USER_OFFLINE = "user.offline"
+
+#: the header of every call to a business server: ``sha256=<hex HMAC-SHA256 of the raw body>``
+SIGNATURE_HEADER = "X-Imcluster-Signature"
+#: the header naming the event (``moderation`` for a moderation call)
+EVENT_HEADER = "X-Imcluster-Event"
+
+#: characters of a message's ``text`` a push request previews
+PREVIEW_CHARS = 100
+
+
+def sign(secret: str | bytes, body: bytes) -> str:
+    """The ``X-Imcluster-Signature`` value of ``body``: ``sha256=<hex HMAC-SHA256 with secret>``."""
+    import hashlib
+    import hmac
+
+    key = secret.encode() if isinstance(secret, str) else secret
+    return "sha256=" + hmac.new(key, body, hashlib.sha256).hexdigest()
+
+
+def new_event_id() -> str:
+    """A unique ``eventId`` (uuid4 hex): a receiver de-duplicates on it (delivery is at least once)."""
+    import uuid
+
+    return uuid.uuid4().hex
+
+
+def event(name: str, key: str, data: dict, event_id: str | None = None) -> dict:
+    """One entry of a ``<ns>.webhooks`` body: ``{"event","eventId","key","data"}``.
+
+    ``key`` orders delivery: events of one key reach the business server in
+    the order published (a session id, or ``user:<userId>`` for presence).
+    """
+    return {"event": name, "eventId": event_id or new_event_id(), "key": key, "data": data}
+
+
+def message_stored_event(stored: Any) -> dict:
+    """``message.stored`` of a :class:`~imcluster.store.Stored`: the history entry, with ``sessionId``.
+
+    A ``recall`` or ``edit`` entry (PROTOCOL.md 1.1) carries ``kind`` and ``ref`` as in history.
+    """
+    data = {"sessionId": stored.session_id, "msgId": stored.msg_id, "seq": stored.seq, "from": stored.sender,
+            "clientMsgId": stored.client_msg_id, "body": stored.body, "ts": stored.ts_ms}
+    kind = getattr(stored, "kind", "message")
+    if kind != "message":
+        data["kind"] = kind
+        ref = getattr(stored, "ref", None)
+        if ref is not None:
+            data["ref"] = str(ref)
+    return event(MESSAGE_STORED, stored.session_id, data)
+
+
+def session_members_event(session_id: str, added: Sequence[str], removed: Sequence[str]) -> dict:
+    """``session.members``: ``{"sessionId","added","removed"}`` (creation: every member added)."""
+    return event(SESSION_MEMBERS, session_id, {"sessionId": session_id, "added": list(added),
+                                               "removed": list(removed)})
+
+
+def presence_event(name: str, user_id: str, ts: int) -> dict:
+    """``user.online`` / ``user.offline``: ``{"userId","ts"}``, ordered per user."""
+    return event(name, f"user:{user_id}", {"userId": user_id, "ts": ts})
+
+
+def _json_array(entries: Sequence[dict], budget: int) -> list[bytes]:
+    """``entries`` as JSON arrays of at most ``budget`` bytes each (one entry alone may exceed it)."""
+    out: list[bytes] = []
+    parts: list[bytes] = []
+    size = 2
+    for e in entries:
+        b = json.dumps(e, separators=(",", ":"), ensure_ascii=False).encode()
+        if parts and size + len(b) + 1 > budget:
+            out.append(b"[" + b",".join(parts) + b"]")
+            parts, size = [], 2
+        parts.append(b)
+        size += len(b) + 1
+    if parts:
+        out.append(b"[" + b",".join(parts) + b"]")
+    return out
+
+
+def events_bodies(events: Sequence[dict], budget: int = 8 * 1024 * 1024) -> list[bytes]:
+    """The ``<ns>.webhooks`` bodies of ``events`` (JSON arrays, each within ``budget`` bytes)."""
+    return _json_array(events, budget)
+
+
+def parse_events(body: bytes) -> list[dict]:
+    """The events of a ``<ns>.webhooks`` body; :class:`MalformedBatch` if it is not a list of events."""
+    try:
+        raw = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise MalformedBatch(f"not JSON: {e}") from None
+    if not isinstance(raw, list):
+        raise MalformedBatch("not a JSON array of events")
+    for e in raw:
+        if not (isinstance(e, dict) and isinstance(e.get("event"), str) and isinstance(e.get("eventId"), str)
+                and isinstance(e.get("key"), str) and isinstance(e.get("data"), dict)):
+            raise MalformedBatch(f"not an event: {str(e)[:200]}")
+    return raw
+
+
+def preview(body: Any) -> str | None:
+    """What a push notification shows: the body's ``text`` cut to :data:`PREVIEW_CHARS` (None without one)."""
+    text = body.get("text") if isinstance(body, dict) else None
+    return text[:PREVIEW_CHARS] if isinstance(text, str) else None
+
+
+def push_request(stored: Any, user_id: str) -> dict:
+    """One entry of a ``<ns>.push`` body: ``{"eventId","userId","sessionId","msgId","from","seq","preview"?}``.
+
+    ``twistd impush`` adds the user's devices and skips users without any.
+    """
+    req = {"eventId": new_event_id(), "userId": user_id, "sessionId": stored.session_id,
+           "msgId": stored.msg_id, "from": stored.sender, "seq": stored.seq}
+    text = preview(stored.body)
+    if text is not None:
+        req["preview"] = text
+    return req
+
+
+def push_bodies(requests: Sequence[dict], budget: int = 8 * 1024 * 1024) -> list[bytes]:
+    """The ``<ns>.push`` bodies of ``requests`` (JSON arrays, each within ``budget`` bytes)."""
+    return _json_array(requests, budget)
+# --- processors -> impush: offline push requests ----------------------------------------
+
+#: the fields of one push request as the processors publish it to ``<ns>.push``
+PUSH_FIELDS = ("eventId", "userId", "sessionId", "msgId", "from", "seq", "preview")
+
+
+def push_body(requests: Sequence[dict]) -> bytes:
+    """One AMQP message to ``<ns>.push``: a JSON array of ``{"eventId","userId","sessionId","msgId","from","seq","preview"}``.
+
+    ``preview`` is absent when the body has no ``text`` (HTTP-API.md). Any
+    number of requests (one per recipient without a live connection) share
+    one message: impush looks their devices up in one statement.
+    """
+    return json.dumps(list(requests), separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def parse_push_body(body: bytes) -> tuple[list[dict], int]:
+    """The usable push requests of a ``<ns>.push`` message, and how many were not usable.
+
+    :class:`MalformedBatch` when the body is not a JSON array at all.
+    A request needs a string ``eventId`` and a valid ``userId``; the other
+    fields travel as they came.
+    """
+    try:
+        doc = json.loads(body)
+    except (TypeError, ValueError, RecursionError) as e:
+        raise MalformedBatch(f"not JSON: {e}") from None
+    if not isinstance(doc, list):
+        raise MalformedBatch("not a JSON array of push requests")
+    good, bad = [], 0
+    for raw in doc:
+        if (isinstance(raw, dict) and isinstance(raw.get("eventId"), str) and raw["eventId"]
+                and protocol.is_user_id(raw.get("userId"))):
+            good.append({k: raw[k] for k in PUSH_FIELDS if k in raw})
+        else:
+            bad += 1
+    return good, bad
+

@@ -68,6 +68,9 @@ class IMessageBus(Interface):
         routed meanwhile, since about ``down_since``, in clock seconds).
         """
 
+    def declare_queue(queue):
+        """Declare ``queue`` (a ``QueueSpec``) now if connected and again on every reconnect (queues published to)."""
+
     def processor_queue():
         """The spec (name, routing key, durable) of ``<ns>.processor``."""
 
@@ -197,6 +200,9 @@ class IMessageStore(Interface):
 
     def store_messages(batch):
         """``begin_window(batch)`` then ``commit(())``: ``[Stored | Rejected]`` in batch order."""
+
+    def stored_keys(keys):
+        """The ``(sender, clientMsgId)`` keys of ``keys`` stored already, as a set (de-duplication before moderation)."""
 
     def mark_sending(pairs):
         """``pending`` -> ``sending`` for ``(user_id, msg_id)`` pairs; fires with the count."""

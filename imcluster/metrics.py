@@ -99,6 +99,22 @@ REDELIVERED = Counter("imcluster_redelivered_total",
 SWEEP_ROWS = Counter("imcluster_redeliver_rows_total", "Undelivered rows the sweep looked at")
 RETRIES = Counter("imcluster_retries_total", "Batches retried after a transient failure")
 
+# --- calls to business servers (moderation service, webhooks; kind: moderation | webhook)
+BUSINESS_CALLS = Counter(
+    "imcluster_business_calls_total", "HTTP calls made to business servers, by kind and outcome "
+    "(ok, failed: an error, a timeout or an answer that is not 2xx)", ["kind", "outcome"])
+BUSINESS_RETRIES = Counter(
+    "imcluster_business_retries_total", "Calls to business servers made again after a failure", ["kind"])
+BUSINESS_DEAD = Counter(
+    "imcluster_business_dead_lettered_total", "Events given up after webhook_retry and dead-lettered to "
+    "<ns>.dead", ["kind"])
+BUSINESS_LATENCY = Histogram(
+    "imcluster_business_call_seconds", "Durations of calls to business servers (failed ones too)", ["kind"],
+    buckets=_LATENCY_BUCKETS)
+BUSINESS_PUBLISHED = Counter(
+    "imcluster_business_published_total", "Webhook events and push requests published to <ns>.webhooks and "
+    "<ns>.push", ["queue"])
+
 # --- HTTP listeners (imcluster.web.GuardedSite) and the HTTP API (imapi); route is the path
 # template, e.g. /v1/sessions/{id}
 HTTP_REQUESTS = Counter(
@@ -121,3 +137,21 @@ API_MESSAGES = Counter(
 RECONNECTS = Counter("imcluster_reconnects_total", "Reconnections to a shared service", ["service"])
 RESYNCS = Counter("imcluster_resync_requests_total",
                   "Connections a gateway asked to sync again after its queue or Redis entries were lost")
+
+
+# --- impush (offline push, HTTP-API.md 1.1)
+PUSH_CALLS = Counter(
+    "imcluster_push_calls_total",
+    "Push requests POSTed to push_url, by outcome: ok, invalid (404/410: devices removed), failed "
+    "(will be retried), refused (a 4xx that a retry cannot cure: dead-lettered)", ["result"])
+PUSH_RETRIES = Counter("imcluster_push_retries_total", "Push requests scheduled again after a failed call")
+PUSH_DEAD = Counter("imcluster_push_dead_lettered_total",
+                    "Push requests dead-lettered to <ns>.dead (push_retry passed, or refused)")
+PUSH_DEVICES_REMOVED = Counter("imcluster_push_devices_removed_total",
+                               "Devices removed because the push provider called them invalid")
+PUSH_SKIPPED = Counter("imcluster_push_skipped_total",
+                       "Push requests not sent: the user has no device (or the request was malformed)",
+                       ["reason"])
+PUSH_LATENCY = Histogram("imcluster_push_call_seconds", "Duration of one call to push_url",
+                         buckets=_LATENCY_BUCKETS)
+

@@ -125,6 +125,15 @@ TCP_CLOSE_ERRORS = {
     CLOSE_SLOW_CONSUMER: SLOW_CONSUMER,
 }
 
+# --- an operator throws a user out (PROTOCOL.md 1.1 "Kicked and revoked connections";
+# HTTP-API.md kick and revoke): an `error` frame with one of these codes, then close 4004
+# on WebSocket (after the frame on every transport); `token_revoked` is also an auth_reply code
+KICKED = "kicked"
+TOKEN_REVOKED = "token_revoked"
+CLOSE_KICKED = 4004
+ERROR_CODES = ERROR_CODES | {KICKED, TOKEN_REVOKED}
+TCP_CLOSE_ERRORS[CLOSE_KICKED] = KICKED
+
 # --- frame types
 AUTH = "auth"
 PING = "ping"

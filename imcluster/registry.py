@@ -96,6 +96,10 @@ class RedisKeys:
         """``<prefix>WSCONNS##<uuid>``."""
         return f"{self.prefix}WSCONNS{SEP}{uuid}"
 
+    def revoked(self, user_id: str) -> str:
+        """``<prefix>REVOKED##<userId>``: the user's latest revocation (``notBefore``, ms), docs/internals.rst."""
+        return f"{self.prefix}REVOKED{SEP}{user_id}"
+
     @staticmethod
     def conn_field(uuid: str, ip: str, port: int | str) -> str:
         """``<uuid>##<ip>##<port>``: the ``UCIR`` hash field, also the client's ``connId``.
@@ -638,6 +642,49 @@ class RedisService(service.Service):
         return self.pipeline(commands).addCallback(lambda _: None)
 
     @_deferred
+    def add_connections_checked(self, uuid: str, entries: Iterable[tuple]) -> defer.Deferred:
+        """:meth:`add_connections`, reading each user's ``REVOKED##<user>`` in the same round trip.
+
+        The auth of a connection needs no round trip of its own for the
+        revocation check (HTTP-API.md revoke): the GETs go first in the
+        registration pipeline. Fires with ``{user_id: notBefore ms or None}``.
+        """
+        k = self.keys
+        per_user: dict[str, list[str]] = {}
+        members: list[str] = []
+        for user_id, ip, port, meta in entries:
+            members.append(k.wsconns_member(user_id, ip, port))
+            per_user.setdefault(user_id, []).extend((k.conn_field(uuid, ip, port), dumps(meta)))
+        if not members:
+            return defer.succeed({})
+        users = list(per_user)
+        commands: list[tuple] = [("GET", k.revoked(u)) for u in users]
+        commands += [("HSET", k.ucir(u), *fv) for u, fv in per_user.items()]
+        commands.append(("SADD", k.wsconns(uuid), *members))
+
+        def revocations(replies: list) -> dict:
+            return {u: _int_or_none(v) for u, v in zip(users, replies)}
+
+        return self.pipeline(commands).addCallback(revocations)
+
+    @_deferred
+    def revoke(self, user_id: str, not_before_ms: int, ttl: float) -> defer.Deferred:
+        """SET ``REVOKED##<user>`` to ``not_before_ms`` (kept ``ttl`` seconds) and read ``UCIR##<user>``, one round trip.
+
+        Fires with the user's connections (``{conn_field: meta}``): a gateway
+        registering a connection after this SET reads the revocation in its
+        own pipeline; one that registered before is in this HGETALL.
+        """
+        k = self.keys
+        d = self.pipeline([("SET", k.revoked(user_id), str(int(not_before_ms)), "PX", _ms(ttl)),
+                           ("HGETALL", k.ucir(user_id))])
+        return d.addCallback(lambda r: self._decode_hash(user_id, r[1]))
+
+    def revocation(self, user_id: str) -> defer.Deferred:
+        """The user's ``notBefore`` (ms) from ``REVOKED##<user>``, or None."""
+        return self.execute("GET", self.keys.revoked(user_id)).addCallback(_int_or_none)
+
+    @_deferred
     def remove_connections(self, uuid: str, entries: Iterable[tuple]) -> defer.Deferred:
         """HDEL each ``UCIR##<user>`` field and SREM ``WSCONNS##<uuid>``, one round trip.
 
@@ -713,6 +760,13 @@ class RedisService(service.Service):
             return defer.succeed(set())
         d = self.execute("MGET", *[self.keys.server(u) for u in uuids])
         return d.addCallback(lambda values: {u for u, v in zip(uuids, values) if v is not None})
+
+
+def _int_or_none(value: Any) -> int | None:
+    try:
+        return None if value is None else int(value)
+    except (TypeError, ValueError):
+        return None
 
 
 def _ms(seconds: float) -> int:

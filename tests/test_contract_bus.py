@@ -506,3 +506,23 @@ async def test_publishes_resume_only_once_the_consumers_queues_are_back(bus_fact
     assert active_at_confirm == [True]
     await bus.publish(bus.gateway_key(uuid), b"sync page", mandatory=True)
     assert (await deliveries.wait(1))[0].body == b"sync page"
+
+
+@pytest_twisted.ensureDeferred
+async def test_declared_queues_take_publishes_and_one_exclusive_consumer(kind, bus, make_peer):
+    """Webhook events or push requests published before any consumer were dropped; two processors consumed webhooks at once."""
+    names = bus.names
+    for q in (names.webhooks_queue(), names.push_queue()):
+        assert (q.name, q.routing_key, q.durable, q.exclusive, q.auto_delete, q.arguments) == (
+            f"{bus.namespace}.{q.name.split('.')[-1]}", q.name, True, False, False, {})
+        await bus.declare_queue(q)
+        await bus.publish(q.routing_key, b"[]", mandatory=True)  # a queue takes it
+    await break_connection(kind, bus)  # declared again on the new connection
+    await bus.publish(names.push_queue().routing_key, b"[]", mandatory=True)
+    first = Inbox(auto_ack=True)
+    await bus.consume(names.webhooks_queue(), first, prefetch=10, exclusive=True)
+    peer = await make_peer()
+    with pytest.raises(Exception) as refused:
+        await peer.consume(names.webhooks_queue(), Inbox(), prefetch=10, exclusive=True)
+    assert "403" in str(refused.value) or "ACCESS_REFUSED" in str(refused.value)
+    assert len(await first.wait(1)) == 1

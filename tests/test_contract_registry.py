@@ -533,3 +533,23 @@ async def test_connections_of_1000_users_in_one_call(redis_service):
     assert len(found["member0"]) == 2 and len(found["member1"]) == 1
     print(f"\nconnections_of(1001 users, {len(entries)} connections): {elapsed * 1000:.1f} ms")
     assert elapsed < 1.0
+
+
+# --- revocations (HTTP-API.md revoke; docs/internals.rst REVOKED##<user>)
+
+
+@pytest_twisted.ensureDeferred
+async def test_registration_reads_the_revocation_in_the_same_round_trip(registry):
+    """A gateway registering a connection learns the user's revocation without a round trip of its own."""
+    meta = conn_meta("web", 1764160000, 1764163600)
+    assert await registry.add_connections_checked(UUID1, [("alice", "10.0.0.1", 1, meta)]) == {"alice": None}
+    fields = await registry.revoke("alice", 1764160000123, 60)
+    assert fields == {f"{UUID1}##10.0.0.1##1": meta}  # the revoke sees who is connected
+    assert await registry.revocation("alice") == 1764160000123
+    got = await registry.add_connections_checked(UUID2, [("alice", "10.0.0.2", 2, meta), ("bob", "10.0.0.3", 3, meta)])
+    assert got == {"alice": 1764160000123, "bob": None}
+    assert await registry.execute("GET", f"{registry.prefix}REVOKED##alice") == "1764160000123"
+    ttl = await registry.execute("PTTL", f"{registry.prefix}REVOKED##alice")
+    assert 0 < ttl <= 60000
+    # and the connection was registered all the same (the gateway takes it back when refusing)
+    assert set((await registry.connections_of(["alice"]))["alice"]) == {f"{UUID1}##10.0.0.1##1", f"{UUID2}##10.0.0.2##2"}

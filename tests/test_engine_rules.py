@@ -842,3 +842,14 @@ def test_engine_runs_on_any_adapter(make_hub):
     assert conn.conn_id == "gw-0000##10.0.0.9##9" and conn.transport_name == "test"
     conn.connection_lost()
     assert hub.lost == [conn]
+
+
+@pytest.mark.parametrize("reason", [transport.KICKED, transport.TOKEN_REVOKED], ids=lambda r: r.name)
+def test_kick_and_revoke_send_their_error_on_every_transport(hub, kind, reason):
+    """An operator's kick or revoke: the `error` frame (kicked / token_revoked) on every transport, then close 4004."""
+    h = authed(hub, kind)
+    h.conn.kick(reason)
+    h.conn.kick(reason)  # once closing, nothing more
+    frames = closed_with(h, 4004, reason.name)
+    assert [f for f in frames if f["type"] == "error"] == [
+        {"type": "error", "code": reason.name, "message": reason.text}]

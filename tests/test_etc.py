@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from imcluster.config import API, GATEWAY, MIGRATE, OPTIONS, PROCESSOR, PerDaemon, load_config, make_options
+from imcluster.config import API, GATEWAY, MIGRATE, OPTIONS, PROCESSOR, PUSH, PerDaemon, load_config, make_options
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "etc" / "imcluster.toml"
 REGENERATE = "regenerate it: .venv/bin/python scripts/gen-example-config > etc/imcluster.toml"
@@ -37,7 +37,7 @@ def test_every_option_with_its_default():
     assert set(data) <= {o.name for o in OPTIONS}
 
 
-@pytest.mark.parametrize("daemon", [GATEWAY, PROCESSOR, API, MIGRATE])
+@pytest.mark.parametrize("daemon", [GATEWAY, PROCESSOR, API, PUSH, MIGRATE])
 def test_every_daemon_accepts_it(daemon):
     """The example must start every daemon as it is (plus a JWT secret where one is required)."""
     env = {"IMCLUSTER_JWT_SECRET": "dev"} if daemon in (GATEWAY, API) else {}
@@ -47,14 +47,17 @@ def test_every_daemon_accepts_it(daemon):
             assert source in (f"file {EXAMPLE}", "default"), (name, source)
 
 
-@pytest.mark.parametrize("daemon, plugin", [(GATEWAY, "imgateway"), (PROCESSOR, "improcessor"), (API, "imapi")])
+@pytest.mark.parametrize("daemon, plugin", [(GATEWAY, "imgateway"), (PROCESSOR, "improcessor"), (API, "imapi"),
+                                            (PUSH, "impush")])
 def test_twistd_options_accept_it(daemon, plugin, monkeypatch):
     """`twistd <daemon> --config etc/imcluster.toml` must parse, as README and systemd use it."""
     for name in [n for n in os.environ if n.startswith("IMCLUSTER_")]:
         monkeypatch.delenv(name)
     args = ["--config", str(EXAMPLE)]
-    if daemon != PROCESSOR:
+    if daemon in (GATEWAY, API):
         args += ["--jwt-secret", "dev"]
+    if daemon == PUSH:
+        args += ["--push-url", "http://relay.example/push"]
     options = make_options(daemon, f"twistd {plugin}")()
     options.parseOptions(args)
     assert options.config.namespace == "im"

@@ -97,7 +97,7 @@ def test_keyword_plugin_loads_its_word_list(tmp_path):
     [f] = load_filters(config(filters=["keyword"], moderation_words=str(words), moderation_action="replace"))
     assert isinstance(f, KeywordFilter) and f.words == ["Bar", "foo"] and f.action == "replace"
     [default] = load_filters(config(filters=["keyword"]))
-    assert default.words  # etc/badwords.txt
+    assert default.words  # imcluster/data/badwords.txt (package data)
     assert default.check(msg("hello there")).action == "accept"
 
 

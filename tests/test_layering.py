@@ -19,7 +19,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "imcluster"
 
 #: the daemons: each may import itself and the floors below, never another daemon
-DAEMONS = {"gateway", "processor", "api"}
+DAEMONS = {"gateway", "processor", "api", "push"}
 
 #: the floors, and what each may import (besides the standard library and third parties)
 FLOORS: dict[str, set[str]] = {

@@ -64,8 +64,10 @@ def test_schema_has_the_keys_the_flows_rely_on(pg_schema, pg_admin):
     assert "WHERE (status <> 'delivered'::text)" in indexes["messagesend_undelivered"]
     assert "messagesend_msg" in indexes and "session_member_user" in indexes
     pg_admin.execute("SELECT table_name FROM information_schema.tables WHERE table_schema = %s", (pg_schema,))
-    assert {r[0] for r in pg_admin.fetchall()} == {
-        "schema_migrations", "session", "session_member", "messagerecv", "messagesend"}
+    assert {r[0] for r in pg_admin.fetchall()} >= {
+        "schema_migrations", "session", "session_member", "messagerecv", "messagesend", "device"}
+    # push targets (0005): one per (user, device), looked up by user
+    assert ("p", ("user_id", "device_id")) in _constraints(pg_admin, pg_schema, "device")
 
 
 def test_concurrent_migrators_apply_each_file_once(pg_fresh_schema, pg_admin):

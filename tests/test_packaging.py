@@ -126,3 +126,23 @@ def test_plugins_folder_clean():
     assert ignored.returncode == 0, "dropin.cache must be in .gitignore"
     tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert not re.search(r"(^|/)dropin\.cache$", tracked, re.M)
+
+
+def test_installed_processor_moderates_with_the_shipped_word_list(tmp_path):
+    """Installed from a wheel, the keyword filter found no etc/badwords.txt and accepted everything."""
+    python = _venv(tmp_path / "venv")
+    src = _source_copy(tmp_path / "src")
+    wheels = tmp_path / "wheels"
+    _run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "--no-index",
+          "-w", str(wheels), str(src)])
+    [wheel] = wheels.glob("imcluster-*.whl")
+    _pip_install(python, str(wheel))
+    code = ("from imcluster.config import PROCESSOR, load_config\n"
+            "from imcluster.processor.filters import load_filters, default_words_path\n"
+            "[f] = load_filters(load_config(PROCESSOR, {}, environ={}))\n"
+            "print(default_words_path())\n"
+            "print(f.check({'body': {'text': 'you fucking idiot'}}).action, len(f.words))\n")
+    path, verdict = _run([str(python), "-I", "-c", code], cwd=tmp_path).stdout.strip().splitlines()
+    assert Path(path).is_relative_to(_site_packages(python)), path
+    action, n = verdict.split()
+    assert action == "reject" and int(n) > 10

@@ -1523,7 +1523,7 @@ async def test_message_rejected_by_moderation(env):
     a = await login(env, alice, "tcp")
     b = await login(env, bob, "ws")
     sid = p2p(alice, bob)
-    badwords = Path(__file__).resolve().parents[1] / "etc" / "badwords.txt"
+    badwords = Path(__file__).resolve().parents[1] / "imcluster" / "data" / "badwords.txt"
     with open(badwords, encoding="utf-8") as f:  # the default keyword filter's list
         word = next(w.strip() for w in f if w.strip() and not w.startswith("#"))
     reply = await a.message(sid, {"text": f"well {word} this"}, cmid="mod-1")

@@ -96,6 +96,17 @@ async def test_duplicate_returns_original_to_undelivered_recipients(store):
 
 
 @pytest_twisted.ensureDeferred
+async def test_stored_keys_names_exactly_the_messages_stored(store):
+    """De-duplication before moderation would moderate a stored message again, or skip a new one."""
+    await group(store)
+    await store.store_messages([msg("alice", "a1", "g1"), msg("bob", "b1", "g1")])
+    found = await store.stored_keys([("alice", "a1"), ("alice", "b1"), ("bob", "b1"), ("carol", "a1"),
+                                     ("bad id", "a1"), ("alice", "")])
+    assert found == {("alice", "a1"), ("bob", "b1")}
+    assert await store.stored_keys([]) == set()
+
+
+@pytest_twisted.ensureDeferred
 async def test_duplicate_within_one_batch(store):
     """A message repeated in one window would get two seq numbers."""
     await group(store)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from twisted.python import usage
 
-from imcluster.config import API, GATEWAY, PROCESSOR, make_options
+from imcluster.config import API, GATEWAY, PROCESSOR, PUSH, make_options
 
 # starts processes: not part of the fast suite (-m "not slow")
 pytestmark = pytest.mark.slow
@@ -22,8 +22,9 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
 UNITS = ROOT / "systemd"
 TWISTD = Path(sys.executable).parent / "twistd"
-DAEMONS = {"imgateway": GATEWAY, "improcessor": PROCESSOR, "imapi": API}
-TAPS = {"imgateway": "imcluster.gateway.tap", "improcessor": "imcluster.processor.tap", "imapi": "imcluster.api.tap"}
+DAEMONS = {"imgateway": GATEWAY, "improcessor": PROCESSOR, "imapi": API, "impush": PUSH}
+TAPS = {"imgateway": "imcluster.gateway.tap", "improcessor": "imcluster.processor.tap", "imapi": "imcluster.api.tap",
+        "impush": "imcluster.push.tap"}
 
 HARDENING = {
     "NoNewPrivileges": "yes",
@@ -101,7 +102,7 @@ def test_exec_start_parses_with_daemon_options(unit, plugin, tmp_path, monkeypat
     for name in [n for n in os.environ if n.startswith("IMCLUSTER_")]:
         monkeypatch.delenv(name)
     config = tmp_path / "main.toml"
-    config.write_text((ROOT / "etc" / "imcluster.toml").read_text() + '\njwt_secret = "x"\n')
+    config.write_text((ROOT / "etc" / "imcluster.toml").read_text() + '\njwt_secret = "x"\npush_url = "http://relay"\n')
     argv = [a.replace("/etc/imcluster/main.toml", str(config)) for a in exec_start(unit)]
     plugin_args = argv[argv.index(plugin) + 1:]
     options = make_options(DAEMONS[plugin], f"twistd {plugin}")()

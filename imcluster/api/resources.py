@@ -40,6 +40,7 @@ from twisted.python.failure import Failure
 from twisted.web import resource, server
 
 from imcluster import metrics
+from imcluster.api.control import ControlResources
 from imcluster.auth import AuthError
 from imcluster.protocol import check_json_value, is_client_msg_id, message_frame_size
 from imcluster.store import (
@@ -163,6 +164,11 @@ ROUTES = [
     Route("GET", ("v1", "sessions", ID, "read"), "/v1/sessions/{id}/read", "read_cursors"),
     Route("GET", ("v1", "users", ID, "sessions"), "/v1/users/{id}/sessions", "user_sessions"),
     Route("GET", ("v1", "users", ID, "presence"), "/v1/users/{id}/presence", "presence"),
+    # HTTP-API.md 1.1: operator controls and push targets (imcluster/api/control.py)
+    Route("POST", ("v1", "users", ID, "kick"), "/v1/users/{id}/kick", "kick"),
+    Route("POST", ("v1", "users", ID, "revoke"), "/v1/users/{id}/revoke", "revoke"),
+    Route("PUT", ("v1", "users", ID, "devices", ID), "/v1/users/{id}/devices/{deviceId}", "put_device"),
+    Route("DELETE", ("v1", "users", ID, "devices", ID), "/v1/users/{id}/devices/{deviceId}", "delete_device"),
     Route("GET", ("healthz",), "/healthz", "healthz", auth=False),
     Route("GET", ("metrics",), "/metrics", "metrics", auth=False),
     Route("GET", ("openapi.json",), "/openapi.json", "openapi", auth=False),
@@ -206,7 +212,7 @@ def openapi_document() -> bytes:
 # --- the API ------------------------------------------------------------------------------------
 
 
-class APIResource(resource.Resource):
+class APIResource(ControlResources, resource.Resource):
     """The whole of imapi's HTTP surface as one leaf resource (see the module docstring).
 
     ``store``: IMessageStore; ``registry``: IRegistry; ``publisher``:
@@ -233,6 +239,9 @@ class APIResource(resource.Resource):
         self.metrics = metrics_resource()
         self._openapi: bytes | None = None
         self._decoder = json.JSONDecoder(parse_constant=_reject_constant)
+        #: publishes session.members of sessions created here (imcluster.api.events.SessionEvents; None:
+        #: off); member changes go through the processors, which publish theirs
+        self.session_events: Any = None
 
     # --- dispatch
 
@@ -271,6 +280,11 @@ class APIResource(resource.Resource):
         def answered(result: tuple[int, Any]) -> None:
             status, body = result
             count(status)
+            if status == 204:  # no content (DELETE of a device)
+                if not getattr(request, "_disconnected", False) and not request.finished:
+                    request.setResponseCode(204)
+                    request.finish()
+                return
             write_json(request, status, body)
 
         def failed(f: Failure) -> None:
@@ -419,6 +433,8 @@ class APIResource(resource.Resource):
         creator = None if principal.admin else principal.user_id
         session_id, everyone = await self.store.create_session(creator, members, session_id, kind)
         kind = "p2p" if parse_p2p(session_id) is not None else "group"
+        if self.session_events is not None and kind == "group":
+            await self.session_events.members(session_id, everyone, [])
         self.log.info("session {session} created by {who} with {n} members", session=session_id,
                       who=str(principal), n=len(everyone))
         return 201, {"sessionId": session_id, "kind": kind, "members": everyone}

@@ -57,6 +57,17 @@ def build(config: Any, authenticator: Any = None) -> tuple[DaemonService, Any]:
         authenticator or JWTAuthenticator.from_config(config),
         config.api_key, probes, health_timeout=config.health_timeout, max_json_depth=config.max_json_depth,
         max_frame_size=config.max_frame_size)
+    from imcluster.api.events import SessionEvents
+
+    events = SessionEvents(amqp, config)
+    if events.enabled:
+        events.declare()
+        api.session_events = events
+    # HTTP-API.md 1.1: push targets and revocations (imcluster/api/control.py)
+    from imcluster.store.devices import DeviceStore
+
+    api.devices = DeviceStore(db)
+    api.revoke_ttl = config.revoke_ttl
     # the web chat page (/app/) and, with --dev-login only, POST /v1/dev/login
     site = make_site(mount(api, config), config)
     for description in config.http:

@@ -54,7 +54,7 @@ from zope.interface import implementer
 
 from imcluster import metrics
 from imcluster import protocol as p
-from imcluster.auth import AuthError, usable_timestamp
+from imcluster.auth import AuthError, TokenRevoked, usable_timestamp
 from imcluster.gateway import transport as closes
 from imcluster.gateway.timers import wheel
 from imcluster.gateway.transport import CloseReason, transport_counters
@@ -331,6 +331,23 @@ class ClientConnection:
         """Close with WebSocket ``code``; a TCP client first gets the ``error`` frame for it."""
         self._close(CloseReason.for_code(code, reason))
 
+    def kick(self, reason: CloseReason) -> None:
+        """An operator's kick or revoke (``closes.KICKED``, ``closes.TOKEN_REVOKED``).
+
+        PROTOCOL.md 1.1: ``{"type":"error","code":"kicked"}`` (or
+        ``token_revoked``) on every transport, then the close (WebSocket 4004).
+        """
+        if self._state != OPEN:
+            return
+        self._send_error(p.error_frame(reason.name, reason.text))
+        self._close(reason)
+
+    @property
+    def issued_at(self) -> Any:
+        """The ``iat`` claim of the token the connection authenticated with (None if none)."""
+        claims = getattr(self.identity, "claims", None)
+        return claims.get("iat") if isinstance(claims, dict) else None
+
     def going_away(self) -> None:
         """The gateway stops: WebSocket 1001, TCP ``error`` ``going_away``; the client reconnects elsewhere."""
         self._close(closes.GOING_AWAY)
@@ -560,6 +577,10 @@ class ClientConnection:
     def _auth_not_recorded(self, failure: Failure, refresh: bool) -> None:
         self._auth_pending = False
         if self._state != OPEN:
+            return
+        if failure.check(TokenRevoked):
+            # the revocation was read in the registration pipeline (HTTP-API.md revoke)
+            self._auth_refused(p.TOKEN_REVOKED, failure.getErrorMessage())
             return
         self.log.warn("could not record auth of {conn}: {error}", conn=self.conn_id,
                       error=failure.getErrorMessage())

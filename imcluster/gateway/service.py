@@ -50,6 +50,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from imcluster import envelope, metrics
+from imcluster.auth import TokenRevoked, is_revoked
 from imcluster.protocol import encode_bytes
 from imcluster.gateway.connections import ConnectionRegistry
 from imcluster.registry import conn_meta, server_info
@@ -167,6 +168,13 @@ def _chunks(items: list, size: int) -> Iterable[list]:
         yield items[i:i + size]
 
 
+def check_revoked(not_before: Any, identity: Any) -> Any:
+    """Fail with :class:`~imcluster.auth.TokenRevoked` when ``identity``'s token falls under ``not_before``."""
+    if is_revoked(getattr(identity, "claims", None), not_before):
+        raise TokenRevoked()
+    return None
+
+
 # --- Redis writes of connection entries -----------------------------------------
 
 
@@ -249,22 +257,26 @@ class ConnectionWriter:
             d = self.registry.remove_connections(self.server_id, chunk)
             d.addErrback(self._remove_failed, chunk)
             self._track(d)
+        # the revocation check rides in the registration pipeline (no round trip of its own)
+        add = getattr(self.registry, "add_connections_checked", None) or self.registry.add_connections
         for chunk in _chunks(adds, self.batch):
             entries = [(u, ip, port, meta) for (u, ip, port), (meta, _) in chunk]
-            d = self.registry.add_connections(self.server_id, entries)
-            d.addBoth(self._added, [w for _, (_, ws) in chunk for w in ws])
+            d = add(self.server_id, entries)
+            d.addBoth(self._added, [(u, w) for (u, _, _), (_, ws) in chunk for w in ws])
             self._track(d)
 
     def _track(self, d: defer.Deferred) -> None:
         self._in_flight.add(d)
         d.addBoth(lambda r: (self._in_flight.discard(d), r)[1])
 
-    def _added(self, result: Any, waiters: list[defer.Deferred]) -> None:
-        for w in waiters:
+    def _added(self, result: Any, waiters: list[tuple[str, defer.Deferred]]) -> None:
+        # each add fires with its user's revocation (notBefore ms, or None)
+        revoked = result if isinstance(result, dict) else {}
+        for user_id, w in waiters:
             if isinstance(result, Failure):
                 w.errback(result)
             else:
-                w.callback(None)
+                w.callback(revoked.get(user_id))
         if isinstance(result, Failure):
             self.log.warn("writing {n} connection entries failed: {err}",
                           n=len(waiters), err=result.getErrorMessage())
@@ -706,6 +718,7 @@ class GatewayService(AsyncMultiService):
         if previous is not None and previous != user_id:
             self._writer.remove(previous, conn.ip, conn.port)
         d = self._writer.add(user_id, conn.ip, conn.port, meta)
+        d.addCallback(check_revoked, identity)
         if refresh and previous == user_id:
             return d
 
@@ -718,6 +731,28 @@ class GatewayService(AsyncMultiService):
             return f
 
         return d.addErrback(failed)
+
+    def control(self, ctl: Any) -> int:
+        """An operator's kick or revoke (:class:`imcluster.envelope.Control`) for a user of this gateway.
+
+        Closes that user's connections here (a revoke: those whose token was
+        issued before ``notBefore``); returns how many.
+        """
+        from imcluster.gateway import transport as closes
+
+        n = 0
+        for conn in list(self.connections.of_user(ctl.user_id).values()):
+            if ctl.action == envelope.REVOKE:
+                if not is_revoked(getattr(conn.identity, "claims", None), ctl.not_before):
+                    continue
+                reason = closes.TOKEN_REVOKED
+            else:
+                reason = closes.KICKED
+            conn.kick(reason)
+            n += 1
+        self.log.info("gateway {uuid}: {action} of {user} closed {n} connections",
+                      uuid=self.server_id, action=ctl.action, user=ctl.user_id, n=n)
+        return n
 
     def request_sync(self, conn: Any) -> defer.Deferred:
         """Ask the processors for ``conn``'s undelivered messages (a ``sync`` item).
@@ -832,6 +867,9 @@ class GatewayService(AsyncMultiService):
             return
         get = self.connections.get
         for delivery in deliveries:
+            if isinstance(delivery, envelope.Control):
+                self.control(delivery)
+                continue
             targets = [conn for conn in (get(cid) for cid in delivery.conn_ids) if conn is not None]
             if not targets:
                 continue

@@ -76,8 +76,14 @@ TOKEN_EXPIRED = CloseReason("token_expired", p.CLOSE_TOKEN_EXPIRED, p.TOKEN_EXPI
 BAD_FRAMES = CloseReason("bad_frames", p.CLOSE_POLICY, None, "too many bad frames")
 AUTH_FAILED = CloseReason("auth_failed", p.CLOSE_AUTH, None, "authentication failed")
 
+# an operator's kick or revoke (HTTP-API.md): the engine sends the `error` frame
+# (`kicked` / `token_revoked`) on every transport, WebSocket included, then closes
+# with 4004; so no second frame here
+KICKED = CloseReason("kicked", p.CLOSE_KICKED, None, "kicked by an operator")
+TOKEN_REVOKED = CloseReason("token_revoked", p.CLOSE_KICKED, None, "token revoked by an operator")
+
 CLOSE_REASONS = (TOO_LARGE, SLOW_CONSUMER, GOING_AWAY, AUTH_TIMEOUT, IDLE_TIMEOUT, TOKEN_EXPIRED,
-                 BAD_FRAMES, AUTH_FAILED)
+                 BAD_FRAMES, AUTH_FAILED, KICKED, TOKEN_REVOKED)
 
 
 # prometheus children looked up once: labels() is too slow for every frame

@@ -12,6 +12,12 @@ gets ``{"from", "sessionId", "clientMsgId", "body"}`` and returns a
 ``Verdict.replace(body)``
     the message goes on with ``body`` instead (the next filters see it).
 
+A message already stored (a client's retry) is never given to a filter,
+except to one that declares ``pure = True`` (its only effect is its verdict,
+as the keyword filter's): then a refusal of a stored message is replaced by
+the original's reply. The moderation service
+(:mod:`imcluster.processor.business`) is not pure.
+
 Filters are configured by name, in order (``--filters keyword,...``). A name
 without a dot is a Twisted plugin providing :class:`IMessageFilterFactory`
 (``twisted/plugins/imcluster_filters.py`` provides ``keyword``); a dotted
@@ -105,8 +111,13 @@ _ASCII_WORD = "A-Za-z0-9_"
 
 
 def default_words_path() -> Path:
-    """``etc/badwords.txt`` of the source tree (the default word list when ``moderation_words`` is unset)."""
-    return Path(__file__).resolve().parents[2] / "etc" / "badwords.txt"
+    """``imcluster/data/badwords.txt``, shipped as package data: the word list when ``moderation_words`` is unset.
+
+    An installed processor (a wheel, no source tree) moderates as a checkout does.
+    """
+    from importlib import resources
+
+    return Path(str(resources.files("imcluster").joinpath("data", "badwords.txt")))
 
 
 def read_words(path: str | Path) -> list[str]:
@@ -135,6 +146,9 @@ class KeywordFilter:
     """
 
     name = "keyword"
+    #: calling it has no effect but its verdict: the pipeline may run it on a duplicate
+    #: and look the message up only when it refuses (handlers/message.py)
+    pure = True
 
     def __init__(self, words: Iterable[str], action: str = REJECT) -> None:
         if action not in (REJECT, REPLACE):
@@ -218,7 +232,7 @@ def _map_strings(value: Any, fn: Callable[[str], str]) -> Any:
 
 
 def keyword_filter(config: Any) -> KeywordFilter:
-    """The ``keyword`` plugin: words from ``moderation_words`` (default ``etc/badwords.txt``)."""
+    """The ``keyword`` plugin: words from ``moderation_words`` (default: the shipped ``imcluster/data/badwords.txt``)."""
     path = config.values.get("moderation_words")
     action = config.values.get("moderation_action") or REJECT
     if path is None:

@@ -140,6 +140,8 @@ class Window:
         self.routed: set[str] = set()
         self.marked = False
         self.observed = False
+        #: its events and push requests are published (imcluster.processor.business.Outgoing)
+        self.outgoing_done = False
 
     def __len__(self) -> int:
         return len(self.items)
@@ -206,6 +208,8 @@ class Pipeline:
             from twisted.internet import reactor as clock
         self.clock = clock
         self._queries = defer.DeferredSemaphore(max(1, int(config.values.get("postgres_pool_size", 4))))
+        #: publishes each stored window's webhook events and push requests (None: off; business.py)
+        self.outgoing: Any = None
         # the turns of the last window started (see run)
         self._locked: defer.Deferred = defer.succeed(None)
         self._published: defer.Deferred = defer.succeed(None)
@@ -245,6 +249,11 @@ class Pipeline:
                 defer.Deferred.fromCoroutine(self._store_stage(w, locked)),
                 defer.Deferred.fromCoroutine(self._queries_stage(w)),
             ])
+            # events and push requests go to the broker beside the routing, before the acks
+            outgoing = (defer.Deferred.fromCoroutine(self._outgoing_stage(w))
+                        if self.outgoing is not None and not w.outgoing_done else None)
+            if outgoing is not None:
+                applying = defer.Deferred.fromCoroutine(gather([applying, outgoing]))
             if w.outbox is None:
                 w.outbox = await self._build_outbox(w)
             await published.wait()
@@ -280,6 +289,10 @@ class Pipeline:
                 w.stored_done = True
         finally:
             locked.done()  # a handler gives it up sooner, as soon as the store holds its locks
+
+    async def _outgoing_stage(self, w: Window) -> None:
+        await self.outgoing.publish(w)
+        w.outgoing_done = True
 
     async def _apply_stage(self, w: Window) -> None:
         await gather([defer.Deferred.fromCoroutine(handler.apply(self, w, items)) for handler, items in w.groups])

@@ -10,6 +10,8 @@ The tree (children start in order and stop in reverse)::
       "metrics" (--metrics)            /metrics and /healthz (imcluster.web)
       GuardedLoop     "reaper"         every --heartbeat seconds
       GuardedLoop     "redeliver"      every --redeliver-interval seconds (0: none)
+      WebhookService  "webhooks"       (--webhook-url) calls the business server
+      GuardedLoop     "retention"      every --retention-interval seconds (with --retention-days)
       ProcessorService "processor"     ... the consumer last, so it stops first
 
 Stopping (SIGTERM) therefore runs: the consumer finishes the window in
@@ -86,7 +88,14 @@ def makeService(options: Any) -> DaemonService:  # noqa: N802 (twistd API)
     amqp.setServiceParent(root)
     store = MessageStore(db, config.max_group_size)
     reaper = Reaper(redis)
-    processor = ProcessorService(config, amqp, redis, store, filters, reaper=reaper)
+    # calls to business servers (business.py): the moderation service is the last filter
+    from imcluster.processor import business
+
+    more_filters, outgoing, webhooks = business.build(config, amqp)
+    processor = ProcessorService(config, amqp, redis, store, [*filters, *more_filters], reaper=reaper)
+    if outgoing is not None:
+        outgoing.declare()  # on every connection: a publish to a queue not there would be lost
+        processor.pipeline.outgoing = outgoing
     probes = dependency_probes(redis=redis, amqp=amqp, postgres=db)
     probes["processor"] = lambda: processor.healthy
     make_metrics_service(config, probes).setServiceParent(root)
@@ -95,5 +104,11 @@ def makeService(options: Any) -> DaemonService:  # noqa: N802 (twistd API)
         from imcluster.processor.redeliver import Redeliverer
 
         Redeliverer(store, processor.router, config).service().setServiceParent(root)
+    if webhooks is not None:
+        webhooks.setServiceParent(root)
+    if config.retention_days > 0:
+        from imcluster.processor.retention import Retention
+
+        Retention(db, redis, config).service().setServiceParent(root)
     processor.setServiceParent(root)
     return root

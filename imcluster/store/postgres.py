@@ -469,6 +469,24 @@ class MessageStore:
             commit=True)
 
     @_store_errors
+    def stored_keys(self, keys: Iterable[tuple[str, str]]) -> defer.Deferred:
+        """Which ``(sender, clientMsgId)`` keys are stored already: fires with a set of them.
+
+        One read on the unique key of ``messagerecv``. The pipeline asks it
+        before moderation, so that a client's retry of a stored message is
+        never moderated again (ARCHITECTURE.md flow 5): it goes on to
+        :meth:`begin_window`, which answers it with its original.
+        """
+        pairs = sorted({(s, c) for s, c in keys if valid_user_id(s) and valid_client_msg_id(c)})
+        if not pairs:
+            return defer.succeed(set())
+        d = self.db.run_query(
+            "SELECT r.sender_id, r.client_msg_id FROM unnest(%s::text[], %s::text[]) AS k(sender_id, client_msg_id) "
+            "JOIN messagerecv r USING (sender_id, client_msg_id)",
+            ([p[0] for p in pairs], [p[1] for p in pairs]))
+        return d.addCallback(lambda rows: {(s, c) for s, c in rows})
+
+    @_store_errors
     def mark_sending(self, pairs: Iterable[tuple[str, Any]]) -> defer.Deferred:
         """``pending`` -> ``sending`` for ``(user_id, msg_id)`` pairs; fires with the count changed.
 

@@ -345,6 +345,7 @@ class FakeBus(_bus_service.Service):
         self._consumers = {}
         self._waiting = collections.deque()  # (deferred, args, timer)
         self._waiters = []
+        self.extra_queues = []
 
     # -- names
     def server_key(self):
@@ -414,6 +415,16 @@ class FakeBus(_bus_service.Service):
         b.declare_exchange(n.dlx, "fanout")
         b.declare_queue(n.dead_queue(), self, n.exchange)
         b.declare_queue(n.processor_queue(), self, n.exchange)
+        for q in self.extra_queues:
+            b.declare_queue(q, self, n.exchange)
+
+    def declare_queue(self, queue):
+        """AMQPService.declare_queue: now if connected, and on every reconnect."""
+        if all(q.name != queue.name for q in self.extra_queues):
+            self.extra_queues.append(queue)
+        if self._connected:
+            self.broker.declare_queue(queue, self, self.names.exchange)
+        return defer.succeed(None)
 
     def _connect(self):
         self._declare_topology()

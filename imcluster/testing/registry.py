@@ -410,6 +410,36 @@ class FakeRegistry(_reg_service.Service):
                 out[flat[i]] = {}  # as RedisService: a connection without meta
         return out
 
+    # -- revocations (HTTP-API.md revoke), as RedisService does them
+
+    def _revocation(self, user_id):
+        value = self.store.execute("GET", self.keys.revoked(user_id))
+        try:
+            return None if value is None else int(value)
+        except (TypeError, ValueError):
+            return None
+
+    def add_connections_checked(self, uuid, entries):
+        entries = list(entries)
+        users = list(dict.fromkeys(e[0] for e in entries))
+        if not entries:
+            return defer.succeed({})
+        # RedisService reads the revocations in the registration pipeline: one round trip
+        revoked = {u: self._revocation(u) for u in users} if self.available else {}
+        d = self.add_connections(uuid, entries)
+        return d.addCallback(lambda _: revoked)
+
+    def revoke(self, user_id, not_before_ms, ttl):
+        def run():
+            self.store.execute("SET", self.keys.revoked(user_id), str(int(not_before_ms)), "PX",
+                               str(max(1, int(round(ttl * 1000)))))
+            return self._hash(user_id)
+
+        return self._call("revoke", run)
+
+    def revocation(self, user_id):
+        return self._call("GET", self._revocation, user_id)
+
     def connections_of(self, user_ids):
         users = list(dict.fromkeys(user_ids))
         if not users:

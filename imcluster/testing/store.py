@@ -159,6 +159,9 @@ class FakeStore:
         return _st.Stored(str(msg_id), m.session_id, session["last_seq"], ts, m.sender, m.client_msg_id,
                           m.body, recipients)
 
+    def stored_keys(self, keys):
+        return self._call("stored_keys", lambda ks: {k for k in ks if k in self.by_key}, list(keys))
+
     def mark_sending(self, pairs):
         return self._call("mark_sending", self._mark, list(pairs), "sending")
 

@@ -46,7 +46,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor, task, threads
 
-from imcluster.config import API, GATEWAY, PROCESSOR, options_for
+from imcluster.config import API, GATEWAY, PROCESSOR, PUSH, options_for
 from tests.support.bus import cleanup_namespace
 from tests.support.ids import AMQP_URL, POSTGRES_DSN, REDIS_URL
 
@@ -54,7 +54,7 @@ from tests.support.ids import AMQP_URL, POSTGRES_DSN, REDIS_URL
 BIN_DIR = Path(sys.executable).parent
 TWISTD = BIN_DIR / "twistd"
 
-PLUGIN = {GATEWAY: "imgateway", PROCESSOR: "improcessor", API: "imapi"}
+PLUGIN = {GATEWAY: "imgateway", PROCESSOR: "improcessor", API: "imapi", PUSH: "impush"}
 
 #: seconds a daemon may take to become ready (two busy cores, cold imports)
 START_TIMEOUT = float(os.environ.get("IMTEST_START_TIMEOUT", "30"))
@@ -417,6 +417,31 @@ class Cluster:
         proc = self.spawn(API, opts, ports, env)
         return defer.Deferred.fromCoroutine(
             proc.wait_ready(lambda: all(port_open(p) for p in ports.values()), timeout))
+
+    def start_push(self, timeout: float = START_TIMEOUT, env: dict[str, str] | None = None,
+                   metrics: bool = False, **opts: Any) -> defer.Deferred:
+        """Start ``twistd impush``; fires once ``<ns>.push`` has one more consumer than before
+        (and its metrics port accepts, with ``metrics=True``)."""
+        queue = f"{opts.get('namespace', self.namespace)}.push"
+        if queue not in self.extra_queues:
+            self.extra_queues.append(queue)
+        ports = {}
+        if metrics:
+            ports["metrics"] = free_port()
+            opts.setdefault("metrics", endpoint(ports["metrics"]))
+
+        async def starting() -> DaemonProcess:
+            before = await threads.deferToThread(consumer_count, queue, self.amqp_url)
+            proc = self.spawn(PUSH, opts, ports, env)
+
+            async def ready() -> bool:
+                if not all(port_open(p) for p in ports.values()):
+                    return False
+                return await threads.deferToThread(consumer_count, queue, self.amqp_url) > before
+
+            return await proc.wait_ready(lambda: defer.Deferred.fromCoroutine(ready()), timeout)
+
+        return defer.Deferred.fromCoroutine(starting())
 
     async def shutdown(self) -> None:
         """Stop every process still running (SIGTERM, SIGKILL after STOP_TIMEOUT)."""

@@ -1,4 +1,4 @@
-"""twistd plugins of imcluster: ``twistd imgateway``, ``twistd improcessor``, ``twistd imapi``.
+"""twistd plugins of imcluster: ``twistd imgateway``, ``twistd improcessor``, ``twistd imapi``, ``twistd impush``.
 
 No ``__init__.py`` lives in this folder: it would shadow Twisted's own.
 """
@@ -14,3 +14,6 @@ improcessor = ServiceMaker(
 imapi = ServiceMaker(
     "imcluster HTTP API", "imcluster.api.tap",
     "HTTP API, metrics and health of imcluster", "imapi")
+impush = ServiceMaker(
+    "imcluster push", "imcluster.push.tap",
+    "Offline push of imcluster: push requests to the business's push relay", "impush")

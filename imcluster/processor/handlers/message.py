@@ -1,7 +1,12 @@
 """``message``: moderated, stored with a seq, answered ``message_reply``, delivered ``message_send``.
 
-1. ``prepare``: the moderation filters, in order (a rejection is answered
-   ``rejected`` and nothing is stored; a replacement changes the body);
+1. ``prepare``: de-duplication, then the moderation filters, in order (a
+   rejection is answered ``rejected`` and nothing is stored; a replacement
+   changes the body). A message already stored (same sender and
+   ``clientMsgId``: one ``stored_keys`` read) is never moderated again: the
+   store answers it with its original (ARCHITECTURE.md flow 5). With only
+   pure filters (``pure = True``: the keyword filter) the read is made for
+   refused messages only, after the filters: the answer is the same;
 2. ``store``, in the window's lock turn: ALL the window's messages in ONE
    store transaction (:meth:`~imcluster.interfaces.IMessageStore.begin_window`).
    Once the store holds its locks the turn is given up, the registry is
@@ -62,17 +67,38 @@ class MessageHandler(Handler):
         if not p.filters:
             w.verdicts = {id(item): Verdict.accept() for item in items}
             return
+        # de-duplication before moderation (ARCHITECTURE.md flow 5): a retry of a stored
+        # message is never moderated again; the store answers it with its original. When
+        # every filter is pure (filters.py: the keyword filter), running it on a duplicate
+        # changes nothing but its verdict, and only a refusal needs the read (below): the
+        # window spares a round trip
+        if all(getattr(f, "pure", False) for f in p.filters):
+            stored: set = set()
+        else:
+            stored = await p.store.stored_keys({(i.user_id, i.frame["clientMsgId"]) for i in items})
         verdicts: list[Any] = []
         for item in items:
             f = item.frame
+            if (item.user_id, f["clientMsgId"]) in stored:
+                verdicts.append(Verdict.accept())
+                continue
             verdicts.append(apply_filters(p.filters, {
                 "from": item.user_id, "sessionId": f["sessionId"], "clientMsgId": f["clientMsgId"],
                 "body": f["body"]}))
+        # the calls of one window run at once (a moderation service answers them concurrently)
         waiting = [(n, v) for n, v in enumerate(verdicts) if isinstance(v, defer.Deferred)]
         if waiting:
             results = await gather([v for _, v in waiting])
             for (n, _), v in zip(waiting, results):
                 verdicts[n] = v
+        # a refused message that is stored (a duplicate a pure filter saw, or one whose
+        # original another processor committed since we looked): its original answers it
+        refused = {(i.user_id, i.frame["clientMsgId"]) for i, v in zip(items, verdicts) if v.action == REJECT}
+        if refused:
+            late = await p.store.stored_keys(refused)
+            if late:
+                verdicts = [Verdict.accept() if (i.user_id, i.frame["clientMsgId"]) in late else v
+                            for i, v in zip(items, verdicts)]
         w.verdicts = {id(item): v for item, v in zip(items, verdicts)}
 
     # -- stage 2: the store, then the router, in turn
