@@ -415,16 +415,16 @@ def cleanup(args: argparse.Namespace, namespace: str, prefix: str, schema: str) 
     except Exception as e:  # noqa: BLE001 (clean-up goes on)
         log(f"AMQP clean-up failed: {e!r}")
     try:
-        import txredisapi  # noqa: F401 (only to be sure the URL parser matches the daemons')
         from urllib.parse import urlparse
 
-        u = urlparse(args.redis)
-        redis_cli = ["redis-cli", "-h", u.hostname or "127.0.0.1", "-p", str(u.port or 6379),
-                     "-n", (u.path or "/0").strip("/") or "0"]
-        keys = subprocess.run(redis_cli + ["--scan", "--pattern", prefix + "*"], capture_output=True,
-                              text=True, check=True).stdout.split()
-        for i in range(0, len(keys), 500):
-            subprocess.run(redis_cli + ["DEL", *keys[i:i + 500]], capture_output=True, check=True)
+        for url in args.redis.split(","):  # one URL per shard (bench with --redis a,b)
+            u = urlparse(url)
+            redis_cli = ["redis-cli", "-h", u.hostname or "127.0.0.1", "-p", str(u.port or 6379),
+                         "-n", (u.path or "/0").strip("/") or "0"]
+            keys = subprocess.run(redis_cli + ["--scan", "--pattern", prefix + "*"], capture_output=True,
+                                  text=True, check=True).stdout.split()
+            for i in range(0, len(keys), 500):
+                subprocess.run(redis_cli + ["DEL", *keys[i:i + 500]], capture_output=True, check=True)
     except Exception as e:  # noqa: BLE001
         log(f"Redis clean-up failed: {e!r}")
     try:
@@ -875,7 +875,8 @@ def main(argv=None) -> int:
     parser.add_argument("--trace", action="store_true",
                         help="run the daemons under bench/trace.py (hot-call latencies in bench/results/logs)")
     parser.add_argument("--json", help="write results here (default bench/results/<run>.json)")
-    parser.add_argument("--redis", default=os.environ.get("BENCH_REDIS", "redis://127.0.0.1:6379/0"))
+    parser.add_argument("--redis", default=os.environ.get("BENCH_REDIS", "redis://127.0.0.1:6379/0"),
+                        help="the daemons' --redis: one URL, or several comma separated (shards)")
     parser.add_argument("--amqp", default=os.environ.get("BENCH_AMQP", "amqp://guest:guest@127.0.0.1:5672/%2F"))
     parser.add_argument("--postgres", default=os.environ.get("BENCH_POSTGRES",
                                                              "postgresql://root@127.0.0.1:5432/test"))

@@ -8,10 +8,17 @@ Names (ARCHITECTURE.md), all derived from the namespace ``<ns>``:
     durable queue bound to ``<ns>.server``, dead-lettering to ``<ns>.dlx``;
     every processor consumes it. Every service declares it on connect, so
     frames that gateways publish before any processor ever ran are kept.
+    A quorum queue with ``--queue-type quorum`` (:func:`queue_arguments`
+    builds the arguments of every shared queue), so that it outlives a
+    RabbitMQ node.
 ``<ns>.gateway.<uuid>``
     exclusive, auto-delete queue bound to ``<ns>.wsserver.<uuid>``.
 ``<ns>.dlx`` / ``<ns>.dead``
-    fanout exchange and durable queue holding dead-lettered messages.
+    fanout exchange and durable queue (quorum with ``--queue-type quorum``)
+    holding dead-lettered messages.
+
+``--amqp`` may name several nodes of one RabbitMQ cluster: the service
+connects to one and moves on to the next when it goes (:class:`AMQPService`).
 
 :class:`AMQPService` keeps one connection under a ``ClientService``
 (exponential backoff). pika does not reconnect by itself, so on every new
@@ -44,7 +51,7 @@ import random
 import re
 import socket
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import pika
 import pika.exceptions
@@ -54,6 +61,7 @@ from twisted.application import service
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.internet import defer, error, protocol
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -143,11 +151,60 @@ class QueueSpec:
     exchange: str | None = None  # None: <ns>.exchange
 
 
-class BusNames:
-    """The AMQP names of one namespace (ARCHITECTURE.md)."""
+#: ``--queue-type``: how the shared durable queues are declared (a queue's type never changes once it exists)
+QUEUE_TYPES = ("classic", "quorum")
 
-    def __init__(self, namespace: str) -> None:
+
+def queue_arguments(config: Any = None, single_active: bool = False, **arguments: Any) -> dict:
+    """The ``x-``arguments of a shared durable queue: ``<ns>.processor``, ``<ns>.webhooks``, ``<ns>.push``, ``<ns>.dead``.
+
+    ``config`` is a Config (its ``queue_type``), a queue type (``"classic"``
+    or ``"quorum"``) or None (classic); ``arguments`` are the queue's own
+    (e.g. ``{"x-dead-letter-exchange": ...}`` as ``**{...}``). Every daemon
+    that declares one of these queues must build its arguments here: RabbitMQ
+    refuses (406 PRECONDITION_FAILED, channel closed) a declare whose
+    arguments differ from the queue's.
+
+    ``quorum`` adds ``x-queue-type: quorum`` (a Raft-replicated queue on every
+    node of a RabbitMQ cluster: it survives the loss of a minority of nodes).
+    RabbitMQ's rules for quorum queues, which the callers here keep: durable,
+    never exclusive nor auto-delete (gateway queues stay classic), no
+    ``global`` basic.qos (a per-consumer prefetch is fine), dead-lettering
+    through ``x-dead-letter-exchange`` works, and a redelivered message
+    carries ``x-delivery-count``. No ``x-delivery-limit`` is set: the
+    processors isolate poison themselves (``poison_after``, dead-lettered to
+    ``<ns>.dead``), and a limit would dead-letter sound messages whose
+    processors crashed a few times. ``classic`` adds nothing, so queues
+    declared before this option existed stay equivalent.
+
+    ``single_active``: the queue is consumed by one consumer at a time (the
+    webhook sender). On a classic queue an exclusive consumer does that; a
+    quorum queue does not enforce exclusive consumers (RabbitMQ 3.10, seen
+    here: a second consumer was accepted and got half the messages), so a
+    quorum queue gets ``x-single-active-consumer`` instead: the broker
+    delivers to one consumer and hands over to the next when it goes.
+    """
+    if config is None or isinstance(config, str):
+        queue_type = config or "classic"
+    else:
+        queue_type = getattr(config, "queue_type", None) or "classic"
+    if queue_type not in QUEUE_TYPES:
+        raise ValueError(f"queue type must be one of {', '.join(QUEUE_TYPES)}, got {queue_type!r}")
+    args = dict(arguments)
+    if queue_type == "quorum":
+        args["x-queue-type"] = "quorum"
+        if single_active:
+            args["x-single-active-consumer"] = True
+    return args
+
+
+class BusNames:
+    """The AMQP names of one namespace (ARCHITECTURE.md); ``queue_type`` is how its shared queues are declared."""
+
+    def __init__(self, namespace: str, queue_type: str = "classic") -> None:
         self.namespace = namespace
+        queue_arguments(queue_type)  # a bad type fails here, before anything connects
+        self.queue_type = queue_type
         self.exchange = f"{namespace}.exchange"
         self.dlx = f"{namespace}.dlx"
         self.dead = f"{namespace}.dead"
@@ -163,7 +220,13 @@ class BusNames:
     def processor_queue(self) -> QueueSpec:
         """``<ns>.processor``: durable, bound to ``<ns>.server``, dead-letters to ``<ns>.dlx``."""
         return QueueSpec(f"{self.namespace}.processor", self.server_key(), durable=True,
-                         arguments={"x-dead-letter-exchange": self.dlx})
+                         arguments=queue_arguments(self.queue_type, **{"x-dead-letter-exchange": self.dlx}))
+
+    def shared_queue(self, name: str, routing_key: str | None, exchange: str | None = None,
+                     single_active: bool = False, **arguments: Any) -> QueueSpec:
+        """A durable queue shared by every daemon (``<ns>.webhooks``, ``<ns>.push``...), of ``queue_type``."""
+        return QueueSpec(name, routing_key, durable=True, exchange=exchange,
+                         arguments=queue_arguments(self.queue_type, single_active, **arguments))
 
     def gateway_queue(self, uuid: str) -> QueueSpec:
         """``<ns>.gateway.<uuid>``: exclusive, auto-delete, bound to ``<ns>.wsserver.<uuid>``."""
@@ -172,15 +235,17 @@ class BusNames:
 
     def dead_queue(self) -> QueueSpec:
         """``<ns>.dead``: durable, bound to the fanout ``<ns>.dlx``."""
-        return QueueSpec(self.dead, "", durable=True, exchange=self.dlx)
+        return self.shared_queue(self.dead, "", exchange=self.dlx)
 
     def webhooks_queue(self) -> QueueSpec:
         """``<ns>.webhooks``: durable, bound to ``<ns>.webhooks`` (events for business servers, HTTP-API.md)."""
-        return QueueSpec(f"{self.namespace}.webhooks", f"{self.namespace}.webhooks", durable=True)
+        # one sender at a time (imcluster.processor.business): an exclusive consumer, or on a
+        # quorum queue x-single-active-consumer (queue_arguments)
+        return self.shared_queue(f"{self.namespace}.webhooks", f"{self.namespace}.webhooks", single_active=True)
 
     def push_queue(self) -> QueueSpec:
         """``<ns>.push``: durable, bound to ``<ns>.push`` (offline push requests for ``twistd impush``)."""
-        return QueueSpec(f"{self.namespace}.push", f"{self.namespace}.push", durable=True)
+        return self.shared_queue(f"{self.namespace}.push", f"{self.namespace}.push")
 
 
 # --- messages ------------------------------------------------------------------
@@ -366,6 +431,71 @@ def _reason_text(reason: Any) -> str:
         return f"{reason.reply_code} {reason.reply_text}"
     text = str(reason) or type(reason).__name__
     return text
+
+
+def split_urls(urls: str | Iterable[str]) -> list[str]:
+    """``--amqp``'s value as a list of URLs: one string (comma-separated allowed) or several."""
+    if isinstance(urls, str):
+        urls = [urls]
+    out: list[str] = []
+    for u in urls:
+        out.extend(part.strip() for part in u.split(",") if part.strip())
+    return out
+
+
+@dataclass
+class _Node:
+    """One RabbitMQ node of ``--amqp``: where it is and the connection parameters for it."""
+
+    host: str
+    port: int
+    tls: bool
+    params: pika.ConnectionParameters
+
+    @classmethod
+    def parse(cls, url: str, password: str | None, connection_name: str) -> "_Node":
+        if not url.startswith(("amqp://", "amqps://")):
+            raise ValueError(f"not an amqp:// or amqps:// URL: {url!r}")
+        params = pika.URLParameters(url)
+        if password is not None:
+            params.credentials = pika.PlainCredentials(params.credentials.username, password)
+        params.client_properties = {"connection_name": connection_name, "product": "imcluster"}
+        return cls(params.host, params.port, url.startswith("amqps:"), params)
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+@implementer(IStreamClientEndpoint)
+class _FailoverEndpoint:
+    """ClientService's endpoint: each attempt connects to the owner's current node.
+
+    A failed TCP connect moves the owner on to the next node (as a failed
+    AMQP handshake and a lost connection do, in :class:`AMQPService`), so
+    with ``--amqp`` listing a cluster's nodes a daemon whose node went
+    reconnects to another one after one backoff delay.
+    """
+
+    def __init__(self, owner: "AMQPService") -> None:
+        self.owner = owner
+
+    def connect(self, factory: Any) -> defer.Deferred:
+        from twisted.internet import reactor
+
+        owner = self.owner
+        node = owner.node
+        endpoint = HostnameEndpoint(reactor, node.host, node.port, timeout=owner.publish_timeout)
+        if node.tls:
+            from twisted.internet.ssl import optionsForClientTLS
+            endpoint = wrapClientTLS(optionsForClientTLS(node.host), endpoint)
+
+        def failed(f: Failure) -> Failure:
+            owner._last_error = f"connecting to {node} failed: {f.getErrorMessage()}"
+            if owner.node is node:
+                owner._next_node(owner._last_error)
+            return f
+
+        return endpoint.connect(factory).addErrback(failed)
 
 
 # --- publishing ----------------------------------------------------------------
@@ -623,7 +753,15 @@ class AMQPService(service.Service):
     """IMessageBus on RabbitMQ: one reconnecting connection, publisher confirms, consumers that survive reconnects.
 
     ``url``: ``amqp://user:password@host:port/vhost`` (``amqps://`` for TLS;
-    pika's query arguments such as ``heartbeat=30`` apply).
+    pika's query arguments such as ``heartbeat=30`` apply), or several (a
+    list, or one string with commas): the nodes of one RabbitMQ cluster. The
+    service connects to the first; when its node goes (connection lost, TCP
+    connect or AMQP handshake failed) the next attempt goes to the next
+    node, round the list. Everything a new connection does anyway (topology
+    and consumers declared again, unconfirmed publishes sent again, restart
+    listeners told) makes the failover a reconnect like any other.
+    ``queue_type``: ``classic`` or ``quorum``, how the shared queues are
+    declared (:func:`queue_arguments`).
     ``publish_timeout`` bounds every publish (waiting for a connection
     included), the AMQP handshake and the stop. ``publish_backlog`` bounds
     the publishes that wait while the broker is unreachable; more fail at once.
@@ -639,23 +777,20 @@ class AMQPService(service.Service):
     reconnect_factor = 2.0
     reconnect_max_delay = 2.0
 
-    def __init__(self, url: str, namespace: str, publish_timeout: float = 5.0,
+    def __init__(self, url: str | Sequence[str], namespace: str, publish_timeout: float = 5.0,
                  password: str | None = None, clock: Any = None, name: str = "amqp",
                  retry_policy: Callable[[int], float] | None = None,
                  publish_backlog: int = 10000, connection_name: str | None = None,
-                 max_publish_bytes: int = 8 * 1024 * 1024) -> None:
-        params = pika.URLParameters(url)
-        self.tls = url.startswith("amqps:")
-        self.host = params.host
-        self.port = params.port
-        if password is not None:
-            params.credentials = pika.PlainCredentials(params.credentials.username, password)
+                 max_publish_bytes: int = 8 * 1024 * 1024, queue_type: str = "classic") -> None:
         self.connection_name = connection_name or (
             f"imcluster {name} {namespace} {socket.gethostname()}:{os.getpid()}")
-        params.client_properties = {"connection_name": self.connection_name, "product": "imcluster"}
-        self.params = params
+        #: the cluster's nodes, in the order given; ``_node`` is the one connected or being tried
+        self.nodes = [_Node.parse(u, password, self.connection_name) for u in split_urls(url)]
+        if not self.nodes:
+            raise ValueError("AMQP needs at least one amqp:// or amqps:// URL")
+        self._node = 0
         self.namespace = namespace
-        self.names = BusNames(namespace)
+        self.names = BusNames(namespace, queue_type)
         self.exchange = self.names.exchange
         self.publish_timeout = publish_timeout
         self.publish_backlog = publish_backlog
@@ -701,8 +836,36 @@ class AMQPService(service.Service):
         """Build from a Config (``amqp``, ``amqp_password``, ``namespace``, ``publish_timeout``, ``publish_backlog``)."""
         kw.setdefault("publish_backlog", getattr(config, "publish_backlog", 10000))
         kw.setdefault("max_publish_bytes", getattr(config, "max_publish_bytes", 8 * 1024 * 1024))
+        kw.setdefault("queue_type", getattr(config, "queue_type", "classic"))
         return cls(config.amqp, config.namespace, publish_timeout=config.publish_timeout,
                    password=getattr(config, "amqp_password", None), **kw)
+
+    # --- the cluster's nodes
+
+    @property
+    def node(self) -> "_Node":
+        """The node connected now (or tried next)."""
+        return self.nodes[self._node]
+
+    @property
+    def host(self) -> str:
+        return self.node.host
+
+    @property
+    def port(self) -> int:
+        return self.node.port
+
+    @property
+    def params(self) -> pika.ConnectionParameters:
+        return self.node.params
+
+    def _next_node(self, why: str) -> None:
+        """Try the next node of the cluster from now on (a no-op with one node)."""
+        if len(self.nodes) < 2:
+            return
+        old = self.node
+        self._node = (self._node + 1) % len(self.nodes)
+        self.log.info("AMQP {old} gone ({why}); trying node {new} next", old=old, why=why, new=self.node)
 
     # --- IMessageBus names
 
@@ -753,17 +916,14 @@ class AMQPService(service.Service):
         within ``publish_timeout`` until it is up.
         """
         super().startService()
-        from twisted.internet import reactor
-        endpoint = HostnameEndpoint(reactor, self.host, self.port, timeout=self.publish_timeout)
-        if self.tls:
-            from twisted.internet.ssl import optionsForClientTLS
-            endpoint = wrapClientTLS(optionsForClientTLS(self.host), endpoint)
-        self._client = ClientService(endpoint, _Factory(self), retryPolicy=self.retry_policy,
+        self._client = ClientService(_FailoverEndpoint(self), _Factory(self), retryPolicy=self.retry_policy,
                                      prepareConnection=self._prepare)
         self._client.startService()
-        self.log.info("AMQP {host}:{port} vhost {vhost} namespace {namespace}: connecting as {conn_name!r}",
-                      host=self.host, port=self.port, vhost=self.params.virtual_host,
-                      namespace=self.namespace, conn_name=self.connection_name)
+        self.log.info("AMQP {nodes} vhost {vhost} namespace {namespace} ({queue_type} queues): "
+                      "connecting as {conn_name!r}",
+                      nodes=", ".join(str(n) for n in self.nodes), vhost=self.params.virtual_host,
+                      namespace=self.namespace, queue_type=self.names.queue_type,
+                      conn_name=self.connection_name)
         d = self.wait_connected()
         timer = self._clock.callLater(self.publish_timeout, d.cancel)
 
@@ -829,6 +989,7 @@ class AMQPService(service.Service):
                 if not r.check(defer.CancelledError):
                     self.log.warn("AMQP {host}:{port} connection failed: {err}",
                                   host=self.host, port=self.port, err=self._last_error)
+                    self._next_node(self._last_error)
                 conn.abort()
                 result.errback(r)
                 return None
@@ -1003,6 +1164,9 @@ class AMQPService(service.Service):
         if self.running:
             self.log.warn("AMQP {host}:{port} connection lost ({reason}); reconnecting",
                           host=self.host, port=self.port, reason=why)
+            # the node may be gone: the next attempt goes to the next node (a gateway's exclusive
+            # queue is declared again there, and its restart listeners re-sync its connections)
+            self._next_node(f"connection lost: {why}")
 
     def stopService(self):  # noqa: N802
         """Cancel consumers, wait for in-flight confirms, close the connection; bounded by ``publish_timeout``.

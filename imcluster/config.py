@@ -147,11 +147,50 @@ def _url(*schemes: str) -> Callable[[Any], str]:
     return parse
 
 
+_REDIS_SCHEMES = ("redis", "rediss", "redis+sentinel", "rediss+sentinel")
+
+
+def _redis_urls(value: Any) -> str:
+    """One or several shard URLs (comma separated, repeated, or a TOML list) -> one comma-joined string.
+
+    A piece without ``://`` continues a ``redis+sentinel://`` URL's host list.
+    The full parsing is :func:`imcluster.registry.parse_redis_urls`' (this floor cannot import it).
+    """
+    items = [value] if isinstance(value, str) else _str_list(value)
+    pieces = [p.strip() for item in items for p in item.split(",") if p.strip()]
+    if not pieces:
+        raise ValueError("needs at least one redis:// URL")
+    sentinel_hosts = False
+    for p in pieces:
+        if "://" in p:
+            scheme = p.split("://", 1)[0]
+            if scheme not in _REDIS_SCHEMES:
+                raise ValueError(f"must be URLs with scheme {', '.join(_REDIS_SCHEMES)}, got {p!r}")
+            sentinel_hosts = scheme.endswith("+sentinel") and "/" not in p.split("://", 1)[1]
+        elif not sentinel_hosts:
+            raise ValueError(f"{p!r} is not a redis URL (only redis+sentinel:// lists several hosts)")
+        else:
+            sentinel_hosts = "/" not in p
+    return ",".join(pieces)
+
+
 def _postgres_dsn(value: Any) -> str:
     v = _str(value)
     if "://" in v and urlsplit(v).scheme not in ("postgres", "postgresql"):
         raise ValueError(f"must be a postgresql:// URL or a libpq key=value string, got {v!r}")
     return v
+
+
+def _amqp_urls(value: Any) -> list[str]:
+    urls = [u.strip() for v in _str_list(value) for u in v.split(",") if u.strip()]
+    if not urls:
+        raise ValueError("needs at least one amqp:// or amqps:// URL")
+    return [_url("amqp", "amqps")(u) for u in urls]
+
+
+def _postgres_dsns(value: Any) -> list[str]:
+    # a key=value DSN has no commas of its own; a URL's query would be percent-encoded
+    return [_postgres_dsn(v) for v in _str_list(value)]
 
 
 def _identifier(value: Any) -> str:
@@ -251,13 +290,24 @@ OPTIONS: list[Option] = [
     # --- shared state
     _opt("namespace", _namespace, "im", G | P | A,
          "business namespace: AMQP names <ns>.exchange, <ns>.server, <ns>.processor, <ns>.wsserver.<uuid>"),
-    _opt("redis", _url("redis", "rediss"), "redis://127.0.0.1:6379/0", G | P | A, "Redis URL"),
+    _opt("redis", _redis_urls, "redis://127.0.0.1:6379/0", G | P | A,
+         "Redis URL: redis[s]://[[user]:password@]host[:port][/db], or "
+         "redis+sentinel://host:port,host:port/<master>[/db] (Sentinel: follows failovers); several "
+         "(comma separated, repeated, or a list) shard the keys by hash tag, and every daemon must "
+         "be given the same shards", multi=True),
     _opt("redis_password", _str, None, G | P | A, "Redis password (overrides the URL's)", secret=True),
     _opt("redis_prefix", _str, "", G | P | A, "prepended to every Redis key"),
     _opt("redis_timeout", _positive(_float), 5.0, G | P | A, "seconds before a Redis command fails"),
     _opt("redis_batch", _positive(_int), 1000, G | P | A,
          "connections one Redis script removes at once when a gateway unregisters or is reaped"),
-    _opt("amqp", _url("amqp", "amqps"), "amqp://guest:guest@127.0.0.1:5672/%2F", G | P | A, "RabbitMQ URL"),
+    _opt("amqp", _amqp_urls, ["amqp://guest:guest@127.0.0.1:5672/%2F"], G | P | A,
+         "RabbitMQ URL, or the URLs of a RabbitMQ cluster's nodes (repeat --amqp, or separate them "
+         "with commas; a TOML list): a daemon connects to the first and moves on to the next when "
+         "its node goes", multi=True),
+    _opt("queue_type", _choice("classic", "quorum"), "classic", G | P | A,
+         "how the shared queues (<ns>.processor, <ns>.webhooks, <ns>.push, <ns>.dead) are declared: "
+         "quorum queues survive a RabbitMQ node's loss (needs a cluster of 3 or more); a queue's "
+         "type never changes once it exists, and every daemon must give the same"),
     _opt("amqp_password", _str, None, G | P | A, "RabbitMQ password (overrides the URL's)", secret=True),
     _opt("publish_timeout", _positive(_float), 5.0, G | P | A,
          "seconds a publish waits for the broker (connection and confirm) before it fails"),
@@ -268,6 +318,11 @@ OPTIONS: list[Option] = [
          "gateway batches, deliveries, sync pages and history replies are split or capped to fit"),
     _opt("postgres", _postgres_dsn, "postgresql://root@127.0.0.1:5432/root", P | A | M, "PostgreSQL DSN"),
     _opt("postgres_password", _str, None, P | A | M, "PostgreSQL password (overrides the DSN's)", secret=True),
+    _opt("postgres_replica", _postgres_dsns, [], P | A,
+         "DSN(s) of PostgreSQL streaming replicas (repeat the option; a TOML list) that serve "
+         "history and the HTTP API's reads (sessions, a user's sessions, read cursors); sync, seq assignment, "
+         "de-duplication and every write stay on --postgres, as do reads while no replica "
+         "answers (empty: everything on --postgres)", multi=True),
     _opt("postgres_schema", _identifier, "public", P | A | M, "PostgreSQL schema holding imcluster's tables"),
     _opt("postgres_pool_size", _positive(_int), 4, P | A, "PostgreSQL connections per daemon"),
     _opt("postgres_timeout", _positive(_float), 10.0, P | A | M, "seconds to connect to PostgreSQL"),
@@ -472,7 +527,7 @@ OPTIONS: list[Option] = [
 
 #: the shared options twistd impush reads too (it has no Redis and no client listener)
 _PUSH_SHARED = frozenset({
-    "namespace", "amqp", "amqp_password", "publish_timeout", "publish_backlog", "max_publish_bytes",
+    "namespace", "amqp", "amqp_password", "queue_type", "publish_timeout", "publish_backlog", "max_publish_bytes",
     "postgres", "postgres_password", "postgres_schema", "postgres_pool_size", "postgres_timeout",
     "postgres_statement_timeout", "shutdown_timeout", "metrics", "health_timeout", "max_json_depth",
     "max_body_size", "http_idle_timeout", "http_header_timeout", "http_body_timeout",
@@ -648,9 +703,9 @@ def with_password(url: str, password: str | None) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
-def postgres_dsn(config: Config) -> str:
-    """The libpq DSN of ``config`` with password and schema applied."""
-    dsn = config.postgres
+def postgres_dsn(config: Config, dsn: str | None = None) -> str:
+    """The libpq DSN of ``config`` (or ``dsn``, e.g. a replica's) with ``postgres_password`` applied."""
+    dsn = config.postgres if dsn is None else dsn
     password = config.values.get("postgres_password")
     if "://" in dsn:
         return with_password(dsn, password)

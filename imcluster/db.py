@@ -327,8 +327,8 @@ class PostgresService(service.Service):
         kw.setdefault("pool_size", config.values.get("postgres_pool_size", 4))
         kw.setdefault("application_name", f"imcluster-{config.daemon}")
         kw.setdefault("statement_timeout", config.values.get("postgres_statement_timeout"))
-        return cls(postgres_dsn(config), schema=config.postgres_schema,
-                   connect_timeout=config.postgres_timeout, **kw)
+        dsn = kw.pop("dsn", None) or postgres_dsn(config)
+        return cls(dsn, schema=config.postgres_schema, connect_timeout=config.postgres_timeout, **kw)
 
     # --- state
 
@@ -655,6 +655,67 @@ class PostgresService(service.Service):
     def apply_migrations(self, migrations: Sequence["Migration"] | None = None) -> defer.Deferred:
         """:func:`apply_migrations` on this service."""
         return apply_migrations(self, migrations)
+
+
+class ReadPool:
+    """Reads a streaming replica may serve (``--postgres-replica``): history and the HTTP API's reads.
+
+    ``run_query`` goes to the next replica, round robin, that has a live
+    connection; when none has (no replica given, or all down), or the one
+    chosen fails with :class:`DatabaseUnavailable`, it runs on the primary.
+    A replica lags its primary by its replay delay (milliseconds on a local
+    network), which reads of history and sessions tolerate; nothing that
+    assigns seq, de-duplicates, syncs or writes comes here (ARCHITECTURE.md
+    "Scale-out"): those keep using the primary's :class:`PostgresService`.
+    """
+
+    log = Logger()
+
+    def __init__(self, primary: "PostgresService", replicas: Sequence["PostgresService"] = ()) -> None:
+        self.primary = primary
+        self.replicas = list(replicas)
+        self._next = 0
+        #: reads served by a replica, and by the primary instead of one (observability, tests)
+        self.replica_reads = 0
+        self.primary_reads = 0
+
+    @classmethod
+    def from_config(cls, config: Any, primary: "PostgresService") -> "ReadPool":
+        """The pool of ``config.postgres_replica`` (services named ``postgres-replica-<n>``, not started)."""
+        from imcluster.config import postgres_dsn
+
+        replicas = [PostgresService.from_config(config, dsn=postgres_dsn(config, dsn),
+                                                name=f"postgres-replica-{i}",
+                                                application_name=f"imcluster-{config.daemon}-replica")
+                    for i, dsn in enumerate(config.values.get("postgres_replica") or (), 1)]
+        return cls(primary, replicas)
+
+    def _pick(self) -> "PostgresService | None":
+        n = len(self.replicas)
+        for i in range(n):
+            replica = self.replicas[(self._next + i) % n]
+            if replica.connected:
+                self._next = (self._next + i + 1) % n
+                return replica
+        return None
+
+    def run_query(self, sql: str, params: Any = None, idempotent: bool = True) -> defer.Deferred:
+        """:meth:`PostgresService.run_query` on a replica, else on the primary."""
+        replica = self._pick()
+        if replica is None:
+            self.primary_reads += 1
+            return self.primary.run_query(sql, params, idempotent)
+
+        def fallback(f: Failure) -> Any:
+            f.trap(DatabaseUnavailable)
+            self.log.warn("PostgreSQL replica {where} failed a read ({err}); reading from the primary",
+                          where=replica.where, err=f.getErrorMessage())
+            self.replica_reads -= 1
+            self.primary_reads += 1
+            return self.primary.run_query(sql, params, idempotent)
+
+        self.replica_reads += 1
+        return replica.run_query(sql, params, idempotent).addErrback(fallback)
 
 
 def _fetch_all(conn: txpostgres.Connection, sql: str, params: Any) -> defer.Deferred:

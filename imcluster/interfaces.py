@@ -97,11 +97,13 @@ class IBusMessage(Interface):
 
 
 class IRegistry(Interface):
-    """Redis, with the exact key layout of ARCHITECTURE.md (after ``redis_prefix``).
+    """Redis, with the key layout of ARCHITECTURE.md (after ``redis_prefix``, with hash tags).
 
-    ``WSSERVER_<uuid>`` (string with TTL), ``WSSERVERS`` (set),
-    ``UCIR##<userId>`` (hash: ``<uuid>##<ip>##<port>`` -> JSON),
-    ``WSCONNS##<uuid>`` (set of ``<userId>##<ip>##<port>``).
+    ``WSSERVER_{<uuid>}`` (string with TTL), ``WSSERVERS`` (set),
+    ``UCIR##{<userId>}`` (hash: ``<uuid>##<ip>##<port>`` -> JSON),
+    ``WSCONNS##{<uuid>}`` (set of ``<userId>##<ip>##<port>``); names from
+    :class:`imcluster.registry.RedisKeys`. Redis may be several shards: "one
+    round trip" below means one per shard, all sent at once.
     Every method returns a Deferred and fails within ``redis_timeout``.
     No method uses KEYS or SCAN.
     """
@@ -147,7 +149,7 @@ class IRegistry(Interface):
         """
 
     def reap_server(uuid):
-        """Atomically, only if ``WSSERVER_<uuid>`` is gone, remove its entries.
+        """Only while ``WSSERVER_<uuid>`` is gone, remove its entries (chunk by chunk, each checked).
 
         Fires True when this call reaped it. Safe with several reapers.
         """

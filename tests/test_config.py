@@ -154,7 +154,7 @@ def test_max_connections_defaults_per_daemon():
     (PROCESSOR, "heartbeat", '"soon"', "expected a number"),
     (PROCESSOR, "batch_size", "0", "must be greater than 0"),
     (PROCESSOR, "namespace", '"a.b"', "must be 1-64 characters"),
-    (PROCESSOR, "redis", '"http://x"', "scheme redis or rediss"),
+    (PROCESSOR, "redis", '"http://x"', "scheme redis, rediss, redis+sentinel"),
     (PROCESSOR, "postgres_schema", '"Bad-Schema"', "lower-case SQL identifier"),
     (PROCESSOR, "migrate", '"maybe"', "expected true or false"),
     (PROCESSOR, "filters", "[1, 2]", "expected a list of strings"),

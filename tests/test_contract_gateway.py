@@ -101,7 +101,7 @@ class RealHubSide:
         user = self.hub.connections.user_of(conn)
         if user is not None:
             # recorded means: where processors look it up
-            fields = self.registry.store.execute("HGETALL", f"{PREFIX}UCIR##{user}")[::2]
+            fields = self.registry.store.execute("HGETALL", f"{PREFIX}UCIR##{{{user}}}")[::2]
             assert f"{self.hub.server_id}##{conn.ip}##{conn.port}" in fields
         return user
 

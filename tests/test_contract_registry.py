@@ -32,11 +32,14 @@ UUID2 = "3f0c2a4e-0000-4000-8000-000000000002"
 INFO = server_info("10.0.0.9", 8080, 8081, 1764160000)
 
 
-@pytest.fixture(params=["fake", "real"])
+@pytest.fixture(params=["fake", "real", pytest.param("sharded", marks=pytest.mark.slow)])
 def registry(request, redis_prefix):
-    """The registry under test: the fake, or a started RedisService on this test's prefix."""
+    """The registry under test: the fake, a started RedisService on this test's prefix, or one
+    over two private Redis primaries (client-side sharding by hash tag; slow: it starts them)."""
     if request.param == "fake":
         return FakeRegistry(redis_prefix)
+    if request.param == "sharded":
+        return request.getfixturevalue("sharded_redis_service")
     return request.getfixturevalue("redis_service")
 
 
@@ -45,6 +48,8 @@ def peer(request, registry):
     """A second registry on the same data: another processor racing the first."""
     if isinstance(registry, FakeRegistry):
         return FakeRegistry(registry.prefix, store=registry.store)
+    if len(registry.nodes) > 1:
+        return request.getfixturevalue("sharded_redis_peer")
     return request.getfixturevalue("redis_peer")
 
 
@@ -71,14 +76,21 @@ def meta(device, n=0):
 def test_key_names_follow_the_architecture():
     """Gateways and processors built elsewhere would not find each other's keys."""
     k = RedisKeys("p:")
-    assert k.server("u1") == "p:WSSERVER_u1"
+    # the seed's names, with the hash tag that puts a gateway's keys (and a user's) on one shard
+    assert k.server("u1") == "p:WSSERVER_{u1}"
     assert k.servers() == "p:WSSERVERS"
-    assert k.ucir("alice") == "p:UCIR##alice"
-    assert k.wsconns("u1") == "p:WSCONNS##u1"
+    assert k.ucir("alice") == "p:UCIR##{alice}"
+    assert k.wsconns("u1") == "p:WSCONNS##{u1}"
+    assert (k.redeliver_lock(), k.redeliver_cursor()) == ("p:REDELIVER_LOCK", "p:REDELIVER_CURSOR")
+    assert k.user_key("PRESENCE##", "alice") == "p:PRESENCE##{alice}"
+    head, tail = k.server_parts()
+    assert head + "u1" + tail == k.server("u1")
     assert k.conn_field("u1", "10.0.0.1", 5000) == "u1##10.0.0.1##5000"
     assert k.conn_field("u1", "2001:db8::1", "5000") == "u1##2001:db8::1##5000"
     assert k.wsconns_member("a.b@c-d_e", "::1", 7) == "a.b@c-d_e##::1##7"
-    assert RedisKeys().server("u1") == "WSSERVER_u1"
+    assert RedisKeys().server("u1") == "WSSERVER_{u1}"
+    with pytest.raises(ValueError):
+        RedisKeys("a{b}:")  # the prefix would be every key's hash tag
 
 
 def test_key_parsers_round_trip_and_reject_garbage():
@@ -507,7 +519,7 @@ def test_from_config_and_url():
     svc = RedisService.from_config(Conf())
     assert (svc.host, svc.port, svc.dbid, svc.username, svc.password) == ("redis.example", 6380, 3, "user", "pw@x")
     assert (svc.prefix, svc.timeout, svc.batch) == ("c1:", 1.5, 1000)
-    assert svc.keys.server("u") == "c1:WSSERVER_u"
+    assert svc.keys.server("u") == "c1:WSSERVER_{u}"
     Conf.redis_password = "secret"
     assert RedisService.from_config(Conf()).password == "secret"
     plain = RedisService("redis://127.0.0.1:6379/0")
@@ -548,8 +560,8 @@ async def test_registration_reads_the_revocation_in_the_same_round_trip(registry
     assert await registry.revocation("alice") == 1764160000123
     got = await registry.add_connections_checked(UUID2, [("alice", "10.0.0.2", 2, meta), ("bob", "10.0.0.3", 3, meta)])
     assert got == {"alice": 1764160000123, "bob": None}
-    assert await registry.execute("GET", f"{registry.prefix}REVOKED##alice") == "1764160000123"
-    ttl = await registry.execute("PTTL", f"{registry.prefix}REVOKED##alice")
+    assert await registry.execute("GET", registry.keys.revoked("alice")) == "1764160000123"
+    ttl = await registry.execute("PTTL", registry.keys.revoked("alice"))
     assert 0 < ttl <= 60000
     # and the connection was registered all the same (the gateway takes it back when refusing)
     assert set((await registry.connections_of(["alice"]))["alice"]) == {f"{UUID1}##10.0.0.1##1", f"{UUID2}##10.0.0.2##2"}

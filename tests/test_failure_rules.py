@@ -30,13 +30,13 @@ pytestmark = pytest.mark.slow
 
 async def redis_state(redis: RedisService, prefix: str, server_id: str, users: list[str]) -> tuple:
     """Everything ARCHITECTURE.md says a gateway keeps in Redis, as raw values."""
-    server = await redis.execute("GET", f"{prefix}WSSERVER_{server_id}")
+    server = await redis.execute("GET", f"{prefix}WSSERVER_{{{server_id}}}")
     servers = set(await redis.execute("SMEMBERS", f"{prefix}WSSERVERS"))
     ucir = {}
     for u in users:
-        flat = await redis.execute("HGETALL", f"{prefix}UCIR##{u}")
+        flat = await redis.execute("HGETALL", f"{prefix}UCIR##{{{u}}}")
         ucir[u] = dict(flat) if isinstance(flat, dict) else dict(zip(flat[::2], flat[1::2]))
-    wsconns = set(await redis.execute("SMEMBERS", f"{prefix}WSCONNS##{server_id}"))
+    wsconns = set(await redis.execute("SMEMBERS", f"{prefix}WSCONNS##{{{server_id}}}"))
     return server, servers, ucir, wsconns
 
 

@@ -78,10 +78,10 @@ class Hub:
         return d
 
     def ucir(self, user):
-        return self.store.execute("HGETALL", f"{PREFIX}UCIR##{user}")
+        return self.store.execute("HGETALL", f"{PREFIX}UCIR##{{{user}}}")
 
     def wsconns(self):
-        return sorted(self.store.execute("SMEMBERS", f"{PREFIX}WSCONNS##{self.uuid}"))
+        return sorted(self.store.execute("SMEMBERS", f"{PREFIX}WSCONNS##{{{self.uuid}}}"))
 
 
 def result(d):
@@ -97,7 +97,7 @@ def result(d):
 def test_start_registers_then_consumes_then_listens():
     """A gateway must be findable in Redis and consuming its queue before any client can connect."""
     h = Hub()
-    info = json.loads(h.store.execute("GET", f"{PREFIX}WSSERVER_{h.uuid}"))
+    info = json.loads(h.store.execute("GET", f"{PREFIX}WSSERVER_{{{h.uuid}}}"))
     assert set(info) == {"ip", "port", "tcpPort", "startedAt"}
     assert h.store.execute("SMEMBERS", f"{PREFIX}WSSERVERS") == [h.uuid]
     consumer = h.bus.consumers[0]
@@ -378,7 +378,7 @@ def test_heartbeat_reregisters_everything_after_data_loss():
     h.reactor.advance(10.0)
     assert len(h.wsconns()) == 5
     assert h.store.execute("SMEMBERS", f"{PREFIX}WSSERVERS") == [h.uuid]
-    assert h.store.execute("PTTL", f"{PREFIX}WSSERVER_{h.uuid}") > 0
+    assert h.store.execute("PTTL", f"{PREFIX}WSSERVER_{{{h.uuid}}}") > 0
     assert json.loads(h.ucir("u4")[1])["exp"] == 1_764_200_000
 
 
@@ -390,7 +390,7 @@ def test_reconnect_reregisters_everything():
     h.turn()
     result(h.registry.simulate_reconnect(lose_data=True))
     assert h.wsconns() == ["alice##10.0.0.1##1"]
-    assert h.store.execute("EXISTS", f"{PREFIX}WSSERVER_{h.uuid}") == 1
+    assert h.store.execute("EXISTS", f"{PREFIX}WSSERVER_{{{h.uuid}}}") == 1
 
 
 def test_failed_resync_is_retried_by_the_next_heartbeat():

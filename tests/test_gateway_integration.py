@@ -195,13 +195,13 @@ async def test_deliveries_reach_every_connection_of_a_user_on_both_gateways(make
 
 async def raw_state(redis, prefix, uuid, users):
     """The gateway's keys, read raw."""
-    server = await redis.execute("GET", f"{prefix}WSSERVER_{uuid}")
-    ttl = await redis.execute("PTTL", f"{prefix}WSSERVER_{uuid}")
+    server = await redis.execute("GET", f"{prefix}WSSERVER_{{{uuid}}}")
+    ttl = await redis.execute("PTTL", f"{prefix}WSSERVER_{{{uuid}}}")
     servers = set(await redis.execute("SMEMBERS", f"{prefix}WSSERVERS"))
-    wsconns = set(await redis.execute("SMEMBERS", f"{prefix}WSCONNS##{uuid}"))
+    wsconns = set(await redis.execute("SMEMBERS", f"{prefix}WSCONNS##{{{uuid}}}"))
     ucir = {}
     for u in users:
-        flat = await redis.execute("HGETALL", f"{prefix}UCIR##{u}")
+        flat = await redis.execute("HGETALL", f"{prefix}UCIR##{{{u}}}")
         ucir[u] = {flat[i]: json.loads(flat[i + 1]) for i in range(0, len(flat), 2)}
     return server, ttl, servers, wsconns, ucir
 
@@ -230,16 +230,16 @@ async def test_redis_keys_after_auth_and_disconnect(make_gateway, redis, redis_p
     assert abs(meta["exp"] - (time.time() + 3600)) < 60
 
     await closed(ws)
-    await eventually(lambda: redis.execute("HLEN", f"{redis_prefix}UCIR##alice").addCallback(lambda n: n == 2),
+    await eventually(lambda: redis.execute("HLEN", f"{redis_prefix}UCIR##{{alice}}").addCallback(lambda n: n == 2),
                      what="UCIR field removed")
     _, _, _, wsconns, ucir = await raw_state(redis, redis_prefix, gw1.server_id, ["alice"])
     assert wsconns == {f"alice##{tcp_peer}"}
     assert set(ucir["alice"]) == {tcp_conn, other_conn}
     await closed(tcp)
     await closed(other)
-    await eventually(lambda: redis.execute("EXISTS", f"{redis_prefix}UCIR##alice").addCallback(lambda n: n == 0),
+    await eventually(lambda: redis.execute("EXISTS", f"{redis_prefix}UCIR##{{alice}}").addCallback(lambda n: n == 0),
                      what="UCIR hash gone")
-    assert await redis.execute("EXISTS", f"{redis_prefix}WSCONNS##{gw1.server_id}") == 0
+    assert await redis.execute("EXISTS", f"{redis_prefix}WSCONNS##{{{gw1.server_id}}}") == 0
 
 
 @pytest_twisted.ensureDeferred
@@ -384,7 +384,7 @@ async def test_tls_listeners(make_gateway, tmp_path, redis, redis_prefix):
     cert, key, pem = self_signed_cert(str(tmp_path))
     desc = f"ssl:0:interface=127.0.0.1:privateKey={key}:certKey={cert}"
     gw = await make_gateway(ws=[desc], tcp=[desc])
-    info = json.loads(await redis.execute("GET", f"{redis_prefix}WSSERVER_{gw.server_id}"))
+    info = json.loads(await redis.execute("GET", f"{redis_prefix}WSSERVER_{{{gw.server_id}}}"))
     assert info["port"] == gw.port_of("ws") > 0 and info["tcpPort"] == gw.port_of("tcp") > 0
     tls = ssl.optionsForClientTLS("localhost", trustRoot=ssl.Certificate.loadPEM(pem))
 

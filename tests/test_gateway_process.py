@@ -53,8 +53,8 @@ async def test_sigterm_says_going_away_cleans_redis_and_exits_0(cluster, redis_f
     redis = await redis_factory()
     keys = await keys_under(redis, redis_prefix)
     assert set(keys) == {f"{redis_prefix}{k}" for k in (
-        f"WSSERVER_{uuid}", "WSSERVERS", f"WSCONNS##{uuid}", "UCIR##alice", "UCIR##bob")}
-    info = json.loads(await redis.execute("GET", f"{redis_prefix}WSSERVER_{uuid}"))
+        f"WSSERVER_{{{uuid}}}", "WSSERVERS", f"WSCONNS##{{{uuid}}}", "UCIR##{alice}", "UCIR##{bob}")}
+    info = json.loads(await redis.execute("GET", f"{redis_prefix}WSSERVER_{{{uuid}}}"))
     assert info["ip"] == "127.0.0.1" and info["port"] == gw.ws_port and info["tcpPort"] == gw.tcp_port
 
     started = time.monotonic()
@@ -101,8 +101,8 @@ async def test_sigterm_with_thousands_of_clients(cluster, redis_factory, redis_p
     assert all(r["ok"] for r in replies)
     uuid = replies[0]["serverId"]
     redis = await redis_factory()
-    assert await redis.execute("SCARD", f"{redis_prefix}WSCONNS##{uuid}") == n
-    assert await redis.execute("HLEN", f"{redis_prefix}UCIR##crowd") == n
+    assert await redis.execute("SCARD", f"{redis_prefix}WSCONNS##{{{uuid}}}") == n
+    assert await redis.execute("HLEN", f"{redis_prefix}UCIR##{{crowd}}") == n
 
     started = time.monotonic()
     rc = await gw.stop(signal.SIGTERM, timeout=SHUTDOWN_TIMEOUT + 5)

@@ -133,7 +133,7 @@ async def test_token_with_exp_10_pow_400_is_invalid_token(cluster, redis_factory
     code, _ = await client.closed.addTimeout(5, reactor)
     assert code == 4001
     redis = await redis_factory()
-    assert await redis.execute("HLEN", f"{redis_prefix}UCIR##mallory") == 0
+    assert await redis.execute("HLEN", f"{redis_prefix}UCIR##{{mallory}}") == 0
 
 
 @pytest_twisted.ensureDeferred

@@ -482,7 +482,7 @@ def test_unroutable_gateway_is_held_back_and_reaped_once_its_key_is_gone(rig):
     rig.clock.advance(31)
     rig.svc.router.mark_dead("gw-dead")
     rig.settle()
-    assert rig.registry.store.keys("p:UCIR##bob") == []
+    assert rig.registry.store.keys("p:UCIR##{bob}") == []
     assert "gw-dead" not in rig.registry.store.execute("SMEMBERS", "p:WSSERVERS")
 
 

@@ -1547,7 +1547,7 @@ async def ucir_fields(env, user: str) -> dict:
     svc = RedisService(REDIS_URL, prefix=env.cluster.redis_prefix, timeout=TEST_TIMEOUT)
     await svc.startService()
     try:
-        fields = await svc.execute("HGETALL", env.cluster.redis_prefix + f"UCIR##{user}")
+        fields = await svc.execute("HGETALL", env.cluster.redis_prefix + f"UCIR##{{{user}}}")
     finally:
         await svc.stopService()
     if isinstance(fields, dict):

@@ -25,12 +25,12 @@ def test_dead_gateways_are_reaped_every_heartbeat_and_live_ones_kept():
     loop = reaper.service(5.0, clock=clock)
     before = metrics.REAPED._value.get()
     loop.startService()
-    assert reg.store.execute("HLEN", "r:UCIR##alice") == 2  # the dead one's key still exists
+    assert reg.store.execute("HLEN", "r:UCIR##{alice}") == 2  # the dead one's key still exists
     clock.advance(5)
-    assert reg.store.execute("HLEN", "r:UCIR##alice") == 2
+    assert reg.store.execute("HLEN", "r:UCIR##{alice}") == 2
     clock.advance(5)  # its key expired at 10 s
-    assert reg.store.execute("HGETALL", "r:UCIR##alice") == ["live##1.1.1.1##1", "{}"]
-    assert reg.store.keys("r:UCIR##bob") == [] and reg.store.keys("r:WSCONNS##dead") == []
+    assert reg.store.execute("HGETALL", "r:UCIR##{alice}") == ["live##1.1.1.1##1", "{}"]
+    assert reg.store.keys("r:UCIR##{bob}") == [] and reg.store.keys("r:WSCONNS##{dead}") == []
     assert reg.store.execute("SMEMBERS", "r:WSSERVERS") == ["live"]
     assert metrics.REAPED._value.get() - before == 1
     reg.set_available(False)

@@ -4,6 +4,7 @@ The tree (children start in order and stop in reverse)::
 
     DaemonService "imapi"              gives up after --shutdown-timeout; a clean stop exits 0
       PostgresService "postgres"       shared clients first ...
+      PostgresService "postgres-replica-<n>"  (--postgres-replica) history, session reads
       RedisService "redis"
       AMQPService "amqp"
       MessagePublisher "publisher"     consumes <ns>.gateway.<api-uuid> (replies)
@@ -37,7 +38,7 @@ def build(config: Any, authenticator: Any = None) -> tuple[DaemonService, Any]:
     from imcluster.api.webapp import mount
     from imcluster.auth import JWTAuthenticator
     from imcluster.bus import AMQPService
-    from imcluster.db import PostgresService
+    from imcluster.db import PostgresService, ReadPool
     from imcluster.store.postgres import MessageStore
     from imcluster.registry import RedisService
     from imcluster.web import ListenerService, dependency_probes
@@ -45,6 +46,10 @@ def build(config: Any, authenticator: Any = None) -> tuple[DaemonService, Any]:
     root = DaemonService("imapi", config.shutdown_timeout)
     db = PostgresService.from_config(config)
     db.setServiceParent(root)
+    # --postgres-replica: history and the HTTP API's reads (never sync, seq or de-duplication)
+    reader = ReadPool.from_config(config, db)
+    for replica in reader.replicas:
+        replica.setServiceParent(root)
     redis = RedisService.from_config(config)
     redis.setServiceParent(root)
     amqp = AMQPService.from_config(config)
@@ -53,7 +58,7 @@ def build(config: Any, authenticator: Any = None) -> tuple[DaemonService, Any]:
     publisher.setServiceParent(root)
     probes = dependency_probes(redis=redis, amqp=amqp, postgres=db)
     api = APIResource(
-        MessageStore(db, config.max_group_size), redis, publisher,
+        MessageStore(db, config.max_group_size, reader=reader), redis, publisher,
         authenticator or JWTAuthenticator.from_config(config),
         config.api_key, probes, health_timeout=config.health_timeout, max_json_depth=config.max_json_depth,
         max_frame_size=config.max_frame_size)

@@ -63,9 +63,12 @@ class Redeliverer:
             from twisted.internet import reactor as clock
         self.clock = clock
         self.owner = owner or str(_uuid.uuid4())
-        prefix = getattr(getattr(self.registry, "keys", None), "prefix", "")
-        self.lock_key = f"{prefix}REDELIVER_LOCK"
-        self.cursor_key = f"{prefix}REDELIVER_CURSOR"
+        keys = getattr(self.registry, "keys", None)
+        if keys is None:  # a bare registry in unit tests
+            from imcluster.registry import RedisKeys
+            keys = RedisKeys()
+        self.lock_key = keys.redeliver_lock()
+        self.cursor_key = keys.redeliver_cursor()
         #: the last cursor this processor knew (used when Redis lost the shared one)
         self.cursor: list | None = None
         self.passes = 0

@@ -4,6 +4,7 @@ The tree (children start in order and stop in reverse)::
 
     DaemonService "improcessor"        gives up after --shutdown-timeout
       PostgresService "postgres"       shared clients first ...
+      PostgresService "postgres-replica-<n>"  (--postgres-replica) history reads
       (migrations, with --migrate)     applied before anything consumes
       RedisService    "redis"
       AMQPService     "amqp"
@@ -65,7 +66,7 @@ class MigrateService(service.Service):
 def makeService(options: Any) -> DaemonService:  # noqa: N802 (twistd API)
     """Assemble the processor daemon from ``options.config``."""
     from imcluster.bus import AMQPService
-    from imcluster.db import PostgresService
+    from imcluster.db import PostgresService, ReadPool
     from imcluster.processor.filters import load_filters
     from imcluster.processor.reaper import Reaper
     from imcluster.processor.service import ProcessorService
@@ -80,13 +81,17 @@ def makeService(options: Any) -> DaemonService:  # noqa: N802 (twistd API)
     root = DaemonService("improcessor", config.shutdown_timeout)
     db = PostgresService.from_config(config)
     db.setServiceParent(root)
+    # --postgres-replica: history and the HTTP API's reads (never sync, seq or de-duplication)
+    reader = ReadPool.from_config(config, db)
+    for replica in reader.replicas:
+        replica.setServiceParent(root)
     if config.migrate:
         MigrateService(db).setServiceParent(root)
     redis = RedisService.from_config(config)
     redis.setServiceParent(root)
     amqp = AMQPService.from_config(config)
     amqp.setServiceParent(root)
-    store = MessageStore(db, config.max_group_size)
+    store = MessageStore(db, config.max_group_size, reader=reader)
     reaper = Reaper(redis)
     # calls to business servers (business.py): the moderation service is the last filter
     from imcluster.processor import business

@@ -48,7 +48,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from imcluster import envelope, metrics
-from imcluster.bus import QueueSpec
+from imcluster.bus import BusNames, QueueSpec
 from imcluster.push.client import FAILED, INVALID, OK, REFUSED
 
 #: headers of a request published again after push_hold (ms since the epoch; count)
@@ -56,9 +56,12 @@ FIRST_ATTEMPT = "x-imcluster-first-attempt"
 ATTEMPTS = "x-imcluster-attempts"
 
 
-def push_queue(namespace: str) -> QueueSpec:
-    """``<ns>.push``: durable, classic, bound to ``<ns>.exchange`` with ``<ns>.push``, no arguments."""
-    return QueueSpec(f"{namespace}.push", f"{namespace}.push", durable=True)
+def push_queue(namespace: str, queue_type: str = "classic") -> QueueSpec:
+    """``<ns>.push``: durable, bound to ``<ns>.exchange`` with ``<ns>.push``, of ``--queue-type``.
+
+    The same declaration as the processors' (:meth:`imcluster.bus.BusNames.push_queue`).
+    """
+    return BusNames(namespace, queue_type).push_queue()
 
 
 class Stopping(Exception):
@@ -90,7 +93,7 @@ class PushService(service.Service):
         self.clock = clock
         self.push_hold = push_hold
         self.setName(name)
-        self.queue = push_queue(config.namespace)
+        self.queue = push_queue(config.namespace, config.queue_type)
         self.consumer: Any = None
         self.ready: defer.Deferred = defer.Deferred()
         self._calls = defer.DeferredSemaphore(config.push_concurrency)

@@ -179,13 +179,20 @@ class MessageStore:
     ``run_operation``, ``run_interaction(fn, idempotent=...)``);
     ``max_group_size`` caps the members of a session (config
     ``max_group_size``); ``clock`` gives ``seconds()`` for messages without
-    ``ts_ms`` (default: the reactor).
+    ``ts_ms`` (default: the reactor). ``reader`` (``run_query`` only; default
+    ``db``) serves :meth:`history`, :meth:`get_session`,
+    :meth:`user_sessions` and :meth:`read_cursors`: a replica may answer
+    those. Everything that
+    writes, assigns seq, de-duplicates or syncs uses ``db``, the primary.
     """
 
     log = Logger()
 
-    def __init__(self, db: Any, max_group_size: int, clock: Any = None) -> None:
+    def __init__(self, db: Any, max_group_size: int, clock: Any = None, reader: Any = None) -> None:
         self.db = db
+        #: where history and the HTTP API's reads go (``run_query``): an
+        #: :class:`imcluster.db.ReadPool` over ``--postgres-replica``; default ``db``
+        self.reader = reader if reader is not None else db
         self.max_group_size = max_group_size
         if clock is None:
             from twisted.internet import reactor as clock
@@ -614,7 +621,7 @@ class MessageStore:
                 raise StoreError("no_session", "no such session")
             if user_id is not None and not valid_user_id(user_id):
                 raise StoreError("not_member", "not a member of this session")
-            rows = await self.db.run_query(
+            rows = await self.reader.run_query(
                 "SELECT s.id, EXISTS (SELECT 1 FROM session_member m "
                 "WHERE m.session_id = s.id AND m.user_id = %s) FROM session s WHERE s.id = %s",
                 (user_id, session_id))
@@ -632,7 +639,7 @@ class MessageStore:
             # in a 1:1 session the requester's own messages say whether the other user
             # acknowledged them (PROTOCOL.md 1.1 "Delivery state of one's own messages")
             p2p = user_id is not None and session_id.startswith(P2P_PREFIX)
-            rows = await self.db.run_query(
+            rows = await self.reader.run_query(
                 "SELECT id, seq, sender_id, client_msg_id, body, ts, kind, ref, recalled, edited, "
                 + ("CASE WHEN sender_id = %s AND kind = 'message' THEN EXISTS (SELECT 1 FROM messagesend s "
                    "WHERE s.msg_id = page.id AND s.status = 'delivered') END " if p2p else "NULL ")
@@ -798,7 +805,7 @@ class MessageStore:
             sid, kind, last_seq, members, owners = rows[0]
             return {"sessionId": sid, "kind": kind, "members": members, "owners": owners, "lastSeq": last_seq}
 
-        return self.db.run_query(
+        return self.reader.run_query(
             "SELECT s.id, s.kind, s.last_seq, "
             'ARRAY(SELECT user_id FROM session_member WHERE session_id = s.id ORDER BY user_id COLLATE "C"), '
             "ARRAY(SELECT user_id FROM session_member WHERE session_id = s.id AND role = 'owner' "
@@ -816,7 +823,7 @@ class MessageStore:
         """
         if not valid_user_id(user_id):
             return defer.succeed([])
-        d = self.db.run_query(
+        d = self.reader.run_query(
             "SELECT s.id, s.kind, s.last_seq, (s.last_seq - m.read_seq) - ("
             "SELECT count(*) FROM messagerecv r WHERE r.session_id = s.id AND r.sender_id = m.user_id "
             "AND r.seq > m.read_seq AND r.kind = 'message') - ("
@@ -1058,7 +1065,7 @@ class MessageStore:
                 return [{"userId": u, "seq": 0} for u in pair]
             return [{"userId": u, "seq": seq} for u, seq in rows if u is not None]
 
-        return self.db.run_query(
+        return self.reader.run_query(
             "SELECT m.user_id, m.read_seq FROM session s LEFT JOIN session_member m ON m.session_id = s.id "
             'WHERE s.id = %s ORDER BY m.user_id COLLATE "C"', (session_id,)).addCallback(shape)
 

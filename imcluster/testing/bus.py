@@ -327,11 +327,12 @@ class FakeBus(_bus_service.Service):
     log = Logger()
 
     def __init__(self, namespace="im", publish_timeout=5.0, clock=None, name="amqp",
-                 broker=None, publish_backlog=10000, max_publish_bytes=8 * 1024 * 1024):
+                 broker=None, publish_backlog=10000, max_publish_bytes=8 * 1024 * 1024,
+                 queue_type="classic"):
         self.broker = broker if broker is not None else FakeBroker(clock)
         self.clock = clock if clock is not None else self.broker.clock
         self.namespace = namespace
-        self.names = BusNames(namespace)
+        self.names = BusNames(namespace, queue_type)
         self.exchange = self.names.exchange
         self.publish_timeout = publish_timeout
         self.publish_backlog = publish_backlog

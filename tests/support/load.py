@@ -156,7 +156,7 @@ class Load:
 
     async def _connect_one(self, user: str, gw_index: int, tcp: bool) -> LoadConn:
         gw = self.gateways[gw_index % len(self.gateways)]
-        client = await (connect_tcp(gw.tcp_port) if tcp else connect_ws(gw.ws_url))
+        client = await (connect_tcp(gw.tcp_port, getattr(gw, "host", "127.0.0.1")) if tcp else connect_ws(gw.ws_url))
         label = f"{user}@gw{gw_index % len(self.gateways)}/{'tcp' if tcp else 'ws'}"
         conn = LoadConn(self, user, label, client)
         reply = await client.auth(self.token(user))

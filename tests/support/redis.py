@@ -25,9 +25,15 @@ def _glob_escape(text: str) -> str:
 
 
 async def delete_prefix(svc, prefix: str) -> int:
-    """Delete every key under ``prefix`` through ``svc``; returns how many (tests only: SCAN)."""
+    """Delete every key under ``prefix`` through ``svc`` (on every shard); returns how many (tests only: SCAN)."""
     if not prefix:
         raise ValueError("refusing to delete every key of a shared Redis")
+    nodes = getattr(svc, "nodes", None)
+    if nodes is not None and len(nodes) > 1:
+        deleted = 0
+        for node in nodes:
+            deleted += await delete_prefix(node, prefix)
+        return deleted
     cursor, deleted = "0", 0
     while True:
         cursor, keys = await svc.execute("SCAN", cursor, "MATCH", _glob_escape(prefix) + "*", "COUNT", 1000)
@@ -64,3 +70,26 @@ async def redis_service(redis_factory, redis_prefix):
 async def redis_peer(redis_factory, redis_service):
     """A second started RedisService on the same prefix (another process sharing Redis)."""
     return await redis_factory()
+
+
+@pytest_twisted.async_yield_fixture
+async def sharded_redis(tmp_path):
+    """Two private Redis primaries (``--save ''``): ``(url, [PrivateRedis, PrivateRedis])``, the
+    ``--redis`` value naming both (client-side sharding); stopped afterwards."""
+    from tests.support.private import PrivateRedis
+
+    async with PrivateRedis(tmp_path / "shard-a") as a, PrivateRedis(tmp_path / "shard-b") as b:
+        yield f"{a.url},{b.url}", [a, b]
+
+
+@pytest_twisted.async_yield_fixture
+async def sharded_redis_service(redis_factory, redis_prefix, sharded_redis):
+    """A started RedisService over :func:`sharded_redis`'s two shards, on this test's prefix."""
+    url, _ = sharded_redis
+    yield await redis_factory(url)
+
+
+@pytest_twisted.async_fixture
+async def sharded_redis_peer(redis_factory, sharded_redis_service, sharded_redis):
+    """A second started RedisService on the same two shards (another process)."""
+    return await redis_factory(sharded_redis[0])
