@@ -93,7 +93,10 @@ class Client {
 
   open() {
     return new Promise((resolve, reject) => {
-      const ws = new WebSocket(this.url, { perMessageDeflate: false, handshakeTimeout: 30000 });
+      const opts = { perMessageDeflate: false, handshakeTimeout: 30000 };
+      // a loopback source address of its own (127.0.0.2, ...): ~28,000 ports each
+      if (this.localAddress) opts.localAddress = this.localAddress;
+      const ws = new WebSocket(this.url, opts);
       this.ws = ws;
       ws.on('open', resolve);
       ws.on('error', (e) => reject(e));
@@ -152,7 +155,7 @@ class Client {
     });
   }
 
-  close() { this.closing = true; this.ws.close(1000); }
+  close() { this.closing = true; if (this.ws) this.ws.close(1000); }
 }
 
 // the same client over socket.io (the reference peer): see the header
@@ -318,17 +321,44 @@ function newClient(url, user) {
     : new Client(url, user);
 }
 
-// open + auth + sync_done for every spec, `concurrency` at a time
-async function connectAll(specs, concurrency = 200) {
+// open + auth + sync_done for every spec, `concurrency` at a time; with `failures`
+// (an array) a client that fails is recorded there and left out instead of failing all
+async function connectAll(specs, concurrency = 200, failures = null) {
   const clients = new Array(specs.length);
   let next = 0;
   async function worker() {
     while (next < specs.length) {
       const i = next++;
       const c = newClient(specs[i].url, specs[i].user);
-      await c.open();
-      await c.auth();
-      clients[i] = c;
+      if (specs[i].local) c.localAddress = specs[i].local;
+      if (failures === null) {
+        await c.open();
+        await c.auth();
+        clients[i] = c;
+        continue;
+      }
+      // a client that is neither set up nor refused within P.clientTimeout s is given up
+      let stage = 'open', timer = null;
+      const limit = new Promise((_, reject) => {
+        timer = setTimeout(() => reject(new Error(`no ${stage} within ${P.clientTimeout || 60}s`)),
+          (P.clientTimeout || 60) * 1000);
+      });
+      try {
+        const work = (async () => {
+          await c.open();
+          stage = 'sync_done';
+          await c.auth();
+        })();
+        work.catch(() => {}); // it may still fail after the limit: already counted
+        await Promise.race([work, limit]);
+        clients[i] = c;
+      } catch (e) {
+        failures.push(String(e && e.message || e));
+        c.authWait = null;
+        try { c.close(); } catch (_) { /* never opened */ }
+      } finally {
+        clearTimeout(timer);
+      }
     }
   }
   await Promise.all(Array.from({ length: Math.min(concurrency, specs.length) }, worker));
@@ -371,19 +401,26 @@ let cmid = 0;
 
 async function conn() {
   const n = P.n, offset = P.offset || 0;
+  // P.localAddresses: source addresses taken in turn; P.tolerant: count failed connects, go on
+  const locals = P.localAddresses || [];
   const specs = [];
-  for (let i = offset; i < offset + n; i++) specs.push({ url: gw(i), user: user('c', i) });
+  for (let i = offset; i < offset + n; i++) {
+    specs.push({ url: gw(i), user: user('c', i), local: locals.length ? locals[i % locals.length] : undefined });
+  }
+  const failures = P.tolerant ? [] : null;
   const t0 = now();
-  const clients = await connectAll(specs, P.concurrency || 200);
+  const clients = (await connectAll(specs, P.concurrency || 200, failures)).filter((c) => c);
   const seconds = (now() - t0) / 1000;
-  emit({ event: 'connected', n, seconds });
+  const failed = failures ? failures.length : 0;
+  emit({ event: 'connected', n, ok: clients.length, failed, seconds,
+    first_failures: failures ? [...new Set(failures)].slice(0, 5) : [], rss_kb: Math.round(process.memoryUsage().rss / 1024) });
   // hold them idle until run.py has read the gateways' RSS
   const rl = readline.createInterface({ input: process.stdin });
   await new Promise((resolve) => rl.on('line', (l) => { if (l.trim() === 'close') resolve(); }));
   rl.close();
   for (const c of clients) c.close();
   await sleep(200);
-  return { connected: n, seconds, rate: n / seconds, unexpected_closes: stats.closes };
+  return { connected: clients.length, failed, seconds, rate: clients.length / seconds, unexpected_closes: stats.closes };
 }
 
 // pairs: sender i on gateway A, receiver i on gateway B, session p2p:<a>:<b>

@@ -145,10 +145,11 @@ class CpuWindow:
             self.result[g] = round(100 * used / wall, 1)  # % of one core
         busy1, total1 = machine_ticks()
         busy0, total0 = self.machine0
+        self.result["seconds"] = round(wall, 2)  # the window's length (CPU per delivery = share x seconds / n)
         self.result["machine"] = round(100 * (busy1 - busy0) / max(1, total1 - total0), 1)  # % of all cores
         # what is left: other work on the machine (the generator's own share is reported beside)
         ncpu = os.cpu_count() or 1
-        ours = sum(v for k, v in self.result.items() if k not in ("machine", "other"))
+        ours = sum(v for k, v in self.result.items() if k not in ("machine", "other", "seconds"))
         self.result["other"] = round(max(0.0, self.result["machine"] * ncpu - ours), 1)
 
 

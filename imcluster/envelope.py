@@ -44,6 +44,11 @@ from twisted.python.failure import Failure
 
 from imcluster import metrics, protocol
 
+try:
+    import orjson
+except ImportError:  # pragma: no cover
+    orjson = None
+
 log = Logger(namespace="imcluster.envelope")
 
 #: the batch format's version (``"v"``)
@@ -176,10 +181,26 @@ def split_frames(frames: Sequence[str], budget: int) -> list[list[str]]:
     return runs
 
 
+def _loads(body: bytes) -> Any:
+    """``json.loads(body)``, by orjson when it reads the same values (a batch without long numbers).
+
+    What orjson refuses (NaN, lone surrogate escapes, bad UTF-8, deep
+    nesting, anything not JSON) goes to the standard library, which reads
+    it or refuses it as before.
+    """
+    # a run of 19 digits may be an integer beyond 64 bits, which orjson reads as a float
+    if orjson is not None and isinstance(body, bytes) and not protocol.has_long_number(body):
+        try:
+            return orjson.loads(body)
+        except orjson.JSONDecodeError:
+            pass
+    return json.loads(body)
+
+
 def _batch_items(body: bytes) -> list:
     """The ``items`` of a v1 batch; :class:`MalformedBatch` when ``body`` is not one."""
     try:
-        doc = json.loads(body)
+        doc = _loads(body)
     except (TypeError, ValueError, RecursionError) as e:
         raise MalformedBatch(f"not JSON: {e}") from None
     if not isinstance(doc, dict) or doc.get("v") != VERSION or not isinstance(doc.get("items"), list):
@@ -192,7 +213,7 @@ def _batch_items(body: bytes) -> list:
 #: a plausible ``ts`` in ms (2001 to 5138): anything else is ignored and the processor's clock used
 TS_RANGE = (10**12, 10**14)
 
-# ASCII escapes: a lone surrogate in client text cannot break the batch's UTF-8
+# the fallback of Item.encode: ASCII escapes, so a lone surrogate cannot break the batch's UTF-8
 _item_encoder = json.JSONEncoder(separators=(",", ":"))
 
 
@@ -247,8 +268,24 @@ class Item:
         return doc
 
     def encode(self) -> bytes:
-        """The item's JSON, ASCII only; TypeError or ValueError when the frame cannot be encoded."""
-        return _item_encoder.encode(self.to_json()).encode("ascii")
+        """The item's compact JSON as UTF-8; TypeError or ValueError when the frame cannot be encoded.
+
+        orjson writes it (characters beyond ASCII as UTF-8, as PROTOCOL.md's
+        frames are, 10x faster than the standard library's ASCII escapes,
+        which were 15 % of a sending gateway's CPU). What orjson refuses
+        (a lone surrogate, an integer beyond 64 bits, a key that is not a
+        string) takes the standard library's ASCII path as before: the
+        batch stays valid UTF-8, and a frame the processor refuses is
+        answered ``bad_frame`` there. No item holds NaN or Infinity (frames
+        are validated first), which orjson would write as ``null``.
+        """
+        doc = self.to_json()
+        if orjson is not None:
+            try:
+                return orjson.dumps(doc)
+            except TypeError:
+                pass
+        return _item_encoder.encode(doc).encode("ascii")
 
 
 def frame_item(user_id: str, server_id: str, conn_id: str, ts: int, frame: dict,

@@ -1177,12 +1177,8 @@ class RedisService(service.Service):
 
         return d.addCallback(done)
 
-    @_deferred
-    def add_connections(self, uuid: str, entries: Iterable[tuple]) -> defer.Deferred:
-        """HSET each ``UCIR##<user>`` field and SADD ``WSCONNS##<uuid>``, one round trip per shard.
-
-        ``entries``: ``(user_id, ip, port, meta_dict)``.
-        """
+    def _registration(self, uuid: str, entries: Iterable[tuple]) -> tuple[list[str], list[tuple]]:
+        """The users of ``entries`` and the HSET/SADD commands that register them on ``uuid``."""
         k = self.keys
         per_user: dict[str, list[str]] = {}
         members: list[str] = []
@@ -1190,9 +1186,20 @@ class RedisService(service.Service):
             members.append(k.wsconns_member(user_id, ip, port))
             per_user.setdefault(user_id, []).extend((k.conn_field(uuid, ip, port), dumps(meta)))
         if not members:
-            return defer.succeed(None)
+            return [], []
         commands: list[tuple] = [("HSET", k.ucir(u), *fv) for u, fv in per_user.items()]
         commands.append(("SADD", k.wsconns(uuid), *members))
+        return list(per_user), commands
+
+    @_deferred
+    def add_connections(self, uuid: str, entries: Iterable[tuple]) -> defer.Deferred:
+        """HSET each ``UCIR##<user>`` field and SADD ``WSCONNS##<uuid>``, one round trip per shard.
+
+        ``entries``: ``(user_id, ip, port, meta_dict)``.
+        """
+        _users, commands = self._registration(uuid, entries)
+        if not commands:
+            return defer.succeed(None)
         return self.pipeline(commands).addCallback(lambda _: None)
 
     @_deferred
@@ -1203,18 +1210,10 @@ class RedisService(service.Service):
         revocation check (HTTP-API.md revoke): the GETs go first in the
         registration pipeline. Fires with ``{user_id: notBefore ms or None}``.
         """
-        k = self.keys
-        per_user: dict[str, list[str]] = {}
-        members: list[str] = []
-        for user_id, ip, port, meta in entries:
-            members.append(k.wsconns_member(user_id, ip, port))
-            per_user.setdefault(user_id, []).extend((k.conn_field(uuid, ip, port), dumps(meta)))
-        if not members:
+        users, commands = self._registration(uuid, entries)
+        if not commands:
             return defer.succeed({})
-        users = list(per_user)
-        commands: list[tuple] = [("GET", k.revoked(u)) for u in users]
-        commands += [("HSET", k.ucir(u), *fv) for u, fv in per_user.items()]
-        commands.append(("SADD", k.wsconns(uuid), *members))
+        commands = [("GET", self.keys.revoked(u)) for u in users] + commands
 
         def revocations(replies: list) -> dict:
             return {u: _int_or_none(v) for u, v in zip(users, replies)}

@@ -292,6 +292,25 @@ def test_algorithm_confusion_is_refused(rsa_key):
     refused(JWTAuthenticator(secret=SECRET), mint_token(pem_private(rsa_key), "bob", 60, algorithm="RS256"))
 
 
+def test_each_hmac_algorithm_verifies_only_what_is_configured():
+    """HS384/HS512 tokens pass when configured; an algorithm not configured never does, whatever the secret."""
+    both = JWTAuthenticator(secret=SECRET, algorithms=["HS384", "HS512"])
+    for alg in ("HS384", "HS512"):
+        assert both.authenticate(mint_token(SECRET, "alice", 60, algorithm=alg)).user_id == "alice"
+        refused(both, mint_token("another-secret-of-32-bytes-length!!", "alice", 60, algorithm=alg))
+    refused(both, mint_token(SECRET, "alice", 60))  # HS256
+    refused(JWTAuthenticator(secret=SECRET), mint_token(SECRET, "alice", 60, algorithm="HS512"))
+    # the same secret given again (an equal string, another object) verifies the same tokens
+    again = JWTAuthenticator(secret="".join(SECRET))
+    assert again.authenticate(mint_token(SECRET, "bob", 60)).user_id == "bob"
+
+
+def test_secret_that_is_a_pem_key_is_refused_at_start_up(rsa_key):
+    """A public key given as the HMAC secret would refuse every token; the gateway says so when it starts."""
+    with pytest.raises(ValueError, match="HMAC"):
+        JWTAuthenticator(secret=pem_public(rsa_key).decode())
+
+
 def test_from_config_with_secret_and_public_key(tmp_path, rsa_key):
     """The gateway's configuration (secret, or PEM file, audience, algorithms) builds the right verifier."""
     config = load_config(GATEWAY, {"jwt_secret": SECRET, "jwt_audience": "im", "jwt_leeway": "0"}, environ={})

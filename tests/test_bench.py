@@ -53,3 +53,28 @@ def test_bench_tiny_run_prints_table_and_writes_json(tmp_path):
         assert peer["results"][name]["lost"] == 0 and peer["results"][name]["duplicated"] == 0, (name, peer)
     assert {row["scenario"] for row in peer["ratios"]} == {"conn", "p2p-latency", "p2p-throughput", "fanout"}
     assert "imcluster beside Node socket.io" in proc.stdout
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed: bench/gen.js needs Node 18+")
+def test_many_conns_tiny_run_holds_them_and_measures_beside_them(tmp_path):
+    """A broken bench/many_conns.py would leave issue 14's 100,000-connection figures without a way to re-measure."""
+    ensure_npm_packages(BENCH, "ws")
+    out = tmp_path / "many.json"
+    proc = subprocess.run([sys.executable, str(BENCH / "many_conns.py"), "--tiny", "--json", str(out)],
+                          capture_output=True, text=True, timeout=150, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert "error" not in data, data.get("error")
+    n = data["base_open"]["asked"] + data["rest_open"]["asked"]
+    # every connection authenticated and held, spread over both gateways, from more than one source address
+    assert data["held"]["total"] == n and sum(data["held"]["per_gateway"]) == n
+    assert all(c > 0 for c in data["held"]["per_gateway"])
+    assert len(data["meta"]["sources"]) > 1 and data["rest_open"]["generators"] > 1
+    assert all(0 < kb < 100 for kb in data["gateway_rss_kb"]["per_conn"])
+    assert 50 < data["redis"]["bytes_per_conn"] < 5000
+    assert data["idle_cpu"]["gateways"] >= 0
+    for key in ("p2p_base", "p2p_many"):
+        p = data[key]
+        assert p["sent"] > 0 and p["lost"] == 0 and p["duplicated"] == 0, (key, p)
+        assert p["latency_ms"]["p99"] is not None
+    assert "p99 with many" in proc.stdout

@@ -39,13 +39,30 @@ def test_item_bytes_are_the_gateways():
     raw = e.frame_item("alice", GW, CONN, TS, {"type": "history", "sessionId": "s"}).encode()
     assert raw == (b'{"kind":"frame","userId":"alice","serverId":"%s","connId":"%s","ts":%d,'
                    b'"frame":{"type":"history","sessionId":"s"}}' % (GW.encode(), CONN.encode(), TS))
-    # a lone surrogate from a client cannot break the batch's UTF-8: everything is escaped
+    # text beyond ASCII travels as UTF-8, as in PROTOCOL.md's frames (and older processors read it)
+    encoded = e.frame_item("alice", GW, CONN, TS, MESSAGE).encode()
+    assert "héllo ☃".encode() in encoded and json.loads(encoded)["frame"] == MESSAGE
+    # a lone surrogate from a client cannot break the batch's UTF-8: that item is ASCII-escaped
     lone = {**MESSAGE, "body": "\ud800"}
-    assert b"\\u2603" in e.frame_item("alice", GW, CONN, TS, MESSAGE).encode()
+    lone_encoded = e.frame_item("alice", GW, CONN, TS, lone).encode()
+    assert lone_encoded.isascii() and b"\\ud800" in lone_encoded
     [got] = round_trip(e.frame_item("alice", GW, CONN, TS, lone))
     assert got.frame is None and got.error["error"]["code"] == protocol.BAD_FRAME  # answered: a broken batch is not
     assert e.sync_item("bob", GW, CONN, TS).encode() == (
         b'{"kind":"sync","userId":"bob","serverId":"%s","connId":"%s","ts":%d}' % (GW.encode(), CONN.encode(), TS))
+
+
+def test_item_values_orjson_cannot_write_or_read_alike_round_trip_exactly():
+    """A body with an integer beyond 64 bits would reach its recipients as a float (or be refused)."""
+    big = {**MESSAGE, "body": {"n": 2**70, "m": -(2**64), "f": 0.1, "t": "é\u2028"}}
+    encoded = e.frame_item("alice", GW, CONN, TS, big).encode()
+    assert b'"n":1180591620717411303424' in encoded
+    [got] = round_trip(e.frame_item("alice", GW, CONN, TS, big))
+    assert got.frame == big and type(got.frame["body"]["n"]) is int
+    # every batch the standard library read, the fast path reads alike (or leaves to it)
+    for body in (b'{"v":1,"items":[{"x":1e400}]}', b'{"v":1,"items":[{"x":NaN}]}',
+                 b'\xef\xbb\xbf{"v":1,"items":[{"x":"\\ud800"}]}', b'{"v":1,"items":[{"x":-0.0,"x":2}]}'):
+        assert repr(e._batch_items(body)) == repr(json.loads(body)["items"])
 
 
 def test_every_forwarded_frame_type_round_trips():

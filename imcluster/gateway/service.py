@@ -692,12 +692,12 @@ class GatewayService(AsyncMultiService):
     # --- the hub interface (called by the connection engine)
 
     def connection_made(self, conn: Any) -> bool:
-        """Flow 2: enter ``conn`` in the unauthenticated map; False refuses it."""
+        """Flow 2: enter ``conn`` in the unauthenticated map; False refuses it.
+
+        ``max_connections`` is not checked here: every transport took a slot
+        (:meth:`socket_opened`) before the engine existed.
+        """
         if not self.accepting:
-            return False
-        if len(self.connections) >= self.config.max_connections:
-            self.log.warn("refusing {peer}: {n} connections is the limit",
-                          peer=conn.peer_key, n=self.config.max_connections)
             return False
         return self.connections.add(conn)
 

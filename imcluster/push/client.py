@@ -22,8 +22,6 @@ any other 4xx
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import time
 from dataclasses import dataclass, field
@@ -35,6 +33,8 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
 
+from imcluster import envelope
+
 #: the most of an answer read (a provider's {"invalid":[...]} is small)
 MAX_ANSWER = 1 << 20
 
@@ -43,7 +43,7 @@ OK, INVALID, FAILED, REFUSED = "ok", "invalid", "failed", "refused"
 
 def signature(body: bytes, secret: str | None) -> str:
     """``sha256=<hex HMAC-SHA256 of body with secret>`` (an empty key when no secret is set)."""
-    return "sha256=" + hmac.new((secret or "").encode("utf-8"), body, hashlib.sha256).hexdigest()
+    return envelope.sign(secret or "", body)
 
 
 @dataclass
