@@ -407,6 +407,11 @@ OPTIONS: list[Option] = [
          "accept queue of --ws/--tcp listeners without an explicit backlog= (reconnect storms need room)"),
     _opt("goodbye_timeout", _positive(_float), 5.0, G,
          "seconds a stopping gateway waits for its clients to close after 'going away'"),
+    _opt("typing_interval", _non_negative(_float), 1.0, G,
+         "seconds between two typing frames a connection may send for one session; the gateway drops "
+         "the others silently (0: forward every one)"),
+    _opt("presence_max", _positive(_int), 500, G,
+         "users one connection may follow with presence_subscribe (too_large beyond)"),
     # --- processor
     _opt("migrate", _bool, False, P, "apply pending migrations on start", flag=True),
     _opt("prefetch", _positive(_int), 1000, G | P | A,
@@ -443,6 +448,12 @@ OPTIONS: list[Option] = [
     _opt("filters", _str_list, ["keyword"], P | A,
          "moderation filters in order: plugin names or dotted names"),
     _opt("moderation_words", _str, None, P | A, "word list file for the keyword filter (one word a line)"),
+    _opt("presence_check", _non_negative(_float), 1.0, P,
+         "seconds between a processor's checks that each gateway's presence connection to Redis is "
+         "open (0: none; dead gateways then go offline only when WSSERVER_<uuid> expires)"),
+    _opt("presence_grace", _positive(_float), 4.0, P,
+         "seconds a gateway's presence connection may stay closed before its users are offline and "
+         "its entries are removed (a gateway killed without exiting)"),
     # --- calls to business servers (HTTP-API.md "Calls the cluster makes to business servers")
     _opt("moderation_url", _url("http", "https"), None, P,
          "moderation service called (signed JSON POST) for each message before it is stored, after the "

@@ -137,6 +137,11 @@ API_MESSAGES = Counter(
 RECONNECTS = Counter("imcluster_reconnects_total", "Reconnections to a shared service", ["service"])
 RESYNCS = Counter("imcluster_resync_requests_total",
                   "Connections a gateway asked to sync again after its queue or Redis entries were lost")
+PRESENCE_TRANSITIONS = Counter("imcluster_presence_transitions_total",
+                               "Users that went online or offline, counted by the daemon that detected it")
+PRESENCE_FRAMES = Counter("imcluster_presence_frames_total", "presence frames sent to subscribed connections")
+TYPING_DROPPED = Counter("imcluster_typing_dropped_total",
+                         "typing frames a gateway dropped (more than one per typing_interval per session)")
 
 
 # --- impush (offline push, HTTP-API.md 1.1)

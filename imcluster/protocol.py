@@ -38,6 +38,12 @@ project's protocol reference for those points):
 * ``session_create``: ``members`` is a list of user ids (PROTOCOL.md's
   ``sub`` rule); ``sessionId`` is optional (absent or ``null``: the server
   picks one).
+* ``typing``: ``sessionId`` as for ``message``; refusals are ``error``
+  frames (``not_member``, ``no_session``), success has no reply.
+* ``presence_subscribe`` / ``presence_unsubscribe``: ``users`` is a list of
+  user ids (a user named twice counts once; the list may be empty). Both
+  are answered ``presence_reply`` (``ok:false`` with ``too_large`` or
+  ``unavailable``); ``presence_unsubscribe`` does not draw from the bucket.
 * ``ping`` before ``auth`` gets ``not_authenticated`` like any other frame
   (PROTOCOL.md: "any other frame").
 * A frame over the rate limit is answered like a failed one: a ``message``
@@ -142,10 +148,16 @@ MESSAGE_SEND_REPLY = "message_send_reply"
 HISTORY = "history"
 READ = "read"
 SESSION_CREATE = "session_create"
+# version 1.1: typing and live presence (PROTOCOL.md "Typing", "Presence")
+TYPING = "typing"
+PRESENCE_SUBSCRIBE = "presence_subscribe"
+PRESENCE_UNSUBSCRIBE = "presence_unsubscribe"
 
-CLIENT_TYPES = frozenset({AUTH, PING, MESSAGE, MESSAGE_SEND_REPLY, HISTORY, READ, SESSION_CREATE})
-# what gateways forward to the processors (docs/internals.rst)
-FORWARDED_TYPES = frozenset({MESSAGE, MESSAGE_SEND_REPLY, HISTORY, READ, SESSION_CREATE})
+CLIENT_TYPES = frozenset({AUTH, PING, MESSAGE, MESSAGE_SEND_REPLY, HISTORY, READ, SESSION_CREATE,
+                          TYPING, PRESENCE_SUBSCRIBE, PRESENCE_UNSUBSCRIBE})
+# what gateways forward to the processors (docs/internals.rst); presence frames are
+# answered by the gateway itself (imcluster/gateway/presence.py)
+FORWARDED_TYPES = frozenset({MESSAGE, MESSAGE_SEND_REPLY, HISTORY, READ, SESSION_CREATE, TYPING})
 
 # version 1.1: events stored in the session's order (PROTOCOL.md "Events in the session's order")
 RECALL = "recall"
@@ -174,6 +186,9 @@ RATE_COST = {
     SESSION_CREATE: 1,
     HISTORY: 1,
     READ: 1,
+    TYPING: 1,
+    PRESENCE_SUBSCRIBE: 1,
+    PRESENCE_UNSUBSCRIBE: 0,  # work only a gateway does, and less of it
     RECALL: 1,
     EDIT: 1,
 }
@@ -623,6 +638,17 @@ def _v_session_create(frame: dict, out: dict) -> None:
     _session_id(frame, out, required=False)
 
 
+def _v_typing(frame: dict, out: dict) -> None:
+    _session_id(frame, out)
+
+
+def _v_presence_users(frame: dict, out: dict) -> None:
+    users = frame.get("users")
+    if not isinstance(users, list) or not all(is_user_id(u) for u in users):
+        raise _bad("'users' must be a list of user ids (1-128 characters of A-Z a-z 0-9 _ . @ -)", frame)
+    out["users"] = list(dict.fromkeys(users))  # a user named twice is one subscription
+
+
 def _msg_id(frame: dict, out: dict) -> None:
     msg_id = frame.get("msgId")
     if not isinstance(msg_id, str) or not 0 < len(msg_id) <= MSG_ID_MAX or _BAD_CHARS.search(msg_id):
@@ -665,6 +691,9 @@ _VALIDATORS = {
     HISTORY: _v_history,
     READ: _v_read,
     SESSION_CREATE: _v_session_create,
+    TYPING: _v_typing,
+    PRESENCE_SUBSCRIBE: _v_presence_users,
+    PRESENCE_UNSUBSCRIBE: _v_presence_users,
     RECALL: _v_recall,
     EDIT: _v_edit,
 }

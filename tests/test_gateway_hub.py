@@ -123,6 +123,11 @@ def test_declared_port():
     assert declared_port("unix:/tmp/x") == 0
 
 
+def _entries(h):
+    """The gateway's Redis keys, without the users' presence states (they stay, offline)."""
+    return [k for k in h.store.keys(PREFIX) if "PRESENCE##" not in k]
+
+
 def test_auths_of_one_turn_are_one_pipeline():
     """A thundering herd of reconnecting clients must cost one Redis round trip per turn, not one each."""
     h = Hub()
@@ -132,7 +137,8 @@ def test_auths_of_one_turn_are_one_pipeline():
     assert not any(d.called for d in ds), "the reply must wait until Redis has the entry"
     h.turn()
     assert all(d.called for d in ds)
-    assert h.registry.round_trips == before + 1
+    # the entries, then the presence check of their users: two pipelines written back to back
+    assert h.registry.round_trips == before + 2
     assert len(h.wsconns()) == 50
     fields = h.ucir("u3")
     meta = json.loads(fields[fields.index(f"{h.uuid}##10.0.0.1##40003") + 1])
@@ -467,13 +473,16 @@ def test_graceful_stop():
     d = h.gw.stopService()
     assert events == ["listener stopped"] * 2 + ["going away"] * 3 + ["redis cleanup"]
     assert all(c.went_away for c in conns)
-    assert h.store.keys(PREFIX) == []
+    # every entry is gone; what stays is the users' presence state, offline
+    assert [k for k in h.store.keys(PREFIX) if "PRESENCE##" not in k] == []
+    assert {k: h.store.execute("GET", k)[-2:] for k in h.store.keys(PREFIX)} == {
+        f"{PREFIX}PRESENCE##{{alice}}": ":0", f"{PREFIX}PRESENCE##{{bob}}": ":0"}
     with pytest.raises(GatewayStopping):
         result(h.gw.authenticated(conns[2], Identity("carol", 1), False))
     # the clients close: the stop goes on to drain the publish made before it
     for c in conns:
         h.gw.connection_lost(c)
-    assert h.store.keys(PREFIX) == []
+    assert [k for k in h.store.keys(PREFIX) if "PRESENCE##" not in k] == []
     assert not d.called
     h.turn()
     h.bus.set_available(True)
@@ -592,7 +601,7 @@ def test_clients_closing_after_the_goodbye_timeout_are_harmless():
     assert d.called
     h.gw.connection_lost(a)
     h.turn()
-    assert h.store.keys(PREFIX) == []
+    assert _entries(h) == []
 
 
 def test_nothing_re_registers_after_the_stop():
@@ -604,4 +613,4 @@ def test_nothing_re_registers_after_the_stop():
     h.gw.stopService()
     result(h.registry.simulate_reconnect())
     h.reactor.advance(30)
-    assert h.store.keys(PREFIX) == []
+    assert _entries(h) == []

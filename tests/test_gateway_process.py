@@ -53,7 +53,8 @@ async def test_sigterm_says_going_away_cleans_redis_and_exits_0(cluster, redis_f
     redis = await redis_factory()
     keys = await keys_under(redis, redis_prefix)
     assert set(keys) == {f"{redis_prefix}{k}" for k in (
-        f"WSSERVER_{{{uuid}}}", "WSSERVERS", f"WSCONNS##{{{uuid}}}", "UCIR##{alice}", "UCIR##{bob}")}
+        f"WSSERVER_{{{uuid}}}", "WSSERVERS", f"WSCONNS##{{{uuid}}}", "UCIR##{alice}", "UCIR##{bob}",
+        "PRESENCE##{alice}", "PRESENCE##{bob}")}
     info = json.loads(await redis.execute("GET", f"{redis_prefix}WSSERVER_{{{uuid}}}"))
     assert info["ip"] == "127.0.0.1" and info["port"] == gw.ws_port and info["tcpPort"] == gw.tcp_port
 
@@ -66,7 +67,11 @@ async def test_sigterm_says_going_away_cleans_redis_and_exits_0(cluster, redis_f
     assert code == 1001
     await tcp.closed.addTimeout(5, reactor)
     assert tcp.received[-1] == {**tcp.received[-1], "type": "error", "code": "going_away"}
-    assert await keys_under(redis, redis_prefix) == []
+    # no routing entry lingers; the users' presence states stay, offline (with a TTL)
+    assert await keys_under(redis, redis_prefix) == [f"{redis_prefix}PRESENCE##{{alice}}",
+                                                     f"{redis_prefix}PRESENCE##{{bob}}"]
+    for user in ("alice", "bob"):
+        assert (await redis.execute("GET", f"{redis_prefix}PRESENCE##{{{user}}}")).endswith(":0")
 
 
 @pytest_twisted.ensureDeferred
@@ -111,5 +116,5 @@ async def test_sigterm_with_thousands_of_clients(cluster, redis_factory, redis_p
     assert elapsed < SHUTDOWN_TIMEOUT
     await defer.gatherResults([c.closed for c in clients]).addTimeout(10, reactor)
     assert all(c.received[-1].get("code") == "going_away" for c in clients)
-    assert await keys_under(redis, redis_prefix) == []
+    assert await keys_under(redis, redis_prefix) == [f"{redis_prefix}PRESENCE##{{crowd}}"]
     print(f"{n} clients: stopped in {elapsed:.2f}s")

@@ -35,6 +35,7 @@ FLOORS: dict[str, set[str]] = {
     "store": {"protocol", "interfaces", "db", "metrics", "store"},
     "bus": {"interfaces", "metrics", "service"},
     "registry": {"interfaces", "metrics", "envelope"},
+    "presence": {"metrics", "envelope"},
     "web": {"service", "metrics"},
 }
 

@@ -193,9 +193,11 @@ def test_message_send_reply_shape():
 
 def test_rate_cost_follows_protocol_md():
     """PROTOCOL.md "Framing": work frames draw from the bucket; acks, pings and auth never do."""
-    assert {t for t in p.CLIENT_TYPES if p.RATE_COST.get(t, 1)} >= {
-        p.MESSAGE, p.SESSION_CREATE, p.HISTORY, p.READ, p.RECALL, p.EDIT}
-    assert {t for t in p.CLIENT_TYPES if not p.RATE_COST.get(t, 1)} == {p.AUTH, p.PING, p.MESSAGE_SEND_REPLY}
+    assert {t for t in p.CLIENT_TYPES if p.RATE_COST.get(t, 1)} == {
+        p.MESSAGE, p.SESSION_CREATE, p.HISTORY, p.READ, p.RECALL, p.EDIT, p.TYPING, p.PRESENCE_SUBSCRIBE}
+    # presence_unsubscribe: work only a gateway does (docs/protocol.rst)
+    assert {t for t in p.CLIENT_TYPES if not p.RATE_COST.get(t, 1)} == {
+        p.AUTH, p.PING, p.MESSAGE_SEND_REPLY, p.PRESENCE_UNSUBSCRIBE}
     for free in (p.AUTH, p.PING, p.MESSAGE_SEND_REPLY):
         assert p.RATE_COST[free] == 0
     assert p.RATE_COST.get("typing", 1) == 1  # a type not listed yet is limited

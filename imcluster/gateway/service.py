@@ -23,6 +23,13 @@ the transport adapters take per accepted socket (``socket_opened``,
    heartbeat), clients are told "going away", every Redis entry of this
    gateway is removed, then the AMQP connection closes.
 
+Typing and live presence (PROTOCOL.md 1.1) live in
+:mod:`imcluster.gateway.presence`: ``typing`` frames pass a per-connection
+and per-session gate before they are forwarded, ``presence_subscribe`` /
+``presence_unsubscribe`` are answered here, and every change of connection
+entries is followed by ``Tracker.reconcile`` for its users (transitions,
+detected once in Redis: :mod:`imcluster.presence`).
+
 A heartbeat (a :class:`~imcluster.service.GuardedLoop` child) refreshes
 ``WSSERVER_<uuid>``; when Redis has lost it (or after a Redis reconnect) the
 gateway writes its key and every live connection again.
@@ -50,9 +57,12 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from imcluster import envelope, metrics
+from imcluster import protocol as client_protocol
+from imcluster.presence import Tracker, subscriber_for
 from imcluster.auth import TokenRevoked, is_revoked
 from imcluster.protocol import encode_bytes
 from imcluster.gateway.connections import ConnectionRegistry
+from imcluster.gateway.presence import PresenceHub, TypingGate
 from imcluster.registry import conn_meta, server_info
 from imcluster.service import AsyncMultiService, GuardedLoop, with_timeout
 from imcluster.web import ListenerService
@@ -192,8 +202,11 @@ class ConnectionWriter:
     log = Logger()
 
     def __init__(self, registry: Any, server_id: str, clock: Any, batch: int,
-                 still_live: Callable[[tuple], bool]) -> None:
+                 still_live: Callable[[tuple], bool],
+                 changed: Callable[[list[str]], Any] | None = None) -> None:
         self.registry = registry
+        #: called with the users of each flush, once its writes are sent (presence: Tracker.reconcile)
+        self.changed = changed
         self.server_id = server_id
         self.clock = clock
         self.batch = batch
@@ -264,6 +277,9 @@ class ConnectionWriter:
             d = add(self.server_id, entries)
             d.addBoth(self._added, [(u, w) for (u, _, _), (_, ws) in chunk for w in ws])
             self._track(d)
+        if self.changed is not None and (removes or adds):
+            # sent behind the writes on the same Redis connection: Redis runs it after them
+            self.changed(list(dict.fromkeys([k[0] for k in removes] + [k[0] for k, _ in adds])))
 
     def _track(self, d: defer.Deferred) -> None:
         self._in_flight.add(d)
@@ -359,6 +375,15 @@ class GatewayService(AsyncMultiService):
         self._heartbeat.setServiceParent(self)
         self._listeners: list[TransportListener] = []
         self._add_listeners(factories if factories is not None else default_factories())
+        # typing and live presence (imcluster/gateway/presence.py, imcluster/presence.py)
+        self.tracker = Tracker(registry, bus, config, clock=self.clock, batch=config.redis_batch)
+        self.typing = TypingGate(config.typing_interval, self.clock)
+        self.presence = PresenceHub(config, self.tracker, self.clock,
+                                    lambda on_message: subscriber_for(registry, on_message, self.clock))
+        self.presence.on_reconnect = self._presence_reconnected
+        self._reconcile_later: set[str] = set()
+        self._local = {client_protocol.PRESENCE_SUBSCRIBE: self.presence.subscribe,
+                       client_protocol.PRESENCE_UNSUBSCRIBE: self.presence.unsubscribe}
 
     def _add_listeners(self, factories: dict[str, Callable[[Any], Any]]) -> None:
         """One child per configured endpoint; one factory per transport, shared by its endpoints.
@@ -389,7 +414,7 @@ class GatewayService(AsyncMultiService):
         self._stopping = False
         self.server_id = str(uuid_module.uuid4())
         self._writer = ConnectionWriter(self.registry, self.server_id, self.clock, c.redis_batch,
-                                        self._entry_live)
+                                        self._entry_live, changed=self._reconcile)
         self._publisher = envelope.Publisher(self.bus, self.bus.server_key(), self.clock, c.publish_batch)
         self.info = server_info(
             advertise_address(c.advertise),
@@ -397,6 +422,9 @@ class GatewayService(AsyncMultiService):
             declared_port(c.tcp[0]) if c.tcp else 0,
             int(self.clock.seconds()))
         self.log.info("gateway {uuid} starting: registering in Redis", uuid=self.server_id)
+        # subscribed to WSALIVE##<uuid> before registering: processors judge liveness by it
+        yield self.presence.start(self.server_id)
+        yield self.tracker.start()
         yield self.registry.register_server(self.server_id, self.info, c.server_ttl)
         self._redis_ok_at = self.clock.seconds()
         if not self._listening_reconnects:
@@ -458,6 +486,7 @@ class GatewayService(AsyncMultiService):
         if self._conn_resync_call is not None and self._conn_resync_call.active():
             self._conn_resync_call.cancel()
         conns = list(self.connections)
+        users = list(dict.fromkeys(u for u, _ in self.connections.authenticated()))
         self.log.info("gateway {uuid} stopping: {n} clients going away", uuid=self.server_id, n=len(conns))
         for conn in conns:
             try:
@@ -476,6 +505,12 @@ class GatewayService(AsyncMultiService):
                 self.log.error("gateway {uuid}: could not remove its Redis entries ({err}); "
                                "the reaper removes them once WSSERVER_ expires",
                                uuid=self.server_id, err=e)
+            try:
+                # its users without a connection elsewhere are offline now (presence frames, user.offline)
+                yield self.tracker.reconcile(users)
+            except Exception as e:
+                self.log.warn("gateway {uuid}: presence of its {n} users not checked at exit ({err}); "
+                              "their next login or logout corrects it", uuid=self.server_id, n=len(users), err=e)
         try:
             yield self._with_timeout(closed, c.goodbye_timeout, "clients closing")
         except TimeoutError:
@@ -483,6 +518,11 @@ class GatewayService(AsyncMultiService):
                           n=len(self.connections), t=c.goodbye_timeout)
         finally:
             self._all_closed = None
+        try:
+            yield self.presence.stop()
+            yield self.tracker.stop()
+        except Exception as e:
+            self.log.warn("gateway {uuid}: stopping presence: {err}", uuid=self.server_id, err=e)
         if self._publisher is not None:
             yield self._publisher.drain()
         self.connections.clear()
@@ -517,6 +557,9 @@ class GatewayService(AsyncMultiService):
             if self._needs_resync:
                 return self.resync()
             self._writer.retry_failed()
+            if self._reconcile_later:
+                users, self._reconcile_later = list(self._reconcile_later), set()
+                self._reconcile(users)
             return None
 
         return d.addCallback(refreshed)
@@ -559,6 +602,7 @@ class GatewayService(AsyncMultiService):
                     if entries:
                         yield self.registry.add_connections(self.server_id, entries)
                         written += len(entries)
+                        self._reconcile([e[0] for e in entries])
                 if not self._resync_again:
                     self._needs_resync = False
                     self.log.info("gateway {uuid}: re-registered with {n} connections",
@@ -570,6 +614,30 @@ class GatewayService(AsyncMultiService):
                     return
         finally:
             self._resync_running = False
+
+    # --- presence: transitions of this gateway's users
+
+    def _reconcile(self, users: list[str]) -> None:
+        """Detect (and publish) the presence transitions of ``users`` after their entries changed.
+
+        A failure (Redis down) is tried again on the next heartbeat: the state
+        must not stay behind the entries.
+        """
+        if not users:
+            return
+
+        def failed(f: Failure) -> None:
+            self._reconcile_later.update(users)
+            self.log.warn("presence of {n} users not checked ({err}); again on the next heartbeat",
+                          n=len(users), err=f.getErrorMessage())
+
+        self.tracker.reconcile(users).addErrback(failed)
+
+    def _presence_reconnected(self) -> Any:
+        """The presence connection was lost: a processor may have reaped us meanwhile; check at once."""
+        if not self.running or self._stopping or self.server_id is None:
+            return None
+        return self.heartbeat()
 
     # --- healing: sync every connection again after a loss
 
@@ -778,9 +846,16 @@ class GatewayService(AsyncMultiService):
         dropped, so they are retried until published (or the gateway stops);
         the client sees no error for them.
         """
+        frame_type = frame.get("type")
+        local = self._local.get(frame_type)
+        if local is not None:
+            # presence: answered here, never forwarded (imcluster/gateway/presence.py)
+            return local(conn, frame)
+        if frame_type == client_protocol.TYPING and not self.typing.allow(conn, frame["sessionId"]):
+            return defer.succeed(None)  # PROTOCOL.md: more than one a second is dropped silently
         user_id = self.connections.user_of(conn) or getattr(conn, "user_id", None)
         item = self._item(envelope.FRAME, user_id, conn, frame)
-        if frame.get("type") == "message_send_reply":
+        if frame_type == "message_send_reply":
             return self._publish_retrying(item, lambda: True)
         return self._publisher.submit(item)
 
@@ -833,6 +908,8 @@ class GatewayService(AsyncMultiService):
     def connection_lost(self, conn: Any) -> None:
         """Flow 7: forget ``conn`` and remove its Redis entry (pipelined with others)."""
         self._cancel_retries(owner=conn.conn_id)
+        self.presence.connection_lost(conn)
+        self.typing.forget(conn)
         user_id = self.connections.remove(conn)
         if user_id is not None and not self._stopping:
             # while stopping, unregister_server removes every entry at once

@@ -8,6 +8,12 @@ gateway only while its key is gone: any number of processors may reap at
 once, and a gateway that comes back (re-creates its key) is left alone.
 The router also asks for a check at once when a publish to a gateway comes
 back unroutable (:meth:`Reaper.check`).
+
+With a presence ``tracker`` (:class:`imcluster.presence.Tracker`), a reap
+reads the gateway's users (``WSCONNS##<uuid>``) first and checks their
+presence afterwards: those without a connection left elsewhere go offline
+(``presence`` frames, ``user.offline`` events). The liveness watch
+(``liveness.py``) reaps through :meth:`Reaper.reap_dead` too.
 """
 
 from __future__ import annotations
@@ -27,8 +33,9 @@ class Reaper:
 
     log = Logger()
 
-    def __init__(self, registry: Any) -> None:
+    def __init__(self, registry: Any, tracker: Any = None) -> None:
         self.registry = registry
+        self.tracker = tracker
         self._checking: dict[str, defer.Deferred] = {}
 
     @defer.inlineCallbacks
@@ -71,11 +78,45 @@ class Reaper:
 
     @defer.inlineCallbacks
     def _reap(self, uuid: str):
+        users = yield self._users_of(uuid)
         reaped = yield self.registry.reap_server(uuid)
         if reaped:
             metrics.REAPED.inc()
             self.log.info("reaped dead gateway {uuid}: its WSSERVER_ key expired", uuid=uuid)
+        yield self._offline(users)
         return bool(reaped)
+
+    @defer.inlineCallbacks
+    def reap_dead(self, uuid: str, why: str):
+        """Remove gateway ``uuid``'s entries (and its key) now: it is known dead (``why``).
+
+        A gateway that was alive after all finds its key gone on its next
+        heartbeat and registers everything again (ARCHITECTURE.md failure rules).
+        """
+        users = yield self._users_of(uuid)
+        removed = yield self.registry.unregister_server(uuid)
+        metrics.REAPED.inc()
+        self.log.info("reaped gateway {uuid} ({why}): {n} connections", uuid=uuid, why=why, n=removed)
+        yield self._offline(users)
+        return removed
+
+    def _users_of(self, uuid: str) -> defer.Deferred:
+        if self.tracker is None:
+            return defer.succeed([])
+        d = self.registry.execute("SMEMBERS", self.registry.keys.wsconns(uuid))
+        return d.addCallback(lambda members: list(dict.fromkeys(m.partition("##")[0] for m in members)))
+
+    def _offline(self, users: list[str]) -> defer.Deferred:
+        if not users or self.tracker is None:
+            return defer.succeed([])
+        d = self.tracker.reconcile(users)
+
+        def failed(f: Any) -> None:
+            # the entries are gone: the next change of those users corrects their state
+            self.log.warn("presence of {n} reaped users not checked: {err}", n=len(users),
+                          err=f.getErrorMessage())
+
+        return d.addErrback(failed)
 
     def run_once(self) -> defer.Deferred:
         """:meth:`run`, with Redis being down logged as one line (the next pass tries again)."""

@@ -10,6 +10,8 @@ The tree (children start in order and stop in reverse)::
       AMQPService     "amqp"
       "metrics" (--metrics)            /metrics and /healthz (imcluster.web)
       GuardedLoop     "reaper"         every --heartbeat seconds
+      GuardedLoop     "liveness"       every --presence-check seconds (0: none): gateways killed
+                                       without exiting are reaped within --presence-grace
       GuardedLoop     "redeliver"      every --redeliver-interval seconds (0: none)
       WebhookService  "webhooks"       (--webhook-url) calls the business server
       GuardedLoop     "retention"      every --retention-interval seconds (with --retention-days)
@@ -92,7 +94,12 @@ def makeService(options: Any) -> DaemonService:  # noqa: N802 (twistd API)
     amqp = AMQPService.from_config(config)
     amqp.setServiceParent(root)
     store = MessageStore(db, config.max_group_size, reader=reader)
-    reaper = Reaper(redis)
+    from imcluster.presence import Tracker
+
+    # a reaped gateway's users go offline: presence frames and user.offline events
+    tracker = Tracker(redis, amqp, config)
+    tracker.start()  # declares <ns>.webhooks with the topology when user.* events are published
+    reaper = Reaper(redis, tracker)
     # calls to business servers (business.py): the moderation service is the last filter
     from imcluster.processor import business
 
@@ -105,6 +112,10 @@ def makeService(options: Any) -> DaemonService:  # noqa: N802 (twistd API)
     probes["processor"] = lambda: processor.healthy
     make_metrics_service(config, probes).setServiceParent(root)
     reaper.service(config.heartbeat).setServiceParent(root)
+    if config.presence_check > 0:
+        from imcluster.processor.liveness import LivenessWatch
+
+        LivenessWatch(redis, reaper, config.presence_grace).service(config.presence_check).setServiceParent(root)
     if config.redeliver_interval > 0:
         from imcluster.processor.redeliver import Redeliverer
 

@@ -28,6 +28,8 @@ class FakeRedisStore:
         self.clock = clock if clock is not None else Clock()
         self.data: dict = {}
         self.expires: dict = {}
+        #: FakeSubscriber instances connected to this store
+        self.subscribers: list = []
 
     # -- helpers
     def _alive(self, key):
@@ -216,6 +218,114 @@ class FakeRedisStore:
     def _cmd_hexists(self, key, field):
         return int(field in (self._get(key, dict) or {}))
 
+    # -- pub/sub, TIME and the Lua scripts that have a Python twin here (FAKE_SCRIPTS)
+    def _cmd_time(self):
+        now = self.clock.seconds()
+        return [str(int(now)), str(int(round((now - int(now)) * 1e6)))]
+
+    def _cmd_publish(self, channel, message):
+        subs = [s for s in list(self.subscribers) if channel in s.channels]
+        for s in subs:
+            s.deliver(channel, message)
+        return len(subs)
+
+    def _cmd_pubsub(self, sub, *channels):
+        if sub.upper() != "NUMSUB":
+            raise _RedisResponseError(f"PUBSUB {sub} is not supported (FakeRedisStore)")
+        out = []
+        for c in channels:
+            out += [c, sum(1 for s in self.subscribers if c in s.channels)]
+        return out
+
+    def _cmd_script(self, sub, *args):
+        if sub.upper() == "LOAD":
+            import hashlib
+            return hashlib.sha1(args[0].encode()).hexdigest()
+        raise _RedisResponseError(f"SCRIPT {sub} is not supported (FakeRedisStore)")
+
+    def _cmd_evalsha(self, sha, numkeys, *rest):
+        twin = _fake_scripts().get(sha)
+        if twin is None:
+            raise _RedisResponseError("NOSCRIPT No matching script (FakeRedisStore)")
+        n = int(numkeys)
+        return twin(self, list(rest[:n]), list(rest[n:]))
+
+
+def _presence_sync(store, keys, args):
+    """Python twin of imcluster.presence.SYNC_SCRIPT (same semantics, same reply)."""
+    from imcluster.presence import parse_state
+
+    online = store.execute("EXISTS", keys[0])
+    cur = parse_state(store.execute("GET", keys[1]))
+    if cur is None and not online:
+        return None
+    if cur is not None and cur[1] == bool(online):
+        return None
+    now = int(store.clock.seconds() * 1000)
+    if cur is not None and now <= cur[0]:
+        now = cur[0] + 1
+    value = f"{now}:{1 if online else 0}"
+    if online:
+        store.execute("SET", keys[1], value)
+    else:
+        store.execute("SET", keys[1], value, "EX", args[0])
+    store.execute("PUBLISH", keys[1], value)
+    return value
+
+
+def _fake_scripts():
+    from imcluster.presence import SYNC_SCRIPT
+
+    return {SYNC_SCRIPT.sha: _presence_sync}
+
+
+class FakeSubscriber:
+    """imcluster.presence.RedisSubscriber on a FakeRedisStore: messages are delivered at once."""
+
+    def __init__(self, store, on_message):
+        self.store = store
+        self.on_message = on_message
+        self.channels: set = set()
+        self.connected = False
+        self._listeners = []
+        self.reconnects = 0
+        self.messages = 0
+
+    def add_reconnect_listener(self, fn):
+        self._listeners.append(fn)
+
+    def start(self):
+        self.connected = True
+        if self not in self.store.subscribers:
+            self.store.subscribers.append(self)
+        return defer.succeed(None)
+
+    def stop(self):
+        self.connected = False
+        if self in self.store.subscribers:
+            self.store.subscribers.remove(self)
+        return defer.succeed(None)
+
+    def kill(self):
+        """The connection drops (the gateway died): PUBSUB NUMSUB stops counting it."""
+        return self.stop()
+
+    def subscribe(self, channels):
+        self.channels.update(channels)
+        return defer.succeed(None)
+
+    def unsubscribe(self, channels):
+        self.channels.difference_update(channels)
+
+    def deliver(self, channel, message):
+        if self.connected:
+            self.messages += 1
+            self.on_message(channel, message)
+
+    def simulate_reconnect(self):
+        self.reconnects += 1
+        return defer.gatherResults([defer.maybeDeferred(fn) for fn in list(self._listeners)], consumeErrors=True)
+
 
 def _redis_str(value):
     if isinstance(value, bytes):
@@ -269,6 +379,10 @@ class FakeRegistry(_reg_service.Service):
         self.reconnects += 1
         return defer.gatherResults(
             [defer.maybeDeferred(fn) for fn in list(self._listeners)], consumeErrors=True)
+
+    def subscriber(self, on_message):
+        """A :class:`FakeSubscriber` on this registry's store (imcluster.presence.subscriber_for)."""
+        return FakeSubscriber(self.store, on_message)
 
     def flush(self):
         """Delete every key under this registry's prefix (Redis lost our data)."""

@@ -25,16 +25,18 @@ from imcluster.processor.handlers.sync import Syncer
 from imcluster.processor.handlers.recall import RecallHandler
 from imcluster.processor.handlers.edit import EditHandler
 from imcluster.processor.handlers.members import MembersHandler
+from imcluster.processor.handlers.typing import TypingHandler
 
 #: frame type -> its handler, in stage order
 HANDLERS: dict[str, Handler] = {h.type: h for h in (
     MessageHandler(), AckHandler(), HistoryHandler(), ReadHandler(), SessionCreateHandler(),
     # 1.1 events: stored after the window's messages, delivered after them (events.py)
     RecallHandler(), EditHandler(), MembersHandler(),
+    TypingHandler(),
 )}
 
 #: item kinds that are not frames of a window -> the class that answers them
 ITEM_HANDLERS: dict[str, type] = {"sync": Syncer}
 
 __all__ = ["HANDLERS", "ITEM_HANDLERS", "Syncer", "AckHandler", "Handler", "HistoryHandler", "MessageHandler", "ReadHandler",
-           "SessionCreateHandler", "RecallHandler", "EditHandler", "MembersHandler"]
+           "SessionCreateHandler", "RecallHandler", "EditHandler", "MembersHandler", "TypingHandler"]
