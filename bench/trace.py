@@ -46,7 +46,8 @@ def install(out: str) -> None:
     from imcluster.registry import RedisService
 
     for cls, names in ((MessageStore, ("store_messages", "mark_sending", "mark_delivered",
-                                     "mark_delivered_receipts", "undelivered_page")),
+                                     "mark_delivered_receipts", "undelivered_page",
+                                     "undelivered_first_pages")),
                        (RedisService, ("connections_of", "alive")),
                        (AMQPService, ("publish",)),
                        (Router, ("lookup", "publish")),

@@ -215,6 +215,9 @@ class IMessageStore(Interface):
     def undelivered_page(user_id, after, limit):
         """A page of undelivered message dicts by (sessionId in byte order, seq), after ``after``."""
 
+    def undelivered_first_pages(user_ids, limit):
+        """``{user_id: undelivered_page(user_id, None, limit)}`` for every distinct id, in one statement."""
+
     def recent_messages(user_id, since_ms, per_session, limit):
         """Message dicts of the user's sessions stored since ``since_ms`` (delivered or not, own too)."""
 

@@ -425,6 +425,28 @@ def test_sync_sends_pages_then_sync_done_with_the_count(rig, backlog):
     assert rig.unacked() == 0
 
 
+def test_syncs_of_one_queue_message_read_their_first_pages_with_one_statement(rig):
+    """Every new connection's sync would cost its own query (issue 14: setup rate), or get another's rows."""
+    a1 = rig.connect(GW1, "alice")
+    rig.send(*[message(a1, "alice", f"m{n}", "g") for n in range(12)])
+    rig.store.mark_delivered([("carol", ["1", "2"])])
+    conns = {c: u for c, u in ((rig.connect(GW2, "bob"), "bob"), (rig.connect(GW2, "carol"), "carol"),
+                              (rig.connect(GW1, "bob"), "bob"), (rig.connect(GW1, "zed"), "zed"))}
+    conns.update({rig.connect(GW2, f"u{n}"): f"u{n}" for n in range(8)})
+    before = len(rig.store.calls)
+    rig.send(*[sync_item(c, u) for c, u in conns.items()])
+    made = [name for name, _ in rig.store.calls[before:]]
+    assert made.count("undelivered_first_pages") == 1
+    # only second pages are read one by one: bob's (two connections, 12 rows) and carol's (10 rows: a full page)
+    assert made.count("undelivered_page") == 3
+    for conn, user in conns.items():
+        frames = rig.frames_to(conn)
+        expected = {"bob": list(range(1, 13)), "carol": list(range(3, 13))}.get(user, [])
+        assert [f["seq"] for f in frames[:-1]] == expected, user
+        assert frames[-1] == {"type": "sync_done", "count": len(expected)}
+    assert rig.unacked() == 0
+
+
 def test_sync_waits_out_a_store_outage(rig):
     """A sync request during a PostgreSQL outage would be dropped: the user never gets sync_done."""
     b1 = rig.connect(GW1, "bob")

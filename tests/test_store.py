@@ -389,6 +389,27 @@ async def test_undelivered_pages_in_byte_order_without_duplicates(store):
 
 
 @pytest_twisted.ensureDeferred
+async def test_first_pages_of_many_users_are_their_undelivered_pages(store):
+    """A batch of syncs read by one statement would give a user another's rows, or a different page."""
+    sids = ["b", "B", "a-1", "A"]
+    for sid in sids:
+        await store.create_session("alice", ["bob", "carol"], sid)
+    await store.create_session("dave", ["erin"], "d")
+    await store.store_messages([msg("alice", f"{sid}-{k}", sid) for k in range(3) for sid in sids])
+    await store.store_messages([msg("dave", "d-1", "d")])
+    first = await store.undelivered_page("carol", None, 10)
+    await store.mark_delivered([("carol", [first[0]["msgId"], first[3]["msgId"]])])
+    users = ["bob", "carol", "erin", "alice", "bob", "bad user", "nobody"]
+    for limit in (1, 5, 100):
+        pages = await store.undelivered_first_pages(users, limit)
+        assert sorted(pages) == sorted(set(users))
+        for user in set(users):
+            assert pages[user] == await store.undelivered_page(user, None, limit), (user, limit)
+    assert len((await store.undelivered_first_pages(["bob"], 5))["bob"]) == 5
+    assert await store.undelivered_first_pages([], 5) == {}
+
+
+@pytest_twisted.ensureDeferred
 async def test_history_pages(store):
     """History would return the wrong window, the wrong order, or other people's sessions."""
     await group(store)

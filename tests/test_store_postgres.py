@@ -8,7 +8,7 @@ import pytest_twisted
 from twisted.internet import defer, reactor, task
 
 from imcluster.store import Incoming
-from imcluster.store.postgres import UNDELIVERED_SQL, MessageStore
+from imcluster.store.postgres import FIRST_PAGES_SQL, UNDELIVERED_SQL, MessageStore
 from tests.support.postgres import undelivered_keys
 
 CAP = 1000
@@ -209,6 +209,20 @@ async def test_undelivered_page_is_an_index_range_scan(pg_schema, pg_factory):
         assert not [n for n in nodes if n["Node Type"] in ("Sort", "Incremental Sort")], nodes
         scans = [n for n in nodes if n.get("Relation Name") == "messagesend"]
         assert [(n["Node Type"], n.get("Index Name")) for n in scans] == [("Index Scan", "messagesend_undelivered")]
+
+
+@pytest_twisted.ensureDeferred
+async def test_first_pages_of_many_users_are_index_range_scans(pg_schema, pg_factory):
+    """The one statement for a batch of syncs would sort or scan every user's backlog."""
+    db = await pg_factory(pg_schema)
+    store = MessageStore(db, CAP)
+    await fill_backlog(store, db, sessions=40, per_session=50, others=9)
+    rows = await db.run_query("EXPLAIN (FORMAT JSON) " + FIRST_PAGES_SQL, (["bob", "o1", "o2"], 500))
+    plan = rows[0][0]
+    plan = json.loads(plan) if isinstance(plan, str) else plan
+    nodes = list(_nodes(plan[0]["Plan"]))
+    scans = [n for n in nodes if n.get("Relation Name") == "messagesend"]
+    assert [(n["Node Type"], n.get("Index Name")) for n in scans] == [("Index Scan", "messagesend_undelivered")]
 
 
 @pytest_twisted.ensureDeferred

@@ -149,6 +149,18 @@ UNDELIVERED_SQL = (
     'ORDER BY s.session_id COLLATE "C", s.seq LIMIT %s')
 
 
+#: the first page of each of several users' undelivered rows (one statement for a batch of syncs):
+#: UNDELIVERED_SQL per user, from the start, by a LATERAL join over the distinct user ids
+FIRST_PAGES_SQL = (
+    "SELECT u.user_id, p.* FROM (SELECT DISTINCT unnest(%s::text[]) AS user_id) u CROSS JOIN LATERAL ("
+    "SELECT s.msg_id, s.session_id, s.seq, r.sender_id, r.client_msg_id, r.body, "
+    + _TS_SQL.format(t="r") + " AS ts, r.kind, r.ref, r.recalled, r.edited FROM messagesend s "
+    "JOIN messagerecv r ON r.id = s.msg_id "
+    "WHERE s.user_id = u.user_id AND s.status <> 'delivered' "
+    'AND (s.session_id COLLATE "C", s.seq) > (\'\' COLLATE "C", 0::bigint) '
+    'ORDER BY s.session_id COLLATE "C", s.seq LIMIT %s) p '
+    'ORDER BY u.user_id, p.session_id COLLATE "C", p.seq')
+
 #: undelivered rows left alone for ``age`` seconds, after a cursor (updated_at, user_id, msg_id):
 #: a range scan on messagesend_stale (0003)
 STALE_SQL = (
@@ -559,6 +571,29 @@ class MessageStore:
             entry_fields({"msgId": str(msg_id), "sessionId": sid, "seq": seq, "from": sender,
                           "clientMsgId": cmid, "body": body, "ts": ts}, kind, ref, recalled, edited)
             for msg_id, sid, seq, sender, cmid, body, ts, kind, ref, recalled, edited in rows])
+
+    @_store_errors
+    def undelivered_first_pages(self, user_ids: Iterable[str], limit: int) -> defer.Deferred:
+        """The first :meth:`undelivered_page` of each user of ``user_ids``, in ONE statement.
+
+        What a batch of syncs starting together reads (the Syncer batches
+        them): fires with ``{user_id: page}`` for every distinct user id
+        (an invalid one, or one without undelivered rows: ``[]``), each page
+        exactly what ``undelivered_page(user_id, None, limit)`` gives.
+        """
+        users = sorted({str(u) for u in user_ids})
+        out: dict[str, list[dict]] = {u: [] for u in users}
+        valid = [u for u in users if valid_user_id(u)]
+        if not valid:
+            return defer.succeed(out)
+
+        def pages(rows: list) -> dict[str, list[dict]]:
+            for user, msg_id, sid, seq, sender, cmid, body, ts, kind, ref, recalled, edited in rows:
+                out[user].append(entry_fields({"msgId": str(msg_id), "sessionId": sid, "seq": seq, "from": sender,
+                                               "clientMsgId": cmid, "body": body, "ts": ts},
+                                              kind, ref, recalled, edited))
+            return out
+        return self.db.run_query(FIRST_PAGES_SQL, (valid, max(1, int(limit)))).addCallback(pages)
 
     @_store_errors
     def recent_messages(self, user_id: str, since_ms: int, per_session: int, limit: int) -> defer.Deferred:

@@ -198,6 +198,16 @@ class FakeStore:
             return [self._frame(i) for _, _, i in keys[:max(1, int(limit))]]
         return self._call("undelivered_page", page)
 
+    def undelivered_first_pages(self, user_ids, limit):
+        def pages():
+            out = {}
+            for user in sorted({str(u) for u in user_ids}):
+                keys = sorted((self.messages[i]["session_id"].encode(), self.messages[i]["seq"], i)
+                              for (u, i), status in self.sends.items() if u == user and status != "delivered")
+                out[user] = [self._frame(i) for _, _, i in keys[:max(1, int(limit))]]
+            return out
+        return self._call("undelivered_first_pages", pages)
+
     def recent_messages(self, user_id, since_ms, per_session, limit):
         def recent():
             mine = {sid for sid, s in self.sessions.items() if user_id in s["members"]}

@@ -8,6 +8,10 @@ beside the windows (the service runs at most ``sync_concurrency`` at once):
 
 - each page (``sync_page_size`` messages, keyset-paged by the store) is read
   while the previous one is published, and its rows become ``sending``;
+- the first pages of the syncs that start in one reactor turn (a gateway's
+  queue message of ``sync`` items, up to ``sync_concurrency``) are read by ONE
+  statement (``undelivered_first_pages``): a new connection's sync costs a
+  share of a query, not a query; the pages are the same;
 - a page is published as one AMQP message, or several when it is larger
   than ``max_publish_bytes`` (in order: the gateway applies them in order);
 - a re-sync with ``since`` also sends the messages of the user's sessions
@@ -31,6 +35,7 @@ from typing import Any, Callable, Sequence
 
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from imcluster import metrics, protocol
 from imcluster.envelope import BODY_OVERHEAD, Item, delivery_body, split_frames
@@ -61,6 +66,42 @@ class Syncer:
         self.clock = clock
         self.stopping = stopping
         self.transient = tuple(transient)
+        #: first pages asked for in this reactor turn: user id -> Deferreds (read by one statement)
+        self._firsts: dict[str, list[defer.Deferred]] = {}
+        self._firsts_size = 0
+
+    def _first_page(self, user_id: str, size: int) -> defer.Deferred:
+        """``undelivered_page(user_id, None, size)``, read with the other first pages asked for in this turn."""
+        if self._firsts and size != self._firsts_size:
+            self._read_firsts()  # a config change between two syncs: never mix page sizes
+        if not self._firsts:
+            self._firsts_size = size
+            self.clock.callLater(0, self._read_firsts)
+        d: defer.Deferred = defer.Deferred()
+        self._firsts.setdefault(user_id, []).append(d)
+        return d
+
+    def _read_firsts(self) -> None:
+        waiting, self._firsts = self._firsts, {}
+        if not waiting:
+            return
+
+        def answer(pages: Any) -> None:
+            for user, ds in waiting.items():
+                for d in ds:
+                    d.callback(list(pages.get(user, [])))
+
+        def fail(failure: Any) -> None:
+            for ds in waiting.values():
+                for d in ds:
+                    d.errback(failure)  # each sync retries on its own (and batches again)
+
+        try:
+            read = self.store.undelivered_first_pages(list(waiting), self._firsts_size)
+        except Exception:
+            fail(Failure())
+            return
+        read.addCallbacks(answer, fail)
 
     def run(self, item: Item) -> defer.Deferred:
         """Sync ``item``'s connection; fires with the number of messages sent (None when the gateway is gone)."""
@@ -113,7 +154,8 @@ class Syncer:
         def read(after: tuple[str, int] | None) -> defer.Deferred:
             return defer.Deferred.fromCoroutine(self._retrying(
                 "reading undelivered messages", item,
-                lambda: self.store.undelivered_page(item.user_id, after, size)))
+                lambda: self._first_page(item.user_id, size) if after is None
+                else self.store.undelivered_page(item.user_id, after, size)))
 
         def mark(pairs: list[tuple[str, str]]) -> defer.Deferred:
             return defer.Deferred.fromCoroutine(self._retrying(
