@@ -21,6 +21,7 @@ import pytest_twisted
 from twisted.internet import defer, reactor
 from twisted.web.client import Agent, readBody
 
+from imcluster.protocol import CLIENT_TYPES
 from tests.support.node import ensure_npm_packages, run_process
 
 # starts processes: not part of the fast suite (-m "not slow")
@@ -108,3 +109,31 @@ async def test_web_chat_over_sse_when_websocket_is_blocked(cluster):
     assert code == 0, f"{output}\n(screenshots in {ARTIFACTS})"
     assert (ARTIFACTS / "stream-desktop.png").stat().st_size > 10_000
     assert (ARTIFACTS / "poll-phone.png").stat().st_size > 10_000
+
+
+@needs_node
+@needs_chromium
+@pytest.mark.slow
+@pytest.mark.skipif("recall" not in CLIENT_TYPES, reason="the server side of PROTOCOL.md 1.1 is not in this tree yet")
+@pytest_twisted.ensureDeferred
+async def test_web_chat_conversation_features_in_chromium(cluster):
+    """People on two gateways would miss live presence, delivered marks, typing, recall, edit and
+    membership notices in the page; a 70,000-character message would block all sending and be lost;
+    the unread badge would count twice after a new login; a phone would not show its lost connection."""
+    ensure_npm_packages(BROWSER_DIR, "playwright-core")
+    gw1, gw2, _ = await defer.gatherResults(
+        [cluster.start_gateway(), cluster.start_gateway(), cluster.start_processor()])
+    api = await cluster.start_api(dev_login=True, public_ws_urls=[gw1.ws_url, gw2.ws_url])
+    app = f"http://127.0.0.1:{api.http_port}/app/"
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    for old in [*ARTIFACTS.glob("features-*.png"), *ARTIFACTS.glob("phone-offline.png")]:
+        old.unlink()
+    code, output = await run_node(["features.e2e.mjs"], {
+        "IMTEST_APP_URL": app, "IMTEST_WS_A": gw1.ws_url, "IMTEST_WS_B": gw2.ws_url,
+        "IMTEST_ARTIFACTS": str(ARTIFACTS), "CHROMIUM": CHROMIUM,
+        # typing and live presence steps only with a server that has them
+        "IMTEST_LIVE": "1" if {"typing", "presence_subscribe"} <= CLIENT_TYPES else "0",
+    }, E2E_TIMEOUT + 60)
+    assert code == 0, f"{output}\n(screenshots in {ARTIFACTS})"
+    for name in ("features-desktop.png", "features-phone.png", "phone-offline.png"):
+        assert (ARTIFACTS / name).stat().st_size > 10_000, name

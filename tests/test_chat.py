@@ -14,6 +14,7 @@ from twisted.internet import defer, protocol, reactor, task
 
 from imcluster.client import Client, p2p_session_id
 from imcluster.client.testing import FakeServer
+from imcluster.protocol import CLIENT_TYPES
 
 # starts processes: not part of the fast suite (-m "not slow")
 pytestmark = pytest.mark.slow
@@ -172,3 +173,97 @@ async def test_chat_refused_token_exits_with_failure(server):
         assert "refused the token" in chat.text
     finally:
         chat.kill()
+
+
+@pytest_twisted.ensureDeferred
+async def test_chat_rejoining_shows_the_synced_message_after_the_history(server):
+    """Rejoining a 1:1 after being offline printed the synced message before the history (#3, then
+    #1, #2): the open session's live messages wait for its history and show in seq order."""
+    port = await server.listen("ws")
+    url = f"ws://127.0.0.1:{port}/ws"
+    bob = Client(url, server.token("bob"))
+    seen = []
+    alice = Client(url, server.token("alice"), on_message=seen.append)
+    chat = None
+    try:
+        await within(defer.gatherResults([bob.start(), alice.start()]))
+        await within(bob.send(SESSION, {"text": "one"}))
+        await within(bob.send(SESSION, {"text": "two"}))
+        while len(seen) < 2:
+            await sleep(0.02)
+        await within(alice.stop())  # #1 and #2 acknowledged: alice goes offline
+        await within(bob.send(SESSION, {"text": "three"}))
+        chat = ChatProcess.spawn(["--url", url, "--token", server.token("alice"), "--to", "bob"])
+        await chat.wait_for(r"#3 bob: three")
+        await sleep(0.3)
+        order = [int(n) for n in re.findall(r"#(\d) bob:", chat.text)]
+        assert order == [1, 2, 3], chat.text
+        chat.type("/recall\n")
+        await chat.wait_for(r"no message of yours")
+        chat.type("x" * 70_000 + "\n")
+        await chat.wait_for(r"✗ not sent \(too_large: the message is \d+ bytes; the limit is 65536\): x{60}\.\.\. "
+                            r"\(70000 characters\)")
+        chat.type("after the big one\n")
+        await chat.wait_for(r"#4 alice: after the big one ✓")
+    finally:
+        if chat is not None:
+            chat.kill()
+        await within(bob.stop())
+
+
+#: typing and live presence (PROTOCOL.md 1.1) are in the tree: their steps run
+LIVE = {"typing", "presence_subscribe"} <= CLIENT_TYPES
+
+
+@pytest.mark.skipif("recall" not in CLIENT_TYPES, reason="the server side of PROTOCOL.md 1.1 is not in this tree yet")
+@pytest_twisted.ensureDeferred
+async def test_chat_version_1_1_with_real_cluster(cluster):
+    """A terminal chat user would not see typing, presence, delivered, recall, edit or membership
+    changes, nor be able to recall or edit his own messages."""
+    gw1, gw2, _ = await defer.gatherResults(
+        [cluster.start_gateway(), cluster.start_gateway(), cluster.start_processor()])
+    bob_in = []
+    bob = Client(gw2.ws_url, cluster.token("bob"), on_message=bob_in.append)
+    chat = ChatProcess.spawn(["--url", f"tcp://127.0.0.1:{gw1.tcp_port}", "--token", cluster.token("alice"),
+                              "--to", "bob"])
+    try:
+        await chat.wait_for(r"joined p2p:alice:bob")
+        if LIVE:
+            await chat.wait_for(r"\* bob is offline")
+        await within(bob.start())
+        if LIVE:
+            await chat.wait_for(r"\* bob is online")
+        chat.type("lunch at 12?\n")
+        await chat.wait_for(r"#1 alice: lunch at 12\? ✓")
+        await chat.wait_for(r"✓ delivered to bob: #1")
+        if LIVE:
+            bob.typing(SESSION)
+            await chat.wait_for(r"\* bob is typing\.\.\.")
+        reply = await within(bob.send(SESSION, {"text": "yes, at the usual place"}))
+        await chat.wait_for(r"#2 bob: yes, at the usual place")
+        await within(bob.edit(reply["msgId"], {"text": "yes, at the new place"}))
+        await chat.wait_for(r"\* #3 bob edited #2: yes, at the new place")
+        chat.type("/edit lunch at 12:30?\n")
+        await chat.wait_for(r"\* #4 alice edited #1: lunch at 12:30\?")
+        chat.type("wrong window\n")
+        await chat.wait_for(r"#5 alice: wrong window ✓")
+        chat.type("/recall\n")
+        await chat.wait_for(r"\* #6 alice recalled #5")
+        chat.type("/recall #2\n")
+        await chat.wait_for(r"no message of yours #2 here to recall")
+        while len(bob_in) < 4:
+            await sleep(0.02)
+        assert [(f.get("kind"), f["seq"]) for f in bob_in] == [(None, 1), ("edit", 4), (None, 5), ("recall", 6)]
+        page = {m["seq"]: m for m in await within(bob.history(SESSION))}
+        assert page[1]["body"] == {"text": "lunch at 12:30?"} and page[1]["edited"] is True
+        assert page[5]["recalled"] is True
+        await within(bob.stop())
+        if LIVE:
+            await chat.wait_for(r"\* bob is offline(?s:.*)\* bob is offline")
+        chat.transport.closeStdin()
+        assert await within(chat.ended) == 0
+        # events never show as message lines
+        assert "null" not in chat.text and "kind" not in chat.text
+    finally:
+        chat.kill()
+        await within(bob.stop())

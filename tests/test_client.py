@@ -364,13 +364,29 @@ def test_going_away_reconnects_at_once_to_another_gateway():
     link = connect(client, clock, connector)
     link.receive({"type": "error", "code": "going_away", "message": "bye"})  # the TCP way
     link.lose(None, "closed")
-    clock.advance(0)
+    clock.advance(client.going_away_spread)
     assert len(connector.attempts) == 2 and connector.attempts[1][0] == URLS[1]
     link2 = connector.succeed()
     link2.auth_ok()
     link2.lose(1001, "going away")  # the WebSocket way
-    clock.advance(0)
+    clock.advance(client.going_away_spread)
     assert len(connector.attempts) == 3
+
+
+def test_clients_of_a_gateway_going_away_spread_their_reconnects():
+    """All clients of a drained gateway reconnecting (and syncing) in the same instant overload the next."""
+    delays = []
+    for _ in range(50):
+        client, clock, connector = make()
+        client.start()
+        link = connect(client, clock, connector)
+        link.lose(1001, "going away")
+        call = [c for c in clock.getDelayedCalls() if c.active()][0]
+        delays.append(call.getTime() - clock.seconds())
+        client.stop()
+    assert all(0 <= d <= 3.0 for d in delays)
+    assert max(delays) - min(delays) > 1.5, f"reconnects not spread: {sorted(delays)}"
+    assert sum(1 for d in delays if d < 0.1) < 10
 
 
 def test_refused_static_token_is_fatal():
@@ -568,3 +584,215 @@ def test_bad_urls_are_refused_at_once():
         Client([], "t")
     # http(s):// is a gateway's --stream endpoint (long polling)
     assert Client(["http://gw:8082", "https://gw"], "t").urls == ["http://gw:8082", "https://gw"]
+
+
+# --- frame size (issue 16, rough edge 1) -------------------------------------------------------------
+
+
+def test_oversized_message_is_refused_before_it_is_sent():
+    """70,000 characters went out, the gateway closed (1009), and the client sent them again after
+    every reconnect while the next message waited behind them."""
+    client, clock, connector = make()
+    client.start()
+    link = connect(client, clock, connector)
+    big = client.send(SESSION, {"text": "x" * 70_000})
+    failure = []
+    big.addErrback(failure.append)
+    assert failure and failure[0].check(SendError) and failure[0].value.code == "too_large"
+    assert "65536" in failure[0].value.message
+    small = client.send(SESSION, {"text": "next"})
+    assert [f["body"] for f in link.of_type("message")] == [{"text": "next"}]
+    link.reply_ok(link.of_type("message")[0], 1)
+    assert small.result["seq"] == 1
+    # an edit or any request is measured too
+    edit = client.edit("m1", {"text": "y" * 70_000})
+    edit.addErrback(failure.append)
+    assert failure[-1].value.code == "too_large" and not link.of_type("edit")
+
+
+def test_frame_the_gateway_closed_for_is_failed_and_never_sent_again():
+    """A gateway whose limit is below the client's closes with 1009: resending that frame after each
+    reconnect loops for ever (19 WebSockets in 45 s) and holds back every later message."""
+    client, clock, connector = make()
+    client.start()
+    link = connect(client, clock, connector)
+    big = client.send(SESSION, {"text": "x" * 40_000})
+    small = client.send(SESSION, {"text": "small"})
+    failure = []
+    big.addErrback(failure.append)
+    link.lose(1009, "message too big")
+    assert failure and failure[0].value.code == "too_large"
+    link2 = connect(client, clock, connector)
+    assert [f["body"] for f in link2.of_type("message")] == [{"text": "small"}]
+    link2.reply_ok(link2.of_type("message")[0], 1)
+    assert small.result["seq"] == 1
+    assert client.max_frame_size < 40_200
+    again = client.send(SESSION, {"text": "x" * 40_000})
+    again.addErrback(failure.append)
+    assert failure[-1].value.code == "too_large" and len(link2.of_type("message")) == 1
+
+
+def test_tcp_too_large_error_then_close_fails_the_frame():
+    """On raw TCP the gateway says too_large in an error frame, then closes: the same rule applies."""
+    client, clock, connector = make()
+    client.start()
+    link = connect(client, clock, connector)
+    big = client.send(SESSION, {"text": "x" * 30_000})
+    failure = []
+    big.addErrback(failure.append)
+    link.receive({"type": "error", "code": "too_large", "message": "frame too large"})
+    link.lose(None, "closed")
+    assert failure and failure[0].value.code == "too_large"
+    link2 = connect(client, clock, connector)
+    assert link2.of_type("message") == []
+
+
+def test_auth_reply_may_lower_the_frame_limit():
+    """A client that kept 64 KiB against a gateway announcing less would be closed for its frames."""
+    client, clock, connector = make()
+    client.start()
+    clock.advance(0)
+    link = connector.succeed()
+    link.receive({"type": "auth_reply", "ok": True, "userId": "alice", "connId": "c", "serverId": "gw",
+                  "maxFrameSize": 1000})
+    failure = []
+    client.send(SESSION, {"text": "x" * 1000}).addErrback(failure.append)
+    assert failure[0].value.code == "too_large" and not link.of_type("message")
+
+
+# --- version 1.1 frames ------------------------------------------------------------------------------
+
+
+def test_recall_and_edit_are_requests_answered_by_id():
+    """recall/edit without their replies matched would leave the application waiting."""
+    client, clock, connector = make()
+    client.start()
+    link = connect(client, clock, connector)
+    recalled = client.recall("m7")
+    edited = client.edit("m8", {"text": "fixed"})
+    [r] = link.of_type("recall")
+    [e] = link.of_type("edit")
+    assert r["msgId"] == "m7" and e == {"type": "edit", "id": e["id"], "msgId": "m8", "body": {"text": "fixed"}}
+    link.receive({"type": "edit_reply", "id": e["id"], "ok": False,
+                  "error": {"code": "not_allowed", "message": "too late"}})
+    link.receive({"type": "recall_reply", "id": r["id"], "ok": True, "msgId": "e1", "sessionId": SESSION,
+                  "seq": 9})
+    assert recalled.result["seq"] == 9
+    failure = []
+    edited.addErrback(failure.append)
+    assert failure[0].check(ClientError) and failure[0].value.code == "not_allowed"
+    # not repeated blindly after a drop (it may have been applied)
+    lost = client.recall("m9")
+    link.lose()
+    lost.addErrback(failure.append)
+    assert failure[-1].check(Disconnected)
+
+
+def test_events_reach_on_message_and_are_acknowledged():
+    """An event not handed over (or not acknowledged) would come again with every sync."""
+    inbox = []
+    client, clock, connector = make(on_message=inbox.append, sync_hold=0)
+    client.start()
+    link = connect(client, clock, connector)
+    link.receive({"type": "message_send", "msgId": "e1", "sessionId": SESSION, "seq": 4, "from": "bob",
+                  "kind": "recall", "ref": "m3", "body": None, "ts": 1})
+    clock.advance(0)
+    assert inbox[0]["kind"] == "recall" and link.of_type("message_send_reply")[0]["msgIds"] == ["e1"]
+
+
+def test_typing_is_throttled_to_one_per_second_per_session():
+    """A typing frame per key press is refused by the server and wastes everybody's bandwidth."""
+    typed = []
+    client, clock, connector = make(on_typing=typed.append)
+    client.start()
+    assert client.typing(SESSION) is False  # not connected: dropped, never queued
+    link = connect(client, clock, connector)
+    sent = [client.typing(SESSION) for _ in range(5)]
+    assert sent == [True, False, False, False, False]
+    assert client.typing("g1") is True
+    clock.advance(0.5)
+    assert client.typing(SESSION) is False
+    clock.advance(0.6)
+    assert client.typing(SESSION) is True
+    assert len(link.of_type("typing")) == 3
+    link.receive({"type": "typing", "sessionId": SESSION, "userId": "bob"})
+    assert typed == [{"type": "typing", "sessionId": SESSION, "userId": "bob"}]
+
+
+def test_presence_subscriptions_survive_reconnects_and_report_changes():
+    """Subscriptions end with the connection: a client that did not make them again would show a
+    peer online for ever after a reconnect."""
+    changes = []
+    client, clock, connector = make(on_presence=changes.append)
+    client.start()
+    link = connect(client, clock, connector)
+    d = client.subscribe_presence(["bob", "carol"])
+    [sub] = link.of_type("presence_subscribe")
+    assert sub["users"] == ["bob", "carol"]
+    link.receive({"type": "presence_reply", "id": sub["id"], "ok": True,
+                  "users": [{"userId": "bob", "online": True, "since": 5}, {"userId": "carol", "online": False}]})
+    assert d.result["ok"] is True
+    assert [(c["userId"], c["online"]) for c in changes] == [("bob", True), ("carol", False)]
+    link.receive({"type": "presence", "userId": "carol", "online": True, "ts": 7})
+    assert client.presence["carol"]["online"] is True
+    client.subscribe_presence(["dave"])  # unanswered when the connection drops
+    link.lose()
+    link2 = connect(client, clock, connector)
+    sub2 = link2.of_type("presence_subscribe")[-1]
+    assert sorted(sub2["users"]) == ["bob", "carol", "dave"], "every subscription is made again"
+    del changes[:]
+    # bob went offline while we were away; carol did not change: bob's change is reported, and
+    # dave's first state
+    link2.receive({"type": "presence_reply", "id": sub2["id"], "ok": True,
+                   "users": [{"userId": "bob", "online": False}, {"userId": "carol", "online": True, "since": 7},
+                             {"userId": "dave", "online": False}]})
+    assert [(c["userId"], c["online"]) for c in changes] == [("bob", False), ("dave", False)]
+    client.unsubscribe_presence(["bob"])
+    assert link2.of_type("presence_unsubscribe")[0]["users"] == ["bob"]
+    link2.receive({"type": "presence", "userId": "bob", "online": True, "ts": 9})
+    assert len(changes) == 2
+
+
+def test_delivery_receipts_reach_the_application():
+    receipts = []
+    client, clock, connector = make(on_delivery_receipt=receipts.append)
+    client.start()
+    link = connect(client, clock, connector)
+    frame = {"type": "delivery_receipt", "sessionId": SESSION, "userId": "bob", "msgIds": ["m1"]}
+    link.receive(frame)
+    assert receipts == [frame]
+
+
+def test_stream_link_413_fails_the_one_frame_and_splits_a_batch():
+    """On the streaming transport a frame over the gateway's limit is answered 413: silently dropped,
+    the message stayed "sending" until a reconnect sent it again."""
+    from imcluster.client.links import StreamLink, _encode
+
+    class Handler:
+        def __init__(self):
+            self.frames = []
+
+        def frame_received(self, link, frame):
+            self.frames.append(frame)
+
+        def link_lost(self, link, code, reason):
+            pass
+
+    handler = Handler()
+    link = StreamLink(task.Clock(), "http://gw.test:8082", handler)
+    posted = []
+    link._request = lambda method, path, body=None, timeout=None: posted.append(body) or defer.Deferred()
+    link.stream_id = "s1"
+    a = {"type": "message", "clientMsgId": "a", "sessionId": SESSION, "body": {"text": "x" * 100}}
+    b = {"type": "message", "clientMsgId": "b", "sessionId": SESSION, "body": {"text": "y"}}
+    link._queue = [_encode(a), _encode(b)]
+    link._pump()
+    assert posted[-1].startswith(b"[")  # one batch of two
+    link._posted((413, b""))
+    assert posted[-1] == _encode(a)  # then one by one
+    link._posted((413, b""))
+    assert handler.frames == [{"type": "error", "code": "too_large", "ref": "a",
+                               "message": "the gateway refused the frame for its size (413)"}]
+    assert posted[-1] == _encode(b)
+    link._posted((204, b""))
+    assert len(posted) == 3

@@ -13,7 +13,8 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor, task
 
-from imcluster.client import Client, SendError, p2p_session_id
+from imcluster.client import Client, ClientError, SendError, is_event, p2p_session_id
+from imcluster.protocol import CLIENT_TYPES
 from tests.support.postgres import admin_connection
 
 pytestmark = pytest.mark.slow
@@ -152,10 +153,11 @@ async def test_errors_history_read_and_sessions(cluster):
         group = created["sessionId"]
         assert created["members"] == ["alice", "carol"]
         reply = await within(alice.send(group, {"text": "hello group"}))
-        # the group's members event (PROTOCOL.md 1.1, seq 1) comes first: a message_send with a kind
-        messages = lambda: [f for f in carol_inbox.frames if "kind" not in f]  # noqa: E731
+        # a version 1.1 server also stores (and delivers) the group's members event first
+        messages = lambda: [f for f in carol_inbox.frames if not is_event(f)]  # noqa: E731
         await eventually(messages, what="carol got the group message")
         assert messages()[0]["msgId"] == reply["msgId"]
+        assert all(f.get("kind") == "members" for f in carol_inbox.frames if is_event(f))
         alice.read(group, reply["seq"])
         await eventually(lambda: receipts, what="carol got alice's read receipt")
         assert receipts[0] == {"type": "read_receipt", "sessionId": group, "userId": "alice",
@@ -205,5 +207,76 @@ async def test_long_polling_client_chats_with_a_websocket_client(cluster):
         back = await within(alice.send(session, {"text": "back"}))
         await eventually(lambda: "back" in b_inbox.texts_from("alice"), what="bob got alice's answer")
         assert back["seq"] == 42
+    finally:
+        await within(defer.gatherResults([alice.stop(), bob.stop()]))
+
+
+#: typing and live presence (PROTOCOL.md 1.1) are in the tree: their steps run
+LIVE = {"typing", "presence_subscribe"} <= CLIENT_TYPES
+
+
+@pytest.mark.skipif("recall" not in CLIENT_TYPES, reason="the server side of PROTOCOL.md 1.1 is not in this tree yet")
+@pytest_twisted.ensureDeferred
+async def test_version_1_1_features_between_two_gateways(cluster):
+    """The Python client would miss what version 1.1 adds: recall and edit (also in history), typing,
+    live presence across gateways, delivery receipts and the delivered flag, and a too large frame
+    would close its connection instead of failing alone."""
+    gw1, gw2, _ = await defer.gatherResults(
+        [cluster.start_gateway(), cluster.start_gateway(), cluster.start_processor()])
+    session = p2p_session_id("alice", "bob")
+    a_in, b_in = Inbox(), Inbox()
+    a_presence, a_typing, a_delivered = [], [], []
+    alice = make_client([gw1.ws_url], cluster, "alice", a_in, on_presence=a_presence.append,
+                        on_typing=a_typing.append, on_delivery_receipt=a_delivered.append)
+    bob = make_client([f"tcp://127.0.0.1:{gw2.tcp_port}"], cluster, "bob", b_in)
+    try:
+        await within(alice.start())
+        if LIVE:
+            reply = await within(alice.subscribe_presence(["bob"]))
+            assert reply["users"][0]["online"] is False
+        await within(bob.start())
+        if LIVE:
+            await eventually(lambda: alice.presence.get("bob", {}).get("online") is True, 6.0, "bob online")
+
+        sent = await within(alice.send(session, {"text": "meet at 10"}))
+        await eventually(lambda: b_in.frames, what="bob received")
+        await eventually(lambda: a_delivered, 10.0, "a delivery receipt")
+        assert sent["msgId"] in a_delivered[0]["msgIds"] and a_delivered[0]["userId"] == "bob"
+        page = await within(alice.history(session))
+        assert page[-1]["delivered"] is True
+
+        if LIVE:
+            assert bob.typing(session) is True and bob.typing(session) is False  # throttled
+            await eventually(lambda: a_typing, 5.0, "typing forwarded")
+            assert a_typing[0]["userId"] == "bob" and a_typing[0]["sessionId"] == session
+
+        edited = await within(alice.edit(sent["msgId"], {"text": "meet at 11"}))
+        oops = await within(alice.send(session, {"text": "wrong chat"}))
+        recalled = await within(alice.recall(oops["msgId"]))
+        assert recalled["seq"] > edited["seq"] > sent["seq"]
+        await eventually(lambda: len(b_in.frames) == 4, what="bob got the events")
+        kinds = [(f.get("kind"), f.get("ref")) for f in b_in.frames]
+        assert kinds == [(None, None), ("edit", sent["msgId"]), (None, None), ("recall", oops["msgId"])]
+        page = {m["msgId"]: m for m in await within(bob.history(session))}
+        assert page[sent["msgId"]]["body"] == {"text": "meet at 11"} and page[sent["msgId"]]["edited"] is True
+        assert page[oops["msgId"]]["recalled"] is True and page[oops["msgId"]]["body"] is None
+        try:
+            await within(bob.recall(sent["msgId"]))
+            raise AssertionError("bob recalled alice's message")
+        except ClientError as e:
+            assert e.code == "not_allowed"
+
+        try:
+            await within(alice.send(session, {"text": "x" * 70_000}))
+            raise AssertionError("a 70,000-character message was sent")
+        except SendError as e:
+            assert e.code == "too_large"
+        after = await within(alice.send(session, {"text": "still connected"}))
+        assert after["seq"] == recalled["seq"] + 1 and alice.connections == 1
+
+        await within(bob.stop())
+        if LIVE:
+            await eventually(lambda: alice.presence["bob"]["online"] is False, 6.0, "bob offline")
+            assert [p["online"] for p in a_presence] == [False, True, False]
     finally:
         await within(defer.gatherResults([alice.stop(), bob.stop()]))

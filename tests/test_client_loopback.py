@@ -148,7 +148,9 @@ async def test_offline_messages_arrive_with_sync_and_duplicates_are_dropped(serv
 async def test_going_away_moves_client_to_other_gateway(server):
     """Clients of a gateway that stops would sit in backoff instead of moving at once."""
     tcp, ws = await server.listen("tcp"), await server.listen("ws")
-    alice = client(server, [f"tcp://127.0.0.1:{tcp}", f"ws://127.0.0.1:{ws}/ws"], "alice", retry_initial=5.0)
+    # going away: within going_away_spread (jitter), not after a backoff of retry_initial
+    alice = client(server, [f"tcp://127.0.0.1:{tcp}", f"ws://127.0.0.1:{ws}/ws"], "alice", retry_initial=5.0,
+                   going_away_spread=1.0)
     try:
         await within(alice.start())
         server.going_away()

@@ -22,6 +22,7 @@ from typing import Any
 _EXPORTS = {
     "AuthFailed": "core", "Client": "core", "ClientError": "core", "ClientStopped": "core",
     "Disconnected": "core", "SendError": "core", "new_client_msg_id": "core", "p2p_session_id": "core",
+    "is_event": "core", "frame_size": "core",
     "BadURL": "links", "connect_link": "links",
 }
 

@@ -14,8 +14,16 @@ with their session's name. With ``--api`` (imapi's URL) it also tells who
 of the members is online.
 
 Commands: ``/to USER``, ``/join SESSION``, ``/new USER...`` (a group),
-``/history [N]`` (older messages), ``/who``, ``/sessions``, ``/help``,
-``/quit``. Ctrl-C, Ctrl-D on an empty line or ``/quit`` leave cleanly.
+``/history [N]`` (older messages), ``/recall [#N]`` and ``/edit [#N] TEXT``
+(your last message, or #N), ``/who``, ``/sessions``, ``/help``, ``/quit``.
+Ctrl-C, Ctrl-D on an empty line or ``/quit`` leave cleanly.
+
+Version 1.1 servers add: recalled and edited messages (shown as such, also in
+history), membership notices (``* alice added carol``), "bob is typing..."
+in front of the prompt (typing is sent, at most once a second, while you
+type), live presence of the 1:1 peer or the group's members (``* bob is
+online``), and ``✓ delivered`` between ``✓`` (stored) and ``✓✓`` (read) in
+1:1 sessions.
 
 On a terminal (tmux included) it edits the input line itself (cbreak mode)
 so that incoming messages never break what is being typed; on a pipe it
@@ -98,6 +106,28 @@ def describe_body(body: Any) -> str:
     return json.dumps(body, ensure_ascii=False)
 
 
+def describe_event(m: dict, seqs: dict[str, int] | None = None) -> str:
+    """What an event (``kind`` recall, edit, members) shows as, on a ``*`` line."""
+    kind, who = m.get("kind"), m.get("from")
+    ref = m.get("ref")
+    target = f"#{seqs[ref]}" if seqs and ref in seqs else "a message"
+    if kind == "recall":
+        return f"{who} recalled {target}"
+    if kind == "edit":
+        return f"{who} edited {target}: {describe_body(m.get('body'))}"
+    if kind == "members":
+        body = m.get("body") if isinstance(m.get("body"), dict) else {}
+        parts = []
+        added = [u for u in body.get("added") or [] if isinstance(u, str)]
+        removed = [u for u in body.get("removed") or [] if isinstance(u, str)]
+        if added:
+            parts.append("added " + ", ".join(added))
+        if removed:
+            parts.append("removed " + ", ".join(removed))
+        return f"{who} {' and '.join(parts) or 'changed the members'}"
+    return f"{who}: an event of kind {kind!r}"
+
+
 def _clock(ts: Any) -> str:
     if isinstance(ts, (int, float)) and not isinstance(ts, bool):
         return time.strftime("%H:%M:%S", time.localtime(ts / 1000))
@@ -120,6 +150,10 @@ class Terminal:
         self.on_eof = on_eof
         self.out_fd = out_fd
         self.buffer = ""
+        #: shown in front of the prompt on a terminal (e.g. "bob is typing...")
+        self.status = ""
+        #: called on every key that changes the input line (the chat sends typing)
+        self.on_typing: Any = None
         self._pending = b""
         self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
         self._escape = ""
@@ -139,16 +173,25 @@ class Terminal:
     def style(self, text: str, code: str) -> str:
         return f"\x1b[{code}m{text}\x1b[0m" if self.tty else text
 
+    def prompt(self) -> str:
+        return (self.style(self.status, "2;3") + " " if self.status else "") + self.PROMPT
+
     def show(self, line: str) -> None:
         """Print ``line`` above the input line (which is redrawn as it was)."""
         if self.tty:
-            self.write(("\r\x1b[K" + line + "\r\n" + self.PROMPT + self.buffer).encode("utf-8"))
+            self.write(("\r\x1b[K" + line + "\r\n" + self.prompt() + self.buffer).encode("utf-8"))
         else:
             self.write((line + "\n").encode("utf-8"))
 
+    def set_status(self, status: str) -> None:
+        """The text in front of the prompt (a terminal only; a pipe gets ``*`` lines instead)."""
+        if status != self.status:
+            self.status = status
+            self.redraw()
+
     def redraw(self) -> None:
         if self.tty:
-            self.write(("\r\x1b[K" + self.PROMPT + self.buffer).encode("utf-8"))
+            self.write(("\r\x1b[K" + self.prompt() + self.buffer).encode("utf-8"))
 
     # input
 
@@ -203,6 +246,8 @@ class Terminal:
         elif ch >= " ":
             self.buffer += ch
             self.write(ch.encode("utf-8"))
+            if self.on_typing is not None and not self.buffer.startswith("/"):
+                self.on_typing()
 
 
 @implementer(IReadDescriptor)
@@ -260,13 +305,27 @@ class ChatApp:
         self.input_done = False
         self.stopping = False
         self._sends: set[defer.Deferred] = set()
+        # msgId -> seq, and my own messages per session: seq -> msgId (for /recall, /edit, receipts)
+        self.seq_of: dict[str, int] = {}
+        self.mine: dict[str, dict[int, str]] = {}
+        self.delivered: set[str] = set()
+        # live messages of the session being joined, held until its history is on screen (so
+        # that everything shows in seq order); None when not joining
+        self.joining: list[dict] | None = None
+        # who is typing in the open session: user -> until (reactor seconds)
+        self.typing_until: dict[str, float] = {}
+        self._typing_call: Any = None
+        self.peers: list[str] = []  # whose presence is followed (the open session's others)
         token, get_token = _token_source(args)
         self.token = token
         trust = args.ca
         self.client = _core().Client(args.url, token, get_token=get_token, device=args.device, reactor=reactor,
-                             on_message=self.on_message, on_read_receipt=self.on_read_receipt,
-                             on_state=self.on_state, tls_trust=trust)
+                                     on_message=self.on_message, on_read_receipt=self.on_read_receipt,
+                                     on_state=self.on_state, tls_trust=trust, on_typing=self.on_typing,
+                                     on_presence=self.on_presence,
+                                     on_delivery_receipt=self.on_delivery_receipt)
         self.terminal = terminal or Terminal(sys.stdin.isatty(), self.on_line, self.on_eof)
+        self.terminal.on_typing = self.typing
 
     @property
     def me(self) -> str | None:
@@ -321,15 +380,67 @@ class ChatApp:
         session = frame.get("sessionId")
         seq = frame.get("seq")
         if session == self.session:
-            self.show_message(frame)
+            if self.joining is not None:
+                self.joining.append(frame)  # shown with the history, in seq order
+                return
+            self.show_entry(frame)
             if isinstance(seq, int):
                 self.last_seq[session] = max(seq, self.last_seq.get(session, 0))
-                if frame.get("from") != self.me:
+                if frame.get("from") != self.me and not _core().is_event(frame):
                     self.client.read(session, seq)  # it is on screen: read
         else:
             tag = self.terminal.style(f"[{session}]", "33")
-            self.terminal.show(f"{tag} {_clock(frame.get('ts'))} {frame.get('from')}: "
-                               f"{describe_body(frame.get('body'))}")
+            if _core().is_event(frame):
+                self.terminal.show(self.terminal.style(f"{tag} * {describe_event(frame, self.seq_of)}", "2"))
+            else:
+                self.terminal.show(f"{tag} {_clock(frame.get('ts'))} {frame.get('from')}: "
+                                   f"{describe_body(frame.get('body'))}")
+
+    def on_typing(self, frame: dict) -> None:
+        user = frame.get("userId")
+        if frame.get("sessionId") != self.session or not isinstance(user, str) or user == self.me:
+            return
+        now = self.reactor.seconds()
+        if self.typing_until.get(user, 0) < now and not self.terminal.tty:
+            self.say(f"{user} is typing...")
+        self.typing_until[user] = now + 4.0  # senders repeat it every second while typing
+        self.show_typing()
+
+    def show_typing(self) -> None:
+        now = self.reactor.seconds()
+        self.typing_until = {u: t for u, t in self.typing_until.items() if t > now}
+        users = sorted(self.typing_until)
+        if not users:
+            self.terminal.set_status("")
+        else:
+            self.terminal.set_status(f"{', '.join(users)} {'is' if len(users) == 1 else 'are'} typing...")
+        if self._typing_call is not None and self._typing_call.active():
+            self._typing_call.cancel()
+        self._typing_call = None
+        if users:
+            self._typing_call = self.reactor.callLater(min(self.typing_until.values()) - now + 0.05,
+                                                       self.show_typing)
+
+    def typing(self) -> None:
+        """A key typed in the input line: tell the others (the client sends at most one a second)."""
+        if self.session is not None:
+            self.client.typing(self.session)
+
+    def on_presence(self, frame: dict) -> None:
+        user = frame.get("userId")
+        if user in self.peers:
+            self.say(f"{user} is {'online' if frame.get('online') else 'offline'}")
+
+    def on_delivery_receipt(self, frame: dict) -> None:
+        ids = [i for i in frame.get("msgIds") or [] if isinstance(i, str)]
+        self.delivered.update(ids)
+        if frame.get("sessionId") != self.session:
+            return
+        # what the user already read needs no "delivered" line (receipts may come in either order)
+        read = self.receipts.get((self.session, frame.get("userId")), 0)
+        seqs = sorted(self.seq_of[i] for i in ids if i in self.seq_of and self.seq_of[i] > read)
+        if seqs:
+            self.say(f"✓ delivered to {frame.get('userId')}: " + ", ".join(f"#{n}" for n in seqs))
 
     def on_read_receipt(self, frame: dict) -> None:
         session, user, seq = frame.get("sessionId"), frame.get("userId"), frame.get("seq")
@@ -345,6 +456,30 @@ class ChatApp:
 
     # --- showing
 
+    def show_entry(self, m: dict) -> None:
+        """One entry of the open session: a message, or an event (a ``*`` line, never as text)."""
+        if not _core().is_event(m):
+            self.show_message(m)
+            return
+        seq = m.get("seq")
+        if isinstance(seq, int):
+            if (self.session, seq) in self.shown:
+                return
+            self.shown.add((self.session, seq))
+            if self.oldest_seq is None or seq < self.oldest_seq:
+                self.oldest_seq = seq
+        if m.get("kind") == "members" and isinstance(m.get("body"), dict):
+            body = m["body"]
+            members = [u for u in self.members if u not in (body.get("removed") or [])]
+            members += [u for u in body.get("added") or [] if isinstance(u, str) and u not in members]
+            self.members = members
+            if self.me in (body.get("removed") or []):
+                self.say(f"{m.get('from')} removed you from {self.session}")
+                return
+            self.follow_presence()
+        self.typing_until.pop(str(m.get("from")), None)
+        self.say(f"#{seq} {describe_event(m, self.seq_of)}")
+
     def show_message(self, m: dict) -> None:
         """One message of the open session (history, live, or one of mine just stored)."""
         seq = m.get("seq")
@@ -352,28 +487,77 @@ class ChatApp:
             if (self.session, seq) in self.shown:
                 return
             self.shown.add((self.session, seq))
+            if isinstance(m.get("msgId"), str):
+                self.seq_of[m["msgId"]] = seq
         if isinstance(seq, int) and (self.oldest_seq is None or seq < self.oldest_seq):
             self.oldest_seq = seq  # /history pages back from the oldest message on screen
         sender = m.get("from")
+        if sender in self.typing_until:
+            self.typing_until.pop(sender)
+            self.show_typing()
         name = self.terminal.style(str(sender), "1;36" if sender == self.me else "1")
         mark = ""
         if sender == self.me:
+            if isinstance(seq, int) and isinstance(m.get("msgId"), str):
+                self.mine.setdefault(str(self.session), {})[seq] = m["msgId"]
             mark = " ✓"
             if any(seq >= m.get("seq", 0) for (s, u), seq in self.receipts.items()
                    if s == self.session and u != self.me):
                 mark = " ✓✓"
-        self.terminal.show(f"{_clock(m.get('ts'))} #{m.get('seq')} {name}: {describe_body(m.get('body'))}{mark}")
+            elif m.get("delivered") is True or m.get("msgId") in self.delivered:
+                mark = " ✓ delivered"
+        if m.get("recalled"):
+            text = self.terminal.style("(recalled)", "2;3")
+        else:
+            text = describe_body(m.get("body"))
+            if m.get("edited"):
+                text += self.terminal.style(" (edited)", "2")
+        self.terminal.show(f"{_clock(m.get('ts'))} #{m.get('seq')} {name}: {text}{mark}")
 
     # --- joining
 
-    def join(self, session: str) -> None:
+    def join(self, session: str, members: list[str] | None = None) -> None:
         self.session = session
         self.oldest_seq = None
         self.shown = {k for k in self.shown if k[0] != session}
+        self.typing_until = {}
+        self.show_typing()
+        self.members = list(members) if members else (session.split(":")[1:] if session.startswith("p2p:") else [])
         self.say(f"joined {session}")
+        self.joining = [] if self.args.history > 0 else None
         self.load_history(self.args.history, first=True)
         if self.args.api:
             self.who()
+        if self.members:
+            self.follow_presence()
+        elif self.args.api:
+            self.api_get(f"/v1/sessions/{quote(session, safe='')}").addCallbacks(
+                lambda v: self._got_members(session, v.get("members") or []), lambda f: None)
+
+    def _got_members(self, session: str, members: list[str]) -> None:
+        if session == self.session:
+            self.members = [u for u in members if isinstance(u, str)]
+            self.follow_presence()
+
+    def follow_presence(self) -> None:
+        """Live presence of the open session's other members (a version 1 server refuses it: quiet)."""
+        peers = [u for u in self.members if u != self.me]
+        gone = [u for u in self.peers if u not in peers]
+        if gone:
+            self.client.unsubscribe_presence(gone)
+        new = [u for u in peers if u not in self.peers]
+        self.peers = peers
+        if new:
+            self.client.subscribe_presence(new).addErrback(lambda f: None)
+
+    def _end_join(self, session: str) -> None:
+        """History is on screen: the live messages held meanwhile, in seq order."""
+        if session != self.session or self.joining is None:
+            return
+        held, self.joining = self.joining, None
+        held.sort(key=lambda f: f.get("seq") if isinstance(f.get("seq"), int) else 0)
+        for frame in held:
+            self.on_message(frame)
 
     def load_history(self, n: int, first: bool = False) -> None:
         session = self.session
@@ -387,23 +571,34 @@ class ChatApp:
             if session != self.session:
                 return
             if not messages:
-                self.say("no earlier messages" if not first else "no messages yet")
+                if not (first and self.joining):
+                    self.say("no earlier messages" if not first else "no messages yet")
+                if first:
+                    self._end_join(session)
                 return
             if not first:
                 self.say(f"{len(messages)} earlier messages:")
             for m in messages:
-                self.show_message(m)
+                if isinstance(m.get("msgId"), str) and isinstance(m.get("seq"), int):
+                    self.seq_of[m["msgId"]] = m["seq"]
+            for m in messages:
+                self.show_entry(m)
             if first:
                 last = messages[-1]["seq"]
                 self.last_seq[session] = max(last, self.last_seq.get(session, 0))
                 self.client.read(session, last)
+                self._end_join(session)
 
         def failed(f: Any) -> None:
+            if session != self.session:
+                return
             if f.check(_core().ClientError) and f.value.code == "no_session":
                 self.say(f"{session} does not exist yet" if not session.startswith("p2p:")
                          else "no messages yet")
             else:
                 self.say(f"history failed: {f.getErrorMessage()}")
+            if first:
+                self._end_join(session)
 
         d.addCallbacks(shown, failed)
 
@@ -431,7 +626,15 @@ class ChatApp:
 
     def who(self) -> None:
         if not self.args.api:
-            self.say("/who needs --api URL (imapi)")
+            known = {u: self.client.presence[u] for u in self.peers if u in self.client.presence}
+            if not known:
+                self.say("/who needs --api URL (imapi), or a server with live presence")
+                return
+            online = [u for u, p in known.items() if p.get("online")]
+            offline = [u for u, p in known.items() if not p.get("online")]
+            parts = (["online: " + ", ".join(online)] if online else []) + (
+                ["offline: " + ", ".join(offline)] if offline else [])
+            self.say("; ".join(parts))
             return
         session = self.session
         if session is None:
@@ -477,8 +680,8 @@ class ChatApp:
 
     # --- input
 
-    HELP = ("/to USER  /join SESSION  /new USER...  /history [N]  /who  /sessions  /quit   "
-            "(anything else is sent to the open session)")
+    HELP = ("/to USER  /join SESSION  /new USER...  /history [N]  /recall [#N]  /edit [#N] TEXT  /who  "
+            "/sessions  /quit   (anything else is sent to the open session)")
 
     def on_line(self, line: str) -> None:
         text = line.strip()
@@ -505,16 +708,55 @@ class ChatApp:
             self.join(rest)
         elif name == "/new" and rest:
             d = self.client.create_session(rest.split())
-            d.addCallbacks(lambda r: self.join(r["sessionId"]),
+            d.addCallbacks(lambda r: self.join(r["sessionId"], r.get("members")),
                            lambda f: self.say(f"cannot create the group: {f.getErrorMessage()}"))
         elif name == "/history":
             self.load_history(int(rest) if rest.isdigit() else HISTORY_DEFAULT)
+        elif name == "/recall":
+            self.change("recall", rest)
+        elif name == "/edit" and rest:
+            self.change("edit", rest)
         elif name == "/who":
             self.who()
         elif name == "/sessions":
             self.sessions()
         else:
             self.say(f"unknown command {name}; " + self.HELP)
+
+    def change(self, kind: str, rest: str) -> None:
+        """``/recall [#N]``, ``/edit [#N] TEXT``: one of my messages of the open session (the last one
+        when no #N is given)."""
+        session = self.session
+        if session is None:
+            self.say("join a session first")
+            return
+        mine = self.mine.get(session, {})
+        first, _, text = rest.partition(" ")
+        number = first.lstrip("#")
+        if number.isdigit() and (first.startswith("#") or kind == "recall"):
+            seq = int(number)
+        else:
+            seq, text = (max(mine) if mine else None), rest
+        if kind == "edit" and not text.strip():
+            self.say("/edit [#N] TEXT")
+            return
+        msg_id = mine.get(seq) if seq is not None else None
+        if msg_id is None:
+            self.say(f"no message of yours {'#' + str(seq) if seq is not None else ''} here to {kind}".replace("  ", " "))
+            return
+        body = {"text": text.strip()}
+        d = self.client.recall(msg_id) if kind == "recall" else self.client.edit(msg_id, body)
+
+        def done(reply: dict) -> None:
+            event = {"kind": kind, "ref": msg_id, "from": self.me, "seq": reply.get("seq"), "body": body}
+            if session == self.session:
+                self.show_entry(event)
+
+        def failed(f: Any) -> None:
+            why = f.value.code if f.check(_core().ClientError) else f.getErrorMessage()
+            self.terminal.show(self.terminal.style(f"✗ cannot {kind} #{seq} ({why})", "31"))
+
+        d.addCallbacks(done, failed)
 
     def when_ready(self, then: Any) -> None:
         if self.me is None:
@@ -529,14 +771,16 @@ class ChatApp:
         def stored(reply: dict) -> None:
             if session == self.session:
                 self.show_message({"from": self.me, "seq": reply.get("seq"), "ts": reply.get("ts"),
-                                   "body": {"text": text}})
+                                   "msgId": reply.get("msgId"), "body": {"text": text}})
                 self.last_seq[session] = max(reply.get("seq", 0), self.last_seq.get(session, 0))
 
         def failed(f: Any) -> None:
+            shown = text if len(text) <= 80 else f"{text[:60]}... ({len(text)} characters)"
             if f.check(_core().SendError):
-                self.terminal.show(self.terminal.style(f"✗ not sent ({f.value.code}): {text}", "31"))
+                why = f.value.code + (f": {f.value.message}" if f.value.code == "too_large" else "")
+                self.terminal.show(self.terminal.style(f"✗ not sent ({why}): {shown}", "31"))
             elif not self.stopping:
-                self.terminal.show(self.terminal.style(f"✗ not sent ({f.getErrorMessage()}): {text}", "31"))
+                self.terminal.show(self.terminal.style(f"✗ not sent ({f.getErrorMessage()}): {shown}", "31"))
 
         def done(result: Any) -> Any:
             self._sends.discard(d)

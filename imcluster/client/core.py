@@ -34,6 +34,18 @@ and go underneath; what the application sees does not:
   dropped and replaced.
 * **Token refresh.** With ``get_token``, a fresh token is sent on the open
   connection ``refresh_margin`` seconds before the current one's ``exp``.
+* **Frame size.** Every frame is measured before it is sent: one over
+  ``max_frame_size`` (65536 bytes, the gateway's default; an ``auth_reply``
+  that names ``maxFrameSize`` lowers it) fails at once with ``too_large``
+  instead of making the gateway close the connection (WebSocket 1009). When
+  a gateway with a smaller limit closes anyway, the largest unanswered frame
+  sent on that connection fails with ``too_large`` and is never sent again.
+* **Version 1.1.** Events (``kind`` ``recall``, ``edit``, ``members``) come
+  to ``on_message`` like messages (handled once, acknowledged after);
+  :meth:`~Client.recall`, :meth:`~Client.edit`, :meth:`~Client.typing`
+  (at most one per second and session), :meth:`~Client.subscribe_presence`
+  (kept across reconnects; ``on_presence`` gets every change) and
+  ``on_delivery_receipt``/``on_typing`` for the other frames.
 
 Failures that retrying cannot mend end the client: an ``invalid_token`` or
 ``token_expired`` answer when there is no ``get_token`` to ask for another,
@@ -45,6 +57,7 @@ Then :meth:`start`'s Deferred (and every pending call) fails with
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import random
 import time
@@ -74,11 +87,28 @@ AUTH_CODES = frozenset({"invalid_token", "token_expired"})
 
 #: WebSocket close codes
 CLOSE_GOING_AWAY = 1001
+CLOSE_TOO_LARGE = 1009
 CLOSE_AUTH = 4001
 CLOSE_TOKEN_EXPIRED = 4002
 
 #: message_send_reply ids per frame (keeps the frame far below the 64 KiB limit)
 ACK_CHUNK = 500
+#: the gateway's default max_frame_size (PROTOCOL.md "Framing")
+DEFAULT_MAX_FRAME_SIZE = 65536
+#: event kinds of version 1.1 (PROTOCOL.md "Events in the session's order")
+EVENT_KINDS = frozenset({"recall", "edit", "members"})
+
+
+def is_event(frame: dict) -> bool:
+    """A ``message_send`` (or history entry) that is an event, not a message: ``kind`` set and not
+    ``"message"`` (an unknown kind counts as an event too: never shown as text)."""
+    kind = frame.get("kind")
+    return kind is not None and kind != "message"
+
+
+def frame_size(frame: dict) -> int:
+    """The bytes of ``frame`` on the wire (UTF-8 JSON, as the links encode it)."""
+    return len(json.dumps(frame, ensure_ascii=False, separators=(",", ":")).encode("utf-8"))
 
 
 class ClientError(Exception):
@@ -143,6 +173,7 @@ class _Outgoing:
     attempts: int = 0
     retry_call: Any = None
     timeout_call: Any = None
+    size: int = 0
 
 
 @dataclass
@@ -158,6 +189,7 @@ class _Request:
     attempts: int = 0
     retry_call: Any = None
     timeout_call: Any = None
+    size: int = 0
 
 
 class Client:
@@ -167,7 +199,9 @@ class Client:
     ``http://``, ``https://``: a ``--stream`` endpoint, long polling), tried in turn. ``token``: a JWT; or ``get_token()``, returning a token or
     a Deferred of one, called for every connection and refresh. Callbacks:
     ``on_message(frame)`` (may return a Deferred), ``on_read_receipt(frame)``,
-    ``on_sync_done(count)``, ``on_state(state)``.
+    ``on_sync_done(count)``, ``on_state(state)``; version 1.1:
+    ``on_typing(frame)``, ``on_presence(frame)`` (``userId``, ``online``,
+    ``ts`` or ``since``), ``on_delivery_receipt(frame)``.
     """
 
     log = Logger()
@@ -183,6 +217,9 @@ class Client:
         on_read_receipt: Callable[[dict], Any] | None = None,
         on_sync_done: Callable[[int], Any] | None = None,
         on_state: Callable[[str], Any] | None = None,
+        on_typing: Callable[[dict], Any] | None = None,
+        on_presence: Callable[[dict], Any] | None = None,
+        on_delivery_receipt: Callable[[dict], Any] | None = None,
         reactor: Any = None,
         connector: Callable[..., defer.Deferred] | None = None,
         tls_trust: Any = None,
@@ -199,6 +236,9 @@ class Client:
         request_timeout: float = 30.0,
         sync_hold: float = 10.0,
         max_auth_failures: int | None = 3,
+        max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+        going_away_spread: float = 3.0,
+        typing_interval: float = 1.0,
     ) -> None:
         if isinstance(urls, str):
             urls = [urls]
@@ -219,6 +259,9 @@ class Client:
         self.on_read_receipt = on_read_receipt
         self.on_sync_done = on_sync_done
         self.on_state = on_state
+        self.on_typing = on_typing
+        self.on_presence = on_presence
+        self.on_delivery_receipt = on_delivery_receipt
         self._connector = connector or self._connect_link
         self._tls_trust = tls_trust
         self.connect_timeout = connect_timeout
@@ -234,7 +277,16 @@ class Client:
         self.request_timeout = request_timeout
         self.sync_hold = sync_hold
         self.max_auth_failures = max_auth_failures
+        #: the largest frame sent (bytes of JSON); lowered by what the gateway says or does
+        self.max_frame_size = max_frame_size
+        #: a gateway that goes away: its clients reconnect spread over this many seconds
+        self.going_away_spread = going_away_spread
+        self.typing_interval = typing_interval
         self._auth_failures = 0
+        #: presence of the subscribed users: userId -> {"online": bool, "since"/"ts": ms}
+        self.presence: dict[str, dict] = {}
+        self._presence_users: set[str] = set()
+        self._typing_sent: dict[str, float] = {}
 
         #: what the last auth_reply said
         self.user_id: str | None = None
@@ -368,7 +420,14 @@ class Client:
             entry.deferreds.append(d)
             return d
         frame = {"type": "message", "clientMsgId": cmid, "sessionId": session_id, "body": body}
-        entry = _Outgoing(cmid, frame, [d])
+        size = frame_size(frame)
+        if size > self.max_frame_size:
+            # the gateway would close the connection (1009) and the message would come back
+            # after every reconnect: refuse it here, with the reason
+            return defer.fail(SendError("too_large",
+                                        f"the message is {size} bytes; the limit is {self.max_frame_size}",
+                                        cmid))
+        entry = _Outgoing(cmid, frame, [d], size=size)
         self._outbox[cmid] = entry
         if self.send_timeout is not None:
             entry.timeout_call = self.reactor.callLater(self.send_timeout, self._send_timed_out, cmid)
@@ -396,6 +455,53 @@ class Client:
         if session_id is not None:
             frame["sessionId"] = session_id
         return self._request("session_create", frame, repeatable=False)
+
+    def recall(self, msg_id: str) -> defer.Deferred:
+        """Recall one of this user's messages (within the server's ``recall_window``); fires with
+        the ``recall_reply`` (``msgId`` and ``seq`` of the ``recall`` event). Fails with
+        :class:`ClientError` (``not_allowed``, ``no_message``), or :class:`Disconnected` when
+        the connection dropped before the answer (not repeated blindly)."""
+        return self._request("recall", {"type": "recall", "msgId": msg_id}, repeatable=False)
+
+    def edit(self, msg_id: str, body: Any) -> defer.Deferred:
+        """Replace the body of one of this user's messages (within ``edit_window``); fires with
+        the ``edit_reply``. Fails as :meth:`recall` does (and with ``too_large``)."""
+        return self._request("edit", {"type": "edit", "msgId": msg_id, "body": body}, repeatable=False)
+
+    def typing(self, session_id: str) -> bool:
+        """Tell the session's other members that this user is typing. Sent at most once per
+        ``typing_interval`` (1 s) and session, and only while connected (it is ephemeral):
+        True when a frame went out."""
+        if self.state != READY or self._link is None:
+            return False
+        now = self.reactor.seconds()
+        last = self._typing_sent.get(session_id)
+        if last is not None and now - last < self.typing_interval:
+            return False
+        self._typing_sent[session_id] = now
+        if len(self._typing_sent) > 1000:
+            self._typing_sent = {k: v for k, v in self._typing_sent.items() if now - v < self.typing_interval}
+        self._link.send({"type": "typing", "sessionId": session_id})
+        return True
+
+    def subscribe_presence(self, users: Iterable[str]) -> defer.Deferred:
+        """Follow the presence of ``users``: fires with the ``presence_reply``; from then on
+        ``on_presence`` gets every change (also the ones a reconnect reveals: subscriptions are
+        made again on every new connection) and :attr:`presence` holds the last known states."""
+        users = [u for u in dict.fromkeys(users) if isinstance(u, str) and u]
+        self._presence_users.update(users)
+        if not users:
+            return defer.succeed({"type": "presence_reply", "ok": True, "users": []})
+        return self._request("presence", {"type": "presence_subscribe", "users": users}, repeatable=True)
+
+    def unsubscribe_presence(self, users: Iterable[str]) -> None:
+        """Stop following ``users`` (no answer is waited for)."""
+        users = [u for u in dict.fromkeys(users) if u in self._presence_users]
+        for user in users:
+            self._presence_users.discard(user)
+            self.presence.pop(user, None)
+        if users and self.state == READY and self._link is not None:
+            self._link.send({"type": "presence_unsubscribe", "id": next(self._request_ids), "users": users})
 
     def read(self, session_id: str, seq: int) -> None:
         """Move this user's read cursor in ``session_id`` to ``seq`` (it never moves back).
@@ -518,6 +624,8 @@ class Client:
         self._link = None
         self._cancel_link_timers()
         self._release_held()
+        if code == CLOSE_TOO_LARGE or self._last_error == "too_large":
+            self._refused_for_size(link)
         self._requeue(link)
         if not self._running:
             self._set_state(FAILED if self._fatal_set else STOPPED)
@@ -539,13 +647,36 @@ class Client:
         if auth_failed:
             delay = self._backoff()
         elif self._going_away or code == CLOSE_GOING_AWAY:
-            delay = 0.0  # a gateway that stops sends its clients elsewhere at once
+            # a gateway that stops sends its clients elsewhere: spread over a few seconds, so
+            # that they do not all connect and sync on the next gateway in the same instant
+            delay = random.uniform(0, self.going_away_spread)
         elif was_ready:
             # spread a whole gateway's clients over a short moment
             delay = random.uniform(0, self.retry_initial)
         else:
             delay = self._backoff()
         self._schedule_attempt(delay)
+
+    def _refused_for_size(self, link: Any) -> None:
+        """The gateway closed ``link`` for a frame over its limit (smaller than ours): the largest
+        unanswered frame sent on it fails with ``too_large`` and is never sent again."""
+        entries = [e for e in self._outbox.values() if e.sent_on is link]
+        requests = [r for r in self._requests.values() if r.sent_on is link]
+        largest = max(entries + requests, key=lambda x: x.size, default=None)
+        if largest is None:
+            return
+        self.max_frame_size = min(self.max_frame_size, max(1, largest.size - 1))
+        self.log.warn("{url} closed the connection for a frame of {size} bytes; the limit is now {limit}",
+                      url=self.url, size=largest.size, limit=self.max_frame_size)
+        message = f"the gateway refused a frame of {largest.size} bytes"
+        if isinstance(largest, _Outgoing):
+            largest.sent_on = None
+            self._in_flight -= 1
+            err = SendError("too_large", message, largest.client_msg_id)
+            self._finish_message(largest.client_msg_id, lambda d: d.errback(err))
+        else:
+            err2 = ClientError("too_large", message)
+            self._finish_request(largest, lambda d: d.errback(err2))
 
     # --- frames ---------------------------------------------------------------------------
 
@@ -563,6 +694,9 @@ class Client:
             self.conn_id = frame.get("connId")
             self.server_id = frame.get("serverId")
             self._auth_reply_seen = frame
+            limit = frame.get("maxFrameSize")
+            if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0:
+                self.max_frame_size = min(self.max_frame_size, limit)
             self._schedule_refresh()
             if not first:
                 return  # a refresh
@@ -734,6 +868,63 @@ class Client:
     def _on_pong(self, frame: dict) -> None:
         pass  # _last_rx is all a pong is for
 
+    def _on_change_reply(self, frame: dict) -> None:
+        """``recall_reply`` / ``edit_reply``."""
+        kind = "recall" if frame.get("type") == "recall_reply" else "edit"
+        request = self._find_request(frame.get("id"), kind, None)
+        if request is None:
+            return
+        if frame.get("ok") is True:
+            self._finish_request(request, lambda d: d.callback(frame))
+        else:
+            error = frame.get("error") if isinstance(frame.get("error"), dict) else {}
+            err = ClientError(str(error.get("code") or "bad_frame"), str(error.get("message") or ""))
+            self._finish_request(request, lambda d: d.errback(err))
+
+    def _on_presence_reply(self, frame: dict) -> None:
+        if frame.get("ok") is True:
+            for entry in frame.get("users") or []:
+                if isinstance(entry, dict):
+                    self._presence_changed({"type": "presence", **entry})
+        rid = frame.get("id")
+        request = self._requests.get(rid) if isinstance(rid, str) else None
+        if request is None or request.kind != "presence":
+            return
+        if frame.get("ok") is True:
+            self._finish_request(request, lambda d: d.callback(frame))
+        else:
+            error = frame.get("error") if isinstance(frame.get("error"), dict) else {}
+            err = ClientError(str(error.get("code") or "bad_frame"), str(error.get("message") or ""))
+            self._finish_request(request, lambda d: d.errback(err))
+
+    def _on_presence(self, frame: dict) -> None:
+        self._presence_changed(frame)
+
+    def _presence_changed(self, frame: dict) -> None:
+        user = frame.get("userId")
+        if not isinstance(user, str) or user not in self._presence_users:
+            return
+        online = frame.get("online") is True
+        known = self.presence.get(user)
+        self.presence[user] = {k: v for k, v in frame.items() if k != "type"}
+        if known is not None and known.get("online") is online:
+            return  # no change (a reply after a reconnect that repeats what was known)
+        self._call(self.on_presence, frame, "on_presence")
+
+    def _on_typing(self, frame: dict) -> None:
+        # also from this user's other devices (PROTOCOL.md): frame["userId"] tells
+        self._call(self.on_typing, frame, "on_typing")
+
+    def _on_delivery_receipt(self, frame: dict) -> None:
+        self._call(self.on_delivery_receipt, frame, "on_delivery_receipt")
+
+    def _call(self, callback: Any, frame: dict, name: str) -> None:
+        if callback is not None:
+            try:
+                callback(frame)
+            except Exception:
+                self.log.failure("{name} failed", name=name)
+
     _HANDLERS = {
         "auth_reply": _on_auth_reply,
         "message_reply": _on_message_reply,
@@ -744,6 +935,12 @@ class Client:
         "session_reply": _on_session_reply,
         "error": _on_error,
         "pong": _on_pong,
+        "recall_reply": _on_change_reply,
+        "edit_reply": _on_change_reply,
+        "presence_reply": _on_presence_reply,
+        "presence": _on_presence,
+        "typing": _on_typing,
+        "delivery_receipt": _on_delivery_receipt,
     }
 
     # --- sending ------------------------------------------------------------------------
@@ -769,8 +966,12 @@ class Client:
             return defer.fail(ClientStopped("start() the client first"))
         rid = next(self._request_ids)
         frame["id"] = rid
+        size = frame_size(frame)
+        if size > self.max_frame_size:
+            return defer.fail(ClientError("too_large", f"the {frame['type']} frame is {size} bytes; "
+                                                       f"the limit is {self.max_frame_size}"))
         d: defer.Deferred = defer.Deferred()
-        request = _Request(rid, kind, frame, d, repeatable)
+        request = _Request(rid, kind, frame, d, repeatable, size=size)
         self._requests[rid] = request
         if self.request_timeout:
             request.timeout_call = self.reactor.callLater(self.request_timeout, self._request_timed_out, rid)
@@ -826,6 +1027,12 @@ class Client:
         for request in list(self._requests.values()):
             if request.retry_call is None:
                 self._send_request(request)
+        if self.connections > 1 and self._presence_users:
+            # subscriptions end with the connection: made again, and the reply tells what changed
+            users = sorted(self._presence_users)
+            self._request("presence", {"type": "presence_subscribe", "users": users}, repeatable=True
+                          ).addErrback(lambda f: self.log.warn("presence_subscribe failed: {why}",
+                                                               why=f.getErrorMessage()))
         self._pump()
 
     def _requeue(self, link: Any) -> None:

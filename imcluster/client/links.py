@@ -323,6 +323,8 @@ class StreamLink(_Reporter):
         self.last_id = 0
         self.closing = False
         self._queue: list[bytes] = []
+        self._batch: list[bytes] = []  # the frames of the POST in flight
+        self._single = 0  # frames to post one by one (after a batch was refused as too large)
         self._posting = False
         self._poll: defer.Deferred | None = None
         self._failing_since: float | None = None
@@ -386,10 +388,13 @@ class StreamLink(_Reporter):
         else:
             batch = [self._queue.pop(0)]
             size = len(batch[0])
-            while self._queue and size + len(self._queue[0]) + len(batch) + 2 <= self.MAX_BODY:
+            if self._single:
+                self._single -= 1
+            while not self._single and self._queue and size + len(self._queue[0]) + len(batch) + 2 <= self.MAX_BODY:
                 size += len(self._queue[0])
                 batch.append(self._queue.pop(0))
             body = batch[0] if len(batch) == 1 else b"[" + b",".join(batch) + b"]"
+            self._batch = batch
             d = self._request(b"POST", f"/stream/{self.stream_id}", body)
             d.addCallbacks(self._posted, self._unreachable)
 
@@ -411,9 +416,25 @@ class StreamLink(_Reporter):
 
     def _posted(self, answer: tuple[int, bytes]) -> None:
         self._posting = False
+        batch, self._batch = self._batch, []
         if answer[0] == 404:
             self._stop("the gateway closed the connection")
             return
+        if answer[0] == 413:
+            if len(batch) > 1:
+                # together too large: each one alone
+                self._queue[:0] = batch
+                self._single = len(batch)
+            else:
+                # this one frame is over the gateway's limit: say so, as a WebSocket gateway
+                # would with its close (the client fails that message; it is not posted again)
+                frame = _decode(batch[0]) if batch else None
+                ref = frame.get("clientMsgId") or frame.get("id") if isinstance(frame, dict) else None
+                error = {"type": "error", "code": "too_large",
+                         "message": "the gateway refused the frame for its size (413)"}
+                if isinstance(ref, str):
+                    error["ref"] = ref
+                self._deliver(_encode(error))
         self._pump()
 
     def _unreachable(self, failure: Any) -> None:

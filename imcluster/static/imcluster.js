@@ -39,6 +39,17 @@
 //   moves on by itself, keeps what works for its reconnects, and says which
 //   one it uses (client.transport, onTransport).
 // * A JSON ping every pingInterval seconds; a silent connection is replaced.
+// * Every frame is measured before it is sent: one over maxFrameSize (65536 bytes, the
+//   gateway's default; an auth_reply naming maxFrameSize lowers it) rejects at once with
+//   code "too_large" instead of making the gateway close the socket (1009). When a gateway
+//   with a smaller limit closes anyway, the largest unanswered frame sent on that socket
+//   rejects with "too_large" and is never sent again.
+// * "going away" (1001) reconnects spread over goingAwaySpread seconds (3), so that a drained
+//   gateway's clients do not all connect and sync on the next one at once.
+// * Version 1.1: events (kind "recall", "edit", "members") come to onMessage like messages;
+//   recall(msgId), edit(msgId, body), typing(sessionId) (at most one a second per session),
+//   subscribePresence(users) (made again on every connection; onPresence gets each change),
+//   onTyping, onDeliveryReceipt.
 // * A refused token with no getToken (or maxAuthFailures refusals in a row)
 //   stops the client: start() and pending calls reject with code
 //   "invalid_token"/"token_expired" and onState("failed") is called.
@@ -51,6 +62,20 @@ export const STATES = Object.freeze({
 const RETRY_CODES = new Set(["unavailable", "rate_limited"]);
 const AUTH_CODES = new Set(["invalid_token", "token_expired"]);
 const ACK_CHUNK = 500;
+/** The gateway's default max_frame_size (PROTOCOL.md "Framing"). */
+export const DEFAULT_MAX_FRAME_SIZE = 65536;
+
+const encoder = new TextEncoder();
+
+/** The bytes of a frame on the wire (UTF-8 JSON). */
+export function frameSize(frame) {
+  return encoder.encode(JSON.stringify(frame)).length;
+}
+
+/** A message_send (or history entry) that is an event (recall, edit, members...), not a message. */
+export function isEvent(m) {
+  return m != null && m.kind != null && m.kind !== "message";
+}
 
 /** An error answered by the server (code as in PROTOCOL.md) or by the client itself. */
 export class IMError extends Error {
@@ -130,6 +155,7 @@ export class StreamSocket {
     this._poll = null; // the AbortController of the poll in flight
     this._sseTimer = null;
     this._lastCode = null;
+    this._single = 0;
     setTimeout(() => {
       if (this.readyState !== 0) return;
       this.readyState = 1;
@@ -211,7 +237,8 @@ export class StreamSocket {
       } else {
         const batch = [this._queue.shift()];
         let size = batch[0].length;
-        while (this._queue.length && size + this._queue[0].length + 2 + batch.length < this.maxBody / 4) {
+        if (this._single) this._single -= 1;
+        while (!this._single && this._queue.length && size + this._queue[0].length + 2 + batch.length < this.maxBody / 4) {
           size += this._queue[0].length;
           batch.push(this._queue.shift());
         }
@@ -226,6 +253,19 @@ export class StreamSocket {
         if (response.status === 404) {
           this._over();
           return;
+        }
+        if (response.status === 413) {
+          // over the gateway's limit: say so as an error frame about that frame (IMClient fails
+          // it and never posts it again); frames batched together are posted one by one
+          if (batch.length > 1) {
+            this._queue.unshift(...batch);
+            this._single = batch.length;
+          } else {
+            let ref;
+            try { const f = JSON.parse(batch[0]); ref = f.clientMsgId || f.id; } catch { /* not JSON */ }
+            this._deliver(JSON.stringify({ type: "error", code: "too_large", ref,
+              message: "the gateway refused the frame for its size (413)" }));
+          }
         }
       }
     } finally {
@@ -342,6 +382,16 @@ export class IMClient {
     this.onReadReceipt = o.onReadReceipt || null;
     this.onSyncDone = o.onSyncDone || null;
     this.onState = o.onState || null;
+    this.onTyping = o.onTyping || null;
+    this.onPresence = o.onPresence || null;
+    this.onDeliveryReceipt = o.onDeliveryReceipt || null;
+    this.maxFrameSize = o.maxFrameSize ?? DEFAULT_MAX_FRAME_SIZE;
+    this.goingAwaySpread = o.goingAwaySpread ?? 3;
+    this.typingInterval = o.typingInterval ?? 1;
+    /** Presence of the subscribed users: userId -> {userId, online, since | ts}. */
+    this.presence = new Map();
+    this._presenceUsers = new Set();
+    this._typingSent = new Map();
     this.WebSocket = o.WebSocket || globalThis.WebSocket;
     this.retryInitial = o.retryInitial ?? 0.5;
     this.retryMax = o.retryMax ?? 30;
@@ -460,10 +510,15 @@ export class IMClient {
       entry.waiters.push(d);
       return d.promise;
     }
-    entry = {
-      cmid, frame: { type: "message", clientMsgId: cmid, sessionId, body },
-      waiters: [d], sentOn: null, attempts: 0, retry: null, timeout: null,
-    };
+    const frame = { type: "message", clientMsgId: cmid, sessionId, body };
+    const size = frameSize(frame);
+    if (size > this.maxFrameSize) {
+      // the gateway would close the socket (1009) and the message would come back after every
+      // reconnect, holding back the ones after it: refuse it here, with the reason
+      return Promise.reject(new IMError("too_large", `the message is ${size} bytes; the limit is ${this.maxFrameSize}`,
+        { clientMsgId: cmid, size, limit: this.maxFrameSize }));
+    }
+    entry = { cmid, frame, size, waiters: [d], sentOn: null, attempts: 0, retry: null, timeout: null };
     this._outbox.set(cmid, entry);
     if (this.sendTimeout != null) {
       entry.timeout = setTimeout(() => this._sendTimedOut(cmid), this.sendTimeout * 1000);
@@ -485,6 +540,47 @@ export class IMClient {
     const frame = { type: "session_create", members: [...members] };
     if (sessionId != null) frame.sessionId = sessionId;
     return this._request("session_create", frame, false);
+  }
+
+  /** Recall one of this user's messages; resolves with the recall_reply (the event's msgId, seq). */
+  recall(msgId) {
+    return this._request("recall", { type: "recall", msgId }, false).then(okOrThrow);
+  }
+
+  /** Replace the body of one of this user's messages; resolves with the edit_reply. */
+  edit(msgId, body) {
+    return this._request("edit", { type: "edit", msgId, body }, false).then(okOrThrow);
+  }
+
+  /** Tell the session's other members this user is typing: at most once per typingInterval
+   * seconds and session, only while connected (ephemeral). Returns true when a frame went out. */
+  typing(sessionId) {
+    if (this.state !== STATES.READY || !this._ws) return false;
+    const now = Date.now();
+    const last = this._typingSent.get(sessionId);
+    if (last !== undefined && now - last < this.typingInterval * 1000) return false;
+    this._typingSent.set(sessionId, now);
+    if (this._typingSent.size > 1000) this._typingSent.clear();
+    this._send({ type: "typing", sessionId });
+    return true;
+  }
+
+  /** Follow the presence of users: resolves with the presence_reply; onPresence then gets every
+   * change, also those a reconnect reveals (the subscription is made again on each connection). */
+  subscribePresence(users) {
+    const list = [...new Set(users)].filter((u) => typeof u === "string" && u);
+    for (const u of list) this._presenceUsers.add(u);
+    if (!list.length) return Promise.resolve({ type: "presence_reply", ok: true, users: [] });
+    return this._request("presence", { type: "presence_subscribe", users: list }, true).then(okOrThrow);
+  }
+
+  /** Stop following users. */
+  unsubscribePresence(users) {
+    const list = [...new Set(users)].filter((u) => this._presenceUsers.has(u));
+    for (const u of list) { this._presenceUsers.delete(u); this.presence.delete(u); }
+    if (list.length && this.state === STATES.READY && this._ws) {
+      this._send({ type: "presence_unsubscribe", id: this._requestPrefix + ++this._requestNo, users: list });
+    }
   }
 
   /** Move this user's read cursor in sessionId to seq (never backwards; repeated after reconnects). */
@@ -626,6 +722,7 @@ export class IMClient {
     ws.onopen = ws.onmessage = ws.onclose = ws.onerror = null;
     for (const name of ["open", "auth", "ping", "pingCheck", "refresh", "hold", "closing"]) this._clearTimer(name);
     this._releaseHeld();
+    if (code === 1009 || this._lastError === "too_large") this._refusedForSize(ws);
     this._requeue(ws);
     if (!this._running) {
       this._setState(this._fatal ? STATES.FAILED : STATES.STOPPED);
@@ -652,10 +749,32 @@ export class IMClient {
     }
     let delay;
     if (authFailed) delay = this._backoff();
-    else if (this._goingAway || code === 1001) delay = 0;
+    // a drained gateway's clients spread over a few seconds, not all at the same instant
+    else if (this._goingAway || code === 1001) delay = Math.random() * this.goingAwaySpread;
     else if (wasReady) delay = Math.random() * this.retryInitial;
     else delay = this._backoff();
     this._scheduleAttempt(delay);
+  }
+
+  _refusedForSize(ws) {
+    // the gateway closed the socket for a frame over its limit (below ours): the largest
+    // unanswered one sent on it fails and is never sent again
+    let largest = null;
+    for (const x of [...this._outbox.values(), ...this._requests.values()]) {
+      if (x.sentOn === ws && (!largest || x.size > largest.size)) largest = x;
+    }
+    if (!largest) return;
+    this.maxFrameSize = Math.min(this.maxFrameSize, Math.max(1, largest.size - 1));
+    const err = new IMError("too_large", `the gateway refused a frame of ${largest.size} bytes`,
+      { size: largest.size, limit: this.maxFrameSize });
+    if (largest.cmid !== undefined) {
+      largest.sentOn = null;
+      this._inFlight -= 1;
+      err.clientMsgId = largest.cmid;
+      this._finishMessage(largest.cmid, (d) => d.reject(err));
+    } else {
+      this._finishRequest(largest, (d) => d.reject(err));
+    }
   }
 
   // --- frames ---------------------------------------------------------------------
@@ -686,6 +805,9 @@ export class IMClient {
       this.connId = frame.connId;
       this.serverId = frame.serverId;
       this._authReply = frame;
+      if (Number.isInteger(frame.maxFrameSize) && frame.maxFrameSize > 0) {
+        this.maxFrameSize = Math.min(this.maxFrameSize, frame.maxFrameSize);
+      }
       this._scheduleRefresh();
       if (!first) return;
       this._failures = 0;
@@ -803,6 +925,35 @@ export class IMClient {
     }
   }
 
+  _onChangeReply(frame) {
+    const request = this._findRequest(frame.id, frame.type === "recall_reply" ? "recall" : "edit", null);
+    if (request) this._finishRequest(request, (d) => d.resolve(frame));
+  }
+
+  _onPresenceReply(frame) {
+    if (frame.ok === true && Array.isArray(frame.users)) {
+      for (const entry of frame.users) if (entry && typeof entry === "object") this._presenceChanged({ type: "presence", ...entry });
+    }
+    const request = typeof frame.id === "string" ? this._requests.get(frame.id) : undefined;
+    if (request && request.kind === "presence") this._finishRequest(request, (d) => d.resolve(frame));
+  }
+
+  _presenceChanged(frame) {
+    const user = frame.userId;
+    if (typeof user !== "string" || !this._presenceUsers.has(user)) return;
+    const online = frame.online === true;
+    const known = this.presence.get(user);
+    const { type, ...state } = frame;
+    this.presence.set(user, { ...state, online });
+    if (known && known.online === online) return; // a reconnect's reply repeating what was known
+    this._call(this.onPresence, frame, "onPresence");
+  }
+
+  _call(callback, frame, name) {
+    if (!callback) return;
+    try { callback(frame); } catch (e) { console.error(`${name} failed`, e); }
+  }
+
   _onHistoryReply(frame) {
     const request = this._findRequest(frame.id, "history", frame.sessionId);
     if (request) this._finishRequest(request, (d) => d.resolve(frame));
@@ -860,8 +1011,12 @@ export class IMClient {
     if (!this._running) return Promise.reject(new IMError("stopped", "start() the client first"));
     const id = this._requestPrefix + ++this._requestNo;
     frame.id = id;
+    const size = frameSize(frame);
+    if (size > this.maxFrameSize) {
+      return Promise.reject(new IMError("too_large", `the ${frame.type} frame is ${size} bytes; the limit is ${this.maxFrameSize}`));
+    }
     const d = deferred();
-    const request = { id, kind, frame, d, repeatable, sentOn: null, attempts: 0, retry: null, timeout: null };
+    const request = { id, kind, frame, size, d, repeatable, sentOn: null, attempts: 0, retry: null, timeout: null };
     this._requests.set(id, request);
     if (this.requestTimeout) {
       request.timeout = setTimeout(() => {
@@ -911,6 +1066,11 @@ export class IMClient {
       this._send({ type: "read", sessionId, seq });
     }
     for (const request of this._requests.values()) if (!request.retry) this._sendRequest(request);
+    if (this.connections > 1 && this._presenceUsers.size) {
+      // subscriptions end with the connection: made again; the reply tells what changed meanwhile
+      this._request("presence", { type: "presence_subscribe", users: [...this._presenceUsers].sort() }, true)
+        .catch((e) => console.warn("presence_subscribe failed", e));
+    }
     this._pump();
   }
 
@@ -1066,4 +1226,18 @@ const HANDLERS = new Map([
   ["session_reply", IMClient.prototype._onSessionReply],
   ["error", IMClient.prototype._onError],
   ["pong", () => {}],
+  ["recall_reply", IMClient.prototype._onChangeReply],
+  ["edit_reply", IMClient.prototype._onChangeReply],
+  ["presence_reply", IMClient.prototype._onPresenceReply],
+  ["presence", function (frame) { this._presenceChanged(frame); }],
+  ["typing", function (frame) { this._call(this.onTyping, frame, "onTyping"); }],
+  ["delivery_receipt", function (frame) { this._call(this.onDeliveryReceipt, frame, "onDeliveryReceipt"); }],
 ]);
+
+function okOrThrow(reply) {
+  if (reply && reply.ok === false) {
+    const e = reply.error || {};
+    throw new IMError(String(e.code || "bad_frame"), String(e.message || ""));
+  }
+  return reply;
+}

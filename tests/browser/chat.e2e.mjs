@@ -78,7 +78,7 @@ try {
   await alice.locator("#new-members").press("Enter");
   await alice.locator("#conv-title", { hasText: "bob" }).waitFor({ timeout: WAIT });
   await say(alice, "Hello Bob — über gateway A");
-  await message(alice, "Hello Bob").and(alice.locator("[data-status=sent], [data-status=read]"))
+  await message(alice, "Hello Bob").and(alice.locator("[data-status=sent], [data-status=delivered], [data-status=read]"))
     .waitFor({ timeout: WAIT });
 
   step = "bob sees the new conversation with 1 unread, opens it, answers";

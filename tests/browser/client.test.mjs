@@ -161,13 +161,127 @@ test("history is matched by id and repeated after a reconnect; reads are repeate
   await client.stop();
 });
 
-test("going away moves to the next gateway at once", async () => {
-  const client = make({ retryInitial: 5, retryMax: 5 });
+test("going away moves to the next gateway within goingAwaySpread, not after a backoff", async () => {
+  const client = make({ retryInitial: 5, retryMax: 5, goingAwaySpread: 0.2 });
   client.start();
   const ws = await connected(client, 1);
   ws.drop(1001);
-  await until(() => FakeWS.all.length === 2, "an immediate reconnect", 500);
+  await until(() => FakeWS.all.length === 2, "a reconnect within the spread", 500);
   assert.equal(FakeWS.all[1].url, "ws://gw2.test/ws");
+  await client.stop();
+});
+
+test("clients of a gateway going away spread their reconnects over a few seconds", async () => {
+  // all at delay 0, a drained gateway's clients connect and sync on the next one at once
+  const delays = [];
+  const realTimeout = globalThis.setTimeout;
+  for (let i = 0; i < 40; i++) {
+    const client = make();
+    client.start();
+    const ws = await connected(client, 1);
+    let seen = null;
+    globalThis.setTimeout = (fn, ms) => { if (seen === null) seen = ms; return realTimeout(fn, ms); };
+    try { ws.drop(1001); } finally { globalThis.setTimeout = realTimeout; }
+    delays.push(seen / 1000);
+    await client.stop();
+  }
+  assert.ok(delays.every((d) => d >= 0 && d <= 3), delays.join(","));
+  assert.ok(Math.max(...delays) - Math.min(...delays) > 1.5, `not spread: ${delays.join(",")}`);
+  assert.ok(delays.filter((d) => d < 0.1).length < 10, `most at once: ${delays.join(",")}`);
+});
+
+// --- frame size (issue 16, rough edge 1) ---------------------------------------------------------
+
+test("a message over the frame limit is refused before it is sent; the next one goes out", async () => {
+  const client = make();
+  client.start();
+  const ws = await connected(client, 1);
+  const big = client.send(SESSION, { text: "x".repeat(70000) });
+  await assert.rejects(big, (e) => e.code === "too_large" && /65536/.test(e.message));
+  const small = client.send(SESSION, { text: "next" });
+  assert.deepEqual(ws.ofType("message").map((f) => f.body), [{ text: "next" }]);
+  ws.replyOk(ws.ofType("message")[0], 1);
+  assert.equal((await small).seq, 1);
+  await assert.rejects(client.edit("m1", { text: "é".repeat(40000) }), (e) => e.code === "too_large");
+  assert.deepEqual(ws.ofType("edit"), []);
+  await client.stop();
+});
+
+test("a frame the gateway closed the socket for (1009) fails and is never sent again", async () => {
+  const client = make();
+  client.start();
+  const ws = await connected(client, 1);
+  const big = client.send(SESSION, { text: "x".repeat(40000) });
+  const small = client.send(SESSION, { text: "small" });
+  big.catch(() => {});
+  ws.drop(1009);
+  await assert.rejects(big, (e) => e.code === "too_large");
+  const ws2 = await connected(client, 2);
+  assert.deepEqual(ws2.ofType("message").map((f) => f.body), [{ text: "small" }]);
+  ws2.replyOk(ws2.ofType("message")[0], 1);
+  assert.equal((await small).seq, 1);
+  assert.ok(client.maxFrameSize < 40200);
+  await client.stop();
+});
+
+test("a frame posted over the streaming transport and refused with 413 fails, not lost", async () => {
+  const gateway = new FakeStreamGateway();
+  gateway.limit = 30000;
+  const { client } = makeStreaming(gateway, { transports: ["poll"] });
+  await client.start();
+  const big = client.send(SESSION, { text: "x".repeat(40000) });
+  await assert.rejects(big, (e) => e.code === "too_large");
+  await client.stop();
+});
+
+// --- version 1.1 frames ---------------------------------------------------------------------------
+
+test("recall and edit are answered by id; typing is throttled; delivery receipts reach the page", async () => {
+  const typed = [], delivered = [];
+  const client = make({ onTyping: (t) => typed.push(t), onDeliveryReceipt: (r) => delivered.push(r) });
+  client.start();
+  assert.equal(client.typing(SESSION), false, "not connected: dropped");
+  const ws = await connected(client, 1);
+  const recalled = client.recall("m7");
+  const edited = client.edit("m8", { text: "fixed" });
+  const [r] = ws.ofType("recall");
+  const [e] = ws.ofType("edit");
+  assert.equal(r.msgId, "m7");
+  assert.deepEqual(e.body, { text: "fixed" });
+  ws.recv({ type: "recall_reply", id: r.id, ok: true, msgId: "e1", sessionId: SESSION, seq: 9 });
+  ws.recv({ type: "edit_reply", id: e.id, ok: false, error: { code: "not_allowed", message: "late" } });
+  assert.equal((await recalled).seq, 9);
+  await assert.rejects(edited, (x) => x.code === "not_allowed");
+  assert.deepEqual([1, 2, 3, 4].map(() => client.typing(SESSION)), [true, false, false, false]);
+  assert.equal(ws.ofType("typing").length, 1);
+  ws.recv({ type: "typing", sessionId: SESSION, userId: "bob" });
+  ws.recv({ type: "delivery_receipt", sessionId: SESSION, userId: "bob", msgIds: ["m1"] });
+  assert.equal(typed[0].userId, "bob");
+  assert.deepEqual(delivered[0].msgIds, ["m1"]);
+  await client.stop();
+});
+
+test("presence subscriptions are made again after a reconnect and report what changed", async () => {
+  const changes = [];
+  const client = make({ onPresence: (p) => changes.push(`${p.userId}:${p.online}`) });
+  client.start();
+  const ws = await connected(client, 1);
+  const sub = client.subscribePresence(["bob", "carol"]);
+  const [f] = ws.ofType("presence_subscribe");
+  ws.recv({ type: "presence_reply", id: f.id, ok: true,
+    users: [{ userId: "bob", online: true, since: 1 }, { userId: "carol", online: false }] });
+  assert.equal((await sub).ok, true);
+  ws.recv({ type: "presence", userId: "carol", online: true, ts: 2 });
+  assert.deepEqual(changes, ["bob:true", "carol:false", "carol:true"]);
+  client.subscribePresence(["dave"]).catch(() => {}); // unanswered when the socket drops
+  ws.drop();
+  const ws2 = await connected(client, 2);
+  const f2 = ws2.ofType("presence_subscribe").at(-1);
+  assert.deepEqual(f2.users, ["bob", "carol", "dave"], "every subscription is made again");
+  ws2.recv({ type: "presence_reply", id: f2.id, ok: true,
+    users: [{ userId: "bob", online: false }, { userId: "carol", online: true }, { userId: "dave", online: false }] });
+  assert.deepEqual(changes.slice(3), ["bob:false", "dave:false"]);
+  assert.equal(client.presence.get("bob").online, false);
   await client.stop();
 });
 
@@ -218,6 +332,7 @@ class FakeStreamGateway {
         return { ok: true, status: 200, text: async () => body };
       }
       if (init.method === "POST") {
+        if (this.limit && init.body.length > this.limit) return { ok: false, status: 413, text: async () => "" };
         const parsed = JSON.parse(init.body);
         this.posts.push(...(Array.isArray(parsed) ? parsed : [parsed]));
         return { ok: true, status: 204, text: async () => "" };

@@ -110,7 +110,7 @@ try {
   await alice.locator("#new-members").press("Enter");
   await alice.locator("#conv-title", { hasText: "bob" }).waitFor({ timeout: WAIT });
   await say(alice, "Hello Bob, over Server-Sent Events");
-  await message(alice, "over Server-Sent Events").and(alice.locator("[data-status=sent], [data-status=read]"))
+  await message(alice, "over Server-Sent Events").and(alice.locator("[data-status=sent], [data-status=delivered], [data-status=read]"))
     .waitFor({ timeout: WAIT });
   const row = bob.locator('#sessions li[data-session="p2p:alice:bob"]');
   await row.locator(".badge", { hasText: "1" }).waitFor({ timeout: WAIT });
@@ -124,7 +124,7 @@ try {
   step = "alice goes offline while bob writes; back online, she gets it";
   await desktop.setOffline(true);
   await say(bob, "Written while you were offline");
-  await message(bob, "Written while you were offline").and(bob.locator("[data-status=sent], [data-status=read]"))
+  await message(bob, "Written while you were offline").and(bob.locator("[data-status=sent], [data-status=delivered], [data-status=read]"))
     .waitFor({ timeout: WAIT });
   await new Promise((resolve) => setTimeout(resolve, 2000));
   await desktop.setOffline(false);
