@@ -119,28 +119,28 @@ async def test_sharded_presence_of_a_killed_gateways_users_turns_offline_fast(sh
     gws = [await cluster.start_gateway(**opts) for _ in range(3)]
     await cluster.start_processor(presence_grace=grace, presence_check=0.5, **opts)
     env = Env(cluster, gws[0], gws[1])
-    (a_users, b_users) = _users_on_each_shard(reg, 1)
-    victims = [a_users[0], b_users[0]]
+    (a_users, b_users) = _users_on_each_shard(reg, 2)
     follower = await login(env, unique("alice"), "ws", gw=gws[0])
     uuids = {}
     for i, gw in enumerate(gws[1:]):
-        for u in victims:
-            c = await login(env, f"{u}x{i}", "tcp", gw=gw)
+        for u in (a_users[i], b_users[i]):  # each gateway has a user on each shard
+            c = await login(env, u, "tcp", gw=gw)
             uuids[gw] = c.reply["serverId"]
     gw_nodes = {gw: reg.node_for(reg.keys.server(uuids[gw])) for gw in gws[1:]}
     # prefer a victim gateway whose shard is not the first (where gateways subscribed before)
     victim_gw = next((gw for gw in gws[1:] if gw_nodes[gw] is not reg.nodes[0]), gws[1])
     i = gws[1:].index(victim_gw)
-    watched = [f"{u}x{i}" for u in victims]
+    watched = [a_users[i], b_users[i]]
     assert {reg.node_for(reg.keys.ucir(u)) for u in watched} == set(reg.nodes)
     await sleep(1.0)  # the processor sees the gateway's liveness channel at least once
     reply = await subscribe(follower, watched)
     assert all(e["online"] for e in reply["users"]), reply
     start = time.monotonic()
     assert await victim_gw.kill() == -9
-    for u in watched:
-        await next_presence(follower, u, False, timeout=ttl)
+    await eventually(lambda: {f["userId"] for f in follower.of_type("presence") if f["online"] is False}
+                     >= set(watched), ttl, what="both users offline", step=0.05)
     took = time.monotonic() - start
+    assert [f["online"] for f in follower.of_type("presence")] == [False, False]
     print(f"\nsharded: offline {took:.2f}s after SIGKILL of a gateway on {gw_nodes[victim_gw].where} "
           f"(presence_grace {grace}s, --server-ttl {ttl}s)")
     assert took < grace + 4.0 < ttl, f"offline after {took:.1f}s (grace {grace}s, --server-ttl {ttl}s)"
