@@ -408,6 +408,39 @@ def test_refused_static_token_is_fatal():
     assert client.when_ready().addErrback(lambda f: f.type).result is AuthFailed
 
 
+def test_kicked_client_does_not_come_back_on_its_own():
+    """A kicked client that reconnected at once would undo the operator's kick (HTTP-API.md kick)."""
+    states = []
+    client, clock, connector = make(on_state=states.append, get_token=lambda: mint_token(SECRET, "alice", 3600))
+    started = client.start()
+    link = connect(client, clock, connector)
+    link.receive({"type": "error", "code": "kicked"})
+    link.lose(4004, "kicked")
+    clock.advance(60)
+    assert len(connector.attempts) == 1, "it connected again"
+    assert states[-1] == "failed" and not client.running
+    assert no_timers_left(clock)
+    assert client.when_ready().addErrback(lambda f: f.value.code).result == "kicked"
+    assert started.called
+
+
+def test_revoked_static_token_is_fatal():
+    """A revoked token (PROTOCOL.md 1.1) retried for ever would hammer every gateway in vain."""
+    states = []
+    client, clock, connector = make(on_state=states.append)
+    started = client.start()
+    clock.advance(0)
+    link = connector.succeed()
+    link.receive({"type": "auth_reply", "ok": False, "error": {"code": "token_revoked", "message": "revoked"}})
+    link.lose(4004, "token revoked")
+    clock.advance(60)
+    assert len(connector.attempts) == 1, "it tried the revoked token again"
+    errors = []
+    started.addErrback(errors.append)
+    assert errors and errors[0].check(AuthFailed) and errors[0].value.code == "token_revoked"
+    assert states[-1] == "failed" and not client.running
+
+
 def test_refused_token_with_get_token_asks_again():
     """An expired token must be replaced from get_token, not end the client."""
     tokens = iter(["expired", mint_token(SECRET, "alice", 3600)])

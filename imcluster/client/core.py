@@ -47,11 +47,13 @@ and go underneath; what the application sees does not:
   (kept across reconnects; ``on_presence`` gets every change) and
   ``on_delivery_receipt``/``on_typing`` for the other frames.
 
-Failures that retrying cannot mend end the client: an ``invalid_token`` or
-``token_expired`` answer when there is no ``get_token`` to ask for another,
-or ``max_auth_failures`` refusals in a row of tokens that ``get_token`` gave.
-Then :meth:`start`'s Deferred (and every pending call) fails with
-:class:`AuthFailed` and ``on_state("failed")`` is called.
+Failures that retrying cannot mend end the client: an ``invalid_token``,
+``token_expired`` or ``token_revoked`` answer when there is no ``get_token``
+to ask for another, ``max_auth_failures`` refusals in a row of tokens that
+``get_token`` gave, or an operator's kick (``kicked``, PROTOCOL.md 1.1: the
+client does not come back on its own). Then :meth:`start`'s Deferred (and
+every pending call) fails with :class:`AuthFailed` and ``on_state("failed")``
+is called.
 """
 
 from __future__ import annotations
@@ -83,7 +85,9 @@ FAILED = "failed"
 #: message_reply / error codes that mean "try again later with the same clientMsgId"
 RETRY_CODES = frozenset({"unavailable", "rate_limited"})
 #: auth_reply error codes about the credentials (PROTOCOL.md "Authentication")
-AUTH_CODES = frozenset({"invalid_token", "token_expired"})
+AUTH_CODES = frozenset({"invalid_token", "token_expired", "token_revoked"})
+#: an operator threw the user out (POST /v1/users/{id}/kick): never reconnect on one's own
+KICKED = "kicked"
 
 #: WebSocket close codes
 CLOSE_GOING_AWAY = 1001
@@ -637,6 +641,9 @@ class Client:
         self.log.info("connection to {url} lost ({code} {reason}); error {error}", url=self.url,
                       code=code, reason=reason, error=self._last_error)
         self._url_index += 1
+        if self._last_error == KICKED:
+            self._fail_fatal(AuthFailed(KICKED, f"an operator closed this user's connections ({reason or code})"))
+            return
         if auth_failed:
             self._auth_failures += 1
         if auth_failed and (self._get_token is None or (

@@ -269,6 +269,8 @@ async function start() {
       badge.textContent = text;
       // the conversation pane says it too: on a phone the list (and its badge) is hidden
       state.connState = s;
+      // peers' online dots are last known states while one's own connection is down: hide them
+      document.body.dataset.conn = s;
       const banner = $("conv-conn");
       banner.dataset.state = s;
       banner.hidden = s === "ready";

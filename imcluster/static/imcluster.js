@@ -52,7 +52,8 @@
 //   onTyping, onDeliveryReceipt.
 // * A refused token with no getToken (or maxAuthFailures refusals in a row)
 //   stops the client: start() and pending calls reject with code
-//   "invalid_token"/"token_expired" and onState("failed") is called.
+//   "invalid_token"/"token_expired"/"token_revoked" (or "kicked": an operator threw the user
+//   out, the client does not come back on its own) and onState("failed") is called.
 
 export const STATES = Object.freeze({
   STOPPED: "stopped", CONNECTING: "connecting", AUTHENTICATING: "authenticating",
@@ -60,7 +61,7 @@ export const STATES = Object.freeze({
 });
 
 const RETRY_CODES = new Set(["unavailable", "rate_limited"]);
-const AUTH_CODES = new Set(["invalid_token", "token_expired"]);
+const AUTH_CODES = new Set(["invalid_token", "token_expired", "token_revoked"]);
 const ACK_CHUNK = 500;
 /** The gateway's default max_frame_size (PROTOCOL.md "Framing"). */
 export const DEFAULT_MAX_FRAME_SIZE = 65536;
@@ -742,6 +743,11 @@ export class IMClient {
       }
     }
     this._urlIndex += 1;
+    if (this._lastError === "kicked") {
+      // an operator threw the user out (POST /v1/users/{id}/kick): never come back on our own
+      this._failFatal(new IMError("kicked", `an operator closed this user's connections (${reason || code})`));
+      return;
+    }
     if (authFailed) this._authFailures += 1;
     if (authFailed && (!this.getToken || (this.maxAuthFailures != null && this._authFailures >= this.maxAuthFailures))) {
       this._failFatal(new IMError(this._lastError || "invalid_token", `the gateway refused the token (${reason || code})`));

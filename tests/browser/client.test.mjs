@@ -301,6 +301,25 @@ test("a refused static token stops the client", async () => {
   assert.equal(client.running, false);
 });
 
+test("a kicked client does not come back on its own", async () => {
+  const states = [];
+  const client = make({ onState: (s) => states.push(s), getToken: async () => "fresh" });
+  const started = client.start();
+  await until(() => FakeWS.all.length === 1, "a connection");
+  const ws = FakeWS.all[0];
+  ws.open();
+  ws.recv({ type: "auth_reply", ok: true, userId: "alice" });
+  await started;
+  const pending = client.send(SESSION, 1);
+  ws.recv({ type: "error", code: "kicked" });
+  ws.drop(4004);
+  await assert.rejects(pending, (e) => e.code === "kicked");
+  await new Promise((r) => setTimeout(r, 300));
+  assert.equal(FakeWS.all.length, 1, "it connected again");
+  assert.equal(states.at(-1), "failed");
+  assert.equal(client.running, false);
+});
+
 test("token expiry is read from the JWT", () => {
   const payload = Buffer.from(JSON.stringify({ sub: "a", exp: 1234 })).toString("base64url");
   assert.equal(tokenExpiry(`h.${payload}.s`), 1234);

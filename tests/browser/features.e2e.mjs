@@ -261,6 +261,8 @@ try {
   for (const ws of bobSockets) ws.close({ code: 1006, reason: "cut" });
   await bob.locator("#conv-conn:not([hidden])", { hasText: "Connection lost" }).waitFor({ timeout: WAIT });
   check(await bob.locator("#conv-conn").isVisible(), "the connection state is visible in the conversation");
+  check(await bob.locator("#conv-avatar .dot").count() === 1 && !(await bob.locator("#conv-avatar .dot").isVisible()),
+    "no online dot while one's own connection is down (a last known state would be a guess)");
   await bob.screenshot({ path: join(ARTIFACTS, "phone-offline.png") });
   cut = false;
   await bob.locator("#conv-conn").waitFor({ state: "hidden", timeout: WAIT + 30000 });
