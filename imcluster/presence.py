@@ -37,8 +37,15 @@ sockets on SIGKILL), which is how the processors find a gateway that died
 without exiting long before its ``WSSERVER_<uuid>`` key expires
 (``imcluster/processor/liveness.py``).
 
-Sharding note: ``PUBLISH`` reaches the subscribers of the Redis that ran the
-script; with several primaries a gateway must subscribe on each of them.
+Sharding: ``PUBLISH`` reaches the subscribers of the Redis that ran the
+script, so with several primaries a gateway keeps one pub/sub connection per
+shard (:class:`ShardedSubscriber`), and each channel is subscribed on the
+shard its hash tag names: ``PRESENCE##{<userId>}`` where the user's script
+runs, ``WSALIVE##{<uuid>}`` where the gateway's ``WSSERVER_{<uuid>}`` is.
+Behind Sentinel the pub/sub connection finds the master like the command
+connections (:meth:`imcluster.registry.RedisNode.endpoint`) and subscribes
+again on the promoted one after a failover (Sentinel drops the demoted
+master's clients, pub/sub ones included).
 """
 
 from __future__ import annotations
@@ -63,7 +70,7 @@ OFFLINE_KEEP = 7 * 86400
 
 #: ``<prefix>PRESENCE##<userId>``: the state key, and the channel of its transitions
 STATE_PREFIX = "PRESENCE" + SEP
-#: ``<prefix>WSALIVE##<uuid>``: the channel a live gateway's presence connection subscribes
+#: ``<prefix>WSALIVE##{<uuid>}``: the channel a live gateway's presence connection subscribes
 LIVENESS_PREFIX = "WSALIVE" + SEP
 
 
@@ -84,8 +91,13 @@ def user_of_channel(channel_tail: str) -> str:
 
 
 def liveness_channel(prefix: str, uuid: str) -> str:
-    """``<prefix>WSALIVE##<uuid>``: subscribed by gateway ``uuid`` while its process lives."""
-    return f"{prefix}{LIVENESS_PREFIX}{uuid}"
+    """``<prefix>WSALIVE##{<uuid>}``: subscribed by gateway ``uuid`` while its process lives.
+
+    The hash tag is the gateway's, as ``WSSERVER_{<uuid>}``'s (``RedisKeys.gateway_key``):
+    with several shards the gateway subscribes it on that shard, where the
+    processors ask ``PUBSUB NUMSUB`` beside their ``MGET`` of the key.
+    """
+    return f"{prefix}{LIVENESS_PREFIX}{{{uuid}}}"
 
 
 def parse_state(value: Any) -> tuple[int, bool] | None:
@@ -424,17 +436,25 @@ class _SubscriberProtocol(txredisapi.RedisProtocol):
         super().connectionLost(why)
 
 
+class _SentinelSubscriberProtocol(_SubscriberProtocol, txredisapi.SentinelRedisProtocol):
+    """Behind Sentinel: ``ROLE`` first, and a link to an instance that is not the master is dropped
+    (and tried again: the Sentinels are asked anew), as the command connections do."""
+
+
 class _SubscriberFactory(protocol.Factory):
     noisy = False
     isLazy = True
 
     def __init__(self, owner: "RedisSubscriber") -> None:
         self.owner = owner
+        #: txredisapi's SentinelRedisProtocol reads it: a master only
+        self.is_master = True
 
     def buildProtocol(self, addr: Any) -> _SubscriberProtocol:  # noqa: N802 (Twisted API)
         o = self.owner
-        p = _SubscriberProtocol(o, charset="utf-8", password=o.password, dbid=None,
-                                convertNumbers=False, username=o.username)
+        kind = _SentinelSubscriberProtocol if o.sentinel else _SubscriberProtocol
+        p = kind(o, charset="utf-8", password=o.password, dbid=None,
+                 convertNumbers=False, username=o.username)
         p.factory = self
         p.whenConnected().addCallback(o._connected)
         return p
@@ -462,11 +482,21 @@ class RedisSubscriber:
     #: channels per SUBSCRIBE command
     CHUNK = 1000
 
-    def __init__(self, host: str, port: int, password: str | None = None, username: str | None = None,
-                 tls: bool = False, timeout: float = 5.0, clock: Any = None,
-                 on_message: Callable[[str, str], Any] | None = None) -> None:
+    #: reconnection backoff ceiling (seconds); 1 s behind Sentinel, as the command connections
+    retry_max_delay = 2.0
+
+    def __init__(self, host: str | None, port: int | None, password: str | None = None,
+                 username: str | None = None, tls: bool = False, timeout: float = 5.0, clock: Any = None,
+                 on_message: Callable[[str, str], Any] | None = None, endpoint: Any = None,
+                 sentinel: bool = False) -> None:
         self.host = host
         self.port = port
+        #: where to connect (an IStreamClientEndpoint); None: ``host``:``port``
+        self.endpoint = endpoint
+        #: behind Sentinel: check ``ROLE`` on every connection (a master only)
+        self.sentinel = sentinel
+        if sentinel:
+            self.retry_max_delay = 1.0
         self.password = password
         self.username = username
         self.tls = tls
@@ -485,15 +515,21 @@ class RedisSubscriber:
         self.messages = 0
 
     @classmethod
-    def for_registry(cls, registry: Any, **kw: Any) -> "RedisSubscriber":
-        """A subscriber to the Redis that ``registry`` (a RedisService) talks to (its first shard)."""
-        nodes = getattr(registry, "nodes", None)
-        node = nodes[0] if nodes else registry
-        if len(nodes or ()) > 1:
-            cls.log.warn("--redis names {n} shards: live presence subscribes on the first one only, so "
-                         "presence frames follow only the users whose keys are there", n=len(nodes))
+    def for_node(cls, node: Any, **kw: Any) -> "RedisSubscriber":
+        """A subscriber to one shard (a ``RedisNode``): its primary, or its Sentinel master."""
+        if getattr(node, "spec", None) is not None and node.spec.master:
+            return cls(None, None, password=node.password, username=node.username, tls=node.tls,
+                       timeout=node.timeout, endpoint=node.endpoint(), sentinel=True, **kw)
         return cls(node.host, node.port, password=node.password, username=node.username,
                    tls=node.tls, timeout=node.timeout, **kw)
+
+    @classmethod
+    def for_registry(cls, registry: Any, **kw: Any) -> Any:
+        """The pub/sub side of ``registry`` (a RedisService): a subscriber, or one per shard."""
+        nodes = getattr(registry, "nodes", None) or [registry]
+        if len(nodes) > 1:
+            return ShardedSubscriber(registry, **kw)
+        return cls.for_node(nodes[0], **kw)
 
     @property
     def connected(self) -> bool:
@@ -506,12 +542,15 @@ class RedisSubscriber:
         """Connect; fires once subscribed (or after ``timeout``, logged: it keeps trying)."""
         from twisted.internet import reactor
 
-        endpoint = HostnameEndpoint(reactor, self.host, self.port, timeout=self.timeout)
-        if self.tls:
-            from twisted.internet.ssl import optionsForClientTLS
-            endpoint = wrapClientTLS(optionsForClientTLS(self.host), endpoint)
+        endpoint = self.endpoint
+        if endpoint is None:
+            endpoint = HostnameEndpoint(reactor, self.host, self.port, timeout=self.timeout)
+            if self.tls:
+                from twisted.internet.ssl import optionsForClientTLS
+                endpoint = wrapClientTLS(optionsForClientTLS(self.host), endpoint)
+        ceiling = self.retry_max_delay
         self._client = ClientService(endpoint, _SubscriberFactory(self),
-                                     retryPolicy=lambda attempt: min(2.0, 0.25 * 2 ** attempt))
+                                     retryPolicy=lambda attempt: min(ceiling, 0.25 * 2 ** attempt))
         self._client.startService()
         return self._wait()
 
@@ -620,6 +659,88 @@ class RedisSubscriber:
             self.on_message(channel, data)
         except Exception:
             self.log.failure("handling a pub/sub message on {channel} failed", channel=channel)
+
+
+class ShardedSubscriber:
+    """One :class:`RedisSubscriber` per shard of a RedisService, each channel on the shard of its hash tag.
+
+    The same interface as one subscriber. ``PRESENCE##{<userId>}`` goes to
+    the shard where that user's script runs (and PUBLISHes),
+    ``WSALIVE##{<uuid>}`` to the gateway's shard, where the processors ask
+    ``PUBSUB NUMSUB``. A subscribe fires once every shard concerned has its
+    channels; a reconnect of one shard calls the listeners with that shard's
+    channels (``fn(channels)``): only its users need reading again.
+    """
+
+    log = Logger()
+
+    def __init__(self, registry: Any, on_message: Callable[[str, str], Any] | None = None,
+                 clock: Any = None) -> None:
+        self.registry = registry
+        self.on_message = on_message or (lambda channel, data: None)
+        self.shards = [RedisSubscriber.for_node(n, clock=clock, on_message=self._message) for n in registry.nodes]
+        self._by_node = dict(zip(registry.nodes, self.shards))
+        self._listeners: list[Callable[..., Any]] = []
+        for sub in self.shards:
+            sub.add_reconnect_listener(lambda sub=sub: self._reconnected(sub))
+
+    def shard_of(self, channel: str) -> RedisSubscriber:
+        return self._by_node[self.registry.node_for(channel)]
+
+    def _groups(self, channels: Iterable[str]) -> dict[RedisSubscriber, list[str]]:
+        groups: dict[RedisSubscriber, list[str]] = {}
+        for c in channels:
+            groups.setdefault(self.shard_of(c), []).append(c)
+        return groups
+
+    @property
+    def channels(self) -> set[str]:
+        return set().union(*(s.channels for s in self.shards))
+
+    @property
+    def connected(self) -> bool:
+        return all(s.connected for s in self.shards)
+
+    @property
+    def reconnects(self) -> int:
+        return sum(s.reconnects for s in self.shards)
+
+    @property
+    def messages(self) -> int:
+        return sum(s.messages for s in self.shards)
+
+    def add_reconnect_listener(self, fn: Callable[..., Any]) -> None:
+        self._listeners.append(fn)
+
+    def _reconnected(self, sub: RedisSubscriber) -> Any:
+        channels = set(sub.channels)
+        return defer.DeferredList([defer.maybeDeferred(fn, channels) for fn in list(self._listeners)],
+                                  consumeErrors=True)
+
+    def _message(self, channel: str, data: str) -> None:
+        self.on_message(channel, data)
+
+    def start(self) -> defer.Deferred:
+        d = defer.gatherResults([s.start() for s in self.shards], consumeErrors=True)
+        return d.addCallbacks(lambda _: None, _first_failure)
+
+    def stop(self) -> defer.Deferred:
+        return defer.gatherResults([s.stop() for s in self.shards], consumeErrors=True).addCallback(lambda _: None)
+
+    def subscribe(self, channels: Iterable[str]) -> defer.Deferred:
+        groups = self._groups(channels)
+        if not groups:
+            return defer.succeed(None)
+        d = defer.gatherResults([s.subscribe(cs) for s, cs in groups.items()], consumeErrors=True)
+        return d.addCallbacks(lambda _: None, _first_failure)
+
+    def unsubscribe(self, channels: Iterable[str]) -> None:
+        for s, cs in self._groups(channels).items():
+            s.unsubscribe(cs)
+
+
+def _first_failure(f: Failure) -> Failure:
+    return f.value.subFailure if isinstance(f.value, defer.FirstError) else f
 
 
 def subscriber_for(registry: Any, on_message: Callable[[str, str], Any], clock: Any = None) -> Any:

@@ -605,6 +605,24 @@ class _SentinelMasterEndpoint:
 implementer(IStreamClientEndpoint)(_SentinelMasterEndpoint)
 
 
+@implementer(IStreamClientEndpoint)
+class _NodeMasterEndpoint:
+    """:class:`_SentinelMasterEndpoint` over the node's Sentinel connections of the moment
+    (made when the node starts, dropped when it stops)."""
+
+    def __init__(self, node: "RedisNode") -> None:
+        self.node = node
+
+    def __repr__(self) -> str:
+        return f"<Redis master {self.node.where}>"
+
+    def connect(self, factory: protocol.Factory) -> defer.Deferred:
+        sentinel = self.node._sentinel
+        if sentinel is None:
+            return defer.fail(RegistryUnavailable(f"Redis {self.node.where}: not started"))
+        return _SentinelMasterEndpoint(self.node, sentinel).connect(factory)
+
+
 class RedisNode(service.Service):
     """One Redis primary (a shard): a connection that is re-established after every loss.
 
@@ -672,18 +690,10 @@ class RedisNode(service.Service):
         within ``timeout`` until it is up.
         """
         super().startService()
-        from twisted.internet import reactor
         if self.spec.master:
             self._sentinel = txredisapi.Sentinel(
                 list(self.spec.sentinels), password=self.spec.sentinel_password, convertNumbers=False)
-            endpoint = _SentinelMasterEndpoint(self, self._sentinel)
-        else:
-            endpoint = HostnameEndpoint(reactor, self.host, self.port, timeout=self.timeout)
-            if self.tls:
-                from twisted.internet.ssl import optionsForClientTLS
-                endpoint = wrapClientTLS(optionsForClientTLS(self.host), endpoint)
-
-        self._client = ClientService(endpoint, _ProtocolFactory(self), retryPolicy=self._retry_delay)
+        self._client = ClientService(self.endpoint(), _ProtocolFactory(self), retryPolicy=self._retry_delay)
         self._client.startService()
         self.log.info("Redis {where}: connecting", where=self.where)
         d = self._wait(self._connection(), "connect")
@@ -693,6 +703,20 @@ class RedisNode(service.Service):
                           where=self.where, err=f.getErrorMessage())
 
         return d.addCallbacks(lambda _: None, not_yet)
+
+    def endpoint(self) -> IStreamClientEndpoint:
+        """Where a new connection to this shard goes: its primary, or (Sentinel) the master the
+        Sentinels name at each attempt, through this node's Sentinel connections (so the node
+        must be started). The presence pub/sub connection uses it too (``imcluster.presence``).
+        """
+        if self.spec.master:
+            return _NodeMasterEndpoint(self)
+        from twisted.internet import reactor
+        endpoint = HostnameEndpoint(reactor, self.host, self.port, timeout=self.timeout)
+        if self.tls:
+            from twisted.internet.ssl import optionsForClientTLS
+            endpoint = wrapClientTLS(optionsForClientTLS(self.host), endpoint)
+        return endpoint
 
     def stopService(self):  # noqa: N802
         """Disconnect; fires within ``timeout`` even if the link hangs."""

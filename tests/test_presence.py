@@ -255,6 +255,33 @@ def test_hub_reads_everything_again_after_a_pubsub_reconnect():
     assert [f["online"] for f in frames(a, "presence")] == [True] and checked == [True]
 
 
+def test_hub_reads_again_only_the_users_of_the_shard_that_came_back():
+    """With one pub/sub connection per shard, a shard's reconnect must read its users again, not everyone."""
+    r = HubRig()
+    a = r.conn()
+    r.hub.subscribe(a, {"type": "presence_subscribe", "users": ["bob", "carol"]})
+    r.turn()
+    r.hub.subscriber.connected = False  # both changes are missed
+    r.online("bob")
+    r.online("carol")
+    r.hub.subscriber.connected = True
+    before = r.registry.round_trips
+    r.hub._resubscribed({pr.state_key("p:", "bob"), pr.liveness_channel("p:", "gw-1")})
+    assert [(f["userId"], f["online"]) for f in frames(a, "presence")] == [("bob", True)]
+    assert r.registry.round_trips - before == 1
+    r.hub._resubscribed({pr.state_key("p:", "carol")})
+    assert [(f["userId"], f["online"]) for f in frames(a, "presence")] == [("bob", True), ("carol", True)]
+
+
+def test_liveness_channel_shares_the_gateways_hash_tag():
+    """The processors ask PUBSUB NUMSUB on the shard of the gateway's key: the gateway must subscribe there."""
+    from imcluster.registry import RedisKeys, hash_tag
+
+    assert pr.liveness_channel("p:", "gw-1") == "p:WSALIVE##{gw-1}"
+    assert hash_tag(pr.liveness_channel("p:", "gw-1")) == hash_tag(RedisKeys("p:").server("gw-1"))
+    assert hash_tag(pr.state_key("p:", "bob")) == hash_tag(RedisKeys("p:").ucir("bob"))
+
+
 def test_typing_gate_one_per_interval_per_connection_and_session():
     """A client sending typing on every key press must cost one frame a second per session."""
     clock = task.Clock()

@@ -14,7 +14,8 @@ itself (the processors never see them) and sends ``presence`` frames:
   nothing);
 * per gateway, the users any of its connections follow: their channel
   ``PRESENCE##<user>`` is subscribed once (:class:`~imcluster.presence.RedisSubscriber`,
-  SUBSCRIBEs of one reactor turn batched), and their latest known state
+  or one per shard: :class:`~imcluster.presence.ShardedSubscriber`; SUBSCRIBEs of one
+  reactor turn batched), and their latest known state
   ``(ts, online)`` is kept, so a second follower costs no Redis round trip;
 * a user followed for the first time is subscribed *then* read
   (``Tracker.states``), so no change can fall between the two; a published
@@ -22,8 +23,10 @@ itself (the processors never see them) and sends ``presence`` frames:
 * a change is sent to every follower whose last state differs: a connection
   never gets two frames in a row with the same state;
 * after the pub/sub connection was lost and made again, every followed user
-  is read again (changes published meanwhile were missed), and the gateway
-  checks that it is still registered (a processor may have taken it for dead).
+  is read again (changes published meanwhile were missed; with several
+  shards, one connection each, the users of the shard that came back), and
+  the gateway checks that it is still registered (a processor may have taken
+  it for dead).
 
 Connection entries and transitions: the gateway's connection writer runs
 ``Tracker.reconcile`` for the users of each flush (``service.py``).
@@ -360,9 +363,15 @@ class PresenceHub:
             return
         self._apply(user, int(ts), flag == "1")
 
-    def _resubscribed(self) -> Any:
-        """The pub/sub connection is back: read every followed user again, and check our registration."""
+    def _resubscribed(self, channels: Any = None) -> Any:
+        """The pub/sub connection is back: read every followed user again, and check our registration.
+
+        ``channels``: with one connection per shard, those of the shard that
+        came back (only its users are read again); None: every user.
+        """
         users = list(self._followers)
+        if channels is not None:
+            users = [u for u in users if state_key(self.prefix, u) in channels]
         ds = []
         size = getattr(self.tracker, "batch", 1000)
         for i in range(0, len(users), size):

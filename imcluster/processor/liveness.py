@@ -1,15 +1,17 @@
 """The liveness watch: a gateway killed without exiting goes offline within seconds, not ``--server-ttl``.
 
-A gateway subscribes the channel ``WSALIVE##<uuid>`` on its presence
-connection to Redis before it registers, and keeps it for its life
+A gateway subscribes the channel ``WSALIVE##{<uuid>}`` on its presence
+connection to Redis (with several shards, on the shard of its hash tag,
+where its ``WSSERVER_{<uuid>}`` key is) before it registers, and keeps it for its life
 (``imcluster/presence.py``). When its process dies (SIGKILL, a crash, the
 OOM killer), the kernel closes its sockets and Redis drops the
 subscription at once, while ``WSSERVER_<uuid>`` lives on until its TTL
 (``--server-ttl``, 300 s by default).
 
 Every ``presence_check`` seconds each processor asks Redis, in one round
-trip, for ``WSSERVERS``' gateways: ``PUBSUB NUMSUB`` of their liveness
-channels and whether their ``WSSERVER_`` key exists. A gateway
+trip (with several shards, one per shard, at once: each gateway's shard),
+for ``WSSERVERS``' gateways: ``PUBSUB NUMSUB`` of their liveness channels
+and whether their ``WSSERVER_`` key exists. A gateway
 
 * whose key is gone is reaped at once (:meth:`Reaper.check`; the ordinary
   reaper would get to it within ``--heartbeat``);
@@ -36,6 +38,10 @@ from twisted.logger import Logger
 from imcluster.presence import liveness_channel
 from imcluster.registry import RedisConnectionError
 from imcluster.service import GuardedLoop
+
+
+#: a gateway whose shard did not answer
+_UNKNOWN = object()
 
 
 class LivenessWatch:
@@ -66,20 +72,19 @@ class LivenessWatch:
             self._gone_since.clear()
             return []
         keys = self.registry.keys
-        channels = [liveness_channel(self.prefix, u) for u in servers]
         nodes = getattr(self.registry, "nodes", None) or ()
         if len(nodes) > 1:
-            # gateways subscribe on the first shard (imcluster.presence.RedisSubscriber.for_registry)
-            numsub, values = yield defer.gatherResults([
-                nodes[0].execute("PUBSUB", "NUMSUB", *channels),
-                self.registry.execute("MGET", *[keys.server(u) for u in servers])], consumeErrors=True)
+            counts, values = yield self._ask_shards(servers)
         else:
+            channels = [liveness_channel(self.prefix, u) for u in servers]
             numsub, values = yield self.registry.pipeline([
                 ("PUBSUB", "NUMSUB", *channels), ("MGET", *[keys.server(u) for u in servers])])
-        counts = {numsub[i]: int(numsub[i + 1]) for i in range(0, len(numsub) - 1, 2)}
+            counts = {numsub[i]: int(numsub[i + 1]) for i in range(0, len(numsub) - 1, 2)}
         now = self.clock.seconds()
         dead = []
         for uuid, value in zip(servers, values):
+            if value is _UNKNOWN:
+                continue  # its shard did not answer: nothing decided
             if value is None:
                 # expired: the ordinary reap, now rather than at the next heartbeat
                 self.reaper.check(uuid).addErrback(
@@ -104,6 +109,33 @@ class LivenessWatch:
         for uuid in [u for u in self._gone_since if u not in known]:
             del self._gone_since[uuid]
         return dead
+
+    @defer.inlineCallbacks
+    def _ask_shards(self, servers: list[str]):
+        """Several shards: per gateway shard (its hash tag, where it subscribes ``WSALIVE##{<uuid>}``),
+        ``PUBSUB NUMSUB`` and ``MGET`` of its gateways in one round trip, every shard at once.
+
+        A shard that fails leaves its gateways undecided this time (logged).
+        """
+        reg, keys = self.registry, self.registry.keys
+        plan: dict[Any, list[str]] = {}
+        for u in servers:
+            plan.setdefault(reg.node_for(keys.server(u)), []).append(u)
+        nodes = list(plan)
+        results = yield defer.DeferredList([
+            n.pipeline([("PUBSUB", "NUMSUB", *[liveness_channel(self.prefix, u) for u in plan[n]]),
+                        ("MGET", *[keys.server(u) for u in plan[n]])]) for n in nodes], consumeErrors=True)
+        counts: dict[str, int] = {}
+        found: dict[str, Any] = {}
+        for n, (ok, r) in zip(nodes, results):
+            if not ok:
+                self.log.warn("liveness check of the gateways on Redis {where} skipped: {err}",
+                              where=n.where, err=r.getErrorMessage())
+                continue
+            numsub, vals = r
+            counts.update({numsub[i]: int(numsub[i + 1]) for i in range(0, len(numsub) - 1, 2)})
+            found.update(zip(plan[n], vals))
+        return counts, [found.get(u, _UNKNOWN) for u in servers]
 
     def run_once(self) -> defer.Deferred:
         d = self.run()
