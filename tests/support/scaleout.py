@@ -277,7 +277,8 @@ def resumed_at(ledger: Ledger, since: float) -> float | None:
     fresh = {m for m, s in ledger.sent.items() if s.replied_at >= since}
     if not fresh:
         return None
-    arrivals = [t for rec in ledger.conns.values() for m, t in rec.first.items() if m in fresh]
+    # a recipient may get a message before its sender gets the reply: only arrivals after the fault count
+    arrivals = [t for rec in ledger.conns.values() for m, t in rec.first.items() if m in fresh and t >= since]
     return min(arrivals) if arrivals else None
 
 
