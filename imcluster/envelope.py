@@ -682,7 +682,7 @@ def push_body(requests: Sequence[dict]) -> bytes:
     number of requests (one per recipient without a live connection) share
     one message: impush looks their devices up in one statement.
     """
-    return json.dumps(list(requests), separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return _json_array(list(requests), 1 << 62)[0] if requests else b"[]"
 
 
 def parse_push_body(body: bytes) -> tuple[list[dict], int]:

@@ -837,16 +837,20 @@ class Client:
         if request is not None:
             self._finish_request(request, lambda d: d.callback(frame))
 
-    def _on_session_reply(self, frame: dict) -> None:
-        request = self._find_request(frame.get("id"), "session_create", None)
-        if request is None:
-            return
+    def _settle(self, request: Any, frame: dict) -> None:
+        """Answer ``request`` with a ``*_reply`` frame: its caller gets the frame, or a ClientError."""
         if frame.get("ok") is True:
             self._finish_request(request, lambda d: d.callback(frame))
         else:
             error = frame.get("error") if isinstance(frame.get("error"), dict) else {}
             err = ClientError(str(error.get("code") or "bad_frame"), str(error.get("message") or ""))
             self._finish_request(request, lambda d: d.errback(err))
+
+    def _on_session_reply(self, frame: dict) -> None:
+        request = self._find_request(frame.get("id"), "session_create", None)
+        if request is None:
+            return
+        self._settle(request, frame)
 
     def _on_error(self, frame: dict) -> None:
         code = str(frame.get("code") or "")
@@ -881,12 +885,7 @@ class Client:
         request = self._find_request(frame.get("id"), kind, None)
         if request is None:
             return
-        if frame.get("ok") is True:
-            self._finish_request(request, lambda d: d.callback(frame))
-        else:
-            error = frame.get("error") if isinstance(frame.get("error"), dict) else {}
-            err = ClientError(str(error.get("code") or "bad_frame"), str(error.get("message") or ""))
-            self._finish_request(request, lambda d: d.errback(err))
+        self._settle(request, frame)
 
     def _on_presence_reply(self, frame: dict) -> None:
         if frame.get("ok") is True:
@@ -897,12 +896,7 @@ class Client:
         request = self._requests.get(rid) if isinstance(rid, str) else None
         if request is None or request.kind != "presence":
             return
-        if frame.get("ok") is True:
-            self._finish_request(request, lambda d: d.callback(frame))
-        else:
-            error = frame.get("error") if isinstance(frame.get("error"), dict) else {}
-            err = ClientError(str(error.get("code") or "bad_frame"), str(error.get("message") or ""))
-            self._finish_request(request, lambda d: d.errback(err))
+        self._settle(request, frame)
 
     def _on_presence(self, frame: dict) -> None:
         self._presence_changed(frame)
